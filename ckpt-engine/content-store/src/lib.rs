@@ -1,0 +1,2 @@
+//! `content-store`: a portable content-addressed incremental snapshot store.
+#![forbid(unsafe_code)]

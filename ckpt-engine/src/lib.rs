@@ -1,0 +1,2 @@
+//! `ckpt-engine`: the host-scoped checkpoint engine.
+#![forbid(unsafe_code)]

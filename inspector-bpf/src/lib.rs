@@ -1,0 +1,1 @@
+//! `inspector-bpf`: the eBPF turn-effect inspector.

@@ -1,0 +1,2 @@
+//! `fake-llm`: a scripted OpenAI/Anthropic-compatible LLM server.
+#![forbid(unsafe_code)]
