@@ -1,1 +1,3 @@
 //! `inspector-bpf`: the eBPF turn-effect inspector.
+
+pub mod cli;
