@@ -1,2 +1,18 @@
 //! `ckpt-engine`: the host-scoped checkpoint engine.
+//!
+//! Responsibility: run sandboxes (runc containers on btrfs subvolumes, or plain directories in a
+//! cgroup), take filesystem checkpoints of them, publish recovery points as checksummed
+//! manifests, restore and verify them.
+//!
+//! Module map:
+//! - [`fs`]: the `FsBackend` trait, the btrfs CoW backend and the canonical tree hash.
+//! - [`pool`]: the btrfs pool (loop file when the state dir is not btrfs) and subvolume helpers.
+//! - [`sys`]: running external tools with captured errors.
+//!
+//! Invariants: only published recovery points are visible; every id read from disk is validated
+//! before it becomes a path; a restore is verified by tree hash before the sandbox runs again.
 #![forbid(unsafe_code)]
+
+pub mod fs;
+pub mod pool;
+pub mod sys;

@@ -1,0 +1,250 @@
+//! Filesystem checkpoint backends behind one trait.
+//!
+//! A backend turns the live tree of a sandbox (a btrfs subvolume or a plain directory) into an
+//! immutable snapshot, puts such a snapshot back, recomputes its tree hash and deletes it. The
+//! engine owns everything around it: ids, freezing policy, manifests, retention.
+//!
+//! Module map:
+//! - [`btrfs`]: the copy-on-write backend (one read-only btrfs subvolume snapshot per checkpoint).
+//! - [`tree_hash`]: the canonical hash of a directory tree recorded in every manifest.
+//! - `cas` (store helper): the content-addressed backend on the `content-store` crate.
+//!
+//! Invariants every backend keeps:
+//! - `snapshot` is all-or-nothing: on error nothing the engine can see refers to a half-written
+//!   snapshot, and a later `list` may show leftovers that `delete` removes.
+//! - `restore` makes `target` hold exactly the snapshot's tree (verified by the caller through
+//!   [`FsBackend::tree_hash_of`]); it never writes outside `target` and never follows a symlink
+//!   found inside a snapshot.
+//! - Snapshot ids are validated by [`validate_id`] before they touch a path.
+
+pub mod btrfs;
+pub mod tree_hash;
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// Stops and restarts the writers of a tree for the instant of a snapshot (the sandbox's cgroup
+/// freezer). Backends call `freeze` right before and `thaw` right after the critical section, so
+/// the sandbox is frozen as briefly as the backend allows.
+pub trait Quiesce: Send + Sync {
+    /// Stops every writer of the tree; returns when they are stopped.
+    fn freeze(&self) -> Result<(), FsError>;
+    /// Lets the writers run again. Called even when the snapshot failed.
+    fn thaw(&self) -> Result<(), FsError>;
+}
+
+/// A [`Quiesce`] for trees nobody writes (tests, already stopped sandboxes).
+pub struct NoQuiesce;
+
+impl Quiesce for NoQuiesce {
+    fn freeze(&self) -> Result<(), FsError> {
+        Ok(())
+    }
+    fn thaw(&self) -> Result<(), FsError> {
+        Ok(())
+    }
+}
+
+/// What changed in the tree since the parent snapshot, as the inspector reports it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "kind", content = "paths")]
+pub enum ChangeHint {
+    /// The inspector is unsure (or there is no parent): a backend that reads selectively must
+    /// rescan the whole tree.
+    Unknown,
+    /// Paths relative to the tree root that were created, written, deleted or renamed (both
+    /// names); directories mean "anything below". Backends that snapshot the whole tree (btrfs)
+    /// ignore this.
+    Paths(Vec<PathBuf>),
+}
+
+/// A reference to a stored filesystem snapshot, as recorded in a recovery-point manifest.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FsSnapshotRef {
+    /// Backend that holds the snapshot: `"btrfs"` or `"cas"`.
+    pub backend: String,
+    /// Backend-specific id (validated by [`validate_id`]): for btrfs the snapshot subvolume's
+    /// name, for cas the root object's address.
+    pub id: String,
+    /// Canonical tree hash ([`tree_hash`]) of the snapshot's contents, hex.
+    pub tree_hash: String,
+}
+
+/// One snapshot request from the engine.
+pub struct SnapshotRequest<'a> {
+    /// Sandbox the tree belongs to (safe name, `[a-z0-9-]`).
+    pub sandbox_id: &'a str,
+    /// Engine-chosen unique id for this checkpoint (safe name); backends derive their ids from it.
+    pub checkpoint_id: &'a str,
+    /// The live tree to snapshot.
+    pub source: &'a Path,
+    /// The newest earlier snapshot of the same tree, for incremental backends and for
+    /// measuring the bytes changed.
+    pub parent: Option<&'a FsSnapshotRef>,
+    /// What changed since `parent`.
+    pub changes: &'a ChangeHint,
+    /// Freezes the tree's writers for the critical section.
+    pub quiesce: &'a dyn Quiesce,
+}
+
+/// The result of a successful snapshot.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapshotOutcome {
+    /// Where the snapshot lives and its tree hash.
+    pub snapshot: FsSnapshotRef,
+    /// Bytes that differ from the parent (the whole tree without parent), as measured by the
+    /// backend (btrfs: size of the data an incremental `btrfs send` would carry).
+    pub bytes_changed: u64,
+    /// Bytes newly written to backing storage by this snapshot (0 for btrfs CoW metadata-only).
+    pub bytes_stored: u64,
+    /// How long the tree's writers were frozen.
+    pub frozen: Duration,
+}
+
+/// A filesystem checkpoint backend. Implementations are synchronous (they shell out or do
+/// blocking I/O); async callers use `spawn_blocking`.
+pub trait FsBackend: Send + Sync {
+    /// Short backend name recorded in [`FsSnapshotRef::backend`].
+    fn name(&self) -> &'static str;
+
+    /// Takes an immutable snapshot of `req.source`, calling `req.quiesce` around the part that
+    /// must see a consistent tree, and computes its tree hash.
+    fn snapshot(&self, req: &SnapshotRequest<'_>) -> Result<SnapshotOutcome, FsError>;
+
+    /// Makes `target` hold exactly the snapshot's tree, replacing what is there. The caller
+    /// guarantees nothing runs in `target` during the call and verifies the result afterwards.
+    fn restore(&self, snapshot: &FsSnapshotRef, target: &Path) -> Result<(), FsError>;
+
+    /// Recomputes the tree hash of the stored snapshot (not trusting recorded values).
+    fn verify(&self, snapshot: &FsSnapshotRef) -> Result<String, FsError>;
+
+    /// Deletes a snapshot; deleting a missing snapshot is not an error (GC retries after
+    /// crashes).
+    fn delete(&self, snapshot: &FsSnapshotRef) -> Result<(), FsError>;
+
+    /// Bytes that differ between `snapshot` and `parent` (the whole snapshot without parent).
+    fn bytes_changed(
+        &self,
+        snapshot: &FsSnapshotRef,
+        parent: Option<&FsSnapshotRef>,
+    ) -> Result<u64, FsError>;
+
+    /// Ids of every snapshot this backend holds for `sandbox_id`, including leftovers of
+    /// crashed snapshots (the engine deletes those no published point references).
+    fn list(&self, sandbox_id: &str) -> Result<Vec<String>, FsError>;
+
+    /// Tree hash of a live tree (e.g. `target` after `restore`), with the same definition the
+    /// backend records.
+    fn tree_hash_of(&self, root: &Path) -> Result<String, FsError> {
+        tree_hash::tree_hash(root)
+    }
+}
+
+/// Errors of filesystem backends.
+#[derive(Debug, thiserror::Error)]
+pub enum FsError {
+    /// An I/O operation on a path failed.
+    #[error("{op} {path}: {source}")]
+    Io {
+        op: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// An external tool (btrfs, mount, losetup) failed.
+    #[error("{program} {args} failed ({status}): {stderr}")]
+    Command {
+        program: String,
+        args: String,
+        status: String,
+        stderr: String,
+    },
+    /// The filesystem has no space left for the snapshot.
+    #[error("no space left on {path} while {op}")]
+    NoSpace { op: &'static str, path: PathBuf },
+    /// A snapshot id from a manifest or request is not a safe name.
+    #[error("invalid snapshot id {id:?}: {reason}")]
+    InvalidId { id: String, reason: &'static str },
+    /// A snapshot reference names another backend.
+    #[error("snapshot {id} belongs to backend {backend:?}, not {expected:?}")]
+    WrongBackend {
+        id: String,
+        backend: String,
+        expected: &'static str,
+    },
+    /// The snapshot does not exist.
+    #[error("snapshot {id} not found at {path}")]
+    NotFound { id: String, path: PathBuf },
+    /// Recomputed contents differ from what was recorded.
+    #[error("tree hash mismatch for {what}: expected {expected}, found {actual}")]
+    HashMismatch {
+        what: String,
+        expected: String,
+        actual: String,
+    },
+    /// A stored object is corrupt or malicious (bad checksum, path escape, bad type).
+    #[error("corrupt snapshot {id}: {reason}")]
+    Corrupt { id: String, reason: String },
+    /// An error from the content-addressed store (kept as its typed source).
+    #[error("content store {op}: {source}")]
+    ContentStore {
+        op: &'static str,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+}
+
+impl FsError {
+    /// Wraps an I/O error with the operation and the path; ENOSPC becomes [`FsError::NoSpace`].
+    pub fn io(op: &'static str, path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        let path = path.into();
+        if source.raw_os_error() == Some(libc::ENOSPC) {
+            return FsError::NoSpace { op, path };
+        }
+        FsError::Io { op, path, source }
+    }
+}
+
+/// Checks that `id` is a safe single path component: 1..=128 chars of `[A-Za-z0-9._-]`, not
+/// starting with `.` (so never `.`/`..`/hidden), no separators. Every id read from a manifest
+/// passes here before it is joined to a directory.
+pub fn validate_id(id: &str) -> Result<(), FsError> {
+    let bad = |reason| FsError::InvalidId {
+        id: id.chars().take(200).collect(),
+        reason,
+    };
+    if id.is_empty() || id.len() > 128 {
+        return Err(bad("length must be 1..=128"));
+    }
+    if id.starts_with('.') {
+        return Err(bad("must not start with '.'"));
+    }
+    if !id
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
+    {
+        return Err(bad("only [A-Za-z0-9._-] allowed"));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_that_could_escape_are_rejected() {
+        for id in [
+            "", ".", "..", "../x", "a/b", "/abs", ".hidden", "a\0b", "a b", "ü",
+        ] {
+            assert!(validate_id(id).is_err(), "{id:?} accepted");
+        }
+        for id in ["cp-000001", "sbx_1.ro", "A-9"] {
+            validate_id(id).unwrap();
+        }
+        assert!(validate_id(&"a".repeat(129)).is_err());
+    }
+}

@@ -1,0 +1,200 @@
+//! The btrfs pool that holds base images, sandbox root filesystems and checkpoint snapshots.
+//!
+//! When the state directory is already on btrfs, `<state>/pool` is a plain directory on it.
+//! Otherwise Crab makes a sparse loop file `<state>/btrfs.img` (size from the config), formats
+//! it once and mounts it at `<state>/pool` with `mount -o loop` (autoclear: unmounting detaches
+//! the loop device). Opening is idempotent: an already mounted pool is reused.
+//!
+//! Layout below the pool root:
+//! - `images/<name>`: read-only base image subvolumes;
+//! - `sandboxes/<id>/rootfs`: each container sandbox's writable root subvolume;
+//! - `snapshots/<sandbox>/<checkpoint>`: read-only checkpoint snapshots.
+
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+
+use crate::fs::FsError;
+use crate::sys;
+
+/// Inode number of every btrfs subvolume root directory.
+const BTRFS_SUBVOLUME_ROOT_INO: u64 = 256;
+
+/// An opened btrfs pool.
+#[derive(Debug, Clone)]
+pub struct BtrfsPool {
+    root: PathBuf,
+    image: Option<PathBuf>,
+}
+
+/// True when `path` is on a btrfs filesystem.
+pub fn is_btrfs(path: &Path) -> bool {
+    nix::sys::statfs::statfs(path)
+        .map(|s| s.filesystem_type() == nix::sys::statfs::BTRFS_SUPER_MAGIC)
+        .unwrap_or(false)
+}
+
+/// True when `path` is the root of a btrfs subvolume.
+pub fn is_subvolume(path: &Path) -> bool {
+    std::fs::symlink_metadata(path)
+        .map(|m| m.is_dir() && m.ino() == BTRFS_SUBVOLUME_ROOT_INO)
+        .unwrap_or(false)
+        && is_btrfs(path)
+}
+
+fn btrfs(args: &[&OsArg]) -> Result<sys::ToolOutput, FsError> {
+    sys::run("btrfs", args).map_err(|e| {
+        if e.is_no_space() {
+            FsError::NoSpace {
+                op: "btrfs",
+                path: PathBuf::from(e.args.clone()),
+            }
+        } else {
+            e.into()
+        }
+    })
+}
+
+type OsArg = std::ffi::OsStr;
+
+/// Creates an empty writable subvolume at `path`.
+pub fn create_subvolume(path: &Path) -> Result<(), FsError> {
+    btrfs(&["subvolume".as_ref(), "create".as_ref(), path.as_os_str()])?;
+    Ok(())
+}
+
+/// Snapshots subvolume `src` to `dst` (read-only when `readonly`). btrfs commits the
+/// transaction that creates a snapshot, so it is durable when this returns.
+pub fn snapshot_subvolume(src: &Path, dst: &Path, readonly: bool) -> Result<(), FsError> {
+    let mut args: Vec<&OsArg> = vec!["subvolume".as_ref(), "snapshot".as_ref()];
+    if readonly {
+        args.push("-r".as_ref());
+    }
+    args.push(src.as_os_str());
+    args.push(dst.as_os_str());
+    btrfs(&args)?;
+    Ok(())
+}
+
+/// Deletes the subvolume at `path` (and nested subvolumes are not expected). Missing is fine.
+pub fn delete_subvolume(path: &Path) -> Result<(), FsError> {
+    if std::fs::symlink_metadata(path).is_err() {
+        return Ok(());
+    }
+    if !is_subvolume(path) {
+        // A plain directory (e.g. a crashed create before the subvolume existed).
+        return std::fs::remove_dir_all(path).map_err(|e| FsError::io("remove dir", path, e));
+    }
+    // A read-only snapshot can be deleted directly; no need to flip the property.
+    btrfs(&["subvolume".as_ref(), "delete".as_ref(), path.as_os_str()])?;
+    Ok(())
+}
+
+/// True when the subvolume at `path` is read-only.
+pub fn is_readonly(path: &Path) -> Result<bool, FsError> {
+    let out = btrfs(&[
+        "property".as_ref(),
+        "get".as_ref(),
+        "-ts".as_ref(),
+        path.as_os_str(),
+        "ro".as_ref(),
+    ])?;
+    Ok(out.stdout_str().trim() == "ro=true")
+}
+
+/// Makes the subvolume at `path` read-only.
+pub fn set_readonly(path: &Path) -> Result<(), FsError> {
+    btrfs(&[
+        "property".as_ref(),
+        "set".as_ref(),
+        "-ts".as_ref(),
+        path.as_os_str(),
+        "ro".as_ref(),
+        "true".as_ref(),
+    ])?;
+    Ok(())
+}
+
+impl BtrfsPool {
+    /// Opens (creating and mounting if needed) the pool for `state_dir`. `size_bytes` is the
+    /// size of a new loop file; an existing one is reused at its size.
+    pub fn open(state_dir: &Path, size_bytes: u64) -> Result<Self, FsError> {
+        std::fs::create_dir_all(state_dir)
+            .map_err(|e| FsError::io("create state dir", state_dir, e))?;
+        let root = state_dir.join("pool");
+        std::fs::create_dir_all(&root).map_err(|e| FsError::io("create pool dir", &root, e))?;
+        let pool = if is_btrfs(state_dir) {
+            BtrfsPool { root, image: None }
+        } else {
+            let image = state_dir.join("btrfs.img");
+            if !is_btrfs(&root) {
+                if !image.exists() {
+                    let tmp = state_dir.join("btrfs.img.tmp");
+                    let f = std::fs::File::create(&tmp)
+                        .map_err(|e| FsError::io("create pool image", &tmp, e))?;
+                    // Sparse: blocks are allocated only as the filesystem uses them.
+                    f.set_len(size_bytes)
+                        .map_err(|e| FsError::io("size pool image", &tmp, e))?;
+                    drop(f);
+                    sys::run(
+                        "mkfs.btrfs",
+                        &["-q".as_ref(), "-f".as_ref(), tmp.as_os_str()],
+                    )?;
+                    std::fs::rename(&tmp, &image)
+                        .map_err(|e| FsError::io("rename pool image", &image, e))?;
+                }
+                sys::run(
+                    "mount",
+                    &[
+                        "-o".as_ref(),
+                        "loop".as_ref(),
+                        image.as_os_str(),
+                        root.as_os_str(),
+                    ],
+                )?;
+            }
+            BtrfsPool {
+                root,
+                image: Some(image),
+            }
+        };
+        for sub in ["images", "sandboxes", "snapshots"] {
+            let d = pool.root.join(sub);
+            std::fs::create_dir_all(&d).map_err(|e| FsError::io("create pool subdir", &d, e))?;
+        }
+        Ok(pool)
+    }
+
+    /// The pool's root directory.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// The loop image file, when Crab made one.
+    pub fn image(&self) -> Option<&Path> {
+        self.image.as_deref()
+    }
+
+    /// Directory of base image subvolumes.
+    pub fn images_dir(&self) -> PathBuf {
+        self.root.join("images")
+    }
+
+    /// Directory of sandbox subvolumes.
+    pub fn sandboxes_dir(&self) -> PathBuf {
+        self.root.join("sandboxes")
+    }
+
+    /// Directory of checkpoint snapshots.
+    pub fn snapshots_dir(&self) -> PathBuf {
+        self.root.join("snapshots")
+    }
+
+    /// Unmounts a loop-file pool (the loop device detaches with it). The image file stays, so
+    /// the next open finds every subvolume again. A pool on a btrfs state dir has nothing to do.
+    pub fn unmount(&self) -> Result<(), FsError> {
+        if self.image.is_some() && is_btrfs(&self.root) {
+            sys::run("umount", &[self.root.as_os_str()])?;
+        }
+        Ok(())
+    }
+}
