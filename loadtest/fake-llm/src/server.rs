@@ -378,8 +378,13 @@ async fn whole_response(
         // Half the body, then an abrupt close.
         let bytes = Bytes::from(serde_json::to_vec(&v).unwrap_or_default());
         let half = bytes.slice(..bytes.len() / 2);
-        let frames = futures_util::stream::iter(vec![Ok(BodyFrame::data(half)), Err(StreamCut)]);
-        *r.body_mut() = http_body_util::StreamBody::new(frames).boxed();
+        let (tx, rx) = mpsc::channel(1);
+        tokio::spawn(async move {
+            if tx.send(Ok(BodyFrame::data(half))).await.is_ok() {
+                cut(&tx).await;
+            }
+        });
+        *r.body_mut() = ChannelBody { rx }.boxed();
     }
     r
 }
@@ -423,7 +428,7 @@ fn stream_response(
     tokio::spawn(async move {
         for (i, f) in frames.into_iter().enumerate() {
             if cut_after == Some(i) {
-                let _ = tx.send(Err(StreamCut)).await;
+                cut(&tx).await;
                 return;
             }
             let delay = match f.pace {
@@ -455,6 +460,16 @@ fn stream_response(
     h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
     add_request_id(&mut r, ctx.request_no);
     r
+}
+
+/// Ends the body with an error once the frames before it are on the wire: hyper drops its
+/// unflushed write buffer when a body fails, so give it a moment to flush first (otherwise a
+/// cut after N events would deliver fewer than N).
+async fn cut(tx: &mpsc::Sender<Result<BodyFrame<Bytes>, StreamCut>>) {
+    if let Ok(permit) = tx.reserve().await {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        permit.send(Err(StreamCut));
+    }
 }
 
 /// A body fed by the producer task; dropping it (client gone) closes the channel.

@@ -91,7 +91,9 @@ fn response(ctx: &Ctx, status: &str, output: Vec<Value>, usage: Value) -> Value 
 
 /// The non-streaming `response` object.
 pub fn completed(ctx: &Ctx, reply: &Reply) -> Value {
-    response(ctx, "completed", output(ctx, reply), usage(ctx, reply))
+    let mut r = response(ctx, "completed", output(ctx, reply), usage(ctx, reply));
+    r["completed_at"] = json!(ctx.created);
+    r
 }
 
 /// The streamed events. `response.created`/`in_progress` go out at once (before the first
