@@ -1,0 +1,482 @@
+//! Request summaries: what the turn tracker and the transcript need to know about one request.
+//!
+//! Parsing is lenient on purpose: the body is walked as a `serde_json::Value`, so unknown
+//! fields, new tool types (`custom`, `namespace`, `web_search`, `tool_search`, ...) and new
+//! content shapes never make a request "invalid" here. Only what the API itself requires is
+//! checked (a JSON object; `messages` a list for Chat and Anthropic; `input`, when present, a
+//! string or a list for Responses; `tools`, when present, a list).
+//!
+//! Thread digests: every message (Chat, Anthropic) or input item (Responses) is hashed in a
+//! canonical form (see `canonical.rs`), and the digests are chained:
+//! `d[0] = H(seed, item0)`, `d[i] = H(d[i-1], item_i)`, with the seed derived from the system
+//! prompt / instructions. A later request that re-sends the same earlier messages therefore
+//! has the same leading digests, and "conversation C continues in request R" is a single
+//! comparison: `R.prefix_digests[len(C) - 1] == C.last_digest`. Seeding with the system
+//! prompt keeps a side call that re-sends the user's first message under another system prompt
+//! (title generation) from looking like a prefix of the main conversation.
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::ProtocolError;
+use crate::api::ApiKind;
+use crate::canonical::{hash_item, hash_system};
+use crate::turns::SideKind;
+
+/// What one request says, as far as turn tracking and the transcript care.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RequestSummary {
+    /// The API the request speaks.
+    pub api: ApiKind,
+    /// `model`, when present (Azure-style deployments omit it).
+    pub model: Option<String>,
+    /// `stream: true`.
+    pub stream: bool,
+    /// Messages (Chat, Anthropic; Chat counts system messages) or input items (Responses; a
+    /// string `input` is one item).
+    pub message_count: usize,
+    /// Names of the tools offered (the `type` for built-in tools without a name), in request
+    /// order.
+    pub tools: Vec<String>,
+    /// blake3 hex of the exact body bytes: an identical re-send (retry) has the same digest.
+    pub body_digest: String,
+    /// What the turn tracker threads conversations with.
+    pub thread: ThreadKey,
+    /// A side-call hint from the prompt text (title generation, summarisation), if any. Only
+    /// a hint: the turn tracker decides (see `turns.rs`).
+    #[serde(default)]
+    pub side_hint: Option<SideKind>,
+}
+
+/// Conversation identity of a request.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct ThreadKey {
+    /// Cumulative digest after each message / input item (hex).
+    pub prefix_digests: Vec<String>,
+    /// Digest of the system prompt / instructions (hex), if there is one.
+    pub system_digest: Option<String>,
+    /// Responses API chaining (`previous_response_id`).
+    pub previous_response_id: Option<String>,
+}
+
+impl RequestSummary {
+    /// Whether any tool is offered.
+    pub fn has_tools(&self) -> bool {
+        !self.tools.is_empty()
+    }
+}
+
+/// Summarise a request body of the given API.
+///
+/// Errors: the body is not JSON, not an object, or misses/mistypes what the API requires.
+/// `ApiKind::Other` is an error too (nothing to summarise).
+pub fn summarize_request(api: ApiKind, body: &[u8]) -> Result<RequestSummary, ProtocolError> {
+    if api == ApiKind::Other {
+        return Err(ProtocolError::UnsupportedApi);
+    }
+    // serde_json's recursion limit (128) turns absurd nesting into an error, not a stack
+    // overflow; everything below walks the already-bounded value.
+    let value: Value = serde_json::from_slice(body).map_err(|e| ProtocolError::NotJson {
+        reason: e.to_string(),
+    })?;
+    let obj = value.as_object().ok_or(ProtocolError::NotAnObject)?;
+
+    let model = obj.get("model").and_then(Value::as_str).map(str::to_owned);
+    let stream = obj.get("stream").and_then(Value::as_bool).unwrap_or(false);
+    let body_digest = blake3::hash(body).to_hex().to_string();
+    let tools = tool_names(obj.get("tools"))?;
+
+    let mut texts = PromptTexts::default();
+    let (system_digest, items, text_part, default_type): (Option<blake3::Hash>, Vec<&Value>, _, _) =
+        match api {
+            ApiKind::ChatCompletions => {
+                let messages = required_array(obj, "messages")?;
+                let leading_system: Vec<&Value> = messages
+                    .iter()
+                    .take_while(|m| matches!(role(m), Some("system" | "developer")))
+                    .collect();
+                let system = if leading_system.is_empty() {
+                    None
+                } else {
+                    for m in &leading_system {
+                        texts.add_system(m.get("content"));
+                    }
+                    let joined = Value::Array(
+                        leading_system
+                            .iter()
+                            .map(|m| m.get("content").cloned().unwrap_or(Value::Null))
+                            .collect(),
+                    );
+                    Some(hash_system(&joined))
+                };
+                let legacy = tool_names(obj.get("functions"))?;
+                let mut tools_all = tools.clone();
+                tools_all.extend(legacy);
+                texts.last_user = last_user_text(messages);
+                return Ok(finish(
+                    api,
+                    model,
+                    stream,
+                    tools_all,
+                    body_digest,
+                    system,
+                    messages.iter().collect(),
+                    "text",
+                    None,
+                    None,
+                    texts,
+                ));
+            }
+            ApiKind::AnthropicMessages | ApiKind::AnthropicCountTokens => {
+                let messages = required_array(obj, "messages")?;
+                let system = match obj.get("system") {
+                    None | Some(Value::Null) => None,
+                    Some(s @ (Value::String(_) | Value::Array(_))) => {
+                        texts.add_system(Some(s));
+                        Some(hash_system(s))
+                    }
+                    Some(_) => {
+                        return Err(ProtocolError::WrongType {
+                            field: "system",
+                            expected: "a string or a list",
+                        });
+                    }
+                };
+                texts.last_user = last_user_text(messages);
+                (system, messages.iter().collect(), "text", None)
+            }
+            ApiKind::Responses => {
+                let system = match obj.get("instructions") {
+                    None | Some(Value::Null) => None,
+                    Some(s @ (Value::String(_) | Value::Array(_))) => {
+                        texts.add_system(Some(s));
+                        Some(hash_system(s))
+                    }
+                    Some(_) => {
+                        return Err(ProtocolError::WrongType {
+                            field: "instructions",
+                            expected: "a string",
+                        });
+                    }
+                };
+                let items: Vec<&Value> = match obj.get("input") {
+                    None | Some(Value::Null) => Vec::new(),
+                    Some(s @ Value::String(_)) => vec![s],
+                    Some(Value::Array(items)) => items.iter().collect(),
+                    Some(_) => {
+                        return Err(ProtocolError::WrongType {
+                            field: "input",
+                            expected: "a string or a list",
+                        });
+                    }
+                };
+                texts.last_user = match obj.get("input") {
+                    Some(Value::String(s)) => Some(truncate(s, HINT_TEXT_LIMIT).to_owned()),
+                    Some(Value::Array(items)) => last_user_text(items),
+                    _ => None,
+                };
+                (system, items, "input_text", Some("message"))
+            }
+            ApiKind::Other => return Err(ProtocolError::UnsupportedApi),
+        };
+    let previous_response_id = obj
+        .get("previous_response_id")
+        .and_then(Value::as_str)
+        .map(str::to_owned);
+    Ok(finish(
+        api,
+        model,
+        stream,
+        tools,
+        body_digest,
+        system_digest,
+        items,
+        text_part,
+        default_type,
+        previous_response_id,
+        texts,
+    ))
+}
+
+#[expect(
+    clippy::too_many_arguments,
+    reason = "one private assembly step shared by the three APIs"
+)]
+fn finish(
+    api: ApiKind,
+    model: Option<String>,
+    stream: bool,
+    tools: Vec<String>,
+    body_digest: String,
+    system: Option<blake3::Hash>,
+    items: Vec<&Value>,
+    text_part: &str,
+    default_type: Option<&str>,
+    previous_response_id: Option<String>,
+    texts: PromptTexts,
+) -> RequestSummary {
+    let mut prev: blake3::Hash = {
+        let mut h = blake3::Hasher::new();
+        h.update(b"crab-thread-seed");
+        if let Some(s) = &system {
+            h.update(s.as_bytes());
+        }
+        h.finalize()
+    };
+    let mut prefix_digests = Vec::with_capacity(items.len());
+    for item in &items {
+        let item_hash = match item {
+            // A bare string input item is a user message.
+            Value::String(s) => hash_item(
+                &serde_json::json!({"role": "user", "content": s}),
+                text_part,
+                default_type,
+            ),
+            _ => {
+                let is_responses_message = default_type.is_some() && item.get("role").is_some();
+                let part = match (default_type, role(item)) {
+                    (Some(_), Some("assistant")) => "output_text",
+                    _ => text_part,
+                };
+                hash_item(
+                    item,
+                    part,
+                    if is_responses_message {
+                        default_type
+                    } else {
+                        None
+                    },
+                )
+            }
+        };
+        let mut h = blake3::Hasher::new();
+        h.update(prev.as_bytes());
+        h.update(item_hash.as_bytes());
+        prev = h.finalize();
+        prefix_digests.push(prev.to_hex().to_string());
+    }
+    let side_hint = texts.hint(!tools.is_empty());
+    RequestSummary {
+        api,
+        model,
+        stream,
+        message_count: items.len(),
+        tools,
+        body_digest,
+        thread: ThreadKey {
+            prefix_digests,
+            system_digest: system.map(|s| s.to_hex().to_string()),
+            previous_response_id,
+        },
+        side_hint,
+    }
+}
+
+fn required_array<'a>(
+    obj: &'a serde_json::Map<String, Value>,
+    field: &'static str,
+) -> Result<&'a Vec<Value>, ProtocolError> {
+    match obj.get(field) {
+        Some(Value::Array(a)) => Ok(a),
+        None | Some(Value::Null) => Err(ProtocolError::MissingField { field }),
+        Some(_) => Err(ProtocolError::WrongType {
+            field,
+            expected: "a list",
+        }),
+    }
+}
+
+fn role(v: &Value) -> Option<&str> {
+    v.get("role").and_then(Value::as_str)
+}
+
+/// Tool names from a `tools` (or legacy `functions`) list, in order. Each API nests the name
+/// differently: Chat `{type:function, function:{name}}` / `{type:custom, custom:{name}}`,
+/// Responses `{type:function|custom, name}`, Anthropic `{name, input_schema}`; built-in tools
+/// (`web_search`, `tool_search`, `local_shell`, ...) may have no name: their `type` stands in.
+/// Entries of unknown shape are skipped, not errors.
+fn tool_names(tools: Option<&Value>) -> Result<Vec<String>, ProtocolError> {
+    let list = match tools {
+        None | Some(Value::Null) => return Ok(Vec::new()),
+        Some(Value::Array(list)) => list,
+        Some(_) => {
+            return Err(ProtocolError::WrongType {
+                field: "tools",
+                expected: "a list",
+            });
+        }
+    };
+    let mut names = Vec::with_capacity(list.len());
+    for tool in list {
+        let ty = tool.get("type").and_then(Value::as_str);
+        let nested = ty.and_then(|t| tool.get(t)).and_then(|n| n.get("name"));
+        let name = nested
+            .or_else(|| tool.get("name"))
+            .or_else(|| tool.get("function").and_then(|f| f.get("name")))
+            .and_then(Value::as_str)
+            .or(ty)
+            .or_else(|| tool.get("server_label").and_then(Value::as_str));
+        if let Some(name) = name {
+            names.push(name.to_owned());
+        }
+    }
+    Ok(names)
+}
+
+/// How much prompt text the side-call hints look at.
+const HINT_TEXT_LIMIT: usize = 4096;
+/// System prompts longer than this are main-loop prompts (agent system prompts are 3-40 KB);
+/// only short ones are checked for title/summary wording, so that a long agent prompt that
+/// happens to mention "title" or "summary" is never taken for a side call.
+const SHORT_SYSTEM_PROMPT: usize = 3000;
+
+#[derive(Default)]
+struct PromptTexts {
+    system: String,
+    system_len: usize,
+    last_user: Option<String>,
+}
+
+impl PromptTexts {
+    fn add_system(&mut self, content: Option<&Value>) {
+        if let Some(c) = content {
+            let mut text = String::new();
+            collect_text(c, &mut text, HINT_TEXT_LIMIT);
+            self.system_len += text_len(c);
+            if self.system.len() < HINT_TEXT_LIMIT {
+                self.system.push_str(&text);
+                self.system.push('\n');
+            }
+        }
+    }
+
+    /// Side-call hints from the wording (see `turns.rs` for how they are used):
+    /// - title generation: a short system prompt, or the start of the last user message,
+    ///   asking for a title; only for requests *without tools* (title calls never carry tools;
+    ///   an agent whose task mentions titles does);
+    /// - summarisation: a short system prompt, or the start of the last user message, asking
+    ///   for a summary of the conversation (compaction requests may carry the agent's tools to
+    ///   share its prompt cache, so this one ignores tools).
+    fn hint(&self, has_tools: bool) -> Option<SideKind> {
+        let system = if self.system_len <= SHORT_SYSTEM_PROMPT {
+            self.system.to_lowercase()
+        } else {
+            String::new()
+        };
+        let user = self
+            .last_user
+            .as_deref()
+            .map(|u| truncate(u, 400).to_lowercase())
+            .unwrap_or_default();
+        const SUMMARY_SYSTEM: &[&str] = &["summarize", "summarise", "summary", "compact"];
+        const SUMMARY_USER: &[&str] = &[
+            "summary of the conversation",
+            "summarize the conversation",
+            "summarise the conversation",
+            "summarize this conversation",
+            "summarise this conversation",
+            "create a detailed summary",
+            "conversation summary",
+            "summarize the above conversation",
+            "summarize our conversation",
+        ];
+        const TITLE_SYSTEM: &[&str] = &[
+            "title generator",
+            "generate a title",
+            "generate a short title",
+            "generate a concise title",
+            "conversation title",
+            "thread title",
+            "word title",
+            "title for",
+            "generate title",
+            "new conversation topic",
+        ];
+        const TITLE_USER: &[&str] = &[
+            "title for the following conversation",
+            "title for this conversation",
+            "generate a title",
+            "generate a short title",
+            "word title",
+            "a title for",
+        ];
+        let summary_system = SUMMARY_SYSTEM.iter().any(|p| system.contains(p))
+            && (system.contains("conversation")
+                || system.contains("chat")
+                || system.contains("history"));
+        if summary_system || SUMMARY_USER.iter().any(|p| user.contains(p)) {
+            return Some(SideKind::Summarization);
+        }
+        if !has_tools
+            && (TITLE_SYSTEM.iter().any(|p| system.contains(p))
+                || TITLE_USER.iter().any(|p| user.contains(p)))
+        {
+            return Some(SideKind::TitleGeneration);
+        }
+        None
+    }
+}
+
+/// The text of the last user message (first `HINT_TEXT_LIMIT` bytes), skipping tool results.
+fn last_user_text(messages: &[Value]) -> Option<String> {
+    let m = messages.iter().rev().find(|m| role(m) == Some("user"))?;
+    let mut text = String::new();
+    collect_text(m.get("content")?, &mut text, HINT_TEXT_LIMIT);
+    Some(text)
+}
+
+/// Append the text of a content value (string, or parts with `text`) up to `limit` bytes.
+fn collect_text(content: &Value, out: &mut String, limit: usize) {
+    match content {
+        Value::String(s) => push_limited(out, s, limit),
+        Value::Array(parts) => {
+            for p in parts {
+                if out.len() >= limit {
+                    return;
+                }
+                match p {
+                    Value::String(s) => push_limited(out, s, limit),
+                    Value::Object(o) => {
+                        if let Some(Value::String(s)) = o.get("text") {
+                            push_limited(out, s, limit);
+                            out.push('\n');
+                        }
+                    }
+                    _ => {}
+                }
+            }
+        }
+        _ => {}
+    }
+}
+
+fn text_len(content: &Value) -> usize {
+    match content {
+        Value::String(s) => s.len(),
+        Value::Array(parts) => parts
+            .iter()
+            .map(|p| match p {
+                Value::String(s) => s.len(),
+                _ => p.get("text").and_then(Value::as_str).map_or(0, str::len),
+            })
+            .sum(),
+        _ => 0,
+    }
+}
+
+fn push_limited(out: &mut String, s: &str, limit: usize) {
+    let room = limit.saturating_sub(out.len());
+    out.push_str(truncate(s, room));
+}
+
+/// The longest prefix of `s` of at most `max` bytes that ends on a char boundary.
+fn truncate(s: &str, max: usize) -> &str {
+    if s.len() <= max {
+        return s;
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
