@@ -1,0 +1,8 @@
+//! `loadtest bench engine`: owned by the checkpoint-engine helper.
+
+#[derive(clap::Args, Debug)]
+pub struct Args {}
+
+pub fn run(_args: Args) -> anyhow::Result<()> {
+    anyhow::bail!("this benchmark is not built yet")
+}

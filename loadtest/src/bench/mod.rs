@@ -1,0 +1,29 @@
+//! `loadtest bench ...`: benchmarks of Crab's components against baselines.
+//!
+//! Each benchmark is a module with a clap `Args` and a synchronous `run(Args)`; a benchmark that
+//! needs async builds its own runtime, so the dispatch here stays plain.
+
+pub mod engine;
+pub mod inspector;
+pub mod proxy;
+
+/// The benchmarks.
+#[derive(clap::Subcommand, Debug)]
+pub enum BenchCommand {
+    /// The proxy's added latency, streaming behaviour, throughput, CPU and memory, side by
+    /// side with direct access and nginx.
+    Proxy(proxy::Args),
+    /// The inspector's overhead.
+    Inspector(inspector::Args),
+    /// The checkpoint engine.
+    Engine(engine::Args),
+}
+
+/// Runs one benchmark (called before any tokio runtime exists).
+pub fn run(command: BenchCommand) -> anyhow::Result<()> {
+    match command {
+        BenchCommand::Proxy(args) => proxy::run(args),
+        BenchCommand::Inspector(args) => inspector::run(args),
+        BenchCommand::Engine(args) => engine::run(args),
+    }
+}
