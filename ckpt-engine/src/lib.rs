@@ -13,6 +13,15 @@
 //! before it becomes a path; a restore is verified by tree hash before the sandbox runs again.
 #![forbid(unsafe_code)]
 
+pub mod cgroup;
+pub mod config;
+pub mod engine;
 pub mod fs;
+pub mod image;
+pub mod manifest;
 pub mod pool;
+pub mod runc;
 pub mod sys;
+
+pub use config::EngineConfig;
+pub use engine::{Engine, EngineError};

@@ -1,0 +1,89 @@
+//! Engine configuration (the `[engine]` table of Crab's TOML config).
+
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+/// Engine configuration. Every field has a default, so an empty table is valid.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EngineConfig {
+    /// State directory: runc state, the loop-file btrfs pool (`btrfs.img`, mounted at `pool/`)
+    /// unless the directory itself is on btrfs. Default `/var/lib/crab/engine`.
+    pub state_dir: PathBuf,
+    /// Size of a newly created loop-file pool, bytes. Sparse, so unused space costs nothing.
+    /// Default 16 GiB.
+    pub pool_size_bytes: u64,
+    /// `runc` binary: a path, or a name looked up in `PATH`. Default `"runc"`.
+    pub runc: String,
+    /// Parent of each sandbox's cgroup, relative to the cgroup v2 mount: sandbox `NAME` lives in
+    /// `<cgroup_root>/<cgroup_parent>/NAME`. Default `"crab"`.
+    pub cgroup_parent: String,
+    /// Mount point of the cgroup v2 hierarchy. Default `/sys/fs/cgroup/unified` (hybrid hosts);
+    /// set `/sys/fs/cgroup` on pure cgroup v2 hosts.
+    pub cgroup_root: PathBuf,
+    /// Image used by `sandbox create` without `--image`. Default `"busybox"`.
+    pub default_image: String,
+    /// Debian suite for `image build`. Default `"bookworm"`.
+    pub image_suite: String,
+    /// Debian mirror for `image build`; `None` = debootstrap's default. Default `None`.
+    pub image_mirror: Option<String>,
+    /// Packages added to the minbase image. Default python3, git, make, gcc, libc6-dev.
+    pub image_packages: Vec<String>,
+    /// Which recovery points to keep.
+    pub retention: RetentionConfig,
+}
+
+/// Retention policy for recovery points (per sandbox).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RetentionConfig {
+    /// Keep at most this many newest published points (at least 1 is always kept). Default 16.
+    pub keep_last: usize,
+}
+
+impl Default for RetentionConfig {
+    fn default() -> Self {
+        RetentionConfig { keep_last: 16 }
+    }
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        EngineConfig {
+            state_dir: PathBuf::from("/var/lib/crab/engine"),
+            pool_size_bytes: 16 << 30,
+            runc: "runc".to_string(),
+            cgroup_parent: "crab".to_string(),
+            cgroup_root: PathBuf::from("/sys/fs/cgroup/unified"),
+            default_image: "busybox".to_string(),
+            image_suite: "bookworm".to_string(),
+            image_mirror: None,
+            image_packages: ["python3", "git", "make", "gcc", "libc6-dev"]
+                .iter()
+                .map(|s| s.to_string())
+                .collect(),
+            retention: RetentionConfig::default(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_table_gives_defaults_and_unknown_fields_are_rejected() {
+        let c: EngineConfig = toml_like("{}");
+        assert_eq!(c, EngineConfig::default());
+        let e = serde_json::from_str::<EngineConfig>(r#"{"pool_size": 1}"#);
+        assert!(e.is_err());
+        let c: EngineConfig = toml_like(r#"{"retention": {"keep_last": 3}, "runc": "/x/runc"}"#);
+        assert_eq!(c.retention.keep_last, 3);
+        assert_eq!(c.runc, "/x/runc");
+    }
+
+    fn toml_like(s: &str) -> EngineConfig {
+        serde_json::from_str(s).unwrap()
+    }
+}

@@ -1,0 +1,1201 @@
+//! The [`Engine`]: sandboxes, checkpoints, recovery points, restore and verification.
+//!
+//! Everything is synchronous (external tools and blocking I/O); async callers use
+//! `spawn_blocking`. All state lives in the btrfs pool, so one `open` finds it again:
+//! - `<pool>/meta/<name>/sandbox.json`: the sandbox record (written last on create);
+//! - `<pool>/meta/<name>/bundle/config.json`: the OCI bundle of a container sandbox;
+//! - `<pool>/meta/<name>/points/<id>.manifest`: published recovery points;
+//!   `<id>.inflight`: a point being written; `<id>.failed`: an abandoned one;
+//! - `<pool>/meta/<name>/lock`: `flock` that serialises checkpoint, restore, GC and removal of
+//!   one sandbox across threads and processes.
+//!
+//! Crash safety: a point becomes visible only by the atomic rename of its manifest, after its
+//! snapshots are durable. On `open`, every sandbox whose lock is free gets its leftovers
+//! recovered: in-flight records become failed, their snapshots are garbage-collected, temp files
+//! removed, and a cgroup left frozen by a killed checkpointer is thawed.
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+
+use crate::cgroup::Cgroup;
+use crate::config::EngineConfig;
+use crate::fs::btrfs::BtrfsBackend;
+use crate::fs::{ChangeHint, FsBackend, FsError, NoQuiesce, Quiesce, SnapshotRequest};
+use crate::manifest::{
+    self, CheckpointKind, ManifestError, PointState, RecoveryPoint, TreeSnapshot,
+};
+use crate::pool::{self, BtrfsPool};
+use crate::runc::{ExecOutput, Runc};
+use crate::sys::{self, ToolError};
+use crate::{image, runc};
+
+/// Errors of engine operations.
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    /// A filesystem backend or pool operation failed.
+    #[error("filesystem: {0}")]
+    Fs(#[from] FsError),
+    /// An external tool failed.
+    #[error("{0}")]
+    Tool(#[from] ToolError),
+    /// A manifest could not be read or written (corrupt, crafted or I/O).
+    #[error("{0}")]
+    Manifest(#[from] ManifestError),
+    /// An I/O operation failed.
+    #[error("{op} {path}: {source}")]
+    Io {
+        op: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// A sandbox name is not acceptable.
+    #[error("invalid sandbox name {name:?}: {reason}")]
+    InvalidName { name: String, reason: &'static str },
+    /// The sandbox already exists.
+    #[error("sandbox {name} already exists")]
+    SandboxExists { name: String },
+    /// No such sandbox.
+    #[error("sandbox {name} not found")]
+    SandboxNotFound { name: String },
+    /// No such image.
+    #[error("image {name} not found (build it with `crab image build {name}`)")]
+    ImageNotFound { name: String },
+    /// No such recovery point.
+    #[error("recovery point {id} of sandbox {sandbox} not found")]
+    PointNotFound { sandbox: String, id: String },
+    /// The sandbox has no published recovery point.
+    #[error("sandbox {sandbox} has no recovery point")]
+    NoPoints { sandbox: String },
+    /// A recomputed tree hash differs from the manifest.
+    #[error(
+        "verification failed for {sandbox} {point} ({tree}): expected tree hash {expected}, found {actual}"
+    )]
+    VerifyFailed {
+        sandbox: String,
+        point: String,
+        tree: String,
+        expected: String,
+        actual: String,
+    },
+    /// The operation does not apply to this sandbox kind.
+    #[error("sandbox {name}: {what} is not supported for {kind} sandboxes")]
+    Unsupported {
+        name: String,
+        what: &'static str,
+        kind: &'static str,
+    },
+    /// `runc` is not installed.
+    #[error("runc not found ({runc}); install it (apt install runc) or set engine.runc")]
+    RuncNotFound { runc: String },
+    /// A sandbox's process did not start.
+    #[error("sandbox {name} is not running after start (status {status})")]
+    NotRunning { name: String, status: String },
+}
+
+fn io_err<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> EngineError + 'a {
+    move |source| EngineError::Io {
+        op,
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// What a sandbox is.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "kind", deny_unknown_fields)]
+pub enum SandboxKind {
+    /// An OCI container run by runc on a writable btrfs subvolume cloned from `image`.
+    Container {
+        /// Base image name.
+        image: String,
+    },
+    /// A process tree in a cgroup plus declared writable directories (btrfs subvolumes):
+    /// filesystem-only checkpoints.
+    Directory {
+        /// Absolute paths of the checkpointed directories.
+        dirs: Vec<PathBuf>,
+    },
+}
+
+impl SandboxKind {
+    /// `container` or `directory`.
+    pub fn label(&self) -> &'static str {
+        match self {
+            SandboxKind::Container { .. } => "container",
+            SandboxKind::Directory { .. } => "directory",
+        }
+    }
+}
+
+/// The persistent record of a sandbox.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SandboxRecord {
+    /// Sandbox name (also the runc container id and the cgroup leaf).
+    pub name: String,
+    /// Container or directory.
+    pub spec: SandboxKind,
+    /// Creation time, ms since the epoch.
+    pub created_unix_ms: u64,
+    /// The point the live tree descends from (last checkpoint or restore).
+    pub head: Option<String>,
+}
+
+/// A sandbox as listed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SandboxInfo {
+    /// Name.
+    pub name: String,
+    /// Container or directory, with its parameters.
+    pub spec: SandboxKind,
+    /// `running`, `stopped`, `paused`, `frozen`, `missing`.
+    pub status: String,
+    /// Its cgroup v2 directory.
+    pub cgroup: PathBuf,
+    /// Root filesystem (containers).
+    pub rootfs: Option<PathBuf>,
+    /// Number of published recovery points.
+    pub points: usize,
+    /// Newest point the live tree descends from.
+    pub head: Option<String>,
+}
+
+/// Result of a restore.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RestoreReport {
+    /// Sandbox.
+    pub sandbox: String,
+    /// Point restored.
+    pub point: String,
+    /// Verified tree hashes per tree.
+    pub trees: Vec<(String, String)>,
+    /// Time to stop the sandbox, µs.
+    pub stop_us: u64,
+    /// Time to put the filesystem back, µs.
+    pub fs_us: u64,
+    /// Time to verify the tree hashes, µs.
+    pub verify_us: u64,
+    /// Time to start the sandbox again, µs.
+    pub start_us: u64,
+    /// Total, µs.
+    pub total_us: u64,
+}
+
+/// Result of a verification.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VerifyReport {
+    /// Sandbox.
+    pub sandbox: String,
+    /// Point verified.
+    pub point: String,
+    /// Per tree: (tree, expected, actual).
+    pub trees: Vec<(String, String, String)>,
+    /// True when every tree matches.
+    pub ok: bool,
+}
+
+/// Result of a garbage collection.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GcReport {
+    /// Points dropped by the retention policy.
+    pub dropped_points: Vec<String>,
+    /// Snapshots deleted because no live point referenced them.
+    pub deleted_snapshots: Vec<String>,
+    /// Why GC was skipped, if it was (an unreadable manifest: its references are unknown).
+    pub skipped: Option<String>,
+}
+
+/// The checkpoint engine.
+pub struct Engine {
+    cfg: EngineConfig,
+    pool: BtrfsPool,
+    runc: Runc,
+    backend: Arc<dyn FsBackend>,
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+fn us(d: Duration) -> u64 {
+    d.as_micros() as u64
+}
+
+/// Checks a sandbox name: `[a-z0-9][a-z0-9_-]{0,62}` (it becomes a runc id, a cgroup and a
+/// directory name; no dots because snapshot ids are `<sandbox>.<checkpoint>`).
+pub fn validate_name(name: &str) -> Result<(), EngineError> {
+    let bad = |reason| EngineError::InvalidName {
+        name: name.chars().take(80).collect(),
+        reason,
+    };
+    if name.is_empty() || name.len() > 63 {
+        return Err(bad("length must be 1..=63"));
+    }
+    if !name.as_bytes()[0].is_ascii_alphanumeric() {
+        return Err(bad("must start with a letter or digit"));
+    }
+    if !name
+        .bytes()
+        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
+    {
+        return Err(bad("only [a-z0-9_-] allowed"));
+    }
+    Ok(())
+}
+
+fn write_json_atomic<T: Serialize>(path: &Path, value: &T) -> Result<(), EngineError> {
+    let bytes = serde_json::to_vec_pretty(value).unwrap_or_default();
+    manifest::write_atomic(path, &bytes)?;
+    Ok(())
+}
+
+impl Engine {
+    /// Opens the engine: the pool (created and mounted if needed), runc, and recovery of
+    /// leftovers of crashed operations.
+    pub fn open(cfg: EngineConfig) -> Result<Self, EngineError> {
+        let runc_bin = sys::find_program(&cfg.runc).ok_or_else(|| EngineError::RuncNotFound {
+            runc: cfg.runc.clone(),
+        })?;
+        let pool = BtrfsPool::open(&cfg.state_dir, cfg.pool_size_bytes)?;
+        let runc = Runc::new(runc_bin, cfg.state_dir.join("runc"));
+        let backend: Arc<dyn FsBackend> = Arc::new(BtrfsBackend::new(&pool));
+        let engine = Engine {
+            cfg,
+            pool,
+            runc,
+            backend,
+        };
+        let meta = engine.meta_root();
+        std::fs::create_dir_all(&meta).map_err(io_err("create meta dir", &meta))?;
+        for name in engine.names()? {
+            if let Err(e) = engine.recover(&name) {
+                tracing::warn!(sandbox = %name, error = %e, "recovery of leftovers failed");
+            }
+        }
+        Ok(engine)
+    }
+
+    /// Replaces the filesystem backend (e.g. the content-addressed one).
+    pub fn with_backend(mut self, backend: Arc<dyn FsBackend>) -> Self {
+        self.backend = backend;
+        self
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &EngineConfig {
+        &self.cfg
+    }
+
+    /// The btrfs pool.
+    pub fn pool(&self) -> &BtrfsPool {
+        &self.pool
+    }
+
+    /// The runc driver.
+    pub fn runc(&self) -> &Runc {
+        &self.runc
+    }
+
+    /// The filesystem backend.
+    pub fn backend(&self) -> &Arc<dyn FsBackend> {
+        &self.backend
+    }
+
+    fn meta_root(&self) -> PathBuf {
+        self.pool.root().join("meta")
+    }
+
+    fn meta_dir(&self, name: &str) -> PathBuf {
+        self.meta_root().join(name)
+    }
+
+    fn points_dir(&self, name: &str) -> PathBuf {
+        self.meta_dir(name).join("points")
+    }
+
+    /// Root filesystem subvolume of container sandbox `name`.
+    pub fn rootfs_path(&self, name: &str) -> PathBuf {
+        self.pool.sandboxes_dir().join(name).join("rootfs")
+    }
+
+    /// The cgroup of sandbox `name`.
+    pub fn cgroup(&self, name: &str) -> Cgroup {
+        Cgroup::new(
+            self.cfg
+                .cgroup_root
+                .join(&self.cfg.cgroup_parent)
+                .join(name),
+        )
+    }
+
+    fn cgroups_path(&self, name: &str) -> String {
+        format!("/{}/{}", self.cfg.cgroup_parent, name)
+    }
+
+    fn names(&self) -> Result<Vec<String>, EngineError> {
+        let root = self.meta_root();
+        let mut out = Vec::new();
+        for e in std::fs::read_dir(&root).map_err(io_err("list sandboxes", &root))? {
+            let e = e.map_err(io_err("list sandboxes", &root))?;
+            let name = e.file_name().to_string_lossy().into_owned();
+            if validate_name(&name).is_ok() && e.path().join("sandbox.json").is_file() {
+                out.push(name);
+            }
+        }
+        out.sort();
+        Ok(out)
+    }
+
+    /// Reads a sandbox record.
+    pub fn record(&self, name: &str) -> Result<SandboxRecord, EngineError> {
+        validate_name(name)?;
+        let path = self.meta_dir(name).join("sandbox.json");
+        let bytes = match std::fs::read(&path) {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(EngineError::SandboxNotFound {
+                    name: name.to_string(),
+                });
+            }
+            Err(e) => return Err(io_err("read sandbox record", &path)(e)),
+        };
+        let rec: SandboxRecord = serde_json::from_slice(&bytes).map_err(|e| {
+            EngineError::Manifest(ManifestError::BadPayload {
+                path: path.clone(),
+                reason: e.to_string(),
+            })
+        })?;
+        if rec.name != name {
+            return Err(EngineError::Manifest(ManifestError::BadPayload {
+                path,
+                reason: format!("record names sandbox {:?}", rec.name),
+            }));
+        }
+        Ok(rec)
+    }
+
+    fn save_record(&self, rec: &SandboxRecord) -> Result<(), EngineError> {
+        write_json_atomic(&self.meta_dir(&rec.name).join("sandbox.json"), rec)
+    }
+
+    /// Takes the sandbox's lock (blocking): serialises checkpoint/restore/GC/rm across threads
+    /// and processes.
+    fn lock(&self, name: &str) -> Result<nix::fcntl::Flock<File>, EngineError> {
+        self.lock_with(name, nix::fcntl::FlockArg::LockExclusive)
+            .map(|l| l.expect("blocking lock returns a lock"))
+    }
+
+    fn lock_with(
+        &self,
+        name: &str,
+        arg: nix::fcntl::FlockArg,
+    ) -> Result<Option<nix::fcntl::Flock<File>>, EngineError> {
+        let path = self.meta_dir(name).join("lock");
+        let f = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .map_err(io_err("open lock", &path))?;
+        match nix::fcntl::Flock::lock(f, arg) {
+            Ok(l) => Ok(Some(l)),
+            Err((_, nix::errno::Errno::EWOULDBLOCK)) => Ok(None),
+            Err((_, errno)) => Err(io_err("flock", &path)(errno.into())),
+        }
+    }
+
+    // ----- images -----
+
+    /// Builds image `name` (`busybox`, or a debootstrap image); returns its path.
+    pub fn build_image(&self, name: &str, rebuild: bool) -> Result<PathBuf, EngineError> {
+        Ok(image::build_image(&self.pool, &self.cfg, name, rebuild)?)
+    }
+
+    /// Names of built images.
+    pub fn images(&self) -> Vec<String> {
+        image::list_images(&self.pool)
+    }
+
+    // ----- sandboxes -----
+
+    /// Creates and starts a container sandbox from `image` (default from the config; the
+    /// busybox image is built on first use).
+    pub fn create(&self, name: &str, image: Option<&str>) -> Result<SandboxInfo, EngineError> {
+        validate_name(name)?;
+        let image = image.unwrap_or(&self.cfg.default_image).to_string();
+        let image_path = image::image_path(&self.pool, &image)?;
+        if !pool::is_subvolume(&image_path) {
+            if image == "busybox" {
+                self.build_image("busybox", false)?;
+            } else {
+                return Err(EngineError::ImageNotFound { name: image });
+            }
+        }
+        self.prepare_meta(name)?;
+        let result = (|| {
+            let sbx_dir = self.pool.sandboxes_dir().join(name);
+            std::fs::create_dir_all(&sbx_dir).map_err(io_err("create sandbox dir", &sbx_dir))?;
+            let rootfs = self.rootfs_path(name);
+            pool::delete_subvolume(&rootfs)?;
+            pool::snapshot_subvolume(&image_path, &rootfs, false)?;
+            self.write_bundle(name)?;
+            self.start_container(name)?;
+            self.save_record(&SandboxRecord {
+                name: name.to_string(),
+                spec: SandboxKind::Container { image },
+                created_unix_ms: now_ms(),
+                head: None,
+            })
+        })();
+        if let Err(e) = result {
+            let _ = self.destroy(name);
+            return Err(e);
+        }
+        self.info(name)
+    }
+
+    /// Creates a directory sandbox: a cgroup for its processes and `dirs` (btrfs subvolumes;
+    /// missing ones are created as subvolumes) whose contents are checkpointed.
+    pub fn create_directory(
+        &self,
+        name: &str,
+        dirs: &[PathBuf],
+    ) -> Result<SandboxInfo, EngineError> {
+        validate_name(name)?;
+        for d in dirs {
+            if !d.is_absolute() {
+                return Err(EngineError::InvalidName {
+                    name: d.display().to_string(),
+                    reason: "declared directories must be absolute paths",
+                });
+            }
+            if !d.exists() {
+                pool::create_subvolume(d)?;
+            } else if !pool::is_subvolume(d) {
+                return Err(EngineError::Fs(FsError::NotFound {
+                    id: name.to_string(),
+                    path: d.join("(not a btrfs subvolume: the btrfs backend needs one)"),
+                }));
+            }
+        }
+        self.prepare_meta(name)?;
+        let cg = self.cgroup(name);
+        std::fs::create_dir_all(cg.path()).map_err(io_err("create cgroup", cg.path()))?;
+        self.save_record(&SandboxRecord {
+            name: name.to_string(),
+            spec: SandboxKind::Directory {
+                dirs: dirs.to_vec(),
+            },
+            created_unix_ms: now_ms(),
+            head: None,
+        })?;
+        self.info(name)
+    }
+
+    fn prepare_meta(&self, name: &str) -> Result<(), EngineError> {
+        let meta = self.meta_dir(name);
+        if meta.join("sandbox.json").exists() {
+            return Err(EngineError::SandboxExists {
+                name: name.to_string(),
+            });
+        }
+        // A leftover of a crashed create or rm: start over.
+        if meta.exists() {
+            self.destroy(name)?;
+        }
+        let points = self.points_dir(name);
+        std::fs::create_dir_all(&points).map_err(io_err("create points dir", &points))?;
+        Ok(())
+    }
+
+    fn write_bundle(&self, name: &str) -> Result<(), EngineError> {
+        let bundle = self.meta_dir(name).join("bundle");
+        std::fs::create_dir_all(&bundle).map_err(io_err("create bundle", &bundle))?;
+        let spec = runc::oci_spec(name, &self.rootfs_path(name), &self.cgroups_path(name));
+        write_json_atomic(&bundle.join("config.json"), &spec)
+    }
+
+    fn start_container(&self, name: &str) -> Result<(), EngineError> {
+        // A stale container with this id (crashed engine) would make `run` fail.
+        self.runc.delete(name)?;
+        self.runc
+            .run_detached(name, &self.meta_dir(name).join("bundle"))?;
+        match self.runc.status(name).as_deref() {
+            Some("running") => Ok(()),
+            other => Err(EngineError::NotRunning {
+                name: name.to_string(),
+                status: other.unwrap_or("missing").to_string(),
+            }),
+        }
+    }
+
+    fn stop(&self, rec: &SandboxRecord) -> Result<(), EngineError> {
+        match &rec.spec {
+            SandboxKind::Container { .. } => {
+                self.runc.delete(&rec.name)?;
+            }
+            SandboxKind::Directory { .. } => {
+                self.cgroup(&rec.name).kill_all(Duration::from_secs(10))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Runs a command in the sandbox: waits and captures output, or with `detach` starts it in
+    /// the background.
+    pub fn exec(
+        &self,
+        name: &str,
+        argv: &[String],
+        detach: bool,
+    ) -> Result<ExecOutput, EngineError> {
+        let rec = self.record(name)?;
+        if argv.is_empty() {
+            return Err(EngineError::InvalidName {
+                name: String::new(),
+                reason: "empty command",
+            });
+        }
+        match &rec.spec {
+            SandboxKind::Container { .. } => Ok(self.runc.exec(name, argv, detach, &[], None)?),
+            SandboxKind::Directory { dirs } => self.exec_in_cgroup(name, dirs, argv, detach),
+        }
+    }
+
+    fn exec_in_cgroup(
+        &self,
+        name: &str,
+        dirs: &[PathBuf],
+        argv: &[String],
+        detach: bool,
+    ) -> Result<ExecOutput, EngineError> {
+        let cg = self.cgroup(name);
+        let procs = cg.path().join("cgroup.procs");
+        // The shell moves itself into the cgroup before exec, so the whole tree is inside.
+        let mut cmd = std::process::Command::new("/bin/sh");
+        cmd.arg("-c")
+            .arg("echo $$ > \"$0\" && exec \"$@\"")
+            .arg(&procs)
+            .args(argv)
+            .stdin(std::process::Stdio::null());
+        if let Some(d) = dirs.first() {
+            cmd.current_dir(d);
+        }
+        if detach {
+            cmd.stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null());
+            let child = cmd.spawn().map_err(io_err("spawn", Path::new("/bin/sh")))?;
+            // Reaped by the subreaper loop of the daemon, or here in the background.
+            std::thread::spawn(move || {
+                let mut child = child;
+                let _ = child.wait();
+            });
+            return Ok(ExecOutput {
+                exit_code: 0,
+                stdout: String::new(),
+                stderr: String::new(),
+            });
+        }
+        let out = cmd
+            .output()
+            .map_err(io_err("spawn", Path::new("/bin/sh")))?;
+        use std::os::unix::process::ExitStatusExt;
+        Ok(ExecOutput {
+            exit_code: out
+                .status
+                .code()
+                .unwrap_or_else(|| 128 + out.status.signal().unwrap_or(0)),
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        })
+    }
+
+    /// Lists sandboxes.
+    pub fn list(&self) -> Result<Vec<SandboxInfo>, EngineError> {
+        self.names()?.iter().map(|n| self.info(n)).collect()
+    }
+
+    /// Describes one sandbox.
+    pub fn info(&self, name: &str) -> Result<SandboxInfo, EngineError> {
+        let rec = self.record(name)?;
+        let cg = self.cgroup(name);
+        let status = match &rec.spec {
+            SandboxKind::Container { .. } => {
+                let s = self.runc.status(name).unwrap_or_else(|| "missing".into());
+                if s == "running" && cg.is_frozen() {
+                    "frozen".to_string()
+                } else {
+                    s
+                }
+            }
+            SandboxKind::Directory { .. } => {
+                if cg.is_frozen() {
+                    "frozen".into()
+                } else if cg.pids().is_empty() {
+                    "idle".into()
+                } else {
+                    "running".into()
+                }
+            }
+        };
+        Ok(SandboxInfo {
+            name: name.to_string(),
+            rootfs: matches!(rec.spec, SandboxKind::Container { .. })
+                .then(|| self.rootfs_path(name)),
+            spec: rec.spec,
+            status,
+            cgroup: cg.path().to_path_buf(),
+            points: self.points(name)?.len(),
+            head: rec.head,
+        })
+    }
+
+    /// Stops and removes a sandbox with all its recovery points and snapshots.
+    pub fn remove(&self, name: &str) -> Result<(), EngineError> {
+        validate_name(name)?;
+        if !self.meta_dir(name).exists() && !self.pool.sandboxes_dir().join(name).exists() {
+            return Err(EngineError::SandboxNotFound {
+                name: name.to_string(),
+            });
+        }
+        self.destroy(name)
+    }
+
+    /// Removes everything of `name` that exists; tolerant of partial leftovers.
+    fn destroy(&self, name: &str) -> Result<(), EngineError> {
+        let rec = self.record(name).ok();
+        let _lock = if self.meta_dir(name).exists() {
+            Some(self.lock(name)?)
+        } else {
+            None
+        };
+        self.runc.delete(name)?;
+        let cg = self.cgroup(name);
+        cg.kill_all(Duration::from_secs(10))?;
+        cg.remove()?;
+        // The record goes first: a crash below leaves leftovers that the next create/rm clears.
+        let _ = std::fs::remove_file(self.meta_dir(name).join("sandbox.json"));
+        for id in self.backend.list(name)? {
+            self.backend.delete(&crate::fs::FsSnapshotRef {
+                backend: self.backend.name().to_string(),
+                id,
+                tree_hash: String::new(),
+            })?;
+        }
+        let sbx_dir = self.pool.sandboxes_dir().join(name);
+        if sbx_dir.exists() {
+            for e in std::fs::read_dir(&sbx_dir)
+                .map_err(io_err("list sandbox dir", &sbx_dir))?
+                .flatten()
+            {
+                pool::delete_subvolume(&e.path())?;
+            }
+            std::fs::remove_dir_all(&sbx_dir).map_err(io_err("remove sandbox dir", &sbx_dir))?;
+        }
+        if let Some(SandboxRecord {
+            spec: SandboxKind::Directory { .. },
+            ..
+        }) = rec
+        {
+            // Declared directories belong to the user: they stay.
+        }
+        let meta = self.meta_dir(name);
+        if meta.exists() {
+            std::fs::remove_dir_all(&meta).map_err(io_err("remove sandbox meta", &meta))?;
+        }
+        Ok(())
+    }
+
+    fn trees(&self, rec: &SandboxRecord) -> Vec<(String, PathBuf)> {
+        match &rec.spec {
+            SandboxKind::Container { .. } => vec![("rootfs".into(), self.rootfs_path(&rec.name))],
+            SandboxKind::Directory { dirs } => dirs
+                .iter()
+                .enumerate()
+                .map(|(i, d)| (format!("dir{i}"), d.clone()))
+                .collect(),
+        }
+    }
+
+    // ----- recovery points -----
+
+    /// Published recovery points of `name`, oldest first. Unreadable manifests are skipped
+    /// here (and reported by [`Engine::point`] and [`Engine::gc`]).
+    pub fn points(&self, name: &str) -> Result<Vec<RecoveryPoint>, EngineError> {
+        let (points, _bad) = self.scan_points(name)?;
+        Ok(points)
+    }
+
+    fn scan_points(
+        &self,
+        name: &str,
+    ) -> Result<(Vec<RecoveryPoint>, Vec<(PathBuf, ManifestError)>), EngineError> {
+        let dir = self.points_dir(name);
+        let mut points = Vec::new();
+        let mut bad = Vec::new();
+        let rd = match std::fs::read_dir(&dir) {
+            Ok(rd) => rd,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok((points, bad)),
+            Err(e) => return Err(io_err("list points", &dir)(e)),
+        };
+        for e in rd {
+            let e = e.map_err(io_err("list points", &dir))?;
+            let fname = e.file_name().to_string_lossy().into_owned();
+            let Some(stem) = fname.strip_suffix(".manifest") else {
+                continue;
+            };
+            match self.read_point(name, stem) {
+                Ok(p) => points.push(p),
+                Err(EngineError::Manifest(m)) => bad.push((e.path(), m)),
+                Err(other) => return Err(other),
+            }
+        }
+        points.sort_by_key(|p| p.seq);
+        Ok((points, bad))
+    }
+
+    fn read_point(&self, name: &str, id: &str) -> Result<RecoveryPoint, EngineError> {
+        crate::fs::validate_id(id)?;
+        let path = self.points_dir(name).join(format!("{id}.manifest"));
+        if !path.exists() {
+            return Err(EngineError::PointNotFound {
+                sandbox: name.to_string(),
+                id: id.to_string(),
+            });
+        }
+        let p = manifest::read(&path)?;
+        let mismatch = |reason: String| {
+            EngineError::Manifest(ManifestError::BadPayload {
+                path: path.clone(),
+                reason,
+            })
+        };
+        if p.id != id {
+            return Err(mismatch(format!("manifest of {} stored as {id}", p.id)));
+        }
+        if p.sandbox != name {
+            return Err(mismatch(format!(
+                "manifest belongs to sandbox {}",
+                p.sandbox
+            )));
+        }
+        if p.state != PointState::Published {
+            return Err(mismatch(format!("point state is {:?}", p.state)));
+        }
+        // Snapshot ids must be this sandbox's own (no reaching into another sandbox's data).
+        for t in &p.fs {
+            if !t.snapshot.id.starts_with(&format!("{name}.")) && t.snapshot.backend == "btrfs" {
+                return Err(mismatch(format!(
+                    "snapshot {} is not owned by sandbox {name}",
+                    t.snapshot.id
+                )));
+            }
+        }
+        Ok(p)
+    }
+
+    /// One published point (`None` = the newest); corrupt or crafted manifests are errors.
+    pub fn point(&self, name: &str, id: Option<&str>) -> Result<RecoveryPoint, EngineError> {
+        self.record(name)?;
+        match id {
+            Some(id) => self.read_point(name, id),
+            None => self
+                .points(name)?
+                .pop()
+                .ok_or_else(|| EngineError::NoPoints {
+                    sandbox: name.to_string(),
+                }),
+        }
+    }
+
+    fn next_seq(&self, name: &str) -> Result<u64, EngineError> {
+        let dir = self.points_dir(name);
+        let mut max = 0;
+        for e in std::fs::read_dir(&dir).map_err(io_err("list points", &dir))? {
+            let e = e.map_err(io_err("list points", &dir))?;
+            let fname = e.file_name().to_string_lossy().into_owned();
+            let stem = fname.split('.').next().unwrap_or("");
+            if let Some(seq) = manifest::parse_point_id(stem) {
+                max = max.max(seq);
+            }
+        }
+        Ok(max + 1)
+    }
+
+    /// Takes a checkpoint of `name` and publishes it as a recovery point. `kind` `full` is
+    /// recorded as requested but captures the filesystem only until process checkpoints exist
+    /// (the point's `note` says so). Concurrent calls for one sandbox are serialised.
+    pub fn checkpoint(
+        &self,
+        name: &str,
+        kind: CheckpointKind,
+        changes: &ChangeHint,
+    ) -> Result<RecoveryPoint, EngineError> {
+        let start = Instant::now();
+        self.record(name)?;
+        let _lock = self.lock(name)?;
+        // Read under the lock: a concurrent checkpoint may have moved the head.
+        let rec = self.record(name)?;
+        let seq = self.next_seq(name)?;
+        let id = manifest::point_id(seq);
+        let dir = self.points_dir(name);
+        let inflight = dir.join(format!("{id}.inflight"));
+        let parent = match &rec.head {
+            Some(h) => self.read_point(name, h).ok(),
+            None => None,
+        }
+        .or_else(|| self.points(name).ok().and_then(|mut v| v.pop()));
+        let mut point = RecoveryPoint {
+            id: id.clone(),
+            sandbox: name.to_string(),
+            seq,
+            state: PointState::Pending,
+            requested: kind,
+            captured: CheckpointKind::Fs,
+            note: (kind == CheckpointKind::Full).then(|| {
+                "process checkpoints are not implemented yet: this point restores the \
+                 filesystem only"
+                    .to_string()
+            }),
+            parent: parent.as_ref().map(|p| p.id.clone()),
+            created_unix_ms: now_ms(),
+            process: None,
+            fs: Vec::new(),
+            frozen_us: 0,
+            duration_us: 0,
+        };
+        manifest::write_atomic(&inflight, &manifest::encode(&point))?;
+        point.state = PointState::Writing;
+
+        let result = self.snapshot_trees(&rec, &id, parent.as_ref(), changes, &mut point);
+        let result = result.and_then(|()| {
+            point.state = PointState::Published;
+            point.duration_us = us(start.elapsed());
+            let path = dir.join(format!("{id}.manifest"));
+            manifest::write_atomic(&path, &manifest::encode(&point))?;
+            Ok(())
+        });
+        if let Err(e) = result {
+            for t in &point.fs {
+                let _ = self.backend.delete(&t.snapshot);
+            }
+            point.state = PointState::Failed;
+            // Best effort: the failed record is diagnostics only (and may not fit on a full disk).
+            let failed = dir.join(format!("{id}.failed"));
+            if manifest::write_atomic(&failed, &manifest::encode(&point)).is_err() {
+                let _ = std::fs::remove_file(&failed);
+            }
+            let _ = std::fs::remove_file(&inflight);
+            return Err(e);
+        }
+        let _ = std::fs::remove_file(&inflight);
+        let mut rec = rec;
+        rec.head = Some(id.clone());
+        if let Err(e) = self.save_record(&rec) {
+            tracing::warn!(sandbox = %name, error = %e, "could not record head");
+        }
+        if let Err(e) = self.gc_locked(name, Some(seq)) {
+            tracing::warn!(sandbox = %name, error = %e, "gc after checkpoint failed");
+        }
+        Ok(point)
+    }
+
+    fn snapshot_trees(
+        &self,
+        rec: &SandboxRecord,
+        id: &str,
+        parent: Option<&RecoveryPoint>,
+        changes: &ChangeHint,
+        point: &mut RecoveryPoint,
+    ) -> Result<(), EngineError> {
+        let trees = self.trees(rec);
+        let cg = self.cgroup(&rec.name);
+        // One tree: freeze only around its snapshot. Several: freeze around all of them so the
+        // trees belong to one instant.
+        let multi = trees.len() > 1 && cg.exists();
+        if multi {
+            cg.freeze()?;
+        }
+        let frozen_start = Instant::now();
+        let result = (|| {
+            for (tree, path) in &trees {
+                let parent_snap = parent
+                    .and_then(|p| p.fs.iter().find(|t| &t.tree == tree))
+                    .map(|t| &t.snapshot);
+                let quiesce: &dyn Quiesce = if multi || !cg.exists() {
+                    &NoQuiesce
+                } else {
+                    &cg
+                };
+                let out = self.backend.snapshot(&SnapshotRequest {
+                    sandbox_id: &rec.name,
+                    checkpoint_id: &format!("{id}-{tree}"),
+                    source: path,
+                    parent: parent_snap,
+                    changes,
+                    quiesce,
+                })?;
+                if !multi {
+                    point.frozen_us += us(out.frozen);
+                }
+                point.fs.push(TreeSnapshot {
+                    tree: tree.clone(),
+                    snapshot: out.snapshot,
+                    bytes_changed: out.bytes_changed,
+                    bytes_stored: out.bytes_stored,
+                });
+            }
+            Ok(())
+        })();
+        if multi {
+            point.frozen_us = us(frozen_start.elapsed());
+            cg.thaw()?;
+        }
+        result
+    }
+
+    /// Applies the retention policy and deletes snapshots no live point references.
+    pub fn gc(&self, name: &str) -> Result<GcReport, EngineError> {
+        self.record(name)?;
+        let _lock = self.lock(name)?;
+        self.gc_locked(name, None)
+    }
+
+    fn gc_locked(&self, name: &str, protect: Option<u64>) -> Result<GcReport, EngineError> {
+        let mut report = GcReport::default();
+        let (mut points, bad) = self.scan_points(name)?;
+        if let Some((path, e)) = bad.first() {
+            report.skipped = Some(format!("unreadable manifest {}: {e}", path.display()));
+            return Ok(report);
+        }
+        let head = self
+            .record(name)
+            .ok()
+            .and_then(|r| r.head)
+            .and_then(|h| manifest::parse_point_id(&h));
+        let seqs: Vec<u64> = points.iter().map(|p| p.seq).collect();
+        let drop = manifest::retention_plan(&seqs, self.cfg.retention.keep_last, head.or(protect));
+        let dir = self.points_dir(name);
+        for seq in &drop {
+            let id = manifest::point_id(*seq);
+            let path = dir.join(format!("{id}.manifest"));
+            std::fs::remove_file(&path).map_err(io_err("drop manifest", &path))?;
+            report.dropped_points.push(id);
+        }
+        if !drop.is_empty() {
+            File::open(&dir)
+                .and_then(|d| d.sync_all())
+                .map_err(io_err("fsync points dir", &dir))?;
+        }
+        points.retain(|p| !drop.contains(&p.seq));
+        let present = self.backend.list(name)?;
+        for id in manifest::gc_plan(points.iter(), &present, &[]) {
+            self.backend.delete(&crate::fs::FsSnapshotRef {
+                backend: self.backend.name().to_string(),
+                id: id.clone(),
+                tree_hash: String::new(),
+            })?;
+            report.deleted_snapshots.push(id);
+        }
+        Ok(report)
+    }
+
+    /// Recovers leftovers of crashed operations on `name` if nobody holds its lock.
+    fn recover(&self, name: &str) -> Result<(), EngineError> {
+        let Some(_lock) = self.lock_with(name, nix::fcntl::FlockArg::LockExclusiveNonblock)? else {
+            return Ok(());
+        };
+        let cg = self.cgroup(name);
+        if cg.exists() && cg.is_frozen() {
+            tracing::warn!(sandbox = %name, "thawing a sandbox left frozen by a crashed checkpoint");
+            cg.thaw()?;
+        }
+        let dir = self.points_dir(name);
+        if let Ok(rd) = std::fs::read_dir(&dir) {
+            for e in rd.flatten() {
+                let fname = e.file_name().to_string_lossy().into_owned();
+                if fname.ends_with(".tmp") {
+                    let _ = std::fs::remove_file(e.path());
+                } else if let Some(stem) = fname.strip_suffix(".inflight") {
+                    let failed = dir.join(format!("{stem}.failed"));
+                    std::fs::rename(e.path(), &failed).map_err(io_err("mark failed", &failed))?;
+                }
+            }
+        }
+        if let Some(rootfs) = self.rootfs_path(name).parent() {
+            for leftover in ["rootfs.crab-restore", "rootfs.crab-old"] {
+                let p = rootfs.join(leftover);
+                if p.exists() {
+                    pool::delete_subvolume(&p)?;
+                }
+            }
+        }
+        let report = self.gc_locked(name, None)?;
+        if !report.deleted_snapshots.is_empty() {
+            tracing::info!(sandbox = %name, deleted = ?report.deleted_snapshots, "removed orphaned snapshots");
+        }
+        Ok(())
+    }
+
+    /// Restores `name` in place to point `to` (default newest): stops the sandbox, puts each
+    /// tree back, verifies its tree hash against the manifest, then starts the sandbox again.
+    /// On a verification failure the sandbox stays stopped and the error says why.
+    pub fn restore(&self, name: &str, to: Option<&str>) -> Result<RestoreReport, EngineError> {
+        let start = Instant::now();
+        self.record(name)?;
+        let _lock = self.lock(name)?;
+        let mut rec = self.record(name)?;
+        let point = self.point(name, to)?;
+        let t = Instant::now();
+        self.stop(&rec)?;
+        let stop_us = us(t.elapsed());
+        let trees = self.trees(&rec);
+        let mut fs_us = 0;
+        let mut verify_us = 0;
+        let mut verified = Vec::new();
+        for (tree, path) in &trees {
+            let snap = point.fs.iter().find(|t| &t.tree == tree).ok_or_else(|| {
+                EngineError::PointNotFound {
+                    sandbox: name.to_string(),
+                    id: format!("{} (no snapshot of {tree})", point.id),
+                }
+            })?;
+            let t = Instant::now();
+            self.backend.restore(&snap.snapshot, path)?;
+            fs_us += us(t.elapsed());
+            let t = Instant::now();
+            let actual = self.backend.tree_hash_of(path)?;
+            verify_us += us(t.elapsed());
+            if actual != snap.snapshot.tree_hash {
+                return Err(EngineError::VerifyFailed {
+                    sandbox: name.to_string(),
+                    point: point.id.clone(),
+                    tree: tree.clone(),
+                    expected: snap.snapshot.tree_hash.clone(),
+                    actual,
+                });
+            }
+            verified.push((tree.clone(), actual));
+        }
+        let t = Instant::now();
+        if let SandboxKind::Container { .. } = rec.spec {
+            self.start_container(name)?;
+        }
+        let start_us = us(t.elapsed());
+        rec.head = Some(point.id.clone());
+        self.save_record(&rec)?;
+        Ok(RestoreReport {
+            sandbox: name.to_string(),
+            point: point.id,
+            trees: verified,
+            stop_us,
+            fs_us,
+            verify_us,
+            start_us,
+            total_us: us(start.elapsed()),
+        })
+    }
+
+    /// Recomputes the tree hashes of point `id` (default newest) from the stored snapshots and
+    /// compares them with the manifest.
+    pub fn verify(&self, name: &str, id: Option<&str>) -> Result<VerifyReport, EngineError> {
+        let point = self.point(name, id)?;
+        let mut trees = Vec::new();
+        for t in &point.fs {
+            let actual = self.backend.verify(&t.snapshot)?;
+            trees.push((t.tree.clone(), t.snapshot.tree_hash.clone(), actual));
+        }
+        Ok(VerifyReport {
+            sandbox: name.to_string(),
+            ok: trees.iter().all(|(_, e, a)| e == a),
+            point: point.id,
+            trees,
+        })
+    }
+
+    /// Removes every sandbox and unmounts a loop-file pool (explicit teardown).
+    pub fn teardown(self) -> Result<(), EngineError> {
+        for name in self.names()? {
+            self.destroy(&name)?;
+        }
+        self.pool.unmount()?;
+        Ok(())
+    }
+}
+
+/// Makes the calling process a child subreaper, so orphans of sandboxes (runc's detached
+/// inits, restored trees) are reparented to it and can be reaped by [`reap_children`].
+pub fn become_subreaper() -> Result<(), EngineError> {
+    nix::sys::prctl::set_child_subreaper(true)
+        .map_err(|e| io_err("prctl(PR_SET_CHILD_SUBREAPER)", Path::new("/proc/self"))(e.into()))
+}
+
+/// Reaps orphans that were reparented to this (subreaper) process, without stealing the exit
+/// status of children someone else waits for (`std::process::Command`, tokio): a zombie child
+/// is reaped only when it was already a zombie at the previous sweep, i.e. nobody waited for it
+/// for a whole sweep interval. Call [`Reaper::sweep`] every second or so.
+#[derive(Debug, Default)]
+pub struct Reaper {
+    seen: std::collections::HashSet<i32>,
+}
+
+impl Reaper {
+    /// A reaper with no history.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// One sweep; returns the pids reaped.
+    pub fn sweep(&mut self) -> Vec<i32> {
+        use nix::sys::wait::{WaitPidFlag, waitpid};
+        let zombies = zombie_children();
+        let mut reaped = Vec::new();
+        for pid in &zombies {
+            if self.seen.contains(pid)
+                && waitpid(nix::unistd::Pid::from_raw(*pid), Some(WaitPidFlag::WNOHANG)).is_ok()
+            {
+                reaped.push(*pid);
+            }
+        }
+        self.seen = zombies
+            .into_iter()
+            .filter(|p| !reaped.contains(p))
+            .collect();
+        reaped
+    }
+}
+
+/// Pids of this process's children that are zombies.
+fn zombie_children() -> Vec<i32> {
+    let mut out = Vec::new();
+    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
+        return out;
+    };
+    for t in tasks.flatten() {
+        let Ok(children) = std::fs::read_to_string(t.path().join("children")) else {
+            continue;
+        };
+        for pid in children
+            .split_whitespace()
+            .filter_map(|p| p.parse::<i32>().ok())
+        {
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+            // The state follows the parenthesised command name.
+            if stat
+                .rsplit_once(") ")
+                .is_some_and(|(_, rest)| rest.starts_with('Z'))
+            {
+                out.push(pid);
+            }
+        }
+    }
+    out
+}

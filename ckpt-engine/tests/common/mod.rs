@@ -1,0 +1,185 @@
+//! Shared helpers of the privileged engine tests: prerequisite checks (fail under
+//! `CRAB_TEST_STRICT=1`, skip otherwise), unique names, and a guard that tears down everything a
+//! test created (sandboxes, snapshots, runc containers, cgroups, the loop-mounted pool) even when
+//! the test panics, plus cleanup of leftovers of killed earlier runs.
+#![allow(dead_code, reason = "each test binary uses a different subset")]
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU32, Ordering};
+
+use ckpt_engine::{Engine, EngineConfig};
+
+static COUNTER: AtomicU32 = AtomicU32::new(0);
+
+/// Returns false (after printing why) when the test must be skipped; panics under strict mode.
+pub fn prerequisites(test: &str) -> bool {
+    let mut missing = Vec::new();
+    if !nix::unistd::Uid::effective().is_root() {
+        missing.push("not root".to_string());
+    }
+    for tool in ["runc", "btrfs", "mkfs.btrfs", "busybox", "mount", "losetup"] {
+        if ckpt_engine::sys::find_program(tool).is_none() {
+            missing.push(format!("{tool} not installed"));
+        }
+    }
+    if !Path::new("/sys/fs/cgroup/unified/cgroup.procs").exists()
+        && !Path::new("/sys/fs/cgroup/cgroup.procs").exists()
+    {
+        missing.push("no cgroup v2 hierarchy".to_string());
+    }
+    if missing.is_empty() {
+        return true;
+    }
+    let reason = missing.join(", ");
+    if std::env::var("CRAB_TEST_STRICT").as_deref() == Ok("1") {
+        panic!("{test}: prerequisites missing under CRAB_TEST_STRICT=1: {reason}");
+    }
+    eprintln!("skipped: {test}: {reason}");
+    false
+}
+
+/// A unique `crab-test-<pid>-<n>` name.
+pub fn unique(tag: &str) -> String {
+    format!(
+        "crab-test-{}-{}{}",
+        std::process::id(),
+        COUNTER.fetch_add(1, Ordering::SeqCst),
+        tag
+    )
+}
+
+/// Cgroup root of this host (hybrid or pure v2).
+pub fn cgroup_root() -> PathBuf {
+    if Path::new("/sys/fs/cgroup/unified/cgroup.procs").exists() {
+        PathBuf::from("/sys/fs/cgroup/unified")
+    } else {
+        PathBuf::from("/sys/fs/cgroup")
+    }
+}
+
+/// Test config: a private state dir in /tmp with its own loop pool.
+pub fn config(pool_size: u64) -> EngineConfig {
+    EngineConfig {
+        state_dir: std::env::temp_dir().join(unique("-state")),
+        pool_size_bytes: pool_size,
+        cgroup_parent: "crab-test".into(),
+        cgroup_root: cgroup_root(),
+        ..EngineConfig::default()
+    }
+}
+
+/// Owns an engine; on drop removes every sandbox, unmounts the pool and deletes the state dir.
+pub struct TestEngine {
+    pub engine: Option<Engine>,
+    pub state_dir: PathBuf,
+}
+
+impl TestEngine {
+    pub fn open(pool_size: u64) -> Self {
+        clean_leftovers();
+        let cfg = config(pool_size);
+        let state_dir = cfg.state_dir.clone();
+        let engine = Engine::open(cfg).expect("open engine");
+        TestEngine {
+            engine: Some(engine),
+            state_dir,
+        }
+    }
+
+    pub fn engine(&self) -> &Engine {
+        self.engine.as_ref().expect("engine present")
+    }
+
+    /// Closes and reopens the engine on the same state (recovery on open runs).
+    pub fn reopen(&mut self) {
+        let cfg = self.engine.take().expect("engine").config().clone();
+        self.engine = Some(Engine::open(cfg).expect("reopen engine"));
+    }
+}
+
+impl Drop for TestEngine {
+    fn drop(&mut self) {
+        if let Some(engine) = self.engine.take() {
+            if let Err(e) = engine.teardown() {
+                eprintln!("teardown failed: {e}");
+            }
+        }
+        teardown_state_dir(&self.state_dir);
+    }
+}
+
+fn teardown_state_dir(state: &Path) {
+    let pool = state.join("pool");
+    // Still mounted after a failed teardown: force it.
+    if ckpt_engine::pool::is_btrfs(&pool) {
+        // Delete subvolumes' runc containers first is not possible here; lazy unmount frees it.
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&pool)
+            .status();
+    }
+    let _ = std::fs::remove_dir_all(state);
+}
+
+/// Removes leftovers of killed earlier runs: state dirs of dead test processes (containers,
+/// mounts, cgroups).
+pub fn clean_leftovers() {
+    let me = std::process::id();
+    let Ok(rd) = std::fs::read_dir(std::env::temp_dir()) else {
+        return;
+    };
+    for e in rd.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let Some(rest) = name.strip_prefix("crab-test-") else {
+            continue;
+        };
+        let Some(pid) = rest.split('-').next().and_then(|p| p.parse::<u32>().ok()) else {
+            continue;
+        };
+        if pid == me || Path::new(&format!("/proc/{pid}")).exists() {
+            continue;
+        }
+        let state = e.path();
+        let runc_root = state.join("runc");
+        if let Ok(ids) = std::fs::read_dir(&runc_root) {
+            for id in ids.flatten() {
+                let _ = std::process::Command::new("runc")
+                    .arg("--root")
+                    .arg(&runc_root)
+                    .args(["delete", "--force"])
+                    .arg(id.file_name())
+                    .status();
+            }
+        }
+        teardown_state_dir(&state);
+    }
+    // Empty cgroups of dead runs.
+    if let Ok(rd) = std::fs::read_dir(cgroup_root().join("crab-test")) {
+        for e in rd.flatten() {
+            let n = e.file_name().to_string_lossy().into_owned();
+            let pid = n
+                .strip_prefix("crab-test-")
+                .and_then(|r| r.split('-').next())
+                .and_then(|p| p.parse::<u32>().ok());
+            if let Some(pid) = pid {
+                if pid != me && !Path::new(&format!("/proc/{pid}")).exists() {
+                    let _ = std::fs::write(e.path().join("cgroup.kill"), "1");
+                    let _ = std::fs::remove_dir(e.path());
+                }
+            }
+        }
+    }
+}
+
+/// Runs a shell command in a sandbox and asserts success; returns stdout.
+pub fn sh(engine: &Engine, name: &str, script: &str) -> String {
+    let out = engine
+        .exec(name, &["/bin/sh".into(), "-c".into(), script.into()], false)
+        .unwrap_or_else(|e| panic!("exec {script:?}: {e}"));
+    assert_eq!(
+        out.exit_code, 0,
+        "{script:?} failed: stdout={} stderr={}",
+        out.stdout, out.stderr
+    );
+    out.stdout
+}
