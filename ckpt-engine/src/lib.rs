@@ -13,13 +13,16 @@
 //! before it becomes a path; a restore is verified by tree hash before the sandbox runs again.
 #![forbid(unsafe_code)]
 
+pub mod api;
 pub mod cgroup;
+pub mod cli;
 pub mod config;
 pub mod engine;
 pub mod fs;
 pub mod image;
 pub mod manifest;
 pub mod pool;
+pub mod process;
 pub mod runc;
 pub mod sys;
 

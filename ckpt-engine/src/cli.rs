@@ -1,0 +1,495 @@
+//! CLI pieces for `crab`: clap arguments of the engine subcommands, their translation into
+//! [`EngineRequest`]s, and rendering of [`EngineResponse`]s (human text or `--json`).
+//!
+//! The `crab` binary embeds [`EngineCommand`] (e.g. `#[command(flatten)]` in its subcommand
+//! enum), sends `cmd.to_request()` to the daemon's admin API (or calls [`run_local`]), and prints
+//! [`render`]'s output, exiting with [`Rendered::exit_code`].
+
+use std::fmt::Write as _;
+use std::path::PathBuf;
+
+use clap::{Args, Subcommand, ValueEnum};
+
+use crate::api::{ApiError, EngineRequest, EngineResponse, dispatch};
+use crate::engine::Engine;
+use crate::manifest::CheckpointKind;
+
+/// Engine subcommands of `crab`.
+#[derive(Debug, Clone, Subcommand)]
+pub enum EngineCommand {
+    /// Manage sandboxes (create, exec, list, rm).
+    Sandbox(SandboxArgs),
+    /// Manage base images.
+    Image(ImageArgs),
+    /// Take a checkpoint of a sandbox and publish a recovery point.
+    Checkpoint(CheckpointArgs),
+    /// List a sandbox's recovery points.
+    Checkpoints(CheckpointsArgs),
+    /// Restore a sandbox in place to a recovery point.
+    Restore(RestoreArgs),
+    /// Recompute a recovery point's tree hash and compare it with its manifest.
+    Verify(VerifyArgs),
+}
+
+/// `crab sandbox ...`
+#[derive(Debug, Clone, Args)]
+pub struct SandboxArgs {
+    /// Print JSON.
+    #[arg(long, global = true)]
+    pub json: bool,
+    #[command(subcommand)]
+    pub command: SandboxCommand,
+}
+
+/// Sandbox operations.
+#[derive(Debug, Clone, Subcommand)]
+pub enum SandboxCommand {
+    /// Create and start a sandbox.
+    Create {
+        /// Sandbox name.
+        name: String,
+        /// Base image (default from the config, `busybox`).
+        #[arg(long)]
+        image: Option<String>,
+        /// Make a directory sandbox checkpointing these directories instead of a container.
+        #[arg(long = "dir", conflicts_with = "image")]
+        dirs: Vec<PathBuf>,
+    },
+    /// Run a command in a sandbox (exit code and output passed through).
+    Exec {
+        /// Sandbox name.
+        name: String,
+        /// Start in the background and return at once.
+        #[arg(long)]
+        detach: bool,
+        /// The command, after `--`.
+        #[arg(last = true, required = true)]
+        command: Vec<String>,
+    },
+    /// List sandboxes.
+    List,
+    /// Remove a sandbox and its recovery points.
+    Rm {
+        /// Sandbox name.
+        name: String,
+    },
+}
+
+/// `crab image ...`
+#[derive(Debug, Clone, Args)]
+pub struct ImageArgs {
+    /// Print JSON.
+    #[arg(long, global = true)]
+    pub json: bool,
+    #[command(subcommand)]
+    pub command: ImageCommand,
+}
+
+/// Image operations.
+#[derive(Debug, Clone, Subcommand)]
+pub enum ImageCommand {
+    /// Build (or find) an image: `busybox`, or a debootstrap image with the configured packages.
+    Build {
+        /// Image name (default from the config).
+        name: Option<String>,
+        /// Rebuild even when it exists.
+        #[arg(long)]
+        rebuild: bool,
+    },
+    /// List images.
+    List,
+}
+
+/// Checkpoint kind on the command line.
+#[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
+pub enum KindArg {
+    /// Filesystem only.
+    Fs,
+    /// Processes and filesystem.
+    Full,
+}
+
+/// `crab checkpoint NAME [--kind fs|full]`
+#[derive(Debug, Clone, Args)]
+pub struct CheckpointArgs {
+    /// Sandbox name.
+    pub name: String,
+    /// What to capture.
+    #[arg(long, value_enum, default_value = "fs")]
+    pub kind: KindArg,
+    /// Print JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `crab checkpoints NAME`
+#[derive(Debug, Clone, Args)]
+pub struct CheckpointsArgs {
+    /// Sandbox name.
+    pub name: String,
+    /// Print JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `crab restore NAME [--to ID]`
+#[derive(Debug, Clone, Args)]
+pub struct RestoreArgs {
+    /// Sandbox name.
+    pub name: String,
+    /// Recovery point id (default: newest).
+    #[arg(long)]
+    pub to: Option<String>,
+    /// Print JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `crab verify NAME [ID]`
+#[derive(Debug, Clone, Args)]
+pub struct VerifyArgs {
+    /// Sandbox name.
+    pub name: String,
+    /// Recovery point id (default: newest).
+    pub id: Option<String>,
+    /// Print JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+impl EngineCommand {
+    /// The request this command sends.
+    pub fn to_request(&self) -> EngineRequest {
+        match self {
+            EngineCommand::Sandbox(a) => match &a.command {
+                SandboxCommand::Create { name, image, dirs } if dirs.is_empty() => {
+                    EngineRequest::SandboxCreate {
+                        name: name.clone(),
+                        image: image.clone(),
+                    }
+                }
+                SandboxCommand::Create { name, dirs, .. } => {
+                    EngineRequest::SandboxCreateDirectory {
+                        name: name.clone(),
+                        dirs: dirs.clone(),
+                    }
+                }
+                SandboxCommand::Exec {
+                    name,
+                    detach,
+                    command,
+                } => EngineRequest::SandboxExec {
+                    name: name.clone(),
+                    argv: command.clone(),
+                    detach: *detach,
+                },
+                SandboxCommand::List => EngineRequest::SandboxList,
+                SandboxCommand::Rm { name } => EngineRequest::SandboxRm { name: name.clone() },
+            },
+            EngineCommand::Image(a) => match &a.command {
+                ImageCommand::Build { name, rebuild } => EngineRequest::ImageBuild {
+                    name: name.clone(),
+                    rebuild: *rebuild,
+                },
+                ImageCommand::List => EngineRequest::ImageList,
+            },
+            EngineCommand::Checkpoint(a) => EngineRequest::Checkpoint {
+                name: a.name.clone(),
+                kind: match a.kind {
+                    KindArg::Fs => CheckpointKind::Fs,
+                    KindArg::Full => CheckpointKind::Full,
+                },
+                changes: None,
+            },
+            EngineCommand::Checkpoints(a) => EngineRequest::Checkpoints {
+                name: a.name.clone(),
+            },
+            EngineCommand::Restore(a) => EngineRequest::Restore {
+                name: a.name.clone(),
+                to: a.to.clone(),
+            },
+            EngineCommand::Verify(a) => EngineRequest::Verify {
+                name: a.name.clone(),
+                id: a.id.clone(),
+            },
+        }
+    }
+
+    /// Whether `--json` was given.
+    pub fn json(&self) -> bool {
+        match self {
+            EngineCommand::Sandbox(a) => a.json,
+            EngineCommand::Image(a) => a.json,
+            EngineCommand::Checkpoint(a) => a.json,
+            EngineCommand::Checkpoints(a) => a.json,
+            EngineCommand::Restore(a) => a.json,
+            EngineCommand::Verify(a) => a.json,
+        }
+    }
+}
+
+/// What to print and how to exit.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rendered {
+    /// Text for stdout.
+    pub stdout: String,
+    /// Text for stderr.
+    pub stderr: String,
+    /// Process exit code: the command's for `exec`, 1 for a failed verification or an error.
+    pub exit_code: i32,
+}
+
+fn mib(bytes: u64) -> String {
+    format!("{:.1} MiB", bytes as f64 / (1 << 20) as f64)
+}
+
+fn ms(us: u64) -> String {
+    format!("{:.1} ms", us as f64 / 1000.0)
+}
+
+/// Renders a response (human text, or the response as JSON).
+pub fn render(response: &EngineResponse, json: bool) -> Rendered {
+    let exit_code = match response {
+        EngineResponse::Exec(o) => o.exit_code,
+        EngineResponse::Verified(v) if !v.ok => 1,
+        _ => 0,
+    };
+    if json {
+        return Rendered {
+            stdout: format!(
+                "{}\n",
+                serde_json::to_string_pretty(response).unwrap_or_default()
+            ),
+            stderr: String::new(),
+            exit_code,
+        };
+    }
+    let mut out = String::new();
+    let mut err = String::new();
+    match response {
+        EngineResponse::Sandbox(s) => {
+            let _ = writeln!(
+                out,
+                "sandbox {} ({}) {} cgroup {}",
+                s.name,
+                s.spec.label(),
+                s.status,
+                s.cgroup.display()
+            );
+        }
+        EngineResponse::Exec(o) => {
+            out.push_str(&o.stdout);
+            err.push_str(&o.stderr);
+        }
+        EngineResponse::Sandboxes(list) => {
+            let _ = writeln!(
+                out,
+                "{:<32} {:<10} {:<9} {:>6}  HEAD",
+                "NAME", "KIND", "STATUS", "POINTS"
+            );
+            for s in list {
+                let _ = writeln!(
+                    out,
+                    "{:<32} {:<10} {:<9} {:>6}  {}",
+                    s.name,
+                    s.spec.label(),
+                    s.status,
+                    s.points,
+                    s.head.as_deref().unwrap_or("-")
+                );
+            }
+        }
+        EngineResponse::Removed { name } => {
+            let _ = writeln!(out, "removed {name}");
+        }
+        EngineResponse::Image { name, path } => {
+            let _ = writeln!(out, "image {name} at {}", path.display());
+        }
+        EngineResponse::Images(list) => {
+            for i in list {
+                let _ = writeln!(out, "{i}");
+            }
+        }
+        EngineResponse::Point(p) => {
+            let changed: u64 = p.fs.iter().map(|t| t.bytes_changed).sum();
+            let _ = writeln!(
+                out,
+                "{} {} published: restores {}, {} changed, frozen {}, took {}",
+                p.sandbox,
+                p.id,
+                p.captured,
+                mib(changed),
+                ms(p.frozen_us),
+                ms(p.duration_us)
+            );
+            if let Some(note) = &p.note {
+                let _ = writeln!(err, "note: {note}");
+            }
+        }
+        EngineResponse::Points(list) => {
+            let _ = writeln!(
+                out,
+                "{:<11} {:<9} {:<8} {:>12} {:>10}  PARENT",
+                "ID", "REQUESTED", "RESTORES", "CHANGED", "TOOK"
+            );
+            for p in list {
+                let changed: u64 = p.fs.iter().map(|t| t.bytes_changed).sum();
+                let _ = writeln!(
+                    out,
+                    "{:<11} {:<9} {:<8} {:>12} {:>10}  {}",
+                    p.id,
+                    p.requested.to_string(),
+                    p.captured.to_string(),
+                    mib(changed),
+                    ms(p.duration_us),
+                    p.parent.as_deref().unwrap_or("-")
+                );
+            }
+        }
+        EngineResponse::Restored(r) => {
+            let _ = writeln!(
+                out,
+                "{} restored to {} (verified) in {}: stop {}, fs {}, verify {}, start {}",
+                r.sandbox,
+                r.point,
+                ms(r.total_us),
+                ms(r.stop_us),
+                ms(r.fs_us),
+                ms(r.verify_us),
+                ms(r.start_us)
+            );
+        }
+        EngineResponse::Verified(v) => {
+            for (tree, expected, actual) in &v.trees {
+                let verdict = if expected == actual { "ok" } else { "MISMATCH" };
+                let _ = writeln!(out, "{} {} {tree}: {verdict} {actual}", v.sandbox, v.point);
+                if expected != actual {
+                    let _ = writeln!(err, "expected {expected}");
+                }
+            }
+        }
+        EngineResponse::Gc(g) => {
+            let _ = writeln!(
+                out,
+                "dropped {} points, deleted {} snapshots",
+                g.dropped_points.len(),
+                g.deleted_snapshots.len()
+            );
+            if let Some(s) = &g.skipped {
+                let _ = writeln!(err, "gc skipped: {s}");
+            }
+        }
+    }
+    Rendered {
+        stdout: out,
+        stderr: err,
+        exit_code,
+    }
+}
+
+/// Renders an error (JSON `{"code","message"}` with `--json`).
+pub fn render_error(error: &ApiError, json: bool) -> Rendered {
+    Rendered {
+        stdout: if json {
+            format!("{}\n", serde_json::to_string(error).unwrap_or_default())
+        } else {
+            String::new()
+        },
+        stderr: format!("error: {}\n", error.message),
+        exit_code: 1,
+    }
+}
+
+/// Runs a command against an in-process engine (no daemon) and renders the outcome.
+pub fn run_local(engine: &Engine, command: &EngineCommand) -> Rendered {
+    match dispatch(engine, command.to_request()) {
+        Ok(resp) => render(&resp, command.json()),
+        Err(e) => render_error(&e.to_api(), command.json()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(subcommand)]
+        cmd: EngineCommand,
+    }
+
+    fn parse(args: &[&str]) -> EngineCommand {
+        Cli::try_parse_from(std::iter::once("crab").chain(args.iter().copied()))
+            .unwrap()
+            .cmd
+    }
+
+    #[test]
+    fn commands_become_requests() {
+        assert_eq!(
+            parse(&["sandbox", "exec", "a", "--detach", "--", "sh", "-c", "x"]).to_request(),
+            EngineRequest::SandboxExec {
+                name: "a".into(),
+                argv: vec!["sh".into(), "-c".into(), "x".into()],
+                detach: true
+            }
+        );
+        let c = parse(&["sandbox", "create", "a", "--image", "deb", "--json"]);
+        assert!(c.json());
+        assert_eq!(
+            c.to_request(),
+            EngineRequest::SandboxCreate {
+                name: "a".into(),
+                image: Some("deb".into())
+            }
+        );
+        assert!(matches!(
+            parse(&["checkpoint", "a", "--kind", "full"]).to_request(),
+            EngineRequest::Checkpoint {
+                kind: CheckpointKind::Full,
+                ..
+            }
+        ));
+        assert_eq!(
+            parse(&["restore", "a", "--to", "cp-000002"]).to_request(),
+            EngineRequest::Restore {
+                name: "a".into(),
+                to: Some("cp-000002".into())
+            }
+        );
+        assert_eq!(
+            parse(&["verify", "a", "cp-000001"]).to_request(),
+            EngineRequest::Verify {
+                name: "a".into(),
+                id: Some("cp-000001".into())
+            }
+        );
+        assert_eq!(
+            parse(&["image", "build"]).to_request(),
+            EngineRequest::ImageBuild {
+                name: None,
+                rebuild: false
+            }
+        );
+    }
+
+    #[test]
+    fn exec_output_and_exit_code_pass_through() {
+        let r = render(
+            &EngineResponse::Exec(crate::runc::ExecOutput {
+                exit_code: 3,
+                stdout: "o".into(),
+                stderr: "e".into(),
+            }),
+            false,
+        );
+        assert_eq!(
+            (r.stdout.as_str(), r.stderr.as_str(), r.exit_code),
+            ("o", "e", 3)
+        );
+        let j = render(&EngineResponse::Images(vec!["busybox".into()]), true);
+        let v: serde_json::Value = serde_json::from_str(&j.stdout).unwrap();
+        assert_eq!(v["kind"], "images");
+    }
+}
