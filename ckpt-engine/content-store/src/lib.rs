@@ -9,20 +9,39 @@
 //! - [`entry`]: the file model (types, timestamps, xattrs).
 //! - `scan`: reading a tree from disk without following symlinks.
 //! - [`treehash`]: the canonical tree hash ([`tree_hash`]).
-//! - [`error`]: [`StoreError`].
+//! - [`object`]: object addresses, the compressed self-checking encoding, the [`ObjectStore`]
+//!   trait (S3-shaped) and [`LocalDirStore`].
+//! - [`manifest`]: versioned, checksummed snapshot manifests and their validation.
+//! - [`store`]: [`ContentStore`]: snapshots (full or dirty-set driven), verification, GC.
+//! - [`restore`]: safe in-place restore.
+//! - [`error`]: the error type, [`StoreError`].
 //!
 //! Invariants:
 //! - Symlinks are never followed, neither when reading nor when writing a tree.
 //! - The tree hash of a directory equals the tree hash of a manifest taken from it.
+//! - Every object read is checked against its BLAKE3 address; every manifest is validated
+//!   before a restore writes anything; restores write only below the target's descriptor.
+//! - A snapshot becomes visible only when its root object is stored, after all its chunks.
 #![forbid(unsafe_code)]
 
 pub mod entry;
 pub mod error;
+pub mod manifest;
+pub mod object;
 pub mod path;
+pub mod restore;
 mod scan;
+pub mod store;
 pub mod treehash;
 
 pub use entry::{EntryKind, Timestamp, Xattr};
 pub use error::StoreError;
+pub use manifest::{Manifest, ManifestEntry, SnapshotId, SnapshotStats};
+pub use object::{LocalDirStore, ObjectId, ObjectKey, ObjectStore};
 pub use path::RelPath;
+pub use restore::{RestoreOptions, RestoreReport};
+pub use store::{
+    Change, ChunkingParams, ContentStore, DirtySet, GcReport, Scope, SnapshotOptions,
+    SnapshotReport,
+};
 pub use treehash::{TreeHash, TreeHashOptions, tree_hash};

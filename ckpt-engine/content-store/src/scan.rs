@@ -117,11 +117,19 @@ fn unsupported(e: &io::Error) -> bool {
 /// entry `expected` describes.
 pub(crate) fn open_regular(root: &Path, expected: &DiskEntry) -> Result<File, StoreError> {
     let full = expected.path.under(root);
-    let file = OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_NOCTTY | libc::O_NONBLOCK)
-        .open(&full)
-        .map_err(|e| StoreError::io("open", &full, e))?;
+    // O_NOATIME so hashing and snapshotting do not disturb access times (allowed for the
+    // owner and for root; retried without it otherwise).
+    let open = |extra: i32| {
+        OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_NOCTTY | libc::O_NONBLOCK | extra)
+            .open(&full)
+    };
+    let file = match open(libc::O_NOATIME) {
+        Err(e) if e.raw_os_error() == Some(libc::EPERM) => open(0),
+        r => r,
+    }
+    .map_err(|e| StoreError::io("open", &full, e))?;
     let meta = file
         .metadata()
         .map_err(|e| StoreError::io("fstat", &full, e))?;

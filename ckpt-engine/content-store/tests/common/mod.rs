@@ -87,7 +87,7 @@ pub fn build_sample_tree(root: &Path) {
     std::os::unix::fs::symlink("does/not/exist", root.join("link-dangling")).unwrap();
     rustix::fs::mknodat(
         CWD,
-        &root.join("fifo"),
+        root.join("fifo"),
         rustix::fs::FileType::Fifo,
         rustix::fs::Mode::from_raw_mode(0o640),
         0,
@@ -104,5 +104,55 @@ pub fn build_sample_tree(root: &Path) {
     // user xattrs work on ext4/btrfs/tmpfs (recent kernels); ignore where unsupported.
     let _ = xattr::set(root.join("src/main.rs"), "user.crab", b"value\x00\xff");
     let _ = xattr::set(root.join("src"), "user.dir", b"d");
+    set_all_times(root, 1_700_000_000);
+}
+
+use std::sync::Arc;
+
+use content_store::{ContentStore, LocalDirStore};
+
+/// A store in its own temp dir (kept alive by the returned guard).
+pub fn new_store(tag: &str) -> (tempfile::TempDir, ContentStore) {
+    let dir = temp_dir(tag);
+    let objects = LocalDirStore::open(dir.path()).expect("open store");
+    (dir, ContentStore::new(Arc::new(objects)))
+}
+
+/// Deterministic pseudo-random bytes (xorshift), incompressible.
+pub fn random_bytes(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut out = Vec::with_capacity(len + 8);
+    while out.len() < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        out.extend_from_slice(&x.to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}
+
+/// Adds root-only kinds: a character device, a block device and foreign ownership.
+pub fn add_root_only_entries(root: &Path) {
+    use rustix::fs::{FileType, Mode, makedev, mknodat};
+    mknodat(
+        CWD,
+        root.join("null-dev"),
+        FileType::CharacterDevice,
+        Mode::from_raw_mode(0o666),
+        makedev(1, 3),
+    )
+    .unwrap();
+    mknodat(
+        CWD,
+        root.join("blk-dev"),
+        FileType::BlockDevice,
+        Mode::from_raw_mode(0o600),
+        makedev(7, 200),
+    )
+    .unwrap();
+    std::os::unix::fs::lchown(root.join("src/main.rs"), Some(1234), Some(5678)).unwrap();
+    std::os::unix::fs::lchown(root.join("link-rel"), Some(1001), Some(1002)).unwrap();
+    let _ = xattr::set(root.join("script.sh"), "trusted.crab", b"t");
     set_all_times(root, 1_700_000_000);
 }
