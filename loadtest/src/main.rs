@@ -12,7 +12,9 @@
 use clap::{Parser, Subcommand};
 
 mod bench;
+mod client;
 mod fake_cmd;
+mod procs;
 
 #[derive(Parser, Debug)]
 #[command(name = "loadtest", version, about = "Crab's evaluation harness")]
