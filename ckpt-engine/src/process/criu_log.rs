@@ -78,7 +78,9 @@ fn is_noise(message: &str) -> bool {
 
 fn classify(message: &str) -> CriuFailureKind {
     let m = message;
-    if m.contains("External socket") || m.contains("name-less external socket") || m.contains("half of stream unix")
+    if m.contains("External socket")
+        || m.contains("name-less external socket")
+        || m.contains("half of stream unix")
     {
         CriuFailureKind::ExternalUnixSocket
     } else if m.contains("Connected TCP socket") {
@@ -144,7 +146,10 @@ mod tests {
     fn finds_the_first_meaningful_error() {
         let f = failure_from_log(HOST_FILE).unwrap();
         assert_eq!(f.kind, CriuFailureKind::UnsupportedFile);
-        assert_eq!(f.message, "Can't lookup mount=27 for fd=1 path=/tmp/pexp/out1");
+        assert_eq!(
+            f.message,
+            "Can't lookup mount=27 for fd=1 path=/tmp/pexp/out1"
+        );
         assert!(f.context.is_empty());
         assert!(f.kind.is_unsupported_sandbox());
     }
@@ -153,9 +158,15 @@ mod tests {
     fn classifies_sockets() {
         let log = "(00.1) Error (criu/sk-unix.c:874): External socket is used. Consider using --ext-unix-sk option.\n\
                    (00.2) Error (criu/cr-dump.c:1681): Dump files (pid: 5) failed with -1\n";
-        assert_eq!(failure_from_log(log).unwrap().kind, CriuFailureKind::ExternalUnixSocket);
+        assert_eq!(
+            failure_from_log(log).unwrap().kind,
+            CriuFailureKind::ExternalUnixSocket
+        );
         let log = "(00.1) Error (criu/sk-inet.c:191): Connected TCP socket, consider using --tcp-established option.\n";
-        assert_eq!(failure_from_log(log).unwrap().kind, CriuFailureKind::TcpEstablished);
+        assert_eq!(
+            failure_from_log(log).unwrap().kind,
+            CriuFailureKind::TcpEstablished
+        );
     }
 
     #[test]
@@ -165,7 +176,10 @@ mod tests {
         assert_eq!(f.message, "Dumping FAILED.");
         assert_eq!(f.kind, CriuFailureKind::Unclassified);
         assert!(!f.kind.is_unsupported_sandbox());
-        assert_eq!(failure_from_log("(00.1) Dumping finished successfully\n"), None);
+        assert_eq!(
+            failure_from_log("(00.1) Dumping finished successfully\n"),
+            None
+        );
         assert_eq!(failure_from_log(""), None);
     }
 }

@@ -42,15 +42,23 @@ pub enum ForkConfigError {
 }
 
 /// Returns the fork's config.
-pub fn derive_fork_config(original: &Value, o: &ForkOverrides<'_>) -> Result<Value, ForkConfigError> {
+pub fn derive_fork_config(
+    original: &Value,
+    o: &ForkOverrides<'_>,
+) -> Result<Value, ForkConfigError> {
     let mut c = original.clone();
-    let obj = c.as_object_mut().ok_or(ForkConfigError::NotOci { what: "object" })?;
+    let obj = c
+        .as_object_mut()
+        .ok_or(ForkConfigError::NotOci { what: "object" })?;
     if let Some(rootfs) = o.rootfs {
         let root = obj
             .get_mut("root")
             .and_then(Value::as_object_mut)
             .ok_or(ForkConfigError::NotOci { what: "root" })?;
-        root.insert("path".into(), Value::String(rootfs.to_string_lossy().into_owned()));
+        root.insert(
+            "path".into(),
+            Value::String(rootfs.to_string_lossy().into_owned()),
+        );
     }
     if let Some(h) = o.hostname {
         obj.insert("hostname".into(), Value::String(h.to_string()));
@@ -69,15 +77,22 @@ pub fn derive_fork_config(original: &Value, o: &ForkOverrides<'_>) -> Result<Val
     }
     if let Some(namespaces) = linux.get_mut("namespaces").and_then(Value::as_array_mut) {
         for ns in namespaces.iter_mut() {
-            let Some(ns) = ns.as_object_mut() else { continue };
+            let Some(ns) = ns.as_object_mut() else {
+                continue;
+            };
             if ns.get("type").and_then(Value::as_str) != Some("network") {
                 continue;
             }
             let Some(old) = ns.get("path").and_then(Value::as_str).map(str::to_string) else {
                 continue;
             };
-            let new = o.netns_path.ok_or(ForkConfigError::SharedNetns { path: old })?;
-            ns.insert("path".into(), Value::String(new.to_string_lossy().into_owned()));
+            let new = o
+                .netns_path
+                .ok_or(ForkConfigError::SharedNetns { path: old })?;
+            ns.insert(
+                "path".into(),
+                Value::String(new.to_string_lossy().into_owned()),
+            );
         }
     }
     Ok(c)
@@ -129,7 +144,10 @@ mod tests {
         let f = derive_fork_config(&original(None), &ForkOverrides::default()).unwrap();
         assert!(f["linux"].get("cgroupsPath").is_none());
         assert_eq!(f["linux"]["namespaces"][1], json!({"type": "network"}));
-        let e = derive_fork_config(&original(Some("/run/netns/crab-a")), &ForkOverrides::default());
+        let e = derive_fork_config(
+            &original(Some("/run/netns/crab-a")),
+            &ForkOverrides::default(),
+        );
         assert_eq!(
             e,
             Err(ForkConfigError::SharedNetns {

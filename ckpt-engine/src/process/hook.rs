@@ -76,7 +76,11 @@ pub fn parse_request(line: &str) -> Option<(String, u32)> {
 impl Rendezvous {
     /// Creates the FIFOs, the script and the CRIU config file in `dir` (created). Returns the
     /// rendezvous and the config file path for `CRIU_CONFIG_FILE`.
-    pub fn create(dir: &Path, action: &str, timeout: Duration) -> Result<(Self, PathBuf), ProcessError> {
+    pub fn create(
+        dir: &Path,
+        action: &str,
+        timeout: Duration,
+    ) -> Result<(Self, PathBuf), ProcessError> {
         std::fs::create_dir_all(dir).map_err(|e| ProcessError::io("create hook dir", dir, e))?;
         let request = dir.join("request.fifo");
         let answer = dir.join("answer.fifo");
@@ -99,8 +103,16 @@ impl Rendezvous {
         let answer_file = open(&answer, false)?;
         let script = dir.join("action-script.sh");
         let config = dir.join("criu.conf");
-        write_file(&script, render_script(action, &request, &answer, timeout).as_bytes(), 0o700)?;
-        write_file(&config, format!("action-script {}\n", script.display()).as_bytes(), 0o600)?;
+        write_file(
+            &script,
+            render_script(action, &request, &answer, timeout).as_bytes(),
+            0o700,
+        )?;
+        write_file(
+            &config,
+            format!("action-script {}\n", script.display()).as_bytes(),
+            0o600,
+        )?;
         Ok((
             Rendezvous {
                 dir: dir.to_path_buf(),
@@ -114,7 +126,11 @@ impl Rendezvous {
 
     /// Waits until the script fires or `child` exits, whichever is first; fails after
     /// `deadline` (the caller kills runc).
-    pub fn wait(&mut self, child: &mut Child, deadline: Instant) -> Result<HookEvent, ProcessError> {
+    pub fn wait(
+        &mut self,
+        child: &mut Child,
+        deadline: Instant,
+    ) -> Result<HookEvent, ProcessError> {
         loop {
             if let Some(pos) = self.pending.iter().position(|b| *b == b'\n') {
                 let line: Vec<u8> = self.pending.drain(..=pos).collect();
@@ -172,7 +188,8 @@ fn write_file(path: &Path, contents: &[u8], mode: u32) -> Result<(), ProcessErro
         .mode(mode)
         .open(path)
         .map_err(|e| ProcessError::io("create", path, e))?;
-    f.write_all(contents).map_err(|e| ProcessError::io("write", path, e))
+    f.write_all(contents)
+        .map_err(|e| ProcessError::io("write", path, e))
 }
 
 #[cfg(test)]
@@ -195,7 +212,10 @@ mod tests {
 
     #[test]
     fn request_lines_parse() {
-        assert_eq!(parse_request("post-dump 123\n"), Some(("post-dump".into(), 123)));
+        assert_eq!(
+            parse_request("post-dump 123\n"),
+            Some(("post-dump".into(), 123))
+        );
         assert_eq!(parse_request("post-dump\n"), None);
         assert_eq!(parse_request("post-dump x"), None);
     }
@@ -205,9 +225,14 @@ mod tests {
     #[test]
     fn script_round_trip_through_sh() {
         let dir = tempfile::tempdir().unwrap();
-        let (mut rv, config) = Rendezvous::create(dir.path(), "post-dump", Duration::from_secs(5)).unwrap();
+        let (mut rv, config) =
+            Rendezvous::create(dir.path(), "post-dump", Duration::from_secs(5)).unwrap();
         let conf = std::fs::read_to_string(&config).unwrap();
-        let script = conf.trim().strip_prefix("action-script ").unwrap().to_string();
+        let script = conf
+            .trim()
+            .strip_prefix("action-script ")
+            .unwrap()
+            .to_string();
         let run = |action: &str| {
             std::process::Command::new(&script)
                 .env("CRTOOLS_SCRIPT_ACTION", action)

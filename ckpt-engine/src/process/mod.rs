@@ -214,9 +214,8 @@ impl ProcessError {
     /// CRIU's reason when CRIU refused; the engine records it in a filesystem-only point.
     pub fn criu_failure(&self) -> Option<&CriuFailure> {
         match self {
-            ProcessError::DumpFailed { reason, .. } | ProcessError::RestoreFailed { reason, .. } => {
-                Some(reason)
-            }
+            ProcessError::DumpFailed { reason, .. }
+            | ProcessError::RestoreFailed { reason, .. } => Some(reason),
             _ => None,
         }
     }

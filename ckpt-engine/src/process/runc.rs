@@ -77,10 +77,12 @@ impl Runc {
     /// The container's state, or `None` when runc does not know it.
     pub fn state(&self, id: &str) -> Result<Option<ContainerState>, ProcessError> {
         match self.run(&["state", id]) {
-            Ok(out) => serde_json::from_slice(&out).map(Some).map_err(|e| ProcessError::BadImage {
-                path: PathBuf::from(id),
-                reason: format!("unparsable runc state: {e}"),
-            }),
+            Ok(out) => serde_json::from_slice(&out)
+                .map(Some)
+                .map_err(|e| ProcessError::BadImage {
+                    path: PathBuf::from(id),
+                    reason: format!("unparsable runc state: {e}"),
+                }),
             Err(ProcessError::Runc { stderr, .. }) if stderr.contains("does not exist") => Ok(None),
             Err(e) => Err(e),
         }
@@ -102,9 +104,18 @@ impl Runc {
 
     /// `runc run --detach` with pipe stdio whose output is copied into `log`. Returns the
     /// container's init pid and its stdin.
-    pub fn run_detached(&self, id: &str, bundle: &Path, log: &Path) -> Result<(u32, PipeStdio), ProcessError> {
+    pub fn run_detached(
+        &self,
+        id: &str,
+        bundle: &Path,
+        log: &Path,
+    ) -> Result<(u32, PipeStdio), ProcessError> {
         let mut cmd = self.command();
-        cmd.arg("run").arg("--detach").arg("--bundle").arg(bundle).arg(id);
+        cmd.arg("run")
+            .arg("--detach")
+            .arg("--bundle")
+            .arg(bundle)
+            .arg(id);
         let stdin = attach_pipe_stdio(&mut cmd, log)?;
         let out = cmd
             .output()
@@ -117,11 +128,13 @@ impl Runc {
                 stderr: log_tail(log),
             });
         }
-        let state = self.state(id)?.ok_or_else(|| ProcessError::ContainerState {
-            container: id.to_string(),
-            status: "missing".to_string(),
-            expected: "running",
-        })?;
+        let state = self
+            .state(id)?
+            .ok_or_else(|| ProcessError::ContainerState {
+                container: id.to_string(),
+                status: "missing".to_string(),
+                expected: "running",
+            })?;
         Ok((state.pid, stdin))
     }
 }

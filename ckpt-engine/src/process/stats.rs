@@ -129,7 +129,8 @@ impl<'a> Fields<'a> {
     fn read_field(&mut self) -> Result<Field<'a>, StatsDecodeError> {
         let start = self.pos;
         let key = self.varint()?;
-        let number = u32::try_from(key >> 3).map_err(|_| StatsDecodeError::Malformed { offset: start })?;
+        let number =
+            u32::try_from(key >> 3).map_err(|_| StatsDecodeError::Malformed { offset: start })?;
         match key & 7 {
             0 => Ok(Field::Varint(number, self.varint()?)),
             1 => self.skip(8).map(|s| Field::Bytes(number, s)),
@@ -158,7 +159,9 @@ impl<'a> Fields<'a> {
 /// Checks the header and returns the `stats_entry` payload.
 fn payload(file: &[u8]) -> Result<&[u8], StatsDecodeError> {
     let word = |i: usize| -> Result<u32, StatsDecodeError> {
-        let b = file.get(i * 4..i * 4 + 4).ok_or(StatsDecodeError::Truncated)?;
+        let b = file
+            .get(i * 4..i * 4 + 4)
+            .ok_or(StatsDecodeError::Truncated)?;
         Ok(u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
     };
     let (service, stats) = (word(0)?, word(1)?);
@@ -277,14 +280,26 @@ mod tests {
     #[test]
     fn rejects_garbage_without_panicking() {
         let dump = hex(DUMP);
-        assert!(matches!(decode_dump_stats(&dump[..8]), Err(StatsDecodeError::Truncated)));
-        assert!(matches!(decode_dump_stats(&dump[..20]), Err(StatsDecodeError::Truncated)));
+        assert!(matches!(
+            decode_dump_stats(&dump[..8]),
+            Err(StatsDecodeError::Truncated)
+        ));
+        assert!(matches!(
+            decode_dump_stats(&dump[..20]),
+            Err(StatsDecodeError::Truncated)
+        ));
         let mut bad = dump.clone();
         bad[0] ^= 1;
-        assert!(matches!(decode_dump_stats(&bad), Err(StatsDecodeError::BadMagic { .. })));
+        assert!(matches!(
+            decode_dump_stats(&bad),
+            Err(StatsDecodeError::BadMagic { .. })
+        ));
         let mut long = dump.clone();
         long[8..12].copy_from_slice(&u32::MAX.to_le_bytes());
-        assert!(matches!(decode_dump_stats(&long), Err(StatsDecodeError::BadLength { .. })));
+        assert!(matches!(
+            decode_dump_stats(&long),
+            Err(StatsDecodeError::BadLength { .. })
+        ));
         // Every truncation and every single-byte corruption either decodes or errors cleanly.
         for cut in 0..dump.len() {
             let _ = decode_dump_stats(&dump[..cut]);

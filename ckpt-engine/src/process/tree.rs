@@ -103,10 +103,14 @@ pub fn compare_trees(expected: &[ProcessEntry], found: &[ProcessEntry]) -> Vec<S
     let got: std::collections::BTreeSet<_> = found.iter().map(key).collect();
     let mut diffs = Vec::new();
     for (pid, ppid, comm, threads) in want.difference(&got) {
-        diffs.push(format!("missing pid {pid} ({comm}, parent {ppid}, {threads} threads)"));
+        diffs.push(format!(
+            "missing pid {pid} ({comm}, parent {ppid}, {threads} threads)"
+        ));
     }
     for (pid, ppid, comm, threads) in got.difference(&want) {
-        diffs.push(format!("unexpected pid {pid} ({comm}, parent {ppid}, {threads} threads)"));
+        diffs.push(format!(
+            "unexpected pid {pid} ({comm}, parent {ppid}, {threads} threads)"
+        ));
     }
     diffs
 }

@@ -1,0 +1,707 @@
+//! Dump and restore of a sandbox's process tree with `runc` + CRIU.
+//!
+//! Image directory layout (published by renaming `<dest>.partial` to `<dest>`):
+//! ```text
+//! <dest>/images/        CRIU images and runc's descriptors.json
+//! <dest>/work/          dump.log, stats-dump
+//! <dest>/process.json   ProcessImageInfo (what was dumped, CRIU's statistics)
+//! ```
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant, SystemTime};
+
+use serde::{Deserialize, Serialize};
+
+use super::criu_log::{CriuFailure, CriuFailureKind, failure_from_log};
+use super::hook::{HookEvent, Rendezvous};
+use super::reaper::Reaper;
+use super::runc::{Runc, attach_pipe_stdio, log_tail};
+use super::stats::{CriuDumpStats, CriuRestoreStats, decode_dump_stats, decode_restore_stats};
+use super::tree::{ProcessEntry, compare_trees, read_tree};
+use super::{ProcessConfig, ProcessError, validate_container_id};
+
+/// Version of [`ProcessImageInfo`]'s format.
+pub const IMAGE_FORMAT_VERSION: u32 = 1;
+const IMAGES: &str = "images";
+const WORK: &str = "work";
+const INFO: &str = "process.json";
+const PARTIAL_SUFFIX: &str = ".partial";
+
+/// What a published process image holds; the engine copies it into the recovery point.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProcessImageInfo {
+    /// [`IMAGE_FORMAT_VERSION`].
+    pub format_version: u32,
+    /// Container the image was dumped from.
+    pub container_id: String,
+    /// `criu --version` of the dumping CRIU.
+    pub criu_version: String,
+    /// Wall-clock time of the dump, milliseconds since the Unix epoch.
+    pub created_unix_ms: u64,
+    /// The dumped tree, read while the tasks were stopped.
+    pub processes: Vec<ProcessEntry>,
+    /// CRIU's own statistics.
+    pub criu_stats: CriuDumpStats,
+    /// Bytes of the CRIU images.
+    pub image_bytes: u64,
+    /// Wall time of the whole `runc checkpoint`, microseconds.
+    pub dump_wall_us: u64,
+    /// Time spent in the caller's hook (the filesystem snapshot) while frozen, microseconds.
+    pub hook_us: u64,
+}
+
+/// One dump request.
+#[derive(Debug, Clone)]
+pub struct CheckpointRequest<'a> {
+    /// runc container id of the sandbox.
+    pub container_id: &'a str,
+    /// Final image directory (must not exist; its parent must).
+    pub dest: &'a Path,
+}
+
+/// What the caller's hook sees while the sandbox's tasks are stopped.
+#[derive(Debug, Clone)]
+pub struct FrozenContext {
+    /// Container id.
+    pub container_id: String,
+    /// Host pid of the sandbox's init.
+    pub init_pid: u32,
+    /// The tree being dumped.
+    pub processes: Vec<ProcessEntry>,
+}
+
+/// A published process image plus the caller's frozen-time result (the filesystem snapshot).
+#[derive(Debug)]
+pub struct ProcessCheckpoint<T> {
+    /// The published image directory.
+    pub dir: PathBuf,
+    /// What it holds.
+    pub info: ProcessImageInfo,
+    /// What the hook returned.
+    pub frozen: T,
+}
+
+/// A failed dump. `frozen` holds the hook's result when the hook ran and succeeded before
+/// CRIU failed: a filesystem snapshot taken while the tasks were stopped, usable for a
+/// filesystem-only recovery point (or to be deleted).
+#[derive(Debug)]
+pub struct CheckpointFailure<T> {
+    /// Why the dump failed (CRIU's reason when CRIU refused).
+    pub error: ProcessError,
+    /// The hook's result, if it ran and succeeded.
+    pub frozen: Option<T>,
+}
+
+/// One restore request.
+#[derive(Debug, Clone)]
+pub struct RestoreRequest<'a> {
+    /// Container id to restore as (the original after a crash, or a new one for a fork).
+    pub container_id: &'a str,
+    /// OCI bundle: `config.json` whose `root.path` is the restored filesystem.
+    pub bundle: &'a Path,
+    /// A published image directory.
+    pub image: &'a Path,
+    /// Scratch directory for CRIU's restore log (recreated).
+    pub work_dir: &'a Path,
+    /// File receiving the restored container's stdout/stderr.
+    pub stdio_log: &'a Path,
+    /// Remove a container already registered under `container_id` (killed) first.
+    pub replace_existing: bool,
+}
+
+/// A restored, verified, running sandbox.
+#[derive(Debug)]
+pub struct RestoredProcess {
+    /// Container id.
+    pub container_id: String,
+    /// Host pid of its init.
+    pub init_pid: u32,
+    /// The restored tree as seen before it resumed (equal to the dumped one).
+    pub processes: Vec<ProcessEntry>,
+    /// CRIU's restore statistics.
+    pub criu_stats: CriuRestoreStats,
+    /// Wall time of the whole `runc restore`, microseconds.
+    pub restore_wall_us: u64,
+    /// The container's stdin (dropping it gives the sandbox EOF on a piped stdin).
+    pub stdin: std::io::PipeWriter,
+}
+
+/// The CRIU/runc process backend.
+#[derive(Clone)]
+pub struct ProcessBackend {
+    runc: Runc,
+    config: ProcessConfig,
+    criu_version: String,
+    reaper: Option<Reaper>,
+}
+
+impl ProcessBackend {
+    /// Resolves runc and CRIU and reads CRIU's version.
+    pub fn new(config: ProcessConfig) -> Result<Self, ProcessError> {
+        let criu = config.resolve_criu().ok_or(ProcessError::ProgramNotFound {
+            program: "criu",
+            hint: "CRAB_CRIU or the criu config key",
+        })?;
+        let runc = crate::sys::find_program(&config.runc).ok_or(ProcessError::ProgramNotFound {
+            program: "runc",
+            hint: "the runc config key",
+        })?;
+        let out = Command::new(&criu)
+            .arg("--version")
+            .output()
+            .map_err(|e| ProcessError::io("run criu --version", &criu, e))?;
+        let criu_version =
+            parse_criu_version(&String::from_utf8_lossy(&out.stdout)).unwrap_or_default();
+        Ok(ProcessBackend {
+            runc: Runc {
+                binary: runc,
+                root: config.runc_root.clone(),
+                criu,
+            },
+            config,
+            criu_version,
+            reaper: None,
+        })
+    }
+
+    /// Restored inits are handed to `reaper` (the daemon is their subreaper).
+    pub fn with_reaper(mut self, reaper: Reaper) -> Self {
+        self.reaper = Some(reaper);
+        self
+    }
+
+    /// The configured runc.
+    pub fn runc(&self) -> &Runc {
+        &self.runc
+    }
+
+    /// CRIU's version string (e.g. `4.1.1`).
+    pub fn criu_version(&self) -> &str {
+        &self.criu_version
+    }
+
+    /// Dumps the container live and runs `while_frozen` in CRIU's post-dump window (every task
+    /// stopped, image complete) — the place for the filesystem snapshot. Publishes the image at
+    /// `req.dest` only if CRIU and the hook both succeeded.
+    pub fn checkpoint<T, E, F>(
+        &self,
+        req: &CheckpointRequest<'_>,
+        while_frozen: F,
+    ) -> Result<ProcessCheckpoint<T>, CheckpointFailure<T>>
+    where
+        F: FnOnce(&FrozenContext) -> Result<T, E>,
+        E: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
+        let mut frozen: Option<T> = None;
+        match self.checkpoint_inner(req, while_frozen, &mut frozen) {
+            Ok((dir, info)) => match frozen {
+                Some(frozen) => Ok(ProcessCheckpoint { dir, info, frozen }),
+                None => Err(CheckpointFailure {
+                    error: ProcessError::HookNotRun {
+                        container: req.container_id.to_string(),
+                        action: "post-dump",
+                    },
+                    frozen: None,
+                }),
+            },
+            Err(error) => Err(CheckpointFailure { error, frozen }),
+        }
+    }
+
+    fn checkpoint_inner<T, E, F>(
+        &self,
+        req: &CheckpointRequest<'_>,
+        while_frozen: F,
+        frozen: &mut Option<T>,
+    ) -> Result<(PathBuf, ProcessImageInfo), ProcessError>
+    where
+        F: FnOnce(&FrozenContext) -> Result<T, E>,
+        E: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
+        let id = req.container_id;
+        validate_container_id(id)?;
+        let state = self.runc.state(id)?;
+        match &state {
+            Some(s) if s.status == "running" || s.status == "paused" => {}
+            other => {
+                return Err(ProcessError::ContainerState {
+                    container: id.to_string(),
+                    status: other
+                        .as_ref()
+                        .map_or("missing".to_string(), |s| s.status.clone()),
+                    expected: "running",
+                });
+            }
+        }
+        if req.dest.exists() {
+            return Err(ProcessError::BadImage {
+                path: req.dest.to_path_buf(),
+                reason: "destination already exists".to_string(),
+            });
+        }
+        let partial = partial_path(req.dest);
+        remove_dir_if_exists(&partial)?;
+        let result = self.dump_into(id, &partial, while_frozen, frozen);
+        let info = match result {
+            Ok(info) => info,
+            Err(e) => {
+                let _ = std::fs::remove_dir_all(&partial);
+                return Err(e);
+            }
+        };
+        publish(&partial, req.dest)?;
+        Ok((req.dest.to_path_buf(), info))
+    }
+
+    fn dump_into<T, E, F>(
+        &self,
+        id: &str,
+        partial: &Path,
+        while_frozen: F,
+        frozen: &mut Option<T>,
+    ) -> Result<ProcessImageInfo, ProcessError>
+    where
+        F: FnOnce(&FrozenContext) -> Result<T, E>,
+        E: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
+        let images = partial.join(IMAGES);
+        let work = partial.join(WORK);
+        for d in [&images, &work] {
+            std::fs::create_dir_all(d).map_err(|e| ProcessError::io("create image dir", d, e))?;
+        }
+        let hook_dir = partial.join("hook");
+        let (mut rv, criu_conf) = Rendezvous::create(
+            &hook_dir,
+            "post-dump",
+            Duration::from_secs(self.config.hook_timeout_secs),
+        )?;
+        let out_path = work.join("runc.out");
+        let out = std::fs::File::create(&out_path)
+            .map_err(|e| ProcessError::io("create", &out_path, e))?;
+        let err = out
+            .try_clone()
+            .map_err(|e| ProcessError::io("dup", &out_path, e))?;
+        let started = Instant::now();
+        let mut child = self
+            .runc
+            .command()
+            .arg("checkpoint")
+            .arg("--leave-running")
+            .arg("--image-path")
+            .arg(&images)
+            .arg("--work-path")
+            .arg(&work)
+            .arg(id)
+            .env("CRIU_CONFIG_FILE", &criu_conf)
+            .stdin(Stdio::null())
+            .stdout(Stdio::from(out))
+            .stderr(Stdio::from(err))
+            .spawn()
+            .map_err(|e| ProcessError::io("spawn runc checkpoint", &self.runc.binary, e))?;
+        let deadline = started + Duration::from_secs(self.config.operation_timeout_secs);
+        let mut hook = Some(while_frozen);
+        let mut processes = Vec::new();
+        let mut hook_us = 0;
+        let mut hook_error = None;
+        let status = loop {
+            let event = match rv.wait(&mut child, deadline) {
+                Ok(ev) => ev,
+                Err(e) => {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    let _ = self.ensure_running(id);
+                    return Err(e);
+                }
+            };
+            match event {
+                HookEvent::Fired { action, init_pid } if action == "post-dump" => {
+                    let Some(f) = hook.take() else {
+                        // CRIU runs post-dump once; a second one is answered without work.
+                        rv.answer(false)?;
+                        continue;
+                    };
+                    let t = Instant::now();
+                    processes = read_tree(Path::new("/proc"), init_pid);
+                    let ctx = FrozenContext {
+                        container_id: id.to_string(),
+                        init_pid,
+                        processes: processes.clone(),
+                    };
+                    let result = f(&ctx);
+                    hook_us = micros(t.elapsed());
+                    let ok = result.is_ok();
+                    match result {
+                        Ok(v) => *frozen = Some(v),
+                        Err(e) => hook_error = Some(e.into()),
+                    }
+                    rv.answer(ok)?;
+                }
+                HookEvent::Fired { .. } => rv.answer(true)?,
+                HookEvent::Exited(status) => break status,
+            }
+        };
+        let dump_wall_us = micros(started.elapsed());
+        let _ = std::fs::remove_dir_all(&hook_dir);
+        if let Some(source) = hook_error {
+            return Err(ProcessError::FrozenHook {
+                container: id.to_string(),
+                source,
+            });
+        }
+        let log = work.join("dump.log");
+        if !status.success() {
+            return Err(ProcessError::DumpFailed {
+                container: id.to_string(),
+                reason: reason_from(&log, &out_path, status),
+                log,
+            });
+        }
+        if frozen.is_none() {
+            return Err(ProcessError::HookNotRun {
+                container: id.to_string(),
+                action: "post-dump",
+            });
+        }
+        let stats_path = work.join("stats-dump");
+        let stats_bytes =
+            std::fs::read(&stats_path).map_err(|e| ProcessError::io("read", &stats_path, e))?;
+        let criu_stats = decode_dump_stats(&stats_bytes).map_err(|e| ProcessError::BadImage {
+            path: stats_path.clone(),
+            reason: e.to_string(),
+        })?;
+        let info = ProcessImageInfo {
+            format_version: IMAGE_FORMAT_VERSION,
+            container_id: id.to_string(),
+            criu_version: self.criu_version.clone(),
+            created_unix_ms: SystemTime::now()
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .map(|d| d.as_millis() as u64)
+                .unwrap_or(0),
+            processes,
+            criu_stats,
+            image_bytes: dir_bytes(&images),
+            dump_wall_us,
+            hook_us,
+        };
+        let info_path = partial.join(INFO);
+        let json = serde_json::to_vec_pretty(&info).map_err(|e| ProcessError::BadImage {
+            path: info_path.clone(),
+            reason: e.to_string(),
+        })?;
+        std::fs::write(&info_path, json).map_err(|e| ProcessError::io("write", &info_path, e))?;
+        Ok(info)
+    }
+
+    /// Reads and checks a published image's `process.json`.
+    pub fn load_image_info(image: &Path) -> Result<ProcessImageInfo, ProcessError> {
+        let path = image.join(INFO);
+        let bytes = std::fs::read(&path).map_err(|e| ProcessError::io("read", &path, e))?;
+        let info: ProcessImageInfo =
+            serde_json::from_slice(&bytes).map_err(|e| ProcessError::BadImage {
+                path: path.clone(),
+                reason: e.to_string(),
+            })?;
+        if info.format_version != IMAGE_FORMAT_VERSION {
+            return Err(ProcessError::BadImage {
+                path,
+                reason: format!(
+                    "format version {} (expected {IMAGE_FORMAT_VERSION})",
+                    info.format_version
+                ),
+            });
+        }
+        if info.processes.is_empty() {
+            return Err(ProcessError::BadImage {
+                path,
+                reason: "no processes recorded".to_string(),
+            });
+        }
+        Ok(info)
+    }
+
+    /// Restores a published image as `req.container_id` from `req.bundle` (whose root
+    /// filesystem the caller has already put back), checks in CRIU's pre-resume window that
+    /// the restored tree is the dumped one, and returns once it runs.
+    pub fn restore(&self, req: &RestoreRequest<'_>) -> Result<RestoredProcess, ProcessError> {
+        let id = req.container_id;
+        validate_container_id(id)?;
+        let info = Self::load_image_info(req.image)?;
+        if let Some(existing) = self.runc.state(id)? {
+            if !req.replace_existing {
+                return Err(ProcessError::ContainerState {
+                    container: id.to_string(),
+                    status: existing.status,
+                    expected: "absent",
+                });
+            }
+            self.runc.delete_force(id)?;
+        }
+        remove_dir_if_exists(req.work_dir)?;
+        std::fs::create_dir_all(req.work_dir)
+            .map_err(|e| ProcessError::io("create", req.work_dir, e))?;
+        let (mut rv, criu_conf) = Rendezvous::create(
+            &req.work_dir.join("hook"),
+            "pre-resume",
+            Duration::from_secs(self.config.hook_timeout_secs),
+        )?;
+        let started = Instant::now();
+        let mut cmd = self.runc.command();
+        cmd.arg("restore")
+            .arg("--detach")
+            .arg("--image-path")
+            .arg(req.image.join(IMAGES))
+            .arg("--work-path")
+            .arg(req.work_dir)
+            .arg("--bundle")
+            .arg(req.bundle)
+            .arg(id)
+            .env("CRIU_CONFIG_FILE", &criu_conf);
+        let stdio = attach_pipe_stdio(&mut cmd, req.stdio_log)?;
+        let mut child = cmd
+            .spawn()
+            .map_err(|e| ProcessError::io("spawn runc restore", &self.runc.binary, e))?;
+        drop(cmd);
+        let deadline = started + Duration::from_secs(self.config.operation_timeout_secs);
+        let mut verified: Option<(Vec<ProcessEntry>, Vec<String>)> = None;
+        let status = loop {
+            let event = match rv.wait(&mut child, deadline) {
+                Ok(ev) => ev,
+                Err(e) => {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    let _ = self.runc.delete_force(id);
+                    return Err(e);
+                }
+            };
+            match event {
+                HookEvent::Fired { action, init_pid } if action == "pre-resume" => {
+                    let found = read_tree(Path::new("/proc"), init_pid);
+                    let diffs = compare_trees(&info.processes, &found);
+                    rv.answer(diffs.is_empty())?;
+                    verified = Some((found, diffs));
+                }
+                HookEvent::Fired { .. } => rv.answer(true)?,
+                HookEvent::Exited(status) => break status,
+            }
+        };
+        let restore_wall_us = micros(started.elapsed());
+        let fail = |e: ProcessError| {
+            let _ = self.runc.delete_force(id);
+            Err(e)
+        };
+        if !status.success() {
+            let log = req.work_dir.join("restore.log");
+            return fail(ProcessError::RestoreFailed {
+                container: id.to_string(),
+                reason: reason_from(&log, req.stdio_log, status),
+                log,
+            });
+        }
+        let Some((processes, diffs)) = verified else {
+            return fail(ProcessError::HookNotRun {
+                container: id.to_string(),
+                action: "pre-resume",
+            });
+        };
+        if !diffs.is_empty() {
+            return fail(ProcessError::VerifyFailed {
+                container: id.to_string(),
+                differences: diffs.join("; "),
+            });
+        }
+        let state = match self.runc.state(id)? {
+            Some(s) if s.status == "running" => s,
+            other => {
+                return fail(ProcessError::ContainerState {
+                    container: id.to_string(),
+                    status: other.map_or("missing".to_string(), |s| s.status),
+                    expected: "running",
+                });
+            }
+        };
+        if let Some(reaper) = &self.reaper {
+            reaper.track(state.pid);
+        }
+        let stats_path = req.work_dir.join("stats-restore");
+        let criu_stats = std::fs::read(&stats_path)
+            .ok()
+            .and_then(|b| decode_restore_stats(&b).ok())
+            .unwrap_or_default();
+        let _ = std::fs::remove_dir_all(req.work_dir.join("hook"));
+        Ok(RestoredProcess {
+            container_id: id.to_string(),
+            init_pid: state.pid,
+            processes,
+            criu_stats,
+            restore_wall_us,
+            stdin: stdio.stdin,
+        })
+    }
+
+    /// Makes sure a container whose dump was interrupted (CRIU or runc killed) runs again: a
+    /// freezer left frozen is thawed (`runc resume`). A missing container is an error.
+    pub fn ensure_running(&self, id: &str) -> Result<(), ProcessError> {
+        validate_container_id(id)?;
+        match self.runc.state(id)? {
+            Some(s) if s.status == "running" => Ok(()),
+            Some(s) if s.status == "paused" => self.runc.run(&["resume", id]).map(|_| ()),
+            other => Err(ProcessError::ContainerState {
+                container: id.to_string(),
+                status: other.map_or("missing".to_string(), |s| s.status),
+                expected: "running",
+            }),
+        }
+    }
+}
+
+/// Removes `*.partial` image directories left in `dir` by a crash; returns how many.
+pub fn sweep_partials(dir: &Path) -> Result<usize, ProcessError> {
+    let entries = match std::fs::read_dir(dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
+        Err(e) => return Err(ProcessError::io("list", dir, e)),
+    };
+    let mut n = 0;
+    for entry in entries.flatten() {
+        if entry
+            .file_name()
+            .to_string_lossy()
+            .ends_with(PARTIAL_SUFFIX)
+        {
+            remove_dir_if_exists(&entry.path())?;
+            n += 1;
+        }
+    }
+    Ok(n)
+}
+
+/// `criu --version` prints `Version: 4.1.1` (and a GitID line).
+pub fn parse_criu_version(out: &str) -> Option<String> {
+    out.lines()
+        .find_map(|l| l.trim().strip_prefix("Version:"))
+        .map(|v| v.trim().to_string())
+}
+
+fn partial_path(dest: &Path) -> PathBuf {
+    let mut s = dest.as_os_str().to_owned();
+    s.push(PARTIAL_SUFFIX);
+    PathBuf::from(s)
+}
+
+fn micros(d: Duration) -> u64 {
+    u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
+}
+
+fn remove_dir_if_exists(p: &Path) -> Result<(), ProcessError> {
+    match std::fs::remove_dir_all(p) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(ProcessError::io("remove", p, e)),
+    }
+}
+
+/// CRIU's reason from its log; when CRIU wrote none, runc's output and exit status.
+fn reason_from(log: &Path, runc_out: &Path, status: std::process::ExitStatus) -> CriuFailure {
+    std::fs::read_to_string(log)
+        .ok()
+        .and_then(|l| failure_from_log(&l))
+        .unwrap_or_else(|| CriuFailure {
+            kind: CriuFailureKind::Unclassified,
+            message: format!("runc exited with {status}: {}", log_tail(runc_out)),
+            context: Vec::new(),
+        })
+}
+
+fn dir_bytes(dir: &Path) -> u64 {
+    walkdir::WalkDir::new(dir)
+        .into_iter()
+        .flatten()
+        .filter_map(|e| e.metadata().ok())
+        .filter(|m| m.is_file())
+        .map(|m| m.len())
+        .sum()
+}
+
+/// fsyncs every file and directory below `partial`, renames it to `dest`, fsyncs the parent.
+fn publish(partial: &Path, dest: &Path) -> Result<(), ProcessError> {
+    for entry in walkdir::WalkDir::new(partial).contents_first(true) {
+        let entry = entry.map_err(|e| {
+            let path = e.path().unwrap_or(partial).to_path_buf();
+            ProcessError::io("walk", path, e.into())
+        })?;
+        let f = std::fs::File::open(entry.path())
+            .map_err(|e| ProcessError::io("open", entry.path(), e))?;
+        f.sync_all()
+            .map_err(|e| ProcessError::io("fsync", entry.path(), e))?;
+    }
+    std::fs::rename(partial, dest).map_err(|e| ProcessError::io("rename", dest, e))?;
+    if let Some(parent) = dest.parent() {
+        let f = std::fs::File::open(parent).map_err(|e| ProcessError::io("open", parent, e))?;
+        f.sync_all()
+            .map_err(|e| ProcessError::io("fsync", parent, e))?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn criu_version_parses() {
+        assert_eq!(
+            parse_criu_version("Version: 4.1.1\nGitID: v4.1.1\n").as_deref(),
+            Some("4.1.1")
+        );
+        assert_eq!(parse_criu_version("nope"), None);
+    }
+
+    #[test]
+    fn partials_are_swept_and_published_dirs_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join("a.partial/images")).unwrap();
+        std::fs::create_dir_all(dir.path().join("b")).unwrap();
+        assert_eq!(sweep_partials(dir.path()).unwrap(), 1);
+        assert!(!dir.path().join("a.partial").exists());
+        assert!(dir.path().join("b").exists());
+        assert_eq!(sweep_partials(&dir.path().join("missing")).unwrap(), 0);
+        assert_eq!(
+            partial_path(Path::new("/x/p1")),
+            PathBuf::from("/x/p1.partial")
+        );
+    }
+
+    #[test]
+    fn image_info_is_strict() {
+        let dir = tempfile::tempdir().unwrap();
+        let info = ProcessImageInfo {
+            format_version: IMAGE_FORMAT_VERSION,
+            container_id: "a".into(),
+            criu_version: "4.1.1".into(),
+            created_unix_ms: 1,
+            processes: vec![ProcessEntry {
+                ns_pid: 1,
+                ns_ppid: 0,
+                comm: "sh".into(),
+                threads: 1,
+                rss_kib: 10,
+            }],
+            criu_stats: CriuDumpStats::default(),
+            image_bytes: 5,
+            dump_wall_us: 1,
+            hook_us: 1,
+        };
+        std::fs::write(dir.path().join(INFO), serde_json::to_vec(&info).unwrap()).unwrap();
+        assert_eq!(ProcessBackend::load_image_info(dir.path()).unwrap(), info);
+        let mut v = serde_json::to_value(&info).unwrap();
+        v["format_version"] = 9.into();
+        std::fs::write(dir.path().join(INFO), v.to_string()).unwrap();
+        assert!(ProcessBackend::load_image_info(dir.path()).is_err());
+        v["format_version"] = 1.into();
+        v["extra"] = 1.into();
+        std::fs::write(dir.path().join(INFO), v.to_string()).unwrap();
+        assert!(ProcessBackend::load_image_info(dir.path()).is_err());
+    }
+}
