@@ -159,6 +159,12 @@ impl EngineError {
             EngineError::InvalidName { .. } | EngineError::Fs(FsError::InvalidId { .. }) => {
                 "invalid"
             }
+            EngineError::Manifest(crate::manifest::ManifestError::Io { source, .. })
+            | EngineError::Io { source, .. }
+                if source.raw_os_error() == Some(libc::ENOSPC) =>
+            {
+                "no_space"
+            }
             EngineError::Manifest(crate::manifest::ManifestError::Io { .. }) => "internal",
             EngineError::Manifest(_)
             | EngineError::Fs(FsError::Corrupt { .. } | FsError::WrongBackend { .. }) => "corrupt",
