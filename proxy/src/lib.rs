@@ -5,4 +5,42 @@
 //! boundaries (via `llm-protocol`), keeps a redacted transcript, and exposes an admin API,
 //! Prometheus metrics and the `crab` CLI. Later it wires the inspector and the checkpoint engine
 //! together (coordinator + response gate).
+//!
+//! Module map:
+//! - [`config`]: TOML file + flag overrides → validated runtime [`config::Config`].
+//! - [`server`]: listeners, h1/h2c/TLS connections, graceful shutdown, standard admin routes.
+//! - [`forward`]: the per-request forwarding path and the response tap (tracker, metrics,
+//!   transcript).
+//! - [`tap`]: the `http_body::Body` wrapper that copies frames to an observer and reports how a
+//!   body ended.
+//! - [`sandbox`]: sandbox ids and resolution (path prefix, header, source address, default).
+//! - [`headers`]: hop-by-hop stripping, redaction.
+//! - [`error`]: the proxy's own errors (side + retryable) in OpenAI / Anthropic error shapes.
+//! - [`transcript`]: the durable, redacted, rotated per-sandbox JSONL log (writer thread).
+//! - [`admin`]: the extensible admin router; [`metrics`]: Prometheus metrics; [`tls`]: rustls.
+//! - [`cli`]: the `crab` command line (serve, turns, sandboxes, inspect) and the admin client.
+//!
+//! Invariants:
+//! - Bytes between client and upstream are never altered or reordered; only hop-by-hop
+//!   headers, `Host` and Crab's own `X-Crab-Sandbox` header / `/sandbox/<id>` prefix are
+//!   removed. Each upstream frame is handed on as it arrives; analysis sees a copy afterwards.
+//! - No lock is held across an `.await`; the forwarding path does no blocking I/O (the
+//!   transcript is written by its own thread).
+//! - Secret headers never reach logs (headers are never logged) or transcripts (redacted).
 #![forbid(unsafe_code)]
+
+pub mod admin;
+pub mod cli;
+pub mod config;
+pub mod error;
+pub mod forward;
+pub mod headers;
+pub mod metrics;
+pub mod sandbox;
+pub mod server;
+pub mod tap;
+pub mod tls;
+pub mod transcript;
+
+pub use config::Config;
+pub use server::{Listeners, ServeError, Server, run};

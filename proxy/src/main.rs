@@ -2,5 +2,5 @@
 #![forbid(unsafe_code)]
 
 fn main() {
-    println!("crab: not wired yet");
+    std::process::exit(proxy::cli::main());
 }

@@ -1,0 +1,829 @@
+//! The forwarding path: one request in, one request upstream, the response streamed back
+//! through a [`TapBody`] whose [`ResponseTap`] feeds the protocol observer, the turn tracker,
+//! metrics and the transcript.
+//!
+//! Order of work per request (everything before "send" is the proxy's added latency):
+//! resolve the sandbox → strip hop-by-hop and Crab headers → buffer the body (bounded, idle
+//! timeout) → for known APIs summarise it and run the turn tracker (short lock) → pick the
+//! upstream → send → on the response head: wrap the body and return at once.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use http::{HeaderMap, Method, Request, Response, Version, header};
+use http_body::{Body, Frame, SizeHint};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper_rustls::HttpsConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use llm_protocol::{
+    ApiKind, RequestClass, RequestId, ResponseObserver, ResponseSummary, SideKind, StreamEnd,
+    TurnEvent, TurnTracker,
+};
+use prometheus_client::registry::Registry;
+use tokio::time::Instant;
+use tracing::{Instrument, Span, debug, field, warn};
+
+use crate::config::Config;
+use crate::error::{ErrorShape, ProxyError};
+use crate::metrics::{ApiLabels, EndLabels, ErrorLabels, Metrics, RequestLabels, SandboxLabels};
+use crate::sandbox::{self, SANDBOX_HEADER, SandboxId};
+use crate::tap::{BodyEnd, Tap, TapBody, TapBodyError};
+use crate::transcript::{ErrorRecord, Exchange, ResponseCapture, Timings, Transcript};
+
+/// The upstream HTTP client type.
+pub type UpstreamClient = Client<HttpsConnector<HttpConnector>, Full<Bytes>>;
+
+/// The monotonic clock the turn tracker runs on: microseconds since the proxy started.
+#[derive(Debug, Clone, Copy)]
+pub struct Clock {
+    origin: Instant,
+    origin_unix_ms: u64,
+}
+
+impl Clock {
+    /// Starts the clock now.
+    pub fn new() -> Self {
+        let origin_unix_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0);
+        Self {
+            origin: Instant::now(),
+            origin_unix_ms,
+        }
+    }
+
+    /// Micros since start at `at`.
+    pub fn micros(&self, at: Instant) -> u64 {
+        at.saturating_duration_since(self.origin).as_micros() as u64
+    }
+
+    /// Wall-clock milliseconds of clock value 0.
+    pub fn origin_unix_ms(&self) -> u64 {
+        self.origin_unix_ms
+    }
+
+    /// Wall-clock milliseconds at `at`.
+    pub fn unix_ms(&self, at: Instant) -> u64 {
+        self.origin_unix_ms + at.saturating_duration_since(self.origin).as_millis() as u64
+    }
+}
+
+impl Default for Clock {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// State shared by every connection.
+pub struct Shared {
+    pub config: Config,
+    pub client: UpstreamClient,
+    pub tracker: parking_lot::Mutex<TurnTracker>,
+    pub metrics: Metrics,
+    pub registry: Registry,
+    pub transcript: Transcript,
+    pub clock: Clock,
+    next_id: AtomicU64,
+}
+
+impl Shared {
+    /// Builds the shared state (upstream client, metrics, tracker) around a started transcript.
+    pub fn new(
+        config: Config,
+        client: UpstreamClient,
+        metrics: Metrics,
+        registry: Registry,
+        transcript: Transcript,
+    ) -> Self {
+        Self {
+            config,
+            client,
+            tracker: parking_lot::Mutex::new(TurnTracker::new()),
+            metrics,
+            registry,
+            transcript,
+            clock: Clock::new(),
+            next_id: AtomicU64::new(1),
+        }
+    }
+}
+
+/// Builds the pooled upstream client (HTTP and HTTPS, ALPN h2/http1.1).
+pub fn build_client(config: &Config, tls: rustls::ClientConfig) -> UpstreamClient {
+    let mut http = HttpConnector::new();
+    http.enforce_http(false);
+    http.set_nodelay(true);
+    http.set_connect_timeout(Some(config.timeouts.upstream_connect));
+    let https = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(tls)
+        .https_or_http()
+        .enable_all_versions()
+        .wrap_connector(http);
+    Client::builder(TokioExecutor::new())
+        .pool_idle_timeout(config.timeouts.pool_idle)
+        .pool_timer(hyper_util::rt::TokioTimer::new())
+        .timer(hyper_util::rt::TokioTimer::new())
+        .build(https)
+}
+
+/// Metric / transcript label of an API.
+pub fn api_label(api: ApiKind) -> &'static str {
+    match api {
+        ApiKind::ChatCompletions => "chat_completions",
+        ApiKind::Responses => "responses",
+        ApiKind::AnthropicMessages => "anthropic_messages",
+        ApiKind::AnthropicCountTokens => "anthropic_count_tokens",
+        ApiKind::Other => "other",
+    }
+}
+
+/// Metric / transcript label of a request class.
+pub fn class_label(class: Option<RequestClass>) -> &'static str {
+    match class {
+        None => "none",
+        Some(RequestClass::MainLoop) => "main_loop",
+        Some(RequestClass::Retry) => "retry",
+        Some(RequestClass::SideCall(kind)) => match kind {
+            SideKind::TokenCount => "side_token_count",
+            SideKind::TitleGeneration => "side_title_generation",
+            SideKind::Summarization => "side_summarization",
+            SideKind::SubConversation => "side_sub_conversation",
+            SideKind::Other => "side_other",
+        },
+    }
+}
+
+fn end_label(end: StreamEnd) -> &'static str {
+    match end {
+        StreamEnd::Completed => "completed",
+        StreamEnd::UpstreamError => "upstream_error",
+        StreamEnd::Cut => "cut",
+        StreamEnd::ClientCancelled => "client_cancelled",
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// The response body type of the proxy listener.
+    #[project = ProxyBodyProj]
+    pub enum ProxyBody {
+        /// A forwarded upstream body.
+        Tapped { #[pin] body: TapBody<Incoming, ResponseTap> },
+        /// A body the proxy produced itself.
+        Local { #[pin] body: Full<Bytes> },
+    }
+}
+
+impl ProxyBody {
+    fn local(b: Bytes) -> Self {
+        ProxyBody::Local { body: Full::new(b) }
+    }
+}
+
+impl Body for ProxyBody {
+    type Data = Bytes;
+    type Error = TapBodyError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, TapBodyError>>> {
+        match self.project() {
+            ProxyBodyProj::Tapped { body } => body.poll_frame(cx),
+            ProxyBodyProj::Local { body } => match body.poll_frame(cx) {
+                Poll::Ready(Some(Ok(f))) => Poll::Ready(Some(Ok(f))),
+                Poll::Ready(None) => Poll::Ready(None),
+                Poll::Ready(Some(Err(never))) => match never {},
+                Poll::Pending => Poll::Pending,
+            },
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            ProxyBody::Tapped { body } => body.is_end_stream(),
+            ProxyBody::Local { body } => body.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            ProxyBody::Tapped { body } => body.size_hint(),
+            ProxyBody::Local { body } => body.size_hint(),
+        }
+    }
+}
+
+/// What is known about a request, carried to the end of its response.
+struct ExchangeCtx {
+    id: u64,
+    sandbox: SandboxId,
+    api: ApiKind,
+    class: Option<RequestClass>,
+    turn: Option<u64>,
+    tracker_id: Option<RequestId>,
+    method: Method,
+    path: String,
+    upstream: String,
+    request_headers: Option<HeaderMap>,
+    request_body: Bytes,
+    started: Instant,
+    upstream_sent: Option<Instant>,
+    sync: bool,
+    span: Span,
+}
+
+/// Ends the tracker's in-flight request if the handler is dropped before a response body
+/// takes over (client went away while the upstream was still thinking).
+struct InFlightGuard {
+    shared: Arc<Shared>,
+    sandbox: SandboxId,
+    api: ApiKind,
+    id: Option<RequestId>,
+}
+
+impl InFlightGuard {
+    fn disarm(&mut self) -> Option<RequestId> {
+        self.id.take()
+    }
+}
+
+impl Drop for InFlightGuard {
+    fn drop(&mut self) {
+        if let Some(id) = self.id.take() {
+            let summary =
+                ResponseObserver::new(self.api, 499, false).finish(StreamEnd::ClientCancelled);
+            let at = self.shared.clock.micros(Instant::now());
+            self.shared.tracker.lock().on_response_end(
+                self.sandbox.as_str(),
+                id,
+                &summary,
+                None,
+                at,
+            );
+        }
+    }
+}
+
+/// The tap on a forwarded response body.
+pub struct ResponseTap {
+    shared: Arc<Shared>,
+    ctx: ExchangeCtx,
+    observer: Option<ResponseObserver>,
+    status: u16,
+    response_headers: Option<HeaderMap>,
+    response_head_at: Instant,
+    first_byte_at: Option<Instant>,
+    first_content_at: Option<Instant>,
+    bytes: u64,
+    captured: Vec<Bytes>,
+    captured_len: u64,
+    truncated: bool,
+    capture: bool,
+}
+
+impl Tap for ResponseTap {
+    fn on_data(&mut self, chunk: Bytes, at: Instant) {
+        if self.first_byte_at.is_none() {
+            self.first_byte_at = Some(at);
+        }
+        self.bytes += chunk.len() as u64;
+        if let Some(obs) = self.observer.as_mut()
+            && obs.observe(&chunk).first_content
+            && self.first_content_at.is_none()
+        {
+            self.first_content_at = Some(at);
+        }
+        if self.capture {
+            if self.captured_len + chunk.len() as u64
+                <= self.shared.config.transcript.max_body_bytes
+            {
+                self.captured_len += chunk.len() as u64;
+                self.captured.push(chunk);
+            } else {
+                self.truncated = true;
+            }
+        }
+    }
+
+    fn on_end(&mut self, end: BodyEnd, at: Instant) {
+        let shared = &self.shared;
+        let m = &shared.metrics;
+        m.active_streams.dec();
+        let transport_end = match end {
+            BodyEnd::Completed => StreamEnd::Completed,
+            BodyEnd::Cut | BodyEnd::IdleTimeout => StreamEnd::Cut,
+            BodyEnd::ClientCancelled => StreamEnd::ClientCancelled,
+        };
+        let summary: Option<ResponseSummary> =
+            self.observer.take().map(|o| o.finish(transport_end));
+        let final_end = summary.as_ref().map(|s| s.end).unwrap_or(transport_end);
+        let api = api_label(self.ctx.api);
+        if let (Some(id), Some(s)) = (self.ctx.tracker_id, summary.as_ref()) {
+            let fc = self.first_content_at.map(|t| shared.clock.micros(t));
+            let events = shared.tracker.lock().on_response_end(
+                self.ctx.sandbox.as_str(),
+                id,
+                s,
+                fc,
+                shared.clock.micros(at),
+            );
+            if !events.is_empty() {
+                self.ctx.sync = true;
+                count_turn_events(m, &self.ctx.sandbox, &events);
+            }
+        }
+        m.requests
+            .get_or_create(&RequestLabels {
+                api,
+                class: class_label(self.ctx.class),
+                status: self.status,
+            })
+            .inc();
+        m.response_bytes
+            .get_or_create(&ApiLabels { api })
+            .inc_by(self.bytes);
+        m.stream_ends
+            .get_or_create(&EndLabels {
+                api,
+                end: end_label(final_end),
+            })
+            .inc();
+        if let Some(fc) = self.first_content_at {
+            m.ttft_seconds
+                .get_or_create(&ApiLabels { api })
+                .observe(fc.saturating_duration_since(self.ctx.started).as_secs_f64());
+        }
+        {
+            let _g = self.ctx.span.enter();
+            debug!(
+                status = self.status,
+                end = end_label(final_end),
+                body_end = ?end,
+                bytes = self.bytes,
+                ttft_ms = self.first_content_at.map(|t| t.saturating_duration_since(self.ctx.started).as_millis() as u64),
+                duration_ms = at.saturating_duration_since(self.ctx.started).as_millis() as u64,
+                "response finished"
+            );
+            if matches!(end, BodyEnd::Cut | BodyEnd::IdleTimeout) {
+                warn!(body_end = ?end, "upstream response body ended early");
+            }
+        }
+        if self.capture {
+            let rel = |t: Instant| t.saturating_duration_since(self.ctx.started).as_micros() as u64;
+            let x = Exchange {
+                id: self.ctx.id,
+                sandbox: self.ctx.sandbox.clone(),
+                started_unix_ms: shared.clock.unix_ms(self.ctx.started),
+                method: self.ctx.method.clone(),
+                path: std::mem::take(&mut self.ctx.path),
+                upstream: std::mem::take(&mut self.ctx.upstream),
+                api,
+                class: self.ctx.class.map(|c| class_label(Some(c)).to_owned()),
+                turn: self.ctx.turn,
+                tracker_request_id: self.ctx.tracker_id.map(|r| r.0),
+                request_headers: self.ctx.request_headers.take().unwrap_or_default(),
+                request_body: std::mem::take(&mut self.ctx.request_body),
+                response: Some(ResponseCapture {
+                    status: self.status,
+                    headers: self.response_headers.take().unwrap_or_default(),
+                    body: std::mem::take(&mut self.captured),
+                    body_len: self.bytes,
+                    truncated: self.truncated,
+                }),
+                error: None,
+                timings: Timings {
+                    upstream_sent_us: self.ctx.upstream_sent.map(rel),
+                    response_head_us: Some(rel(self.response_head_at)),
+                    first_byte_us: self.first_byte_at.map(rel),
+                    first_content_us: self.first_content_at.map(rel),
+                    end_us: Some(rel(at)),
+                },
+                end: Some(end_label(final_end).to_owned()),
+                analysis: summary.and_then(|s| serde_json::to_value(s).ok()),
+                sync: self.ctx.sync,
+            };
+            if !shared.transcript.record(x) {
+                m.transcript_dropped.inc();
+            }
+        }
+    }
+}
+
+fn count_turn_events(m: &Metrics, sandbox: &SandboxId, events: &[TurnEvent]) {
+    for e in events {
+        if let TurnEvent::TurnStarted { .. } = e {
+            m.turns
+                .get_or_create(&SandboxLabels {
+                    sandbox: sandbox.to_string(),
+                })
+                .inc();
+        }
+    }
+}
+
+/// Handles one proxied request. Never fails: errors become responses in the API's shape.
+pub async fn handle(
+    shared: Arc<Shared>,
+    peer: Option<SocketAddr>,
+    req: Request<Incoming>,
+) -> Result<Response<ProxyBody>, Infallible> {
+    let started = Instant::now();
+    let id = shared.next_id.fetch_add(1, Ordering::Relaxed);
+    let span = tracing::debug_span!(
+        "request",
+        id,
+        method = %req.method(),
+        path = req.uri().path(),
+        sandbox = field::Empty,
+        api = field::Empty,
+        class = field::Empty,
+        turn = field::Empty,
+    );
+    let fut = handle_inner(shared, peer, req, started, id, span.clone());
+    Ok(fut.instrument(span).await)
+}
+
+async fn handle_inner(
+    shared: Arc<Shared>,
+    peer: Option<SocketAddr>,
+    req: Request<Incoming>,
+    started: Instant,
+    id: u64,
+    span: Span,
+) -> Response<ProxyBody> {
+    let (mut parts, body) = req.into_parts();
+    let raw_pq = parts
+        .uri
+        .path_and_query()
+        .map(|pq| pq.as_str())
+        .unwrap_or("/");
+    let shape = ErrorShape::detect(raw_pq, &parts.headers);
+    if parts.method == Method::CONNECT || !raw_pq.starts_with('/') {
+        return local_error(
+            &shared,
+            ProxyError::BadTarget {
+                reason: "this is a reverse proxy: CONNECT and non-path targets are not supported"
+                    .into(),
+            },
+            shape,
+        );
+    }
+    let config = &shared.config;
+    let resolved = sandbox::resolve(
+        raw_pq,
+        parts.headers.get(SANDBOX_HEADER).map(|v| v.as_bytes()),
+        peer.map(|p| p.ip()),
+        |ip| config.sandbox_for_source(ip).cloned(),
+        &config.default_sandbox,
+    );
+    let resolved = match resolved {
+        Ok(r) => r,
+        Err(e) => return local_error(&shared, e.into(), shape),
+    };
+    let sandbox = resolved.sandbox;
+    let path_and_query = resolved.path_and_query.into_owned();
+    span.record("sandbox", sandbox.as_str());
+    let path_only = path_and_query.split('?').next().unwrap_or("/");
+    let api = llm_protocol::classify(parts.method.as_str(), path_only);
+    span.record("api", api_label(api));
+
+    parts.headers.remove(SANDBOX_HEADER);
+    crate::headers::strip_hop_by_hop(&mut parts.headers);
+    parts.headers.remove(header::HOST);
+
+    // Bounded, idle-timed body read.
+    let limit = config.max_request_body_bytes;
+    if let Some(len) = parts
+        .headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok())
+        && len > limit
+    {
+        return local_error(&shared, ProxyError::BodyTooLarge { limit }, shape);
+    }
+    let body = match read_body(body, limit, config.timeouts.client_body_idle).await {
+        Ok(b) => b,
+        Err(e) => return local_error(&shared, e, shape),
+    };
+    shared
+        .metrics
+        .request_bytes
+        .get_or_create(&ApiLabels {
+            api: api_label(api),
+        })
+        .inc_by(body.len() as u64);
+
+    // Pick the upstream and build the outgoing request.
+    let Some((upstream, upstream_pq)) = config.route(&path_and_query) else {
+        return local_error(
+            &shared,
+            ProxyError::NoUpstream {
+                path: path_only.to_owned(),
+            },
+            shape,
+        );
+    };
+    let uri = match upstream.join(upstream_pq) {
+        Ok(u) => u,
+        Err(e) => {
+            return local_error(
+                &shared,
+                ProxyError::BadTarget {
+                    reason: e.to_string(),
+                },
+                shape,
+            );
+        }
+    };
+    // Understand the request and track turns (known APIs only).
+    let mut class = None;
+    let mut turn = None;
+    let mut guard = InFlightGuard {
+        shared: shared.clone(),
+        sandbox: sandbox.clone(),
+        api,
+        id: None,
+    };
+    let mut sync = false;
+    if api.is_llm() {
+        let summary = match llm_protocol::summarize_request(api, &body) {
+            Ok(s) => s,
+            Err(e) => {
+                return local_error(
+                    &shared,
+                    ProxyError::MalformedRequest {
+                        api: api_label(api),
+                        reason: e.to_string(),
+                    },
+                    shape,
+                );
+            }
+        };
+        let at = shared.clock.micros(Instant::now());
+        let disposition = shared
+            .tracker
+            .lock()
+            .on_request(sandbox.as_str(), &summary, at);
+        class = Some(disposition.class);
+        turn = disposition.turn;
+        guard.id = Some(disposition.request_id);
+        if !disposition.events.is_empty() {
+            sync = disposition
+                .events
+                .iter()
+                .any(|e| matches!(e, TurnEvent::TurnEnded(_)));
+            count_turn_events(&shared.metrics, &sandbox, &disposition.events);
+        }
+        span.record("class", class_label(class));
+        if let Some(t) = turn {
+            span.record("turn", t);
+        }
+    }
+
+    let upstream_name = upstream.to_string();
+    let capture = config.transcript.enabled;
+    let request_headers = capture.then(|| parts.headers.clone());
+    let mut out = Request::new(Full::new(body.clone()));
+    *out.method_mut() = parts.method.clone();
+    *out.uri_mut() = uri;
+    *out.version_mut() = Version::HTTP_11;
+    *out.headers_mut() = parts.headers;
+
+    let mut ctx = ExchangeCtx {
+        id,
+        sandbox: sandbox.clone(),
+        api,
+        class,
+        turn,
+        tracker_id: guard.id,
+        method: parts.method,
+        path: path_and_query,
+        upstream: upstream_name.clone(),
+        request_headers,
+        request_body: if capture { body } else { Bytes::new() },
+        started,
+        upstream_sent: None,
+        sync,
+        span: span.clone(),
+    };
+
+    let sent = Instant::now();
+    ctx.upstream_sent = Some(sent);
+    let idle = config.timeouts.upstream_idle;
+    let result = tokio::time::timeout(idle, shared.client.request(out)).await;
+    let head_in = Instant::now();
+    let resp = match result {
+        Ok(Ok(r)) => r,
+        Ok(Err(e)) => {
+            let reason = error_chain(&e);
+            let err = ProxyError::UpstreamUnreachable {
+                upstream: upstream_name,
+                reason,
+            };
+            return upstream_failure(&shared, ctx, &mut guard, err, shape);
+        }
+        Err(_) => {
+            let err = ProxyError::UpstreamTimeout {
+                upstream: upstream_name,
+                idle_ms: idle.as_millis() as u64,
+            };
+            return upstream_failure(&shared, ctx, &mut guard, err, shape);
+        }
+    };
+
+    let (mut rparts, rbody) = resp.into_parts();
+    crate::headers::strip_hop_by_hop(&mut rparts.headers);
+    let status = rparts.status.as_u16();
+    let sse = rparts
+        .headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|ct| ct.trim_start().starts_with("text/event-stream"));
+    ctx.tracker_id = guard.disarm();
+    let observer = api
+        .is_llm()
+        .then(|| ResponseObserver::new(api, status, sse));
+    let response_headers = capture.then(|| rparts.headers.clone());
+    shared.metrics.active_streams.inc();
+    let tap = ResponseTap {
+        shared: shared.clone(),
+        ctx,
+        observer,
+        status,
+        response_headers,
+        response_head_at: head_in,
+        first_byte_at: None,
+        first_content_at: None,
+        bytes: 0,
+        captured: Vec::new(),
+        captured_len: 0,
+        truncated: false,
+        capture,
+    };
+    let body = TapBody::new(rbody, tap, Some(idle), head_in);
+    let response = Response::from_parts(rparts, ProxyBody::Tapped { body });
+    let added = sent.saturating_duration_since(started) + head_in.elapsed();
+    shared
+        .metrics
+        .added_latency_seconds
+        .observe(added.as_secs_f64());
+    response
+}
+
+/// The `source()` chain of an error, joined (hyper's top-level messages are terse).
+fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
+
+async fn read_body(mut body: Incoming, limit: u64, idle: Duration) -> Result<Bytes, ProxyError> {
+    let mut first: Option<Bytes> = None;
+    let mut buf: Option<BytesMut> = None;
+    let mut total: u64 = 0;
+    loop {
+        let frame = match tokio::time::timeout(idle, body.frame()).await {
+            Err(_) => {
+                return Err(ProxyError::RequestBodyTimeout {
+                    idle_ms: idle.as_millis() as u64,
+                });
+            }
+            Ok(None) => break,
+            Ok(Some(Err(e))) => {
+                return Err(ProxyError::RequestBody {
+                    reason: error_chain(&e),
+                });
+            }
+            Ok(Some(Ok(f))) => f,
+        };
+        let Ok(data) = frame.into_data() else {
+            continue; // request trailers: not forwarded (bodies are re-sent with a length)
+        };
+        total += data.len() as u64;
+        if total > limit {
+            return Err(ProxyError::BodyTooLarge { limit });
+        }
+        // Keep a single chunk zero-copy; concatenate only when there are several.
+        match (&mut first, &mut buf) {
+            (None, None) => first = Some(data),
+            (Some(f), None) => {
+                let mut b = BytesMut::with_capacity(f.len() + data.len());
+                b.extend_from_slice(f);
+                b.extend_from_slice(&data);
+                first = None;
+                buf = Some(b);
+            }
+            (_, Some(b)) => b.extend_from_slice(&data),
+        }
+    }
+    Ok(match (first, buf) {
+        (_, Some(b)) => b.freeze(),
+        (Some(f), None) => f,
+        (None, None) => Bytes::new(),
+    })
+}
+
+fn local_response(err: &ProxyError, shape: ErrorShape) -> Response<ProxyBody> {
+    err.to_response(shape).map(ProxyBody::local)
+}
+
+fn count_error(shared: &Shared, err: &ProxyError, api: &'static str, class: Option<RequestClass>) {
+    let m = &shared.metrics;
+    m.proxy_errors
+        .get_or_create(&ErrorLabels {
+            side: err.side().as_str(),
+            code: err.code(),
+        })
+        .inc();
+    m.requests
+        .get_or_create(&RequestLabels {
+            api,
+            class: class_label(class),
+            status: err.status().as_u16(),
+        })
+        .inc();
+}
+
+/// An error before anything was forwarded (client-side problems, no route).
+fn local_error(shared: &Shared, err: ProxyError, shape: ErrorShape) -> Response<ProxyBody> {
+    debug!(side = err.side().as_str(), code = err.code(), error = %err, "request rejected");
+    count_error(shared, &err, "none", None);
+    local_response(&err, shape)
+}
+
+/// The upstream failed before a response head: answer in the API's shape, end the tracked
+/// request, and record the exchange.
+fn upstream_failure(
+    shared: &Arc<Shared>,
+    mut ctx: ExchangeCtx,
+    guard: &mut InFlightGuard,
+    err: ProxyError,
+    shape: ErrorShape,
+) -> Response<ProxyBody> {
+    warn!(side = err.side().as_str(), code = err.code(), error = %err, "upstream request failed");
+    let api = api_label(ctx.api);
+    count_error(shared, &err, api, ctx.class);
+    let status = err.status().as_u16();
+    if let Some(id) = guard.disarm() {
+        let summary =
+            ResponseObserver::new(ctx.api, status, false).finish(StreamEnd::UpstreamError);
+        let at = shared.clock.micros(Instant::now());
+        shared
+            .tracker
+            .lock()
+            .on_response_end(ctx.sandbox.as_str(), id, &summary, None, at);
+    }
+    let response = local_response(&err, shape);
+    if shared.config.transcript.enabled {
+        let now = Instant::now();
+        let rel = |t: Instant| t.saturating_duration_since(ctx.started).as_micros() as u64;
+        let x = Exchange {
+            id: ctx.id,
+            sandbox: ctx.sandbox.clone(),
+            started_unix_ms: shared.clock.unix_ms(ctx.started),
+            method: ctx.method.clone(),
+            path: std::mem::take(&mut ctx.path),
+            upstream: std::mem::take(&mut ctx.upstream),
+            api,
+            class: ctx.class.map(|c| class_label(Some(c)).to_owned()),
+            turn: ctx.turn,
+            tracker_request_id: ctx.tracker_id.map(|r| r.0),
+            request_headers: ctx.request_headers.take().unwrap_or_default(),
+            request_body: std::mem::take(&mut ctx.request_body),
+            response: None,
+            error: Some(ErrorRecord {
+                side: err.side().as_str().to_owned(),
+                code: err.code().to_owned(),
+                message: err.message(),
+            }),
+            timings: Timings {
+                upstream_sent_us: ctx.upstream_sent.map(rel),
+                end_us: Some(rel(now)),
+                ..Timings::default()
+            },
+            end: Some(end_label(StreamEnd::UpstreamError).to_owned()),
+            analysis: None,
+            sync: ctx.sync,
+        };
+        if !shared.transcript.record(x) {
+            shared.metrics.transcript_dropped.inc();
+        }
+    }
+    response
+}

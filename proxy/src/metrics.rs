@@ -1,0 +1,140 @@
+//! Prometheus metrics (prometheus-client), served by the admin listener at `/metrics`.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+/// Labels of `crab_requests_total`.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabels {
+    pub api: &'static str,
+    pub class: &'static str,
+    pub status: u16,
+}
+
+/// A label set with only the API.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ApiLabels {
+    pub api: &'static str,
+}
+
+/// Labels of `crab_stream_ends_total`.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct EndLabels {
+    pub api: &'static str,
+    pub end: &'static str,
+}
+
+/// Labels of `crab_proxy_errors_total`.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ErrorLabels {
+    pub side: &'static str,
+    pub code: &'static str,
+}
+
+/// Labels of `crab_turns_total`.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SandboxLabels {
+    pub sandbox: String,
+}
+
+/// All proxy metrics.
+pub struct Metrics {
+    pub requests: Family<RequestLabels, Counter>,
+    pub request_bytes: Family<ApiLabels, Counter>,
+    pub response_bytes: Family<ApiLabels, Counter>,
+    pub active_streams: Gauge,
+    pub ttft_seconds: Family<ApiLabels, Histogram>,
+    pub added_latency_seconds: Histogram,
+    pub stream_ends: Family<EndLabels, Counter>,
+    pub proxy_errors: Family<ErrorLabels, Counter>,
+    pub turns: Family<SandboxLabels, Counter>,
+    pub transcript_dropped: Counter,
+    pub transcript_write_errors: Counter,
+}
+
+impl Metrics {
+    /// Creates the metrics and registers them in `registry` under the `crab` prefix.
+    pub fn new(registry: &mut Registry) -> Self {
+        let m = Self {
+            requests: Family::default(),
+            request_bytes: Family::default(),
+            response_bytes: Family::default(),
+            active_streams: Gauge::default(),
+            ttft_seconds: Family::new_with_constructor(|| {
+                Histogram::new(exponential_buckets(0.001, 2.0, 19))
+            }),
+            added_latency_seconds: Histogram::new(exponential_buckets(0.000_005, 2.0, 17)),
+            stream_ends: Family::default(),
+            proxy_errors: Family::default(),
+            turns: Family::default(),
+            transcript_dropped: Counter::default(),
+            transcript_write_errors: Counter::default(),
+        };
+        let r = registry.sub_registry_with_prefix("crab");
+        r.register(
+            "requests",
+            "Requests forwarded or answered, by API, class and status",
+            m.requests.clone(),
+        );
+        r.register(
+            "request_bytes",
+            "Request body bytes received from clients, by API",
+            m.request_bytes.clone(),
+        );
+        r.register(
+            "response_bytes",
+            "Response body bytes forwarded to clients, by API",
+            m.response_bytes.clone(),
+        );
+        r.register(
+            "active_streams",
+            "Responses currently being forwarded",
+            m.active_streams.clone(),
+        );
+        r.register(
+            "ttft_seconds",
+            "Time from request arrival to the first content token, by API",
+            m.ttft_seconds.clone(),
+        );
+        r.register(
+            "added_latency_seconds",
+            "The proxy's own time per request: request head in to upstream request sent, plus \
+             response head in to response head out",
+            m.added_latency_seconds.clone(),
+        );
+        r.register(
+            "stream_ends",
+            "Responses by how they ended (completed, upstream_error, cut, client_cancelled)",
+            m.stream_ends.clone(),
+        );
+        r.register(
+            "proxy_errors",
+            "Errors answered by the proxy itself, by failed side and code",
+            m.proxy_errors.clone(),
+        );
+        r.register("turns", "Turns started, by sandbox", m.turns.clone());
+        r.register(
+            "transcript_dropped",
+            "Transcript records dropped because the writer queue was full",
+            m.transcript_dropped.clone(),
+        );
+        r.register(
+            "transcript_write_errors",
+            "Transcript write or sync failures",
+            m.transcript_write_errors.clone(),
+        );
+        m
+    }
+}
+
+/// Encodes a registry in the Prometheus text format.
+pub fn encode(registry: &Registry) -> String {
+    let mut out = String::with_capacity(8192);
+    // Writing into a String cannot fail.
+    let _ = prometheus_client::encoding::text::encode(&mut out, registry);
+    out
+}

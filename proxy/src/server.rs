@@ -1,0 +1,442 @@
+//! Listeners, connections and graceful shutdown (mini-redis style: [`Server::run`] takes bound
+//! listeners and a shutdown future, so tests run the whole proxy in-process on port 0).
+//!
+//! The proxy listener speaks HTTP/1.1 and h2c (or, with TLS, both via ALPN); the admin listener
+//! serves the [`AdminRouter`]. On shutdown both stop accepting, open connections are asked to
+//! finish (in-flight streams keep flowing) for up to `timeouts.shutdown_grace`, then anything
+//! left is dropped, and the transcript is flushed.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::{Method, StatusCode};
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use prometheus_client::registry::Registry;
+use serde::Serialize;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+use tokio_rustls::TlsAcceptor;
+use tracing::{debug, info, warn};
+
+use crate::admin::{AdminRequest, AdminRouter, error_response, json_response, text_response};
+use crate::config::Config;
+use crate::forward::{self, Shared};
+use crate::metrics::Metrics;
+use crate::sandbox::SandboxId;
+use crate::tls::TlsError;
+use crate::transcript::{Transcript, TranscriptError, WriterHooks};
+
+/// Errors starting or running the server.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    /// Binding a listener failed.
+    #[error("cannot bind {what} listener on {addr}: {source}")]
+    Bind {
+        what: &'static str,
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    /// TLS setup failed.
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+    /// The transcript could not be started.
+    #[error(transparent)]
+    Transcript(#[from] TranscriptError),
+    /// Reading a listener's local address failed.
+    #[error("cannot read the local address of the {what} listener: {source}")]
+    LocalAddr {
+        what: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// The bound listeners.
+#[derive(Debug)]
+pub struct Listeners {
+    pub proxy: TcpListener,
+    pub admin: TcpListener,
+}
+
+impl Listeners {
+    /// Binds the configured addresses.
+    pub async fn bind(config: &Config) -> Result<Self, ServeError> {
+        let proxy = TcpListener::bind(config.listen)
+            .await
+            .map_err(|source| ServeError::Bind {
+                what: "proxy",
+                addr: config.listen,
+                source,
+            })?;
+        let admin = TcpListener::bind(config.admin)
+            .await
+            .map_err(|source| ServeError::Bind {
+                what: "admin",
+                addr: config.admin,
+                source,
+            })?;
+        Ok(Self { proxy, admin })
+    }
+
+    /// The actual addresses (useful with port 0).
+    pub fn local_addrs(&self) -> Result<(SocketAddr, SocketAddr), ServeError> {
+        let p = self
+            .proxy
+            .local_addr()
+            .map_err(|source| ServeError::LocalAddr {
+                what: "proxy",
+                source,
+            })?;
+        let a = self
+            .admin
+            .local_addr()
+            .map_err(|source| ServeError::LocalAddr {
+                what: "admin",
+                source,
+            })?;
+        Ok((p, a))
+    }
+}
+
+struct MetricHooks(prometheus_client::metrics::counter::Counter);
+
+impl WriterHooks for MetricHooks {
+    fn write_error(&self, err: &TranscriptError) {
+        self.0.inc();
+        warn!(error = %err, "transcript write failed");
+    }
+}
+
+/// A configured, not yet running proxy.
+pub struct Server {
+    shared: Arc<Shared>,
+    admin: AdminRouter,
+    tls: Option<TlsAcceptor>,
+}
+
+impl Server {
+    /// Builds the upstream client, metrics, tracker and transcript writer, and the standard
+    /// admin routes.
+    pub fn new(config: Config) -> Result<Self, ServeError> {
+        let client_tls = crate::tls::client_config(config.extra_ca_file.as_deref())?;
+        let tls = match &config.tls {
+            Some(files) => Some(TlsAcceptor::from(Arc::new(crate::tls::server_config(
+                &files.cert_file,
+                &files.key_file,
+            )?))),
+            None => None,
+        };
+        let mut registry = Registry::default();
+        let metrics = Metrics::new(&mut registry);
+        let transcript = Transcript::start(
+            &config.transcript,
+            config.redact_headers.clone(),
+            MetricHooks(metrics.transcript_write_errors.clone()),
+        )?;
+        let client = forward::build_client(&config, client_tls);
+        let shared = Arc::new(Shared::new(config, client, metrics, registry, transcript));
+        let admin = standard_routes(AdminRouter::new(), shared.clone());
+        Ok(Self { shared, admin, tls })
+    }
+
+    /// The shared state (tracker, metrics, config).
+    pub fn shared(&self) -> &Arc<Shared> {
+        &self.shared
+    }
+
+    /// The admin router, to add routes before [`run`](Self::run).
+    pub fn admin_router_mut(&mut self) -> &mut AdminRouter {
+        &mut self.admin
+    }
+
+    /// Serves until `shutdown` resolves, then drains (see the module docs).
+    pub async fn run(
+        self,
+        listeners: Listeners,
+        shutdown: impl Future<Output = ()>,
+    ) -> Result<(), ServeError> {
+        let (proxy_addr, admin_addr) = listeners.local_addrs()?;
+        let Server { shared, admin, tls } = self;
+        let admin = Arc::new(admin);
+        let grace = shared.config.timeouts.shutdown_grace;
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let (hard_tx, hard_rx) = watch::channel(false);
+
+        let proxy_task = tokio::spawn(accept_proxy(
+            listeners.proxy,
+            shared.clone(),
+            tls,
+            stop_rx.clone(),
+            hard_rx.clone(),
+        ));
+        let admin_task = tokio::spawn(accept_admin(
+            listeners.admin,
+            admin,
+            shared.clone(),
+            stop_rx,
+            hard_rx,
+        ));
+        info!(%proxy_addr, %admin_addr, "crab proxy serving");
+
+        shutdown.await;
+        info!(
+            grace_ms = grace.as_millis() as u64,
+            "shutting down: draining open streams"
+        );
+        let _ = stop_tx.send(true);
+        let drained = tokio::time::timeout(grace, async {
+            let _ = proxy_task.await;
+            let _ = admin_task.await;
+        })
+        .await;
+        if drained.is_err() {
+            warn!("shutdown grace period over: dropping the remaining connections");
+            let _ = hard_tx.send(true);
+        }
+        shared.transcript.shutdown().await;
+        info!("crab proxy stopped");
+        Ok(())
+    }
+}
+
+/// Convenience: build and run in one call.
+pub async fn run(
+    config: Config,
+    listeners: Listeners,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), ServeError> {
+    Server::new(config)?.run(listeners, shutdown).await
+}
+
+fn connection_builder(config: &Config) -> auto::Builder<TokioExecutor> {
+    let mut b = auto::Builder::new(TokioExecutor::new());
+    b.http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(config.timeouts.client_header)
+        .auto_date_header(false);
+    b.http2()
+        .timer(TokioTimer::new())
+        .auto_date_header(false)
+        .max_concurrent_streams(1024);
+    b
+}
+
+/// Waits for the stop signal (or returns at once if it was already given).
+async fn stopped(rx: &mut watch::Receiver<bool>) {
+    let _ = rx.wait_for(|s| *s).await;
+}
+
+async fn accept_proxy(
+    listener: TcpListener,
+    shared: Arc<Shared>,
+    tls: Option<TlsAcceptor>,
+    mut stop: watch::Receiver<bool>,
+    hard: watch::Receiver<bool>,
+) {
+    let builder = Arc::new(connection_builder(&shared.config));
+    let graceful = GracefulShutdown::new();
+    loop {
+        let (stream, peer) = tokio::select! {
+            _ = stopped(&mut stop) => break,
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    // EMFILE and friends: back off instead of spinning.
+                    warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    continue;
+                }
+            },
+        };
+        let _ = stream.set_nodelay(true);
+        let shared = shared.clone();
+        let builder = builder.clone();
+        let watcher = graceful.watcher();
+        let mut hard = hard.clone();
+        let tls = tls.clone();
+        let tls_timeout = shared.config.timeouts.tls_handshake;
+        tokio::spawn(async move {
+            let service = service_fn(move |req| forward::handle(shared.clone(), Some(peer), req));
+            let handshake = shared_handshake(&tls, stream, tls_timeout);
+            let serve = async {
+                match handshake.await {
+                    Ok(Io::Plain(s)) => {
+                        let conn = builder.serve_connection(TokioIo::new(s), service);
+                        if let Err(e) = watcher.watch(conn.into_owned()).await {
+                            debug!(%peer, error = %e, "connection ended with error");
+                        }
+                    }
+                    Ok(Io::Tls(s)) => {
+                        let conn = builder.serve_connection(TokioIo::new(s), service);
+                        if let Err(e) = watcher.watch(conn.into_owned()).await {
+                            debug!(%peer, error = %e, "TLS connection ended with error");
+                        }
+                    }
+                    Err(e) => debug!(%peer, error = %e, "TLS handshake failed"),
+                }
+            };
+            tokio::select! {
+                _ = serve => {}
+                _ = stopped(&mut hard) => {}
+            }
+        });
+    }
+    drop(listener);
+    graceful.shutdown().await;
+}
+
+enum Io {
+    Plain(TcpStream),
+    Tls(Box<tokio_rustls::server::TlsStream<TcpStream>>),
+}
+
+fn shared_handshake(
+    tls: &Option<TlsAcceptor>,
+    stream: TcpStream,
+    limit: Duration,
+) -> impl Future<Output = std::io::Result<Io>> + use<> {
+    let tls = tls.clone();
+    async move {
+        match tls {
+            None => Ok(Io::Plain(stream)),
+            Some(acceptor) => {
+                // Handshake limit: a silent client must not hold a task forever.
+                match tokio::time::timeout(limit, acceptor.accept(stream)).await {
+                    Ok(r) => r.map(|s| Io::Tls(Box::new(s))),
+                    Err(_) => Err(std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        "TLS handshake timed out",
+                    )),
+                }
+            }
+        }
+    }
+}
+
+async fn accept_admin(
+    listener: TcpListener,
+    router: Arc<AdminRouter>,
+    shared: Arc<Shared>,
+    mut stop: watch::Receiver<bool>,
+    hard: watch::Receiver<bool>,
+) {
+    let builder = Arc::new(connection_builder(&shared.config));
+    let graceful = GracefulShutdown::new();
+    loop {
+        let (stream, _peer) = tokio::select! {
+            _ = stopped(&mut stop) => break,
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    warn!(error = %e, "admin accept failed");
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    continue;
+                }
+            },
+        };
+        let router = router.clone();
+        let builder = builder.clone();
+        let watcher = graceful.watcher();
+        let mut hard = hard.clone();
+        tokio::spawn(async move {
+            let service = service_fn(move |req| {
+                let router = router.clone();
+                async move { Ok::<_, std::convert::Infallible>(router.handle(req).await) }
+            });
+            let conn = builder.serve_connection(TokioIo::new(stream), service);
+            tokio::select! {
+                _ = watcher.watch(conn.into_owned()) => {}
+                _ = stopped(&mut hard) => {}
+            }
+        });
+    }
+    drop(listener);
+    graceful.shutdown().await;
+}
+
+/// One entry of `GET /api/sandboxes`.
+#[derive(Debug, Clone, Serialize, serde::Deserialize, PartialEq)]
+pub struct SandboxInfo {
+    pub id: String,
+    /// Turns seen (closed + open).
+    pub turns: u64,
+    /// The open turn's number, if any.
+    pub open_turn: Option<u64>,
+}
+
+/// Registers the proxy's own admin routes:
+/// `GET /healthz`, `GET /metrics`, `GET /api/sandboxes`,
+/// `GET /api/sandboxes/{id}/turns`.
+pub fn standard_routes(router: AdminRouter, shared: Arc<Shared>) -> AdminRouter {
+    let s_metrics = shared.clone();
+    let s_sandboxes = shared.clone();
+    let s_turns = shared.clone();
+    let s_health = shared;
+    router
+        .route(Method::GET, "/healthz", move |_req: AdminRequest| {
+            let origin = s_health.clock.origin_unix_ms();
+            async move {
+                json_response(
+                    StatusCode::OK,
+                    &serde_json::json!({
+                        "status": "ok",
+                        "version": env!("CARGO_PKG_VERSION"),
+                        "clock_origin_unix_ms": origin,
+                    }),
+                )
+            }
+        })
+        .route(Method::GET, "/metrics", move |_req: AdminRequest| {
+            let text = crate::metrics::encode(&s_metrics.registry);
+            async move {
+                text_response(
+                    StatusCode::OK,
+                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                    text,
+                )
+            }
+        })
+        .route(Method::GET, "/api/sandboxes", move |_req: AdminRequest| {
+            let list: Vec<SandboxInfo> = {
+                let t = s_sandboxes.tracker.lock();
+                t.sandboxes()
+                    .into_iter()
+                    .map(|id| {
+                        let turns = t.turns(&id);
+                        SandboxInfo {
+                            turns: turns.len() as u64,
+                            open_turn: turns.iter().rev().find(|t| !t.closed).map(|t| t.turn),
+                            id,
+                        }
+                    })
+                    .collect()
+            };
+            async move { json_response(StatusCode::OK, &list) }
+        })
+        .route(
+            Method::GET,
+            "/api/sandboxes/{id}/turns",
+            move |req: AdminRequest| {
+                let id = req.param("id").unwrap_or_default().to_owned();
+                let result = match SandboxId::new(&id) {
+                    Some(id) => Ok(s_turns.tracker.lock().turns(id.as_str())),
+                    None => Err(id),
+                };
+                async move {
+                    match result {
+                        Ok(turns) => json_response(StatusCode::OK, &turns),
+                        Err(id) => error_response(
+                            StatusCode::BAD_REQUEST,
+                            &format!("invalid sandbox id {id:?}"),
+                        ),
+                    }
+                }
+            },
+        )
+}

@@ -1,0 +1,652 @@
+//! The durable, redacted, bounded per-sandbox transcript.
+//!
+//! The forwarding path hands each finished request/response ([`Exchange`]) to a bounded queue
+//! (`try_send`: never blocks; a full queue drops the record and counts it). One dedicated OS
+//! thread owns the files: it redacts headers, encodes bodies, appends one JSON line per exchange
+//! to `<dir>/<sandbox>.jsonl`, flushes after each batch, fsyncs at turn boundaries and at least
+//! every `sync_interval`, and rotates a file that would exceed `max_file_bytes`
+//! (`<sandbox>.1.jsonl` is the newest rotated file; at most `rotated_files` are kept).
+//!
+//! Each line is a [`TranscriptRecord`] (format version [`FORMAT_VERSION`]). `request.body_digest`
+//! is the blake3 hex of the exact request body, so a replay cache can answer an identical
+//! request with the recorded response.
+
+use std::collections::HashMap;
+use std::fs::{File, OpenOptions};
+use std::io::{BufWriter, Write};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use base64::Engine;
+use bytes::Bytes;
+use http::{HeaderMap, HeaderName};
+use serde::{Deserialize, Serialize};
+use std::sync::mpsc;
+
+use tokio::sync::oneshot;
+
+use crate::config::TranscriptSettings;
+use crate::sandbox::SandboxId;
+
+/// Version of the line format.
+pub const FORMAT_VERSION: u32 = 1;
+/// Files kept open at once (a daemon may serve thousands of sandboxes).
+const MAX_OPEN_FILES: usize = 256;
+
+/// Transcript I/O errors (reported through logs and metrics: the proxy keeps forwarding).
+#[derive(Debug, thiserror::Error)]
+pub enum TranscriptError {
+    /// A file operation failed.
+    #[error("transcript {op} failed for {path}: {source}")]
+    Io {
+        op: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The writer thread could not be started.
+    #[error("cannot start the transcript writer thread: {source}")]
+    Spawn {
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// One finished exchange, as handed over by the forwarding path (secrets still inside: they
+/// are redacted by the writer before anything is written).
+#[derive(Debug)]
+pub struct Exchange {
+    pub id: u64,
+    pub sandbox: SandboxId,
+    pub started_unix_ms: u64,
+    pub method: http::Method,
+    /// Path and query as forwarded upstream.
+    pub path: String,
+    pub upstream: String,
+    pub api: &'static str,
+    pub class: Option<String>,
+    pub turn: Option<u64>,
+    pub tracker_request_id: Option<u64>,
+    pub request_headers: HeaderMap,
+    pub request_body: Bytes,
+    pub response: Option<ResponseCapture>,
+    pub error: Option<ErrorRecord>,
+    pub timings: Timings,
+    /// How the response body ended (`completed`, `cut`, ...), if a body was forwarded.
+    pub end: Option<String>,
+    /// The protocol analysis of the response, if any.
+    pub analysis: Option<serde_json::Value>,
+    /// fsync the sandbox's file after this record (a turn boundary).
+    pub sync: bool,
+}
+
+/// The response side of an exchange.
+#[derive(Debug)]
+pub struct ResponseCapture {
+    pub status: u16,
+    pub headers: HeaderMap,
+    /// The forwarded body chunks (up to `max_body_bytes`).
+    pub body: Vec<Bytes>,
+    /// Total bytes forwarded (may exceed what `body` holds).
+    pub body_len: u64,
+    pub truncated: bool,
+}
+
+/// A proxy-generated error.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ErrorRecord {
+    pub side: String,
+    pub code: String,
+    pub message: String,
+}
+
+/// Microseconds since the request head arrived.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct Timings {
+    pub upstream_sent_us: Option<u64>,
+    pub response_head_us: Option<u64>,
+    pub first_byte_us: Option<u64>,
+    pub first_content_us: Option<u64>,
+    pub end_us: Option<u64>,
+}
+
+/// A body as written: UTF-8 text when it is, base64 otherwise.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "snake_case")]
+pub enum BodyText {
+    Text(String),
+    Base64(String),
+}
+
+impl BodyText {
+    fn encode(bytes: &[u8]) -> Self {
+        match std::str::from_utf8(bytes) {
+            Ok(s) => BodyText::Text(s.to_owned()),
+            Err(_) => BodyText::Base64(base64::engine::general_purpose::STANDARD.encode(bytes)),
+        }
+    }
+
+    /// The exact bytes.
+    pub fn decode(&self) -> Option<Vec<u8>> {
+        match self {
+            BodyText::Text(s) => Some(s.as_bytes().to_vec()),
+            BodyText::Base64(b) => base64::engine::general_purpose::STANDARD.decode(b).ok(),
+        }
+    }
+}
+
+/// The request part of a record.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct RequestRecord {
+    pub method: String,
+    pub path: String,
+    pub headers: Vec<(String, String)>,
+    pub body_digest: String,
+    pub body_len: u64,
+    pub body: BodyText,
+    pub body_truncated: bool,
+}
+
+/// The response part of a record.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ResponseRecord {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body_len: u64,
+    pub body: BodyText,
+    pub body_truncated: bool,
+}
+
+/// One line of a transcript file.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct TranscriptRecord {
+    pub v: u32,
+    pub id: u64,
+    pub sandbox: String,
+    pub started_unix_ms: u64,
+    pub upstream: String,
+    pub api: String,
+    pub class: Option<String>,
+    pub turn: Option<u64>,
+    pub tracker_request_id: Option<u64>,
+    pub request: RequestRecord,
+    pub response: Option<ResponseRecord>,
+    pub error: Option<ErrorRecord>,
+    pub timings: Timings,
+    pub end: Option<String>,
+    pub analysis: Option<serde_json::Value>,
+}
+
+impl TranscriptRecord {
+    /// Builds the redacted record of an exchange.
+    pub fn from_exchange(x: &Exchange, redact: &[HeaderName], max_body: u64) -> Self {
+        let body_digest = blake3::hash(&x.request_body).to_hex().to_string();
+        let req_limit = (max_body as usize).min(x.request_body.len());
+        let request = RequestRecord {
+            method: x.method.as_str().to_owned(),
+            path: x.path.clone(),
+            headers: crate::headers::redacted_pairs(&x.request_headers, redact),
+            body_digest,
+            body_len: x.request_body.len() as u64,
+            body: BodyText::encode(&x.request_body[..req_limit]),
+            body_truncated: req_limit < x.request_body.len(),
+        };
+        let response = x.response.as_ref().map(|r| {
+            let mut buf = Vec::with_capacity(r.body.iter().map(|b| b.len()).sum());
+            for b in &r.body {
+                buf.extend_from_slice(b);
+            }
+            ResponseRecord {
+                status: r.status,
+                headers: crate::headers::redacted_pairs(&r.headers, redact),
+                body_len: r.body_len,
+                body: BodyText::encode(&buf),
+                body_truncated: r.truncated,
+            }
+        });
+        TranscriptRecord {
+            v: FORMAT_VERSION,
+            id: x.id,
+            sandbox: x.sandbox.to_string(),
+            started_unix_ms: x.started_unix_ms,
+            upstream: x.upstream.clone(),
+            api: x.api.to_owned(),
+            class: x.class.clone(),
+            turn: x.turn,
+            tracker_request_id: x.tracker_request_id,
+            request,
+            response,
+            error: x.error.clone(),
+            timings: x.timings.clone(),
+            end: x.end.clone(),
+            analysis: x.analysis.clone(),
+        }
+    }
+}
+
+/// The path of a sandbox's current transcript file.
+pub fn transcript_path(dir: &Path, sandbox: &str) -> PathBuf {
+    dir.join(format!("{sandbox}.jsonl"))
+}
+
+fn rotated_path(dir: &Path, sandbox: &str, n: u32) -> PathBuf {
+    dir.join(format!("{sandbox}.{n}.jsonl"))
+}
+
+/// Reads every record of a transcript file (tests, tools, replay).
+pub fn read_records(path: &Path) -> Result<Vec<TranscriptRecord>, TranscriptError> {
+    let text = std::fs::read_to_string(path).map_err(|source| TranscriptError::Io {
+        op: "read",
+        path: path.to_owned(),
+        source,
+    })?;
+    Ok(text
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect())
+}
+
+enum Msg {
+    Record(Box<Exchange>),
+    Flush(oneshot::Sender<()>),
+}
+
+/// Hooks the writer reports through (metrics).
+pub trait WriterHooks: Send + 'static {
+    fn write_error(&self, err: &TranscriptError);
+}
+
+/// The forwarding side's handle on the writer thread.
+#[derive(Debug)]
+pub struct Transcript {
+    tx: Option<mpsc::SyncSender<Msg>>,
+    thread: parking_lot::Mutex<Option<std::thread::JoinHandle<()>>>,
+}
+
+impl std::fmt::Debug for Msg {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Msg")
+    }
+}
+
+impl Transcript {
+    /// A transcript that records nothing.
+    pub fn disabled() -> Self {
+        Self {
+            tx: None,
+            thread: parking_lot::Mutex::new(None),
+        }
+    }
+
+    /// Creates the directory and starts the writer thread.
+    pub fn start(
+        settings: &TranscriptSettings,
+        redact: Vec<HeaderName>,
+        hooks: impl WriterHooks,
+    ) -> Result<Self, TranscriptError> {
+        if !settings.enabled {
+            return Ok(Self::disabled());
+        }
+        std::fs::create_dir_all(&settings.dir).map_err(|source| TranscriptError::Io {
+            op: "create directory",
+            path: settings.dir.clone(),
+            source,
+        })?;
+        let (tx, rx) = mpsc::sync_channel(settings.queue_capacity);
+        let writer = Writer {
+            settings: settings.clone(),
+            redact,
+            files: HashMap::new(),
+            hooks: Box::new(hooks),
+        };
+        let thread = std::thread::Builder::new()
+            .name("crab-transcript".into())
+            .spawn(move || writer.run(rx))
+            .map_err(|source| TranscriptError::Spawn { source })?;
+        Ok(Self {
+            tx: Some(tx),
+            thread: parking_lot::Mutex::new(Some(thread)),
+        })
+    }
+
+    /// Queues an exchange; returns false if it was dropped (queue full or writer gone).
+    pub fn record(&self, x: Exchange) -> bool {
+        match &self.tx {
+            Some(tx) => tx.try_send(Msg::Record(Box::new(x))).is_ok(),
+            None => true,
+        }
+    }
+
+    /// Waits until everything queued so far is written and fsync'd.
+    pub async fn flush(&self) {
+        if let Some(tx) = &self.tx {
+            let (done, wait) = oneshot::channel();
+            let mut msg = Msg::Flush(done);
+            loop {
+                match tx.try_send(msg) {
+                    Ok(()) => break,
+                    Err(mpsc::TrySendError::Full(m)) => {
+                        msg = m;
+                        tokio::time::sleep(Duration::from_millis(1)).await;
+                    }
+                    Err(mpsc::TrySendError::Disconnected(_)) => return,
+                }
+            }
+            let _ = wait.await;
+        }
+    }
+
+    /// Flushes and stops the writer thread (waits for it).
+    pub async fn shutdown(&self) {
+        self.flush().await;
+        // The thread exits once every sender is gone; ours is dropped with `self`, so here we
+        // only make sure all data is durable. Joining happens in `Drop`.
+    }
+}
+
+impl Drop for Transcript {
+    fn drop(&mut self) {
+        self.tx.take();
+        if let Some(t) = self.thread.lock().take() {
+            let _ = t.join();
+        }
+    }
+}
+
+struct OpenFile {
+    out: BufWriter<File>,
+    size: u64,
+    dirty: bool,
+    needs_sync: bool,
+}
+
+struct Writer {
+    settings: TranscriptSettings,
+    redact: Vec<HeaderName>,
+    files: HashMap<String, OpenFile>,
+    hooks: Box<dyn WriterHooks>,
+}
+
+impl Writer {
+    fn run(mut self, rx: mpsc::Receiver<Msg>) {
+        let mut last_sync = std::time::Instant::now();
+        let mut flushes: Vec<oneshot::Sender<()>> = Vec::new();
+        loop {
+            // Block for the first message (with a timeout so periodic syncs happen), then
+            // drain whatever else is queued: one flush per batch.
+            let first = match rx.recv_timeout(self.settings.sync_interval) {
+                Ok(m) => Some(m),
+                Err(mpsc::RecvTimeoutError::Timeout) => None,
+                Err(mpsc::RecvTimeoutError::Disconnected) => break,
+            };
+            let mut batch: Vec<Msg> = first.into_iter().collect();
+            while let Ok(m) = rx.try_recv() {
+                batch.push(m);
+                if batch.len() >= 1024 {
+                    break;
+                }
+            }
+            let mut force_sync = false;
+            for m in batch {
+                match m {
+                    Msg::Record(x) => {
+                        if let Err(e) = self.write(&x) {
+                            self.hooks.write_error(&e);
+                        }
+                    }
+                    Msg::Flush(done) => {
+                        force_sync = true;
+                        flushes.push(done);
+                    }
+                }
+            }
+            let periodic = last_sync.elapsed() >= self.settings.sync_interval;
+            self.flush_all(force_sync || periodic);
+            if force_sync || periodic {
+                last_sync = std::time::Instant::now();
+            }
+            for f in flushes.drain(..) {
+                let _ = f.send(());
+            }
+        }
+        self.flush_all(true);
+    }
+
+    fn write(&mut self, x: &Exchange) -> Result<(), TranscriptError> {
+        let record = TranscriptRecord::from_exchange(x, &self.redact, self.settings.max_body_bytes);
+        let mut line = serde_json::to_vec(&record).unwrap_or_default();
+        line.push(b'\n');
+        let sandbox = x.sandbox.as_str();
+        let path = transcript_path(&self.settings.dir, sandbox);
+        let needs_rotation = self
+            .files
+            .get(sandbox)
+            .map(|f| f.size > 0 && f.size + line.len() as u64 > self.settings.max_file_bytes)
+            .unwrap_or(false);
+        if needs_rotation {
+            if let Some(mut f) = self.files.remove(sandbox) {
+                let _ = f.out.flush();
+                let _ = f.out.get_ref().sync_data();
+            }
+            self.rotate(sandbox)?;
+        }
+        if !self.files.contains_key(sandbox) {
+            if self.files.len() >= MAX_OPEN_FILES {
+                self.flush_all(true);
+                self.files.clear();
+            }
+            let file = OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&path)
+                .map_err(|source| TranscriptError::Io {
+                    op: "open",
+                    path: path.clone(),
+                    source,
+                })?;
+            let size = file.metadata().map(|m| m.len()).unwrap_or(0);
+            self.files.insert(
+                sandbox.to_owned(),
+                OpenFile {
+                    out: BufWriter::with_capacity(64 * 1024, file),
+                    size,
+                    dirty: false,
+                    needs_sync: false,
+                },
+            );
+            if size > 0 && size + line.len() as u64 > self.settings.max_file_bytes {
+                // An existing file from an earlier run is already full.
+                self.files.remove(sandbox);
+                self.rotate(sandbox)?;
+                return self.write(x);
+            }
+        }
+        let f = self.files.get_mut(sandbox).expect("inserted above");
+        f.out
+            .write_all(&line)
+            .map_err(|source| TranscriptError::Io {
+                op: "write",
+                path: path.clone(),
+                source,
+            })?;
+        f.size += line.len() as u64;
+        f.dirty = true;
+        f.needs_sync |= x.sync;
+        Ok(())
+    }
+
+    fn rotate(&self, sandbox: &str) -> Result<(), TranscriptError> {
+        let dir = &self.settings.dir;
+        let current = transcript_path(dir, sandbox);
+        let keep = self.settings.rotated_files;
+        if keep == 0 {
+            return std::fs::remove_file(&current).map_err(|source| TranscriptError::Io {
+                op: "remove full file",
+                path: current,
+                source,
+            });
+        }
+        let _ = std::fs::remove_file(rotated_path(dir, sandbox, keep));
+        for n in (1..keep).rev() {
+            let from = rotated_path(dir, sandbox, n);
+            if from.exists() {
+                let to = rotated_path(dir, sandbox, n + 1);
+                std::fs::rename(&from, &to).map_err(|source| TranscriptError::Io {
+                    op: "rotate",
+                    path: from.clone(),
+                    source,
+                })?;
+            }
+        }
+        let to = rotated_path(dir, sandbox, 1);
+        std::fs::rename(&current, &to).map_err(|source| TranscriptError::Io {
+            op: "rotate",
+            path: current,
+            source,
+        })
+    }
+
+    fn flush_all(&mut self, sync_all: bool) {
+        let dir = self.settings.dir.clone();
+        let mut errors = Vec::new();
+        for (sandbox, f) in self.files.iter_mut() {
+            if f.dirty {
+                if let Err(source) = f.out.flush() {
+                    errors.push(TranscriptError::Io {
+                        op: "flush",
+                        path: transcript_path(&dir, sandbox),
+                        source,
+                    });
+                }
+                f.dirty = false;
+                f.needs_sync = f.needs_sync || sync_all;
+            }
+            if f.needs_sync || sync_all {
+                if f.needs_sync {
+                    if let Err(source) = f.out.get_ref().sync_data() {
+                        errors.push(TranscriptError::Io {
+                            op: "fsync",
+                            path: transcript_path(&dir, sandbox),
+                            source,
+                        });
+                    }
+                }
+                f.needs_sync = false;
+            }
+        }
+        for e in errors {
+            self.hooks.write_error(&e);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct NoHooks;
+    impl WriterHooks for NoHooks {
+        fn write_error(&self, err: &TranscriptError) {
+            panic!("unexpected transcript error: {err}");
+        }
+    }
+
+    fn settings(dir: &Path, max_file: u64, rotated: u32) -> TranscriptSettings {
+        TranscriptSettings {
+            enabled: true,
+            dir: dir.to_owned(),
+            max_file_bytes: max_file,
+            rotated_files: rotated,
+            max_body_bytes: 1024,
+            sync_interval: Duration::from_millis(50),
+            queue_capacity: 1024,
+        }
+    }
+
+    fn exchange(id: u64, body: &'static [u8]) -> Exchange {
+        let mut h = HeaderMap::new();
+        h.insert("authorization", "Bearer sk-SECRET".parse().unwrap());
+        h.insert("content-type", "application/json".parse().unwrap());
+        let mut rh = HeaderMap::new();
+        rh.insert("set-cookie", "session=SECRET".parse().unwrap());
+        Exchange {
+            id,
+            sandbox: SandboxId::new("sb").unwrap(),
+            started_unix_ms: 1,
+            method: http::Method::POST,
+            path: "/v1/chat/completions".into(),
+            upstream: "http://u".into(),
+            api: "chat_completions",
+            class: Some("main_loop".into()),
+            turn: Some(1),
+            tracker_request_id: Some(id),
+            request_headers: h,
+            request_body: Bytes::from_static(body),
+            response: Some(ResponseCapture {
+                status: 200,
+                headers: rh,
+                body: vec![Bytes::from_static(b"\xff\x00"), Bytes::from_static(b"ok")],
+                body_len: 4,
+                truncated: false,
+            }),
+            error: None,
+            timings: Timings::default(),
+            end: Some("completed".into()),
+            analysis: None,
+            sync: true,
+        }
+    }
+
+    #[tokio::test]
+    async fn writes_redacted_records() {
+        let dir = tempfile::tempdir().unwrap();
+        let t = Transcript::start(
+            &settings(dir.path(), 1 << 20, 2),
+            crate::config::ALWAYS_REDACTED
+                .iter()
+                .map(|n| HeaderName::from_static(n))
+                .collect(),
+            NoHooks,
+        )
+        .unwrap();
+        assert!(t.record(exchange(1, b"{\"a\":1}")));
+        t.flush().await;
+        let path = transcript_path(dir.path(), "sb");
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert!(!text.contains("SECRET"), "{text}");
+        let recs = read_records(&path).unwrap();
+        assert_eq!(recs.len(), 1);
+        let r = &recs[0];
+        assert_eq!(r.request.body, BodyText::Text("{\"a\":1}".into()));
+        assert_eq!(
+            r.request.body_digest,
+            blake3::hash(b"{\"a\":1}").to_hex().to_string()
+        );
+        let resp = r.response.as_ref().unwrap();
+        assert_eq!(resp.body.decode().unwrap(), b"\xff\x00ok");
+    }
+
+    #[tokio::test]
+    async fn rotation_bounds_disk_use() {
+        let dir = tempfile::tempdir().unwrap();
+        let t = Transcript::start(&settings(dir.path(), 4096, 2), Vec::new(), NoHooks).unwrap();
+        for i in 0..100 {
+            assert!(t.record(exchange(i, b"0123456789012345678901234567890123456789")));
+        }
+        t.flush().await;
+        drop(t);
+        let mut names: Vec<String> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        names.sort();
+        assert_eq!(names, vec!["sb.1.jsonl", "sb.2.jsonl", "sb.jsonl"]);
+        for n in &names {
+            let len = std::fs::metadata(dir.path().join(n)).unwrap().len();
+            assert!(len <= 4096, "{n}: {len}");
+        }
+        // The newest record is in the current file.
+        let recs = read_records(&transcript_path(dir.path(), "sb")).unwrap();
+        assert_eq!(recs.last().unwrap().id, 99);
+    }
+}
