@@ -26,8 +26,6 @@ pub fn new_client() -> HttpClient {
 #[derive(Debug, Clone, Default)]
 pub struct Timed {
     pub status: u16,
-    /// Time until the response head arrived.
-    pub head: Duration,
     /// Time until the first body frame (None: empty body).
     pub first_byte: Option<Duration>,
     /// Arrival time of every body frame.
@@ -66,7 +64,6 @@ pub async fn timed(
     let resp = client.request(req).await?;
     let mut t = Timed {
         status: resp.status().as_u16(),
-        head: start.elapsed(),
         ..Timed::default()
     };
     let mut body = resp.into_body();

@@ -13,6 +13,7 @@ use clap::{Parser, Subcommand};
 
 mod bench;
 mod client;
+mod demo;
 mod fake_cmd;
 mod procs;
 
@@ -27,6 +28,9 @@ struct Cli {
 enum Command {
     /// Serve the fake LLM (OpenAI chat/responses, Anthropic messages) until Ctrl-C.
     FakeLlm(fake_cmd::Args),
+    /// The quick-start demo: crab in front of the fake LLM with three scripted agents; prints
+    /// the turns crab saw.
+    Demo(demo::Args),
     /// Benchmarks.
     Bench {
         #[command(subcommand)]
@@ -46,6 +50,7 @@ fn main() -> anyhow::Result<()> {
         // Benchmarks dispatch synchronously; each builds a runtime if it needs one.
         Command::Bench { command } => bench::run(command),
         Command::FakeLlm(args) => runtime()?.block_on(fake_cmd::run(args)),
+        Command::Demo(args) => runtime()?.block_on(demo::run(args)),
     }
 }
 

@@ -196,7 +196,6 @@ impl CrabProcess {
 pub struct NginxProcess {
     pub guard: ChildGuard,
     pub listen: SocketAddr,
-    pub dir: PathBuf,
 }
 
 /// nginx's binary (Debian's nginx-light).
@@ -278,11 +277,7 @@ http {{
             }
             tokio::time::sleep(Duration::from_millis(30)).await;
         }
-        Ok(NginxProcess {
-            guard,
-            listen,
-            dir: dir.to_path_buf(),
-        })
+        Ok(NginxProcess { guard, listen })
     }
 
     pub fn base_url(&self) -> String {
