@@ -196,11 +196,8 @@ impl Manifest {
     }
 }
 
-/// Tree hash over sorted manifest entries.
-pub(crate) fn tree_hash_of_entries(
-    entries: &[ManifestEntry],
-    options: &TreeHashOptions,
-) -> TreeHash {
+/// Tree hash over sorted manifest entries (what [`Manifest::tree_hash`] computes).
+pub fn tree_hash_of_entries(entries: &[ManifestEntry], options: &TreeHashOptions) -> TreeHash {
     let mut leaders: HashMap<u64, &RelPath> = HashMap::new();
     for e in entries {
         if let Some(g) = e.link_group {
@@ -357,6 +354,9 @@ pub fn validate(root: &ManifestRoot, entries: &[ManifestEntry]) -> Result<(), St
         if is(EntryKind::Directory) {
             dirs.insert(&e.path);
         }
+    }
+    if tree_hash_of_entries(entries, &TreeHashOptions::default()) != root.tree_hash {
+        return Err(invalid("", "recorded tree hash does not match the entries"));
     }
     Ok(())
 }

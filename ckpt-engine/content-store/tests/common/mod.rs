@@ -156,3 +156,28 @@ pub fn add_root_only_entries(root: &Path) {
     let _ = xattr::set(root.join("script.sh"), "trusted.crab", b"t");
     set_all_times(root, 1_700_000_000);
 }
+
+/// Pseudo source code (compressible like real code), deterministic in `seed`.
+pub fn text_bytes(seed: u64, len: usize) -> Vec<u8> {
+    const WORDS: &[&str] = &[
+        "fn", "let", "mut", "self", "return", "if", "else", "match", "impl", "struct", "pub",
+        "use", "crate", "value", "count", "index", "buffer", "result", "error", "Ok", "Err",
+        "None", "Some", "for", "in", "while", "loop", "break", "=", "+", "(", ")", "{", "}", ";",
+        "config", "parse", "request", "response", "handler", "state", "update",
+    ];
+    let r = random_bytes(seed, len / 3 + 16);
+    let mut out = Vec::with_capacity(len + 16);
+    let mut i = 0;
+    while out.len() < len {
+        let w = WORDS[r[i % r.len()] as usize % WORDS.len()];
+        out.extend_from_slice(w.as_bytes());
+        out.push(if r[(i + 1) % r.len()] % 9 == 0 {
+            b'\n'
+        } else {
+            b' '
+        });
+        i += 1;
+    }
+    out.truncate(len);
+    out
+}
