@@ -46,6 +46,9 @@ pub struct RequestSummary {
     /// a hint: the turn tracker decides (see `turns.rs`).
     #[serde(default)]
     pub side_hint: Option<SideKind>,
+    /// The output token cap (`max_tokens`, `max_completion_tokens`, `max_output_tokens`).
+    #[serde(default)]
+    pub max_output_tokens: Option<u64>,
 }
 
 /// Conversation identity of a request.
@@ -85,8 +88,14 @@ pub fn summarize_request(api: ApiKind, body: &[u8]) -> Result<RequestSummary, Pr
     let stream = obj.get("stream").and_then(Value::as_bool).unwrap_or(false);
     let body_digest = blake3::hash(body).to_hex().to_string();
     let tools = tool_names(obj.get("tools"))?;
+    let max_output_tokens = ["max_tokens", "max_completion_tokens", "max_output_tokens"]
+        .iter()
+        .find_map(|k| obj.get(*k).and_then(Value::as_u64));
 
-    let mut texts = PromptTexts::default();
+    let mut texts = PromptTexts {
+        max_output_tokens,
+        ..PromptTexts::default()
+    };
     let (system_digest, items, text_part, default_type): (Option<blake3::Hash>, Vec<&Value>, _, _) =
         match api {
             ApiKind::ChatCompletions => {
@@ -269,6 +278,7 @@ fn finish(
             previous_response_id,
         },
         side_hint,
+        max_output_tokens: texts.max_output_tokens,
     }
 }
 
@@ -330,8 +340,13 @@ const HINT_TEXT_LIMIT: usize = 4096;
 /// happens to mention "title" or "summary" is never taken for a side call.
 const SHORT_SYSTEM_PROMPT: usize = 3000;
 
+/// A request that may produce at most this many tokens is a probe (quota check, cache
+/// warm-up), never an agent step: an agent step needs room for a tool call.
+pub const PROBE_MAX_OUTPUT_TOKENS: u64 = 16;
+
 #[derive(Default)]
 struct PromptTexts {
+    max_output_tokens: Option<u64>,
     system: String,
     system_len: usize,
     last_user: Option<String>,
@@ -356,7 +371,9 @@ impl PromptTexts {
     ///   an agent whose task mentions titles does);
     /// - summarisation: a short system prompt, or the start of the last user message, asking
     ///   for a summary of the conversation (compaction requests may carry the agent's tools to
-    ///   share its prompt cache, so this one ignores tools).
+    ///   share its prompt cache, so this one ignores tools);
+    /// - other (a probe): the output cap is at most [`PROBE_MAX_OUTPUT_TOKENS`] (Claude Code's
+    ///   `max_tokens: 1` quota check, cache warm-ups).
     fn hint(&self, has_tools: bool) -> Option<SideKind> {
         let system = if self.system_len <= SHORT_SYSTEM_PROMPT {
             self.system.to_lowercase()
@@ -412,6 +429,12 @@ impl PromptTexts {
                 || TITLE_USER.iter().any(|p| user.contains(p)))
         {
             return Some(SideKind::TitleGeneration);
+        }
+        if self
+            .max_output_tokens
+            .is_some_and(|n| n <= PROBE_MAX_OUTPUT_TOKENS)
+        {
+            return Some(SideKind::Other);
         }
         None
     }

@@ -20,7 +20,8 @@
 //!    the prompt asks for a summary, else `Other`): an agent's main loop always offers its
 //!    tools; a tool-less call on the same history is a compaction/helper call;
 //!    b. the last user message asks to summarise the conversation → `SideCall(Summarization)`
-//!    (compaction requests may keep the tools to share the prompt cache);
+//!    (compaction requests may keep the tools to share the prompt cache); an output cap of at
+//!    most `PROBE_MAX_OUTPUT_TOKENS` → `SideCall(Other)` (cache warm-ups on the main history);
 //!    c. otherwise → `MainLoop`: a new turn.
 //! 4. Continues a side conversation → `SideCall` of that conversation's kind.
 //! 5. A new conversation, when there is a main conversation:
@@ -28,9 +29,10 @@
 //!    kind;
 //!    b. tool-bearing, while the main conversation has no tools → takes over as main
 //!    (`MainLoop`): the main conversation is the first *tool-bearing* one; a tool-less
-//!    conversation was only provisionally main. If the provisional main request is still in
-//!    flight (opencode's title request racing the first agent request), it is demoted to a
-//!    side call and its turn is handed to the new request instead of ending a turn;
+//!    conversation was only provisionally main. If the open turn holds nothing but the
+//!    provisional main's single request (opencode's title request racing the first agent
+//!    request, a hint-less probe), that request is demoted to a side call and the turn is
+//!    handed to the new request: same turn number, no `TurnEnded`, no second `TurnStarted`;
 //!    c. no tools while the main conversation has tools → `SideCall(Other)` (small-model
 //!    helper calls: topic detection, quota checks, commit messages);
 //!    d. the main request is still in flight → `SideCall(SubConversation)`: the main loop is
@@ -216,6 +218,8 @@ struct Conversation {
     last_response_id: Option<String>,
     /// Request id of its last use (LRU eviction).
     last_used: u64,
+    /// Requests threaded into it.
+    requests: u32,
 }
 
 #[derive(Debug, Clone)]
@@ -510,14 +514,8 @@ impl SandboxState {
                     };
                     return self.new_side_conversation(req, tools, kind, id, config);
                 }
-                if req.side_hint == Some(SideKind::Summarization) {
-                    return self.new_side_conversation(
-                        req,
-                        tools,
-                        SideKind::Summarization,
-                        id,
-                        config,
-                    );
+                if let Some(kind @ (SideKind::Summarization | SideKind::Other)) = req.side_hint {
+                    return self.new_side_conversation(req, tools, kind, id, config);
                 }
                 // Rule 3c.
                 self.update(idx, req, tools, id);
@@ -547,9 +545,16 @@ impl SandboxState {
         }
         // Rule 5b.
         if main.tools.is_empty() && !tools.is_empty() {
+            // Hand the open turn over when it holds nothing but the provisional request: its
+            // response may still be in flight (a racing title call) or already over.
+            let provisional_only = main.requests == 1
+                && self
+                    .open
+                    .as_ref()
+                    .is_some_and(|t| t.conversation == main.id && t.retries == 0);
             let conv = self.add_conversation(req, tools, SideKind::Other, id, config);
             self.main = Some(conv);
-            if main_in_flight && self.open.is_some() {
+            if provisional_only {
                 return Decision::HandOver { conversation: conv };
             }
             return Decision::Main { conversation: conv };
@@ -615,6 +620,7 @@ impl SandboxState {
         c.tools = tools;
         c.model = req.model.clone();
         c.last_used = id;
+        c.requests = c.requests.saturating_add(1);
     }
 
     fn new_side_conversation(
@@ -649,6 +655,7 @@ impl SandboxState {
             kind,
             last_response_id: None,
             last_used: id,
+            requests: 1,
         });
         while self.conversations.len() > config.max_conversations.max(2) {
             // Forget the least recently used conversation that is not main (and not the one
