@@ -5,6 +5,7 @@
 //! [[turns]]
 //! text = "Let me look at the repository."
 //! think_ms = 150                     # extra time before the first token
+//! think = "lognormal:2000,0.6"       # plus a drawn think time (optional)
 //! fault = "status=429"               # header grammar; applied to the first `fault_times` serves
 //! [[turns.tool_calls]]
 //! name = "bash"
@@ -56,6 +57,10 @@ pub struct ScriptTurn {
     /// Extra think time before the first token (ms), on top of the TTFT model.
     #[serde(default)]
     pub think_ms: u64,
+    /// Extra think time drawn from a distribution (`MS`, `uniform:MIN-MAX`,
+    /// `lognormal:MEDIAN,SIGMA`), added to `think_ms`; scaled by the server's time scale.
+    #[serde(default)]
+    pub think: Option<String>,
     /// Fault for this turn, in the `x-fake-llm-fault` grammar.
     #[serde(default)]
     pub fault: Option<String>,
@@ -111,6 +116,12 @@ pub enum ScriptError {
         turn: usize,
         source: FaultParseError,
     },
+    /// A turn's think-time distribution does not parse.
+    #[error("turn {turn}: {source}")]
+    Think {
+        turn: usize,
+        source: crate::latency::LatencyParseError,
+    },
 }
 
 impl Script {
@@ -154,6 +165,10 @@ impl Script {
             if let Some(f) = &t.fault {
                 Fault::parse(f).map_err(|source| ScriptError::Fault { turn, source })?;
             }
+            if let Some(t) = &t.think {
+                t.parse::<crate::LatencyModel>()
+                    .map_err(|source| ScriptError::Think { turn, source })?;
+            }
         }
         Ok(())
     }
@@ -179,6 +194,7 @@ impl Script {
             text: text.into(),
             tool_calls: calls,
             think_ms,
+            think: None,
             fault: None,
             fault_times: 1,
         };
@@ -227,6 +243,7 @@ mod tests {
             [[turns]]
             text = "hi"
             think_ms = 5
+            think = "uniform:1-2"
             fault = "status=429"
             [[turns.tool_calls]]
             name = "bash"

@@ -270,17 +270,27 @@ async fn handle(
 
     let chunks = fault.chunks.unwrap_or(shared.config.chunks);
     let reply = plan(&info, turn.as_ref().map(|(_, t)| t), chunks);
-    let think = turn
-        .as_ref()
-        .map(|(_, t)| Duration::from_millis(t.think_ms))
-        .unwrap_or_default();
-    let ttft = match fault.ttft_ms {
-        Some(ms) => Duration::from_millis(ms),
-        None => shared
-            .config
-            .ttft
-            .sample(&mut *shared.rng.lock().unwrap_or_else(|p| p.into_inner())),
-    } + think.mul_f64(shared.options.time_scale.max(0.0));
+    let (ttft, think) = {
+        let mut rng = shared.rng.lock().unwrap_or_else(|p| p.into_inner());
+        let ttft = match fault.ttft_ms {
+            Some(ms) => Duration::from_millis(ms),
+            None => shared.config.ttft.sample(&mut *rng),
+        };
+        let think = match &turn {
+            Some((_, t)) => {
+                let drawn = t
+                    .think
+                    .as_deref()
+                    .and_then(|s| s.parse::<crate::LatencyModel>().ok())
+                    .map(|m| m.sample(&mut *rng))
+                    .unwrap_or_default();
+                Duration::from_millis(t.think_ms) + drawn
+            }
+            None => Duration::ZERO,
+        };
+        (ttft, think)
+    };
+    let ttft = ttft + think.mul_f64(shared.options.time_scale.max(0.0));
     let interval = match fault.chunk_delay_ms {
         Some(ms) => Duration::from_millis(ms),
         None if shared.config.tokens_per_second > 0.0 => {
