@@ -261,6 +261,23 @@ fn check_expect(
     );
     let want_turns = exp["turns"].as_array().unwrap();
     assert_eq!(turns.len(), want_turns.len(), "{file}");
+    // Conversation labels: same label <=> same conversation thread.
+    let mut label_of: HashMap<u64, String> = HashMap::new();
+    let mut conv_of: HashMap<String, u64> = HashMap::new();
+    for (want, got) in want_turns.iter().zip(turns) {
+        let label = want["conversation"].as_str().unwrap().to_owned();
+        let by_label = *conv_of.entry(label.clone()).or_insert(got.conversation);
+        let by_id = label_of
+            .entry(got.conversation)
+            .or_insert(label.clone())
+            .clone();
+        assert_eq!(
+            by_label, got.conversation,
+            "{file}: turn {} conversation",
+            got.turn
+        );
+        assert_eq!(by_id, label, "{file}: turn {} conversation", got.turn);
+    }
     for (want, got) in want_turns.iter().zip(turns) {
         let ctx = format!("{file}: turn {}", got.turn);
         assert_eq!(got.turn, want["turn"].as_u64().unwrap(), "{ctx}");
