@@ -320,11 +320,13 @@ fn tool_names(tools: Option<&Value>) -> Result<Vec<String>, ProtocolError> {
     for tool in list {
         let ty = tool.get("type").and_then(Value::as_str);
         let nested = ty.and_then(|t| tool.get(t)).and_then(|n| n.get("name"));
+        // A nameless function/custom tool is malformed: skip it rather than call it "function".
+        let builtin = ty.filter(|t| !matches!(*t, "function" | "custom"));
         let name = nested
             .or_else(|| tool.get("name"))
             .or_else(|| tool.get("function").and_then(|f| f.get("name")))
             .and_then(Value::as_str)
-            .or(ty)
+            .or(builtin)
             .or_else(|| tool.get("server_label").and_then(Value::as_str));
         if let Some(name) = name {
             names.push(name.to_owned());
