@@ -45,7 +45,7 @@ fn load_certs(path: &Path, what: &'static str) -> Result<Vec<CertificateDer<'sta
         .map_err(|e| pem_err(e.to_string()))
 }
 
-/// The upstream client's TLS config: native roots + `extra_ca`, ALPN h2 and http/1.1.
+/// The upstream client's TLS config: native roots + `extra_ca`.
 pub fn client_config(extra_ca: Option<&Path>) -> Result<ClientConfig, TlsError> {
     let mut roots = RootCertStore::empty();
     // Missing or partly unreadable system stores are not fatal: an extra CA may be all we need.
@@ -62,13 +62,12 @@ pub fn client_config(extra_ca: Option<&Path>) -> Result<ClientConfig, TlsError> 
             });
         }
     }
-    let mut config = ClientConfig::builder_with_provider(provider())
+    // ALPN (h2, http/1.1) is set by the hyper-rustls connector (`enable_all_versions`).
+    Ok(ClientConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
         .map_err(|source| TlsError::Rustls { source })?
         .with_root_certificates(roots)
-        .with_no_client_auth();
-    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-    Ok(config)
+        .with_no_client_auth())
 }
 
 /// The downstream listener's TLS config (ALPN h2 and http/1.1).
