@@ -411,13 +411,14 @@ impl PromptTexts {
             "generate title",
             "new conversation topic",
         ];
+        // User text is the agent's task for a tool-less main loop (aider): only phrases about
+        // titling *this conversation* count, not "write a title for my blog post".
         const TITLE_USER: &[&str] = &[
             "title for the following conversation",
             "title for this conversation",
-            "generate a title",
-            "generate a short title",
-            "word title",
-            "a title for",
+            "title for the conversation",
+            "title for this thread",
+            "conversation title",
         ];
         let summary_system = SUMMARY_SYSTEM.iter().any(|p| system.contains(p))
             && (system.contains("conversation")
@@ -504,4 +505,201 @@ fn truncate(s: &str, max: usize) -> &str {
         end -= 1;
     }
     &s[..end]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn sum(api: ApiKind, v: Value) -> RequestSummary {
+        summarize_request(api, v.to_string().as_bytes()).unwrap()
+    }
+
+    #[test]
+    fn chat_summary_fields() {
+        let s = sum(
+            ApiKind::ChatCompletions,
+            json!({"model": "m", "stream": true, "max_completion_tokens": 500,
+                "messages": [{"role": "system", "content": "sys"}, {"role": "developer", "content": "dev"},
+                             {"role": "user", "content": "hi"}],
+                "tools": [{"type": "function", "function": {"name": "a"}},
+                          {"type": "custom", "custom": {"name": "patch"}},
+                          {"type": "web_search_preview"}],
+                "functions": [{"name": "legacy"}]}),
+        );
+        assert_eq!(s.api, ApiKind::ChatCompletions);
+        assert_eq!(s.model.as_deref(), Some("m"));
+        assert!(s.stream);
+        assert_eq!(s.message_count, 3);
+        assert_eq!(s.tools, ["a", "patch", "web_search_preview", "legacy"]);
+        assert!(s.thread.system_digest.is_some());
+        assert_eq!(s.max_output_tokens, Some(500));
+        assert_eq!(s.side_hint, None);
+        assert_eq!(s.thread.previous_response_id, None);
+    }
+
+    #[test]
+    fn body_digest_is_blake3_of_exact_bytes() {
+        let a = br#"{"messages":[{"role":"user","content":"x"}]}"#;
+        let b = br#"{"messages": [{"role":"user","content":"x"}]}"#;
+        let sa = summarize_request(ApiKind::ChatCompletions, a).unwrap();
+        let sb = summarize_request(ApiKind::ChatCompletions, b).unwrap();
+        assert_eq!(sa.body_digest, blake3::hash(a).to_hex().to_string());
+        assert_ne!(sa.body_digest, sb.body_digest);
+        // ... but the same conversation.
+        assert_eq!(sa.thread, sb.thread);
+    }
+
+    #[test]
+    fn extension_shares_prefix_digests() {
+        let m1 = json!([{"role": "system", "content": "s"}, {"role": "user", "content": "q"}]);
+        let mut m2 = m1.as_array().unwrap().clone();
+        m2.push(json!({"role": "assistant", "content": null, "tool_calls": [{"id": "c", "type": "function", "function": {"name": "f", "arguments": "{}"}}]}));
+        m2.push(json!({"role": "tool", "tool_call_id": "c", "content": "ok"}));
+        let a = sum(ApiKind::ChatCompletions, json!({"messages": m1}));
+        let b = sum(
+            ApiKind::ChatCompletions,
+            json!({"messages": m2, "stream": true}),
+        );
+        assert_eq!(b.thread.prefix_digests[..2], a.thread.prefix_digests[..]);
+        assert_eq!(b.thread.prefix_digests.len(), 4);
+        // Same messages under another system prompt: nothing shared.
+        let c = sum(
+            ApiKind::ChatCompletions,
+            json!({"messages": [{"role": "system", "content": "other"}, {"role": "user", "content": "q"}]}),
+        );
+        assert_ne!(c.thread.prefix_digests[1], a.thread.prefix_digests[1]);
+    }
+
+    #[test]
+    fn anthropic_system_seeds_the_thread_and_cache_control_is_ignored() {
+        let user = |cc: bool| {
+            let mut block = json!({"type": "text", "text": "fix it"});
+            if cc {
+                block["cache_control"] = json!({"type": "ephemeral"});
+            }
+            json!({"role": "user", "content": [block]})
+        };
+        let a = sum(
+            ApiKind::AnthropicMessages,
+            json!({"model": "claude", "system": "be brief", "messages": [user(true)]}),
+        );
+        let b = sum(
+            ApiKind::AnthropicMessages,
+            json!({"model": "claude", "system": [{"type": "text", "text": "be brief", "cache_control": {"type": "ephemeral"}}],
+                   "messages": [user(false), {"role": "assistant", "content": "ok"}]}),
+        );
+        assert_eq!(a.thread.system_digest, b.thread.system_digest);
+        assert_eq!(a.thread.prefix_digests[0], b.thread.prefix_digests[0]);
+        let c = sum(
+            ApiKind::AnthropicMessages,
+            json!({"model": "claude", "system": "other", "messages": [user(true)]}),
+        );
+        assert_ne!(a.thread.prefix_digests[0], c.thread.prefix_digests[0]);
+        // Anthropic string content == one text block.
+        let d = sum(
+            ApiKind::AnthropicMessages,
+            json!({"system": "be brief", "messages": [{"role": "user", "content": "fix it"}]}),
+        );
+        assert_eq!(a.thread.prefix_digests, d.thread.prefix_digests);
+    }
+
+    #[test]
+    fn responses_input_shapes_are_equivalent() {
+        let a = sum(
+            ApiKind::Responses,
+            json!({"instructions": "i", "input": "hello"}),
+        );
+        let b = sum(
+            ApiKind::Responses,
+            json!({"instructions": "i", "input": [{"role": "user", "content": "hello"}]}),
+        );
+        let c = sum(
+            ApiKind::Responses,
+            json!({"instructions": "i", "input": [{"type": "message", "role": "user",
+                "content": [{"type": "input_text", "text": "hello"}]}]}),
+        );
+        assert_eq!(a.thread.prefix_digests, b.thread.prefix_digests);
+        assert_eq!(b.thread.prefix_digests, c.thread.prefix_digests);
+        assert_eq!(a.message_count, 1);
+        let d = sum(
+            ApiKind::Responses,
+            json!({"input": [], "previous_response_id": "resp_1", "max_output_tokens": 9,
+                   "tools": [{"type": "function", "name": "f"}, {"type": "namespace", "name": "mcp__x", "tools": []},
+                             {"type": "web_search"}, {"type": "mcp", "server_label": "docs"}]}),
+        );
+        assert_eq!(d.thread.previous_response_id.as_deref(), Some("resp_1"));
+        assert_eq!(d.tools, ["f", "mcp__x", "web_search", "mcp"]);
+        assert_eq!(d.thread.system_digest, None);
+        assert_eq!(d.message_count, 0);
+        assert_eq!(
+            d.side_hint,
+            Some(SideKind::Other),
+            "max_output_tokens 9 is a probe"
+        );
+    }
+
+    #[test]
+    fn side_hints() {
+        let title = sum(
+            ApiKind::ChatCompletions,
+            json!({"messages": [{"role": "system", "content": "You are a title generator. You output ONLY a thread title."},
+                                {"role": "user", "content": "refactor the client"}]}),
+        );
+        assert_eq!(title.side_hint, Some(SideKind::TitleGeneration));
+        // The same with tools is not a title call.
+        let with_tools = sum(
+            ApiKind::ChatCompletions,
+            json!({"messages": [{"role": "system", "content": "You are a title generator."},
+                                {"role": "user", "content": "x"}],
+                   "tools": [{"type": "function", "function": {"name": "bash"}}]}),
+        );
+        assert_eq!(with_tools.side_hint, None);
+        let old_claude = sum(
+            ApiKind::AnthropicMessages,
+            json!({"messages": [{"role": "user", "content": "Please write a 5-10 word title for the following conversation:\n..."}]}),
+        );
+        assert_eq!(old_claude.side_hint, Some(SideKind::TitleGeneration));
+        let summary = sum(
+            ApiKind::ChatCompletions,
+            json!({"messages": [{"role": "system", "content": "*Briefly* summarize this partial conversation about programming."},
+                                {"role": "user", "content": "# USER\n..."}]}),
+        );
+        assert_eq!(summary.side_hint, Some(SideKind::Summarization));
+        let compact = sum(
+            ApiKind::AnthropicMessages,
+            json!({"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
+                                {"role": "user", "content": [{"type": "text", "text": "Your task is to create a detailed summary of the conversation so far"}]}],
+                   "tools": [{"name": "Bash"}]}),
+        );
+        assert_eq!(compact.side_hint, Some(SideKind::Summarization));
+        // A long agent system prompt that mentions titles and summaries is not a hint.
+        let long = "You are an agent. When you open a PR, generate a title for it and a summary of the conversation. "
+            .repeat(60);
+        let agent = sum(
+            ApiKind::ChatCompletions,
+            json!({"messages": [{"role": "system", "content": long}, {"role": "user", "content": "go"}]}),
+        );
+        assert_eq!(agent.side_hint, None);
+        let probe = sum(
+            ApiKind::AnthropicMessages,
+            json!({"max_tokens": 1, "messages": [{"role": "user", "content": "quota"}]}),
+        );
+        assert_eq!(probe.side_hint, Some(SideKind::Other));
+        let normal = sum(
+            ApiKind::AnthropicMessages,
+            json!({"max_tokens": 32000, "messages": [{"role": "user", "content": "write a title for my blog post about rust"}]}),
+        );
+        assert_eq!(normal.side_hint, None);
+    }
+
+    #[test]
+    fn summary_serializes() {
+        let s = sum(ApiKind::Responses, json!({"input": "x"}));
+        let v = serde_json::to_value(&s).unwrap();
+        assert_eq!(v["api"], "responses");
+        let back: RequestSummary = serde_json::from_value(v).unwrap();
+        assert_eq!(back, s);
+    }
 }

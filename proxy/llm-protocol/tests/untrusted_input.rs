@@ -128,7 +128,8 @@ fn api_of_fixture(path: &Path) -> ApiKind {
 #[test]
 fn malformed_requests_are_errors() {
     use ProtocolError::*;
-    let cases: &[(ApiKind, &[u8], fn(&ProtocolError) -> bool)] = &[
+    type Case = (ApiKind, &'static [u8], fn(&ProtocolError) -> bool);
+    let cases: &[Case] = &[
         (ApiKind::ChatCompletions, b"", |e| {
             matches!(e, NotJson { .. })
         }),
