@@ -24,6 +24,7 @@ pub mod manifest;
 pub mod pool;
 pub mod process;
 pub mod runc;
+pub mod scheduler;
 pub mod sys;
 
 pub use config::EngineConfig;

@@ -1,0 +1,304 @@
+//! The tokio layer under paused time with a recording fake executor.
+
+use std::collections::HashSet;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use super::*;
+
+#[derive(Debug)]
+struct FakeJob {
+    labels: Vec<String>,
+    duration: Duration,
+    fail: bool,
+}
+
+impl Coalesce for FakeJob {
+    fn absorb(&mut self, older: Self) {
+        let mut labels = older.labels;
+        labels.append(&mut self.labels);
+        self.labels = labels;
+        self.duration = self.duration.max(older.duration);
+    }
+}
+
+fn job(label: &str, ms: u64) -> FakeJob {
+    FakeJob {
+        labels: vec![label.to_owned()],
+        duration: Duration::from_millis(ms),
+        fail: false,
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Run {
+    sandbox: String,
+    labels: Vec<String>,
+    start: Duration,
+    end: Duration,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("fake checkpoint failure")]
+struct FakeError;
+
+/// Records every run, the peak concurrency and any overlap of one sandbox's runs.
+struct Recorder {
+    origin: Instant,
+    runs: Mutex<Vec<Run>>,
+    running: AtomicUsize,
+    peak: AtomicUsize,
+    active: Mutex<HashSet<String>>,
+    overlaps: AtomicUsize,
+}
+
+impl Recorder {
+    fn new() -> Arc<Self> {
+        Arc::new(Recorder {
+            origin: Instant::now(),
+            runs: Mutex::new(Vec::new()),
+            running: AtomicUsize::new(0),
+            peak: AtomicUsize::new(0),
+            active: Mutex::new(HashSet::new()),
+            overlaps: AtomicUsize::new(0),
+        })
+    }
+
+    fn runs(&self) -> Vec<Run> {
+        let mut r = self.runs.lock().unwrap().clone();
+        r.sort_by_key(|r| r.start);
+        r
+    }
+}
+
+impl CheckpointExecutor for Recorder {
+    type Job = FakeJob;
+    type Output = Vec<String>;
+    type Error = FakeError;
+
+    async fn run(&self, sandbox: &str, job: FakeJob) -> Result<Vec<String>, FakeError> {
+        let start = Instant::now() - self.origin;
+        if !self.active.lock().unwrap().insert(sandbox.to_owned()) {
+            self.overlaps.fetch_add(1, Ordering::SeqCst);
+        }
+        let now = self.running.fetch_add(1, Ordering::SeqCst) + 1;
+        self.peak.fetch_max(now, Ordering::SeqCst);
+        tokio::time::sleep(job.duration).await;
+        self.running.fetch_sub(1, Ordering::SeqCst);
+        self.active.lock().unwrap().remove(sandbox);
+        let end = Instant::now() - self.origin;
+        self.runs.lock().unwrap().push(Run {
+            sandbox: sandbox.to_owned(),
+            labels: job.labels.clone(),
+            start,
+            end,
+        });
+        if job.fail {
+            Err(FakeError)
+        } else {
+            Ok(job.labels)
+        }
+    }
+}
+
+fn unpaced(workers: usize) -> SchedulerConfig {
+    SchedulerConfig {
+        workers,
+        io_bytes_per_sec: 0,
+        ..Default::default()
+    }
+}
+
+fn req(sandbox: &str, bytes: u64, reply_waiting: bool, job: FakeJob) -> SubmitRequest<FakeJob> {
+    SubmitRequest {
+        sandbox: sandbox.into(),
+        estimated_bytes: bytes,
+        reply_waiting,
+        job,
+    }
+}
+
+/// Lets spawned tasks run without advancing paused time.
+async fn settle() {
+    for _ in 0..10 {
+        tokio::task::yield_now().await;
+    }
+}
+
+/// A job whose reply starts waiting is promoted past earlier normal jobs, and its exposed
+/// delay (promotion to durable) is measured.
+#[tokio::test(start_paused = true)]
+async fn priority_promotion() {
+    let rec = Recorder::new();
+    let s = Scheduler::start(rec.clone(), unpaced(1));
+    let a = s.submit(req("a", 1, false, job("a", 1000)));
+    settle().await;
+    let b = s.submit(req("b", 1, false, job("b", 1000)));
+    let c = s.submit(req("c", 1, false, job("c", 1000)));
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    c.promote();
+    assert_eq!(c.wait().await.unwrap(), vec!["c"]);
+    a.wait().await.unwrap();
+    b.wait().await.unwrap();
+    let order: Vec<String> = rec.runs().iter().map(|r| r.sandbox.clone()).collect();
+    assert_eq!(order, ["a", "c", "b"]);
+    let m = s.metrics();
+    assert_eq!(m.promoted, 1);
+    assert_eq!(m.exposed_delay.count, 1);
+    // Promoted at 0.1 s, durable at 2.0 s.
+    assert!(
+        (1_850_000..=1_950_000).contains(&m.exposed_delay.max_us),
+        "{:?}",
+        m.exposed_delay
+    );
+}
+
+/// Three sandboxes submitting back to back share one worker round robin: no sandbox runs
+/// twice while another one waits.
+#[tokio::test(start_paused = true)]
+async fn fairness_round_robin() {
+    let rec = Recorder::new();
+    let s = Scheduler::start(rec.clone(), unpaced(1));
+    let mut tasks = Vec::new();
+    for name in ["x", "y", "z"] {
+        let s = s.clone();
+        tasks.push(tokio::spawn(async move {
+            for i in 0..5 {
+                s.submit(req(name, 1 << 20, false, job(&format!("{name}{i}"), 100)))
+                    .wait()
+                    .await
+                    .unwrap();
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let order: Vec<String> = rec.runs().iter().map(|r| r.sandbox.clone()).collect();
+    assert_eq!(order.len(), 15);
+    for w in order.windows(3) {
+        let distinct: HashSet<&String> = w.iter().collect();
+        assert_eq!(distinct.len(), 3, "not round robin: {order:?}");
+    }
+}
+
+/// The I/O budget paces job starts: 1 MiB/s with a 1 MiB burst and five 1 MiB jobs start one
+/// second apart even with free workers.
+#[tokio::test(start_paused = true)]
+async fn budget_pacing() {
+    let rec = Recorder::new();
+    let mb = 1u64 << 20;
+    let s = Scheduler::start(
+        rec.clone(),
+        SchedulerConfig {
+            workers: 8,
+            io_bytes_per_sec: mb,
+            io_burst_bytes: mb,
+            ..Default::default()
+        },
+    );
+    let handles: Vec<_> = (0..5)
+        .map(|i| s.submit(req(&format!("s{i}"), mb, false, job("j", 10))))
+        .collect();
+    for h in handles {
+        h.wait().await.unwrap();
+    }
+    let starts: Vec<Duration> = rec.runs().iter().map(|r| r.start).collect();
+    for (i, st) in starts.iter().enumerate() {
+        let expect = Duration::from_secs(i as u64);
+        assert!(
+            *st >= expect && *st <= expect + Duration::from_millis(5),
+            "start {i} at {st:?}: {starts:?}"
+        );
+    }
+}
+
+/// A newer queued job of a sandbox replaces the older not-yet-started one, and both waiters
+/// get the newer job's result (which covers both).
+#[tokio::test(start_paused = true)]
+async fn coalescing() {
+    let rec = Recorder::new();
+    let s = Scheduler::start(rec.clone(), unpaced(1));
+    let first = s.submit(req("a", 1, false, job("a1", 500)));
+    settle().await;
+    let second = s.submit(req("a", 1, false, job("a2", 500)));
+    let third = s.submit(req("a", 1, false, job("a3", 500)));
+    assert!(third.coalesced());
+    assert_eq!(first.wait().await.unwrap(), vec!["a1"]);
+    assert_eq!(second.wait().await.unwrap(), vec!["a2", "a3"]);
+    assert_eq!(third.wait().await.unwrap(), vec!["a2", "a3"]);
+    let runs = rec.runs();
+    assert_eq!(runs.len(), 2);
+    assert_eq!(runs[1].labels, vec!["a2", "a3"]);
+    assert_eq!(s.metrics().coalesced, 1);
+    assert_eq!(rec.overlaps.load(Ordering::SeqCst), 0);
+}
+
+/// Cancelling a queued job removes it (never run); cancelling a running job's waiter resolves
+/// the handle but lets the checkpoint finish.
+#[tokio::test(start_paused = true)]
+async fn cancellation() {
+    let rec = Recorder::new();
+    let s = Scheduler::start(rec.clone(), unpaced(1));
+    let x = s.submit(req("x", 1, false, job("x", 1000)));
+    settle().await;
+    let y = s.submit(req("y", 1, false, job("y", 1000)));
+    y.cancel();
+    assert!(matches!(y.wait().await, Err(JobError::Cancelled)));
+    x.cancel();
+    assert!(matches!(x.wait().await, Err(JobError::Cancelled)));
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let runs = rec.runs();
+    assert_eq!(runs.len(), 1, "{runs:?}");
+    assert_eq!(runs[0].sandbox, "x");
+    let m = s.metrics();
+    assert_eq!((m.cancelled, m.dropped, m.succeeded), (2, 1, 1));
+}
+
+/// Never more than `workers` jobs at once; queueing delay is measured.
+#[tokio::test(start_paused = true)]
+async fn worker_bound() {
+    let rec = Recorder::new();
+    let s = Scheduler::start(rec.clone(), unpaced(3));
+    let handles: Vec<_> = (0..10)
+        .map(|i| s.submit(req(&format!("s{i}"), 1, false, job("j", 1000))))
+        .collect();
+    settle().await;
+    assert_eq!(s.metrics().running, 3);
+    assert_eq!(s.metrics().queued_normal, 7);
+    for h in handles {
+        h.wait().await.unwrap();
+    }
+    assert_eq!(rec.peak.load(Ordering::SeqCst), 3);
+    let last_end = rec.runs().iter().map(|r| r.end).max().unwrap();
+    assert_eq!(last_end, Duration::from_secs(4));
+    let m = s.metrics();
+    assert_eq!(m.queueing_delay.count, 10);
+    assert_eq!(m.queueing_delay.max_us, 3_000_000);
+}
+
+/// Failures reach every waiter; shutdown fails queued waiters and lets running jobs finish.
+#[tokio::test(start_paused = true)]
+async fn failure_and_shutdown() {
+    let rec = Recorder::new();
+    let s = Scheduler::start(rec.clone(), unpaced(1));
+    let bad = s.submit(req(
+        "a",
+        1,
+        false,
+        FakeJob {
+            fail: true,
+            ..job("bad", 100)
+        },
+    ));
+    assert!(matches!(bad.wait().await, Err(JobError::Failed(_))));
+    let running = s.submit(req("a", 1, false, job("r", 1000)));
+    settle().await;
+    let queued = s.submit(req("b", 1, false, job("q", 1000)));
+    s.shutdown();
+    assert!(matches!(queued.wait().await, Err(JobError::Shutdown)));
+    assert_eq!(running.wait().await.unwrap(), vec!["r"]);
+    let late = s.submit(req("c", 1, false, job("late", 1)));
+    assert!(matches!(late.wait().await, Err(JobError::Shutdown)));
+    assert_eq!(s.metrics().failed, 1);
+}
