@@ -422,10 +422,15 @@ impl TurnTracker {
         let Some(flight) = st.in_flight.remove(&request_id.0) else {
             return Vec::new();
         };
-        if let Some(c) = st
-            .conversations
-            .iter_mut()
-            .find(|c| c.id == flight.conversation)
+        // Only the main loop's own replies advance the main conversation's response chain
+        // (a side call on the main history must not).
+        let advances_chain = matches!(flight.class, RequestClass::MainLoop | RequestClass::Retry)
+            || Some(flight.conversation) != st.main;
+        if advances_chain
+            && let Some(c) = st
+                .conversations
+                .iter_mut()
+                .find(|c| c.id == flight.conversation)
             && resp.response_id.is_some()
             && !resp.failed()
         {
@@ -506,16 +511,18 @@ impl SandboxState {
             let main_has_tools = !self.conversations[idx].tools.is_empty();
             let conv_id = self.conversations[idx].id;
             if is_main {
-                // Rule 3a / 3b.
+                // Rule 3a / 3b. Such side calls are not remembered as conversations of their
+                // own: one that re-sends the main history (a cache warm-up) would otherwise be
+                // the longest prefix of the main loop's next request and capture it.
                 if main_has_tools && tools.is_empty() {
                     let kind = match req.side_hint {
                         Some(SideKind::Summarization) => SideKind::Summarization,
                         _ => SideKind::Other,
                     };
-                    return self.new_side_conversation(req, tools, kind, id, config);
+                    return Decision::Side(kind, conv_id);
                 }
                 if let Some(kind @ (SideKind::Summarization | SideKind::Other)) = req.side_hint {
-                    return self.new_side_conversation(req, tools, kind, id, config);
+                    return Decision::Side(kind, conv_id);
                 }
                 // Rule 3c.
                 self.update(idx, req, tools, id);
@@ -675,5 +682,446 @@ impl SandboxState {
             }
         }
         conv
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::request::summarize_request;
+    use crate::response::{StreamEnd, ToolCallSummary};
+    use serde_json::{Value, json};
+
+    const SB: &str = "sb";
+
+    fn chat(model: &str, system: &str, msgs: &[Value], tools: &[&str]) -> RequestSummary {
+        let mut messages = vec![json!({"role": "system", "content": system})];
+        messages.extend(msgs.iter().cloned());
+        let tools: Vec<Value> = tools
+            .iter()
+            .map(|n| json!({"type": "function", "function": {"name": n}}))
+            .collect();
+        let body = json!({"model": model, "messages": messages, "tools": tools, "stream": true});
+        summarize_request(ApiKind::ChatCompletions, body.to_string().as_bytes()).unwrap()
+    }
+
+    fn user(t: &str) -> Value {
+        json!({"role": "user", "content": t})
+    }
+
+    fn asst(t: &str) -> Value {
+        json!({"role": "assistant", "content": t})
+    }
+
+    fn ok(tools: &[&str]) -> ResponseSummary {
+        ResponseSummary {
+            status: 200,
+            model: None,
+            response_id: None,
+            tool_calls: tools
+                .iter()
+                .map(|n| ToolCallSummary {
+                    id: Some(format!("call_{n}")),
+                    name: (*n).to_owned(),
+                })
+                .collect(),
+            finish_reason: Some("tool_calls".into()),
+            usage: None,
+            in_band_error: None,
+            end: StreamEnd::Completed,
+            content_seen: true,
+            analysis_error: None,
+        }
+    }
+
+    fn failed(status: u16, end: StreamEnd) -> ResponseSummary {
+        ResponseSummary {
+            status,
+            end,
+            tool_calls: vec![],
+            ..ok(&[])
+        }
+    }
+
+    fn ended(events: &[TurnEvent]) -> Vec<u64> {
+        events
+            .iter()
+            .filter_map(|e| match e {
+                TurnEvent::TurnEnded(r) => Some(r.turn),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// A hint-less tool-less request racing the first agent request: the agent request takes
+    /// the turn over; no turn is ended, the racer becomes a side call and its response end
+    /// does not touch the turn's LLM wait.
+    #[test]
+    fn provisional_main_in_flight_is_handed_over() {
+        let mut t = TurnTracker::new();
+        let racer = chat(
+            "small",
+            "Name this chat in three words.",
+            &[user("fix bug")],
+            &[],
+        );
+        let main = chat("big", "You are an agent.", &[user("fix bug")], &["bash"]);
+        let d0 = t.on_request(SB, &racer, 0);
+        assert_eq!(d0.class, RequestClass::MainLoop);
+        assert_eq!(d0.turn, Some(1));
+        let d1 = t.on_request(SB, &main, 5);
+        assert_eq!(d1.class, RequestClass::MainLoop);
+        assert_eq!(d1.turn, Some(1));
+        assert!(d1.events.is_empty(), "{:?}", d1.events);
+        t.on_response_end(SB, d0.request_id, &ok(&[]), Some(100), 200);
+        let open = t.open_turn(SB).unwrap();
+        assert_eq!(open.request_id, d1.request_id);
+        assert_eq!(
+            open.llm_wait,
+            Interval {
+                start: 5,
+                end: None
+            }
+        );
+        assert_eq!(open.side_calls, 1);
+        t.on_response_end(SB, d1.request_id, &ok(&["bash"]), Some(400), 900);
+        let open = t.open_turn(SB).unwrap();
+        assert_eq!(open.llm_wait.end, Some(900));
+        assert_eq!(open.first_content_at, Some(400));
+        assert_eq!(open.tool_calls, ["bash"]);
+    }
+
+    /// The same when the provisional request already finished (a hint-less probe).
+    #[test]
+    fn provisional_main_already_ended_is_handed_over() {
+        let mut t = TurnTracker::new();
+        let probe = chat("small", "ping", &[user("ping")], &[]);
+        let d0 = t.on_request(SB, &probe, 0);
+        t.on_response_end(SB, d0.request_id, &ok(&[]), None, 50);
+        let main = chat("big", "You are an agent.", &[user("go")], &["bash"]);
+        let d1 = t.on_request(SB, &main, 100);
+        assert_eq!((d1.class, d1.turn), (RequestClass::MainLoop, Some(1)));
+        assert!(d1.events.is_empty());
+        assert_eq!(t.turns(SB).len(), 1);
+    }
+
+    /// A tool-less main loop (aider) that has had several requests is not handed over; a
+    /// later tool-bearing conversation still becomes main (the first tool-bearing one).
+    #[test]
+    fn established_toolless_main_ends_its_turn_on_takeover() {
+        let mut t = TurnTracker::new();
+        let m1 = chat("m", "aider", &[user("a")], &[]);
+        let m2 = chat("m", "aider", &[user("a"), asst("b"), user("c")], &[]);
+        let d = t.on_request(SB, &m1, 0);
+        t.on_response_end(SB, d.request_id, &ok(&[]), None, 10);
+        let d = t.on_request(SB, &m2, 20);
+        assert_eq!(d.turn, Some(2));
+        t.on_response_end(SB, d.request_id, &ok(&[]), None, 30);
+        let tooled = chat("m", "agent", &[user("x")], &["bash"]);
+        let d = t.on_request(SB, &tooled, 40);
+        assert_eq!((d.class, d.turn), (RequestClass::MainLoop, Some(3)));
+        assert_eq!(ended(&d.events), [2]);
+    }
+
+    /// While the main request is in flight, a new tool-bearing conversation is a parallel
+    /// sub-conversation and does not cut the turn.
+    #[test]
+    fn concurrent_new_conversation_is_a_sub_conversation() {
+        let mut t = TurnTracker::new();
+        let main = chat("m", "agent", &[user("go")], &["bash", "edit"]);
+        let d = t.on_request(SB, &main, 0);
+        let same_prompt = chat("m", "agent", &[user("other task")], &["bash", "edit"]);
+        let s = t.on_request(SB, &same_prompt, 10);
+        assert_eq!(s.class, RequestClass::SideCall(SideKind::SubConversation));
+        assert!(s.events.is_empty());
+        t.on_response_end(SB, s.request_id, &ok(&[]), None, 20);
+        t.on_response_end(SB, d.request_id, &ok(&["bash"]), None, 30);
+        // Its continuation stays a side call.
+        let cont = chat(
+            "m",
+            "agent",
+            &[user("other task"), asst("x"), user("y")],
+            &["bash", "edit"],
+        );
+        let s2 = t.on_request(SB, &cont, 40);
+        assert_eq!(s2.class, RequestClass::SideCall(SideKind::SubConversation));
+        assert_eq!(t.turns(SB).len(), 1);
+        assert_eq!(t.open_turn(SB).unwrap().side_calls, 2);
+    }
+
+    /// Same system prompt and tools, not an extension, main idle: a replacement (compaction,
+    /// rewind) takes over as main and ends the turn.
+    #[test]
+    fn replacement_conversation_takes_over() {
+        let mut t = TurnTracker::new();
+        let a = chat(
+            "m",
+            "agent",
+            &[user("one"), asst("two"), user("three")],
+            &["bash"],
+        );
+        let d = t.on_request(SB, &a, 0);
+        t.on_response_end(SB, d.request_id, &ok(&["bash"]), None, 10);
+        let b = chat(
+            "m",
+            "agent",
+            &[user("summary of earlier work"), user("go on")],
+            &["bash"],
+        );
+        let d2 = t.on_request(SB, &b, 50);
+        assert_eq!((d2.class, d2.turn), (RequestClass::MainLoop, Some(2)));
+        assert_ne!(d2.conversation, d.conversation);
+        assert_eq!(ended(&d2.events), [1]);
+        let rec = &t.turns(SB)[0];
+        assert_eq!(
+            rec.tool_exec,
+            Some(Interval {
+                start: 10,
+                end: Some(50)
+            })
+        );
+        // The old conversation is no longer main: extending it is a side call.
+        let old = chat(
+            "m",
+            "agent",
+            &[user("one"), asst("two"), user("three"), asst("four")],
+            &["bash"],
+        );
+        assert!(matches!(
+            t.on_request(SB, &old, 60).class,
+            RequestClass::SideCall(_)
+        ));
+    }
+
+    /// A different model with a short conversation is a helper call (5e); a different system
+    /// prompt or tool set while the main loop waits for a tool is a sub-agent (5g).
+    #[test]
+    fn helper_and_sub_agent_rules() {
+        let mut t = TurnTracker::new();
+        let main = chat("big", "agent", &[user("go")], &["bash", "task"]);
+        let d = t.on_request(SB, &main, 0);
+        t.on_response_end(SB, d.request_id, &ok(&["task"]), None, 10);
+        let helper = chat("small", "classify", &[user("x")], &["answer"]);
+        assert_eq!(
+            t.on_request(SB, &helper, 20).class,
+            RequestClass::SideCall(SideKind::Other)
+        );
+        let sub = chat("big", "sub agent", &[user("find it")], &["bash"]);
+        assert_eq!(
+            t.on_request(SB, &sub, 30).class,
+            RequestClass::SideCall(SideKind::SubConversation)
+        );
+        let toolless = chat("big", "agent", &[user("go")], &[]);
+        assert_eq!(
+            t.on_request(SB, &toolless, 40).class,
+            RequestClass::SideCall(SideKind::Other)
+        );
+        assert_eq!(t.turns(SB).len(), 1);
+        assert_eq!(t.open_turn(SB).unwrap().side_calls, 3);
+    }
+
+    /// A main extension that arrives before the previous response was reported ended still
+    /// ends the turn; the LLM wait is closed at the new request.
+    #[test]
+    fn main_extension_before_response_end() {
+        let mut t = TurnTracker::new();
+        let a = chat("m", "agent", &[user("go")], &["bash"]);
+        let d1 = t.on_request(SB, &a, 0);
+        let b = chat("m", "agent", &[user("go"), asst("x"), user("y")], &["bash"]);
+        let d2 = t.on_request(SB, &b, 70);
+        assert_eq!(ended(&d2.events), [1]);
+        let rec = &t.turns(SB)[0];
+        assert_eq!(rec.llm_wait.end, Some(70));
+        assert_eq!(
+            rec.tool_exec,
+            Some(Interval {
+                start: 70,
+                end: Some(70)
+            })
+        );
+        // The late end of the old request does not touch turn 2.
+        t.on_response_end(SB, d1.request_id, &ok(&["bash"]), None, 80);
+        assert_eq!(t.open_turn(SB).unwrap().llm_wait.end, None);
+    }
+
+    /// Retries: an identical body while the main request is in flight or after it failed is
+    /// the same turn; after a success it is a new main-loop step.
+    #[test]
+    fn retry_rules() {
+        let mut t = TurnTracker::new();
+        let a = chat("m", "agent", &[user("go")], &["bash"]);
+        let d1 = t.on_request(SB, &a, 0);
+        // In flight: client timed out and re-sent.
+        let d2 = t.on_request(SB, &a, 100);
+        assert_eq!((d2.class, d2.turn), (RequestClass::Retry, Some(1)));
+        // The abandoned first attempt ending late does not close the LLM wait.
+        t.on_response_end(
+            SB,
+            d1.request_id,
+            &failed(499, StreamEnd::ClientCancelled),
+            None,
+            110,
+        );
+        assert_eq!(t.open_turn(SB).unwrap().llm_wait.end, None);
+        t.on_response_end(
+            SB,
+            d2.request_id,
+            &failed(503, StreamEnd::Completed),
+            None,
+            150,
+        );
+        let d3 = t.on_request(SB, &a, 300);
+        assert_eq!(d3.class, RequestClass::Retry);
+        t.on_response_end(SB, d3.request_id, &ok(&["bash"]), Some(350), 400);
+        let open = t.open_turn(SB).unwrap();
+        assert_eq!(open.retries, 2);
+        assert_eq!(
+            open.llm_wait,
+            Interval {
+                start: 0,
+                end: Some(400)
+            }
+        );
+        assert_eq!(open.first_content_at, Some(350));
+        // The same body again after a success: a new step (e.g. a regenerate).
+        let d4 = t.on_request(SB, &a, 500);
+        assert_eq!((d4.class, d4.turn), (RequestClass::MainLoop, Some(2)));
+    }
+
+    /// Summaries and probes on the main history never end a turn.
+    #[test]
+    fn summaries_and_probes_on_main_history_are_side_calls() {
+        let mut t = TurnTracker::new();
+        let a = chat("m", "agent", &[user("go")], &["bash"]);
+        let d = t.on_request(SB, &a, 0);
+        t.on_response_end(SB, d.request_id, &ok(&["bash"]), None, 10);
+        let compact = chat(
+            "m",
+            "agent",
+            &[
+                user("go"),
+                asst("x"),
+                user("Summarize the conversation so far."),
+            ],
+            &["bash"],
+        );
+        assert_eq!(
+            t.on_request(SB, &compact, 20).class,
+            RequestClass::SideCall(SideKind::Summarization)
+        );
+        let mut probe = chat("m", "agent", &[user("go"), asst("x"), user("y")], &["bash"]);
+        probe.max_output_tokens = Some(1);
+        probe.side_hint = Some(SideKind::Other);
+        assert_eq!(
+            t.on_request(SB, &probe, 30).class,
+            RequestClass::SideCall(SideKind::Other)
+        );
+        let next = chat("m", "agent", &[user("go"), asst("x"), user("y")], &["bash"]);
+        assert_eq!(t.on_request(SB, &next, 40).turn, Some(2));
+    }
+
+    /// Responses API chaining by previous_response_id (only successful responses chain).
+    #[test]
+    fn previous_response_id_threads() {
+        let mut t = TurnTracker::new();
+        let body =
+            |v: Value| summarize_request(ApiKind::Responses, v.to_string().as_bytes()).unwrap();
+        let a = body(
+            json!({"instructions": "i", "input": "go", "tools": [{"type": "function", "name": "f"}]}),
+        );
+        let d = t.on_request(SB, &a, 0);
+        let mut resp = ok(&["f"]);
+        resp.response_id = Some("resp_1".into());
+        t.on_response_end(SB, d.request_id, &resp, None, 10);
+        let b = body(
+            json!({"previous_response_id": "resp_1", "input": [{"type": "function_call_output", "call_id": "c", "output": "1"}],
+                            "tools": [{"type": "function", "name": "f"}, {"type": "function", "name": "g"}]}),
+        );
+        let d2 = t.on_request(SB, &b, 20);
+        assert_eq!((d2.class, d2.turn), (RequestClass::MainLoop, Some(2)));
+        assert_eq!(d2.conversation, d.conversation);
+        // Unknown previous_response_id: a new conversation (here: other tools → sub-agent).
+        let c = body(
+            json!({"previous_response_id": "resp_unknown", "input": "x", "tools": [{"type": "function", "name": "h"}]}),
+        );
+        assert_eq!(
+            t.on_request(SB, &c, 30).class,
+            RequestClass::SideCall(SideKind::SubConversation)
+        );
+    }
+
+    /// Sandboxes are independent; unknown ids and sandboxes are ignored.
+    #[test]
+    fn sandboxes_are_independent() {
+        let mut t = TurnTracker::new();
+        let a = chat("m", "agent", &[user("go")], &["bash"]);
+        let d1 = t.on_request("a", &a, 0);
+        let d2 = t.on_request("b", &a, 0);
+        assert_eq!(d1.turn, Some(1));
+        assert_eq!(d2.turn, Some(1));
+        assert_ne!(d1.request_id, d2.request_id);
+        assert_eq!(t.sandboxes(), ["a", "b"]);
+        assert!(
+            t.on_response_end("c", d1.request_id, &ok(&[]), None, 1)
+                .is_empty()
+        );
+        assert!(
+            t.on_response_end("b", RequestId(999), &ok(&[]), None, 1)
+                .is_empty()
+        );
+        // Ending a's request through b's name does nothing to either.
+        t.on_response_end("b", d1.request_id, &ok(&[]), None, 5);
+        assert_eq!(t.open_turn("a").unwrap().llm_wait.end, None);
+        assert!(t.remove_sandbox("a"));
+        assert!(!t.remove_sandbox("a"));
+        assert!(t.turns("a").is_empty());
+    }
+
+    /// Memory stays bounded: conversations, closed turns and in-flight requests.
+    #[test]
+    fn memory_is_bounded() {
+        let mut t = TurnTracker::with_config(TurnTrackerConfig {
+            max_conversations: 8,
+            max_turns: 3,
+            max_in_flight: 16,
+        });
+        let mut msgs = vec![user("go")];
+        let mut d = t.on_request(SB, &chat("m", "agent", &msgs, &["bash"]), 0);
+        for i in 0..200u64 {
+            // Many side conversations (never ended: in-flight bound too).
+            let side = chat("m", &format!("helper {i}"), &[user("q")], &["x"]);
+            t.on_request(SB, &side, i * 10 + 1);
+            if i % 20 == 0 {
+                t.on_response_end(SB, d.request_id, &ok(&["bash"]), None, i * 10 + 2);
+                msgs.push(asst("ok"));
+                msgs.push(user(&format!("step {i}")));
+                d = t.on_request(SB, &chat("m", "agent", &msgs, &["bash"]), i * 10 + 3);
+                assert_eq!(d.class, RequestClass::MainLoop, "main survives eviction");
+            }
+        }
+        let st = &t.sandboxes[SB];
+        assert!(st.conversations.len() <= 8);
+        assert!(st.in_flight.len() <= 16);
+        let turns = t.turns(SB);
+        assert_eq!(turns.len(), 4);
+        assert_eq!(turns.last().unwrap().turn, 11);
+    }
+
+    /// Turn data serialises to the JSON the proxy writes to transcripts and the admin API.
+    #[test]
+    fn records_serialize() {
+        let mut t = TurnTracker::new();
+        let d = t.on_request(SB, &chat("m", "agent", &[user("go")], &["bash"]), 0);
+        let v = serde_json::to_value(&d).unwrap();
+        assert_eq!(v["class"], "main_loop");
+        assert_eq!(v["events"][0]["event"], "turn_started");
+        let back: RequestDisposition = serde_json::from_value(v).unwrap();
+        assert_eq!(back, d);
+        let side = serde_json::to_value(RequestClass::SideCall(SideKind::TokenCount)).unwrap();
+        assert_eq!(side, json!({"side_call": "token_count"}));
+        let rec = t.turns(SB).pop().unwrap();
+        let v = serde_json::to_value(&rec).unwrap();
+        assert_eq!(v["request_id"], 1);
+        assert_eq!(serde_json::from_value::<TurnRecord>(v).unwrap(), rec);
     }
 }
