@@ -1,0 +1,501 @@
+//! Pure net-change bookkeeping for one sandbox's file system within one window (since the last
+//! checkpoint). No I/O: it consumes resolved [`FsOp`]s and reports the [`FileChange`] set.
+//!
+//! Model: every path touched in the window records whether it existed at the baseline (known
+//! from the first operation on it: a successful create proves it did not; a write, metadata
+//! change, delete or rename-away proves it did; a rename target is unknown unless
+//! `RENAME_NOREPLACE`). Each path maps to a *node* (a file identity); nodes that pre-existed carry
+//! their baseline path as `origin`. Renames move nodes (and every tracked path below a renamed
+//! directory), hard links share nodes, deletes unmap them. The report compares, per path, the
+//! baseline against the current occupant, so a file created and deleted in the window is no
+//! change, a temporary file renamed over an existing one (`sed -i`) is a modification, and a
+//! pre-existing file moved elsewhere is a rename.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+
+use serde::Serialize;
+
+/// One file-system operation, paths relative to the sandbox root.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FsOp {
+    /// A new name appeared (creat/O_CREAT that created, mkdir, mknod, symlink).
+    Create { path: String },
+    /// Content changed (write, truncate, O_TRUNC, fallocate, copy_file_range, shared mapping).
+    Write { path: String },
+    /// Metadata changed only (chmod, chown, xattrs, timestamps).
+    Meta { path: String },
+    /// A name disappeared (unlink, rmdir).
+    Remove { path: String },
+    /// A rename; `noreplace` proves the target was absent, `exchange` swaps the two.
+    Rename {
+        from: String,
+        to: String,
+        noreplace: bool,
+        exchange: bool,
+    },
+    /// A hard link `to` of `from` (`from` is `None` for an O_TMPFILE materialised by linkat).
+    Link { from: Option<String>, to: String },
+}
+
+/// One entry of the dirty set.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+#[serde(tag = "change", rename_all = "snake_case")]
+pub enum FileChange {
+    Created { path: String },
+    Modified { path: String },
+    Deleted { path: String },
+    Renamed { from: String, to: String },
+    Metadata { path: String },
+}
+
+impl FileChange {
+    /// Short human-readable form (`+ a`, `~ b`, `- c`, `> d -> e`, `m f`).
+    pub fn short(&self) -> String {
+        match self {
+            FileChange::Created { path } => format!("+ {path}"),
+            FileChange::Modified { path } => format!("~ {path}"),
+            FileChange::Deleted { path } => format!("- {path}"),
+            FileChange::Renamed { from, to } => format!("> {from} -> {to}"),
+            FileChange::Metadata { path } => format!("m {path}"),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Existed {
+    No,
+    Yes,
+    Unknown,
+}
+
+#[derive(Debug, Clone)]
+struct Node {
+    origin: Option<String>,
+    content: bool,
+    meta: bool,
+}
+
+/// The net-change state of one window.
+#[derive(Debug, Default, Clone)]
+pub struct FsTracker {
+    nodes: Vec<Node>,
+    at: HashMap<String, usize>,
+    baseline: HashMap<String, Existed>,
+    ops: u64,
+}
+
+fn under<'a>(path: &'a str, dir: &str) -> Option<&'a str> {
+    if dir == "." {
+        return Some(path);
+    }
+    path.strip_prefix(dir).and_then(|r| r.strip_prefix('/'))
+}
+
+fn join(dir: &str, rest: &str) -> String {
+    if dir == "." {
+        rest.to_string()
+    } else {
+        format!("{dir}/{rest}")
+    }
+}
+
+impl FsTracker {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Forgets everything: the current state becomes the baseline (after a checkpoint).
+    pub fn reset(&mut self) {
+        *self = Self::default();
+    }
+
+    /// Number of operations applied since the last reset.
+    pub fn ops(&self) -> u64 {
+        self.ops
+    }
+
+    fn new_node(&mut self, origin: Option<String>) -> usize {
+        self.nodes.push(Node {
+            origin,
+            content: false,
+            meta: false,
+        });
+        self.nodes.len() - 1
+    }
+
+    /// Records the baseline existence of `path` on first touch; a pre-existing path gets its
+    /// baseline node.
+    fn touch(&mut self, path: &str, existed: Existed) {
+        if self.baseline.contains_key(path) {
+            return;
+        }
+        self.baseline.insert(path.to_string(), existed);
+        if existed == Existed::Yes {
+            let n = self.new_node(Some(path.to_string()));
+            self.at.insert(path.to_string(), n);
+        }
+    }
+
+    /// The node at `path`, creating one for a path that exists but is unknown to us.
+    fn occupant(&mut self, path: &str) -> usize {
+        self.touch(path, Existed::Yes);
+        if let Some(&n) = self.at.get(path) {
+            return n;
+        }
+        let n = self.new_node(None);
+        self.at.insert(path.to_string(), n);
+        n
+    }
+
+    fn remove_subtree(&mut self, path: &str) {
+        self.at.retain(|p, _| p != path && under(p, path).is_none());
+    }
+
+    /// Applies one operation.
+    pub fn apply(&mut self, op: FsOp) {
+        self.ops += 1;
+        match op {
+            FsOp::Create { path } => {
+                self.touch(&path, Existed::No);
+                let n = self.new_node(None);
+                self.at.insert(path, n);
+            }
+            FsOp::Write { path } => {
+                let n = self.occupant(&path);
+                self.nodes[n].content = true;
+            }
+            FsOp::Meta { path } => {
+                let n = self.occupant(&path);
+                self.nodes[n].meta = true;
+            }
+            FsOp::Remove { path } => {
+                self.touch(&path, Existed::Yes);
+                self.remove_subtree(&path);
+            }
+            FsOp::Link { from, to } => {
+                self.touch(&to, Existed::No);
+                let n = match from {
+                    Some(f) => self.occupant(&f),
+                    None => self.new_node(None),
+                };
+                self.at.insert(to, n);
+            }
+            FsOp::Rename {
+                from,
+                to,
+                noreplace,
+                exchange,
+            } => self.rename(&from, &to, noreplace, exchange),
+        }
+    }
+
+    fn rename(&mut self, from: &str, to: &str, noreplace: bool, exchange: bool) {
+        if from == to {
+            return;
+        }
+        self.occupant(from);
+        if exchange {
+            self.occupant(to);
+        } else {
+            self.touch(
+                to,
+                if noreplace {
+                    Existed::No
+                } else {
+                    Existed::Unknown
+                },
+            );
+        }
+        let to_existed = self.baseline.get(to).copied().unwrap_or(Existed::Unknown);
+        // Collect the subtrees (the path itself and everything tracked below it).
+        let take = |at: &HashMap<String, usize>, root: &str| -> Vec<(String, usize)> {
+            at.iter()
+                .filter_map(|(p, &n)| under_or_eq(p, root).map(|rest| (rest.to_string(), n)))
+                .collect()
+        };
+        let moving = take(&self.at, from);
+        let swapped = if exchange {
+            take(&self.at, to)
+        } else {
+            Vec::new()
+        };
+        self.remove_subtree(from);
+        self.remove_subtree(to);
+        for (rest, n) in moving {
+            let dest = if rest.is_empty() {
+                to.to_string()
+            } else {
+                join(to, &rest)
+            };
+            // A directory can only be renamed over an empty directory, so paths below the
+            // target did not exist before (unless an exchange, or already known).
+            let existed = if rest.is_empty() {
+                to_existed
+            } else if exchange {
+                Existed::Unknown
+            } else {
+                Existed::No
+            };
+            self.touch(&dest, existed);
+            self.at.insert(dest, n);
+        }
+        for (rest, n) in swapped {
+            let dest = if rest.is_empty() {
+                from.to_string()
+            } else {
+                join(from, &rest)
+            };
+            self.touch(&dest, Existed::Unknown);
+            self.at.insert(dest, n);
+        }
+    }
+
+    /// The net dirty set of the window, sorted.
+    pub fn changes(&self) -> Vec<FileChange> {
+        let mut paths: BTreeSet<&str> = self.baseline.keys().map(String::as_str).collect();
+        paths.extend(self.at.keys().map(String::as_str));
+        // Baseline paths whose node still lives somewhere (renamed, not deleted).
+        let placed: HashMap<&str, &str> = self
+            .at
+            .iter()
+            .filter_map(|(p, &n)| self.nodes[n].origin.as_deref().map(|o| (o, p.as_str())))
+            .collect();
+        let mut out = Vec::new();
+        let mut renames: BTreeMap<String, String> = BTreeMap::new();
+        for p in paths {
+            let existed = self.baseline.get(p).copied().unwrap_or(Existed::Yes);
+            let occ = self.at.get(p).map(|&n| &self.nodes[n]);
+            match occ {
+                None => {
+                    if existed != Existed::No && !placed.contains_key(p) {
+                        out.push(FileChange::Deleted {
+                            path: p.to_string(),
+                        });
+                    }
+                }
+                Some(node) => {
+                    let origin = node.origin.as_deref();
+                    let origin_still_there = origin.is_some_and(|o| {
+                        self.at
+                            .get(o)
+                            .is_some_and(|&m| self.nodes[m].origin.as_deref() == Some(o))
+                    });
+                    match origin {
+                        Some(o) if o == p => {
+                            if node.content {
+                                out.push(FileChange::Modified {
+                                    path: p.to_string(),
+                                });
+                            } else if node.meta && existed != Existed::No {
+                                out.push(FileChange::Metadata {
+                                    path: p.to_string(),
+                                });
+                            }
+                        }
+                        Some(o) if !origin_still_there => {
+                            renames.insert(o.to_string(), p.to_string());
+                            if node.content {
+                                out.push(FileChange::Modified {
+                                    path: p.to_string(),
+                                });
+                            }
+                        }
+                        _ => {
+                            if existed == Existed::No {
+                                out.push(FileChange::Created {
+                                    path: p.to_string(),
+                                });
+                            } else {
+                                out.push(FileChange::Modified {
+                                    path: p.to_string(),
+                                });
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        // A rename implied by a renamed ancestor directory is not listed separately.
+        for (from, to) in &renames {
+            let implied = renames.iter().any(|(af, at)| {
+                af != from && under(from, af).is_some_and(|rest| under(to, at) == Some(rest))
+            });
+            if !implied {
+                out.push(FileChange::Renamed {
+                    from: from.clone(),
+                    to: to.clone(),
+                });
+            }
+        }
+        out.sort();
+        out.dedup();
+        out
+    }
+}
+
+fn under_or_eq<'a>(path: &'a str, root: &str) -> Option<&'a str> {
+    if path == root {
+        Some("")
+    } else {
+        under(path, root)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run(ops: Vec<FsOp>) -> Vec<String> {
+        let mut t = FsTracker::new();
+        for op in ops {
+            t.apply(op);
+        }
+        let mut v: Vec<String> = t.changes().iter().map(FileChange::short).collect();
+        v.sort();
+        v
+    }
+    fn c(p: &str) -> FsOp {
+        FsOp::Create { path: p.into() }
+    }
+    fn w(p: &str) -> FsOp {
+        FsOp::Write { path: p.into() }
+    }
+    fn m(p: &str) -> FsOp {
+        FsOp::Meta { path: p.into() }
+    }
+    fn rm(p: &str) -> FsOp {
+        FsOp::Remove { path: p.into() }
+    }
+    fn mv(a: &str, b: &str) -> FsOp {
+        FsOp::Rename {
+            from: a.into(),
+            to: b.into(),
+            noreplace: false,
+            exchange: false,
+        }
+    }
+
+    /// A temp file created and deleted in the window is no change.
+    #[test]
+    fn create_then_delete_is_nothing() {
+        assert!(run(vec![c("t"), w("t"), rm("t")]).is_empty());
+        assert!(run(vec![c("d"), c("d/x"), rm("d/x"), rm("d")]).is_empty());
+    }
+
+    /// Deleting a pre-existing file is a change.
+    #[test]
+    fn delete_preexisting() {
+        assert_eq!(run(vec![rm("a")]), vec!["- a"]);
+        assert_eq!(run(vec![w("a"), rm("a")]), vec!["- a"]);
+    }
+
+    /// `sed -i`: a new temp file renamed over the original is a modification.
+    #[test]
+    fn replace_by_rename() {
+        assert_eq!(
+            run(vec![
+                c("d/sedX"),
+                w("d/sedX"),
+                m("d/sedX"),
+                mv("d/sedX", "d/f")
+            ]),
+            vec!["~ d/f"]
+        );
+    }
+
+    /// Renames of files and directories; tracked children follow their directory.
+    #[test]
+    fn renames() {
+        assert_eq!(run(vec![mv("a", "b")]), vec!["> a -> b"]);
+        // The target's prior existence is unknown, so vacating it is conservatively a delete.
+        assert_eq!(run(vec![mv("a", "b"), mv("b", "a")]), vec!["- b"]);
+        assert_eq!(run(vec![w("d/f"), mv("d", "e")]), vec!["> d -> e", "~ e/f"]);
+        assert_eq!(run(vec![c("d/n"), mv("d", "e")]), vec!["+ e/n", "> d -> e"]);
+        // The target may have existed (plain rename): conservatively a modification.
+        assert_eq!(
+            run(vec![c("new"), c("new/x"), mv("new", "fin")]),
+            vec!["+ fin/x", "~ fin"]
+        );
+        // A file created and renamed to a fresh name (noreplace) is a creation.
+        assert_eq!(
+            run(vec![
+                c("t"),
+                FsOp::Rename {
+                    from: "t".into(),
+                    to: "u".into(),
+                    noreplace: true,
+                    exchange: false
+                }
+            ]),
+            vec!["+ u"]
+        );
+        assert_eq!(
+            run(vec![FsOp::Rename {
+                from: "a".into(),
+                to: "b".into(),
+                noreplace: false,
+                exchange: true
+            }]),
+            vec!["> a -> b", "> b -> a"]
+        );
+    }
+
+    /// Hard links and O_TMPFILE+linkat create names; writes through a link dirty the shared file.
+    #[test]
+    fn links() {
+        assert_eq!(
+            run(vec![FsOp::Link {
+                from: Some("a".into()),
+                to: "b".into()
+            }]),
+            vec!["+ b"]
+        );
+        assert_eq!(
+            run(vec![
+                FsOp::Link {
+                    from: Some("a".into()),
+                    to: "b".into()
+                },
+                w("b")
+            ]),
+            vec!["+ b", "~ a"]
+        );
+        assert_eq!(
+            run(vec![FsOp::Link {
+                from: None,
+                to: "t".into()
+            }]),
+            vec!["+ t"]
+        );
+        // git-style: temp object linked to its final name, temp removed.
+        assert_eq!(
+            run(vec![
+                c("tmp_obj"),
+                FsOp::Link {
+                    from: Some("tmp_obj".into()),
+                    to: "obj".into()
+                },
+                rm("tmp_obj")
+            ]),
+            vec!["+ obj"]
+        );
+    }
+
+    /// Metadata-only changes are reported as such; on new files they are just creations.
+    #[test]
+    fn metadata() {
+        assert_eq!(run(vec![m("a")]), vec!["m a"]);
+        assert_eq!(run(vec![m("a"), w("a")]), vec!["~ a"]);
+        assert_eq!(run(vec![c("n"), m("n")]), vec!["+ n"]);
+    }
+
+    /// Reset makes the current state the baseline.
+    #[test]
+    fn reset_forgets() {
+        let mut t = FsTracker::new();
+        t.apply(c("x"));
+        t.reset();
+        t.apply(rm("x"));
+        assert_eq!(t.changes(), vec![FileChange::Deleted { path: "x".into() }]);
+    }
+}
