@@ -340,7 +340,8 @@ impl ResponseObserver {
     }
 
     fn set_finish(&mut self, reason: Option<&Value>) {
-        if let Some(r) = reason.and_then(Value::as_str) {
+        // Some servers send `""` instead of `null` on every chunk.
+        if let Some(r) = reason.and_then(Value::as_str).filter(|r| !r.is_empty()) {
             self.obs.finish_reason = Some(r.to_owned());
         }
     }
@@ -373,7 +374,11 @@ impl ResponseObserver {
                     self.obs.content_seen = true;
                 }
             }
-            if choice.get("finish_reason").is_some_and(|r| !r.is_null()) {
+            if choice
+                .get("finish_reason")
+                .and_then(Value::as_str)
+                .is_some_and(|r| !r.is_empty())
+            {
                 self.set_finish(choice.get("finish_reason"));
                 self.obs.terminal_seen = true;
             }
@@ -694,4 +699,324 @@ fn error_message(v: &Value) -> Option<String> {
 
 fn truncate_chars(s: &str, max: usize) -> String {
     s.chars().take(max).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn feed(api: ApiKind, status: u16, sse: bool, chunks: &[&str]) -> (Vec<bool>, ResponseSummary) {
+        let mut o = ResponseObserver::new(api, status, sse);
+        let firsts = chunks
+            .iter()
+            .map(|c| o.observe(c.as_bytes()).first_content)
+            .collect();
+        (firsts, o.finish(StreamEnd::Completed))
+    }
+
+    #[test]
+    fn chat_role_chunk_is_not_content_and_tool_calls_assemble_by_index() {
+        let (firsts, s) = feed(
+            ApiKind::ChatCompletions,
+            200,
+            true,
+            &[
+                "data: {\"id\":\"c1\",\"model\":\"m\",\"choices\":[{\"index\":0,\"delta\":{\"role\":\"assistant\",\"content\":\"\"}}]}\n\n",
+                ": keep-alive\n\n",
+                "data: {\"choices\":[{\"index\":0,\"delta\":{\"tool_calls\":[{\"index\":1,\"id\":\"call_b\",\"function\":{\"name\":\"read\",\"arguments\":\"\"}}]}}]}\n\n",
+                "data: {\"choices\":[{\"index\":0,\"delta\":{\"tool_calls\":[{\"index\":0,\"id\":\"call_a\",\"function\":{\"name\":\"get_\"}}]}}]}\n\n",
+                "data: {\"choices\":[{\"index\":0,\"delta\":{\"tool_calls\":[{\"index\":0,\"function\":{\"name\":\"weather\",\"arguments\":\"{}\"}},{\"index\":1,\"function\":{\"name\":\"read\"}}]}}]}\n\n",
+                "data: {\"choices\":[{\"index\":0,\"delta\":{},\"finish_reason\":\"tool_calls\"}]}\n\n",
+                "data: [DONE]\n\n",
+            ],
+        );
+        assert_eq!(firsts, [false, false, true, false, false, false, false]);
+        let names: Vec<_> = s
+            .tool_calls
+            .iter()
+            .map(|c| (c.id.as_deref(), c.name.as_str()))
+            .collect();
+        assert_eq!(
+            names,
+            [(Some("call_a"), "get_weather"), (Some("call_b"), "read")]
+        );
+        assert_eq!(s.finish_reason.as_deref(), Some("tool_calls"));
+        assert_eq!(s.end, StreamEnd::Completed);
+        assert_eq!(s.usage, None);
+        assert_eq!(s.response_id.as_deref(), Some("c1"));
+    }
+
+    #[test]
+    fn chat_reasoning_delta_is_content_and_usage_only_chunk_is_not() {
+        let (firsts, s) = feed(
+            ApiKind::ChatCompletions,
+            200,
+            true,
+            &[
+                "data: {\"choices\":[],\"usage\":{\"prompt_tokens\":3,\"completion_tokens\":0}}\n\n",
+                "data: {\"choices\":[{\"index\":0,\"delta\":{\"reasoning_content\":\"hmm\"}}]}\n\n",
+                "data: {\"choices\":[{\"index\":0,\"delta\":{},\"finish_reason\":\"stop\"}],\"usage\":{\"prompt_tokens\":3,\"completion_tokens\":5,\"total_tokens\":8,\"prompt_tokens_details\":{\"cached_tokens\":2}}}\n\n",
+            ],
+        );
+        assert_eq!(firsts, [false, true, false]);
+        // finish_reason seen: complete even without [DONE].
+        assert_eq!(s.end, StreamEnd::Completed);
+        let u = s.usage.unwrap();
+        assert_eq!(
+            (u.input_tokens, u.output_tokens, u.cached_input_tokens),
+            (3, 5, Some(2))
+        );
+    }
+
+    #[test]
+    fn chat_in_band_error_and_cut() {
+        let (_, s) = feed(
+            ApiKind::ChatCompletions,
+            200,
+            true,
+            &[
+                "data: {\"choices\":[{\"index\":0,\"delta\":{\"content\":\"a\"}}]}\n\n",
+                "data: {\"error\":{\"message\":\"overloaded\",\"type\":\"server_error\"}}\n\n",
+            ],
+        );
+        assert_eq!(s.in_band_error.as_deref(), Some("overloaded"));
+        assert_eq!(s.end, StreamEnd::UpstreamError);
+        assert!(s.failed());
+        let (_, s) = feed(
+            ApiKind::ChatCompletions,
+            200,
+            true,
+            &["data: {\"choices\":[{\"index\":0,\"delta\":{\"content\":\"a\"}}]}\n\ndata: {\"choi"],
+        );
+        assert_eq!(s.end, StreamEnd::Cut, "no finish_reason and no [DONE]");
+        assert!(s.content_seen);
+        // The transport's own verdict is kept.
+        let mut o = ResponseObserver::new(ApiKind::ChatCompletions, 200, true);
+        o.observe(b"data: [DONE]\n\n");
+        assert_eq!(
+            o.finish(StreamEnd::ClientCancelled).end,
+            StreamEnd::ClientCancelled
+        );
+    }
+
+    #[test]
+    fn responses_lifecycle_events_are_not_content() {
+        let ev = |t: &str, body: &str| format!("event: {t}\ndata: {{\"type\":\"{t}\"{body}}}\n\n");
+        let chunks = [
+            ev(
+                "response.created",
+                ",\"response\":{\"id\":\"resp_1\",\"model\":\"gpt-5\",\"status\":\"in_progress\"}",
+            ),
+            ev("response.in_progress", ",\"response\":{\"id\":\"resp_1\"}"),
+            ev(
+                "response.output_item.added",
+                ",\"output_index\":0,\"item\":{\"type\":\"reasoning\",\"id\":\"rs_1\"}",
+            ),
+            ev(
+                "response.output_item.added",
+                ",\"output_index\":1,\"item\":{\"type\":\"message\",\"id\":\"m\"}",
+            ),
+            ev("response.content_part.added", ",\"output_index\":1"),
+            ev(
+                "response.output_text.delta",
+                ",\"output_index\":1,\"delta\":\"Hi\"",
+            ),
+            ev(
+                "response.output_item.added",
+                ",\"output_index\":2,\"item\":{\"type\":\"web_search_call\",\"id\":\"ws_1\"}",
+            ),
+            ev(
+                "response.output_item.done",
+                ",\"output_index\":3,\"item\":{\"type\":\"custom_tool_call\",\"call_id\":\"call_p\",\"name\":\"apply_patch\",\"input\":\"x\"}",
+            ),
+            ev(
+                "response.output_item.done",
+                ",\"output_index\":4,\"item\":{\"type\":\"local_shell_call\",\"call_id\":\"call_s\",\"action\":{}}",
+            ),
+            ev(
+                "response.completed",
+                ",\"response\":{\"id\":\"resp_1\",\"model\":\"gpt-5-2025\",\"status\":\"completed\",\"usage\":{\"input_tokens\":10,\"output_tokens\":4}}",
+            ),
+        ];
+        let refs: Vec<&str> = chunks.iter().map(String::as_str).collect();
+        let (firsts, s) = feed(ApiKind::Responses, 200, true, &refs);
+        assert_eq!(
+            firsts.iter().position(|f| *f),
+            Some(5),
+            "first content is the text delta"
+        );
+        let names: Vec<_> = s.tool_calls.iter().map(|c| c.name.as_str()).collect();
+        assert_eq!(
+            names,
+            ["apply_patch", "local_shell"],
+            "hosted web_search_call excluded"
+        );
+        assert_eq!(s.response_id.as_deref(), Some("resp_1"));
+        assert_eq!(s.model.as_deref(), Some("gpt-5-2025"));
+        assert_eq!(s.finish_reason.as_deref(), Some("completed"));
+        // Lenient usage (no *_details): the typed struct rejects it, the fallback reads it.
+        assert_eq!(
+            s.usage.map(|u| (u.input_tokens, u.output_tokens)),
+            Some((10, 4))
+        );
+        assert_eq!(s.end, StreamEnd::Completed);
+    }
+
+    #[test]
+    fn responses_errors() {
+        let (_, s) = feed(
+            ApiKind::Responses,
+            200,
+            true,
+            &[
+                "event: response.created\ndata: {\"type\":\"response.created\",\"response\":{\"id\":\"r\"}}\n\n",
+                "event: error\ndata: {\"type\":\"error\",\"code\":\"server_error\",\"message\":\"The server had an error\"}\n\n",
+            ],
+        );
+        assert_eq!(s.in_band_error.as_deref(), Some("The server had an error"));
+        assert_eq!(s.end, StreamEnd::UpstreamError);
+        assert!(!s.content_seen);
+        let (_, s) = feed(
+            ApiKind::Responses,
+            200,
+            true,
+            &[
+                "data: {\"type\":\"response.failed\",\"response\":{\"id\":\"r\",\"status\":\"failed\",\"error\":{\"code\":\"rate_limit_exceeded\",\"message\":\"slow down\"}}}\n\n",
+            ],
+        );
+        assert_eq!(s.in_band_error.as_deref(), Some("slow down"));
+        assert_eq!(s.finish_reason.as_deref(), Some("failed"));
+        assert_eq!(s.end, StreamEnd::UpstreamError);
+        // Only lifecycle events, then the connection ends: cut.
+        let (_, s) = feed(
+            ApiKind::Responses,
+            200,
+            true,
+            &[
+                "event: response.created\ndata: {\"type\":\"response.created\",\"response\":{\"id\":\"r\"}}\n\n",
+            ],
+        );
+        assert_eq!(s.end, StreamEnd::Cut);
+    }
+
+    #[test]
+    fn anthropic_stream() {
+        let chunks = [
+            "event: message_start\ndata: {\"type\":\"message_start\",\"message\":{\"id\":\"msg_1\",\"model\":\"claude\",\"usage\":{\"input_tokens\":12,\"cache_read_input_tokens\":100,\"output_tokens\":1}}}\n\n",
+            "event: ping\ndata: {\"type\": \"ping\"}\n\n",
+            "event: content_block_start\ndata: {\"type\":\"content_block_start\",\"index\":0,\"content_block\":{\"type\":\"server_tool_use\",\"id\":\"srvtoolu_1\",\"name\":\"web_search\"}}\n\n",
+            "event: content_block_start\ndata: {\"type\":\"content_block_start\",\"index\":1,\"content_block\":{\"type\":\"text\",\"text\":\"\"}}\n\n",
+            "event: content_block_delta\ndata: {\"type\":\"content_block_delta\",\"index\":1,\"delta\":{\"type\":\"text_delta\",\"text\":\"Hi\"}}\n\n",
+            "event: content_block_start\ndata: {\"type\":\"content_block_start\",\"index\":2,\"content_block\":{\"type\":\"tool_use\",\"id\":\"toolu_1\",\"name\":\"Bash\",\"input\":{}}}\n\n",
+            "event: message_delta\ndata: {\"type\":\"message_delta\",\"delta\":{\"stop_reason\":\"tool_use\"},\"usage\":{\"output_tokens\":40}}\n\n",
+            "event: message_stop\ndata: {\"type\":\"message_stop\"}\n\n",
+        ];
+        let (firsts, s) = feed(ApiKind::AnthropicMessages, 200, true, &chunks);
+        assert_eq!(firsts.iter().position(|f| *f), Some(4));
+        assert_eq!(s.tool_calls.len(), 1, "server_tool_use runs upstream");
+        assert_eq!(s.tool_calls[0].name, "Bash");
+        assert_eq!(s.finish_reason.as_deref(), Some("tool_use"));
+        let u = s.usage.unwrap();
+        assert_eq!(
+            (u.input_tokens, u.output_tokens, u.cached_input_tokens),
+            (12, 40, Some(100))
+        );
+        assert_eq!(s.end, StreamEnd::Completed);
+        let (_, s) = feed(
+            ApiKind::AnthropicMessages,
+            200,
+            true,
+            &[
+                chunks[0],
+                "event: error\ndata: {\"type\":\"error\",\"error\":{\"type\":\"overloaded_error\",\"message\":\"Overloaded\"}}\n\n",
+            ],
+        );
+        assert_eq!(s.in_band_error.as_deref(), Some("Overloaded"));
+        assert_eq!(s.end, StreamEnd::UpstreamError);
+    }
+
+    #[test]
+    fn non_streaming_bodies() {
+        let (firsts, s) = feed(
+            ApiKind::AnthropicMessages,
+            200,
+            false,
+            &[
+                "{\"id\":\"msg_1\",\"type\":\"message\",\"model\":\"c\",\"content\":[{\"type\":\"text\",\"text\":\"x\"},",
+                "{\"type\":\"tool_use\",\"id\":\"toolu_9\",\"name\":\"Read\",\"input\":{}}],\"stop_reason\":\"tool_use\",\"usage\":{\"input_tokens\":5,\"output_tokens\":7}}",
+            ],
+        );
+        assert_eq!(firsts, [true, false]);
+        assert_eq!(s.tool_calls[0].id.as_deref(), Some("toolu_9"));
+        assert_eq!(s.usage.map(|u| u.output_tokens), Some(7));
+        let (_, s) = feed(
+            ApiKind::AnthropicCountTokens,
+            200,
+            false,
+            &["{\"input_tokens\": 1234}"],
+        );
+        assert_eq!(s.usage.map(|u| u.input_tokens), Some(1234));
+        let (firsts, s) = feed(
+            ApiKind::AnthropicMessages,
+            529,
+            false,
+            &[
+                "{\"type\":\"error\",\"error\":{\"type\":\"overloaded_error\",\"message\":\"Overloaded\"}}",
+            ],
+        );
+        assert_eq!(firsts, [false], "an error body is not content");
+        assert_eq!(s.in_band_error.as_deref(), Some("Overloaded"));
+        assert_eq!(s.end, StreamEnd::UpstreamError);
+        let (_, s) = feed(
+            ApiKind::ChatCompletions,
+            502,
+            false,
+            &["<html>Bad Gateway</html>"],
+        );
+        assert_eq!(s.in_band_error.as_deref(), Some("<html>Bad Gateway</html>"));
+        assert_eq!(s.analysis_error, None);
+        let (_, s) = feed(ApiKind::ChatCompletions, 200, false, &["not json"]);
+        assert!(s.analysis_error.unwrap().contains("not json"));
+        // Responses non-stream with a function_call and the legacy chat function_call.
+        let (_, s) = feed(
+            ApiKind::Responses,
+            200,
+            false,
+            &[
+                "{\"id\":\"resp_9\",\"status\":\"completed\",\"output\":[{\"type\":\"function_call\",\"call_id\":\"call_1\",\"name\":\"f\",\"arguments\":\"{}\"}]}",
+            ],
+        );
+        assert_eq!(s.tool_calls[0].name, "f");
+        let (_, s) = feed(
+            ApiKind::ChatCompletions,
+            200,
+            false,
+            &[
+                "{\"choices\":[{\"index\":0,\"message\":{\"function_call\":{\"name\":\"legacy\",\"arguments\":\"{}\"}},\"finish_reason\":\"function_call\"},{\"index\":1,\"message\":{\"tool_calls\":[{\"id\":\"c2\",\"type\":\"custom\",\"custom\":{\"name\":\"patch\",\"input\":\"x\"}}]},\"finish_reason\":\"tool_calls\"}]}",
+            ],
+        );
+        let names: Vec<_> = s.tool_calls.iter().map(|c| c.name.as_str()).collect();
+        assert_eq!(names, ["legacy", "patch"]);
+    }
+
+    #[test]
+    fn other_api_is_not_analysed() {
+        let (firsts, s) = feed(ApiKind::Other, 200, true, &["data: {\"choices\":[]}\n\n"]);
+        assert_eq!(firsts, [false]);
+        assert_eq!(s.end, StreamEnd::Completed);
+        assert!(!s.content_seen);
+    }
+
+    #[test]
+    fn summary_serializes() {
+        let (_, s) = feed(
+            ApiKind::ChatCompletions,
+            200,
+            false,
+            &["{\"id\":\"x\",\"choices\":[]}"],
+        );
+        let v = serde_json::to_value(&s).unwrap();
+        assert_eq!(v["end"], "completed");
+        assert_eq!(serde_json::from_value::<ResponseSummary>(v).unwrap(), s);
+    }
 }
