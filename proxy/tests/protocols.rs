@@ -25,7 +25,10 @@ impl TestCert {
     fn new() -> TestCert {
         let ck = rcgen::generate_simple_self_signed(vec!["localhost".into(), "127.0.0.1".into()])
             .unwrap();
-        let dir = tempfile::Builder::new().prefix(&unique("tls")).tempdir().unwrap();
+        let dir = tempfile::Builder::new()
+            .prefix(&unique("tls"))
+            .tempdir()
+            .unwrap();
         let cert_pem = ck.cert.pem();
         let key_pem = ck.key_pair.serialize_pem();
         std::fs::write(dir.path().join("cert.pem"), &cert_pem).unwrap();
@@ -47,11 +50,13 @@ impl TestCert {
         roots
             .add(CertificateDer::from_pem_slice(self.cert_pem.as_bytes()).unwrap())
             .unwrap();
-        rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-            .with_safe_default_protocol_versions()
-            .unwrap()
-            .with_root_certificates(roots)
-            .with_no_client_auth()
+        rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth()
     }
 }
 
@@ -96,7 +101,10 @@ async fn tls_downstream_h1_and_h2() {
         over.tls_key_file = Some(kf);
     })
     .await;
-    let url = format!("https://localhost:{}/v1/chat/completions", proxy.addr.port());
+    let url = format!(
+        "https://localhost:{}/v1/chat/completions",
+        proxy.addr.port()
+    );
     for h2 in [false, true] {
         let b = hyper_rustls::HttpsConnectorBuilder::new()
             .with_tls_config(cert.client_config())
@@ -109,13 +117,23 @@ async fn tls_downstream_h1_and_h2() {
         let c: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build(connector);
         let resp = c.request(post(&url, &chat_body(true))).await.unwrap();
         assert_eq!(resp.status(), 200);
-        assert_eq!(resp.version(), if h2 { Version::HTTP_2 } else { Version::HTTP_11 });
+        assert_eq!(
+            resp.version(),
+            if h2 {
+                Version::HTTP_2
+            } else {
+                Version::HTTP_11
+            }
+        );
         let text = resp.into_body().collect().await.unwrap().to_bytes();
         assert!(String::from_utf8_lossy(&text).ends_with("data: [DONE]\n\n"));
     }
     // Plain HTTP to the TLS port does not get through.
     let r = client()
-        .request(post(&format!("http://127.0.0.1:{}/v1/chat/completions", proxy.addr.port()), &chat_body(false)))
+        .request(post(
+            &format!("http://127.0.0.1:{}/v1/chat/completions", proxy.addr.port()),
+            &chat_body(false),
+        ))
         .await;
     assert!(r.is_err() || r.unwrap().status() != 200);
     proxy.stop().await;
@@ -146,30 +164,40 @@ async fn https_upstream_with_extra_ca_over_h2() {
     let (seen2, conns2) = (seen.clone(), connections.clone());
     let server = tokio::spawn(async move {
         loop {
-            let Ok((s, _)) = listener.accept().await else { return };
+            let Ok((s, _)) = listener.accept().await else {
+                return;
+            };
             let acceptor = acceptor.clone();
             let seen = seen2.clone();
             conns2.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
             tokio::spawn(async move {
-                let Ok(tls) = acceptor.accept(s).await else { return };
-                let svc = hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
-                    let seen = seen.clone();
-                    async move {
-                        let host = req
-                            .headers()
-                            .get("host")
-                            .map(|h| h.to_str().unwrap().to_owned())
-                            .unwrap_or_else(|| req.uri().authority().map(|a| a.to_string()).unwrap_or_default());
-                        seen.lock().push((req.version(), host));
-                        let body = req.into_body().collect().await.unwrap().to_bytes();
-                        Ok::<_, std::convert::Infallible>(
-                            http::Response::builder()
-                                .header("content-type", "application/json")
-                                .body(Full::new(body))
-                                .unwrap(),
-                        )
-                    }
-                });
+                let Ok(tls) = acceptor.accept(s).await else {
+                    return;
+                };
+                let svc =
+                    hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
+                        let seen = seen.clone();
+                        async move {
+                            let host = req
+                                .headers()
+                                .get("host")
+                                .map(|h| h.to_str().unwrap().to_owned())
+                                .unwrap_or_else(|| {
+                                    req.uri()
+                                        .authority()
+                                        .map(|a| a.to_string())
+                                        .unwrap_or_default()
+                                });
+                            seen.lock().push((req.version(), host));
+                            let body = req.into_body().collect().await.unwrap().to_bytes();
+                            Ok::<_, std::convert::Infallible>(
+                                http::Response::builder()
+                                    .header("content-type", "application/json")
+                                    .body(Full::new(body))
+                                    .unwrap(),
+                            )
+                        }
+                    });
                 let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
                     .serve_connection(TokioIo::new(tls), svc)
                     .await;
@@ -182,7 +210,12 @@ async fn https_upstream_with_extra_ca_over_h2() {
     })
     .await;
     for _ in 0..3 {
-        let r = post_json(&format!("{}/v1/echo", proxy.url()), &[], &serde_json::json!({"x": 1})).await;
+        let r = post_json(
+            &format!("{}/v1/echo", proxy.url()),
+            &[],
+            &serde_json::json!({"x": 1}),
+        )
+        .await;
         assert_eq!(r.status, 200, "{}", r.text());
         assert_eq!(r.json(), serde_json::json!({"x": 1}));
     }
@@ -192,7 +225,11 @@ async fn https_upstream_with_extra_ca_over_h2() {
         assert_eq!(*v, Version::HTTP_2, "upstream reached over h2 via ALPN");
         assert_eq!(host, &format!("localhost:{port}"));
     }
-    assert_eq!(connections.load(std::sync::atomic::Ordering::SeqCst), 1, "pooled");
+    assert_eq!(
+        connections.load(std::sync::atomic::Ordering::SeqCst),
+        1,
+        "pooled"
+    );
     proxy.stop().await;
     server.abort();
 }

@@ -78,16 +78,35 @@ async fn secrets_absent_from_transcript_and_logs() {
 
     // Success through the raw upstream (secret response cookie), success through the fake
     // (check the upstream got the secrets), an unreachable upstream, a malformed request.
-    let r = post_json(&format!("{}/v1/chat/completions", proxy.url()), SECRETS, &chat_body(false)).await;
+    let r = post_json(
+        &format!("{}/v1/chat/completions", proxy.url()),
+        SECRETS,
+        &chat_body(false),
+    )
+    .await;
     assert_eq!(r.status, 200);
     assert_eq!(r.headers["set-cookie"], "upstream=SECRET-set-cookie-6");
-    let r = post_json(&format!("{}/fake/v1/chat/completions", proxy.url()), SECRETS, &chat_body(true)).await;
+    let r = post_json(
+        &format!("{}/fake/v1/chat/completions", proxy.url()),
+        SECRETS,
+        &chat_body(true),
+    )
+    .await;
     assert_eq!(r.status, 200);
     let got = fake.requests().pop().unwrap();
     for (k, v) in SECRETS {
-        assert_eq!(got.header(k), Some(*v), "secret header {k} must still reach the upstream");
+        assert_eq!(
+            got.header(k),
+            Some(*v),
+            "secret header {k} must still reach the upstream"
+        );
     }
-    let r = post_json(&format!("{}/dead/v1/messages", proxy.url()), SECRETS, &anthropic_body(false)).await;
+    let r = post_json(
+        &format!("{}/dead/v1/messages", proxy.url()),
+        SECRETS,
+        &anthropic_body(false),
+    )
+    .await;
     assert_eq!(r.status, 502);
     let r = send(
         &client(),
@@ -104,9 +123,17 @@ async fn secrets_absent_from_transcript_and_logs() {
     assert_eq!(transcript.lines().count(), 3, "{transcript}");
     assert!(transcript.contains("[REDACTED]"));
     for rec in proxy.transcript("default").await {
-        let names: Vec<&str> = rec.request.headers.iter().map(|(k, _)| k.as_str()).collect();
+        let names: Vec<&str> = rec
+            .request
+            .headers
+            .iter()
+            .map(|(k, _)| k.as_str())
+            .collect();
         for (k, _) in SECRETS {
-            assert!(names.contains(k), "header {k} recorded (redacted): {names:?}");
+            assert!(
+                names.contains(k),
+                "header {k} recorded (redacted): {names:?}"
+            );
         }
     }
     proxy.stop().await;
