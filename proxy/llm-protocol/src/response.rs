@@ -267,6 +267,9 @@ impl ResponseObserver {
             self.obs.terminal_seen = true;
             return;
         }
+        if self.skip_by_name(name) {
+            return;
+        }
         let value: Value = match serde_json::from_str(data_trim) {
             Ok(v) => v,
             Err(_) => {
@@ -285,6 +288,36 @@ impl ResponseObserver {
                 self.on_anthropic_event(name, &value)
             }
             ApiKind::Other => {}
+        }
+    }
+
+    /// Fast path: most events of a Responses or Anthropic stream are deltas whose only
+    /// meaning here is "content was produced", and both APIs name every event on its
+    /// `event:` line. Those are handled by name without parsing their JSON. Streams without
+    /// event names (some compatible servers) take the parsing path, which gives the same result.
+    fn skip_by_name(&mut self, name: Option<&str>) -> bool {
+        let Some(name) = name else { return false };
+        match self.api {
+            ApiKind::Responses => {
+                if name.ends_with(".delta") {
+                    self.obs.content_seen = true;
+                    return true;
+                }
+                // Events that carry nothing this observer records.
+                name.starts_with("response.")
+                    && (name.ends_with(".done") || name.starts_with("response.content_part."))
+                    && name != "response.output_item.done"
+                    || name.starts_with("response.reasoning_summary_part.")
+            }
+            ApiKind::AnthropicMessages | ApiKind::AnthropicCountTokens => match name {
+                "content_block_delta" => {
+                    self.obs.content_seen = true;
+                    true
+                }
+                "ping" | "content_block_stop" => true,
+                _ => false,
+            },
+            _ => false,
         }
     }
 

@@ -12,9 +12,13 @@
 //!
 //! Classification of one request, in this order (first match wins; each rule has its reason):
 //! 1. `count_tokens` → `SideCall(TokenCount)`: it never generates.
-//! 2. Same body digest as the current main attempt while that attempt is in flight, or after
-//!    it failed (error status, in-band error, cut, cancelled) → `Retry`: clients (Codex, the
-//!    OpenAI SDK) re-send the identical body; the turn continues.
+//! 2. While the current main attempt is in flight, or after it failed (error status, in-band
+//!    error, cut, cancelled):
+//!    a. the same body digest → `Retry`: clients (Codex, the OpenAI SDK) re-send the identical
+//!       body; the turn continues;
+//!    b. exactly the same messages (last prefix digest), response chain and tool set, without
+//!       a side hint → `Retry`: a retry with changed parameters (a fallback model, another
+//!       stream flag) is still the same step; a new step always adds the model's reply.
 //! 3. Continues the main conversation:
 //!    a. without tools while the main conversation has tools → `SideCall` (`Summarization` if
 //!    the prompt asks for a summary, else `Other`): an agent's main loop always offers its
@@ -235,6 +239,29 @@ struct MainAttempt {
     body_digest: String,
     in_flight: bool,
     failed: bool,
+    // What rule 2b compares: the same messages, chain and tools.
+    api: ApiKind,
+    last_digest: Option<String>,
+    previous_response_id: Option<String>,
+    tools: Vec<String>,
+}
+
+impl MainAttempt {
+    fn new(request_id: u64, req: &RequestSummary) -> Self {
+        let mut tools = req.tools.clone();
+        tools.sort();
+        tools.dedup();
+        MainAttempt {
+            request_id,
+            body_digest: req.body_digest.clone(),
+            in_flight: true,
+            failed: false,
+            api: req.api,
+            last_digest: req.thread.prefix_digests.last().cloned(),
+            previous_response_id: req.thread.previous_response_id.clone(),
+            tools,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Default)]
@@ -333,12 +360,7 @@ impl TurnTracker {
                     };
                     t.side_calls += 1;
                 }
-                st.attempt = Some(MainAttempt {
-                    request_id: id,
-                    body_digest: req.body_digest.clone(),
-                    in_flight: true,
-                    failed: false,
-                });
+                st.attempt = Some(MainAttempt::new(id, req));
                 (RequestClass::MainLoop, conversation)
             }
             Decision::Main { conversation } => {
@@ -377,12 +399,7 @@ impl TurnTracker {
                     sandbox: sandbox.to_owned(),
                     turn: st.turn_counter,
                 });
-                st.attempt = Some(MainAttempt {
-                    request_id: id,
-                    body_digest: req.body_digest.clone(),
-                    in_flight: true,
-                    failed: false,
-                });
+                st.attempt = Some(MainAttempt::new(id, req));
                 (RequestClass::MainLoop, conversation)
             }
         };
@@ -493,16 +510,26 @@ impl SandboxState {
         if req.api == ApiKind::AnthropicCountTokens {
             return Decision::Side(SideKind::TokenCount, 0);
         }
-        // Rule 2.
-        if let Some(a) = &self.attempt
-            && a.body_digest == req.body_digest
-            && (a.in_flight || a.failed)
-        {
-            return Decision::Retry;
-        }
         let mut tools = req.tools.clone();
         tools.sort();
         tools.dedup();
+        if let Some(a) = &self.attempt
+            && (a.in_flight || a.failed)
+        {
+            // Rule 2a.
+            if a.body_digest == req.body_digest {
+                return Decision::Retry;
+            }
+            // Rule 2b.
+            if req.side_hint.is_none()
+                && req.api == a.api
+                && req.thread.prefix_digests.last() == a.last_digest.as_ref()
+                && req.thread.previous_response_id == a.previous_response_id
+                && tools == a.tools
+            {
+                return Decision::Retry;
+            }
+        }
 
         // Threading.
         let matched = self.find_continued(req);
@@ -986,6 +1013,38 @@ mod tests {
         // The same body again after a success: a new step (e.g. a regenerate).
         let d4 = t.on_request(SB, &a, 500);
         assert_eq!((d4.class, d4.turn), (RequestClass::MainLoop, Some(2)));
+    }
+
+    /// After a failure, the same messages with another model are a retry (rule 2b); with a
+    /// probe hint they are not.
+    #[test]
+    fn fallback_model_retry() {
+        let mut t = TurnTracker::new();
+        let a = chat("big", "agent", &[user("go")], &["bash"]);
+        let d = t.on_request(SB, &a, 0);
+        t.on_response_end(
+            SB,
+            d.request_id,
+            &failed(429, StreamEnd::Completed),
+            None,
+            10,
+        );
+        let b = chat("fallback", "agent", &[user("go")], &["bash"]);
+        let d2 = t.on_request(SB, &b, 20);
+        assert_eq!((d2.class, d2.turn), (RequestClass::Retry, Some(1)));
+        let mut probe = b.clone();
+        probe.side_hint = Some(SideKind::Other);
+        assert_ne!(t.on_request(SB, &probe, 30).class, RequestClass::Retry);
+        // Different tools: not the same step.
+        t.on_response_end(
+            SB,
+            d2.request_id,
+            &failed(500, StreamEnd::Completed),
+            None,
+            40,
+        );
+        let c = chat("big", "agent", &[user("go")], &["bash", "edit"]);
+        assert_eq!(t.on_request(SB, &c, 50).class, RequestClass::MainLoop);
     }
 
     /// Summaries and probes on the main history never end a turn.

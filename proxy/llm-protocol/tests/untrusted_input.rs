@@ -361,3 +361,27 @@ fn oversized_json_body_reports_analysis_error() {
     assert!(s.analysis_error.unwrap().contains("larger than 1024"));
     assert_eq!(s.end, StreamEnd::Completed);
 }
+
+/// The observer's by-name fast path (Responses and Anthropic deltas are not parsed) gives the
+/// same summary and the same first-content event as parsing every event, which is what
+/// happens for streams without `event:` lines.
+#[test]
+fn event_name_fast_path_matches_full_parsing() {
+    for path in fixture_files("sse") {
+        let bytes = std::fs::read(&path).unwrap();
+        let text = String::from_utf8(bytes).unwrap();
+        let unnamed: String = text
+            .split_inclusive('\n')
+            .filter(|l| !l.starts_with("event:"))
+            .collect();
+        let api = api_of_fixture(&path);
+        let run = |s: &str| {
+            let mut o = ResponseObserver::new(api, 200, true);
+            let first = s
+                .split_inclusive("\n\n")
+                .position(|ev| o.observe(ev.as_bytes()).first_content);
+            (first, o.finish(StreamEnd::Completed))
+        };
+        assert_eq!(run(&text), run(&unnamed), "{}", path.display());
+    }
+}
