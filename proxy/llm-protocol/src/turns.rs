@@ -15,10 +15,10 @@
 //! 2. While the current main attempt is in flight, or after it failed (error status, in-band
 //!    error, cut, cancelled):
 //!    a. the same body digest → `Retry`: clients (Codex, the OpenAI SDK) re-send the identical
-//!       body; the turn continues;
+//!    body; the turn continues;
 //!    b. exactly the same messages (last prefix digest), response chain and tool set, without
-//!       a side hint → `Retry`: a retry with changed parameters (a fallback model, another
-//!       stream flag) is still the same step; a new step always adds the model's reply.
+//!    a side hint → `Retry`: a retry with changed parameters (a fallback model, another
+//!    stream flag) is still the same step; a new step always adds the model's reply.
 //! 3. Continues the main conversation:
 //!    a. without tools while the main conversation has tools → `SideCall` (`Summarization` if
 //!    the prompt asks for a summary, else `Other`): an agent's main loop always offers its
@@ -29,8 +29,8 @@
 //!    c. otherwise → `MainLoop`: a new turn.
 //! 4. Continues a side conversation → `SideCall` of that conversation's kind.
 //! 5. A new conversation, when there is a main conversation:
-//!    a. the prompt reads like a title/summary request (`RequestSummary::side_hint`) → that
-//!    kind;
+//!    a. the request carries a side hint (`RequestSummary::side_hint`: title or summary
+//!    wording, or a probe's tiny output cap) → that kind;
 //!    b. tool-bearing, while the main conversation has no tools → takes over as main
 //!    (`MainLoop`): the main conversation is the first *tool-bearing* one; a tool-less
 //!    conversation was only provisionally main. If the open turn holds nothing but the
