@@ -89,6 +89,13 @@ struct {
 	__type(value, __u64);
 } recent_writes SEC(".maps");
 
+/* Raw tracepoint arguments, read without CO-RE: `args` is a flexible array that relocations
+ * cannot describe. */
+static __always_inline __u64 raw_arg(struct bpf_raw_tracepoint_args *ctx, int i)
+{
+	return ((__u64 *)ctx)[i];
+}
+
 static __always_inline __u32 *lookup_slot(void)
 {
 	__u64 cg = bpf_get_current_cgroup_id();
@@ -520,8 +527,8 @@ static __noinline int handle_path2(struct crab_event *e, struct pt_regs *regs, l
 SEC("raw_tp/sys_exit")
 int crab_sys_exit(struct bpf_raw_tracepoint_args *ctx)
 {
-	struct pt_regs *regs = (struct pt_regs *)ctx->args[0];
-	long ret = ctx->args[1];
+	struct pt_regs *regs = (struct pt_regs *)raw_arg(ctx, 0);
+	long ret = raw_arg(ctx, 1);
 	long nr = BPF_CORE_READ(regs, orig_ax);
 	int cls = classify(nr);
 	if (cls == CRAB_OP_NONE || ret < 0)
@@ -606,7 +613,7 @@ int crab_sys_exit(struct bpf_raw_tracepoint_args *ctx)
 SEC("raw_tp/sched_process_fork")
 int crab_fork(struct bpf_raw_tracepoint_args *ctx)
 {
-	struct task_struct *child = (struct task_struct *)ctx->args[1];
+	struct task_struct *child = (struct task_struct *)raw_arg(ctx, 1);
 	__u32 pid = BPF_CORE_READ(child, pid);
 	__u32 tgid = BPF_CORE_READ(child, tgid);
 	if (pid != tgid) /* a new thread, not a new process */
@@ -625,7 +632,7 @@ int crab_fork(struct bpf_raw_tracepoint_args *ctx)
 SEC("raw_tp/sched_process_exec")
 int crab_exec(struct bpf_raw_tracepoint_args *ctx)
 {
-	struct linux_binprm *bprm = (struct linux_binprm *)ctx->args[2];
+	struct linux_binprm *bprm = (struct linux_binprm *)raw_arg(ctx, 2);
 	__u32 *slotp = lookup_slot();
 	if (!slotp)
 		return 0;
@@ -643,7 +650,7 @@ int crab_exec(struct bpf_raw_tracepoint_args *ctx)
 SEC("raw_tp/sched_process_exit")
 int crab_exit(struct bpf_raw_tracepoint_args *ctx)
 {
-	struct task_struct *p = (struct task_struct *)ctx->args[0];
+	struct task_struct *p = (struct task_struct *)raw_arg(ctx, 0);
 	__u32 pid = BPF_CORE_READ(p, pid);
 	__u32 tgid = BPF_CORE_READ(p, tgid);
 	if (pid != tgid)
