@@ -583,6 +583,10 @@ async fn handle_inner(
                 .events
                 .iter()
                 .any(|e| matches!(e, TurnEvent::TurnEnded(_)));
+            if sync {
+                // The previous turn's records become durable now, not when this one ends.
+                shared.transcript.sync_sandbox(&sandbox);
+            }
             count_turn_events(&shared.metrics, &sandbox, &disposition.events);
         }
         span.record("class", class_label(class));

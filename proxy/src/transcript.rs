@@ -248,6 +248,8 @@ pub fn read_records(path: &Path) -> Result<Vec<TranscriptRecord>, TranscriptErro
 
 enum Msg {
     Record(Box<Exchange>),
+    /// A turn boundary: make everything of this sandbox durable now.
+    Sync(SandboxId),
     Flush(oneshot::Sender<()>),
 }
 
@@ -313,6 +315,15 @@ impl Transcript {
     pub fn record(&self, x: Exchange) -> bool {
         match &self.tx {
             Some(tx) => tx.try_send(Msg::Record(Box::new(x))).is_ok(),
+            None => true,
+        }
+    }
+
+    /// A turn boundary in `sandbox`: fsync its file as soon as the writer gets to it (does not
+    /// wait; never blocks).
+    pub fn sync_sandbox(&self, sandbox: &SandboxId) -> bool {
+        match &self.tx {
+            Some(tx) => tx.try_send(Msg::Sync(sandbox.clone())).is_ok(),
             None => true,
         }
     }
@@ -392,6 +403,11 @@ impl Writer {
                     Msg::Record(x) => {
                         if let Err(e) = self.write(&x) {
                             self.hooks.write_error(&e);
+                        }
+                    }
+                    Msg::Sync(sandbox) => {
+                        if let Some(f) = self.files.get_mut(sandbox.as_str()) {
+                            f.needs_sync = true;
                         }
                     }
                     Msg::Flush(done) => {

@@ -116,12 +116,15 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         "state_dir": state_dir,
         "upstream": config.upstream.as_ref().map(|u| u.to_string()),
     });
-    super::emit(args.out, &ready, |_| {
-        format!(
+    // One compact JSON line: the ready event is read by scripts line by line.
+    if args.out.json {
+        println!("{ready}");
+    } else {
+        println!(
             "crab: proxy listening on {scheme}://{proxy}, admin API on http://{admin}, state in {}",
             state_dir.display()
-        )
-    });
+        );
+    }
     server.run(listeners, shutdown_signal()).await?;
     Ok(())
 }
