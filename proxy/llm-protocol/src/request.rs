@@ -96,156 +96,147 @@ pub fn summarize_request(api: ApiKind, body: &[u8]) -> Result<RequestSummary, Pr
         max_output_tokens,
         ..PromptTexts::default()
     };
-    let (system_digest, items, text_part, default_type): (Option<blake3::Hash>, Vec<&Value>, _, _) =
-        match api {
-            ApiKind::ChatCompletions => {
-                let messages = required_array(obj, "messages")?;
-                let leading_system: Vec<&Value> = messages
-                    .iter()
-                    .take_while(|m| matches!(role(m), Some("system" | "developer")))
-                    .collect();
-                let system = if leading_system.is_empty() {
-                    None
-                } else {
-                    for m in &leading_system {
-                        texts.add_system(m.get("content"));
-                    }
-                    let joined = Value::Array(
-                        leading_system
-                            .iter()
-                            .map(|m| m.get("content").cloned().unwrap_or(Value::Null))
-                            .collect(),
-                    );
-                    Some(hash_system(&joined))
-                };
-                let legacy = tool_names(obj.get("functions"))?;
-                let mut tools_all = tools.clone();
-                tools_all.extend(legacy);
-                texts.last_user = last_user_text(messages);
-                return Ok(finish(
-                    api,
-                    model,
-                    stream,
-                    tools_all,
-                    body_digest,
-                    system,
-                    messages.iter().collect(),
-                    "text",
-                    None,
-                    None,
-                    texts,
-                ));
+    let mut tools = tools;
+    let conv = match api {
+        ApiKind::ChatCompletions => {
+            let messages = required_array(obj, "messages")?;
+            // Chat has no system field: the leading system/developer messages are the prompt.
+            let leading_system: Vec<&Value> = messages
+                .iter()
+                .take_while(|m| matches!(role(m), Some("system" | "developer")))
+                .collect();
+            let system = (!leading_system.is_empty()).then(|| {
+                for m in &leading_system {
+                    texts.add_system(m.get("content"));
+                }
+                let joined = Value::Array(
+                    leading_system
+                        .iter()
+                        .map(|m| m.get("content").cloned().unwrap_or(Value::Null))
+                        .collect(),
+                );
+                hash_system(&joined)
+            });
+            tools.extend(tool_names(obj.get("functions"))?);
+            texts.last_user = last_user_text(messages);
+            Items {
+                system,
+                items: messages.iter().collect(),
+                text_part: "text",
+                responses: false,
             }
-            ApiKind::AnthropicMessages | ApiKind::AnthropicCountTokens => {
-                let messages = required_array(obj, "messages")?;
-                let system = match obj.get("system") {
-                    None | Some(Value::Null) => None,
-                    Some(s @ (Value::String(_) | Value::Array(_))) => {
-                        texts.add_system(Some(s));
-                        Some(hash_system(s))
-                    }
-                    Some(_) => {
-                        return Err(ProtocolError::WrongType {
-                            field: "system",
-                            expected: "a string or a list",
-                        });
-                    }
-                };
-                texts.last_user = last_user_text(messages);
-                (system, messages.iter().collect(), "text", None)
+        }
+        ApiKind::AnthropicMessages | ApiKind::AnthropicCountTokens => {
+            let messages = required_array(obj, "messages")?;
+            let system = system_field(obj, "system", &mut texts)?;
+            texts.last_user = last_user_text(messages);
+            Items {
+                system,
+                items: messages.iter().collect(),
+                text_part: "text",
+                responses: false,
             }
-            ApiKind::Responses => {
-                let system = match obj.get("instructions") {
-                    None | Some(Value::Null) => None,
-                    Some(s @ (Value::String(_) | Value::Array(_))) => {
-                        texts.add_system(Some(s));
-                        Some(hash_system(s))
-                    }
-                    Some(_) => {
-                        return Err(ProtocolError::WrongType {
-                            field: "instructions",
-                            expected: "a string",
-                        });
-                    }
-                };
-                let items: Vec<&Value> = match obj.get("input") {
-                    None | Some(Value::Null) => Vec::new(),
-                    Some(s @ Value::String(_)) => vec![s],
-                    Some(Value::Array(items)) => items.iter().collect(),
-                    Some(_) => {
-                        return Err(ProtocolError::WrongType {
-                            field: "input",
-                            expected: "a string or a list",
-                        });
-                    }
-                };
-                texts.last_user = match obj.get("input") {
-                    Some(Value::String(s)) => Some(truncate(s, HINT_TEXT_LIMIT).to_owned()),
-                    Some(Value::Array(items)) => last_user_text(items),
-                    _ => None,
-                };
-                (system, items, "input_text", Some("message"))
+        }
+        ApiKind::Responses => {
+            let system = system_field(obj, "instructions", &mut texts)?;
+            let items: Vec<&Value> = match obj.get("input") {
+                None | Some(Value::Null) => Vec::new(),
+                Some(s @ Value::String(_)) => vec![s],
+                Some(Value::Array(items)) => items.iter().collect(),
+                Some(_) => {
+                    return Err(ProtocolError::WrongType {
+                        field: "input",
+                        expected: "a string or a list",
+                    });
+                }
+            };
+            texts.last_user = match obj.get("input") {
+                Some(Value::String(s)) => Some(truncate(s, HINT_TEXT_LIMIT).to_owned()),
+                Some(Value::Array(items)) => last_user_text(items),
+                _ => None,
+            };
+            Items {
+                system,
+                items,
+                text_part: "input_text",
+                responses: true,
             }
-            ApiKind::Other => return Err(ProtocolError::UnsupportedApi),
-        };
+        }
+        ApiKind::Other => return Err(ProtocolError::UnsupportedApi),
+    };
     let previous_response_id = obj
         .get("previous_response_id")
         .and_then(Value::as_str)
         .map(str::to_owned);
-    Ok(finish(
+    let side_hint = texts.hint(!tools.is_empty());
+    let thread = thread_key(&conv, previous_response_id);
+    Ok(RequestSummary {
         api,
         model,
         stream,
+        message_count: conv.items.len(),
         tools,
         body_digest,
-        system_digest,
-        items,
-        text_part,
-        default_type,
-        previous_response_id,
-        texts,
-    ))
+        thread,
+        side_hint,
+        max_output_tokens,
+    })
 }
 
-#[expect(
-    clippy::too_many_arguments,
-    reason = "one private assembly step shared by the three APIs"
-)]
-fn finish(
-    api: ApiKind,
-    model: Option<String>,
-    stream: bool,
-    tools: Vec<String>,
-    body_digest: String,
+/// The conversation part of a request, whatever the API.
+struct Items<'a> {
     system: Option<blake3::Hash>,
-    items: Vec<&Value>,
-    text_part: &str,
-    default_type: Option<&str>,
-    previous_response_id: Option<String>,
-    texts: PromptTexts,
-) -> RequestSummary {
+    items: Vec<&'a Value>,
+    /// The content part type a plain-string `content` stands for.
+    text_part: &'static str,
+    /// Responses input items (typed items; a string item is a user message).
+    responses: bool,
+}
+
+/// A `system` (Anthropic) or `instructions` (Responses) field: a string or a list of blocks.
+fn system_field(
+    obj: &serde_json::Map<String, Value>,
+    field: &'static str,
+    texts: &mut PromptTexts,
+) -> Result<Option<blake3::Hash>, ProtocolError> {
+    match obj.get(field) {
+        None | Some(Value::Null) => Ok(None),
+        Some(s @ (Value::String(_) | Value::Array(_))) => {
+            texts.add_system(Some(s));
+            Ok(Some(hash_system(s)))
+        }
+        Some(_) => Err(ProtocolError::WrongType {
+            field,
+            expected: "a string or a list",
+        }),
+    }
+}
+
+/// Chain the item digests, seeded with the system prompt (see the module header).
+fn thread_key(conv: &Items<'_>, previous_response_id: Option<String>) -> ThreadKey {
     let mut prev: blake3::Hash = {
         let mut h = blake3::Hasher::new();
         h.update(b"crab-thread-seed");
-        if let Some(s) = &system {
+        if let Some(s) = &conv.system {
             h.update(s.as_bytes());
         }
         h.finalize()
     };
-    let mut prefix_digests = Vec::with_capacity(items.len());
-    for item in &items {
+    let default_type = conv.responses.then_some("message");
+    let mut prefix_digests = Vec::with_capacity(conv.items.len());
+    for item in &conv.items {
         let item_hash = match item {
             // A bare string input item is a user message.
             Value::String(s) => hash_item(
                 &serde_json::json!({"role": "user", "content": s}),
-                text_part,
+                conv.text_part,
                 default_type,
             ),
             _ => {
-                let is_responses_message = default_type.is_some() && item.get("role").is_some();
-                let part = match (default_type, role(item)) {
-                    (Some(_), Some("assistant")) => "output_text",
-                    _ => text_part,
+                let is_responses_message = conv.responses && item.get("role").is_some();
+                let part = match (conv.responses, role(item)) {
+                    (true, Some("assistant")) => "output_text",
+                    _ => conv.text_part,
                 };
                 hash_item(
                     item,
@@ -264,21 +255,10 @@ fn finish(
         prev = h.finalize();
         prefix_digests.push(prev.to_hex().to_string());
     }
-    let side_hint = texts.hint(!tools.is_empty());
-    RequestSummary {
-        api,
-        model,
-        stream,
-        message_count: items.len(),
-        tools,
-        body_digest,
-        thread: ThreadKey {
-            prefix_digests,
-            system_digest: system.map(|s| s.to_hex().to_string()),
-            previous_response_id,
-        },
-        side_hint,
-        max_output_tokens: texts.max_output_tokens,
+    ThreadKey {
+        prefix_digests,
+        system_digest: conv.system.map(|s| s.to_hex().to_string()),
+        previous_response_id,
     }
 }
 
