@@ -47,14 +47,25 @@ fn print(effects: &TurnEffects, json: bool, turn: Option<(usize, &str)>) -> anyh
         if let Some((n, cmd)) = turn {
             println!("turn {n}: {cmd}");
         }
-        println!("decision: {:?}{}", effects.decision, if effects.rescan_required { " (rescan required)" } else { "" });
+        println!(
+            "decision: {:?}{}",
+            effects.decision,
+            if effects.rescan_required {
+                " (rescan required)"
+            } else {
+                ""
+            }
+        );
         for f in &effects.files {
             println!("  {}", f.short());
         }
         for r in &effects.reasons {
             println!("  reason: {r}");
         }
-        println!("  events: {}, dropped: {}, inspect: {} us", effects.events, effects.dropped, effects.inspect_us);
+        println!(
+            "  events: {}, dropped: {}, inspect: {} us",
+            effects.events, effects.dropped, effects.inspect_us
+        );
     }
     Ok(())
 }
@@ -66,18 +77,25 @@ pub fn run(args: InspectArgs) -> anyhow::Result<i32> {
     }
     let name = format!("crab-inspect-{}", std::process::id());
     let cg = ScratchCgroup::create(&name).context("creating the inspection cgroup")?;
-    let inspector = Inspector::new(InspectorConfig::default()).context("loading the eBPF inspector")?;
+    let inspector =
+        Inspector::new(InspectorConfig::default()).context("loading the eBPF inspector")?;
     let mut spec = SandboxSpec::new(name.clone(), cg.path(), "/");
     spec.ignored_prefixes = args.ignore_prefix.clone();
     spec.ignore = args
         .ignore_comm
         .iter()
-        .map(|c| IgnoreRule { pid: None, comm: Some(c.clone()), exe: None, scope: IgnoreScope::ProcessOnly })
+        .map(|c| IgnoreRule {
+            pid: None,
+            comm: Some(c.clone()),
+            exe: None,
+            scope: IgnoreScope::ProcessOnly,
+        })
         .collect();
     inspector.watch(spec).context("watching the cgroup")?;
     let cwd = std::env::current_dir().context("current directory")?;
     if args.turns {
-        let mut shell = PersistentShell::spawn(&cg, &cwd).context("starting the persistent shell")?;
+        let mut shell =
+            PersistentShell::spawn(&cg, &cwd).context("starting the persistent shell")?;
         inspector.reset(&name)?;
         let stdin = std::io::stdin();
         for (i, line) in stdin.lock().lines().enumerate() {
@@ -85,7 +103,9 @@ pub fn run(args: InspectArgs) -> anyhow::Result<i32> {
             if line.trim().is_empty() {
                 continue;
             }
-            let out = shell.run(&line).with_context(|| format!("running turn {}", i + 1))?;
+            let out = shell
+                .run(&line)
+                .with_context(|| format!("running turn {}", i + 1))?;
             if !args.json && !out.stdout.is_empty() {
                 println!("{}", out.stdout);
             }
@@ -100,7 +120,9 @@ pub fn run(args: InspectArgs) -> anyhow::Result<i32> {
     }
     let mut cmd = cg.command(&args.command[0]);
     cmd.args(&args.command[1..]);
-    let status = cmd.status().with_context(|| format!("running {}", args.command[0]))?;
+    let status = cmd
+        .status()
+        .with_context(|| format!("running {}", args.command[0]))?;
     // Let short-lived children reparented to init finish leaving the cgroup.
     std::thread::sleep(Duration::from_millis(2));
     let eff = inspector.status(&name)?;
