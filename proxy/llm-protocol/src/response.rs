@@ -131,6 +131,22 @@ struct Observed {
     analysis_error: Option<String>,
 }
 
+/// At most this many tool calls are tracked per response (a hostile stream could announce
+/// millions); names and ids are cut at [`MAX_NAME`] bytes, error texts at 500 characters.
+pub const MAX_TOOL_CALLS: usize = 1024;
+/// Longest tool name / id kept, in bytes.
+pub const MAX_NAME: usize = 256;
+
+impl Observed {
+    /// The accumulator of one tool call, unless the bound is reached.
+    fn tool(&mut self, key: (u64, u64)) -> Option<&mut ToolAcc> {
+        if self.tools.len() >= MAX_TOOL_CALLS && !self.tools.contains_key(&key) {
+            return None;
+        }
+        Some(self.tools.entry(key).or_default())
+    }
+}
+
 /// Observer of one response. Create it when the response head arrives.
 #[derive(Debug, Clone)]
 pub struct ResponseObserver {
@@ -230,7 +246,19 @@ impl ResponseObserver {
             // A complete non-streaming body is its own terminal event.
             self.obs.terminal_seen = true;
         }
-        let obs = self.obs;
+        let mut obs = self.obs;
+        obs.in_band_error = obs.in_band_error.map(|e| truncate_chars(&e, 500));
+        for field in [&mut obs.model, &mut obs.response_id, &mut obs.finish_reason] {
+            if let Some(v) = field.as_mut() {
+                truncate_bytes(v, MAX_NAME);
+            }
+        }
+        for t in obs.tools.values_mut() {
+            truncate_bytes(&mut t.name, MAX_NAME);
+            if let Some(id) = t.id.as_mut() {
+                truncate_bytes(id, MAX_NAME);
+            }
+        }
         let mut end = end;
         if end == StreamEnd::Completed {
             if self.status >= 400 || obs.in_band_error.is_some() {
@@ -432,7 +460,9 @@ impl ResponseObserver {
                     .and_then(Value::as_u64)
                     .unwrap_or(i as u64)
             };
-            let acc = self.obs.tools.entry((choice, index)).or_default();
+            let Some(acc) = self.obs.tool((choice, index)) else {
+                continue;
+            };
             acc.client_side = true;
             if let Some(id) = call.get("id").and_then(Value::as_str)
                 && acc.id.is_none()
@@ -451,7 +481,9 @@ impl ResponseObserver {
         }
         if let Some(fc) = msg.get("function_call").filter(|f| f.is_object()) {
             any = true;
-            let acc = self.obs.tools.entry((choice, u64::MAX)).or_default();
+            let Some(acc) = self.obs.tool((choice, u64::MAX)) else {
+                return any;
+            };
             acc.client_side = true;
             if let Some(name) = fc.get("name").and_then(Value::as_str) {
                 merge_name(&mut acc.name, name);
@@ -596,7 +628,9 @@ impl ResponseObserver {
                 | "mcp_call"
                 | "tool_search_call"
         ) && item.get("name").is_some();
-        let acc = self.obs.tools.entry((0, index)).or_default();
+        let Some(acc) = self.obs.tool((0, index)) else {
+            return;
+        };
         acc.client_side = client_side;
         let id = item
             .get("call_id")
@@ -654,7 +688,9 @@ impl ResponseObserver {
         if !ty.ends_with("tool_use") {
             return;
         }
-        let acc = self.obs.tools.entry((0, index)).or_default();
+        let Some(acc) = self.obs.tool((0, index)) else {
+            return;
+        };
         // `server_tool_use` / `mcp_tool_use` run upstream.
         acc.client_side = ty == "tool_use";
         if acc.id.is_none() {
@@ -690,7 +726,7 @@ impl ResponseObserver {
 /// Stream deltas usually carry the name once; some servers repeat the full name in every
 /// delta and some split it. Repeats are kept once, fragments are appended.
 fn merge_name(acc: &mut String, name: &str) {
-    if name.is_empty() || acc == name {
+    if name.is_empty() || acc == name || acc.len() + name.len() > MAX_NAME {
         return;
     }
     acc.push_str(name);
@@ -727,6 +763,16 @@ fn error_message(v: &Value) -> Option<String> {
                 .to_owned(),
         ),
         _ => None,
+    }
+}
+
+fn truncate_bytes(s: &mut String, max: usize) {
+    if s.len() > max {
+        let mut end = max;
+        while !s.is_char_boundary(end) {
+            end -= 1;
+        }
+        s.truncate(end);
     }
 }
 
@@ -1030,6 +1076,43 @@ mod tests {
         );
         let names: Vec<_> = s.tool_calls.iter().map(|c| c.name.as_str()).collect();
         assert_eq!(names, ["legacy", "patch"]);
+    }
+
+    #[test]
+    fn hostile_streams_are_bounded() {
+        let mut o = ResponseObserver::new(ApiKind::ChatCompletions, 200, true);
+        for i in 0..3000u64 {
+            let ev = format!(
+                "data: {{\"choices\":[{{\"index\":0,\"delta\":{{\"tool_calls\":[{{\"index\":{i},\"id\":\"{}\",\"function\":{{\"name\":\"n{}\"}}}}]}}}}]}}\n\n",
+                "i".repeat(300),
+                "x".repeat(100)
+            );
+            o.observe(ev.as_bytes());
+            // Name fragments for the first call keep arriving.
+            o.observe(b"data: {\"choices\":[{\"index\":0,\"delta\":{\"tool_calls\":[{\"index\":0,\"function\":{\"name\":\"more\"}}]}}]}\n\n");
+        }
+        let s = o.finish(StreamEnd::Completed);
+        assert_eq!(s.tool_calls.len(), MAX_TOOL_CALLS);
+        assert!(s.tool_calls[0].name.len() <= MAX_NAME);
+        assert!(
+            s.tool_calls
+                .iter()
+                .all(|c| c.id.as_ref().unwrap().len() <= MAX_NAME)
+        );
+        let mut o = ResponseObserver::new(ApiKind::AnthropicMessages, 200, true);
+        let big = format!(
+            "event: error\ndata: {{\"type\":\"error\",\"error\":{{\"message\":\"{}\"}}}}\n\n",
+            "é".repeat(5000)
+        );
+        o.observe(big.as_bytes());
+        assert_eq!(
+            o.finish(StreamEnd::Completed)
+                .in_band_error
+                .unwrap()
+                .chars()
+                .count(),
+            500
+        );
     }
 
     #[test]
