@@ -947,6 +947,61 @@ mod tests {
         assert_eq!(t.open_turn(SB).unwrap().side_calls, 3);
     }
 
+    /// Parallel sub-agents (two Task calls in one reply) interleave their requests while the
+    /// main loop waits for the tool results: all side calls, then the main loop resumes.
+    #[test]
+    fn parallel_sub_agents_interleaved() {
+        let mut t = TurnTracker::new();
+        let main = chat("m", "agent", &[user("go")], &["bash", "task"]);
+        let d = t.on_request(SB, &main, 0);
+        t.on_response_end(SB, d.request_id, &ok(&["task", "task"]), None, 10);
+        let a1 = chat("m", "sub", &[user("task A")], &["bash"]);
+        let b1 = chat("m", "sub", &[user("task B")], &["bash"]);
+        let a2 = chat(
+            "m",
+            "sub",
+            &[user("task A"), asst("a"), user("r")],
+            &["bash"],
+        );
+        let b2 = chat(
+            "m",
+            "sub",
+            &[user("task B"), asst("b"), user("r")],
+            &["bash"],
+        );
+        let ra1 = t.on_request(SB, &a1, 20);
+        let rb1 = t.on_request(SB, &b1, 21);
+        t.on_response_end(SB, rb1.request_id, &ok(&["bash"]), None, 30);
+        let rb2 = t.on_request(SB, &b2, 31);
+        t.on_response_end(SB, ra1.request_id, &ok(&["bash"]), None, 32);
+        let ra2 = t.on_request(SB, &a2, 33);
+        for d in [&ra1, &rb1, &rb2, &ra2] {
+            assert_eq!(d.class, RequestClass::SideCall(SideKind::SubConversation));
+            assert_eq!(d.turn, Some(1));
+        }
+        assert_eq!(ra1.conversation, ra2.conversation);
+        assert_eq!(rb1.conversation, rb2.conversation);
+        assert_ne!(ra1.conversation, rb1.conversation);
+        let next = chat(
+            "m",
+            "agent",
+            &[user("go"), asst("x"), user("results")],
+            &["bash", "task"],
+        );
+        let dn = t.on_request(SB, &next, 50);
+        assert_eq!((dn.class, dn.turn), (RequestClass::MainLoop, Some(2)));
+        let rec = &t.turns(SB)[0];
+        assert_eq!(rec.side_calls, 4);
+        assert_eq!(
+            rec.tool_exec,
+            Some(Interval {
+                start: 10,
+                end: Some(50)
+            })
+        );
+        assert_eq!(rec.tool_calls, ["task", "task"]);
+    }
+
     /// A main extension that arrives before the previous response was reported ended still
     /// ends the turn; the LLM wait is closed at the new request.
     #[test]
