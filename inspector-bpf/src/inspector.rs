@@ -75,6 +75,8 @@ pub struct InspectorConfig {
     pub barrier_timeout: Duration,
     /// Period of the background drain (default 5 ms).
     pub drain_period: Duration,
+    /// Ring-buffer size in bytes, a power of two multiple of the page size (default 32 MiB).
+    pub ring_bytes: u32,
 }
 
 impl Default for InspectorConfig {
@@ -82,6 +84,7 @@ impl Default for InspectorConfig {
         Self {
             barrier_timeout: Duration::from_millis(200),
             drain_period: Duration::from_millis(5),
+            ring_bytes: 32 * 1024 * 1024,
         }
     }
 }
@@ -163,7 +166,7 @@ impl Inspector {
     /// Loads and attaches the programs and starts the drain thread.
     pub fn new(config: InspectorConfig) -> Result<Self, InspectorError> {
         ensure_tracefs();
-        let mut bpf = EbpfLoader::new().load(BPF_OBJECT)?;
+        let mut bpf = EbpfLoader::new().map_max_entries("events", config.ring_bytes).load(BPF_OBJECT)?;
         for (prog, tp) in [
             ("crab_sys_exit", "sys_exit"),
             ("crab_fork", "sched_process_fork"),
