@@ -60,6 +60,10 @@ pub struct ThreadKey {
     pub system_digest: Option<String>,
     /// Responses API chaining (`previous_response_id`).
     pub previous_response_id: Option<String>,
+    /// Responses API server-side conversation (`conversation`: an id or `{"id": ...}`):
+    /// requests naming the same conversation continue each other.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub conversation_id: Option<String>,
 }
 
 impl RequestSummary {
@@ -168,8 +172,14 @@ pub fn summarize_request(api: ApiKind, body: &[u8]) -> Result<RequestSummary, Pr
         .get("previous_response_id")
         .and_then(Value::as_str)
         .map(str::to_owned);
+    let conversation_id = match obj.get("conversation") {
+        Some(Value::String(id)) => Some(id.clone()),
+        Some(Value::Object(o)) => o.get("id").and_then(Value::as_str).map(str::to_owned),
+        _ => None,
+    };
     let side_hint = texts.hint(!tools.is_empty());
-    let thread = thread_key(&conv, previous_response_id);
+    let mut thread = thread_key(&conv, previous_response_id);
+    thread.conversation_id = conversation_id;
     Ok(RequestSummary {
         api,
         model,
@@ -259,6 +269,7 @@ fn thread_key(conv: &Items<'_>, previous_response_id: Option<String>) -> ThreadK
         prefix_digests,
         system_digest: conv.system.map(|s| s.to_hex().to_string()),
         previous_response_id,
+        conversation_id: None,
     }
 }
 
@@ -618,6 +629,16 @@ mod tests {
             Some(SideKind::Other),
             "max_output_tokens 9 is a probe"
         );
+        let e = sum(
+            ApiKind::Responses,
+            json!({"input": "x", "conversation": {"id": "conv_1"}}),
+        );
+        assert_eq!(e.thread.conversation_id.as_deref(), Some("conv_1"));
+        let f = sum(
+            ApiKind::Responses,
+            json!({"input": "x", "conversation": "conv_2"}),
+        );
+        assert_eq!(f.thread.conversation_id.as_deref(), Some("conv_2"));
     }
 
     #[test]

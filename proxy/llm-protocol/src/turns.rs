@@ -8,7 +8,8 @@
 //! Conversations are threaded per sandbox by the chained prefix digests of
 //! [`ThreadKey`](crate::request::ThreadKey): request R *continues* conversation C when C's last
 //! request is a prefix of R (`R.prefix_digests[C.len - 1] == C.last_digest`; the longest such C
-//! wins), or when R's `previous_response_id` is C's last response id.
+//! wins), or when R's `previous_response_id` is C's last response id, or when R names C's
+//! Responses API `conversation`.
 //!
 //! Classification of one request, in this order (first match wins; each rule has its reason):
 //! 1. `count_tokens` → `SideCall(TokenCount)`: it never generates.
@@ -224,6 +225,8 @@ struct Conversation {
     last_used: u64,
     /// Requests threaded into it.
     requests: u32,
+    /// Responses API `conversation` it was created with.
+    conversation_id: Option<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -619,6 +622,12 @@ impl SandboxState {
     /// The conversation `req` continues: by `previous_response_id`, else the longest
     /// conversation whose last request is a prefix of `req` (ties: the main one).
     fn find_continued(&self, req: &RequestSummary) -> Option<usize> {
+        if let Some(cid) = &req.thread.conversation_id {
+            return self
+                .conversations
+                .iter()
+                .position(|c| c.conversation_id.as_deref() == Some(cid.as_str()));
+        }
         if let Some(prev) = &req.thread.previous_response_id {
             return self
                 .conversations
@@ -690,6 +699,7 @@ impl SandboxState {
             last_response_id: None,
             last_used: id,
             requests: 1,
+            conversation_id: req.thread.conversation_id.clone(),
         });
         while self.conversations.len() > config.max_conversations.max(2) {
             // Forget the least recently used conversation that is not main (and not the one
@@ -1161,6 +1171,25 @@ mod tests {
         assert_eq!(
             t.on_request(SB, &c, 30).class,
             RequestClass::SideCall(SideKind::SubConversation)
+        );
+    }
+
+    /// Responses API server-side conversations thread by their id.
+    #[test]
+    fn conversation_id_threads() {
+        let mut t = TurnTracker::new();
+        let body =
+            |v: Value| summarize_request(ApiKind::Responses, v.to_string().as_bytes()).unwrap();
+        let tools = json!([{"type": "function", "name": "f"}]);
+        let a = body(json!({"conversation": "conv_1", "input": "go", "tools": tools}));
+        let d = t.on_request(SB, &a, 0);
+        t.on_response_end(SB, d.request_id, &ok(&["f"]), None, 10);
+        let b = body(json!({"conversation": "conv_1", "tools": tools,
+            "input": [{"type": "function_call_output", "call_id": "c", "output": "1"}]}));
+        let d2 = t.on_request(SB, &b, 20);
+        assert_eq!(
+            (d2.class, d2.turn, d2.conversation),
+            (RequestClass::MainLoop, Some(2), d.conversation)
         );
     }
 
