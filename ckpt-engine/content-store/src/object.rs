@@ -12,6 +12,7 @@ use std::fs::{File, OpenOptions};
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, RwLock};
 
 use serde::{Deserialize, Serialize};
 
@@ -125,10 +126,17 @@ impl fmt::Display for ObjectKey {
 /// puts that are atomic (readers see all or nothing), gets, existence checks, idempotent deletes
 /// and prefix listings. No renames, directories, partial writes or appends.
 pub trait ObjectStore: Send + Sync {
-    /// Stores `bytes` under `key` atomically and durably (visible only when complete and, once
-    /// this returns, surviving a crash). Overwriting an existing key with the same bytes is
-    /// allowed (content-addressed callers do it after races).
+    /// Stores `bytes` under `key` atomically (visible only when complete). Durable once
+    /// [`ObjectStore::sync`] returns (or at once, for stores like S3 whose puts are durable on
+    /// return). Overwriting an existing key with the same bytes is allowed (content-addressed
+    /// callers do it after races).
     fn put(&self, key: &ObjectKey, bytes: &[u8]) -> Result<(), StoreError>;
+    /// Makes every put completed before the call durable. The content store calls it before
+    /// it publishes a snapshot root (so a published snapshot never references data a crash
+    /// could lose) and after. Default: nothing to do.
+    fn sync(&self) -> Result<(), StoreError> {
+        Ok(())
+    }
     /// The bytes of `key`; [`StoreError::ObjectNotFound`] when absent.
     fn get(&self, key: &ObjectKey) -> Result<Vec<u8>, StoreError>;
     /// Whether `key` exists.
@@ -193,18 +201,40 @@ pub fn decode_object(
     Ok(data)
 }
 
+/// When a [`LocalDirStore`] makes puts durable.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Durability {
+    /// fsync every object and its directory in `put` (slow with many small objects).
+    EachPut,
+    /// Write objects without fsync and make them durable together in
+    /// [`ObjectStore::sync`] (one `syncfs`). An `unsynced` marker file, written durably before
+    /// the first unsynced put, tells the next [`LocalDirStore::open`] after a crash to check
+    /// every object written since and delete torn ones, so dedup never trusts a torn object.
+    Batched,
+    /// No durability at all (throwaway stores in benchmarks).
+    None,
+}
+
+const MARKER: &str = "unsynced";
+
 /// An [`ObjectStore`] in a local directory: `<root>/objects/<key>`, written through
-/// `<root>/tmp/` (write, fsync, rename, fsync the directory), so a killed writer leaves at most
-/// a temp file, which [`LocalDirStore::open`] removes.
+/// `<root>/tmp/` (write, rename; fsync per [`Durability`]), so a killed writer leaves at most a
+/// temp file, which [`LocalDirStore::open`] removes.
 pub struct LocalDirStore {
     root: PathBuf,
-    fsync: bool,
+    durability: Durability,
     counter: AtomicU64,
+    /// Puts hold it shared; `sync` exclusively, so it waits for puts in flight.
+    io: RwLock<()>,
+    /// Whether the `unsynced` marker exists.
+    marker: Mutex<bool>,
 }
 
 impl LocalDirStore {
-    /// Opens (creating if needed) a store in `root` and removes temp files of killed writers.
-    /// Must not be called while another process writes to the same store.
+    /// Opens (creating if needed) a store in `root` with [`Durability::Batched`], removes temp
+    /// files of killed writers and, after an unclean stop, deletes objects written since the
+    /// last sync that do not decode to their address. Must not be called while another process
+    /// writes to the same store.
     pub fn open(root: &Path) -> Result<Self, StoreError> {
         for dir in ["objects", "tmp"] {
             let p = root.join(dir);
@@ -217,17 +247,20 @@ impl LocalDirStore {
             let p = item.path();
             std::fs::remove_file(&p).map_err(|e| StoreError::io("remove stale temp", &p, e))?;
         }
-        Ok(LocalDirStore {
+        let store = LocalDirStore {
             root: root.to_path_buf(),
-            fsync: true,
+            durability: Durability::Batched,
             counter: AtomicU64::new(0),
-        })
+            io: RwLock::new(()),
+            marker: Mutex::new(false),
+        };
+        store.recover()?;
+        Ok(store)
     }
 
-    /// Turns fsync off (benchmarks on throwaway stores only: a crash may then leave a
-    /// truncated object, which reads detect as corrupt).
-    pub fn without_fsync(mut self) -> Self {
-        self.fsync = false;
+    /// Chooses when puts become durable (default [`Durability::Batched`]).
+    pub fn with_durability(mut self, durability: Durability) -> Self {
+        self.durability = durability;
         self
     }
 
@@ -236,15 +269,94 @@ impl LocalDirStore {
         &self.root
     }
 
+    /// After an unclean stop (the marker exists): deletes objects written since the marker
+    /// that do not decode to their address, then makes the store durable and clean again.
+    fn recover(&self) -> Result<(), StoreError> {
+        let marker = self.root.join(MARKER);
+        let since = match std::fs::metadata(&marker) {
+            Ok(m) => m
+                .modified()
+                .map_err(|e| StoreError::io("stat", &marker, e))?,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(StoreError::io("stat", &marker, e)),
+        };
+        // Coarse timestamp granularity: look a little further back.
+        let since = since - std::time::Duration::from_secs(2);
+        let base = self.root.join("objects");
+        for item in walkdir::WalkDir::new(&base).follow_links(false) {
+            let item = item.map_err(|e| StoreError::io("walk", &base, e.into()))?;
+            if !item.file_type().is_file() {
+                continue;
+            }
+            let path = item.path();
+            let meta = item
+                .metadata()
+                .map_err(|e| StoreError::io("stat", path, e.into()))?;
+            if meta
+                .modified()
+                .map_err(|e| StoreError::io("stat", path, e))?
+                < since
+            {
+                continue;
+            }
+            let rel = path
+                .strip_prefix(&base)
+                .expect("under base")
+                .to_string_lossy()
+                .into_owned();
+            let Ok(key) = ObjectKey::new(rel) else {
+                continue;
+            };
+            // Only content-addressed objects can be checked (their last component is the id).
+            let Some(id) = key
+                .as_str()
+                .rsplit('/')
+                .next()
+                .and_then(|h| ObjectId::parse(h).ok())
+            else {
+                continue;
+            };
+            let bytes = std::fs::read(path).map_err(|e| StoreError::io("read", path, e))?;
+            if decode_object(&key, &id, &bytes).is_err() {
+                tracing::warn!(key = %key, "deleting an object torn by an unclean stop");
+                std::fs::remove_file(path)
+                    .map_err(|e| StoreError::io("remove torn object", path, e))?;
+            }
+        }
+        self.syncfs()?;
+        std::fs::remove_file(&marker).map_err(|e| StoreError::io("remove marker", &marker, e))?;
+        self.sync_dir(&self.root)
+    }
+
     fn path_of(&self, key: &ObjectKey) -> PathBuf {
         self.root.join("objects").join(key.as_str())
     }
 
     fn sync_dir(&self, dir: &Path) -> Result<(), StoreError> {
-        if self.fsync {
+        if self.durability != Durability::None {
             let d = File::open(dir).map_err(|e| StoreError::io("open dir", dir, e))?;
             d.sync_all()
                 .map_err(|e| StoreError::io("fsync dir", dir, e))?;
+        }
+        Ok(())
+    }
+
+    fn syncfs(&self) -> Result<(), StoreError> {
+        let d = File::open(&self.root).map_err(|e| StoreError::io("open dir", &self.root, e))?;
+        rustix::fs::syncfs(&d).map_err(|e| StoreError::io("syncfs", &self.root, e.into()))
+    }
+
+    /// Creates the durable `unsynced` marker before the first unsynced put of a batch.
+    fn ensure_marker(&self) -> Result<(), StoreError> {
+        let mut present = self.marker.lock().unwrap_or_else(|p| p.into_inner());
+        if !*present {
+            let marker = self.root.join(MARKER);
+            let f =
+                File::create(&marker).map_err(|e| StoreError::io("create marker", &marker, e))?;
+            f.sync_all()
+                .map_err(|e| StoreError::io("fsync marker", &marker, e))?;
+            self.sync_dir(&self.root)?;
+            *present = true;
         }
         Ok(())
     }
@@ -252,12 +364,19 @@ impl LocalDirStore {
 
 impl ObjectStore for LocalDirStore {
     fn put(&self, key: &ObjectKey, bytes: &[u8]) -> Result<(), StoreError> {
+        let _shared = self.io.read().unwrap_or_else(|p| p.into_inner());
+        if self.durability == Durability::Batched {
+            self.ensure_marker()?;
+        }
+        let each = self.durability == Durability::EachPut;
         let final_path = self.path_of(key);
         let parent = final_path.parent().expect("objects/<key> has a parent");
         if !parent.is_dir() {
             std::fs::create_dir_all(parent)
                 .map_err(|e| StoreError::backend("create_dir", key.as_str(), e))?;
-            self.sync_dir(parent.parent().unwrap_or(parent))?;
+            if each {
+                self.sync_dir(parent.parent().unwrap_or(parent))?;
+            }
         }
         let n = self.counter.fetch_add(1, Ordering::Relaxed);
         let tmp = self
@@ -267,7 +386,7 @@ impl ObjectStore for LocalDirStore {
         let write = || -> io::Result<()> {
             let mut f = OpenOptions::new().write(true).create_new(true).open(&tmp)?;
             f.write_all(bytes)?;
-            if self.fsync {
+            if each {
                 f.sync_all()?;
             }
             Ok(())
@@ -280,7 +399,27 @@ impl ObjectStore for LocalDirStore {
             let _ = std::fs::remove_file(&tmp);
             return Err(StoreError::backend("put (rename)", key.as_str(), e));
         }
-        self.sync_dir(parent)
+        if each {
+            self.sync_dir(parent)?;
+        }
+        Ok(())
+    }
+
+    fn sync(&self) -> Result<(), StoreError> {
+        if self.durability != Durability::Batched {
+            return Ok(());
+        }
+        let _exclusive = self.io.write().unwrap_or_else(|p| p.into_inner());
+        let mut present = self.marker.lock().unwrap_or_else(|p| p.into_inner());
+        if *present {
+            self.syncfs()?;
+            let marker = self.root.join(MARKER);
+            std::fs::remove_file(&marker)
+                .map_err(|e| StoreError::io("remove marker", &marker, e))?;
+            self.sync_dir(&self.root)?;
+            *present = false;
+        }
+        Ok(())
     }
 
     fn get(&self, key: &ObjectKey) -> Result<Vec<u8>, StoreError> {

@@ -136,6 +136,9 @@ pub(crate) fn snapshot_key(id: &SnapshotId) -> ObjectKey {
     ObjectKey::new(format!("snapshots/{}", id.to_hex())).expect("hex key is valid")
 }
 
+/// Extents up to this size are read in one piece and chunked from memory.
+const SMALL_EXTENT: u64 = 4 * 1024 * 1024;
+
 /// Counters and dedup memory of one snapshot in progress.
 struct Writer<'s> {
     store: &'s ContentStore,
@@ -181,6 +184,25 @@ impl Writer<'_> {
         };
         let mut out = Vec::new();
         let mut total = 0u64;
+        // Small extents (most files): one read and slice-based chunking; the streaming
+        // chunker allocates a max-size buffer per call, which dominates for small files.
+        if len <= SMALL_EXTENT {
+            let mut data = vec![0u8; len as usize];
+            let mut reader = reader;
+            reader.read_exact(&mut data).map_err(|e| match e.kind() {
+                io::ErrorKind::UnexpectedEof => StoreError::ConcurrentModification {
+                    path: path.to_path_buf(),
+                    what: "file shrank while it was read",
+                },
+                _ => StoreError::io("read", path, e),
+            })?;
+            hasher.update(&data);
+            for c in fastcdc::v2020::FastCDC::new(&data, p.min, p.avg, p.max) {
+                out.push(self.put_chunk(&data[c.offset..c.offset + c.length])?);
+            }
+            self.stats.bytes_read += len;
+            return Ok(out);
+        }
         for chunk in fastcdc::v2020::StreamCDC::new(reader, p.min, p.avg, p.max) {
             let chunk =
                 chunk.map_err(|e| StoreError::io("read", path, io::Error::other(e.to_string())))?;
@@ -391,10 +413,13 @@ impl ContentStore {
         root_obj.stats = stats.clone();
         let root_bytes = serde_json::to_vec(&root_obj).expect("root serialises");
         let id = ObjectId::of(&root_bytes);
+        // Every chunk durable before the root that references it becomes visible.
+        self.objects.sync()?;
         self.objects.put(
             &snapshot_key(&id),
             &encode_object(&root_bytes, p.zstd_level),
         )?;
+        self.objects.sync()?;
         Ok(SnapshotReport {
             id,
             tree_hash,

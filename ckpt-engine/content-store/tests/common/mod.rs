@@ -114,7 +114,13 @@ use content_store::{ContentStore, LocalDirStore};
 /// A store in its own temp dir (kept alive by the returned guard).
 pub fn new_store(tag: &str) -> (tempfile::TempDir, ContentStore) {
     let dir = temp_dir(tag);
-    let objects = LocalDirStore::open(dir.path()).expect("open store");
+    let mut objects = LocalDirStore::open(dir.path()).expect("open store");
+    // CRAB_TEST_DURABILITY=each|none to compare durability costs in the latency figures.
+    match std::env::var("CRAB_TEST_DURABILITY").as_deref() {
+        Ok("each") => objects = objects.with_durability(content_store::Durability::EachPut),
+        Ok("none") => objects = objects.with_durability(content_store::Durability::None),
+        _ => {}
+    }
     (dir, ContentStore::new(Arc::new(objects)))
 }
 
