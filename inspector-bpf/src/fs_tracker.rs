@@ -79,7 +79,8 @@ struct Node {
 #[derive(Debug, Default, Clone)]
 pub struct FsTracker {
     nodes: Vec<Node>,
-    at: HashMap<String, usize>,
+    /// Ordered, so a directory's tracked subtree is one range query.
+    at: BTreeMap<String, usize>,
     baseline: HashMap<String, Existed>,
     ops: u64,
 }
@@ -147,8 +148,44 @@ impl FsTracker {
         n
     }
 
+    /// Tracked paths at or below `path`, with the part below it (`""` for the path itself).
+    fn subtree(&self, path: &str) -> Vec<(String, usize)> {
+        let mut out = Vec::new();
+        if let Some(&n) = self.at.get(path) {
+            out.push((String::new(), n));
+        }
+        if path == "." {
+            out.extend(
+                self.at
+                    .iter()
+                    .filter(|(p, _)| p.as_str() != ".")
+                    .map(|(p, &n)| (p.clone(), n)),
+            );
+            return out;
+        }
+        // Keys starting with "path/" sort between "path/" and "path0" ('0' follows '/').
+        let lo = format!("{path}/");
+        let hi = format!("{path}0");
+        for (p, &n) in self.at.range(lo..hi) {
+            out.push((p[path.len() + 1..].to_string(), n));
+        }
+        out
+    }
+
+    /// Unmaps `path` and everything tracked below it. Paths created in this window and now
+    /// vacant are forgotten: they contribute nothing to the report.
     fn remove_subtree(&mut self, path: &str) {
-        self.at.retain(|p, _| p != path && under(p, path).is_none());
+        for (rest, _) in self.subtree(path) {
+            let p = if rest.is_empty() {
+                path.to_string()
+            } else {
+                join(path, &rest)
+            };
+            self.at.remove(&p);
+            if self.baseline.get(&p) == Some(&Existed::No) {
+                self.baseline.remove(&p);
+            }
+        }
     }
 
     /// Applies one operation.
@@ -208,14 +245,9 @@ impl FsTracker {
         }
         let to_existed = self.baseline.get(to).copied().unwrap_or(Existed::Unknown);
         // Collect the subtrees (the path itself and everything tracked below it).
-        let take = |at: &HashMap<String, usize>, root: &str| -> Vec<(String, usize)> {
-            at.iter()
-                .filter_map(|(p, &n)| under_or_eq(p, root).map(|rest| (rest.to_string(), n)))
-                .collect()
-        };
-        let moving = take(&self.at, from);
+        let moving = self.subtree(from);
         let swapped = if exchange {
-            take(&self.at, to)
+            self.subtree(to)
         } else {
             Vec::new()
         };
@@ -497,5 +529,35 @@ mod tests {
         t.reset();
         t.apply(rm("x"));
         assert_eq!(t.changes(), vec![FileChange::Deleted { path: "x".into() }]);
+    }
+
+    /// Large windows stay correct (and linear): 100k churned files, then 25k created files
+    /// removed with their directory.
+    #[test]
+    fn large_windows() {
+        let mut t = FsTracker::new();
+        for i in 0..100_000 {
+            t.apply(c(&format!("w/t{i}")));
+            t.apply(rm(&format!("w/t{i}")));
+        }
+        assert!(t.changes().is_empty());
+        t.apply(c("big"));
+        for i in 0..25_000 {
+            t.apply(c(&format!("big/f{i}")));
+            t.apply(w(&format!("big/f{i}")));
+        }
+        assert_eq!(t.changes().len(), 25_001);
+        t.apply(FsOp::Rename {
+            from: "big".into(),
+            to: "big2".into(),
+            noreplace: true,
+            exchange: false,
+        });
+        assert_eq!(t.changes().len(), 25_001);
+        for i in 0..25_000 {
+            t.apply(rm(&format!("big2/f{i}")));
+        }
+        t.apply(rm("big2"));
+        assert!(t.changes().is_empty());
     }
 }

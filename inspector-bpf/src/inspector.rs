@@ -166,7 +166,9 @@ impl Inspector {
     /// Loads and attaches the programs and starts the drain thread.
     pub fn new(config: InspectorConfig) -> Result<Self, InspectorError> {
         ensure_tracefs();
-        let mut bpf = EbpfLoader::new().map_max_entries("events", config.ring_bytes).load(BPF_OBJECT)?;
+        let mut bpf = EbpfLoader::new()
+            .map_max_entries("events", config.ring_bytes)
+            .load(BPF_OBJECT)?;
         for (prog, tp) in [
             ("crab_sys_exit", "sys_exit"),
             ("crab_fork", "sched_process_fork"),

@@ -19,15 +19,26 @@ for i in range(100000):
 open("keep.txt", "w").write("x")
 '"#;
 
-fn run_burst(inspector: &Inspector, tag: &str) -> (inspector_bpf::TurnEffects, f64, std::path::PathBuf) {
+fn run_burst(
+    inspector: &Inspector,
+    tag: &str,
+) -> (inspector_bpf::TurnEffects, f64, std::path::PathBuf) {
     let id = format!("crab-test-{}-{tag}", std::process::id());
     let dir = std::env::temp_dir().join(&id);
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
     let cg = ScratchCgroup::create(&id).unwrap();
-    inspector.watch(SandboxSpec::new(id.clone(), cg.path(), "/")).unwrap();
+    inspector
+        .watch(SandboxSpec::new(id.clone(), cg.path(), "/"))
+        .unwrap();
     let t = Instant::now();
-    let st = cg.command("bash").arg("-c").arg(BURST).current_dir(&dir).status().unwrap();
+    let st = cg
+        .command("bash")
+        .arg("-c")
+        .arg(BURST)
+        .current_dir(&dir)
+        .status()
+        .unwrap();
     let secs = t.elapsed().as_secs_f64();
     assert!(st.success());
     let eff = inspector.status(&id).unwrap();
@@ -70,12 +81,25 @@ fn drops_are_never_unnoticed() {
     if !prerequisites("drops_are_never_unnoticed") {
         return;
     }
-    let config = InspectorConfig { ring_bytes: 16 * 4096, ..InspectorConfig::default() };
+    let config = InspectorConfig {
+        ring_bytes: 16 * 4096,
+        ..InspectorConfig::default()
+    };
     let inspector = Inspector::new(config).unwrap();
     let (eff, _, _) = run_burst(&inspector, "drops");
-    println!("small ring: {} events consumed, {} dropped, decision {:?}", eff.events, eff.dropped, eff.decision);
-    assert!(eff.dropped > 0, "a 64 KiB ring should overflow under a 200k-event burst");
+    println!(
+        "small ring: {} events consumed, {} dropped, decision {:?}",
+        eff.events, eff.dropped, eff.decision
+    );
+    assert!(
+        eff.dropped > 0,
+        "a 64 KiB ring should overflow under a 200k-event burst"
+    );
     assert_eq!(eff.decision, Decision::Full);
     assert!(eff.rescan_required);
-    assert!(eff.reasons.iter().any(|r| r.contains("dropped")), "{:?}", eff.reasons);
+    assert!(
+        eff.reasons.iter().any(|r| r.contains("dropped")),
+        "{:?}",
+        eff.reasons
+    );
 }
