@@ -518,14 +518,25 @@ impl ContentStore {
         for (path, rec) in targets.clone() {
             if recursive.iter().any(|r| *r != path && path.starts_with(r)) {
                 targets.remove(&path);
-            } else if let Some(old) = map.get(&path)
-                && old.kind == EntryKind::Directory
-                && !rec
-            {
-                // A directory that was replaced by another inode is walked fully.
-                if let Some(d) = scan::stat_entry(root, &path, false)?
-                    && (d.ino != old.ino || d.kind != EntryKind::Directory)
+            } else if !rec {
+                // Conservative upgrades of a single-entry refresh to a subtree walk: a
+                // directory that is new to the snapshot, or that replaced another entry (other
+                // inode or type), has contents the dirty set may not list.
+                let disk = scan::stat_entry(root, &path, false)?;
+                if let Some(d) = disk
+                    && d.kind == EntryKind::Directory
                 {
+                    let same = map
+                        .get(&path)
+                        .is_some_and(|old| old.kind == EntryKind::Directory && old.ino == d.ino);
+                    if !same {
+                        targets.insert(path, true);
+                    }
+                } else if map
+                    .get(&path)
+                    .is_some_and(|old| old.kind == EntryKind::Directory)
+                {
+                    // A directory replaced by a non-directory (or gone): drop its subtree.
                     targets.insert(path, true);
                 }
             }

@@ -177,7 +177,7 @@ pub fn text_bytes(seed: u64, len: usize) -> Vec<u8> {
     while out.len() < len {
         let w = WORDS[r[i % r.len()] as usize % WORDS.len()];
         out.extend_from_slice(w.as_bytes());
-        out.push(if r[(i + 1) % r.len()] % 9 == 0 {
+        out.push(if r[(i + 1) % r.len()].is_multiple_of(9) {
             b'\n'
         } else {
             b' '
