@@ -334,6 +334,7 @@ impl TurnTracker {
                 }
                 if let Some(a) = st.attempt.as_mut() {
                     a.request_id = id;
+                    a.body_digest = req.body_digest.clone();
                     a.in_flight = true;
                     a.failed = false;
                 }
@@ -361,6 +362,8 @@ impl TurnTracker {
                         start: at,
                         end: None,
                     };
+                    t.first_content_at = None;
+                    t.tool_calls.clear();
                     t.side_calls += 1;
                 }
                 st.attempt = Some(MainAttempt::new(id, req));
@@ -368,7 +371,9 @@ impl TurnTracker {
             }
             Decision::Main { conversation } => {
                 if let Some(mut t) = st.open.take() {
-                    let end = *t.llm_wait.end.get_or_insert(at);
+                    // Timestamps come from different threads of the caller: keep the
+                    // intervals ordered even if a response end was stamped a hair late.
+                    let end = (*t.llm_wait.end.get_or_insert(at)).min(at);
                     t.tool_exec = Some(Interval {
                         start: end,
                         end: Some(at),
@@ -821,6 +826,7 @@ mod tests {
             }
         );
         assert_eq!(open.side_calls, 1);
+        assert_eq!(open.first_content_at, None);
         t.on_response_end(SB, d1.request_id, &ok(&["bash"]), Some(400), 900);
         let open = t.open_turn(SB).unwrap();
         assert_eq!(open.llm_wait.end, Some(900));
