@@ -1105,6 +1105,7 @@ mod tests {
         assert_eq!((d2.class, d2.turn), (RequestClass::Retry, Some(1)));
         let mut probe = b.clone();
         probe.side_hint = Some(SideKind::Other);
+        probe.body_digest = "a probe has its own body".into();
         assert_ne!(t.on_request(SB, &probe, 30).class, RequestClass::Retry);
         // Different tools: not the same step.
         t.on_response_end(
