@@ -16,6 +16,12 @@
 //!   boundaries, LLM-wait and tool-execution intervals).
 //! - `canonical` (private): canonical JSON hashing behind the thread digests.
 //!
+//! Tests: unit tests per module; `tests/turn_fixtures.rs` replays recorded-style traffic of
+//! six agent clients (`tests/fixtures/`, see its README) and checks classes and turn
+//! boundaries; `tests/turn_properties.rs` interleaves side calls at random times;
+//! `tests/untrusted_input.rs` covers every SSE split point, malformed and mutated input.
+//! `examples/throughput.rs` prints per-call costs.
+//!
 //! Invariants:
 //! - Untrusted input never panics: malformed JSON, wrong types and deep nesting are errors
 //!   (`serde_json`'s recursion limit bounds nesting); the SSE decoder bounds its buffers.
