@@ -6,7 +6,7 @@ use std::fs::File;
 use std::io::{self, Read};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, RwLock};
 
 use serde::{Deserialize, Serialize};
 
@@ -636,7 +636,8 @@ impl ContentStore {
                 reason: "body too large",
             });
         }
-        let mut body = Vec::with_capacity(root.body.length as usize);
+        // The declared length is untrusted: cap the up-front allocation.
+        let mut body = Vec::with_capacity(root.body.length.min(MAX_OBJECT_LEN) as usize);
         for c in &root.body.chunks {
             body.extend_from_slice(&self.get_chunk(c)?);
             if body.len() as u64 > root.body.length {
@@ -688,7 +689,6 @@ impl ContentStore {
     /// with the one recorded. Returns the tree hash (default options).
     pub fn verify(&self, id: &SnapshotId) -> Result<crate::TreeHash, StoreError> {
         let m = self.load_manifest(id)?;
-        let mut cache: HashMap<ObjectId, ()> = HashMap::new();
         for e in &m.entries {
             let Some(f) = &e.file else { continue };
             let mut hasher = blake3::Hasher::new();
@@ -697,7 +697,6 @@ impl ContentStore {
                 hash_zeros(&mut hasher, x.offset - pos);
                 for c in &x.chunks {
                     hasher.update(&self.get_chunk(c)?);
-                    cache.insert(c.id, ());
                 }
                 pos = x.offset + x.len();
             }
@@ -749,7 +748,6 @@ impl ContentStore {
                 report.snapshots_deleted += 1;
             }
         }
-        let freed = Mutex::new(0u64);
         for key in self.objects.list("chunks/")? {
             let id = key
                 .as_str()
@@ -761,10 +759,9 @@ impl ContentStore {
                 let size = self.objects.get(&key).map(|b| b.len() as u64).unwrap_or(0);
                 self.objects.delete(&key)?;
                 report.chunks_deleted += 1;
-                *freed.lock().unwrap_or_else(|p| p.into_inner()) += size;
+                report.bytes_freed += size;
             }
         }
-        report.bytes_freed = freed.into_inner().unwrap_or_else(|p| p.into_inner());
         Ok(report)
     }
 }

@@ -302,3 +302,169 @@ async fn failure_and_shutdown() {
     assert!(matches!(late.wait().await, Err(JobError::Shutdown)));
     assert_eq!(s.metrics().failed, 1);
 }
+
+/// The same scheduler over the real content-addressed store and real directories: jobs
+/// coalesce (their dirty paths merge), each sandbox's checkpoints are serialised, and every
+/// sandbox's last snapshot equals its tree and restores to it.
+mod real_backend {
+    use std::path::PathBuf;
+
+    use content_store::{
+        Change, ContentStore, DirtySet, LocalDirStore, RestoreOptions, Scope, SnapshotId,
+        SnapshotOptions, TreeHash, TreeHashOptions, tree_hash,
+    };
+
+    use super::*;
+
+    #[derive(Debug)]
+    struct CasJob {
+        paths: Vec<PathBuf>,
+    }
+
+    impl Coalesce for CasJob {
+        fn absorb(&mut self, older: Self) {
+            // The newer snapshot must also capture what the older one would have.
+            self.paths.extend(older.paths);
+        }
+    }
+
+    struct CasExecutor {
+        store: Arc<ContentStore>,
+        roots: HashMap<String, PathBuf>,
+        parents: Mutex<HashMap<String, SnapshotId>>,
+        active: Mutex<HashSet<String>>,
+        overlaps: AtomicUsize,
+    }
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("snapshot failed: {0}")]
+    struct CasJobError(String);
+
+    impl CheckpointExecutor for CasExecutor {
+        type Job = CasJob;
+        type Output = (SnapshotId, TreeHash);
+        type Error = CasJobError;
+
+        async fn run(&self, sandbox: &str, job: CasJob) -> Result<Self::Output, CasJobError> {
+            if !self.active.lock().unwrap().insert(sandbox.to_owned()) {
+                self.overlaps.fetch_add(1, Ordering::SeqCst);
+            }
+            let store = self.store.clone();
+            let root = self.roots[sandbox].clone();
+            let parent = self.parents.lock().unwrap().get(sandbox).copied();
+            let rep = tokio::task::spawn_blocking(move || {
+                let dirty = DirtySet {
+                    changes: job.paths.into_iter().map(Change::Modified).collect(),
+                };
+                let scope = if parent.is_some() {
+                    Scope::Dirty(&dirty)
+                } else {
+                    Scope::Full
+                };
+                store.snapshot(
+                    &root,
+                    &SnapshotOptions {
+                        parent,
+                        scope,
+                        reuse_unchanged: true,
+                        label: String::new(),
+                    },
+                )
+            })
+            .await
+            .expect("snapshot task")
+            .map_err(|e| CasJobError(e.to_string()))?;
+            self.parents
+                .lock()
+                .unwrap()
+                .insert(sandbox.to_owned(), rep.id);
+            self.active.lock().unwrap().remove(sandbox);
+            Ok((rep.id, rep.tree_hash))
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn scheduler_over_real_content_store() {
+        let base = tempfile::Builder::new()
+            .prefix(&format!("crab-test-{}-sched-cas-", std::process::id()))
+            .tempdir()
+            .unwrap();
+        let store = Arc::new(ContentStore::new(Arc::new(
+            LocalDirStore::open(&base.path().join("store")).unwrap(),
+        )));
+        let names: Vec<String> = (0..4).map(|i| format!("sbx{i}")).collect();
+        let mut roots = HashMap::new();
+        for n in &names {
+            let root = base.path().join(n);
+            std::fs::create_dir_all(&root).unwrap();
+            for f in 0..5 {
+                std::fs::write(root.join(format!("f{f}")), format!("{n} initial {f}")).unwrap();
+            }
+            roots.insert(n.clone(), root);
+        }
+        let exec = Arc::new(CasExecutor {
+            store: store.clone(),
+            roots: roots.clone(),
+            parents: Mutex::new(HashMap::new()),
+            active: Mutex::new(HashSet::new()),
+            overlaps: AtomicUsize::new(0),
+        });
+        let s = Scheduler::start(
+            exec.clone(),
+            SchedulerConfig {
+                workers: 2,
+                io_bytes_per_sec: 50 * 1024 * 1024,
+                io_burst_bytes: 1024 * 1024,
+                ..Default::default()
+            },
+        );
+        // Full first snapshots.
+        let first: Vec<_> = names.iter().map(|n| s.submit(req_cas(n, vec![]))).collect();
+        for h in first {
+            h.wait().await.unwrap();
+        }
+        // Five turns per sandbox, submitted back to back so later ones coalesce.
+        let mut handles = Vec::new();
+        for turn in 0..5 {
+            for n in &names {
+                let rel = PathBuf::from(format!("f{turn}"));
+                std::fs::write(roots[n].join(&rel), format!("{n} turn {turn}")).unwrap();
+                handles.push(s.submit(req_cas(n, vec![rel])));
+            }
+        }
+        for h in handles {
+            h.wait().await.unwrap();
+        }
+        let m = s.metrics();
+        assert_eq!(m.submitted, 24);
+        assert_eq!(m.started + m.coalesced, m.submitted, "{m:?}");
+        assert!(
+            m.coalesced > 0,
+            "back-to-back submissions never coalesced: {m:?}"
+        );
+        assert_eq!(exec.overlaps.load(Ordering::SeqCst), 0);
+        for n in &names {
+            let last = exec.parents.lock().unwrap()[n];
+            let want = tree_hash(&roots[n], &TreeHashOptions::default()).unwrap();
+            assert_eq!(
+                store.verify(&last).unwrap(),
+                want,
+                "{n}: coalesced snapshot lost a change"
+            );
+            let dst = base.path().join(format!("restore-{n}"));
+            store
+                .restore(&last, &dst, &RestoreOptions::default())
+                .unwrap();
+            assert_eq!(tree_hash(&dst, &TreeHashOptions::default()).unwrap(), want);
+        }
+    }
+
+    fn req_cas(sandbox: &str, paths: Vec<PathBuf>) -> SubmitRequest<CasJob> {
+        SubmitRequest {
+            sandbox: sandbox.into(),
+            estimated_bytes: 64 * 1024,
+            reply_waiting: false,
+            job: CasJob { paths },
+        }
+    }
+}
