@@ -330,7 +330,7 @@ impl TurnTracker {
         let (class, conversation) = match decision {
             Decision::Retry => {
                 if let Some(t) = st.open.as_mut() {
-                    t.retries += 1;
+                    t.retries = t.retries.saturating_add(1);
                 }
                 if let Some(a) = st.attempt.as_mut() {
                     a.request_id = id;
@@ -342,7 +342,7 @@ impl TurnTracker {
             }
             Decision::Side(kind, conv) => {
                 if let Some(t) = st.open.as_mut() {
-                    t.side_calls += 1;
+                    t.side_calls = t.side_calls.saturating_add(1);
                 }
                 (RequestClass::SideCall(kind), conv)
             }
@@ -364,7 +364,7 @@ impl TurnTracker {
                     };
                     t.first_content_at = None;
                     t.tool_calls.clear();
-                    t.side_calls += 1;
+                    t.side_calls = t.side_calls.saturating_add(1);
                 }
                 st.attempt = Some(MainAttempt::new(id, req));
                 (RequestClass::MainLoop, conversation)
