@@ -468,3 +468,68 @@ mod real_backend {
         }
     }
 }
+
+/// 32 sandboxes checkpoint at once under an I/O budget (paused time, fake executor whose run
+/// time is proportional to the bytes): every sandbox gets through all its turns, the budget
+/// holds, and the queueing and exposed delays are printed.
+#[tokio::test(start_paused = true)]
+async fn thirty_two_sandboxes_under_budget() {
+    let rec = Recorder::new();
+    let mb = 1u64 << 20;
+    let s = Scheduler::start(
+        rec.clone(),
+        SchedulerConfig {
+            workers: 4,
+            io_bytes_per_sec: 100 * mb,
+            io_burst_bytes: 16 * mb,
+            ..Default::default()
+        },
+    );
+    let turns = 10;
+    let mut tasks = Vec::new();
+    for i in 0..32u64 {
+        let s = s.clone();
+        tasks.push(tokio::spawn(async move {
+            // Staggered agents: a turn every 2 s, 4-12 MB per checkpoint, every third with a
+            // reply already waiting.
+            tokio::time::sleep(Duration::from_millis(i * 37)).await;
+            for t in 0..turns {
+                let bytes = (4 + (i + t) % 9) * mb;
+                let ms = bytes / (400 * 1024); // ~400 MB/s of real work per job
+                let h = s.submit(req(&format!("s{i}"), bytes, (i + t) % 3 == 0, job("t", ms)));
+                h.wait().await.unwrap();
+                tokio::time::sleep(Duration::from_secs(2)).await;
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let m = s.metrics();
+    let runs = rec.runs();
+    assert_eq!(m.succeeded as usize, runs.len());
+    let mut per: HashMap<String, usize> = HashMap::new();
+    for r in &runs {
+        *per.entry(r.sandbox.clone()).or_default() += 1;
+    }
+    assert_eq!(per.len(), 32);
+    assert!(per.values().all(|&n| n == turns as usize), "{per:?}");
+    // Budget: bytes started never exceed burst + rate x elapsed.
+    let span = runs.iter().map(|r| r.start).max().unwrap().as_secs_f64();
+    assert!(m.bytes_started as f64 <= 16.0 * mb as f64 + 100.0 * mb as f64 * span + 1.0);
+    assert!(rec.peak.load(Ordering::SeqCst) <= 4);
+    eprintln!(
+        "32 sandboxes x {turns} turns, 4 workers, 100 MiB/s budget: {} jobs ({} MiB) in {:.1} s; \
+         queueing delay p50 <= {} us, p95 <= {} us, max {} us; exposed delay (reply waiting) \
+         p50 <= {} us, p95 <= {} us, max {} us",
+        m.started,
+        m.bytes_started / mb,
+        span,
+        m.queueing_delay.quantile_upper_bound_us(0.5),
+        m.queueing_delay.quantile_upper_bound_us(0.95),
+        m.queueing_delay.max_us,
+        m.exposed_delay.quantile_upper_bound_us(0.5),
+        m.exposed_delay.quantile_upper_bound_us(0.95),
+        m.exposed_delay.max_us,
+    );
+}
