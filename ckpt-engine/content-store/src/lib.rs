@@ -22,6 +22,35 @@
 //! - Every object read is checked against its BLAKE3 address; every manifest is validated
 //!   before a restore writes anything; restores write only below the target's descriptor.
 //! - A snapshot becomes visible only when its root object is stored, after all its chunks.
+//!
+//! Example: snapshot a tree, change it, snapshot only what changed, restore the first one.
+//!
+//! ```
+//! use std::sync::Arc;
+//! use content_store::*;
+//!
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let dir = tempfile::tempdir()?;
+//! let (tree, store_dir) = (dir.path().join("tree"), dir.path().join("store"));
+//! std::fs::create_dir_all(&tree)?;
+//! std::fs::write(tree.join("a.txt"), "one")?;
+//! let store = ContentStore::new(Arc::new(LocalDirStore::open(&store_dir)?));
+//! let full = SnapshotOptions { parent: None, scope: Scope::Full, reuse_unchanged: true, label: "t0".into() };
+//! let first = store.snapshot(&tree, &full)?;
+//!
+//! std::fs::write(tree.join("a.txt"), "two")?;
+//! let dirty = DirtySet { changes: vec![Change::Modified("a.txt".into())] };
+//! let second = store.snapshot(&tree, &SnapshotOptions {
+//!     parent: Some(first.id), scope: Scope::Dirty(&dirty), reuse_unchanged: true, label: "t1".into(),
+//! })?;
+//! assert_eq!(second.stats.files_read, 1);
+//!
+//! store.restore(&first.id, &tree, &RestoreOptions::default())?; // verified by tree hash
+//! assert_eq!(std::fs::read_to_string(tree.join("a.txt"))?, "one");
+//! assert_eq!(tree_hash(&tree, &TreeHashOptions::default())?, first.tree_hash);
+//! store.gc(&[first.id])?; // keeps exactly what `first` needs
+//! # Ok(()) }
+//! ```
 #![forbid(unsafe_code)]
 
 pub mod entry;
