@@ -91,7 +91,8 @@ pub struct ResponseSummary {
     /// The message of an SSE `error` event / error object in the body / failed response.
     pub in_band_error: Option<String>,
     /// How it ended; `Completed` is downgraded to `UpstreamError` on an error status or an
-    /// in-band error, and to `Cut` for a stream that ended without its terminal event.
+    /// in-band error, and to `Cut` for a stream that ended without its terminal event
+    /// (unless the stream could not be analysed, see `analysis_error`).
     pub end: StreamEnd,
     /// Some content token was seen.
     pub content_seen: bool,
@@ -263,7 +264,11 @@ impl ResponseObserver {
         if end == StreamEnd::Completed {
             if self.status >= 400 || obs.in_band_error.is_some() {
                 end = StreamEnd::UpstreamError;
-            } else if sse && self.api.is_llm() && !obs.terminal_seen {
+            } else if sse && self.api.is_llm() && !obs.terminal_seen && obs.analysis_error.is_none()
+            {
+                // Understood events but no terminal one: the stream stopped early. (When the
+                // decoder gave up on an oversized frame we cannot tell: keep the transport's
+                // verdict.)
                 end = StreamEnd::Cut;
             }
         }

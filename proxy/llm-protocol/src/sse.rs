@@ -18,8 +18,9 @@
 
 use serde::{Deserialize, Serialize};
 
-/// Default bound for one buffered line (1 MiB): larger than any real delta frame.
-pub const DEFAULT_MAX_LINE: usize = 1 << 20;
+/// Default bound for one buffered line (8 MiB). A JSON event is one `data:` line, and a final
+/// `response.completed` event repeats the whole output, so a line may be as large as an event.
+pub const DEFAULT_MAX_LINE: usize = 8 << 20;
 /// Default bound for one event's joined data (8 MiB): a final `response.completed` event
 /// repeats the whole output, so it is allowed to be large.
 pub const DEFAULT_MAX_EVENT: usize = 8 << 20;
@@ -364,6 +365,37 @@ data: [DONE]\n\n";
         let got = d.push(b"data: 0123456789\ndata: 0123456789\n\n");
         assert!(got.is_empty());
         assert_eq!(d.error(), Some(&SseError::EventTooLarge { limit: 20 }));
+    }
+
+    /// Random byte strings over an alphabet rich in SSE syntax, cut at random points, decode
+    /// exactly like the whole string (the decoder has no chunking-dependent state bugs).
+    #[test]
+    fn random_inputs_decode_independently_of_chunking() {
+        let alphabet: &[u8] = b"data:event: id\r\n\r\n\n\rx{}\xef\xbb\xbf\xff";
+        let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        for _ in 0..3000 {
+            let len = (next() % 64) as usize;
+            let input: Vec<u8> = (0..len)
+                .map(|_| alphabet[(next() % alphabet.len() as u64) as usize])
+                .collect();
+            let whole = decode_all(&input);
+            let mut d = SseDecoder::new();
+            let mut got = Vec::new();
+            let mut rest = &input[..];
+            while !rest.is_empty() {
+                let n = 1 + (next() % 5) as usize;
+                let n = n.min(rest.len());
+                got.extend(d.push(&rest[..n]));
+                rest = &rest[n..];
+            }
+            assert_eq!(got, whole, "{:?}", String::from_utf8_lossy(&input));
+        }
     }
 
     #[test]
