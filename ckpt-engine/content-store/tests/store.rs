@@ -383,6 +383,28 @@ fn planted_symlinks_are_not_followed() {
             .is_dir()
     );
 
+    // A symlink and a hard link planted where the snapshot has regular files: restoring
+    // replaces the names and leaves the outside files (content and mode) alone.
+    let src2 = temp_dir("plant-src2");
+    std::fs::write(src2.path().join("f"), b"snapshot f").unwrap();
+    std::fs::write(src2.path().join("g"), b"victim").unwrap();
+    chmod(&src2.path().join("g"), 0o600);
+    let rep2 = store.snapshot(src2.path(), &full(None)).unwrap();
+    let dst2 = temp_dir("plant-dst2");
+    let victim = outside.path().join("victim-file");
+    std::fs::write(&victim, b"victim").unwrap();
+    chmod(&victim, 0o644);
+    std::os::unix::fs::symlink(&victim, dst2.path().join("f")).unwrap();
+    std::fs::hard_link(&victim, dst2.path().join("g")).unwrap();
+    store
+        .restore(&rep2.id, dst2.path(), &RestoreOptions::default())
+        .unwrap();
+    assert_eq!(std::fs::read(&victim).unwrap(), b"victim");
+    assert_eq!(std::fs::metadata(&victim).unwrap().mode() & 0o7777, 0o644);
+    assert_eq!(std::fs::metadata(&victim).unwrap().nlink(), 1);
+    assert_eq!(std::fs::read(dst2.path().join("f")).unwrap(), b"snapshot f");
+    std::fs::remove_file(&victim).unwrap();
+
     let link_target = temp_dir("plant-linkroot");
     let link = link_target.path().join("t");
     std::os::unix::fs::symlink(outside.path(), &link).unwrap();
