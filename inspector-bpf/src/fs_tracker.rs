@@ -365,14 +365,6 @@ impl FsTracker {
     }
 }
 
-fn under_or_eq<'a>(path: &'a str, root: &str) -> Option<&'a str> {
-    if path == root {
-        Some("")
-    } else {
-        under(path, root)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -152,20 +152,10 @@ fn map_err(map: &'static str) -> impl Fn(aya::maps::MapError) -> InspectorError 
     move |source| InspectorError::Map { map, source }
 }
 
-/// Mounts tracefs if it is missing (raw tracepoints need the tracepoint names only, but the
-/// `sched`/`syscalls` events directory is also what operators use to debug).
-fn ensure_tracefs() {
-    if !std::path::Path::new("/sys/kernel/tracing/events").exists() {
-        let _ = std::process::Command::new("mount")
-            .args(["-t", "tracefs", "nodev", "/sys/kernel/tracing"])
-            .status();
-    }
-}
-
 impl Inspector {
     /// Loads and attaches the programs and starts the drain thread.
     pub fn new(config: InspectorConfig) -> Result<Self, InspectorError> {
-        ensure_tracefs();
+        // Raw tracepoints attach by name through bpf(2): no tracefs mount is needed.
         let mut bpf = EbpfLoader::new()
             .map_max_entries("events", config.ring_bytes)
             .load(BPF_OBJECT)?;
@@ -395,6 +385,13 @@ impl Inspector {
         // Processes against the baseline.
         let (current, ignored_reasons) = sample_sandbox(sb, false);
         let mut pdiff = process::diff(&sb.baseline, &current);
+        // Where the kernel has soft-dirty bits, a process that ran without dirtying a page kept
+        // its memory; anything unreadable stays "changed".
+        if process::soft_dirty::supported() {
+            pdiff
+                .ran
+                .retain(|p| process::soft_dirty::any_dirty(p.pid) != Some(false));
+        }
         // Processes that may have written through shared mappings or io_uring.
         let mut extra_writes: Vec<String> = Vec::new();
         for info in pdiff.new.iter().chain(pdiff.ran.iter()) {
