@@ -207,7 +207,7 @@ impl Default for TurnTrackerConfig {
     }
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 struct Conversation {
     id: u64,
     /// Length of its last request's message list.
@@ -229,14 +229,14 @@ struct Conversation {
     conversation_id: Option<String>,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 struct InFlight {
     class: RequestClass,
     conversation: u64,
 }
 
 /// The current main attempt (the request the open turn is waiting on).
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 struct MainAttempt {
     request_id: u64,
     body_digest: String,
@@ -267,7 +267,7 @@ impl MainAttempt {
     }
 }
 
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 struct SandboxState {
     conversations: Vec<Conversation>,
     next_conversation: u64,
@@ -280,7 +280,10 @@ struct SandboxState {
 }
 
 /// Per-sandbox turn tracker. Pure: the caller supplies timestamps.
-#[derive(Debug, Clone, Default)]
+///
+/// The whole state serialises (serde), so a daemon can persist it and resume threading and
+/// turn numbering after a restart; the format is internal to this crate version.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct TurnTracker {
     config: TurnTrackerConfig,
     next_request: u64,
@@ -1255,6 +1258,33 @@ mod tests {
         let turns = t.turns(SB);
         assert_eq!(turns.len(), 4);
         assert_eq!(turns.last().unwrap().turn, 11);
+    }
+
+    /// A tracker restored from its serialised state continues threading and numbering.
+    #[test]
+    fn tracker_state_round_trips() {
+        let mut t = TurnTracker::new();
+        let a = chat("m", "agent", &[user("go")], &["bash"]);
+        let d = t.on_request(SB, &a, 0);
+        t.on_response_end(SB, d.request_id, &ok(&["bash"]), None, 10);
+        let json = serde_json::to_string(&t).unwrap();
+        let mut back: TurnTracker = serde_json::from_str(&json).unwrap();
+        let b = chat("m", "agent", &[user("go"), asst("x"), user("y")], &["bash"]);
+        let d2 = back.on_request(SB, &b, 20);
+        assert_eq!((d2.class, d2.turn), (RequestClass::MainLoop, Some(2)));
+        assert!(d2.request_id > d.request_id);
+        assert_eq!(back.turns(SB)[0], t.turns(SB)[0].clone().closed_at(20));
+    }
+
+    impl TurnRecord {
+        fn closed_at(mut self, at: Micros) -> Self {
+            self.tool_exec = Some(Interval {
+                start: self.llm_wait.end.unwrap(),
+                end: Some(at),
+            });
+            self.closed = true;
+            self
+        }
     }
 
     /// Turn data serialises to the JSON the proxy writes to transcripts and the admin API.
