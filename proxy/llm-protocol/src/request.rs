@@ -389,6 +389,11 @@ impl PromptTexts {
             "conversation summary",
             "summarize the above conversation",
             "summarize our conversation",
+            // Codex's compaction prompt.
+            "context checkpoint compaction",
+            "handoff summary",
+            // opencode's compaction prompt.
+            "prompt for continuing our conversation",
         ];
         const TITLE_SYSTEM: &[&str] = &[
             "title generator",
@@ -675,6 +680,14 @@ mod tests {
                    "tools": [{"name": "Bash"}]}),
         );
         assert_eq!(compact.side_hint, Some(SideKind::Summarization));
+        let codex = sum(
+            ApiKind::Responses,
+            json!({"instructions": "long agent prompt", "tools": [{"type": "function", "name": "shell"}],
+                   "input": [{"type": "message", "role": "user", "content": [{"type": "input_text", "text": "fix it"}]},
+                             {"type": "message", "role": "user", "content": [{"type": "input_text",
+                              "text": "You are performing a CONTEXT CHECKPOINT COMPACTION. Create a handoff summary for another LLM that will resume the task."}]}]}),
+        );
+        assert_eq!(codex.side_hint, Some(SideKind::Summarization));
         // A long agent system prompt that mentions titles and summaries is not a hint.
         let long = "You are an agent. When you open a PR, generate a title for it and a summary of the conversation. "
             .repeat(60);
