@@ -101,6 +101,13 @@ pub fn build_sample_tree(root: &Path) {
     sparse.write_all_at(b"middle", 5 * 1024 * 1024).unwrap();
     sparse.write_all_at(b"tail", 10 * 1024 * 1024 - 4).unwrap();
     drop(sparse);
+    // A name that is not UTF-8 and one with a percent sign (the manifest text escape).
+    use std::os::unix::ffi::OsStrExt;
+    let odd = std::ffi::OsStr::from_bytes(b"odd-\xff\xfe-name");
+    std::fs::write(root.join(odd), b"bytes name").unwrap();
+    std::fs::write(root.join("100%25-literal"), b"percent").unwrap();
+    // A unix socket file (the listener is dropped; the inode stays).
+    drop(std::os::unix::net::UnixListener::bind(root.join("sock")).unwrap());
     // user xattrs work on ext4/btrfs/tmpfs (recent kernels); ignore where unsupported.
     let _ = xattr::set(root.join("src/main.rs"), "user.crab", b"value\x00\xff");
     let _ = xattr::set(root.join("src"), "user.dir", b"d");
