@@ -49,6 +49,10 @@ pub struct RequestSummary {
     /// The output token cap (`max_tokens`, `max_completion_tokens`, `max_output_tokens`).
     #[serde(default)]
     pub max_output_tokens: Option<u64>,
+    /// The final user message asks for a summary of the conversation (a compaction request,
+    /// which may keep the agent's tools); the turn tracker heeds it only on the main history.
+    #[serde(default)]
+    pub compaction_prompt: bool,
 }
 
 /// Conversation identity of a request.
@@ -122,7 +126,7 @@ pub fn summarize_request(api: ApiKind, body: &[u8]) -> Result<RequestSummary, Pr
                 hash_system(&joined)
             });
             tools.extend(tool_names(obj.get("functions"))?);
-            texts.last_user = last_user_text(messages);
+            texts.last_user = final_user_text(messages);
             Items {
                 system,
                 items: messages.iter().collect(),
@@ -133,7 +137,7 @@ pub fn summarize_request(api: ApiKind, body: &[u8]) -> Result<RequestSummary, Pr
         ApiKind::AnthropicMessages | ApiKind::AnthropicCountTokens => {
             let messages = required_array(obj, "messages")?;
             let system = system_field(obj, "system", &mut texts)?;
-            texts.last_user = last_user_text(messages);
+            texts.last_user = final_user_text(messages);
             Items {
                 system,
                 items: messages.iter().collect(),
@@ -156,7 +160,7 @@ pub fn summarize_request(api: ApiKind, body: &[u8]) -> Result<RequestSummary, Pr
             };
             texts.last_user = match obj.get("input") {
                 Some(Value::String(s)) => Some(truncate(s, HINT_TEXT_LIMIT).to_owned()),
-                Some(Value::Array(items)) => last_user_text(items),
+                Some(Value::Array(items)) => final_user_text(items),
                 _ => None,
             };
             Items {
@@ -178,6 +182,7 @@ pub fn summarize_request(api: ApiKind, body: &[u8]) -> Result<RequestSummary, Pr
         _ => None,
     };
     let side_hint = texts.hint(!tools.is_empty());
+    let compaction_prompt = texts.compaction_prompt();
     let mut thread = thread_key(&conv, previous_response_id);
     thread.conversation_id = conversation_id;
     Ok(RequestSummary {
@@ -190,6 +195,7 @@ pub fn summarize_request(api: ApiKind, body: &[u8]) -> Result<RequestSummary, Pr
         thread,
         side_hint,
         max_output_tokens,
+        compaction_prompt,
     })
 }
 
@@ -333,6 +339,23 @@ const HINT_TEXT_LIMIT: usize = 4096;
 /// happens to mention "title" or "summary" is never taken for a side call.
 const SHORT_SYSTEM_PROMPT: usize = 3000;
 
+/// Wording of a compaction instruction appended as the final user message.
+const SUMMARY_USER: &[&str] = &[
+    "summary of the conversation",
+    "summarize the conversation",
+    "summarise the conversation",
+    "summarize this conversation",
+    "summarise this conversation",
+    "conversation summary",
+    "summarize the above conversation",
+    "summarize our conversation",
+    // Codex's compaction prompt.
+    "context checkpoint compaction",
+    "handoff summary",
+    // opencode's compaction prompt.
+    "prompt for continuing our conversation",
+];
+
 /// A request that may produce at most this many tokens is a probe (quota check, cache
 /// warm-up), never an agent step: an agent step needs room for a tool call.
 pub const PROBE_MAX_OUTPUT_TOKENS: u64 = 16;
@@ -358,13 +381,23 @@ impl PromptTexts {
         }
     }
 
+    /// The final user message asks to summarise the conversation (a compaction request).
+    fn compaction_prompt(&self) -> bool {
+        let user = self
+            .last_user
+            .as_deref()
+            .map(|u| truncate(u, 400).to_lowercase())
+            .unwrap_or_default();
+        SUMMARY_USER.iter().any(|p| user.contains(p))
+    }
+
     /// Side-call hints from the wording (see `turns.rs` for how they are used):
-    /// - title generation: a short system prompt, or the start of the last user message,
+    /// - title generation: a short system prompt, or the start of the final user message,
     ///   asking for a title; only for requests *without tools* (title calls never carry tools;
     ///   an agent whose task mentions titles does);
-    /// - summarisation: a short system prompt, or the start of the last user message, asking
-    ///   for a summary of the conversation (compaction requests may carry the agent's tools to
-    ///   share its prompt cache, so this one ignores tools);
+    /// - summarisation: a short system prompt asking for a summary of the conversation, or
+    ///   the start of the final user message doing so in a request without tools (with tools,
+    ///   that wording only sets `compaction_prompt`, which counts on the main history alone);
     /// - other (a probe): the output cap is at most [`PROBE_MAX_OUTPUT_TOKENS`] (Claude Code's
     ///   `max_tokens: 1` quota check, cache warm-ups).
     fn hint(&self, has_tools: bool) -> Option<SideKind> {
@@ -379,22 +412,6 @@ impl PromptTexts {
             .map(|u| truncate(u, 400).to_lowercase())
             .unwrap_or_default();
         const SUMMARY_SYSTEM: &[&str] = &["summarize", "summarise", "summary", "compact"];
-        const SUMMARY_USER: &[&str] = &[
-            "summary of the conversation",
-            "summarize the conversation",
-            "summarise the conversation",
-            "summarize this conversation",
-            "summarise this conversation",
-            "create a detailed summary",
-            "conversation summary",
-            "summarize the above conversation",
-            "summarize our conversation",
-            // Codex's compaction prompt.
-            "context checkpoint compaction",
-            "handoff summary",
-            // opencode's compaction prompt.
-            "prompt for continuing our conversation",
-        ];
         const TITLE_SYSTEM: &[&str] = &[
             "title generator",
             "generate a title",
@@ -420,7 +437,7 @@ impl PromptTexts {
             && (system.contains("conversation")
                 || system.contains("chat")
                 || system.contains("history"));
-        if summary_system || SUMMARY_USER.iter().any(|p| user.contains(p)) {
+        if summary_system || (!has_tools && self.compaction_prompt()) {
             return Some(SideKind::Summarization);
         }
         if !has_tools
@@ -439,9 +456,11 @@ impl PromptTexts {
     }
 }
 
-/// The text of the last user message (first `HINT_TEXT_LIMIT` bytes), skipping tool results.
-fn last_user_text(messages: &[Value]) -> Option<String> {
-    let m = messages.iter().rev().find(|m| role(m) == Some("user"))?;
+/// The text of the final message (first `HINT_TEXT_LIMIT` bytes) if it is a user message.
+/// Only the final one: a title or compaction instruction is always appended last, while an
+/// earlier user message is the agent's task, whose wording must not make it a side call.
+fn final_user_text(messages: &[Value]) -> Option<String> {
+    let m = messages.last().filter(|m| role(m) == Some("user"))?;
     let mut text = String::new();
     collect_text(m.get("content")?, &mut text, HINT_TEXT_LIMIT);
     Some(text)
@@ -679,7 +698,11 @@ mod tests {
                                 {"role": "user", "content": [{"type": "text", "text": "Your task is to create a detailed summary of the conversation so far"}]}],
                    "tools": [{"name": "Bash"}]}),
         );
-        assert_eq!(compact.side_hint, Some(SideKind::Summarization));
+        assert_eq!(
+            compact.side_hint, None,
+            "has tools: only a compaction prompt"
+        );
+        assert!(compact.compaction_prompt);
         let codex = sum(
             ApiKind::Responses,
             json!({"instructions": "long agent prompt", "tools": [{"type": "function", "name": "shell"}],
@@ -687,7 +710,16 @@ mod tests {
                              {"type": "message", "role": "user", "content": [{"type": "input_text",
                               "text": "You are performing a CONTEXT CHECKPOINT COMPACTION. Create a handoff summary for another LLM that will resume the task."}]}]}),
         );
-        assert_eq!(codex.side_hint, Some(SideKind::Summarization));
+        assert!(codex.compaction_prompt);
+        // A task that mentions summaries, followed by tool results, is no compaction.
+        let task = sum(
+            ApiKind::ChatCompletions,
+            json!({"tools": [{"type": "function", "function": {"name": "bash"}}],
+                   "messages": [{"role": "user", "content": "Write a summary of the conversation logs in /var/log/chat"},
+                                {"role": "assistant", "content": null, "tool_calls": [{"id": "c", "type": "function", "function": {"name": "bash", "arguments": "{}"}}]},
+                                {"role": "tool", "tool_call_id": "c", "content": "ok"}]}),
+        );
+        assert_eq!((task.side_hint, task.compaction_prompt), (None, false));
         // A long agent system prompt that mentions titles and summaries is not a hint.
         let long = "You are an agent. When you open a PR, generate a title for it and a summary of the conversation. "
             .repeat(60);

@@ -24,8 +24,9 @@
 //!    a. without tools while the main conversation has tools → `SideCall` (`Summarization` if
 //!    the prompt asks for a summary, else `Other`): an agent's main loop always offers its
 //!    tools; a tool-less call on the same history is a compaction/helper call;
-//!    b. the last user message asks to summarise the conversation → `SideCall(Summarization)`
-//!    (compaction requests may keep the tools to share the prompt cache); an output cap of at
+//!    b. the final user message asks to summarise the conversation
+//!    (`RequestSummary::compaction_prompt`) → `SideCall(Summarization)` (compaction requests
+//!    may keep the tools to share the prompt cache); an output cap of at
 //!    most `PROBE_MAX_OUTPUT_TOKENS` → `SideCall(Other)` (cache warm-ups on the main history);
 //!    c. otherwise → `MainLoop`: a new turn.
 //! 4. Continues a side conversation → `SideCall` of that conversation's kind.
@@ -533,6 +534,7 @@ impl SandboxState {
             }
             // Rule 2b.
             if req.side_hint.is_none()
+                && !req.compaction_prompt
                 && req.api == a.api
                 && req.thread.prefix_digests.last() == a.last_digest.as_ref()
                 && req.thread.previous_response_id == a.previous_response_id
@@ -553,11 +555,17 @@ impl SandboxState {
                 // own: one that re-sends the main history (a cache warm-up) would otherwise be
                 // the longest prefix of the main loop's next request and capture it.
                 if main_has_tools && tools.is_empty() {
-                    let kind = match req.side_hint {
-                        Some(SideKind::Summarization) => SideKind::Summarization,
-                        _ => SideKind::Other,
+                    let kind = if req.compaction_prompt
+                        || req.side_hint == Some(SideKind::Summarization)
+                    {
+                        SideKind::Summarization
+                    } else {
+                        SideKind::Other
                     };
                     return Decision::Side(kind, conv_id);
+                }
+                if req.compaction_prompt {
+                    return Decision::Side(SideKind::Summarization, conv_id);
                 }
                 if let Some(kind @ (SideKind::Summarization | SideKind::Other)) = req.side_hint {
                     return Decision::Side(kind, conv_id);
@@ -1182,6 +1190,23 @@ mod tests {
             t.on_request(SB, &c, 30).class,
             RequestClass::SideCall(SideKind::SubConversation)
         );
+    }
+
+    /// An agent whose task itself mentions summarising a conversation still runs turns: the
+    /// wording counts only as the final message on an existing main history.
+    #[test]
+    fn task_wording_does_not_make_side_calls() {
+        let mut t = TurnTracker::new();
+        let task = user("Write a summary of the conversation logs in /var/log/chat to notes.md");
+        let a = chat("m", "agent", std::slice::from_ref(&task), &["bash"]);
+        assert!(a.compaction_prompt);
+        let d = t.on_request(SB, &a, 0);
+        assert_eq!((d.class, d.turn), (RequestClass::MainLoop, Some(1)));
+        t.on_response_end(SB, d.request_id, &ok(&["bash"]), None, 10);
+        let tool_result = json!({"role": "tool", "tool_call_id": "c", "content": "ok"});
+        let b = chat("m", "agent", &[task, asst("x"), tool_result], &["bash"]);
+        let d2 = t.on_request(SB, &b, 20);
+        assert_eq!((d2.class, d2.turn), (RequestClass::MainLoop, Some(2)));
     }
 
     /// Responses API server-side conversations thread by their id.
