@@ -395,9 +395,9 @@ impl PromptTexts {
     /// - title generation: a short system prompt, or the start of the final user message,
     ///   asking for a title; only for requests *without tools* (title calls never carry tools;
     ///   an agent whose task mentions titles does);
-    /// - summarisation: a short system prompt asking for a summary of the conversation, or
-    ///   the start of the final user message doing so in a request without tools (with tools,
-    ///   that wording only sets `compaction_prompt`, which counts on the main history alone);
+    /// - summarisation: a request without tools whose short system prompt or final user
+    ///   message asks for a summary of the conversation (with tools, the final-message wording
+    ///   only sets `compaction_prompt`, which counts on the main history alone);
     /// - other (a probe): the output cap is at most [`PROBE_MAX_OUTPUT_TOKENS`] (Claude Code's
     ///   `max_tokens: 1` quota check, cache warm-ups).
     fn hint(&self, has_tools: bool) -> Option<SideKind> {
@@ -437,7 +437,9 @@ impl PromptTexts {
             && (system.contains("conversation")
                 || system.contains("chat")
                 || system.contains("history"));
-        if summary_system || (!has_tools && self.compaction_prompt()) {
+        // Only tool-less requests: a short agent system prompt that says "summarize your
+        // changes at the end of the conversation" must not make the main loop a side call.
+        if !has_tools && (summary_system || self.compaction_prompt()) {
             return Some(SideKind::Summarization);
         }
         if !has_tools
@@ -720,6 +722,14 @@ mod tests {
                                 {"role": "tool", "tool_call_id": "c", "content": "ok"}]}),
         );
         assert_eq!((task.side_hint, task.compaction_prompt), (None, false));
+        // A short agent system prompt mentioning summaries, with tools, is not a hint.
+        let short_agent = sum(
+            ApiKind::ChatCompletions,
+            json!({"messages": [{"role": "system", "content": "You are a coding agent. Summarize your changes at the end of the conversation."},
+                                {"role": "user", "content": "go"}],
+                   "tools": [{"type": "function", "function": {"name": "bash"}}]}),
+        );
+        assert_eq!(short_agent.side_hint, None);
         // A long agent system prompt that mentions titles and summaries is not a hint.
         let long = "You are an agent. When you open a PR, generate a title for it and a summary of the conversation. "
             .repeat(60);
