@@ -186,8 +186,11 @@ pub struct TranscriptConfig {
     /// fsync at least this often when records were written (also at every turn boundary).
     /// Default 1000.
     pub sync_interval_ms: Option<u64>,
-    /// Records queued for the writer before new ones are dropped (and counted). Default 65536.
+    /// Records queued for the writer before new ones are dropped (and counted). Default 4096.
     pub queue_capacity: Option<usize>,
+    /// Body bytes queued for the writer before new records are dropped (and counted): bounds
+    /// the memory a slow disk can cost. Default 67108864.
+    pub max_queue_bytes: Option<u64>,
 }
 
 impl FileConfig {
@@ -265,8 +268,12 @@ impl UpstreamUrl {
 
     /// The full upstream URI for a request path (with query) that starts with '/'.
     pub fn join(&self, path_and_query: &str) -> Result<Uri, http::Error> {
-        let mut pq = String::with_capacity(self.base_path.len() + path_and_query.len());
+        let mut pq = String::with_capacity(self.base_path.len() + path_and_query.len() + 1);
         pq.push_str(&self.base_path);
+        if !pq.starts_with('/') && !path_and_query.starts_with('/') {
+            // A stripped route prefix can leave "" or "?q": keep the target a valid path.
+            pq.push('/');
+        }
         pq.push_str(path_and_query);
         Uri::builder()
             .scheme(self.scheme.clone())
@@ -312,6 +319,7 @@ pub struct TranscriptSettings {
     pub max_body_bytes: u64,
     pub sync_interval: Duration,
     pub queue_capacity: usize,
+    pub max_queue_bytes: u64,
 }
 
 /// Validated TLS listener settings.
@@ -495,7 +503,8 @@ impl Config {
             rotated_files: tc.rotated_files.unwrap_or(2),
             max_body_bytes: tc.max_body_bytes.unwrap_or(8 * 1024 * 1024),
             sync_interval: ms(tc.sync_interval_ms, 1000),
-            queue_capacity: tc.queue_capacity.unwrap_or(65_536),
+            queue_capacity: tc.queue_capacity.unwrap_or(4096),
+            max_queue_bytes: tc.max_queue_bytes.unwrap_or(64 * 1024 * 1024),
         };
         if transcript.max_file_bytes < 4096 {
             return Err(ConfigError::Range {
@@ -785,6 +794,7 @@ sandbox = "net"
                 max_body_bytes: Some(0),
                 sync_interval_ms: Some(0),
                 queue_capacity: Some(0),
+                max_queue_bytes: Some(0),
             },
         };
         fn keys(v: &toml::Value, out: &mut Vec<String>) {

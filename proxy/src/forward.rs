@@ -388,7 +388,7 @@ impl Tap for ResponseTap {
                 path: std::mem::take(&mut self.ctx.path),
                 upstream: std::mem::take(&mut self.ctx.upstream),
                 api,
-                class: self.ctx.class.map(|c| class_label(Some(c)).to_owned()),
+                class: self.ctx.class.map(|c| class_label(Some(c))),
                 turn: self.ctx.turn,
                 tracker_request_id: self.ctx.tracker_id.map(|r| r.0),
                 request_headers: self.ctx.request_headers.take().unwrap_or_default(),
@@ -408,8 +408,8 @@ impl Tap for ResponseTap {
                     first_content_us: self.first_content_at.map(rel),
                     end_us: Some(rel(at)),
                 },
-                end: Some(end_label(final_end).to_owned()),
-                analysis: summary.and_then(|s| serde_json::to_value(s).ok()),
+                end: Some(end_label(final_end)),
+                analysis: summary,
                 sync: self.ctx.sync,
             };
             if !shared.transcript.record(x) {
@@ -512,10 +512,13 @@ async fn handle_inner(
     {
         return local_error(&shared, ProxyError::BodyTooLarge { limit }, shape);
     }
+    // The wait for the client's body bytes is the client's time, not the proxy's overhead.
+    let body_read_start = Instant::now();
     let body = match read_body(body, limit, config.timeouts.client_body_idle).await {
         Ok(b) => b,
         Err(e) => return local_error(&shared, e, shape),
     };
+    let body_read = body_read_start.elapsed();
     shared
         .metrics
         .request_bytes
@@ -677,7 +680,10 @@ async fn handle_inner(
     };
     let body = TapBody::new(rbody, tap, Some(idle), head_in);
     let response = Response::from_parts(rparts, ProxyBody::Tapped { body });
-    let added = sent.saturating_duration_since(started) + head_in.elapsed();
+    let added = sent
+        .saturating_duration_since(started)
+        .saturating_sub(body_read)
+        + head_in.elapsed();
     shared
         .metrics
         .added_latency_seconds
@@ -805,7 +811,7 @@ fn upstream_failure(
             path: std::mem::take(&mut ctx.path),
             upstream: std::mem::take(&mut ctx.upstream),
             api,
-            class: ctx.class.map(|c| class_label(Some(c)).to_owned()),
+            class: ctx.class.map(|c| class_label(Some(c))),
             turn: ctx.turn,
             tracker_request_id: ctx.tracker_id.map(|r| r.0),
             request_headers: ctx.request_headers.take().unwrap_or_default(),
@@ -821,7 +827,7 @@ fn upstream_failure(
                 end_us: Some(rel(now)),
                 ..Timings::default()
             },
-            end: Some(end_label(StreamEnd::UpstreamError).to_owned()),
+            end: Some(end_label(StreamEnd::UpstreamError)),
             analysis: None,
             sync: ctx.sync,
         };

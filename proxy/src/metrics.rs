@@ -102,8 +102,8 @@ impl Metrics {
         );
         r.register(
             "added_latency_seconds",
-            "The proxy's own time per request: request head in to upstream request sent, plus \
-             response head in to response head out",
+            "The proxy's own time per request: request head in to upstream request sent (minus \
+             the wait for the client's body bytes), plus response head in to response head out",
             m.added_latency_seconds.clone(),
         );
         r.register(

@@ -21,6 +21,8 @@ use base64::Engine;
 use bytes::Bytes;
 use http::{HeaderMap, HeaderName};
 use serde::{Deserialize, Serialize};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc;
 
 use tokio::sync::oneshot;
@@ -64,7 +66,7 @@ pub struct Exchange {
     pub path: String,
     pub upstream: String,
     pub api: &'static str,
-    pub class: Option<String>,
+    pub class: Option<&'static str>,
     pub turn: Option<u64>,
     pub tracker_request_id: Option<u64>,
     pub request_headers: HeaderMap,
@@ -73,9 +75,9 @@ pub struct Exchange {
     pub error: Option<ErrorRecord>,
     pub timings: Timings,
     /// How the response body ended (`completed`, `cut`, ...), if a body was forwarded.
-    pub end: Option<String>,
+    pub end: Option<&'static str>,
     /// The protocol analysis of the response, if any.
-    pub analysis: Option<serde_json::Value>,
+    pub analysis: Option<llm_protocol::ResponseSummary>,
     /// fsync the sandbox's file after this record (a turn boundary).
     pub sync: bool,
 }
@@ -119,13 +121,6 @@ pub enum BodyText {
 }
 
 impl BodyText {
-    fn encode(bytes: &[u8]) -> Self {
-        match std::str::from_utf8(bytes) {
-            Ok(s) => BodyText::Text(s.to_owned()),
-            Err(_) => BodyText::Base64(base64::engine::general_purpose::STANDARD.encode(bytes)),
-        }
-    }
-
     /// The exact bytes.
     pub fn decode(&self) -> Option<Vec<u8>> {
         match self {
@@ -177,49 +172,139 @@ pub struct TranscriptRecord {
     pub analysis: Option<serde_json::Value>,
 }
 
-impl TranscriptRecord {
-    /// Builds the redacted record of an exchange.
-    pub fn from_exchange(x: &Exchange, redact: &[HeaderName], max_body: u64) -> Self {
-        let body_digest = blake3::hash(&x.request_body).to_hex().to_string();
-        let req_limit = (max_body as usize).min(x.request_body.len());
-        let request = RequestRecord {
-            method: x.method.as_str().to_owned(),
-            path: x.path.clone(),
-            headers: crate::headers::redacted_pairs(&x.request_headers, redact),
-            body_digest,
-            body_len: x.request_body.len() as u64,
-            body: BodyText::encode(&x.request_body[..req_limit]),
-            body_truncated: req_limit < x.request_body.len(),
-        };
-        let response = x.response.as_ref().map(|r| {
-            let mut buf = Vec::with_capacity(r.body.iter().map(|b| b.len()).sum());
+/// Serializes an exchange as one record line (the same JSON shape as [`TranscriptRecord`])
+/// without copying its strings and bodies: the writer thread runs this for every request.
+fn encode_record(
+    x: &Exchange,
+    redact: &[HeaderName],
+    max_body: u64,
+    scratch: &mut Vec<u8>,
+    line: &mut Vec<u8>,
+) {
+    let req_limit = (max_body as usize).min(x.request_body.len());
+    let response_body: &[u8] = match x.response.as_ref() {
+        Some(r) if r.body.len() == 1 => &r.body[0],
+        Some(r) => {
+            scratch.clear();
             for b in &r.body {
-                buf.extend_from_slice(b);
+                scratch.extend_from_slice(b);
             }
-            ResponseRecord {
-                status: r.status,
-                headers: crate::headers::redacted_pairs(&r.headers, redact),
-                body_len: r.body_len,
-                body: BodyText::encode(&buf),
-                body_truncated: r.truncated,
-            }
-        });
-        TranscriptRecord {
-            v: FORMAT_VERSION,
-            id: x.id,
-            sandbox: x.sandbox.to_string(),
-            started_unix_ms: x.started_unix_ms,
-            upstream: x.upstream.clone(),
-            api: x.api.to_owned(),
-            class: x.class.clone(),
-            turn: x.turn,
-            tracker_request_id: x.tracker_request_id,
-            request,
-            response,
-            error: x.error.clone(),
-            timings: x.timings.clone(),
-            end: x.end.clone(),
-            analysis: x.analysis.clone(),
+            scratch
+        }
+        None => &[],
+    };
+    let record = RecordRef {
+        v: FORMAT_VERSION,
+        id: x.id,
+        sandbox: x.sandbox.as_str(),
+        started_unix_ms: x.started_unix_ms,
+        upstream: &x.upstream,
+        api: x.api,
+        class: x.class,
+        turn: x.turn,
+        tracker_request_id: x.tracker_request_id,
+        request: RequestRef {
+            method: x.method.as_str(),
+            path: &x.path,
+            headers: HeadersRef(&x.request_headers, redact),
+            body_digest: blake3::hash(&x.request_body),
+            body_len: x.request_body.len() as u64,
+            body: BodyRef::new(&x.request_body[..req_limit]),
+            body_truncated: req_limit < x.request_body.len(),
+        },
+        response: x.response.as_ref().map(|r| ResponseRef {
+            status: r.status,
+            headers: HeadersRef(&r.headers, redact),
+            body_len: r.body_len,
+            body: BodyRef::new(response_body),
+            body_truncated: r.truncated,
+        }),
+        error: x.error.as_ref(),
+        timings: &x.timings,
+        end: x.end,
+        analysis: x.analysis.as_ref(),
+    };
+    line.clear();
+    // Serializing plain data into a Vec cannot fail.
+    let _ = serde_json::to_writer(&mut *line, &record);
+    line.push(b'\n');
+}
+
+#[derive(Serialize)]
+struct RecordRef<'a> {
+    v: u32,
+    id: u64,
+    sandbox: &'a str,
+    started_unix_ms: u64,
+    upstream: &'a str,
+    api: &'a str,
+    class: Option<&'a str>,
+    turn: Option<u64>,
+    tracker_request_id: Option<u64>,
+    request: RequestRef<'a>,
+    response: Option<ResponseRef<'a>>,
+    error: Option<&'a ErrorRecord>,
+    timings: &'a Timings,
+    end: Option<&'a str>,
+    analysis: Option<&'a llm_protocol::ResponseSummary>,
+}
+
+#[derive(Serialize)]
+struct RequestRef<'a> {
+    method: &'a str,
+    path: &'a str,
+    headers: HeadersRef<'a>,
+    #[serde(serialize_with = "ser_hash")]
+    body_digest: blake3::Hash,
+    body_len: u64,
+    body: BodyRef<'a>,
+    body_truncated: bool,
+}
+
+fn ser_hash<S: serde::Serializer>(h: &blake3::Hash, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(h.to_hex().as_str())
+}
+
+#[derive(Serialize)]
+struct ResponseRef<'a> {
+    status: u16,
+    headers: HeadersRef<'a>,
+    body_len: u64,
+    body: BodyRef<'a>,
+    body_truncated: bool,
+}
+
+/// Headers as `[[name, value], ...]` with secret values replaced.
+struct HeadersRef<'a>(&'a HeaderMap, &'a [HeaderName]);
+
+impl Serialize for HeadersRef<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeSeq;
+        let mut seq = s.serialize_seq(Some(self.0.len()))?;
+        for (name, value) in self.0 {
+            let v = if self.1.contains(name) {
+                std::borrow::Cow::Borrowed(crate::headers::REDACTED)
+            } else {
+                String::from_utf8_lossy(value.as_bytes())
+            };
+            seq.serialize_element(&(name.as_str(), v))?;
+        }
+        seq.end()
+    }
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "snake_case")]
+enum BodyRef<'a> {
+    Text(&'a str),
+    Base64(String),
+}
+
+impl<'a> BodyRef<'a> {
+    fn new(bytes: &'a [u8]) -> Self {
+        match std::str::from_utf8(bytes) {
+            Ok(s) => BodyRef::Text(s),
+            Err(_) => BodyRef::Base64(base64::engine::general_purpose::STANDARD.encode(bytes)),
         }
     }
 }
@@ -247,7 +332,8 @@ pub fn read_records(path: &Path) -> Result<Vec<TranscriptRecord>, TranscriptErro
 }
 
 enum Msg {
-    Record(Box<Exchange>),
+    /// An exchange and the bytes it holds (for the queue's byte bound).
+    Record(Box<Exchange>, u64),
     /// A turn boundary: make everything of this sandbox durable now.
     Sync(SandboxId),
     Flush(oneshot::Sender<()>),
@@ -262,6 +348,8 @@ pub trait WriterHooks: Send + 'static {
 #[derive(Debug)]
 pub struct Transcript {
     tx: Option<mpsc::SyncSender<Msg>>,
+    queued_bytes: Arc<AtomicU64>,
+    max_queue_bytes: u64,
     thread: parking_lot::Mutex<Option<std::thread::JoinHandle<()>>>,
 }
 
@@ -276,6 +364,8 @@ impl Transcript {
     pub fn disabled() -> Self {
         Self {
             tx: None,
+            queued_bytes: Arc::default(),
+            max_queue_bytes: 0,
             thread: parking_lot::Mutex::new(None),
         }
     }
@@ -295,7 +385,11 @@ impl Transcript {
             source,
         })?;
         let (tx, rx) = mpsc::sync_channel(settings.queue_capacity);
+        let queued_bytes: Arc<AtomicU64> = Arc::default();
         let writer = Writer {
+            queued_bytes: queued_bytes.clone(),
+            scratch: Vec::new(),
+            line: Vec::with_capacity(64 * 1024),
             settings: settings.clone(),
             redact,
             files: HashMap::new(),
@@ -307,15 +401,33 @@ impl Transcript {
             .map_err(|source| TranscriptError::Spawn { source })?;
         Ok(Self {
             tx: Some(tx),
+            queued_bytes,
+            max_queue_bytes: settings.max_queue_bytes,
             thread: parking_lot::Mutex::new(Some(thread)),
         })
     }
 
     /// Queues an exchange; returns false if it was dropped (queue full or writer gone).
     pub fn record(&self, x: Exchange) -> bool {
-        match &self.tx {
-            Some(tx) => tx.try_send(Msg::Record(Box::new(x))).is_ok(),
-            None => true,
+        let Some(tx) = &self.tx else {
+            return true;
+        };
+        let size = x.request_body.len() as u64
+            + x.response
+                .as_ref()
+                .map(|r| r.body_len.min(r.body.iter().map(|b| b.len() as u64).sum()))
+                .unwrap_or(0);
+        let queued = self.queued_bytes.fetch_add(size, Ordering::Relaxed);
+        if queued + size > self.max_queue_bytes && queued > 0 {
+            self.queued_bytes.fetch_sub(size, Ordering::Relaxed);
+            return false;
+        }
+        match tx.try_send(Msg::Record(Box::new(x), size)) {
+            Ok(()) => true,
+            Err(_) => {
+                self.queued_bytes.fetch_sub(size, Ordering::Relaxed);
+                false
+            }
         }
     }
 
@@ -372,6 +484,9 @@ struct OpenFile {
 }
 
 struct Writer {
+    queued_bytes: Arc<AtomicU64>,
+    scratch: Vec<u8>,
+    line: Vec<u8>,
     settings: TranscriptSettings,
     redact: Vec<HeaderName>,
     files: HashMap<String, OpenFile>,
@@ -400,10 +515,12 @@ impl Writer {
             let mut force_sync = false;
             for m in batch {
                 match m {
-                    Msg::Record(x) => {
+                    Msg::Record(x, size) => {
                         if let Err(e) = self.write(&x) {
                             self.hooks.write_error(&e);
                         }
+                        drop(x);
+                        self.queued_bytes.fetch_sub(size, Ordering::Relaxed);
                     }
                     Msg::Sync(sandbox) => {
                         if let Some(f) = self.files.get_mut(sandbox.as_str()) {
@@ -429,9 +546,23 @@ impl Writer {
     }
 
     fn write(&mut self, x: &Exchange) -> Result<(), TranscriptError> {
-        let record = TranscriptRecord::from_exchange(x, &self.redact, self.settings.max_body_bytes);
-        let mut line = serde_json::to_vec(&record).unwrap_or_default();
-        line.push(b'\n');
+        let mut line = std::mem::take(&mut self.line);
+        encode_record(
+            x,
+            &self.redact,
+            self.settings.max_body_bytes,
+            &mut self.scratch,
+            &mut line,
+        );
+        let result = self.write_line(x, &line);
+        // Keep the buffer for the next record unless one huge body inflated it.
+        if line.capacity() <= 1 << 20 {
+            self.line = line;
+        }
+        result
+    }
+
+    fn write_line(&mut self, x: &Exchange, line: &[u8]) -> Result<(), TranscriptError> {
         let sandbox = x.sandbox.as_str();
         let path = transcript_path(&self.settings.dir, sandbox);
         let needs_rotation = self
@@ -474,7 +605,7 @@ impl Writer {
                 // An existing file from an earlier run is already full.
                 self.files.remove(sandbox);
                 self.rotate(sandbox)?;
-                return self.write(x);
+                return self.write_line(x, line);
             }
         }
         let f = self.files.get_mut(sandbox).expect("inserted above");
@@ -576,6 +707,7 @@ mod tests {
             max_body_bytes: 1024,
             sync_interval: Duration::from_millis(50),
             queue_capacity: 1024,
+            max_queue_bytes: 1 << 20,
         }
     }
 
@@ -593,7 +725,7 @@ mod tests {
             path: "/v1/chat/completions".into(),
             upstream: "http://u".into(),
             api: "chat_completions",
-            class: Some("main_loop".into()),
+            class: Some("main_loop"),
             turn: Some(1),
             tracker_request_id: Some(id),
             request_headers: h,
@@ -607,7 +739,7 @@ mod tests {
             }),
             error: None,
             timings: Timings::default(),
-            end: Some("completed".into()),
+            end: Some("completed"),
             analysis: None,
             sync: true,
         }
