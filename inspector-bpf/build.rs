@@ -70,6 +70,7 @@ fn main() {
         .args([
             "-target",
             "bpf",
+            "-mcpu=v3",
             "-g",
             "-O2",
             "-D__TARGET_ARCH_x86",

@@ -1,15 +1,16 @@
-//! `cargo run -p inspector-bpf --example inspect -- [--json] [--turns] -- CMD...`: the same as
-//! `crab inspect`, without building the proxy.
+//! A stand-alone `crab inspect` for benchmarks and debugging without building the proxy:
+//! `cargo run -p inspector-bpf --example inspect -- inspect [--json] [--turns] -- CMD...`
+//! (the same arguments as `crab inspect`).
 
 use clap::Parser;
 
 #[derive(Parser)]
-struct Cli {
-    #[command(flatten)]
-    args: inspector_bpf::cli::InspectArgs,
+enum Cli {
+    /// Run a command (or turns) in a fresh watched cgroup and print its effects.
+    Inspect(inspector_bpf::cli::InspectArgs),
 }
 
 fn main() -> anyhow::Result<()> {
-    let cli = Cli::parse();
-    std::process::exit(inspector_bpf::cli::run(cli.args)?);
+    let Cli::Inspect(args) = Cli::parse();
+    std::process::exit(inspector_bpf::cli::run(args)?);
 }

@@ -74,6 +74,15 @@ struct {
 	__type(value, struct crab_event);
 } scratch SEC(".maps");
 
+/* Per-CPU "scratch in use" flag: a program preempted while filling `scratch` must not have its
+ * event overwritten by another one on the same CPU; the second one counts a drop instead. */
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, __u64);
+} scratch_busy SEC(".maps");
+
 /* (tgid, dev, ino) → epoch of the last reported write: repeated writes to one file by one
  * process within a window are reported once (the file is dirty already). */
 struct write_key {
@@ -122,8 +131,10 @@ static __always_inline __u32 *lookup_slot(void)
 static __always_inline void count(void *map, __u32 slot)
 {
 	__u64 *c = bpf_map_lookup_elem(map, &slot);
+	/* Atomic even per CPU: a preempted program on the same CPU must not lose a count, or
+	 * the barrier could return before an event is consumed. */
 	if (c)
-		*c += 1;
+		__sync_fetch_and_add(c, 1);
 }
 
 static __always_inline struct file *fd_file(struct task_struct *task, long fd)
@@ -262,9 +273,18 @@ static __noinline int capture_fd_object(struct crab_event *e, struct file *f)
 static __always_inline struct crab_event *new_event(__u32 kind, __u32 slot)
 {
 	__u32 k = 0;
-	struct crab_event *e = bpf_map_lookup_elem(&scratch, &k);
-	if (!e)
+	__u64 *busy = bpf_map_lookup_elem(&scratch_busy, &k);
+	if (!busy)
 		return 0;
+	if (__sync_lock_test_and_set(busy, 1)) {
+		count(&dropped, slot);
+		return 0;
+	}
+	struct crab_event *e = bpf_map_lookup_elem(&scratch, &k);
+	if (!e) {
+		*busy = 0;
+		return 0;
+	}
 	__u64 pid_tgid = bpf_get_current_pid_tgid();
 	e->kind = kind;
 	e->sysnr = 0;
@@ -282,6 +302,14 @@ static __always_inline struct crab_event *new_event(__u32 kind, __u32 slot)
 	e->pad = 0;
 	bpf_get_current_comm(e->comm, sizeof(e->comm));
 	return e;
+}
+
+static __always_inline void release_scratch(void)
+{
+	__u32 k = 0;
+	__u64 *busy = bpf_map_lookup_elem(&scratch_busy, &k);
+	if (busy)
+		*(volatile __u64 *)busy = 0;
 }
 
 static __always_inline int submit(struct crab_event *e)
@@ -524,21 +552,9 @@ static __noinline int handle_path2(struct crab_event *e, struct pt_regs *regs, l
 	return 0;
 }
 
-SEC("raw_tp/sys_exit")
-int crab_sys_exit(struct bpf_raw_tracepoint_args *ctx)
+static __always_inline void fill_sys_exit(struct crab_event *e, struct pt_regs *regs, long nr,
+					  long ret, int cls)
 {
-	struct pt_regs *regs = (struct pt_regs *)raw_arg(ctx, 0);
-	long ret = raw_arg(ctx, 1);
-	long nr = BPF_CORE_READ(regs, orig_ax);
-	int cls = classify(nr);
-	if (cls == CRAB_OP_NONE || ret < 0)
-		return 0;
-	__u32 *slotp = lookup_slot();
-	if (!slotp)
-		return 0;
-	struct crab_event *e = new_event(CRAB_EV_SYSCALL, *slotp);
-	if (!e)
-		return 0;
 	e->sysnr = nr;
 	e->ret = ret;
 	int skip = 0;
@@ -551,7 +567,7 @@ int crab_sys_exit(struct bpf_raw_tracepoint_args *ctx)
 		if (nr == CRAB_NR_copy_file_range || nr == CRAB_NR_splice)
 			fd = PT_REGS_PARM3_CORE_SYSCALL(regs);
 		if (ret == 0 && nr != CRAB_NR_ftruncate && nr != CRAB_NR_fallocate)
-			return 0;
+			return;
 		skip = handle_fd(e, (int)fd, 1);
 		break;
 	}
@@ -570,7 +586,7 @@ int crab_sys_exit(struct bpf_raw_tracepoint_args *ctx)
 		long fd = (int)PT_REGS_PARM5_CORE_SYSCALL(regs);
 		/* Only shared writable file mappings can change files without further syscalls. */
 		if (!(mflags & MAP_SHARED) || !(prot & PROT_WRITE) || fd < 0)
-			return 0;
+			return;
 		skip = handle_fd(e, fd, 0);
 		e->arg1 = prot;
 		e->arg2 = mflags;
@@ -595,7 +611,7 @@ int crab_sys_exit(struct bpf_raw_tracepoint_args *ctx)
 		if (nr == CRAB_NR_ptrace) {
 			/* PTRACE_POKETEXT/POKEDATA/POKEUSER/SETREGS/SETFPREGS/SETREGSET write the tracee. */
 			if (!(a0 == 4 || a0 == 5 || a0 == 6 || a0 == 13 || a0 == 15 || a0 == 0x4205))
-				return 0;
+				return;
 			e->arg1 = PT_REGS_PARM2_CORE_SYSCALL(regs);
 		} else {
 			e->arg1 = a0;
@@ -604,9 +620,28 @@ int crab_sys_exit(struct bpf_raw_tracepoint_args *ctx)
 		break;
 	}
 	}
-	if (skip)
+	if (!skip)
+		submit(e);
+}
+
+
+SEC("raw_tp/sys_exit")
+int crab_sys_exit(struct bpf_raw_tracepoint_args *ctx)
+{
+	struct pt_regs *regs = (struct pt_regs *)raw_arg(ctx, 0);
+	long ret = raw_arg(ctx, 1);
+	long nr = BPF_CORE_READ(regs, orig_ax);
+	int cls = classify(nr);
+	if (cls == CRAB_OP_NONE || ret < 0)
 		return 0;
-	submit(e);
+	__u32 *slotp = lookup_slot();
+	if (!slotp)
+		return 0;
+	struct crab_event *e = new_event(CRAB_EV_SYSCALL, *slotp);
+	if (!e)
+		return 0;
+	fill_sys_exit(e, regs, nr, ret, cls);
+	release_scratch();
 	return 0;
 }
 
@@ -626,6 +661,7 @@ int crab_fork(struct bpf_raw_tracepoint_args *ctx)
 		return 0;
 	e->ret = tgid;
 	submit(e);
+	release_scratch();
 	return 0;
 }
 
@@ -644,6 +680,7 @@ int crab_exec(struct bpf_raw_tracepoint_args *ctx)
 	CURSOR(e) = n > 0 ? n : 0;
 	e->str_len[1] = CURSOR(e);
 	submit(e);
+	release_scratch();
 	return 0;
 }
 
@@ -663,5 +700,6 @@ int crab_exit(struct bpf_raw_tracepoint_args *ctx)
 		return 0;
 	e->ret = BPF_CORE_READ(p, exit_code);
 	submit(e);
+	release_scratch();
 	return 0;
 }
