@@ -368,6 +368,12 @@ fn mini_swe_agent() {
     scenario("mini-swe-agent", "scenario.json");
 }
 
+/// mini-swe-agent with a Responses model: non-streaming, whole history re-sent as items.
+#[test]
+fn mini_swe_agent_responses() {
+    scenario("mini-swe-agent-responses", "scenario.json");
+}
+
 /// Codex CLI: growing Responses input, custom/namespace/web_search/tool_search tools, a cut
 /// stream re-sent identically (same turn, one retry).
 #[test]
@@ -409,6 +415,7 @@ fn every_fixture_directory_is_tested() {
         "openai-sdk-chat",
         "openai-sdk-responses",
         "mini-swe-agent",
+        "mini-swe-agent-responses",
         "codex",
         "aider",
         "opencode",
