@@ -236,6 +236,8 @@ pub struct UpstreamUrl {
     pub authority: http::uri::Authority,
     /// Base path without a trailing slash ("" for none).
     pub base_path: String,
+    /// `scheme://authority/base_path`, for logs and transcripts.
+    pub name: std::sync::Arc<str>,
 }
 
 impl UpstreamUrl {
@@ -259,10 +261,12 @@ impl UpstreamUrl {
             return Err(err("a base URL cannot have a query"));
         }
         let base_path = uri.path().trim_end_matches('/').to_owned();
+        let name = format!("{scheme}://{authority}{base_path}").into();
         Ok(Self {
             scheme,
             authority,
             base_path,
+            name,
         })
     }
 
@@ -285,7 +289,7 @@ impl UpstreamUrl {
 
 impl std::fmt::Display for UpstreamUrl {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}://{}{}", self.scheme, self.authority, self.base_path)
+        f.write_str(&self.name)
     }
 }
 

@@ -233,7 +233,7 @@ struct ExchangeCtx {
     tracker_id: Option<RequestId>,
     method: Method,
     path: String,
-    upstream: String,
+    upstream: Arc<str>,
     request_headers: Option<HeaderMap>,
     request_body: Bytes,
     started: Instant,
@@ -386,7 +386,7 @@ impl Tap for ResponseTap {
                 started_unix_ms: shared.clock.unix_ms(self.ctx.started),
                 method: self.ctx.method.clone(),
                 path: std::mem::take(&mut self.ctx.path),
-                upstream: std::mem::take(&mut self.ctx.upstream),
+                upstream: self.ctx.upstream.clone(),
                 api,
                 class: self.ctx.class.map(|c| class_label(Some(c))),
                 turn: self.ctx.turn,
@@ -598,7 +598,7 @@ async fn handle_inner(
         }
     }
 
-    let upstream_name = upstream.to_string();
+    let upstream_name = upstream.name.clone();
     let capture = config.transcript.enabled;
     let request_headers = capture.then(|| parts.headers.clone());
     let mut out = Request::new(Full::new(body.clone()));
@@ -635,14 +635,14 @@ async fn handle_inner(
         Ok(Err(e)) => {
             let reason = error_chain(&e);
             let err = ProxyError::UpstreamUnreachable {
-                upstream: upstream_name,
+                upstream: upstream_name.to_string(),
                 reason,
             };
             return upstream_failure(&shared, ctx, &mut guard, err, shape);
         }
         Err(_) => {
             let err = ProxyError::UpstreamTimeout {
-                upstream: upstream_name,
+                upstream: upstream_name.to_string(),
                 idle_ms: idle.as_millis() as u64,
             };
             return upstream_failure(&shared, ctx, &mut guard, err, shape);
@@ -809,7 +809,7 @@ fn upstream_failure(
             started_unix_ms: shared.clock.unix_ms(ctx.started),
             method: ctx.method.clone(),
             path: std::mem::take(&mut ctx.path),
-            upstream: std::mem::take(&mut ctx.upstream),
+            upstream: ctx.upstream.clone(),
             api,
             class: ctx.class.map(|c| class_label(Some(c))),
             turn: ctx.turn,

@@ -64,7 +64,7 @@ pub struct Exchange {
     pub method: http::Method,
     /// Path and query as forwarded upstream.
     pub path: String,
-    pub upstream: String,
+    pub upstream: std::sync::Arc<str>,
     pub api: &'static str,
     pub class: Option<&'static str>,
     pub turn: Option<u64>,

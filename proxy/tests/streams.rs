@@ -196,3 +196,42 @@ async fn graceful_shutdown_drains_open_streams() {
     let recs = proxy.transcript("default").await;
     assert_eq!(recs.len(), 1, "transcript flushed on shutdown");
 }
+
+/// A stream that would outlive the shutdown grace period is dropped at the deadline: shutdown
+/// is bounded.
+#[tokio::test]
+async fn shutdown_deadline_bounds_the_drain() {
+    let fake = fake_llm::spawn(FakeLlmConfig::default()).await.unwrap();
+    let mut proxy = Proxy::start_with(&fake.base_url(), |file, _| {
+        file.timeouts.shutdown_grace_ms = Some(300);
+    })
+    .await;
+    let c = client();
+    let req = stream_request(
+        &format!("{}/v1/chat/completions", proxy.url()),
+        &chat_body(true),
+        Some("chunks=1000,chunk-delay-ms=50"),
+    );
+    let resp = c.request(req).await.unwrap();
+    let mut body = resp.into_body();
+    body.frame().await.unwrap().unwrap();
+    let t0 = std::time::Instant::now();
+    let stopping = proxy.begin_stop();
+    tokio::time::timeout(Duration::from_secs(5), stopping)
+        .await
+        .expect("shutdown returns after the grace period")
+        .unwrap()
+        .unwrap();
+    assert!(
+        t0.elapsed() >= Duration::from_millis(250),
+        "{:?}",
+        t0.elapsed()
+    );
+    let rest = tokio::time::timeout(Duration::from_secs(5), body.collect())
+        .await
+        .unwrap();
+    assert!(
+        rest.is_err(),
+        "the unfinished stream was cut, not completed"
+    );
+}
