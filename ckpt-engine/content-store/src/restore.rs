@@ -30,7 +30,7 @@ use crate::manifest::{ChunkRef, Manifest, ManifestEntry, SnapshotId};
 use crate::object::ObjectId;
 use crate::path::RelPath;
 use crate::store::ContentStore;
-use crate::treehash::{TreeHash, TreeHashOptions, tree_hash};
+use crate::treehash::{KnownFile, KnownFiles, TreeHash, TreeHashOptions, tree_hash_known};
 
 /// Restore behaviour.
 #[derive(Clone, Copy, Debug)]
@@ -92,6 +92,14 @@ struct DirStack {
     root: OwnedFd,
     /// (path, fd) from the first level below the root down.
     stack: Vec<(RelPath, OwnedFd)>,
+    /// Content digests of regular files this restore vouches for itself (written from
+    /// verified chunks, or read and found equal), so the final verification reads only the
+    /// rest.
+    known: KnownFiles,
+    /// The snapshot's own stat cache: a file on disk that is still the very inode the snapshot
+    /// read, unchanged since (size, mtime, ctime), is kept without reading it. Used only to
+    /// decide what to write, never to vouch for content in the final verification.
+    snapshot_stat: KnownFiles,
 }
 
 impl DirStack {
@@ -192,7 +200,24 @@ impl ContentStore {
             target: target.to_path_buf(),
             root: root_fd,
             stack: Vec::new(),
+            known: KnownFiles::new(),
+            snapshot_stat: KnownFiles::new(),
         };
+        for e in &m.entries {
+            if let Some(f) = &e.file
+                && e.ino != 0
+            {
+                dirs.snapshot_stat.insert(
+                    (e.dev, e.ino),
+                    KnownFile {
+                        size: f.size,
+                        mtime: e.mtime,
+                        ctime: e.ctime,
+                        digest: f.blake3.0,
+                    },
+                );
+            }
+        }
         let mut report = RestoreReport::default();
 
         // Phase 1 (read-only): compare the disk with the manifest.
@@ -288,7 +313,7 @@ impl ContentStore {
         }
 
         if opts.verify_after {
-            let actual = tree_hash(target, &TreeHashOptions::default())?;
+            let actual = tree_hash_known(target, &TreeHashOptions::default(), &dirs.known)?;
             let expected = m.tree_hash(&TreeHashOptions::default());
             if actual != expected {
                 return Err(StoreError::VerificationFailed {
@@ -311,7 +336,9 @@ impl ContentStore {
         let parent = e.path.parent().expect("non-root has a parent");
         let full = e.path.under(&dirs.target);
         let pfd = match dirs.get(&parent) {
-            Ok(fd) => fd,
+            Ok(fd) => fd
+                .try_clone()
+                .map_err(|err| StoreError::io("dup", &full, err))?,
             // A missing or replaced parent means the entry is missing too.
             Err(StoreError::Io { source, .. }) if source.raw_os_error() == Some(libc::ENOENT) => {
                 return Ok(OnDisk::Missing);
@@ -319,6 +346,7 @@ impl ContentStore {
             Err(StoreError::UnsafeTarget { .. }) => return Ok(OnDisk::Missing),
             Err(err) => return Err(err),
         };
+        let pfd = &pfd;
         let st = match rustix::fs::statat(pfd, os(e.path.file_name()), AtFlags::SYMLINK_NOFOLLOW) {
             Ok(st) => st,
             Err(Errno::NOENT) => return Ok(OnDisk::Missing),
@@ -336,6 +364,18 @@ impl ContentStore {
                 if st.st_nlink as u64 != links || st.st_size as u64 != f.size {
                     return Ok(OnDisk::Replace);
                 }
+                let known = dirs.snapshot_stat.get(&(st.st_dev, st.st_ino)).filter(|k| {
+                    k.size == st.st_size as u64
+                        && k.mtime == stat_time(st.st_mtime as i64, st.st_mtime_nsec as i64)
+                        && k.ctime == stat_time(st.st_ctime as i64, st.st_ctime_nsec as i64)
+                });
+                if let Some(k) = known {
+                    return Ok(if k.digest == f.blake3.0 {
+                        OnDisk::Reusable
+                    } else {
+                        OnDisk::Replace
+                    });
+                }
                 let flags = OFlags::RDONLY
                     | OFlags::NOFOLLOW
                     | OFlags::CLOEXEC
@@ -350,6 +390,16 @@ impl ContentStore {
                     .map_err(|err| errno_io("open", &full, err))?;
                 let (digest, len) = crate::treehash::hash_reader(File::from(fd), &full)?;
                 if len == f.size && digest == f.blake3.0 {
+                    // Read and equal: the final verification may take this digest.
+                    dirs.known.insert(
+                        (st.st_dev, st.st_ino),
+                        KnownFile {
+                            size: st.st_size as u64,
+                            mtime: stat_time(st.st_mtime as i64, st.st_mtime_nsec as i64),
+                            ctime: stat_time(st.st_ctime as i64, st.st_ctime_nsec as i64),
+                            digest,
+                        },
+                    );
                     OnDisk::Reusable
                 } else {
                     OnDisk::Replace
@@ -500,6 +550,14 @@ impl ContentStore {
             rustix::fs::renameat(&pfd, os(&tmp), &pfd, os(&name))
                 .map_err(|err| errno_io("rename", &full, err))?;
             report.entries_written += 1;
+            // Linking changed the inode's ctime: refresh what the restore knows about it (if
+            // it vouched for the leader's content at all).
+            if dirs
+                .known
+                .contains_key(&(leader_st.st_dev, leader_st.st_ino))
+            {
+                remember(&mut dirs.known, &pfd, &name, e);
+            }
             return Ok(());
         }
 
@@ -534,13 +592,22 @@ impl ContentStore {
             if let Some(g) = e.link_group {
                 leaders.insert(g, e.path.clone());
             }
+            remember(&mut dirs.known, &pfd, &name, e);
             return Ok(());
         }
+        // Kept in place: vouch for its content after the metadata changes (which move its
+        // ctime) only if this restore read it.
+        let vouched = exists
+            .as_ref()
+            .is_some_and(|st| dirs.known.contains_key(&(st.st_dev, st.st_ino)));
         apply_at_metadata(&pfd, &name, e, &full)?;
         apply_xattrs(&proc_path, e, &full)?;
         set_times_at(&pfd, &name, e, &full)?;
         if let Some(g) = e.link_group {
             leaders.insert(g, e.path.clone());
+        }
+        if vouched {
+            remember(&mut dirs.known, &pfd, &name, e);
         }
         Ok(())
     }
@@ -627,6 +694,27 @@ impl ContentStore {
             Some(d) => Ok(std::borrow::Cow::Borrowed(d)),
             None => Ok(std::borrow::Cow::Owned(self.get_chunk(c)?)),
         }
+    }
+}
+
+fn stat_time(sec: i64, nsec: i64) -> Timestamp {
+    Timestamp(sec, nsec.clamp(0, 999_999_999) as u32)
+}
+
+/// Records the digest of a regular file this restore just wrote or checked, keyed by its
+/// current inode identity.
+fn remember(known: &mut KnownFiles, pfd: &OwnedFd, name: &[u8], e: &ManifestEntry) {
+    let Some(f) = &e.file else { return };
+    if let Ok(st) = rustix::fs::statat(pfd, os(name), AtFlags::SYMLINK_NOFOLLOW) {
+        known.insert(
+            (st.st_dev, st.st_ino),
+            KnownFile {
+                size: st.st_size as u64,
+                mtime: stat_time(st.st_mtime as i64, st.st_mtime_nsec as i64),
+                ctime: stat_time(st.st_ctime as i64, st.st_ctime_nsec as i64),
+                digest: f.blake3.0,
+            },
+        );
     }
 }
 

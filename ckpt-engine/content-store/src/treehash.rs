@@ -204,6 +204,30 @@ pub(crate) fn hash_reader(mut r: impl Read, path: &Path) -> Result<([u8; 32], u6
 /// Computes the canonical hash of the tree at `root` (which must be a directory, not a symlink
 /// to one). Never follows symlinks. See the module docs for what is covered.
 pub fn tree_hash(root: &Path, options: &TreeHashOptions) -> Result<TreeHash, StoreError> {
+    tree_hash_known(root, options, &KnownFiles::new())
+}
+
+/// A regular file's content digest, valid while its inode still has this size, mtime and
+/// ctime (a writer cannot set ctime, so any write since invalidates it).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct KnownFile {
+    pub size: u64,
+    pub mtime: Timestamp,
+    pub ctime: Timestamp,
+    pub digest: [u8; 32],
+}
+
+/// Known digests by (device, inode).
+pub(crate) type KnownFiles = HashMap<(u64, u64), KnownFile>;
+
+/// [`tree_hash`] that takes a file's digest from `known` instead of reading it when the
+/// file's inode, size, mtime and ctime match (metadata, structure and every other file are
+/// still read fresh).
+pub(crate) fn tree_hash_known(
+    root: &Path,
+    options: &TreeHashOptions,
+    known: &KnownFiles,
+) -> Result<TreeHash, StoreError> {
     scan::check_root(root)?;
     let mut entries = scan::walk(root, &RelPath::root(), options.include_xattrs)?;
     entries.sort_by(|a, b| a.path.cmp(&b.path));
@@ -221,7 +245,12 @@ pub fn tree_hash(root: &Path, options: &TreeHashOptions) -> Result<TreeHash, Sto
     for e in &entries {
         let mut content = None;
         let mut size = e.size;
-        if e.kind == EntryKind::Regular {
+        let cached = known
+            .get(&(e.dev, e.ino))
+            .filter(|k| k.size == e.size && k.mtime == e.mtime && k.ctime == e.ctime);
+        if let (EntryKind::Regular, Some(k)) = (e.kind, cached) {
+            content = Some(k.digest);
+        } else if e.kind == EntryKind::Regular {
             let file = scan::open_regular(root, e)?;
             let (digest, len) = hash_reader(file, &e.path.under(root))?;
             if len != e.size {
