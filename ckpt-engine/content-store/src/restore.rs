@@ -366,8 +366,8 @@ impl ContentStore {
                 }
                 let known = dirs.snapshot_stat.get(&(st.st_dev, st.st_ino)).filter(|k| {
                     k.size == st.st_size as u64
-                        && k.mtime == stat_time(st.st_mtime as i64, st.st_mtime_nsec as i64)
-                        && k.ctime == stat_time(st.st_ctime as i64, st.st_ctime_nsec as i64)
+                        && k.mtime == mtime_of(&st)
+                        && k.ctime == ctime_of(&st)
                 });
                 if let Some(k) = known {
                     return Ok(if k.digest == f.blake3.0 {
@@ -395,8 +395,8 @@ impl ContentStore {
                         (st.st_dev, st.st_ino),
                         KnownFile {
                             size: st.st_size as u64,
-                            mtime: stat_time(st.st_mtime as i64, st.st_mtime_nsec as i64),
-                            ctime: stat_time(st.st_ctime as i64, st.st_ctime_nsec as i64),
+                            mtime: mtime_of(&st),
+                            ctime: ctime_of(&st),
                             digest,
                         },
                     );
@@ -701,6 +701,22 @@ fn stat_time(sec: i64, nsec: i64) -> Timestamp {
     Timestamp(sec, nsec.clamp(0, 999_999_999) as u32)
 }
 
+#[allow(
+    clippy::unnecessary_cast,
+    reason = "stat field types differ across architectures"
+)]
+fn mtime_of(st: &rustix::fs::Stat) -> Timestamp {
+    stat_time(st.st_mtime as i64, st.st_mtime_nsec as i64)
+}
+
+#[allow(
+    clippy::unnecessary_cast,
+    reason = "stat field types differ across architectures"
+)]
+fn ctime_of(st: &rustix::fs::Stat) -> Timestamp {
+    stat_time(st.st_ctime as i64, st.st_ctime_nsec as i64)
+}
+
 /// Records the digest of a regular file this restore just wrote or checked, keyed by its
 /// current inode identity.
 fn remember(known: &mut KnownFiles, pfd: &OwnedFd, name: &[u8], e: &ManifestEntry) {
@@ -710,8 +726,8 @@ fn remember(known: &mut KnownFiles, pfd: &OwnedFd, name: &[u8], e: &ManifestEntr
             (st.st_dev, st.st_ino),
             KnownFile {
                 size: st.st_size as u64,
-                mtime: stat_time(st.st_mtime as i64, st.st_mtime_nsec as i64),
-                ctime: stat_time(st.st_ctime as i64, st.st_ctime_nsec as i64),
+                mtime: mtime_of(&st),
+                ctime: ctime_of(&st),
                 digest: f.blake3.0,
             },
         );
