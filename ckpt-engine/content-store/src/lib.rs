@@ -66,7 +66,7 @@ pub mod treehash;
 pub use entry::{EntryKind, Timestamp, Xattr};
 pub use error::StoreError;
 pub use manifest::{Manifest, ManifestEntry, SnapshotId, SnapshotStats};
-pub use object::{Durability, LocalDirStore, ObjectId, ObjectKey, ObjectStore};
+pub use object::{Durability, LocalDirStore, MemoryStore, ObjectId, ObjectKey, ObjectStore};
 pub use path::RelPath;
 pub use restore::{RestoreOptions, RestoreReport};
 pub use store::{

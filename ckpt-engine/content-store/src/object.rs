@@ -485,6 +485,58 @@ impl ObjectStore for LocalDirStore {
     }
 }
 
+/// An in-memory [`ObjectStore`] (tests, and proof that nothing above the trait assumes a
+/// filesystem).
+#[derive(Default)]
+pub struct MemoryStore {
+    objects: Mutex<std::collections::BTreeMap<String, Vec<u8>>>,
+}
+
+impl MemoryStore {
+    /// An empty store.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn map(&self) -> std::sync::MutexGuard<'_, std::collections::BTreeMap<String, Vec<u8>>> {
+        self.objects.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+impl ObjectStore for MemoryStore {
+    fn put(&self, key: &ObjectKey, bytes: &[u8]) -> Result<(), StoreError> {
+        self.map().insert(key.as_str().to_owned(), bytes.to_vec());
+        Ok(())
+    }
+
+    fn get(&self, key: &ObjectKey) -> Result<Vec<u8>, StoreError> {
+        self.map()
+            .get(key.as_str())
+            .cloned()
+            .ok_or_else(|| StoreError::ObjectNotFound {
+                key: key.to_string(),
+            })
+    }
+
+    fn exists(&self, key: &ObjectKey) -> Result<bool, StoreError> {
+        Ok(self.map().contains_key(key.as_str()))
+    }
+
+    fn delete(&self, key: &ObjectKey) -> Result<(), StoreError> {
+        self.map().remove(key.as_str());
+        Ok(())
+    }
+
+    fn list(&self, prefix: &str) -> Result<Vec<ObjectKey>, StoreError> {
+        Ok(self
+            .map()
+            .range(prefix.to_owned()..)
+            .take_while(|(k, _)| k.starts_with(prefix))
+            .map(|(k, _)| ObjectKey(k.clone()))
+            .collect())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
