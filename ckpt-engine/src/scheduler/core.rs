@@ -406,7 +406,8 @@ impl<P: Coalesce> SchedulerCore<P> {
         let l = self.lane_mut(lane);
         if rounds > 0 {
             for s in ring.iter().filter(|s| !running.contains_key(*s)) {
-                *l.deficit.entry(s.clone()).or_insert(0) += rounds * quantum;
+                let d = l.deficit.entry(s.clone()).or_insert(0);
+                *d = d.saturating_add(rounds.saturating_mul(quantum));
             }
         }
         Some(chosen)
