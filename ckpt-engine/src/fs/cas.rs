@@ -183,7 +183,13 @@ impl FsBackend for CasBackend {
         };
         let dirty;
         let scope = match (req.changes, parent) {
-            (ChangeHint::Paths(paths), Some(_)) => {
+            // A path that is not a clean relative path cannot be trusted to name what changed:
+            // fall back to a full rescan rather than fail the checkpoint.
+            (ChangeHint::Paths(paths), Some(_))
+                if paths
+                    .iter()
+                    .all(|p| content_store::RelPath::from_path(p).is_ok()) =>
+            {
                 // "Directories mean anything below": every path is refreshed recursively;
                 // unchanged files below are still reused by their stat identity.
                 dirty = DirtySet {
@@ -431,6 +437,25 @@ mod tests {
         assert_eq!(second.bytes_changed, 8);
         assert!(second.bytes_stored < 20_000, "{second:?}");
         let h2 = second.snapshot.tree_hash.clone();
+
+        // A hint with an unusable path falls back to a full rescan (still exact).
+        std::fs::write(root.join("etc/unlisted"), b"not in the hint").unwrap();
+        let rescanned = backend
+            .snapshot(&SnapshotRequest {
+                sandbox_id: "sbx-1",
+                checkpoint_id: "cp-3",
+                source: &root,
+                parent: Some(&second.snapshot),
+                changes: &ChangeHint::Paths(vec![PathBuf::from("../escape")]),
+                quiesce: &NoQuiesce,
+            })
+            .unwrap();
+        assert_eq!(
+            rescanned.snapshot.tree_hash,
+            backend.tree_hash_of(&root).unwrap()
+        );
+        backend.delete(&rescanned.snapshot).unwrap();
+        std::fs::remove_file(root.join("etc/unlisted")).unwrap();
 
         backend.restore(&first.snapshot, &root).unwrap();
         assert_eq!(backend.restored_tree_hash("sbx-1", &root).unwrap(), h1);
