@@ -358,6 +358,7 @@ impl Inspector {
             return Err(InspectorError::UnknownSandbox { id: id.into() });
         }
         let barrier_complete = barrier(&mut st, id, self.config.barrier_timeout);
+        let t_barrier = started.elapsed();
         let slot = st.sandboxes[id].slot;
         let dropped_total = sum(&st.dropped, slot);
         let sb = st.sandboxes.get_mut(id).expect("checked above");
@@ -384,6 +385,7 @@ impl Inspector {
         }
         // Processes against the baseline.
         let (current, ignored_reasons) = sample_sandbox(sb, false);
+        let t_sample = started.elapsed();
         let mut pdiff = process::diff(&sb.baseline, &current);
         // Where the kernel has soft-dirty bits, a process that ran without dirtying a page kept
         // its memory; anything unreadable stays "changed".
@@ -418,6 +420,7 @@ impl Inspector {
             sb.tracker.apply(crate::fs_tracker::FsOp::Write { path: p });
         }
         let files = sb.tracker.changes();
+        let t_changes = started.elapsed();
         if !files.is_empty() {
             fs_changed = true;
             let shown: Vec<String> = files.iter().take(5).map(FileChange::short).collect();
@@ -495,6 +498,13 @@ impl Inspector {
             .collect();
         reasons.extend(ignored_reasons);
         let decision = Decision::from_changes(fs_changed, proc_changed);
+        tracing::debug!(?t_barrier, ?t_sample, ?t_changes, total = ?started.elapsed(), "status phases");
+        if std::env::var_os("CRAB_INSPECT_TIMING").is_some() {
+            eprintln!(
+                "status phases: barrier {t_barrier:?} sample {t_sample:?} changes {t_changes:?} total {:?}",
+                started.elapsed()
+            );
+        }
         if decision == Decision::Skip {
             reasons.insert(
                 0,

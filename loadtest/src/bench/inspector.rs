@@ -38,6 +38,9 @@ pub struct Args {
     /// 50k-event turns for the status() latency.
     #[arg(long, default_value_t = 20)]
     pub big_turns: usize,
+    /// Keep the generated work directory (printed) for inspection.
+    #[arg(long)]
+    pub keep: bool,
     /// Also write the JSON result to this file.
     #[arg(long)]
     pub json_out: Option<PathBuf>,
@@ -123,7 +126,7 @@ fn make_project(dir: &Path, modules: usize) -> anyhow::Result<()> {
         "#!/bin/bash\nset -e\nstart=$(date +%s%N)\nrm -rf work && mkdir work && cd work\ntar xzf ../project.tar.gz\ncd project && make -s -j2 test >/dev/null\ncd ../..\necho $(( $(date +%s%N) - start )) > \"$1\"\n",
     )?;
     std::fs::write(dir.join("gen.c"), GENERATOR)?;
-    sh("cc -O2 -o gen gen.c", dir)?;
+    sh("chmod +x build.sh && cc -O2 -o gen gen.c", dir)?;
     Ok(())
 }
 
@@ -201,8 +204,13 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let tmp = tempfile::Builder::new()
         .prefix("crab-bench-inspector-")
         .tempdir()?;
-    let dir = tmp.path();
+    let dir = tmp.path().to_path_buf();
+    let dir = dir.as_path();
     make_project(dir, args.modules)?;
+    if args.keep {
+        eprintln!("bench inspector: work directory {}", dir.display());
+        std::mem::forget(tmp);
+    }
 
     // 1. Build workload overhead.
     eprintln!("bench inspector: build workload, {} rounds", args.rounds);
