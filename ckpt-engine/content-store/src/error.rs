@@ -62,6 +62,11 @@ pub enum StoreError {
     #[error("refusing to restore into {path}: {reason}")]
     UnsafeTarget { path: PathBuf, reason: &'static str },
 
+    /// The restore needs privileges the process lacks (devices, other owners); nothing was
+    /// written.
+    #[error("{path}: restoring {what} needs root")]
+    NeedsPrivilege { path: PathBuf, what: &'static str },
+
     /// A snapshot references a parent or object that the garbage collector would need but
     /// the caller did not name as live.
     #[error("snapshot {id} is not in the store")]

@@ -177,6 +177,24 @@ impl ContentStore {
         opts: &RestoreOptions,
     ) -> Result<RestoreReport, StoreError> {
         crate::manifest::validate(&m.root, &m.entries)?;
+        // Fail before writing anything when the restore would need privileges we lack.
+        let euid = rustix::process::geteuid();
+        if !euid.is_root() {
+            for e in &m.entries {
+                if matches!(e.kind, EntryKind::CharDevice | EntryKind::BlockDevice) {
+                    return Err(StoreError::NeedsPrivilege {
+                        path: e.path.under(target),
+                        what: "a device",
+                    });
+                }
+                if e.uid != euid.as_raw() {
+                    return Err(StoreError::NeedsPrivilege {
+                        path: e.path.under(target),
+                        what: "an entry owned by another user",
+                    });
+                }
+            }
+        }
         match std::fs::symlink_metadata(target) {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 std::fs::create_dir(target).map_err(|e| StoreError::io("create_dir", target, e))?;
