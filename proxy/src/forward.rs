@@ -93,6 +93,7 @@ pub struct Shared {
     pub registry: Registry,
     pub transcript: Transcript,
     pub clock: Clock,
+    completions: Completions,
     next_id: AtomicU64,
 }
 
@@ -113,8 +114,16 @@ impl Shared {
             registry,
             transcript,
             clock: Clock::new(),
+            completions: Completions::default(),
             next_id: AtomicU64::new(1),
         }
+    }
+}
+
+impl Shared {
+    /// Applies every response completion queued so far (tests, shutdown).
+    pub fn settle_completions(&self) {
+        Completions::settle(self);
     }
 }
 
@@ -274,9 +283,8 @@ impl Drop for InFlightGuard {
     }
 }
 
-/// The tap on a forwarded response body.
-pub struct ResponseTap {
-    shared: Arc<Shared>,
+/// Per-response state of a [`ResponseTap`].
+struct TapState {
     ctx: ExchangeCtx,
     observer: Option<ResponseObserver>,
     status: u16,
@@ -291,130 +299,208 @@ pub struct ResponseTap {
     capture: bool,
 }
 
+/// The tap on a forwarded response body: per frame it feeds the protocol observer (first
+/// content token) and keeps the transcript copy; at the end it hands the response to the
+/// [`Completions`] queue, so finishing the analysis (a JSON parse for non-streamed bodies),
+/// the tracker update, metrics and the transcript record never delay the client's last bytes.
+pub struct ResponseTap {
+    shared: Arc<Shared>,
+    st: Option<TapState>,
+}
+
 impl Tap for ResponseTap {
     fn on_data(&mut self, chunk: Bytes, at: Instant) {
-        if self.first_byte_at.is_none() {
-            self.first_byte_at = Some(at);
+        let Some(st) = self.st.as_mut() else {
+            return;
+        };
+        if st.first_byte_at.is_none() {
+            st.first_byte_at = Some(at);
         }
-        self.bytes += chunk.len() as u64;
-        if let Some(obs) = self.observer.as_mut()
+        st.bytes += chunk.len() as u64;
+        if let Some(obs) = st.observer.as_mut()
             && obs.observe(&chunk).first_content
-            && self.first_content_at.is_none()
+            && st.first_content_at.is_none()
         {
-            self.first_content_at = Some(at);
+            st.first_content_at = Some(at);
         }
-        if self.capture {
-            if self.captured_len + chunk.len() as u64
-                <= self.shared.config.transcript.max_body_bytes
+        if st.capture {
+            if st.captured_len + chunk.len() as u64 <= self.shared.config.transcript.max_body_bytes
             {
-                self.captured_len += chunk.len() as u64;
-                self.captured.push(chunk);
+                st.captured_len += chunk.len() as u64;
+                st.captured.push(chunk);
             } else {
-                self.truncated = true;
+                st.truncated = true;
             }
         }
     }
 
     fn on_end(&mut self, end: BodyEnd, at: Instant) {
-        let shared = &self.shared;
-        let m = &shared.metrics;
-        m.active_streams.dec();
-        let transport_end = match end {
-            BodyEnd::Completed => StreamEnd::Completed,
-            BodyEnd::Cut | BodyEnd::IdleTimeout => StreamEnd::Cut,
-            BodyEnd::ClientCancelled => StreamEnd::ClientCancelled,
+        self.shared.metrics.active_streams.dec();
+        if let Some(st) = self.st.take() {
+            Completions::submit(&self.shared, Finished { st, end, at });
+        }
+    }
+}
+
+/// A response whose body has ended, waiting for its bookkeeping.
+struct Finished {
+    st: TapState,
+    end: BodyEnd,
+    at: Instant,
+}
+
+/// Response completions, applied in order by a short-lived task right after the connection
+/// task has flushed the response. A new request first applies every completion submitted
+/// before it arrived, so the turn tracker always sees "response ended" before the client's next
+/// request even when the client is faster than the completion task.
+#[derive(Default)]
+pub struct Completions {
+    queue: parking_lot::Mutex<std::collections::VecDeque<Finished>>,
+    apply: parking_lot::Mutex<()>,
+    pending: std::sync::atomic::AtomicUsize,
+}
+
+impl Completions {
+    fn submit(shared: &Arc<Shared>, f: Finished) {
+        let c = &shared.completions;
+        c.pending.fetch_add(1, Ordering::AcqRel);
+        let was_empty = {
+            let mut q = c.queue.lock();
+            let was_empty = q.is_empty();
+            q.push_back(f);
+            was_empty
         };
-        let summary: Option<ResponseSummary> =
-            self.observer.take().map(|o| o.finish(transport_end));
-        let final_end = summary.as_ref().map(|s| s.end).unwrap_or(transport_end);
-        let api = api_label(self.ctx.api);
-        if let (Some(id), Some(s)) = (self.ctx.tracker_id, summary.as_ref()) {
-            let fc = self.first_content_at.map(|t| shared.clock.micros(t));
-            let events = shared.tracker.lock().on_response_end(
-                self.ctx.sandbox.as_str(),
-                id,
-                s,
-                fc,
-                shared.clock.micros(at),
-            );
-            if !events.is_empty() {
-                self.ctx.sync = true;
-                count_turn_events(m, &self.ctx.sandbox, &events);
+        if was_empty {
+            match tokio::runtime::Handle::try_current() {
+                Ok(h) => {
+                    let shared = shared.clone();
+                    h.spawn(async move { Completions::drain(&shared) });
+                }
+                Err(_) => Completions::drain(shared),
             }
         }
-        m.requests
-            .get_or_create(&RequestLabels {
-                api,
-                class: class_label(self.ctx.class),
-                status: self.status,
-            })
-            .inc();
-        m.response_bytes
-            .get_or_create(&ApiLabels { api })
-            .inc_by(self.bytes);
-        m.stream_ends
-            .get_or_create(&EndLabels {
-                api,
-                end: end_label(final_end),
-            })
-            .inc();
-        if let Some(fc) = self.first_content_at {
-            m.ttft_seconds
-                .get_or_create(&ApiLabels { api })
-                .observe(fc.saturating_duration_since(self.ctx.started).as_secs_f64());
-        }
-        {
-            let _g = self.ctx.span.enter();
-            debug!(
-                status = self.status,
-                end = end_label(final_end),
-                body_end = ?end,
-                bytes = self.bytes,
-                ttft_ms = self.first_content_at.map(|t| t.saturating_duration_since(self.ctx.started).as_millis() as u64),
-                duration_ms = at.saturating_duration_since(self.ctx.started).as_millis() as u64,
-                "response finished"
-            );
-            if matches!(end, BodyEnd::Cut | BodyEnd::IdleTimeout) {
-                warn!(body_end = ?end, "upstream response body ended early");
-            }
-        }
-        if self.capture {
-            let rel = |t: Instant| t.saturating_duration_since(self.ctx.started).as_micros() as u64;
-            let x = Exchange {
-                id: self.ctx.id,
-                sandbox: self.ctx.sandbox.clone(),
-                started_unix_ms: shared.clock.unix_ms(self.ctx.started),
-                method: self.ctx.method.clone(),
-                path: std::mem::take(&mut self.ctx.path),
-                upstream: self.ctx.upstream.clone(),
-                api,
-                class: self.ctx.class.map(|c| class_label(Some(c))),
-                turn: self.ctx.turn,
-                tracker_request_id: self.ctx.tracker_id.map(|r| r.0),
-                request_headers: self.ctx.request_headers.take().unwrap_or_default(),
-                request_body: std::mem::take(&mut self.ctx.request_body),
-                response: Some(ResponseCapture {
-                    status: self.status,
-                    headers: self.response_headers.take().unwrap_or_default(),
-                    body: std::mem::take(&mut self.captured),
-                    body_len: self.bytes,
-                    truncated: self.truncated,
-                }),
-                error: None,
-                timings: Timings {
-                    upstream_sent_us: self.ctx.upstream_sent.map(rel),
-                    response_head_us: Some(rel(self.response_head_at)),
-                    first_byte_us: self.first_byte_at.map(rel),
-                    first_content_us: self.first_content_at.map(rel),
-                    end_us: Some(rel(at)),
-                },
-                end: Some(end_label(final_end)),
-                analysis: summary,
-                sync: self.ctx.sync,
+    }
+
+    /// Applies every queued completion (in submission order).
+    fn drain(shared: &Shared) {
+        let c = &shared.completions;
+        let _apply = c.apply.lock();
+        loop {
+            let Some(f) = c.queue.lock().pop_front() else {
+                return;
             };
-            if !shared.transcript.record(x) {
-                m.transcript_dropped.inc();
-            }
+            complete(shared, f);
+            c.pending.fetch_sub(1, Ordering::AcqRel);
+        }
+    }
+
+    /// Called before a request is tracked: applies completions that are still pending.
+    fn settle(shared: &Shared) {
+        if shared.completions.pending.load(Ordering::Acquire) > 0 {
+            Completions::drain(shared);
+        }
+    }
+}
+
+/// The bookkeeping of one finished response: analysis, tracker, metrics, log, transcript.
+fn complete(shared: &Shared, f: Finished) {
+    let Finished { st, end, at } = f;
+    let mut st = st;
+    let m = &shared.metrics;
+    let transport_end = match end {
+        BodyEnd::Completed => StreamEnd::Completed,
+        BodyEnd::Cut | BodyEnd::IdleTimeout => StreamEnd::Cut,
+        BodyEnd::ClientCancelled => StreamEnd::ClientCancelled,
+    };
+    let summary: Option<ResponseSummary> = st.observer.take().map(|o| o.finish(transport_end));
+    let final_end = summary.as_ref().map(|s| s.end).unwrap_or(transport_end);
+    let api = api_label(st.ctx.api);
+    if let (Some(id), Some(s)) = (st.ctx.tracker_id, summary.as_ref()) {
+        let fc = st.first_content_at.map(|t| shared.clock.micros(t));
+        let events = shared.tracker.lock().on_response_end(
+            st.ctx.sandbox.as_str(),
+            id,
+            s,
+            fc,
+            shared.clock.micros(at),
+        );
+        if !events.is_empty() {
+            st.ctx.sync = true;
+            count_turn_events(m, &st.ctx.sandbox, &events);
+        }
+    }
+    m.requests
+        .get_or_create(&RequestLabels {
+            api,
+            class: class_label(st.ctx.class),
+            status: st.status,
+        })
+        .inc();
+    m.response_bytes
+        .get_or_create(&ApiLabels { api })
+        .inc_by(st.bytes);
+    m.stream_ends
+        .get_or_create(&EndLabels {
+            api,
+            end: end_label(final_end),
+        })
+        .inc();
+    if let Some(fc) = st.first_content_at {
+        m.ttft_seconds
+            .get_or_create(&ApiLabels { api })
+            .observe(fc.saturating_duration_since(st.ctx.started).as_secs_f64());
+    }
+    {
+        let _g = st.ctx.span.enter();
+        debug!(
+            status = st.status,
+            end = end_label(final_end),
+            body_end = ?end,
+            bytes = st.bytes,
+            ttft_ms = st.first_content_at.map(|t| t.saturating_duration_since(st.ctx.started).as_millis() as u64),
+            duration_ms = at.saturating_duration_since(st.ctx.started).as_millis() as u64,
+            "response finished"
+        );
+        if matches!(end, BodyEnd::Cut | BodyEnd::IdleTimeout) {
+            warn!(body_end = ?end, "upstream response body ended early");
+        }
+    }
+    if st.capture {
+        let rel = |t: Instant| t.saturating_duration_since(st.ctx.started).as_micros() as u64;
+        let x = Exchange {
+            id: st.ctx.id,
+            sandbox: st.ctx.sandbox.clone(),
+            started_unix_ms: shared.clock.unix_ms(st.ctx.started),
+            method: st.ctx.method.clone(),
+            path: std::mem::take(&mut st.ctx.path),
+            upstream: st.ctx.upstream.clone(),
+            api,
+            class: st.ctx.class.map(|c| class_label(Some(c))),
+            turn: st.ctx.turn,
+            tracker_request_id: st.ctx.tracker_id.map(|r| r.0),
+            request_headers: st.ctx.request_headers.take().unwrap_or_default(),
+            request_body: std::mem::take(&mut st.ctx.request_body),
+            response: Some(ResponseCapture {
+                status: st.status,
+                headers: st.response_headers.take().unwrap_or_default(),
+                body: std::mem::take(&mut st.captured),
+                body_len: st.bytes,
+                truncated: st.truncated,
+            }),
+            error: None,
+            timings: Timings {
+                upstream_sent_us: st.ctx.upstream_sent.map(rel),
+                response_head_us: Some(rel(st.response_head_at)),
+                first_byte_us: st.first_byte_at.map(rel),
+                first_content_us: st.first_content_at.map(rel),
+                end_us: Some(rel(at)),
+            },
+            end: Some(end_label(final_end)),
+            analysis: summary,
+            sync: st.ctx.sync,
+        };
+        if !shared.transcript.record(x) {
+            m.transcript_dropped.inc();
         }
     }
 }
@@ -573,6 +659,7 @@ async fn handle_inner(
                 );
             }
         };
+        Completions::settle(&shared);
         let at = shared.clock.micros(Instant::now());
         let disposition = shared
             .tracker
@@ -665,18 +752,20 @@ async fn handle_inner(
     shared.metrics.active_streams.inc();
     let tap = ResponseTap {
         shared: shared.clone(),
-        ctx,
-        observer,
-        status,
-        response_headers,
-        response_head_at: head_in,
-        first_byte_at: None,
-        first_content_at: None,
-        bytes: 0,
-        captured: Vec::new(),
-        captured_len: 0,
-        truncated: false,
-        capture,
+        st: Some(TapState {
+            ctx,
+            observer,
+            status,
+            response_headers,
+            response_head_at: head_in,
+            first_byte_at: None,
+            first_content_at: None,
+            bytes: 0,
+            captured: Vec::new(),
+            captured_len: 0,
+            truncated: false,
+            capture,
+        }),
     };
     let body = TapBody::new(rbody, tap, Some(idle), head_in);
     let response = Response::from_parts(rparts, ProxyBody::Tapped { body });

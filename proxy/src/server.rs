@@ -199,6 +199,8 @@ impl Server {
             warn!("shutdown grace period over: dropping the remaining connections");
             let _ = hard_tx.send(true);
         }
+        // Apply any response completions still queued, then make the transcript durable.
+        shared.settle_completions();
         shared.transcript.shutdown().await;
         info!("crab proxy stopped");
         Ok(())
@@ -403,6 +405,7 @@ pub fn standard_routes(router: AdminRouter, shared: Arc<Shared>) -> AdminRouter 
             }
         })
         .route(Method::GET, "/api/sandboxes", move |_req: AdminRequest| {
+            s_sandboxes.settle_completions();
             let list: Vec<SandboxInfo> = {
                 let t = s_sandboxes.tracker.lock();
                 t.sandboxes()
@@ -424,6 +427,7 @@ pub fn standard_routes(router: AdminRouter, shared: Arc<Shared>) -> AdminRouter 
             "/api/sandboxes/{id}/turns",
             move |req: AdminRequest| {
                 let id = req.param("id").unwrap_or_default().to_owned();
+                s_turns.settle_completions();
                 let result = match SandboxId::new(&id) {
                     Some(id) => Ok(s_turns.tracker.lock().turns(id.as_str())),
                     None => Err(id),

@@ -129,6 +129,7 @@ impl Proxy {
 
     /// The transcript records of a sandbox (after flushing the writer).
     pub async fn transcript(&self, sandbox: &str) -> Vec<proxy::transcript::TranscriptRecord> {
+        self.shared.settle_completions();
         self.shared.transcript.flush().await;
         let path =
             proxy::transcript::transcript_path(&self.state.path().join("transcripts"), sandbox);
@@ -140,6 +141,7 @@ impl Proxy {
 
     /// The raw text of every transcript file.
     pub async fn transcript_text(&self) -> String {
+        self.shared.settle_completions();
         self.shared.transcript.flush().await;
         let mut all = String::new();
         let dir = self.state.path().join("transcripts");
@@ -182,6 +184,7 @@ impl Proxy {
     pub async fn wait_idle(&self) {
         for _ in 0..500 {
             if self.shared.metrics.active_streams.get() == 0 {
+                self.shared.settle_completions();
                 return;
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
