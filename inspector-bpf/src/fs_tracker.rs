@@ -337,10 +337,10 @@ impl FsTracker {
                     }
                 }
                 Some(o)
-                    if !self
+                    if self
                         .at
                         .get(o)
-                        .is_some_and(|&m| self.nodes[m].origin.as_deref() == Some(o)) =>
+                        .is_none_or(|&m| self.nodes[m].origin.as_deref() != Some(o)) =>
                 {
                     renames.insert(o.to_string(), p.clone());
                     if node.content {
