@@ -58,11 +58,16 @@ pub const F_CREATED: u32 = 0x4;
 pub const F_A_ABSOLUTE: u32 = 0x8;
 pub const F_B_ABSOLUTE: u32 = 0x10;
 
+/// ioctl commands that change files (same as `crab_event.h`).
+pub const FICLONE: u64 = 0x40049409;
+pub const FICLONERANGE: u64 = 0x4020940d;
+
 /// x86_64 syscall numbers hooked by the kernel side (same list as `crab_event.h`).
 pub mod nr {
     pub const WRITE: u32 = 1;
     pub const OPEN: u32 = 2;
     pub const MMAP: u32 = 9;
+    pub const IOCTL: u32 = 16;
     pub const PWRITE64: u32 = 18;
     pub const WRITEV: u32 = 20;
     pub const SENDFILE: u32 = 40;

@@ -132,6 +132,7 @@ fn syscall(ev: &RawEvent, prefixes: &IgnoredPrefixes, out: &mut Vec<Effect>) {
         | nr::FSETXATTR
         | nr::FREMOVEXATTR
         | nr::MMAP
+        | nr::IOCTL
         | nr::UTIMENSAT
             if ev.a_raw.is_empty() =>
         {
@@ -139,7 +140,9 @@ fn syscall(ev: &RawEvent, prefixes: &IgnoredPrefixes, out: &mut Vec<Effect>) {
             let is_meta = matches!(
                 h.sysnr,
                 nr::FCHMOD | nr::FCHOWN | nr::FSETXATTR | nr::FREMOVEXATTR | nr::UTIMENSAT
-            );
+            ) || (h.sysnr == nr::IOCTL
+                && h.arg1 != abi::FICLONE
+                && h.arg1 != abi::FICLONERANGE);
             if !is_meta && h.sysnr != nr::MMAP {
                 out.push(Effect::Written { dev, ino: h.ino });
             }

@@ -290,6 +290,27 @@ fn scenarios() -> Vec<Scenario> {
             exact(&["~ f.txt"]),
         ),
         sc(
+            "open-rdonly-trunc",
+            "echo hello > f.txt",
+            "python3 -c 'import os; os.close(os.open(\"f.txt\", os.O_RDONLY|os.O_TRUNC))'",
+            FsOnly,
+            exact(&["~ f.txt"]),
+        ),
+        sc(
+            "open-rdonly-creat",
+            "",
+            "python3 -c 'import os; os.close(os.open(\"n.txt\", os.O_RDONLY|os.O_CREAT))'",
+            FsOnly,
+            exact(&["+ n.txt"]),
+        ),
+        sc(
+            "chattr-ioctl",
+            "echo hello > f.txt",
+            "chattr +A f.txt",
+            FsOnly,
+            exact(&["m f.txt"]),
+        ),
+        sc(
             "dd",
             "",
             "dd if=/dev/zero of=z.bin bs=4k count=4 status=none",

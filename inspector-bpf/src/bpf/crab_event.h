@@ -37,10 +37,17 @@
 #define CRAB_F_B_ABSOLUTE 0x10 /* str 3 is absolute: str 2 (base) was not captured */
 #define CRAB_F_NO_OBJECT 0x20  /* the fd did not resolve to a file */
 
+/* ioctl commands that change files. */
+#define CRAB_FICLONE 0x40049409
+#define CRAB_FICLONERANGE 0x4020940d
+#define CRAB_FS_IOC_SETFLAGS 0x40086602
+#define CRAB_FS_IOC_FSSETXATTR 0x401c5820
+
 /* x86_64 syscall numbers the inspector hooks (mirrored in abi.rs). */
 #define CRAB_NR_write 1
 #define CRAB_NR_open 2
 #define CRAB_NR_mmap 9
+#define CRAB_NR_ioctl 16
 #define CRAB_NR_pwrite64 18
 #define CRAB_NR_writev 20
 #define CRAB_NR_sendfile 40

@@ -20,6 +20,7 @@ char LICENSE[] SEC("license") = "GPL";
 #define O_WRONLY 01
 #define O_RDWR 02
 #define O_TRUNC 01000
+#define O_CREAT 0100
 #define S_IFMT 0170000
 #define S_IFREG 0100000
 #define S_IFDIR 0040000
@@ -342,6 +343,7 @@ enum op_class {
 	CRAB_OP_SOCKET,
 	CRAB_OP_IO_URING,
 	CRAB_OP_PROC_MEM,
+	CRAB_OP_IOCTL,
 };
 
 static __always_inline int classify(long nr)
@@ -364,6 +366,8 @@ static __always_inline int classify(long nr)
 	case CRAB_NR_fallocate:
 	case CRAB_NR_ftruncate:
 		return CRAB_OP_FD_WRITE;
+	case CRAB_NR_ioctl:
+		return CRAB_OP_IOCTL;
 	case CRAB_NR_fchmod:
 	case CRAB_NR_fchown:
 	case CRAB_NR_fsetxattr:
@@ -443,8 +447,9 @@ static __noinline int handle_open(struct crab_event *e, struct pt_regs *regs, lo
 		flags = PT_REGS_PARM3_CORE_SYSCALL(regs);
 		break;
 	}
-	/* Read-only opens change nothing. */
-	if (!(flags & (O_WRONLY | O_RDWR)))
+	/* Only creation and truncation change a file at open time (O_TRUNC truncates even with
+	 * O_RDONLY on Linux, and O_CREAT|O_RDONLY creates). */
+	if (!(flags & (O_CREAT | O_TRUNC)))
 		return 1;
 	struct task_struct *task = (struct task_struct *)bpf_get_current_task();
 	struct file *f = fd_file(task, ret);
@@ -574,6 +579,19 @@ static __always_inline void fill_sys_exit(struct crab_event *e, struct pt_regs *
 	case CRAB_OP_FD_META:
 		skip = handle_fd(e, (int)PT_REGS_PARM1_CORE_SYSCALL(regs), 0);
 		break;
+	case CRAB_OP_IOCTL: {
+		/* File-changing ioctls: reflink clones into the fd (content), inode flags (metadata). */
+		__u32 cmd = PT_REGS_PARM2_CORE_SYSCALL(regs);
+		int fd = PT_REGS_PARM1_CORE_SYSCALL(regs);
+		if (cmd == CRAB_FICLONE || cmd == CRAB_FICLONERANGE)
+			skip = handle_fd(e, fd, 1);
+		else if (cmd == CRAB_FS_IOC_SETFLAGS || cmd == CRAB_FS_IOC_FSSETXATTR)
+			skip = handle_fd(e, fd, 0);
+		else
+			return;
+		e->arg1 = cmd;
+		break;
+	}
 	case CRAB_OP_PATH1:
 		skip = handle_path1(e, regs, nr);
 		break;
@@ -634,6 +652,13 @@ int crab_sys_exit(struct bpf_raw_tracepoint_args *ctx)
 	int cls = classify(nr);
 	if (cls == CRAB_OP_NONE || ret < 0)
 		return 0;
+	if (cls == CRAB_OP_IOCTL) {
+		/* ioctl is hot system-wide: filter on the command before any map lookup. */
+		__u32 cmd = PT_REGS_PARM2_CORE_SYSCALL(regs);
+		if (cmd != CRAB_FICLONE && cmd != CRAB_FICLONERANGE && cmd != CRAB_FS_IOC_SETFLAGS &&
+		    cmd != CRAB_FS_IOC_FSSETXATTR)
+			return 0;
+	}
 	__u32 *slotp = lookup_slot();
 	if (!slotp)
 		return 0;
