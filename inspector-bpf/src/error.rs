@@ -36,6 +36,9 @@ pub enum InspectorError {
         #[source]
         source: aya::maps::MapError,
     },
+    /// eBPF program {program} is missing from the object
+    #[error("eBPF program {program} is missing from the object")]
+    MissingProgram { program: &'static str },
     /// eBPF map {map} is missing from the object
     #[error("eBPF map {map} is missing from the object")]
     MissingMap { map: &'static str },

@@ -167,10 +167,12 @@ impl Inspector {
         ] {
             let program: &mut RawTracePoint = bpf
                 .program_mut(prog)
-                .ok_or(InspectorError::MissingMap { map: "program" })?
+                .ok_or(InspectorError::MissingProgram {
+                    program: prog_name(prog),
+                })?
                 .try_into()
                 .map_err(|source| InspectorError::Program {
-                    program: "convert",
+                    program: prog_name(prog),
                     source,
                 })?;
             program.load().map_err(|source| InspectorError::Program {
