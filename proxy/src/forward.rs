@@ -586,6 +586,9 @@ async fn handle_inner(
     parts.headers.remove(SANDBOX_HEADER);
     crate::headers::strip_hop_by_hop(&mut parts.headers);
     parts.headers.remove(header::HOST);
+    // The body is read completely before forwarding: the upstream must not wait for a
+    // 100-continue handshake the client already finished with us.
+    parts.headers.remove(header::EXPECT);
 
     // Bounded, idle-timed body read.
     let limit = config.max_request_body_bytes;
@@ -925,4 +928,89 @@ fn upstream_failure(
         }
     }
     response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+
+    fn shared() -> (Arc<Shared>, tempfile::TempDir) {
+        let dir = tempfile::tempdir().unwrap();
+        let config = Config::for_upstream("http://127.0.0.1:1", dir.path()).unwrap();
+        let tls = crate::tls::client_config(None).unwrap();
+        let client = build_client(&config, tls);
+        let mut registry = Registry::default();
+        let metrics = Metrics::new(&mut registry);
+        let shared = Shared::new(config, client, metrics, registry, Transcript::disabled());
+        (Arc::new(shared), dir)
+    }
+
+    /// A completion is applied after the flush (deferred), but a request that arrives before
+    /// the completion task ran applies it first: the tracker never sees the next request
+    /// before the previous response's end (and its tool calls).
+    #[test]
+    fn completions_are_deferred_but_settled_before_the_next_request() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let (shared, _dir) = shared();
+            let body = br#"{"model":"m","tools":[{"type":"function","function":{"name":"bash"}}],"messages":[{"role":"user","content":"go"}]}"#;
+            let summary = llm_protocol::summarize_request(ApiKind::ChatCompletions, body).unwrap();
+            let sandbox = SandboxId::new("sb").unwrap();
+            let disp = shared.tracker.lock().on_request("sb", &summary, 10);
+            let mut observer = ResponseObserver::new(ApiKind::ChatCompletions, 200, false);
+            observer.observe(br#"{"id":"c1","object":"chat.completion","model":"m","choices":[{"index":0,"finish_reason":"tool_calls","message":{"role":"assistant","content":null,"tool_calls":[{"id":"t1","type":"function","function":{"name":"bash","arguments":"{}"}}]}}]}"#);
+            let now = Instant::now();
+            let st = TapState {
+                ctx: ExchangeCtx {
+                    id: 1,
+                    sandbox: sandbox.clone(),
+                    api: ApiKind::ChatCompletions,
+                    class: Some(disp.class),
+                    turn: disp.turn,
+                    tracker_id: Some(disp.request_id),
+                    method: Method::POST,
+                    path: "/v1/chat/completions".into(),
+                    upstream: "http://u".into(),
+                    request_headers: None,
+                    request_body: Bytes::new(),
+                    started: now,
+                    upstream_sent: Some(now),
+                    sync: false,
+                    span: Span::none(),
+                },
+                observer: Some(observer),
+                status: 200,
+                response_headers: None,
+                response_head_at: now,
+                first_byte_at: Some(now),
+                first_content_at: Some(now),
+                bytes: 10,
+                captured: Vec::new(),
+                captured_len: 0,
+                truncated: false,
+                capture: false,
+            };
+            shared.metrics.active_streams.inc();
+            let mut tap = ResponseTap {
+                shared: shared.clone(),
+                st: Some(st),
+            };
+            tap.on_end(BodyEnd::Completed, now);
+            // Deferred: the completion task has not run yet (current-thread runtime, no yield).
+            assert!(shared.tracker.lock().turns("sb")[0].llm_wait.end.is_none());
+            // The next request settles it first.
+            Completions::settle(&shared);
+            let turns = shared.tracker.lock().turns("sb");
+            assert!(turns[0].llm_wait.end.is_some());
+            assert_eq!(turns[0].tool_calls, vec!["bash".to_owned()]);
+            // The spawned task finds nothing left to do.
+            tokio::task::yield_now().await;
+            assert_eq!(shared.completions.pending.load(Ordering::Acquire), 0);
+            assert_eq!(shared.metrics.active_streams.get(), 0);
+        });
+    }
 }

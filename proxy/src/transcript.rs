@@ -610,7 +610,7 @@ impl Writer {
         }
         let f = self.files.get_mut(sandbox).expect("inserted above");
         f.out
-            .write_all(&line)
+            .write_all(line)
             .map_err(|source| TranscriptError::Io {
                 op: "write",
                 path: path.clone(),

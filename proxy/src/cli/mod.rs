@@ -21,7 +21,12 @@ use admin_client::AdminClient;
 
 /// Crab: checkpoint-and-restore for agent sandboxes (transparent LLM proxy, turn tracking).
 #[derive(Debug, Parser)]
-#[command(name = "crab", version, about, propagate_version = true)]
+#[command(
+    name = "crab",
+    version,
+    about = "Crab: checkpoint and restore for agent sandboxes (transparent LLM proxy with turn tracking)",
+    propagate_version = true
+)]
 pub struct Cli {
     /// Log filter (tracing env-filter syntax, e.g. `info`, `proxy=debug`); RUST_LOG wins.
     #[arg(long, global = true, env = "CRAB_LOG", default_value = "info")]

@@ -440,12 +440,15 @@ pub fn api_cases() -> Vec<(&'static str, &'static str, serde_json::Value, bool)>
     ]
 }
 
+/// Bytes recorded per connection.
+pub type ConnLog = Arc<parking_lot::Mutex<Vec<Arc<parking_lot::Mutex<Vec<u8>>>>>>;
+
 /// A TCP relay in front of an upstream that records every byte the upstream sends back, so a
 /// test can compare what the client received with what the upstream really sent.
 pub struct RecordingRelay {
     pub addr: SocketAddr,
     /// Upstream→proxy bytes, one entry per connection.
-    pub recorded: Arc<parking_lot::Mutex<Vec<Arc<parking_lot::Mutex<Vec<u8>>>>>>,
+    pub recorded: ConnLog,
     task: JoinHandle<()>,
 }
 
@@ -453,8 +456,7 @@ impl RecordingRelay {
     pub async fn start(upstream: SocketAddr) -> RecordingRelay {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let recorded: Arc<parking_lot::Mutex<Vec<Arc<parking_lot::Mutex<Vec<u8>>>>>> =
-            Arc::default();
+        let recorded: ConnLog = Arc::default();
         let rec = recorded.clone();
         let task = tokio::spawn(async move {
             loop {
