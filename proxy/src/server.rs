@@ -207,6 +207,23 @@ impl Server {
     }
 }
 
+/// Raises the soft open-files limit to the hard limit (a proxy holds two sockets per stream;
+/// 1024 is a common default soft limit). Returns the new soft limit.
+pub fn raise_fd_limit() -> Option<u64> {
+    use rustix::process::{Resource, getrlimit, setrlimit};
+    let lim = getrlimit(Resource::Nofile);
+    if lim.current.is_some() && lim.current != lim.maximum {
+        let new = rustix::process::Rlimit {
+            current: lim.maximum,
+            maximum: lim.maximum,
+        };
+        if setrlimit(Resource::Nofile, new).is_ok() {
+            return lim.maximum;
+        }
+    }
+    lim.current
+}
+
 /// Convenience: build and run in one call.
 pub async fn run(
     config: Config,

@@ -98,6 +98,9 @@ pub async fn shutdown_signal() {
 /// Runs `crab serve`.
 pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     let config = args.config()?;
+    if let Some(n) = crate::server::raise_fd_limit() {
+        tracing::debug!(open_files = n, "open-files limit");
+    }
     let state_dir = config.state_dir.clone();
     let server = Server::new(config.clone())?;
     let listeners = Listeners::bind(&config).await?;

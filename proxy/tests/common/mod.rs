@@ -67,6 +67,8 @@ impl Proxy {
         upstream: &str,
         adjust: impl FnOnce(&mut FileConfig, &mut Overrides),
     ) -> Proxy {
+        // Client, proxy and upstream share this process's descriptors.
+        proxy::server::raise_fd_limit();
         let state = tempfile::Builder::new()
             .prefix(&unique("state"))
             .tempdir()
