@@ -652,14 +652,44 @@ async fn handle_inner(
         let summary = match llm_protocol::summarize_request(api, &body) {
             Ok(s) => s,
             Err(e) => {
-                return local_error(
-                    &shared,
-                    ProxyError::MalformedRequest {
+                let err = ProxyError::MalformedRequest {
+                    api: api_label(api),
+                    reason: e.to_string(),
+                };
+                // Keep the rejected request in the transcript: it explains what the agent saw.
+                if config.transcript.enabled {
+                    let x = Exchange {
+                        id,
+                        sandbox: sandbox.clone(),
+                        started_unix_ms: shared.clock.unix_ms(started),
+                        method: parts.method.clone(),
+                        path: path_and_query.clone(),
+                        upstream: upstream.name.clone(),
                         api: api_label(api),
-                        reason: e.to_string(),
-                    },
-                    shape,
-                );
+                        class: None,
+                        turn: None,
+                        tracker_request_id: None,
+                        request_headers: parts.headers.clone(),
+                        request_body: body.clone(),
+                        response: None,
+                        error: Some(ErrorRecord {
+                            side: err.side().as_str().to_owned(),
+                            code: err.code().to_owned(),
+                            message: err.message(),
+                        }),
+                        timings: Timings {
+                            end_us: Some(started.elapsed().as_micros() as u64),
+                            ..Timings::default()
+                        },
+                        end: None,
+                        analysis: None,
+                        sync: false,
+                    };
+                    if !shared.transcript.record(x) {
+                        shared.metrics.transcript_dropped.inc();
+                    }
+                }
+                return local_error(&shared, err, shape);
             }
         };
         Completions::settle(&shared);

@@ -262,6 +262,12 @@ async fn malformed_input_gets_400_and_proxy_keeps_serving() {
         fake.requests().is_empty(),
         "malformed requests are not forwarded"
     );
+    let recs = proxy.transcript("default").await;
+    assert_eq!(recs.len(), 6, "rejected requests are recorded");
+    assert!(
+        recs.iter()
+            .all(|r| r.error.as_ref().unwrap().side == "client" && r.response.is_none())
+    );
 
     // Bad sandbox ids.
     for path in [
