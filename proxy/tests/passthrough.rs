@@ -335,3 +335,35 @@ async fn routes_pick_the_upstream_by_prefix() {
     );
     proxy.stop().await;
 }
+
+/// The source-address map names the sandbox of requests without a prefix or header; the
+/// prefix and the header still win over it.
+#[tokio::test]
+async fn source_address_selects_the_sandbox() {
+    let fake = fake_llm::spawn(FakeLlmConfig::default()).await.unwrap();
+    let proxy = Proxy::start_with(&fake.base_url(), |file, _| {
+        file.source_sandboxes
+            .push(proxy::config::SourceSandboxConfig {
+                source: "127.0.0.0/8".into(),
+                sandbox: "loopback-box".into(),
+            });
+    })
+    .await;
+    let url = format!("{}/v1/chat/completions", proxy.url());
+    assert_eq!(post_json(&url, &[], &chat_body(false)).await.status, 200);
+    assert_eq!(
+        post_json(&url, &[("x-crab-sandbox", "hdr-box")], &chat_body(false))
+            .await
+            .status,
+        200
+    );
+    let list = proxy.admin_json("/api/sandboxes").await;
+    let ids: Vec<&str> = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, vec!["hdr-box", "loopback-box"]);
+    proxy.stop().await;
+}
