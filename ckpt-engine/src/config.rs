@@ -32,6 +32,22 @@ pub struct EngineConfig {
     pub image_packages: Vec<String>,
     /// Which recovery points to keep.
     pub retention: RetentionConfig,
+    /// How a restore verifies the restored tree against the manifest's tree hash: `full`
+    /// re-reads every file; `cached` reuses content hashes computed at checkpoint time for
+    /// files whose inode, size, mtime and ctime are unchanged (a btrfs clone keeps all four;
+    /// btrfs checksums data blocks itself) and reads the rest. Default `cached`.
+    pub restore_verify: RestoreVerify,
+}
+
+/// Restore verification mode (see [`EngineConfig::restore_verify`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum RestoreVerify {
+    /// Re-read and hash every file.
+    Full,
+    /// Reuse provably unchanged files' content hashes.
+    #[default]
+    Cached,
 }
 
 /// Retention policy for recovery points (per sandbox).
@@ -64,6 +80,7 @@ impl Default for EngineConfig {
                 .map(|s| s.to_string())
                 .collect(),
             retention: RetentionConfig::default(),
+            restore_verify: RestoreVerify::default(),
         }
     }
 }

@@ -266,7 +266,10 @@ impl Engine {
         })?;
         let pool = BtrfsPool::open(&cfg.state_dir, cfg.pool_size_bytes)?;
         let runc = Runc::new(runc_bin, cfg.state_dir.join("runc"));
-        let backend: Arc<dyn FsBackend> = Arc::new(BtrfsBackend::new(&pool));
+        let backend: Arc<dyn FsBackend> = Arc::new(BtrfsBackend::new(
+            &pool,
+            cfg.restore_verify == crate::config::RestoreVerify::Cached,
+        ));
         let engine = Engine {
             cfg,
             pool,
@@ -1072,7 +1075,7 @@ impl Engine {
             self.backend.restore(&snap.snapshot, path)?;
             fs_us += us(t.elapsed());
             let t = Instant::now();
-            let actual = self.backend.tree_hash_of(path)?;
+            let actual = self.backend.restored_tree_hash(name, path)?;
             verify_us += us(t.elapsed());
             if actual != snap.snapshot.tree_hash {
                 return Err(EngineError::VerifyFailed {

@@ -24,14 +24,21 @@ pub struct BtrfsBackend {
     snapshots: PathBuf,
     /// Content-hash caches per sandbox, refreshed by each snapshot's tree hash.
     caches: Mutex<HashMap<String, HashCache>>,
+    /// Whether restore verification may reuse cached content hashes.
+    cached_restore_verify: bool,
 }
 
 impl BtrfsBackend {
     /// A backend storing snapshots under the pool's `snapshots/` directory.
-    pub fn new(pool: &BtrfsPool) -> Self {
+    /// With `cached_restore_verify`, the hash of a restored tree reuses the content hashes
+    /// computed at snapshot time for files whose inode, size, mtime and ctime are unchanged (a
+    /// btrfs snapshot clone keeps all four, and btrfs checksums the data itself); otherwise
+    /// every file is read again.
+    pub fn new(pool: &BtrfsPool, cached_restore_verify: bool) -> Self {
         BtrfsBackend {
             snapshots: pool.snapshots_dir(),
             caches: Mutex::new(HashMap::new()),
+            cached_restore_verify,
         }
     }
 
@@ -186,6 +193,18 @@ impl FsBackend for BtrfsBackend {
             id: snapshot.id.clone(),
             reason: format!("unparsable btrfs send stream: {reason}"),
         })
+    }
+
+    fn restored_tree_hash(&self, sandbox_id: &str, root: &Path) -> Result<String, FsError> {
+        if !self.cached_restore_verify {
+            return tree_hash(root);
+        }
+        // Hash with a copy: the live cache keeps tracking the newest snapshot.
+        let mut cache = {
+            let caches = self.caches.lock().unwrap_or_else(|p| p.into_inner());
+            caches.get(sandbox_id).cloned().unwrap_or_default()
+        };
+        tree_hash_cached(root, Some(&mut cache))
     }
 
     fn list(&self, sandbox_id: &str) -> Result<Vec<String>, FsError> {

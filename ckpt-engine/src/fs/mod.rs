@@ -18,6 +18,7 @@
 //! - Snapshot ids are validated by [`validate_id`] before they touch a path.
 
 pub mod btrfs;
+pub mod cas;
 pub mod tree_hash;
 
 use std::path::{Path, PathBuf};
@@ -140,6 +141,15 @@ pub trait FsBackend: Send + Sync {
     /// backend records.
     fn tree_hash_of(&self, root: &Path) -> Result<String, FsError> {
         tree_hash::tree_hash(root)
+    }
+
+    /// Tree hash of `root` right after [`FsBackend::restore`] of one of `sandbox_id`'s
+    /// snapshots. Backends may reuse per-file content hashes they computed at snapshot time for
+    /// files provably untouched since (same inode, size, mtime and ctime of a CoW clone); the
+    /// default recomputes everything.
+    fn restored_tree_hash(&self, sandbox_id: &str, root: &Path) -> Result<String, FsError> {
+        let _ = sandbox_id;
+        self.tree_hash_of(root)
     }
 }
 
