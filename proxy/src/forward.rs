@@ -462,7 +462,13 @@ fn complete(shared: &Shared, f: Finished) {
             "response finished"
         );
         if matches!(end, BodyEnd::Cut | BodyEnd::IdleTimeout) {
-            warn!(body_end = ?end, "upstream response body ended early");
+            // Request id and sandbox inline: the request span is debug-level.
+            warn!(
+                id = st.ctx.id,
+                sandbox = %st.ctx.sandbox,
+                body_end = ?end,
+                "upstream response body ended early"
+            );
         }
     }
     if st.capture {
@@ -908,7 +914,14 @@ fn upstream_failure(
     err: ProxyError,
     shape: ErrorShape,
 ) -> Response<ProxyBody> {
-    warn!(side = err.side().as_str(), code = err.code(), error = %err, "upstream request failed");
+    warn!(
+        id = ctx.id,
+        sandbox = %ctx.sandbox,
+        side = err.side().as_str(),
+        code = err.code(),
+        error = %err,
+        "upstream request failed"
+    );
     let api = api_label(ctx.api);
     count_error(shared, &err, api, ctx.class);
     let status = err.status().as_u16();

@@ -9,8 +9,9 @@
 //! Module map:
 //! - [`config`]: TOML file + flag overrides → validated runtime [`config::Config`].
 //! - [`server`]: listeners, h1/h2c/TLS connections, graceful shutdown, standard admin routes.
-//! - [`forward`]: the per-request forwarding path and the response tap (tracker, metrics,
-//!   transcript).
+//! - [`forward`]: the per-request forwarding path, the response tap, and the ordered
+//!   completion queue that applies a finished response to the tracker, metrics and transcript
+//!   after the client's last bytes were flushed.
 //! - [`tap`]: the `http_body::Body` wrapper that copies frames to an observer and reports how a
 //!   body ended.
 //! - [`sandbox`]: sandbox ids and resolution (path prefix, header, source address, default).
@@ -26,6 +27,10 @@
 //!   removed. Each upstream frame is handed on as it arrives; analysis sees a copy afterwards.
 //! - No lock is held across an `.await`; the forwarding path does no blocking I/O (the
 //!   transcript is written by its own thread).
+//! - The turn tracker sees a response's end before the same client's next request (pending
+//!   completions are applied before a request is tracked).
+//! - Per-request logging is at debug level inside a `request` span (id, sandbox, api, class,
+//!   turn); warnings carry the request id and sandbox themselves.
 //! - Secret headers never reach logs (headers are never logged) or transcripts (redacted).
 #![forbid(unsafe_code)]
 
