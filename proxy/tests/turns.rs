@@ -295,9 +295,6 @@ async fn title_request_first_does_not_open_its_own_turn() {
     let turns = turns.as_array().unwrap();
     assert_eq!(turns.len(), 1, "{turns:#?}");
     assert_eq!(turns[0]["model"], "big-model");
-    eprintln!(
-        turns[0]["side_calls"]
-    );
     let recs = proxy.transcript("oc2").await;
     let classes: Vec<_> = recs.iter().map(|r| r.class.clone().unwrap()).collect();
     assert!(classes.contains(&"main_loop".to_owned()), "{classes:?}");
