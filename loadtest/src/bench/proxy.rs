@@ -413,10 +413,12 @@ struct ChunkRow {
     streams: u64,
     errors: u64,
     chunk_delay_ms: u64,
-    /// Frames that arrived one paced gap after the previous, per stream (median / minimum).
+    /// Frames that arrived at least half a chunk delay after the previous one, per stream
+    /// (median / minimum).
     separate_arrivals_median: u32,
     separate_arrivals_min: u32,
     /// What chunk-by-chunk forwarding gives: one per content chunk after the first.
+    /// `chunk_by_chunk` = the median reaches 80 % of it.
     separate_arrivals_expected: u32,
     chunk_by_chunk: bool,
     gap: Percentiles,
@@ -782,7 +784,9 @@ fn chunk_rows(bench: &Bench, cells: &[Cell], args: &Args, cpu_total: &mut [f64])
                 separate_arrivals_median: median,
                 separate_arrivals_min: min,
                 separate_arrivals_expected: expected,
-                chunk_by_chunk: median >= expected && cell.batch.completed > 0,
+                // A buffering proxy delivers a stream in one or two lumps; scheduling noise on a
+                // loaded host can merge an occasional pair of chunks, so allow 20 %.
+                chunk_by_chunk: cell.batch.completed > 0 && median * 5 >= expected * 4,
                 added_gap: minus(&gap, &direct),
                 gap,
             }
