@@ -228,7 +228,14 @@ pub struct LocalDirStore {
     io: RwLock<()>,
     /// Whether the `unsynced` marker exists.
     marker: Mutex<bool>,
+    /// Objects (and their directories) put since the last sync, while few.
+    pending: Mutex<Vec<PathBuf>>,
 }
+
+/// Up to this many unsynced objects, `sync` fsyncs them one by one (touching only this
+/// store's data); beyond, one `syncfs` is cheaper, though it also flushes other writers' data
+/// on the same filesystem.
+const FSYNC_EACH_UP_TO: usize = 64;
 
 impl LocalDirStore {
     /// Opens (creating if needed) a store in `root` with [`Durability::Batched`], removes temp
@@ -253,6 +260,7 @@ impl LocalDirStore {
             counter: AtomicU64::new(0),
             io: RwLock::new(()),
             marker: Mutex::new(false),
+            pending: Mutex::new(Vec::new()),
         };
         store.recover()?;
         Ok(store)
@@ -401,6 +409,12 @@ impl ObjectStore for LocalDirStore {
         }
         if each {
             self.sync_dir(parent)?;
+        } else if self.durability == Durability::Batched {
+            let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
+            // Past the threshold the list is useless (syncfs will be used): stop growing it.
+            if pending.len() <= FSYNC_EACH_UP_TO {
+                pending.push(final_path);
+            }
         }
         Ok(())
     }
@@ -412,7 +426,35 @@ impl ObjectStore for LocalDirStore {
         let _exclusive = self.io.write().unwrap_or_else(|p| p.into_inner());
         let mut present = self.marker.lock().unwrap_or_else(|p| p.into_inner());
         if *present {
-            self.syncfs()?;
+            let files =
+                std::mem::take(&mut *self.pending.lock().unwrap_or_else(|p| p.into_inner()));
+            if files.len() <= FSYNC_EACH_UP_TO {
+                let mut dirs: Vec<&Path> = Vec::new();
+                for f in &files {
+                    let file = match File::open(f) {
+                        Ok(file) => file,
+                        // Deleted since (GC of a failed snapshot's chunks): nothing to keep.
+                        Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                        Err(e) => return Err(StoreError::io("open", f, e)),
+                    };
+                    file.sync_all().map_err(|e| StoreError::io("fsync", f, e))?;
+                    if let Some(d) = f.parent()
+                        && !dirs.contains(&d)
+                    {
+                        dirs.push(d);
+                    }
+                }
+                // New fan-out directories (chunks/xx) must be durable in their parents too.
+                let objects = self.root.join("objects");
+                let mut extra: Vec<&Path> = dirs.iter().filter_map(|d| d.parent()).collect();
+                extra.push(&objects);
+                extra.dedup();
+                for d in dirs.iter().chain(extra.iter()) {
+                    self.sync_dir(d)?;
+                }
+            } else {
+                self.syncfs()?;
+            }
             let marker = self.root.join(MARKER);
             std::fs::remove_file(&marker)
                 .map_err(|e| StoreError::io("remove marker", &marker, e))?;

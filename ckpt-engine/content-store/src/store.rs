@@ -1,12 +1,12 @@
 //! The content store: snapshots of a tree (full or driven by a dirty set), loading and
 //! verifying manifests, listing, and garbage collection.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::fs::File;
 use std::io::{self, Read};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 
 use serde::{Deserialize, Serialize};
 
@@ -125,7 +125,13 @@ pub struct ContentStore {
     objects: Arc<dyn ObjectStore>,
     params: ChunkingParams,
     gc_lock: RwLock<()>,
+    /// The last few manifests written or loaded (immutable, so safe to share): the next
+    /// turn's snapshot starts from its parent without decoding it again.
+    recent: Mutex<VecDeque<(SnapshotId, Arc<Manifest>)>>,
 }
+
+/// How many manifests [`ContentStore`] keeps decoded (one per busy sandbox is the hit case).
+const RECENT_MANIFESTS: usize = 64;
 
 pub(crate) fn chunk_key(id: &ObjectId) -> ObjectKey {
     let hex = id.to_hex();
@@ -334,7 +340,27 @@ impl ContentStore {
             objects,
             params,
             gc_lock: RwLock::new(()),
+            recent: Mutex::new(VecDeque::new()),
         }
+    }
+
+    fn cached(&self, id: &SnapshotId) -> Option<Arc<Manifest>> {
+        let recent = self.recent.lock().unwrap_or_else(|p| p.into_inner());
+        recent.iter().find(|(k, _)| k == id).map(|(_, m)| m.clone())
+    }
+
+    fn remember(&self, id: SnapshotId, m: Arc<Manifest>) {
+        let mut recent = self.recent.lock().unwrap_or_else(|p| p.into_inner());
+        recent.retain(|(k, _)| *k != id);
+        recent.push_back((id, m));
+        while recent.len() > RECENT_MANIFESTS {
+            recent.pop_front();
+        }
+    }
+
+    fn forget(&self, keep: impl Fn(&SnapshotId) -> bool) {
+        let mut recent = self.recent.lock().unwrap_or_else(|p| p.into_inner());
+        recent.retain(|(k, _)| keep(k));
     }
 
     /// The object store underneath.
@@ -420,6 +446,13 @@ impl ContentStore {
             &encode_object(&root_bytes, p.zstd_level),
         )?;
         self.objects.sync()?;
+        self.remember(
+            id,
+            Arc::new(Manifest {
+                root: root_obj,
+                entries,
+            }),
+        );
         Ok(SnapshotReport {
             id,
             tree_hash,
@@ -617,6 +650,15 @@ impl ContentStore {
 
     /// Loads, checks (address, body checksum) and validates a snapshot's manifest.
     pub fn load_manifest(&self, id: &SnapshotId) -> Result<Manifest, StoreError> {
+        if let Some(m) = self.cached(id) {
+            return Ok((*m).clone());
+        }
+        let m = self.load_manifest_uncached(id)?;
+        self.remember(*id, Arc::new(m.clone()));
+        Ok(m)
+    }
+
+    fn load_manifest_uncached(&self, id: &SnapshotId) -> Result<Manifest, StoreError> {
         let key = snapshot_key(id);
         let raw = match self.objects.get(&key) {
             Err(StoreError::ObjectNotFound { .. }) => {
@@ -688,7 +730,8 @@ impl ContentStore {
     /// checked, every file's BLAKE3 recomputed from its chunks, and the tree hash compared
     /// with the one recorded. Returns the tree hash (default options).
     pub fn verify(&self, id: &SnapshotId) -> Result<crate::TreeHash, StoreError> {
-        let m = self.load_manifest(id)?;
+        // Verification reads the stored manifest, never the in-memory copy.
+        let m = self.load_manifest_uncached(id)?;
         for e in &m.entries {
             let Some(f) = &e.file else { continue };
             let mut hasher = blake3::Hasher::new();
@@ -720,6 +763,7 @@ impl ContentStore {
 
     /// Deletes one snapshot's root object (its chunks go at the next [`ContentStore::gc`]).
     pub fn delete_snapshot(&self, id: &SnapshotId) -> Result<(), StoreError> {
+        self.forget(|k| k != id);
         self.objects.delete(&snapshot_key(id))
     }
 
@@ -731,6 +775,8 @@ impl ContentStore {
         let _exclusive = self.gc_lock.write().unwrap_or_else(|p| p.into_inner());
         let mut refcount: HashMap<ObjectId, u64> = HashMap::new();
         let live_set: HashSet<SnapshotId> = live.iter().copied().collect();
+        // A dead snapshot must not serve as a parent from memory after its chunks are gone.
+        self.forget(|k| live_set.contains(k));
         for id in &live_set {
             let m = self.load_manifest(id)?;
             for c in m.referenced_chunks() {
