@@ -89,6 +89,7 @@ impl FsBackend for BtrfsBackend {
         snap?;
         thawed?;
 
+        let t_hash = Instant::now();
         let hash = {
             let mut caches = self.caches.lock().unwrap_or_else(|p| p.into_inner());
             let cache = caches.entry(req.sandbox_id.to_string()).or_default();
@@ -106,6 +107,8 @@ impl FsBackend for BtrfsBackend {
             id,
             tree_hash: hash,
         };
+        let hash_elapsed = t_hash.elapsed();
+        let t_measure = Instant::now();
         let parent = req.parent.filter(|p| p.backend == NAME);
         let bytes_changed = match self.bytes_changed(&snapshot, parent) {
             Ok(b) => b,
@@ -114,6 +117,22 @@ impl FsBackend for BtrfsBackend {
                 return Err(e);
             }
         };
+        tracing::debug!(
+            snapshot = %snapshot.id,
+            frozen_us = frozen.as_micros() as u64,
+            hash_us = hash_elapsed.as_micros() as u64,
+            measure_us = t_measure.elapsed().as_micros() as u64,
+            "btrfs snapshot phases"
+        );
+        if std::env::var_os("CRAB_ENGINE_TRACE_PHASES").is_some() {
+            eprintln!(
+                "phases {} frozen {:?} hash {:?} measure {:?}",
+                snapshot.id,
+                frozen,
+                hash_elapsed,
+                t_measure.elapsed()
+            );
+        }
         Ok(SnapshotOutcome {
             snapshot,
             bytes_changed,

@@ -137,7 +137,8 @@ fn restore_scenario(engine: &Engine, restores: usize, mode: &str) -> anyhow::Res
          i=0; while [ $i -lt 1000 ]; do cat /seed > f$i; echo $i >> f$i; i=$((i+1)); done",
     )?;
     let p = engine.checkpoint(&name, CheckpointKind::Fs, &ChangeHint::Unknown)?;
-    let (mut lat, mut verify) = (Vec::new(), Vec::new());
+    let (mut lat, mut verify, mut stop, mut fs, mut start) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for i in 0..restores {
         sh(
             engine,
@@ -147,6 +148,9 @@ fn restore_scenario(engine: &Engine, restores: usize, mode: &str) -> anyhow::Res
         let r = engine.restore(&name, Some(&p.id))?;
         lat.push(r.total_us as f64 / 1000.0);
         verify.push(r.verify_us as f64 / 1000.0);
+        stop.push(r.stop_us as f64 / 1000.0);
+        fs.push(r.fs_us as f64 / 1000.0);
+        start.push(r.start_us as f64 / 1000.0);
     }
     engine.remove(&name)?;
     let mut s = stats(
@@ -156,10 +160,16 @@ fn restore_scenario(engine: &Engine, restores: usize, mode: &str) -> anyhow::Res
         vec![],
         "",
     );
-    verify.sort_by(|a, b| a.total_cmp(b));
+    let p50 = |mut v: Vec<f64>| {
+        v.sort_by(|a, b| a.total_cmp(b));
+        percentile(&v, 0.5)
+    };
     s.note = format!(
-        "verify p50 {:.1} ms; includes stopping and restarting the container",
-        percentile(&verify, 0.5)
+        "p50 phases: stop container {:.1} ms, fs swap {:.1} ms, verify {:.1} ms, start container {:.1} ms",
+        p50(stop),
+        p50(fs),
+        p50(verify),
+        p50(start)
     );
     s.changed_mb_p50 = 200.0;
     Ok(s)
