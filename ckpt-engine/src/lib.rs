@@ -18,6 +18,7 @@ pub mod cgroup;
 pub mod cli;
 pub mod config;
 pub mod engine;
+pub mod executor;
 pub mod fs;
 pub mod image;
 pub mod manifest;

@@ -6,7 +6,9 @@
 //! - `build`: a 100 MB build output rewritten, then an FS checkpoint;
 //! - `restore`: in-place restore of a sandbox holding 200 MB (1,000 files of 200 KB), with
 //!   verification against the manifest, in both verification modes;
-//! - `parallel`: N sandboxes (default 32) each edit a file and checkpoint at the same moment.
+//! - `parallel`: N sandboxes (default 32) each write 8 MB and checkpoint at the same moment,
+//!   once directly (one thread each) and once through the host scheduler (4 workers, an I/O
+//!   budget), reporting queueing delay.
 //!
 //! Checkpoint latency is the engine's own measurement (from the call to the durable manifest),
 //! frozen time is how long the sandbox was stopped. Prints a table and JSON (also to `--out`).
@@ -17,8 +19,10 @@ use std::time::Instant;
 
 use anyhow::Context;
 use ckpt_engine::config::RestoreVerify;
+use ckpt_engine::executor::{CheckpointJob, EngineExecutor};
 use ckpt_engine::fs::ChangeHint;
 use ckpt_engine::manifest::CheckpointKind;
+use ckpt_engine::scheduler::{Scheduler, SchedulerConfig, SubmitRequest};
 use ckpt_engine::{Engine, EngineConfig};
 use serde::Serialize;
 
@@ -41,6 +45,9 @@ pub struct Args {
     /// Sandboxes checkpointing at once in the parallel scenario.
     #[arg(long, default_value_t = 32)]
     pub sandboxes: usize,
+    /// I/O budget of the scheduled parallel scenario, MiB/s.
+    #[arg(long, default_value_t = 128)]
+    pub io_budget_mib: u64,
     /// Also write the JSON report here.
     #[arg(long)]
     pub out: Option<PathBuf>,
@@ -181,7 +188,11 @@ fn parallel_scenario(engine: &Arc<Engine>, n: usize) -> anyhow::Result<(Stats, f
         engine.create(name, None)?;
         sh(engine, name, "echo 0 > /state")?;
         engine.checkpoint(name, CheckpointKind::Fs, &ChangeHint::Unknown)?;
-        sh(engine, name, "echo 1 >> /state")?;
+        sh(
+            engine,
+            name,
+            "echo 1 >> /state; dd if=/dev/urandom of=/blob bs=1M count=8 2>/dev/null",
+        )?;
     }
     let barrier = Arc::new(std::sync::Barrier::new(n));
     let start = Instant::now();
@@ -222,9 +233,82 @@ fn parallel_scenario(engine: &Arc<Engine>, n: usize) -> anyhow::Result<(Stats, f
             lat,
             frozen,
             vec![],
-            &format!("wall {wall:.0} ms for all; no I/O budget (scheduler not wired)"),
+            &format!("8 MB each, direct (no scheduler): wall {wall:.0} ms"),
         ),
         wall,
+    ))
+}
+
+fn scheduled_scenario(
+    engine: &Arc<Engine>,
+    n: usize,
+    config: SchedulerConfig,
+) -> anyhow::Result<Stats> {
+    let names: Vec<String> = (0..n).map(|i| format!("bench-sched-{i}")).collect();
+    for name in &names {
+        engine.create(name, None)?;
+        sh(engine, name, "echo 0 > /state")?;
+        engine.checkpoint(name, CheckpointKind::Fs, &ChangeHint::Unknown)?;
+        sh(
+            engine,
+            name,
+            "echo 1 >> /state; dd if=/dev/urandom of=/blob bs=1M count=8 2>/dev/null",
+        )?;
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    let budget = config.io_bytes_per_sec;
+    let workers = config.workers;
+    let (lat, frozen, wall, metrics) = rt.block_on(async {
+        let scheduler = Scheduler::start(Arc::new(EngineExecutor::new(Arc::clone(engine))), config);
+        let start = Instant::now();
+        let handles: Vec<_> = names
+            .iter()
+            .map(|name| {
+                let h = scheduler.submit(SubmitRequest {
+                    sandbox: name.clone(),
+                    estimated_bytes: 8 << 20,
+                    reply_waiting: false,
+                    job: CheckpointJob {
+                        kind: CheckpointKind::Fs,
+                        changes: ChangeHint::Unknown,
+                    },
+                });
+                tokio::spawn(async move {
+                    let r = h.wait().await;
+                    (start.elapsed().as_secs_f64() * 1000.0, r)
+                })
+            })
+            .collect();
+        let (mut lat, mut frozen) = (Vec::new(), Vec::new());
+        for h in handles {
+            let (ms, r) = h.await?;
+            let p = r.map_err(|e| anyhow::anyhow!("{e}"))?;
+            lat.push(ms);
+            frozen.push(p.frozen_us as f64 / 1000.0);
+        }
+        let wall = start.elapsed().as_secs_f64() * 1000.0;
+        let metrics = scheduler.metrics();
+        scheduler.shutdown();
+        anyhow::Ok((lat, frozen, wall, metrics))
+    })?;
+    for name in &names {
+        engine.remove(name)?;
+    }
+    Ok(stats(
+        &format!("{n} at once, scheduled"),
+        lat,
+        frozen,
+        vec![],
+        &format!(
+            "8 MB each, {workers} workers, budget {} MiB/s: wall {wall:.0} ms, queueing p50 <= {:.0} ms, p95 <= {:.0} ms, run p50 <= {:.0} ms",
+            budget >> 20,
+            metrics.queueing_delay.quantile_upper_bound_us(0.5) as f64 / 1000.0,
+            metrics.queueing_delay.quantile_upper_bound_us(0.95) as f64 / 1000.0,
+            metrics.run_time.quantile_upper_bound_us(0.5) as f64 / 1000.0,
+        ),
     ))
 }
 
@@ -295,6 +379,20 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     } else {
         None
     };
+    let sched = if result.is_ok() {
+        Some(scheduled_scenario(
+            &engine,
+            args.sandboxes,
+            SchedulerConfig {
+                workers: 4,
+                io_bytes_per_sec: args.io_budget_mib << 20,
+                io_burst_bytes: 32 << 20,
+                ..SchedulerConfig::default()
+            },
+        ))
+    } else {
+        None
+    };
     let teardown = if args.keep {
         Ok(())
     } else {
@@ -310,6 +408,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     results.push(full_result?);
     if let Some(par) = par {
         results.push(par?.0);
+    }
+    if let Some(sched) = sched {
+        results.push(sched?);
     }
     teardown?;
 
