@@ -389,8 +389,13 @@ impl Completions {
             let Some(f) = c.queue.lock().pop_front() else {
                 return;
             };
-            complete(shared, f);
+            // A bug in the analysis of one response must not stall every later request.
+            let done =
+                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| complete(shared, f)));
             c.pending.fetch_sub(1, Ordering::AcqRel);
+            if done.is_err() {
+                tracing::error!("response bookkeeping panicked; the response was forwarded intact");
+            }
         }
     }
 
