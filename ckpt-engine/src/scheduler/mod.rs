@@ -10,6 +10,7 @@
 //! Module map:
 //! - [`core`]: the pure, deterministic state machine (no clock, no I/O; time is passed in).
 //! - [`metrics`]: counters, gauges and histograms as a plain snapshot struct.
+//! - [`engine_executor`]: the production executor ([`crate::Engine::checkpoint`] per job).
 //! - this file: the small tokio layer that feeds the core the time, runs started jobs through
 //!   a [`CheckpointExecutor`] and resolves handles.
 //!
@@ -17,6 +18,7 @@
 //! every handle resolves exactly once (result, failure, cancellation or shutdown).
 
 pub mod core;
+pub mod engine_executor;
 pub mod metrics;
 
 use std::collections::HashMap;
@@ -30,6 +32,7 @@ use tokio::time::Instant;
 pub use self::core::{
     Cancelled, Coalesce, JobId, Lane, SchedulerConfig, SchedulerCore, Submitted, TicketId,
 };
+pub use self::engine_executor::{CheckpointJob, EngineExecutor, EngineJobError};
 pub use self::metrics::{Histogram, SchedulerMetrics};
 
 /// Runs one checkpoint job. Implemented by the engine over its FS/process backends, and by
