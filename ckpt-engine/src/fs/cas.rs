@@ -15,7 +15,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Instant;
 
 use content_store::{
@@ -37,6 +37,9 @@ pub struct CasBackend {
     /// Tree hash computed by the last restore into a target, reused by
     /// [`FsBackend::restored_tree_hash`] (nothing runs in the target in between).
     restored: Mutex<HashMap<PathBuf, String>>,
+    /// Snapshots (store write + ref write) hold it shared, garbage collection exclusively: a
+    /// snapshot whose ref is not written yet must not look dead to the collector.
+    refs_lock: RwLock<()>,
 }
 
 fn store_error(op: &'static str, id: &str, location: &Path, e: StoreError) -> FsError {
@@ -95,6 +98,7 @@ impl CasBackend {
             store,
             location,
             restored: Mutex::new(HashMap::new()),
+            refs_lock: RwLock::new(()),
         }
     }
 
@@ -141,6 +145,7 @@ impl CasBackend {
     /// Deletes every snapshot no sandbox references and every chunk no remaining snapshot
     /// needs.
     pub fn collect_garbage(&self) -> Result<content_store::GcReport, FsError> {
+        let _exclusive = self.refs_lock.write().unwrap_or_else(|p| p.into_inner());
         let live = self.live_snapshots()?;
         // A ref whose snapshot root never got written (crash) would make GC fail: drop it.
         let mut loadable = Vec::new();
@@ -205,6 +210,7 @@ impl FsBackend for CasBackend {
             reuse_unchanged: true,
             label: format!("{}/{}", req.sandbox_id, req.checkpoint_id),
         };
+        let _shared = self.refs_lock.read().unwrap_or_else(|p| p.into_inner());
         // The content store reads the tree while its writers are frozen, so the snapshot is
         // one consistent instant.
         req.quiesce.freeze()?;
