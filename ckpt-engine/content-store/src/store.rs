@@ -771,6 +771,11 @@ impl ContentStore {
     /// reference (reference counts over the live manifests); deletes every other snapshot root
     /// and every chunk with no live reference. Fails without deleting anything if a live
     /// snapshot cannot be loaded.
+    ///
+    /// The caller decides what is live: a snapshot that finishes while `gc` waits for running
+    /// snapshots (it takes an exclusive lock) is not in `live` and is collected, so callers
+    /// serialise recording new snapshots with choosing the live set (as the engine's `cas`
+    /// backend does).
     pub fn gc(&self, live: &[SnapshotId]) -> Result<GcReport, StoreError> {
         let _exclusive = self.gc_lock.write().unwrap_or_else(|p| p.into_inner());
         let mut refcount: HashMap<ObjectId, u64> = HashMap::new();
