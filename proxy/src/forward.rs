@@ -317,11 +317,22 @@ impl Tap for ResponseTap {
             st.first_byte_at = Some(at);
         }
         st.bytes += chunk.len() as u64;
-        if let Some(obs) = st.observer.as_mut()
-            && obs.observe(&chunk).first_content
-            && st.first_content_at.is_none()
-        {
-            st.first_content_at = Some(at);
+        if let Some(obs) = st.observer.as_mut() {
+            // Analysis must never break forwarding: a panicking parser is switched off.
+            match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| obs.observe(&chunk))) {
+                Ok(o) => {
+                    if o.first_content && st.first_content_at.is_none() {
+                        st.first_content_at = Some(at);
+                    }
+                }
+                Err(_) => {
+                    tracing::error!(
+                        id = st.ctx.id,
+                        "response analysis panicked; analysis disabled for this response"
+                    );
+                    st.observer = None;
+                }
+            }
         }
         if st.capture {
             if st.captured_len + chunk.len() as u64 <= self.shared.config.transcript.max_body_bytes
