@@ -105,7 +105,7 @@ struct Node {
 pub struct FsTracker {
     nodes: Vec<Node>,
     /// Ordered, so a directory's tracked subtree is one range query.
-    at: BTreeMap<String, usize>,
+    at: BTreeMap<String, (usize, Existed)>,
     baseline: FastMap<String, Existed>,
     ops: u64,
 }
@@ -158,25 +158,32 @@ impl FsTracker {
         self.baseline.insert(path.to_string(), existed);
         if existed == Existed::Yes {
             let n = self.new_node(Some(path.to_string()));
-            self.at.insert(path.to_string(), n);
+            self.place(path.to_string(), n);
         }
+    }
+
+    /// Puts node `n` at `path` (whose baseline existence is known by now), caching that
+    /// existence next to it so the report needs no lookups.
+    fn place(&mut self, path: String, n: usize) {
+        let existed = self.baseline.get(&path).copied().unwrap_or(Existed::Yes);
+        self.at.insert(path, (n, existed));
     }
 
     /// The node at `path`, creating one for a path that exists but is unknown to us.
     fn occupant(&mut self, path: &str) -> usize {
         self.touch(path, Existed::Yes);
-        if let Some(&n) = self.at.get(path) {
+        if let Some(&(n, _)) = self.at.get(path) {
             return n;
         }
         let n = self.new_node(None);
-        self.at.insert(path.to_string(), n);
+        self.place(path.to_string(), n);
         n
     }
 
     /// Tracked paths at or below `path`, with the part below it (`""` for the path itself).
     fn subtree(&self, path: &str) -> Vec<(String, usize)> {
         let mut out = Vec::new();
-        if let Some(&n) = self.at.get(path) {
+        if let Some(&(n, _)) = self.at.get(path) {
             out.push((String::new(), n));
         }
         if path == "." {
@@ -184,14 +191,14 @@ impl FsTracker {
                 self.at
                     .iter()
                     .filter(|(p, _)| p.as_str() != ".")
-                    .map(|(p, &n)| (p.clone(), n)),
+                    .map(|(p, &(n, _))| (p.clone(), n)),
             );
             return out;
         }
         // Keys starting with "path/" sort between "path/" and "path0" ('0' follows '/').
         let lo = format!("{path}/");
         let hi = format!("{path}0");
-        for (p, &n) in self.at.range(lo..hi) {
+        for (p, &(n, _)) in self.at.range(lo..hi) {
             out.push((p[path.len() + 1..].to_string(), n));
         }
         out
@@ -220,7 +227,7 @@ impl FsTracker {
             FsOp::Create { path } => {
                 self.touch(&path, Existed::No);
                 let n = self.new_node(None);
-                self.at.insert(path, n);
+                self.place(path, n);
             }
             FsOp::Write { path } => {
                 let n = self.occupant(&path);
@@ -240,7 +247,7 @@ impl FsTracker {
                     Some(f) => self.occupant(&f),
                     None => self.new_node(None),
                 };
-                self.at.insert(to, n);
+                self.place(to, n);
             }
             FsOp::Rename {
                 from,
@@ -294,7 +301,7 @@ impl FsTracker {
                 Existed::No
             };
             self.touch(&dest, existed);
-            self.at.insert(dest, n);
+            self.place(dest, n);
         }
         for (rest, n) in swapped {
             let dest = if rest.is_empty() {
@@ -303,7 +310,7 @@ impl FsTracker {
                 join(from, &rest)
             };
             self.touch(&dest, Existed::Unknown);
-            self.at.insert(dest, n);
+            self.place(dest, n);
         }
     }
 
@@ -311,7 +318,7 @@ impl FsTracker {
     pub fn changes(&self) -> Vec<FileChange> {
         // Baseline paths whose node now lives at another path (renamed, not deleted).
         let mut placed: FastMap<&str, &str> = FastMap::default();
-        for (p, &n) in &self.at {
+        for (p, &(n, _)) in &self.at {
             if let Some(o) = self.nodes[n].origin.as_deref() {
                 if o != p {
                     placed.insert(o, p.as_str());
@@ -325,8 +332,7 @@ impl FsTracker {
         let mut deleted = Vec::new();
         let mut renames: BTreeMap<String, String> = BTreeMap::new();
         // Paths that are occupied now (`at` is a subset of `baseline`'s keys).
-        for (p, &n) in &self.at {
-            let existed = self.baseline.get(p).copied().unwrap_or(Existed::Yes);
+        for (p, &(n, existed)) in &self.at {
             let node = &self.nodes[n];
             match node.origin.as_deref() {
                 Some(o) if o == p => {
@@ -340,7 +346,7 @@ impl FsTracker {
                     if self
                         .at
                         .get(o)
-                        .is_none_or(|&m| self.nodes[m].origin.as_deref() != Some(o)) =>
+                        .is_none_or(|&(m, _)| self.nodes[m].origin.as_deref() != Some(o)) =>
                 {
                     renames.insert(o.to_string(), p.clone());
                     if node.content {

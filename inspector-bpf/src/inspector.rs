@@ -821,3 +821,13 @@ fn has_io_uring(pid: u32) -> bool {
 pub fn describe(info: &ProcInfo) -> String {
     format!("{} ({})", info.pid, info.comm)
 }
+
+#[cfg(test)]
+mod tests {
+    /// The coordinator shares one inspector across threads (e.g. behind an `Arc`).
+    #[test]
+    fn inspector_is_send_and_sync() {
+        fn check<T: Send + Sync>() {}
+        check::<super::Inspector>();
+    }
+}
