@@ -13,6 +13,24 @@
 //! - [`cgroup`], [`shell`]: scratch cgroups and a persistent shell for `crab inspect` and tests.
 //! - [`cli`]: `crab inspect`.
 //!
+//! Usage (one inspector per host, shared behind an `Arc`; calls are synchronous and short):
+//!
+//! ```no_run
+//! use inspector_bpf::{Decision, Inspector, InspectorConfig, IgnoreRule, IgnoreScope, SandboxSpec};
+//! let inspector = Inspector::new(InspectorConfig::default())?; // load + attach, needs root
+//! let mut spec = SandboxSpec::new("sb1", "/sys/fs/cgroup/unified/sb1", "/var/lib/crab/sb1/rootfs");
+//! spec.ignore.push(IgnoreRule { pid: None, comm: None, exe: Some("/usr/bin/agent".into()), scope: IgnoreScope::ProcessOnly });
+//! inspector.watch(spec)?; // the current state is the baseline
+//! // ... a turn runs in the sandbox ...
+//! let effects = inspector.status("sb1")?; // sync barrier, then the net effects
+//! if effects.decision != Decision::Skip {
+//!     // checkpoint (effects.files is the dirty set unless effects.rescan_required) ...
+//!     inspector.reset("sb1")?;
+//! }
+//! inspector.unwatch("sb1")?;
+//! # Ok::<(), inspector_bpf::InspectorError>(())
+//! ```
+//!
 //! Invariants: when in doubt (drops, barrier timeout, truncated or unresolvable paths, io_uring,
 //! unknown shared writable mappings) the answer is "changed" — a false positive costs a
 //! checkpoint, a false negative loses data. Changes under `/proc`, `/dev`, `/sys` never count.
