@@ -670,8 +670,26 @@ async fn handle_inner(
         id: None,
     };
     let mut sync = false;
-    if api.is_llm() {
-        let summary = match llm_protocol::summarize_request(api, &body) {
+    // A panicking parser (a bug, not bad input) must not cost the agent its request: the
+    // request is then forwarded untracked.
+    let parsed = api.is_llm().then(|| {
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            llm_protocol::summarize_request(api, &body)
+        }))
+    });
+    let parsed = match parsed {
+        Some(Err(_)) => {
+            tracing::error!(
+                id,
+                "request analysis panicked; forwarding the request untracked"
+            );
+            None
+        }
+        Some(Ok(r)) => Some(r),
+        None => None,
+    };
+    if let Some(parsed) = parsed {
+        let summary = match parsed {
             Ok(s) => s,
             Err(e) => {
                 let err = ProxyError::MalformedRequest {
