@@ -4,7 +4,7 @@
 //! line, runs each in one persistent `bash` inside the sandbox and prints one result per turn
 //! (each turn is compared with the state after the previous one).
 
-use std::io::BufRead;
+use std::io::{BufRead, Write};
 use std::time::Duration;
 
 use anyhow::Context;
@@ -35,19 +35,25 @@ pub struct InspectArgs {
     pub command: Vec<String>,
 }
 
-fn print(effects: &TurnEffects, json: bool, turn: Option<(usize, &str)>) -> anyhow::Result<()> {
+fn print(
+    out: &mut dyn Write,
+    effects: &TurnEffects,
+    json: bool,
+    turn: Option<(usize, &str)>,
+) -> anyhow::Result<()> {
     if json {
         let mut v = serde_json::to_value(effects)?;
         if let (Some((n, cmd)), Some(obj)) = (turn, v.as_object_mut()) {
             obj.insert("turn".into(), n.into());
             obj.insert("command".into(), cmd.into());
         }
-        println!("{}", serde_json::to_string(&v)?);
+        writeln!(out, "{}", serde_json::to_string(&v)?)?;
     } else {
         if let Some((n, cmd)) = turn {
-            println!("turn {n}: {cmd}");
+            writeln!(out, "turn {n}: {cmd}")?;
         }
-        println!(
+        writeln!(
+            out,
             "decision: {:?}{}",
             effects.decision,
             if effects.rescan_required {
@@ -55,27 +61,45 @@ fn print(effects: &TurnEffects, json: bool, turn: Option<(usize, &str)>) -> anyh
             } else {
                 ""
             }
-        );
+        )?;
         for f in &effects.files {
-            println!("  {}", f.short());
+            writeln!(out, "  {}", f.short())?;
         }
         for r in &effects.reasons {
-            println!("  reason: {r}");
+            writeln!(out, "  reason: {r}")?;
         }
-        println!(
+        writeln!(
+            out,
             "  events: {}, dropped: {}, inspect: {} us",
             effects.events, effects.dropped, effects.inspect_us
-        );
+        )?;
     }
     Ok(())
 }
 
-/// Runs `crab inspect`; returns the process exit code.
+/// Runs `crab inspect` on the process's stdin/stdout; returns the process exit code.
 pub fn run(args: InspectArgs) -> anyhow::Result<i32> {
+    let stdin = std::io::stdin();
+    let stdout = std::io::stdout();
+    run_with(args, &mut stdin.lock(), &mut stdout.lock())
+}
+
+/// Runs `crab inspect` with the given input (turn lines) and output.
+pub fn run_with(
+    args: InspectArgs,
+    input: &mut dyn BufRead,
+    out: &mut dyn Write,
+) -> anyhow::Result<i32> {
     if !args.turns && args.command.is_empty() {
         anyhow::bail!("crab inspect: give a command after `--`, or use --turns");
     }
-    let name = format!("crab-inspect-{}", std::process::id());
+    // One cgroup per invocation (several may run in one process, e.g. in tests).
+    static SEQ: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let n = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let name = match n {
+        0 => format!("crab-inspect-{}", std::process::id()),
+        n => format!("crab-inspect-{}-{n}", std::process::id()),
+    };
     let cg = ScratchCgroup::create(&name).context("creating the inspection cgroup")?;
     let inspector =
         Inspector::new(InspectorConfig::default()).context("loading the eBPF inspector")?;
@@ -97,20 +121,20 @@ pub fn run(args: InspectArgs) -> anyhow::Result<i32> {
         let mut shell =
             PersistentShell::spawn(&cg, &cwd).context("starting the persistent shell")?;
         inspector.reset(&name)?;
-        let stdin = std::io::stdin();
-        for (i, line) in stdin.lock().lines().enumerate() {
+        for (i, line) in input.lines().enumerate() {
             let line = line.context("reading stdin")?;
             if line.trim().is_empty() {
                 continue;
             }
-            let out = shell
+            let turn_out = shell
                 .run(&line)
                 .with_context(|| format!("running turn {}", i + 1))?;
-            if !args.json && !out.stdout.is_empty() {
-                println!("{}", out.stdout);
+            if !args.json && !turn_out.stdout.is_empty() {
+                writeln!(out, "{}", turn_out.stdout)?;
             }
             let eff = inspector.status(&name)?;
-            print(&eff, args.json, Some((i + 1, &line)))?;
+            print(out, &eff, args.json, Some((i + 1, &line)))?;
+            out.flush()?;
             // The caller would checkpoint here; the next turn is compared with this state.
             inspector.reset(&name)?;
         }
@@ -126,7 +150,7 @@ pub fn run(args: InspectArgs) -> anyhow::Result<i32> {
     // Let short-lived children reparented to init finish leaving the cgroup.
     std::thread::sleep(Duration::from_millis(2));
     let eff = inspector.status(&name)?;
-    print(&eff, args.json, None)?;
+    print(out, &eff, args.json, None)?;
     inspector.unwatch(&name)?;
     Ok(status.code().unwrap_or(1))
 }
