@@ -457,9 +457,61 @@ struct Machine {
     wall_seconds: f64,
 }
 
+/// crab's own view (`/metrics`): the histogram `crab_added_latency_seconds` over the whole
+/// run, as bucket upper bounds — free of the load generator's scheduling noise.
+#[derive(Serialize, Default, Debug, PartialEq)]
+struct CrabSelfReport {
+    requests: u64,
+    added_p50_le_us: Option<f64>,
+    added_p90_le_us: Option<f64>,
+    added_p99_le_us: Option<f64>,
+    added_p999_le_us: Option<f64>,
+    transcript_dropped: Option<f64>,
+}
+
+/// Parses the Prometheus text of crab's `/metrics` (pure).
+fn crab_self_report(metrics: &str) -> CrabSelfReport {
+    let mut buckets: Vec<(f64, u64)> = Vec::new();
+    let mut r = CrabSelfReport::default();
+    for line in metrics.lines() {
+        if let Some(rest) = line.strip_prefix("crab_added_latency_seconds_bucket{le=\"") {
+            let Some((le, count)) = rest.split_once("\"}") else {
+                continue;
+            };
+            let le = if le == "+Inf" {
+                f64::INFINITY
+            } else {
+                le.parse().unwrap_or(f64::NAN)
+            };
+            if let Ok(c) = count.trim().parse::<f64>() {
+                buckets.push((le, c as u64));
+            }
+        } else if let Some(v) = line.strip_prefix("crab_added_latency_seconds_count ") {
+            r.requests = v.trim().parse::<f64>().unwrap_or(0.0) as u64;
+        } else if let Some(v) = line.strip_prefix("crab_transcript_dropped_total ") {
+            r.transcript_dropped = v.trim().parse().ok();
+        }
+    }
+    buckets.sort_by(|a, b| a.0.total_cmp(&b.0));
+    let total = buckets.last().map(|b| b.1).unwrap_or(0);
+    let q = |q: f64| {
+        let want = (q * total as f64).ceil() as u64;
+        buckets
+            .iter()
+            .find(|b| b.1 >= want && total > 0)
+            .map(|b| b.0 * 1e6)
+    };
+    r.added_p50_le_us = q(0.5);
+    r.added_p90_le_us = q(0.9);
+    r.added_p99_le_us = q(0.99);
+    r.added_p999_le_us = q(0.999);
+    r
+}
+
 #[derive(Serialize)]
 struct Report {
     command: String,
+    crab_self_reported: Option<CrabSelfReport>,
     crab_binary: Option<String>,
     machine: Machine,
     latency: Vec<LatencyRow>,
@@ -650,6 +702,18 @@ async fn run_async(args: Args) -> anyhow::Result<()> {
         }
     }
     bench.progress.finish_and_clear();
+    let crab_self_reported = match &crab {
+        Some(c) => {
+            let url = format!("http://{}/metrics", c.admin);
+            match crate::client::get(&new_client(), &url).await {
+                Ok(t) if t.status == 200 => Some(crab_self_report(&String::from_utf8_lossy(
+                    t.body.as_deref().unwrap_or_default(),
+                ))),
+                _ => None,
+            }
+        }
+        None => None,
+    };
 
     let resources = bench
         .targets
@@ -665,6 +729,7 @@ async fn run_async(args: Args) -> anyhow::Result<()> {
     let report = Report {
         command: std::env::args().collect::<Vec<_>>().join(" "),
         crab_binary: crab.as_ref().map(|c| c.binary.display().to_string()),
+        crab_self_reported,
         machine: Machine {
             cores,
             loadavg_start: load0,
@@ -908,6 +973,20 @@ fn print_report(r: &Report) {
             res.peak_rss_mib
         );
     }
+    if let Some(c) = &r.crab_self_reported {
+        let f = |v: Option<f64>| v.map(|v| format!("≤{v:.0}")).unwrap_or_else(|| "-".into());
+        println!(
+            "crab /metrics added latency over {} requests (bucket bounds, µs): p50 {} p90 {} p99 {} p99.9 {}; transcript records dropped: {}",
+            c.requests,
+            f(c.added_p50_le_us),
+            f(c.added_p90_le_us),
+            f(c.added_p99_le_us),
+            f(c.added_p999_le_us),
+            c.transcript_dropped
+                .map(|v| v.to_string())
+                .unwrap_or_else(|| "-".into())
+        );
+    }
     for n in &r.notes {
         println!("note: {n}");
     }
@@ -925,6 +1004,24 @@ mod tests {
         assert_eq!(parse_duration("1m").unwrap(), Duration::from_secs(60));
         assert_eq!(parse_duration("3").unwrap(), Duration::from_secs(3));
         assert!(parse_duration("3h").is_err());
+    }
+
+    /// Bucket quantiles from crab's Prometheus histogram.
+    #[test]
+    fn parses_crab_metrics() {
+        let text = "# TYPE crab_added_latency_seconds histogram\n\
+            crab_added_latency_seconds_sum 0.01\n\
+            crab_added_latency_seconds_count 100\n\
+            crab_added_latency_seconds_bucket{le=\"0.00001\"} 40\n\
+            crab_added_latency_seconds_bucket{le=\"0.00002\"} 95\n\
+            crab_added_latency_seconds_bucket{le=\"0.00004\"} 100\n\
+            crab_added_latency_seconds_bucket{le=\"+Inf\"} 100\n\
+            crab_transcript_dropped_total 3\n";
+        let r = crab_self_report(text);
+        assert_eq!(r.requests, 100);
+        assert!((r.added_p50_le_us.unwrap() - 20.0).abs() < 1e-6);
+        assert!((r.added_p99_le_us.unwrap() - 40.0).abs() < 1e-6);
+        assert_eq!(r.transcript_dropped, Some(3.0));
     }
 
     /// Added percentiles are differences of percentiles.
