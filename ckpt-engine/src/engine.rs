@@ -210,6 +210,9 @@ pub struct GcReport {
     pub skipped: Option<String>,
 }
 
+/// A manifest file that failed to decode, with the reason.
+type UnreadableManifest = (PathBuf, ManifestError);
+
 /// The checkpoint engine.
 pub struct Engine {
     cfg: EngineConfig,
@@ -742,7 +745,7 @@ impl Engine {
     fn scan_points(
         &self,
         name: &str,
-    ) -> Result<(Vec<RecoveryPoint>, Vec<(PathBuf, ManifestError)>), EngineError> {
+    ) -> Result<(Vec<RecoveryPoint>, Vec<UnreadableManifest>), EngineError> {
         let dir = self.points_dir(name);
         let mut points = Vec::new();
         let mut bad = Vec::new();
@@ -919,13 +922,13 @@ impl Engine {
                 tracing::warn!(sandbox = %name, error = %e, "gc after checkpoint failed");
             }
         }
-        if std::env::var_os("CRAB_ENGINE_TRACE_PHASES").is_some() {
-            eprintln!(
-                "checkpoint {id}: published after {:?}, post {:?}",
-                start.elapsed(),
-                t_post.elapsed()
-            );
-        }
+        tracing::debug!(
+            sandbox = %name,
+            point = %id,
+            published_us = point.duration_us,
+            post_us = us(t_post.elapsed()),
+            "checkpoint published"
+        );
         Ok(point)
     }
 

@@ -124,15 +124,6 @@ impl FsBackend for BtrfsBackend {
             measure_us = t_measure.elapsed().as_micros() as u64,
             "btrfs snapshot phases"
         );
-        if std::env::var_os("CRAB_ENGINE_TRACE_PHASES").is_some() {
-            eprintln!(
-                "phases {} frozen {:?} hash {:?} measure {:?}",
-                snapshot.id,
-                frozen,
-                hash_elapsed,
-                t_measure.elapsed()
-            );
-        }
         Ok(SnapshotOutcome {
             snapshot,
             bytes_changed,
