@@ -282,3 +282,30 @@ mod tests {
         assert!(s.turns[4].tool_calls.is_empty());
     }
 }
+
+#[cfg(test)]
+mod file_tests {
+    use super::*;
+
+    /// The shipped example script loads (so it cannot rot), and JSON files load by extension.
+    #[test]
+    fn example_and_json_files_load() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/coding-agent.toml");
+        let s = Script::load(&path).unwrap();
+        assert_eq!(s.len(), 4);
+        assert_eq!(
+            s.turns[1].fault.as_deref(),
+            Some("status=429,retry-after=1")
+        );
+        let json =
+            std::env::temp_dir().join(format!("crab-test-script-{}.json", std::process::id()));
+        std::fs::write(&json, r#"[{"text":"hi","think":"uniform:1-2"}]"#).unwrap();
+        let loaded = Script::load(&json);
+        let _ = std::fs::remove_file(&json);
+        assert_eq!(loaded.unwrap().turns[0].text, "hi");
+        assert!(matches!(
+            Script::load(Path::new("/nonexistent/x.toml")),
+            Err(ScriptError::Read { .. })
+        ));
+    }
+}

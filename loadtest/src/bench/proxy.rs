@@ -65,6 +65,9 @@ pub struct Args {
     pub paced_chunks: usize,
 }
 
+/// Upper bound of one benchmark request (errors count; the run goes on).
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// `500ms`, `2s`, `1m`, or bare seconds.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let s = s.trim();
@@ -239,7 +242,13 @@ async fn drive(
                         }
                     }
                 }
-                let r = timed(&client, spec.request(&base), false).await;
+                // Bounded: a stalled proxy costs one timeout per worker, never a hang.
+                let r = tokio::time::timeout(
+                    REQUEST_TIMEOUT,
+                    timed(&client, spec.request(&base), false),
+                )
+                .await
+                .unwrap_or_else(|_| Err(anyhow::anyhow!("request timed out")));
                 let in_time = match stop {
                     Stop::Until(d) => start.elapsed() <= d,
                     Stop::Count(_) => true,
