@@ -78,7 +78,14 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         state.path().display()
     );
 
-    let result = drive(&crab, &args).await;
+    // Bounded: a stuck proxy fails the demo instead of hanging it.
+    let result = tokio::time::timeout(Duration::from_secs(60), drive(&crab, &args))
+        .await
+        .unwrap_or_else(|_| {
+            Err(anyhow::anyhow!(
+                "the scripted conversation did not finish within 60 s"
+            ))
+        });
     let check = match result {
         Ok(()) => report_turns(&crab, expected_turns),
         Err(e) => Err(e),
