@@ -89,39 +89,53 @@ impl FsBackend for BtrfsBackend {
         snap?;
         thawed?;
 
+        // Hash and measure at once (they read different things: file data vs. metadata
+        // trees). The cache is taken out of the shared map so sandboxes hash in parallel.
         let t_hash = Instant::now();
-        let hash = {
+        let mut cache = {
             let mut caches = self.caches.lock().unwrap_or_else(|p| p.into_inner());
-            let cache = caches.entry(req.sandbox_id.to_string()).or_default();
-            tree_hash_cached(&dest, Some(cache))
+            caches.remove(req.sandbox_id).unwrap_or_default()
         };
-        let hash = match hash {
-            Ok(h) => h,
+        let parent = req.parent.filter(|p| p.backend == NAME);
+        let provisional = FsSnapshotRef {
+            backend: NAME.to_string(),
+            id: id.clone(),
+            tree_hash: String::new(),
+        };
+        let (hash, hash_elapsed, measured) = std::thread::scope(|s| {
+            let measure = s.spawn(|| {
+                let t = Instant::now();
+                (self.bytes_changed(&provisional, parent), t.elapsed())
+            });
+            let hash = tree_hash_cached(&dest, Some(&mut cache));
+            let hash_elapsed = t_hash.elapsed();
+            let measured = measure
+                .join()
+                .unwrap_or_else(|p| std::panic::resume_unwind(p));
+            (hash, hash_elapsed, measured)
+        });
+        let (bytes_changed, measure_elapsed) = measured;
+        let result = hash.and_then(|h| bytes_changed.map(|b| (h, b)));
+        let (hash, bytes_changed) = match result {
+            Ok(v) => {
+                let mut caches = self.caches.lock().unwrap_or_else(|p| p.into_inner());
+                caches.insert(req.sandbox_id.to_string(), cache);
+                v
+            }
             Err(e) => {
                 let _ = pool::delete_subvolume(&dest);
                 return Err(e);
             }
         };
         let snapshot = FsSnapshotRef {
-            backend: NAME.to_string(),
-            id,
             tree_hash: hash,
-        };
-        let hash_elapsed = t_hash.elapsed();
-        let t_measure = Instant::now();
-        let parent = req.parent.filter(|p| p.backend == NAME);
-        let bytes_changed = match self.bytes_changed(&snapshot, parent) {
-            Ok(b) => b,
-            Err(e) => {
-                let _ = pool::delete_subvolume(&dest);
-                return Err(e);
-            }
+            ..provisional
         };
         tracing::debug!(
             snapshot = %snapshot.id,
             frozen_us = frozen.as_micros() as u64,
             hash_us = hash_elapsed.as_micros() as u64,
-            measure_us = t_measure.elapsed().as_micros() as u64,
+            measure_us = measure_elapsed.as_micros() as u64,
             "btrfs snapshot phases"
         );
         Ok(SnapshotOutcome {
