@@ -275,3 +275,68 @@ fn concurrent_checkpoints_are_serialised() {
         assert!(e.verify(&name, Some(&p.id)).unwrap().ok);
     }
 }
+
+/// Proves the CLI path end to end on a real engine: parsed `crab` subcommands become requests,
+/// `dispatch` runs them, and rendering passes exit codes and output through (human and JSON).
+#[test]
+fn cli_commands_drive_the_engine() {
+    use ckpt_engine::cli::{EngineCommand, run_local};
+    use clap::Parser;
+    #[derive(Parser)]
+    struct Cli {
+        #[command(subcommand)]
+        cmd: EngineCommand,
+    }
+    if !prerequisites("cli_commands_drive_the_engine") {
+        return;
+    }
+    let t = TestEngine::open(GIB);
+    let e = t.engine();
+    let name = unique("");
+    let run = |args: &[&str]| {
+        let cli = Cli::try_parse_from(std::iter::once("crab").chain(args.iter().copied())).unwrap();
+        run_local(e, &cli.cmd)
+    };
+    let r = run(&["sandbox", "create", &name]);
+    assert_eq!(r.exit_code, 0, "{}", r.stderr);
+    let r = run(&[
+        "sandbox",
+        "exec",
+        &name,
+        "--",
+        "/bin/sh",
+        "-c",
+        "echo hi > /f; echo out; exit 4",
+    ]);
+    assert_eq!((r.exit_code, r.stdout.as_str()), (4, "out\n"));
+    let r = run(&["checkpoint", &name, "--kind", "full"]);
+    assert_eq!(r.exit_code, 0, "{}", r.stderr);
+    assert!(
+        r.stderr.contains("filesystem only"),
+        "the point says what it restores: {}",
+        r.stderr
+    );
+    let r = run(&["checkpoints", &name, "--json"]);
+    let v: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
+    assert_eq!(v["kind"], "points");
+    assert_eq!(v["data"][0]["id"], "cp-000001");
+    assert_eq!(v["data"][0]["captured"], "fs");
+    run(&["sandbox", "exec", &name, "--", "rm", "/f"]);
+    let r = run(&["restore", &name, "--to", "cp-000001"]);
+    assert_eq!(r.exit_code, 0, "{}", r.stderr);
+    let r = run(&["sandbox", "exec", &name, "--", "cat", "/f"]);
+    assert_eq!(r.stdout, "hi\n");
+    let r = run(&["verify", &name, "cp-000001", "--json"]);
+    assert_eq!(r.exit_code, 0);
+    let r = run(&["verify", &name, "cp-000009"]);
+    assert_eq!(r.exit_code, 1);
+    assert!(r.stderr.contains("not found"), "{}", r.stderr);
+    let r = run(&["sandbox", "list", "--json"]);
+    let v: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
+    assert_eq!(v["data"][0]["name"], name.as_str());
+    assert_eq!(run(&["sandbox", "rm", &name]).exit_code, 0);
+    let r = run(&["sandbox", "rm", &name, "--json"]);
+    assert_eq!(r.exit_code, 1);
+    let v: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
+    assert_eq!(v["code"], "not_found");
+}
