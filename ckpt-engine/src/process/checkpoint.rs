@@ -18,7 +18,7 @@ use super::hook::{HookEvent, Rendezvous};
 use super::reaper::Reaper;
 use super::runc::{Runc, attach_pipe_stdio, log_tail};
 use super::stats::{CriuDumpStats, CriuRestoreStats, decode_dump_stats, decode_restore_stats};
-use super::tree::{ProcessEntry, compare_trees, read_tree};
+use super::tree::{ProcessEntry, compare_trees, outside_tree, read_tree};
 use super::{ProcessConfig, ProcessError, validate_container_id};
 
 /// Version of [`ProcessImageInfo`]'s format.
@@ -304,7 +304,7 @@ impl ProcessBackend {
         let mut hook = Some(while_frozen);
         let mut processes = Vec::new();
         let mut hook_us = 0;
-        let mut hook_error = None;
+        let mut hook_error: Option<Box<dyn std::error::Error + Send + Sync>> = None;
         let status = loop {
             let event = match rv.wait(&mut child, deadline) {
                 Ok(ev) => ev,
@@ -324,6 +324,18 @@ impl ProcessBackend {
                     };
                     let t = Instant::now();
                     processes = read_tree(Path::new("/proc"), init_pid);
+                    // CRIU dumps the tree under the sandbox's init; anything else in its cgroup
+                    // (a `runc exec -d` process is re-parented outside the tree) would be lost
+                    // silently: refuse instead.
+                    let outside = outside_tree(Path::new("/proc"), init_pid);
+                    if !outside.is_empty() {
+                        hook_error = Some(Box::new(ProcessError::OutsideTree {
+                            container: id.to_string(),
+                            processes: outside.join(", "),
+                        }));
+                        rv.answer(false)?;
+                        continue;
+                    }
                     let ctx = FrozenContext {
                         container_id: id.to_string(),
                         init_pid,
@@ -345,6 +357,10 @@ impl ProcessBackend {
         let dump_wall_us = micros(started.elapsed());
         let _ = std::fs::remove_dir_all(&hook_dir);
         if let Some(source) = hook_error {
+            let source = match source.downcast::<ProcessError>() {
+                Ok(e) => return Err(*e),
+                Err(other) => other,
+            };
             return Err(ProcessError::FrozenHook {
                 container: id.to_string(),
                 source,

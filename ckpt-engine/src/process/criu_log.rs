@@ -86,6 +86,7 @@ fn classify(message: &str) -> CriuFailureKind {
     } else if m.contains("Connected TCP socket") {
         CriuFailureKind::TcpEstablished
     } else if m.contains("Can't dump file")
+        || m.starts_with("sockets:")
         || m.contains("Can't lookup mount")
         || m.contains("inet socket")
         || m.contains("unsupported")

@@ -175,6 +175,15 @@ pub enum ProcessError {
         /// The action that should have run.
         action: &'static str,
     },
+    /// processes of the sandbox are outside the tree CRIU dumps (re-parented away from the
+    /// sandbox's init, e.g. started with `runc exec -d`); the image would silently miss them
+    #[error("processes of {container} are outside its init's tree and would be lost: {processes}")]
+    OutsideTree {
+        /// Container id.
+        container: String,
+        /// `comm (host pid)` of each.
+        processes: String,
+    },
     /// the restored process tree differs from the dumped one
     #[error("restored tree of {container} differs from the checkpoint: {differences}")]
     VerifyFailed {

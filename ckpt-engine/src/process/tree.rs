@@ -29,6 +29,60 @@ pub struct ProcessEntry {
 /// Reads the tree rooted at host pid `root` from `proc` (normally `/proc`). Processes that
 /// vanish while being read are skipped: the tree is only exact when its tasks are stopped.
 pub fn read_tree(proc: &Path, root: u32) -> Vec<ProcessEntry> {
+    let mut out: Vec<ProcessEntry> = read_tree_with_host_pids(proc, root)
+        .into_iter()
+        .map(|(_, e)| e)
+        .collect();
+    out.sort();
+    out
+}
+
+/// Host pids of the processes in the cgroup (v2, including child cgroups) of host pid `pid`;
+/// `None` when the cgroup cannot be found.
+pub fn cgroup_pids_of(pid: u32) -> Option<Vec<u32>> {
+    let cgroup = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).ok()?;
+    let rel = cgroup
+        .lines()
+        .find_map(|l| l.strip_prefix("0::"))?
+        .trim_start_matches('/')
+        .to_string();
+    let dir = ["/sys/fs/cgroup/unified", "/sys/fs/cgroup"]
+        .iter()
+        .map(|root| Path::new(root).join(&rel))
+        .find(|d| d.join("cgroup.procs").exists())?;
+    let mut pids = Vec::new();
+    for entry in walkdir::WalkDir::new(&dir).into_iter().flatten() {
+        if entry.file_name() == "cgroup.procs" {
+            if let Ok(s) = std::fs::read_to_string(entry.path()) {
+                pids.extend(s.split_whitespace().filter_map(|p| p.parse::<u32>().ok()));
+            }
+        }
+    }
+    Some(pids)
+}
+
+/// Processes of the sandbox's cgroup that are not in the tree rooted at `root` (CRIU would
+/// silently leave them out of the image): `comm (host pid)` of each.
+pub fn outside_tree(proc: &Path, root: u32) -> Vec<String> {
+    let tree: std::collections::HashSet<u32> = read_tree_with_host_pids(proc, root)
+        .into_iter()
+        .map(|(p, _)| p)
+        .collect();
+    let Some(pids) = cgroup_pids_of(root) else {
+        return Vec::new();
+    };
+    pids.into_iter()
+        .filter(|p| !tree.contains(p))
+        .map(|p| {
+            let comm =
+                std::fs::read_to_string(proc.join(p.to_string()).join("comm")).unwrap_or_default();
+            format!("{} (host pid {p})", comm.trim())
+        })
+        .collect()
+}
+
+/// The tree rooted at `root` as (host pid, entry) pairs.
+pub fn read_tree_with_host_pids(proc: &Path, root: u32) -> Vec<(u32, ProcessEntry)> {
     let mut out = Vec::new();
     let mut stack = vec![(root, 0u32)];
     let mut seen = std::collections::HashSet::new();
@@ -45,7 +99,7 @@ pub fn read_tree(proc: &Path, root: u32) -> Vec<ProcessEntry> {
         };
         entry.ns_ppid = ns_ppid;
         let ns_pid = entry.ns_pid;
-        out.push(entry);
+        out.push((pid, entry));
         // Children are listed per thread.
         if let Ok(tasks) = std::fs::read_dir(dir.join("task")) {
             for task in tasks.flatten() {
@@ -57,7 +111,6 @@ pub fn read_tree(proc: &Path, root: u32) -> Vec<ProcessEntry> {
             }
         }
     }
-    out.sort();
     out
 }
 
