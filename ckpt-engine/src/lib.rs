@@ -17,6 +17,7 @@ pub mod api;
 pub mod cgroup;
 pub mod cli;
 pub mod config;
+pub mod doctor;
 pub mod engine;
 pub mod executor;
 pub mod fs;
