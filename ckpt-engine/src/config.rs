@@ -30,6 +30,11 @@ pub struct EngineConfig {
     pub image_mirror: Option<String>,
     /// Packages added to the minbase image. Default python3, git, make, gcc, libc6-dev.
     pub image_packages: Vec<String>,
+    /// Give each container sandbox a veth network (a /30 under `network_base`) so it can reach
+    /// Crab's listener on the host-side address. Default true.
+    pub network: bool,
+    /// Base of the /16 the sandbox networks are carved from. Default `10.231.0.0`.
+    pub network_base: std::net::Ipv4Addr,
     /// Which recovery points to keep.
     pub retention: RetentionConfig,
     /// How a restore verifies the restored tree against the manifest's tree hash: `full`
@@ -79,6 +84,8 @@ impl Default for EngineConfig {
                 .iter()
                 .map(|s| s.to_string())
                 .collect(),
+            network: true,
+            network_base: std::net::Ipv4Addr::new(10, 231, 0, 0),
             retention: RetentionConfig::default(),
             restore_verify: RestoreVerify::default(),
         }

@@ -144,6 +144,9 @@ pub struct SandboxRecord {
     pub created_unix_ms: u64,
     /// The point the live tree descends from (last checkpoint or restore).
     pub head: Option<String>,
+    /// The container's network, when networking is enabled.
+    #[serde(default)]
+    pub net: Option<crate::network::SandboxNet>,
 }
 
 /// A sandbox as listed.
@@ -163,6 +166,8 @@ pub struct SandboxInfo {
     pub points: usize,
     /// Newest point the live tree descends from.
     pub head: Option<String>,
+    /// Its network (host-side and sandbox addresses).
+    pub net: Option<crate::network::SandboxNet>,
 }
 
 /// Result of a restore.
@@ -454,11 +459,35 @@ impl Engine {
             pool::snapshot_subvolume(&image_path, &rootfs, false)?;
             self.write_bundle(name)?;
             self.start_container(name)?;
+            // Allocation and the record are written under one host-wide lock so concurrent
+            // creates never pick the same network.
+            let _netlock = if self.cfg.network {
+                Some(self.global_lock()?)
+            } else {
+                None
+            };
+            let net = if self.cfg.network {
+                let used: Vec<u32> = self
+                    .names()?
+                    .iter()
+                    .filter_map(|n| self.record(n).ok().and_then(|r| r.net).map(|n| n.index))
+                    .collect();
+                let index = crate::network::allocate(&used).ok_or(EngineError::InvalidName {
+                    name: name.to_string(),
+                    reason: "no free sandbox network left",
+                })?;
+                let net = crate::network::plan(name, index, self.cfg.network_base);
+                self.attach_network(name, &net)?;
+                Some(net)
+            } else {
+                None
+            };
             self.save_record(&SandboxRecord {
                 name: name.to_string(),
                 spec: SandboxKind::Container { image },
                 created_unix_ms: now_ms(),
                 head: None,
+                net,
             })
         })();
         if let Err(e) = result {
@@ -502,6 +531,7 @@ impl Engine {
             },
             created_unix_ms: now_ms(),
             head: None,
+            net: None,
         })?;
         self.info(name)
     }
@@ -541,6 +571,31 @@ impl Engine {
                 status: other.unwrap_or("missing").to_string(),
             }),
         }
+    }
+
+    fn global_lock(&self) -> Result<nix::fcntl::Flock<File>, EngineError> {
+        let path = self.meta_root().join(".lock");
+        let f = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .map_err(io_err("open lock", &path))?;
+        nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockExclusive)
+            .map_err(|(_, errno)| io_err("flock", &path)(errno.into()))
+    }
+
+    fn attach_network(
+        &self,
+        name: &str,
+        net: &crate::network::SandboxNet,
+    ) -> Result<(), EngineError> {
+        let pid = self.runc.pid(name).ok_or_else(|| EngineError::NotRunning {
+            name: name.to_string(),
+            status: "no init pid".to_string(),
+        })?;
+        crate::network::attach(net, pid)?;
+        Ok(())
     }
 
     fn stop(&self, rec: &SandboxRecord) -> Result<(), EngineError> {
@@ -663,6 +718,7 @@ impl Engine {
             cgroup: cg.path().to_path_buf(),
             points: self.points(name)?.len(),
             head: rec.head,
+            net: rec.net,
         })
     }
 
@@ -1112,6 +1168,9 @@ impl Engine {
         let t = Instant::now();
         if let SandboxKind::Container { .. } = rec.spec {
             self.start_container(name)?;
+            if let Some(net) = &rec.net {
+                self.attach_network(name, net)?;
+            }
         }
         let start_us = us(t.elapsed());
         rec.head = Some(point.id.clone());

@@ -23,6 +23,7 @@ pub mod executor;
 pub mod fs;
 pub mod image;
 pub mod manifest;
+pub mod network;
 pub mod pool;
 pub mod process;
 pub mod runc;

@@ -145,6 +145,15 @@ impl Runc {
         v.get("status")?.as_str().map(str::to_string)
     }
 
+    /// Pid of the container's init (in the host pid namespace), `None` when not running.
+    pub fn pid(&self, id: &str) -> Option<u32> {
+        let mut args = self.base();
+        args.extend(["state".into(), id.into()]);
+        let out = sys::run(&self.bin, &args).ok()?;
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+        v.get("pid")?.as_u64().map(|p| p as u32).filter(|p| *p > 0)
+    }
+
     /// Stops and removes the container (`runc delete --force` kills what is left). Unknown
     /// containers are fine.
     pub fn delete(&self, id: &str) -> Result<(), ToolError> {

@@ -43,6 +43,7 @@ fn checkpoint_mutate_restore_verify_byte_for_byte() {
     // Own namespaces: pid 1 is the container's init, hostname is the sandbox name.
     assert_eq!(sh(e, &name, "hostname").trim(), name);
     assert!(sh(e, &name, "cat /proc/1/cmdline | tr '\\0' ' '").contains("sh -c"));
+    assert_reaches_host(e, &name, "before checkpoints");
 
     sh(
         e,
@@ -107,6 +108,7 @@ fn checkpoint_mutate_restore_verify_byte_for_byte() {
         let v = e.verify(&name, Some(id)).unwrap();
         assert!(v.ok, "{id} verifies: {v:?}");
     }
+    assert_reaches_host(e, &name, "after a restore");
     // Forward again to the newer point.
     e.restore(&name, None).expect("restore newest");
     assert_eq!(
@@ -339,4 +341,31 @@ fn cli_commands_drive_the_engine() {
     assert_eq!(r.exit_code, 1);
     let v: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
     assert_eq!(v["code"], "not_found");
+}
+
+/// Asserts that the sandbox reaches a listener on its host-side address over its veth.
+fn assert_reaches_host(e: &ckpt_engine::Engine, name: &str, when: &str) {
+    use std::io::{Read, Write};
+    let net = e.info(name).unwrap().net.expect("sandbox has a network");
+    let listener = std::net::TcpListener::bind((net.host_ip, 0)).unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let server = std::thread::spawn(move || {
+        let (mut conn, peer) = listener.accept().unwrap();
+        let mut buf = [0u8; 1024];
+        let _ = conn.read(&mut buf);
+        conn.write_all(b"HTTP/1.0 200 OK\r\nContent-Length: 5\r\n\r\ncrab!")
+            .unwrap();
+        peer.ip()
+    });
+    let body = sh(
+        e,
+        name,
+        &format!("wget -q -O - http://{}:{port}/", net.host_ip),
+    );
+    assert_eq!(body, "crab!", "{when}");
+    assert_eq!(
+        server.join().unwrap(),
+        std::net::IpAddr::V4(net.sandbox_ip),
+        "{when}"
+    );
 }

@@ -10,6 +10,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use ckpt_engine::{Engine, EngineConfig};
 
 static COUNTER: AtomicU32 = AtomicU32::new(0);
+static NETWORKS: AtomicU32 = AtomicU32::new(0);
 
 /// Returns false (after printing why) when the test must be skipped; panics under strict mode.
 pub fn prerequisites(test: &str) -> bool {
@@ -64,6 +65,13 @@ pub fn config(pool_size: u64) -> EngineConfig {
         pool_size_bytes: pool_size,
         cgroup_parent: "crab-test".into(),
         cgroup_root: cgroup_root(),
+        // Engines of parallel tests must not hand out the same addresses.
+        network_base: std::net::Ipv4Addr::new(
+            10,
+            (200 + NETWORKS.fetch_add(1, Ordering::SeqCst) % 50) as u8,
+            0,
+            0,
+        ),
         ..EngineConfig::default()
     }
 }
