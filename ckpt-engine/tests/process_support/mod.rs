@@ -6,8 +6,8 @@
 //! engine's own teardown.
 #![allow(dead_code, reason = "each test binary uses a different subset")]
 
-use std::cell::RefCell;
 use std::path::{Path, PathBuf};
+use std::sync::Mutex;
 use std::time::Duration;
 
 use ckpt_engine::Engine;
@@ -68,8 +68,8 @@ pub struct Lab {
     pub t: TestEngine,
     pub process: ProcessBackend,
     pub images: PathBuf,
-    forks: RefCell<Vec<String>>,
-    counter: RefCell<u32>,
+    forks: Mutex<Vec<String>>,
+    counter: Mutex<u32>,
 }
 
 impl Lab {
@@ -90,8 +90,8 @@ impl Lab {
             t,
             process,
             images,
-            forks: RefCell::new(Vec::new()),
-            counter: RefCell::new(0),
+            forks: Mutex::new(Vec::new()),
+            counter: Mutex::new(0),
         }
     }
 
@@ -100,7 +100,7 @@ impl Lab {
     }
 
     fn next(&self) -> u32 {
-        let mut c = self.counter.borrow_mut();
+        let mut c = self.counter.lock().unwrap();
         *c += 1;
         *c
     }
@@ -195,7 +195,7 @@ impl Lab {
         fork: &str,
     ) -> Result<RestoredProcess, ckpt_engine::process::ProcessError> {
         let e = self.engine();
-        self.forks.borrow_mut().push(fork.to_string());
+        self.forks.lock().unwrap().push(fork.to_string());
         let rootfs = e.pool().sandboxes_dir().join(fork).join("rootfs");
         std::fs::create_dir_all(rootfs.parent().unwrap()).unwrap();
         e.backend()
@@ -298,7 +298,7 @@ impl Lab {
 impl Drop for Lab {
     fn drop(&mut self) {
         let e = self.t.engine();
-        for fork in self.forks.borrow().iter() {
+        for fork in self.forks.lock().unwrap().iter() {
             let _ = self.process.runc().delete_force(fork);
             let dir = e.pool().sandboxes_dir().join(fork);
             let _ = ckpt_engine::pool::delete_subvolume(&dir.join("rootfs"));

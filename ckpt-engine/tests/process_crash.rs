@@ -1,0 +1,203 @@
+//! Crash safety of process checkpoints: `kill -9` of the checkpointing process (alone, or with
+//! its runc and CRIU) and of the sandbox, at random points during dumps. Afterwards the sandbox
+//! runs (never left stopped), nothing half-written is visible, every published image is
+//! complete, and the recovery point taken before the crashes still restores.
+//! Run as root: `CRAB_TEST_STRICT=1 cargo test -p ckpt-engine --test process_crash`.
+
+mod common;
+mod process_support;
+
+use std::os::unix::process::CommandExt;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use ckpt_engine::fs::btrfs::BtrfsBackend;
+use ckpt_engine::fs::{ChangeHint, FsBackend, FsError, NoQuiesce, SnapshotRequest};
+use ckpt_engine::pool::BtrfsPool;
+use ckpt_engine::process::{CheckpointRequest, ProcessBackend, ProcessConfig, sweep_partials};
+use common::unique;
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use process_support::{GIB, Lab, process_prerequisites};
+
+const SERVER: &str = "n=0; exec 3<>/req; while read -r id <&3; do n=$((n+1)); \
+    echo \"$id $n\" > /resp.tmp && mv /resp.tmp /resp; done";
+
+fn ask(lab: &Lab, id: &str, req: u64) -> u64 {
+    let script = format!(
+        "echo {req} > /req; i=0; while [ $i -lt 300 ]; do \
+         set -- $(cat /resp 2>/dev/null); [ \"$1\" = {req} ] && echo $2 && exit 0; \
+         i=$((i+1)); usleep 10000; done; exit 1"
+    );
+    let (code, out) = lab.sh_in(id, &script);
+    assert_eq!(code, 0, "server in {id} does not answer (frozen or dead?)");
+    out.trim().parse().unwrap()
+}
+
+/// Helper run in a child process by `kill_9_during_dumps_keeps_previous_point_restorable`:
+/// checkpoints the sandbox over and over until killed.
+#[test]
+#[ignore = "helper process of kill_9_during_dumps_keeps_previous_point_restorable"]
+fn crash_child_checkpoints_until_killed() {
+    let (Ok(state), Ok(name)) = (
+        std::env::var("CRAB_CRASH_STATE"),
+        std::env::var("CRAB_CRASH_NAME"),
+    ) else {
+        return;
+    };
+    let state = PathBuf::from(state);
+    let pool = BtrfsPool::open(&state, 4 * GIB).expect("pool");
+    let backend = BtrfsBackend::new(&pool, false);
+    let process = ProcessBackend::new(ProcessConfig {
+        runc_root: Some(state.join("runc")),
+        hook_timeout_secs: 3,
+        ..ProcessConfig::default()
+    })
+    .unwrap();
+    let rootfs = pool.sandboxes_dir().join(&name).join("rootfs");
+    let images = state.join("process-images");
+    for n in 0.. {
+        let cid = format!("c{}x{n}", std::process::id());
+        let _ = process.checkpoint(
+            &CheckpointRequest {
+                container_id: &name,
+                dest: &images.join(format!("crash-{cid}")),
+            },
+            |_| -> Result<_, FsError> {
+                backend.snapshot(&SnapshotRequest {
+                    sandbox_id: &name,
+                    checkpoint_id: &cid,
+                    source: &rootfs,
+                    parent: None,
+                    changes: &ChangeHint::Unknown,
+                    quiesce: &NoQuiesce,
+                })
+            },
+        );
+    }
+}
+
+/// Proves crash safety of dumps (see the file header).
+#[test]
+fn kill_9_during_dumps_keeps_previous_point_restorable() {
+    if !process_prerequisites("kill_9_during_dumps_keeps_previous_point_restorable") {
+        return;
+    }
+    let lab = Lab::open(4 * GIB);
+    let name = unique("");
+    lab.engine().create(&name, None).expect("create");
+    lab.sh(&name, "mkfifo /req");
+    lab.spawn(&name, SERVER);
+    let mut req = 1;
+    assert_eq!(ask(&lab, &name, req), 1);
+    req += 1;
+    assert_eq!(ask(&lab, &name, req), 2);
+    let good = lab
+        .full_checkpoint(&name)
+        .unwrap_or_else(|f| panic!("checkpoint: {}", f.error));
+    let mut served = 2;
+
+    let seed = std::process::id() as u64 ^ Instant::now().elapsed().as_nanos() as u64;
+    let mut rng = seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
+    let mut next = |max: u64| {
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        rng % max
+    };
+    for round in 0..6 {
+        let mut child = std::process::Command::new(std::env::current_exe().unwrap())
+            .args([
+                "--exact",
+                "crash_child_checkpoints_until_killed",
+                "--ignored",
+                "--nocapture",
+            ])
+            .env("CRAB_CRASH_STATE", &lab.t.state_dir)
+            .env("CRAB_CRASH_NAME", &name)
+            .env(
+                "PATH",
+                format!(
+                    "/usr/local/sbin:{}",
+                    std::env::var("PATH").unwrap_or_default()
+                ),
+            )
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .process_group(0)
+            .spawn()
+            .unwrap();
+        let delay = 100 + next(900);
+        std::thread::sleep(Duration::from_millis(delay));
+        let pgid = Pid::from_raw(child.id() as i32);
+        let everything = round % 2 == 0;
+        if everything {
+            // The daemon and its runc and CRIU die together.
+            let _ = kill(Pid::from_raw(-pgid.as_raw()), Signal::SIGKILL);
+        } else {
+            // Only the daemon dies; runc and CRIU carry on without it.
+            let _ = kill(pgid, Signal::SIGKILL);
+        }
+        let _ = child.wait();
+        // Wait until every leftover of the group (runc, criu, hook script) is gone.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while kill(Pid::from_raw(-pgid.as_raw()), None).is_ok() {
+            assert!(
+                Instant::now() < deadline,
+                "leftovers of the killed checkpointer"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        // Recovery on the next start: thaw, sweep partial images.
+        lab.process
+            .ensure_running(&name)
+            .expect("sandbox runs again");
+        let swept = sweep_partials(&lab.images).unwrap();
+        let mut published = 0;
+        for e in std::fs::read_dir(&lab.images).unwrap().flatten() {
+            let file_name = e.file_name().to_string_lossy().into_owned();
+            if file_name.starts_with("crash-") {
+                ProcessBackend::load_image_info(&e.path())
+                    .unwrap_or_else(|err| panic!("published image {file_name} is complete: {err}"));
+                published += 1;
+            }
+        }
+        req += 1;
+        served += 1;
+        assert_eq!(
+            ask(&lab, &name, req),
+            served,
+            "sandbox alive and not frozen"
+        );
+        eprintln!(
+            "round {round}: killed {} after {delay} ms; swept {swept} partial(s), {published} published so far",
+            if everything {
+                "daemon+runc+criu"
+            } else {
+                "daemon"
+            }
+        );
+    }
+
+    // The sandbox itself killed at a random point of a dump.
+    let delay = next(150);
+    std::thread::scope(|s| {
+        let dump = s.spawn(|| {
+            lab.full_checkpoint(&name)
+                .map(|_| ())
+                .map_err(|f| f.error.to_string())
+        });
+        std::thread::sleep(Duration::from_millis(delay));
+        lab.kill_sandbox(&name);
+        let r = dump.join().unwrap();
+        eprintln!("dump while the sandbox was killed after {delay} ms: {r:?}");
+    });
+    sweep_partials(&lab.images).unwrap();
+
+    // The point taken before all of this still restores, with its memory state.
+    lab.kill_sandbox(&name);
+    lab.restore_in_place(&name, &good);
+    assert_eq!(ask(&lab, &name, 1000), 3);
+}
