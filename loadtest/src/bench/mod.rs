@@ -5,6 +5,7 @@
 
 pub mod engine;
 pub mod inspector;
+pub mod process;
 pub mod proxy;
 
 /// The benchmarks.
@@ -17,6 +18,8 @@ pub enum BenchCommand {
     Inspector(inspector::Args),
     /// The checkpoint engine.
     Engine(engine::Args),
+    /// CRIU process checkpoints: latency, image size, restore and fork.
+    Process(process::Args),
 }
 
 /// Runs one benchmark (called before any tokio runtime exists).
@@ -25,5 +28,6 @@ pub fn run(command: BenchCommand) -> anyhow::Result<()> {
         BenchCommand::Proxy(args) => proxy::run(args),
         BenchCommand::Inspector(args) => inspector::run(args),
         BenchCommand::Engine(args) => engine::run(args),
+        BenchCommand::Process(args) => process::run(args),
     }
 }
