@@ -756,7 +756,10 @@ async fn run_async(args: Args) -> anyhow::Result<()> {
                 "{cores} cores shared by the load generator, the in-process fake upstream and the proxy under test; \
                  other processes on the host add noise (see loadavg). Paths alternate in rotated rounds."
             ),
-            "added = this path's percentile minus direct's percentile (not a per-request difference)".into(),
+            "added = this path's percentile minus direct's percentile (not a per-request difference); at \
+             concurrency 64 the closed-loop latencies are dominated by CPU queueing on the shared cores, so \
+             differences there can be negative; crab's /metrics histogram is its own processing time"
+                .into(),
             "nginx: worker_processes auto, proxy_buffering off, proxy_request_buffering off, HTTP/1.1 upstream keepalive".into(),
         ],
     };
