@@ -458,7 +458,7 @@ impl Engine {
             pool::delete_subvolume(&rootfs)?;
             pool::snapshot_subvolume(&image_path, &rootfs, false)?;
             self.write_bundle(name)?;
-            self.start_container(name)?;
+            let pid = self.start_container(name, false)?;
             // Allocation and the record are written under one host-wide lock so concurrent
             // creates never pick the same network.
             let _netlock = if self.cfg.network {
@@ -477,7 +477,7 @@ impl Engine {
                     reason: "no free sandbox network left",
                 })?;
                 let net = crate::network::plan(name, index, self.cfg.network_base);
-                self.attach_network(name, &net)?;
+                crate::network::attach(&net, pid)?;
                 Some(net)
             } else {
                 None
@@ -559,16 +559,20 @@ impl Engine {
         write_json_atomic(&bundle.join("config.json"), &spec)
     }
 
-    fn start_container(&self, name: &str) -> Result<(), EngineError> {
-        // A stale container with this id (crashed engine) would make `run` fail.
-        self.runc.delete(name)?;
+    /// Starts the container's init; `clean` when the caller just deleted the container.
+    /// Returns the init's pid.
+    fn start_container(&self, name: &str, clean: bool) -> Result<u32, EngineError> {
+        if !clean {
+            // A stale container with this id (crashed engine) would make `run` fail.
+            self.runc.delete(name)?;
+        }
         self.runc
             .run_detached(name, &self.meta_dir(name).join("bundle"))?;
-        match self.runc.status(name).as_deref() {
-            Some("running") => Ok(()),
+        match self.runc.state(name) {
+            Some((status, pid)) if status == "running" && pid > 0 => Ok(pid),
             other => Err(EngineError::NotRunning {
                 name: name.to_string(),
-                status: other.unwrap_or("missing").to_string(),
+                status: other.map(|(s, _)| s).unwrap_or_else(|| "missing".into()),
             }),
         }
     }
@@ -583,19 +587,6 @@ impl Engine {
             .map_err(io_err("open lock", &path))?;
         nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockExclusive)
             .map_err(|(_, errno)| io_err("flock", &path)(errno.into()))
-    }
-
-    fn attach_network(
-        &self,
-        name: &str,
-        net: &crate::network::SandboxNet,
-    ) -> Result<(), EngineError> {
-        let pid = self.runc.pid(name).ok_or_else(|| EngineError::NotRunning {
-            name: name.to_string(),
-            status: "no init pid".to_string(),
-        })?;
-        crate::network::attach(net, pid)?;
-        Ok(())
     }
 
     fn stop(&self, rec: &SandboxRecord) -> Result<(), EngineError> {
@@ -1167,9 +1158,9 @@ impl Engine {
         }
         let t = Instant::now();
         if let SandboxKind::Container { .. } = rec.spec {
-            self.start_container(name)?;
+            let pid = self.start_container(name, true)?;
             if let Some(net) = &rec.net {
-                self.attach_network(name, net)?;
+                crate::network::attach(net, pid)?;
             }
         }
         let start_us = us(t.elapsed());

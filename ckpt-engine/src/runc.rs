@@ -138,11 +138,18 @@ impl Runc {
 
     /// Container status (`running`, `paused`, `stopped`, `created`), `None` when unknown.
     pub fn status(&self, id: &str) -> Option<String> {
+        self.state(id).map(|(status, _)| status)
+    }
+
+    /// Container status and init pid (0 when not running), `None` when unknown.
+    pub fn state(&self, id: &str) -> Option<(String, u32)> {
         let mut args = self.base();
         args.extend(["state".into(), id.into()]);
         let out = sys::run(&self.bin, &args).ok()?;
         let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
-        v.get("status")?.as_str().map(str::to_string)
+        let status = v.get("status")?.as_str()?.to_string();
+        let pid = v.get("pid").and_then(|p| p.as_u64()).unwrap_or(0) as u32;
+        Some((status, pid))
     }
 
     /// Pid of the container's init (in the host pid namespace), `None` when not running.
