@@ -14,6 +14,7 @@ use std::time::{Duration, Instant, SystemTime};
 use serde::{Deserialize, Serialize};
 
 use super::criu_log::{CriuFailure, CriuFailureKind, failure_from_log};
+use super::freeze::freezer_of;
 use super::hook::{HookEvent, Rendezvous};
 use super::reaper::Reaper;
 use super::runc::{Runc, attach_pipe_stdio, log_tail};
@@ -243,7 +244,8 @@ impl ProcessBackend {
         }
         let partial = partial_path(req.dest);
         remove_dir_if_exists(&partial)?;
-        let result = self.dump_into(id, &partial, while_frozen, frozen);
+        let init_pid = state.as_ref().map_or(0, |s| s.pid);
+        let result = self.dump_into(id, init_pid, &partial, while_frozen, frozen);
         let info = match result {
             Ok(info) => info,
             Err(e) => {
@@ -258,6 +260,7 @@ impl ProcessBackend {
     fn dump_into<T, E, F>(
         &self,
         id: &str,
+        init_pid: u32,
         partial: &Path,
         while_frozen: F,
         frozen: &mut Option<T>,
@@ -284,6 +287,21 @@ impl ProcessBackend {
             .try_clone()
             .map_err(|e| ProcessError::io("dup", &out_path, e))?;
         let started = Instant::now();
+        // Freeze first so CRIU skips its 100 ms freezer polling (see `freeze`); thawed when
+        // `prefrozen` drops, on every path.
+        let prefrozen = std::fs::read_to_string(format!("/proc/{init_pid}/cgroup"))
+            .ok()
+            .and_then(|text| {
+                freezer_of(
+                    &text,
+                    Path::new("/sys/fs/cgroup/freezer"),
+                    &[
+                        Path::new("/sys/fs/cgroup/unified"),
+                        Path::new("/sys/fs/cgroup"),
+                    ],
+                )
+            })
+            .and_then(|f| f.freeze(Duration::from_secs(2)));
         let mut child = self
             .runc
             .command()
@@ -354,6 +372,7 @@ impl ProcessBackend {
                 HookEvent::Exited(status) => break status,
             }
         };
+        drop(prefrozen);
         let dump_wall_us = micros(started.elapsed());
         let _ = std::fs::remove_dir_all(&hook_dir);
         if let Some(source) = hook_error {
