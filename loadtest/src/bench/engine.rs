@@ -172,7 +172,7 @@ fn restore_scenario(engine: &Engine, restores: usize, mode: &str) -> anyhow::Res
         percentile(&v, 0.5)
     };
     s.note = format!(
-        "p50 phases: stop container {:.1} ms, fs swap {:.1} ms, verify {:.1} ms, start container {:.1} ms",
+        "p50 phases: stop container {:.1} ms, fs swap {:.1} ms, verify {:.1} ms, start container + network {:.1} ms",
         p50(stop),
         p50(fs),
         p50(verify),
