@@ -23,4 +23,13 @@ fn main() {
         c.len(),
         s.elapsed()
     );
+    let mut t = FsTracker::new();
+    for i in 0..50_000 {
+        t.apply(FsOp::Remove {
+            path: format!("tmp/work/old/f{i}"),
+        });
+    }
+    let s = Instant::now();
+    let c = t.changes();
+    println!("changes() of {} deletions: {:?}", c.len(), s.elapsed());
 }

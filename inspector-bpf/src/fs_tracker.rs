@@ -11,7 +11,7 @@
 //! change, a temporary file renamed over an existing one (`sed -i`) is a modification, and a
 //! pre-existing file moved elsewhere is a rename.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use serde::Serialize;
 
@@ -107,6 +107,9 @@ pub struct FsTracker {
     /// Ordered, so a directory's tracked subtree is one range query.
     at: BTreeMap<String, (usize, Existed)>,
     baseline: FastMap<String, Existed>,
+    /// Paths that (may have) existed at the baseline and have no occupant now, kept sorted so
+    /// the report of a mass deletion needs no sort.
+    vacant: BTreeSet<String>,
     ops: u64,
 }
 
@@ -166,6 +169,9 @@ impl FsTracker {
     /// existence next to it so the report needs no lookups.
     fn place(&mut self, path: String, n: usize) {
         let existed = self.baseline.get(&path).copied().unwrap_or(Existed::Yes);
+        if existed != Existed::No {
+            self.vacant.remove(&path);
+        }
         self.at.insert(path, (n, existed));
     }
 
@@ -214,8 +220,14 @@ impl FsTracker {
                 join(path, &rest)
             };
             self.at.remove(&p);
-            if self.baseline.get(&p) == Some(&Existed::No) {
-                self.baseline.remove(&p);
+            match self.baseline.get(&p) {
+                Some(Existed::No) => {
+                    self.baseline.remove(&p);
+                }
+                Some(_) => {
+                    self.vacant.insert(p);
+                }
+                None => {}
             }
         }
     }
@@ -362,15 +374,10 @@ impl FsTracker {
                 }
             }
         }
-        // Vacated paths: only when some baseline path has no occupant.
-        if self.baseline.len() != self.at.len() {
-            for (p, &existed) in &self.baseline {
-                if existed != Existed::No
-                    && !placed.contains_key(p.as_str())
-                    && !self.at.contains_key(p)
-                {
-                    deleted.push(FileChange::Deleted { path: p.clone() });
-                }
+        // Vacated baseline paths, already in order.
+        for p in &self.vacant {
+            if !placed.contains_key(p.as_str()) {
+                deleted.push(FileChange::Deleted { path: p.clone() });
             }
         }
         // A rename implied by a renamed ancestor directory is not listed separately.
@@ -388,7 +395,6 @@ impl FsTracker {
         }
         // The variant order of `FileChange`'s derived `Ord`: created, modified, deleted,
         // renamed, metadata.
-        deleted.sort();
         let mut out = created;
         out.append(&mut modified);
         out.append(&mut deleted);
