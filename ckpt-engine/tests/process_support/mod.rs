@@ -117,6 +117,10 @@ impl Lab {
 
     /// A full checkpoint: CRIU dump with the btrfs snapshot of the rootfs taken in the
     /// post-dump window (tasks stopped), as `Engine::checkpoint(kind=full)` will do.
+    #[expect(
+        clippy::result_large_err,
+        reason = "the failure carries the snapshot taken before CRIU failed"
+    )]
     pub fn full_checkpoint(
         &self,
         name: &str,
