@@ -30,6 +30,12 @@ pub struct EngineConfig {
     pub image_mirror: Option<String>,
     /// Packages added to the minbase image. Default python3, git, make, gcc, libc6-dev.
     pub image_packages: Vec<String>,
+    /// Filesystem checkpoint backend: `btrfs` (CoW snapshots in the pool; directory sandboxes
+    /// need btrfs subvolumes) or `cas` (the content-addressed store in `cas_dir`; any
+    /// filesystem). Default `btrfs`.
+    pub fs_backend: FsBackendKind,
+    /// Object directory of the `cas` backend. Default `<state_dir>/cas`.
+    pub cas_dir: Option<PathBuf>,
     /// Give each container sandbox a veth network (a /30 under `network_base`) so it can reach
     /// Crab's listener on the host-side address. Default true.
     pub network: bool,
@@ -42,6 +48,17 @@ pub struct EngineConfig {
     /// files whose inode, size, mtime and ctime are unchanged (a btrfs clone keeps all four;
     /// btrfs checksums data blocks itself) and reads the rest. Default `cached`.
     pub restore_verify: RestoreVerify,
+}
+
+/// Filesystem backend choice (see [`EngineConfig::fs_backend`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum FsBackendKind {
+    /// btrfs subvolume snapshots.
+    #[default]
+    Btrfs,
+    /// Content-addressed store.
+    Cas,
 }
 
 /// Restore verification mode (see [`EngineConfig::restore_verify`]).
@@ -84,6 +101,8 @@ impl Default for EngineConfig {
                 .iter()
                 .map(|s| s.to_string())
                 .collect(),
+            fs_backend: FsBackendKind::default(),
+            cas_dir: None,
             network: true,
             network_base: std::net::Ipv4Addr::new(10, 231, 0, 0),
             retention: RetentionConfig::default(),

@@ -274,10 +274,19 @@ impl Engine {
         })?;
         let pool = BtrfsPool::open(&cfg.state_dir, cfg.pool_size_bytes)?;
         let runc = Runc::new(runc_bin, cfg.state_dir.join("runc"));
-        let backend: Arc<dyn FsBackend> = Arc::new(BtrfsBackend::new(
-            &pool,
-            cfg.restore_verify == crate::config::RestoreVerify::Cached,
-        ));
+        let backend: Arc<dyn FsBackend> = match cfg.fs_backend {
+            crate::config::FsBackendKind::Btrfs => Arc::new(BtrfsBackend::new(
+                &pool,
+                cfg.restore_verify == crate::config::RestoreVerify::Cached,
+            )),
+            crate::config::FsBackendKind::Cas => {
+                let dir = cfg
+                    .cas_dir
+                    .clone()
+                    .unwrap_or_else(|| cfg.state_dir.join("cas"));
+                Arc::new(crate::fs::cas::CasBackend::open(&dir)?)
+            }
+        };
         let engine = Engine {
             cfg,
             pool,
@@ -512,7 +521,10 @@ impl Engine {
                     reason: "declared directories must be absolute paths",
                 });
             }
-            if !d.exists() {
+            if self.backend.name() != crate::fs::btrfs::NAME {
+                // Backends that read trees (cas) work on any directory.
+                std::fs::create_dir_all(d).map_err(io_err("create declared dir", d))?;
+            } else if !d.exists() {
                 pool::create_subvolume(d)?;
             } else if !pool::is_subvolume(d) {
                 return Err(EngineError::Fs(FsError::NotFound {
