@@ -5,8 +5,18 @@
 //! manifests, restore and verify them.
 //!
 //! Module map:
-//! - [`fs`]: the `FsBackend` trait, the btrfs CoW backend and the canonical tree hash.
+//! - [`engine`]: the [`Engine`] library API (sandboxes, checkpoint, points, restore, verify,
+//!   GC, recovery of crash leftovers on open) and the child subreaper ([`engine::Reaper`]).
+//! - [`api`]: serde `EngineRequest`/`EngineResponse` and the transport-free `dispatch`.
+//! - [`cli`]: clap arguments of the `crab` engine subcommands and response rendering.
+//! - [`config`]: [`EngineConfig`] with documented defaults.
+//! - [`manifest`]: the checksummed recovery-point format, lifecycle, retention and GC plans.
+//! - [`fs`]: the `FsBackend` trait, the btrfs CoW backend, the cas backend, the tree hash.
 //! - [`pool`]: the btrfs pool (loop file when the state dir is not btrfs) and subvolume helpers.
+//! - [`runc`], [`cgroup`], [`network`], [`image`]: the container runtime, the cgroup v2 freezer,
+//!   per-sandbox veth networks and base images.
+//! - [`executor`]: the engine as the [`scheduler`]'s checkpoint executor.
+//! - [`process`]: CRIU process checkpoints; [`scheduler`]: the host-scoped scheduler.
 //! - [`sys`]: running external tools with captured errors.
 //!
 //! Invariants: only published recovery points are visible; every id read from disk is validated
