@@ -1218,7 +1218,7 @@ impl Engine {
 }
 
 /// Makes the calling process a child subreaper, so orphans of sandboxes (runc's detached
-/// inits, restored trees) are reparented to it and can be reaped by [`reap_children`].
+/// inits, restored trees) are reparented to it and can be reaped by a [`Reaper`].
 pub fn become_subreaper() -> Result<(), EngineError> {
     nix::sys::prctl::set_child_subreaper(true)
         .map_err(|e| io_err("prctl(PR_SET_CHILD_SUBREAPER)", Path::new("/proc/self"))(e.into()))
