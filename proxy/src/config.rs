@@ -113,6 +113,10 @@ pub struct FileConfig {
     /// Transcript settings.
     #[serde(default)]
     pub transcript: TranscriptConfig,
+    /// The checkpoint engine (sandboxes, checkpoints). Every key has a default; an absent table
+    /// means the defaults with `state_dir = <state_dir>/engine`. The engine starts on the first
+    /// engine request to the admin API, so a proxy-only daemon needs no root.
+    pub engine: Option<ckpt_engine::config::EngineConfig>,
 }
 
 /// One `[[routes]]` entry.
@@ -352,6 +356,8 @@ pub struct Config {
     pub timeouts: Timeouts,
     pub tls: Option<TlsFiles>,
     pub transcript: TranscriptSettings,
+    /// Checkpoint engine configuration (resolved: its state dir defaults under `state_dir`).
+    pub engine: ckpt_engine::config::EngineConfig,
 }
 
 /// Headers redacted always (in addition to configured ones).
@@ -522,7 +528,14 @@ impl Config {
                 requirement: "at least 1",
             });
         }
+        let engine = file
+            .engine
+            .unwrap_or_else(|| ckpt_engine::config::EngineConfig {
+                state_dir: state_dir.join("engine"),
+                ..Default::default()
+            });
         Ok(Self {
+            engine,
             listen,
             admin,
             state_dir,
@@ -800,6 +813,11 @@ sandbox = "net"
                 queue_capacity: Some(0),
                 max_queue_bytes: Some(0),
             },
+            engine: Some(ckpt_engine::config::EngineConfig {
+                image_mirror: Some(String::new()),
+                cas_dir: Some(PathBuf::new()),
+                ..Default::default()
+            }),
         };
         fn keys(v: &toml::Value, out: &mut Vec<String>) {
             match v {
@@ -820,7 +838,8 @@ sandbox = "net"
             assert!(
                 text.contains(&format!("{k} ="))
                     || text.contains(&format!("[{k}]"))
-                    || text.contains(&format!("[[{k}]]")),
+                    || text.contains(&format!("[[{k}]]"))
+                    || text.contains(&format!(".{k}]")),
                 "configs/crab.example.toml does not document `{k}`"
             );
         }

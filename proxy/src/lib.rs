@@ -19,7 +19,9 @@
 //! - [`error`]: the proxy's own errors (side + retryable) in OpenAI / Anthropic error shapes.
 //! - [`transcript`]: the durable, redacted, rotated per-sandbox JSONL log (writer thread).
 //! - [`admin`]: the extensible admin router; [`metrics`]: Prometheus metrics; [`tls`]: rustls.
-//! - [`cli`]: the `crab` command line (serve, turns, sandboxes, inspect) and the admin client.
+//! - [`engine_api`]: the checkpoint engine behind `POST /api/engine` (opened on first use).
+//! - [`cli`]: the `crab` command line (serve, turns, sandboxes, inspect, the engine subcommands,
+//!   doctor) and the admin client.
 //!
 //! Invariants:
 //! - Bytes between client and upstream are never altered or reordered; only hop-by-hop
@@ -37,6 +39,7 @@
 pub mod admin;
 pub mod cli;
 pub mod config;
+pub mod engine_api;
 pub mod error;
 pub mod forward;
 pub mod headers;

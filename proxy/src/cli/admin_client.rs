@@ -73,6 +73,13 @@ impl AdminClient {
         })
     }
 
+    /// The same client with another whole-call timeout (long engine operations: image builds,
+    /// checkpoints of large sandboxes).
+    pub fn with_timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
+        self
+    }
+
     /// The base URL (`http://HOST:PORT`).
     pub fn base_url(&self) -> &str {
         &self.base

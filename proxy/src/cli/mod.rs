@@ -8,6 +8,7 @@
 //! [`OutputArgs`] into its args, and call [`emit`] with its result.
 
 pub mod admin_client;
+pub mod engine;
 pub mod serve;
 pub mod turns;
 
@@ -18,6 +19,7 @@ use serde::Serialize;
 
 use crate::config::{DEFAULT_ADMIN, FileConfig};
 use admin_client::AdminClient;
+use ckpt_engine::cli::EngineCommand;
 
 /// Crab: checkpoint-and-restore for agent sandboxes (transparent LLM proxy, turn tracking).
 #[derive(Debug, Parser)]
@@ -46,16 +48,30 @@ pub enum Command {
     Sandboxes(turns::SandboxesArgs),
     /// Run a command in a fresh watched cgroup and print what Crab would checkpoint.
     Inspect(inspector_bpf::cli::InspectArgs),
+    /// Manage the daemon's sandboxes (create, exec, list, rm).
+    Sandbox(engine::EngineArgs<ckpt_engine::cli::SandboxArgs>),
+    /// Manage base images (busybox, debootstrap).
+    Image(engine::EngineArgs<ckpt_engine::cli::ImageArgs>),
+    /// Checkpoint a sandbox and publish a recovery point.
+    Checkpoint(engine::EngineArgs<ckpt_engine::cli::CheckpointArgs>),
+    /// List a sandbox's recovery points and what each can restore.
+    Checkpoints(engine::EngineArgs<ckpt_engine::cli::CheckpointsArgs>),
+    /// Restore a sandbox in place to a recovery point (filesystem first, verified).
+    Restore(engine::EngineArgs<ckpt_engine::cli::RestoreArgs>),
+    /// Recompute a recovery point's tree hash and compare it with its manifest.
+    Verify(engine::EngineArgs<ckpt_engine::cli::VerifyArgs>),
+    /// Check every prerequisite (BTF, tracefs, cgroup v2, CRIU, runc, btrfs …) and say how to fix it.
+    Doctor(OutputArgs),
 }
 
 /// How a subcommand finds the running daemon.
 #[derive(Debug, Clone, Args)]
 pub struct DaemonArgs {
     /// Admin API address of the running daemon (HOST:PORT).
-    #[arg(long, env = "CRAB_ADMIN", value_name = "ADDR")]
+    #[arg(long, global = true, env = "CRAB_ADMIN", value_name = "ADDR")]
     pub admin: Option<String>,
     /// Config file (its `admin` address is used when --admin is not given).
-    #[arg(long, env = "CRAB_CONFIG", value_name = "FILE")]
+    #[arg(long, global = true, env = "CRAB_CONFIG", value_name = "FILE")]
     pub config: Option<PathBuf>,
 }
 
@@ -182,6 +198,30 @@ pub fn run(cli: Cli) -> i32 {
                 }
             }
         }
+        Command::Sandbox(a) => {
+            engine_command(&cli.log, a.daemon, EngineCommand::Sandbox(a.command))
+        }
+        Command::Image(a) => engine_command(&cli.log, a.daemon, EngineCommand::Image(a.command)),
+        Command::Checkpoint(a) => {
+            engine_command(&cli.log, a.daemon, EngineCommand::Checkpoint(a.command))
+        }
+        Command::Checkpoints(a) => {
+            engine_command(&cli.log, a.daemon, EngineCommand::Checkpoints(a.command))
+        }
+        Command::Restore(a) => {
+            engine_command(&cli.log, a.daemon, EngineCommand::Restore(a.command))
+        }
+        Command::Verify(a) => engine_command(&cli.log, a.daemon, EngineCommand::Verify(a.command)),
+        Command::Doctor(out) => {
+            let checks =
+                ckpt_engine::doctor::run_checks(&ckpt_engine::process::ProcessConfig::default());
+            if out.json {
+                println!("{}", ckpt_engine::doctor::render_json(&checks));
+            } else {
+                print!("{}", ckpt_engine::doctor::render_human(&checks));
+            }
+            i32::from(!checks.iter().all(|c| c.ok))
+        }
         Command::Inspect(args) => {
             init_tracing(&cli.log, false);
             let json = args.json;
@@ -192,6 +232,19 @@ pub fn run(cli: Cli) -> i32 {
                     1
                 }
             }
+        }
+    }
+}
+
+/// Runs an engine subcommand against the daemon; returns its exit code.
+fn engine_command(log: &str, daemon: DaemonArgs, command: EngineCommand) -> i32 {
+    init_tracing(&quiet(log), false);
+    let json = command.json();
+    match runtime() {
+        Ok(rt) => rt.block_on(engine::run(&daemon, command)),
+        Err(e) => {
+            report_error(json, &e);
+            1
         }
     }
 }

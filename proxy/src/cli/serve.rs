@@ -102,7 +102,8 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         tracing::debug!(open_files = n, "open-files limit");
     }
     let state_dir = config.state_dir.clone();
-    let server = Server::new(config.clone())?;
+    let mut server = Server::new(config.clone())?;
+    crate::engine_api::EngineHost::new(config.engine.clone()).register(server.admin_router_mut());
     let listeners = Listeners::bind(&config).await?;
     let (proxy, admin) = listeners.local_addrs()?;
     let scheme = if config.tls.is_some() {

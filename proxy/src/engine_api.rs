@@ -1,0 +1,154 @@
+//! The checkpoint engine on the daemon's admin API.
+//!
+//! One route, `POST /api/engine`, takes a [`ckpt_engine::api::EngineRequest`] as JSON and
+//! answers the [`ckpt_engine::api::EngineResponse`] (200), or an [`ApiError`] with a status that
+//! matches its code. The engine is opened on the first request, not at start-up, so a daemon
+//! that only proxies needs neither root nor a btrfs pool. Opening it also makes the daemon a
+//! child subreaper and starts a reaper thread, because restored and detached sandbox processes
+//! are reparented to the daemon.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use ckpt_engine::api::{ApiError, EngineRequest, dispatch};
+use ckpt_engine::config::EngineConfig;
+use ckpt_engine::engine::{Engine, Reaper, become_subreaper};
+use http::{Method, StatusCode};
+use tokio::sync::OnceCell;
+
+use crate::admin::{AdminRequest, AdminResponse, AdminRouter, json_response};
+
+/// Path of the engine route on the admin listener.
+pub const ENGINE_ROUTE: &str = "/api/engine";
+
+/// The daemon's lazily opened checkpoint engine.
+pub struct EngineHost {
+    config: EngineConfig,
+    engine: OnceCell<Arc<Engine>>,
+}
+
+impl std::fmt::Debug for EngineHost {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EngineHost")
+            .field("state_dir", &self.config.state_dir)
+            .field("opened", &self.engine.initialized())
+            .finish()
+    }
+}
+
+impl EngineHost {
+    /// A host that opens the engine with `config` on first use.
+    pub fn new(config: EngineConfig) -> Arc<Self> {
+        Arc::new(Self {
+            config,
+            engine: OnceCell::new(),
+        })
+    }
+
+    /// Adds `POST /api/engine` to the admin router.
+    pub fn register(self: &Arc<Self>, router: &mut AdminRouter) {
+        let host = self.clone();
+        router.add(Method::POST, ENGINE_ROUTE, move |req: AdminRequest| {
+            let host = host.clone();
+            async move { host.handle(req).await }
+        });
+    }
+
+    /// The engine, opened on first use (a failed open is retried by the next request).
+    async fn engine(&self) -> Result<Arc<Engine>, ApiError> {
+        self.engine
+            .get_or_try_init(|| async {
+                let config = self.config.clone();
+                let opened = tokio::task::spawn_blocking(move || {
+                    become_subreaper()?;
+                    Engine::open(config)
+                })
+                .await
+                .map_err(|e| internal(format!("engine start-up task failed: {e}")))?
+                .map_err(|e| e.to_api())?;
+                start_reaper();
+                tracing::info!("checkpoint engine opened");
+                Ok(Arc::new(opened))
+            })
+            .await
+            .cloned()
+    }
+
+    async fn handle(&self, req: AdminRequest) -> AdminResponse {
+        let request: EngineRequest = match req.json() {
+            Ok(r) => r,
+            Err(resp) => return *resp,
+        };
+        let engine = match self.engine().await {
+            Ok(e) => e,
+            Err(e) => return error_response(&e),
+        };
+        // Engine operations block (runc, btrfs, file I/O): keep them off the async workers.
+        match tokio::task::spawn_blocking(move || dispatch(&engine, request)).await {
+            Ok(Ok(response)) => json_response(StatusCode::OK, &response),
+            Ok(Err(e)) => error_response(&e.to_api()),
+            Err(e) => error_response(&internal(format!("engine task failed: {e}"))),
+        }
+    }
+}
+
+fn internal(message: String) -> ApiError {
+    ApiError {
+        code: "internal".to_owned(),
+        message,
+    }
+}
+
+/// The HTTP status of an engine error code.
+pub fn status_of(code: &str) -> StatusCode {
+    match code {
+        "not_found" => StatusCode::NOT_FOUND,
+        "exists" => StatusCode::CONFLICT,
+        "invalid" => StatusCode::BAD_REQUEST,
+        "verify_failed" => StatusCode::CONFLICT,
+        "no_space" => StatusCode::INSUFFICIENT_STORAGE,
+        "unsupported" => StatusCode::UNPROCESSABLE_ENTITY,
+        "unavailable" => StatusCode::SERVICE_UNAVAILABLE,
+        _ => StatusCode::INTERNAL_SERVER_ERROR,
+    }
+}
+
+fn error_response(error: &ApiError) -> AdminResponse {
+    json_response(
+        status_of(&error.code),
+        &serde_json::json!({ "error": error }),
+    )
+}
+
+/// Reaps orphaned sandbox processes reparented to the daemon, once a second, for its lifetime.
+fn start_reaper() {
+    let spawned = std::thread::Builder::new()
+        .name("crab-reaper".into())
+        .spawn(|| {
+            let mut reaper = Reaper::new();
+            loop {
+                std::thread::sleep(Duration::from_secs(1));
+                let reaped = reaper.sweep();
+                if !reaped.is_empty() {
+                    tracing::debug!(?reaped, "reaped orphaned sandbox processes");
+                }
+            }
+        });
+    if let Err(e) = spawned {
+        tracing::warn!(error = %e, "cannot start the reaper thread; orphans stay zombies");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every engine error code maps to a distinct, meaningful HTTP status class.
+    #[test]
+    fn codes_map_to_statuses() {
+        assert_eq!(status_of("not_found"), StatusCode::NOT_FOUND);
+        assert_eq!(status_of("invalid"), StatusCode::BAD_REQUEST);
+        assert_eq!(status_of("no_space"), StatusCode::INSUFFICIENT_STORAGE);
+        assert_eq!(status_of("whatever"), StatusCode::INTERNAL_SERVER_ERROR);
+    }
+}
