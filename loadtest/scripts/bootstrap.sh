@@ -25,7 +25,7 @@ mkdir -p "$CACHE_DIR"
 APT_PACKAGES=(
     ca-certificates curl xz-utils git pkg-config build-essential
     clang-19 llvm-19 libbpf-dev bpftool
-    runc btrfs-progs busybox-static debootstrap util-linux iproute2 iptables
+    runc btrfs-progs busybox-static debootstrap util-linux e2fsprogs iproute2 iptables
     nginx-light python3 python3-venv sqlite3
     libbsd-dev libcap-dev libgnutls28-dev libnet1-dev libnftables-dev libnl-3-dev
     libprotobuf-c-dev libprotobuf-dev protobuf-c-compiler protobuf-compiler python3-protobuf
