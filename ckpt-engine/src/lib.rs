@@ -15,7 +15,7 @@
 //! - [`pool`]: the btrfs pool (loop file when the state dir is not btrfs) and subvolume helpers.
 //! - [`runc`], [`cgroup`], [`network`], [`image`]: the container runtime, the cgroup v2 freezer,
 //!   per-sandbox veth networks and base images.
-//! - [`executor`]: the engine as the [`scheduler`]'s checkpoint executor.
+//! - [`scheduler`]: the host-scoped checkpoint scheduler; `scheduler::EngineExecutor` runs its jobs as engine checkpoints.
 //! - [`process`]: CRIU process checkpoints; [`scheduler`]: the host-scoped scheduler.
 //! - [`sys`]: running external tools with captured errors.
 //!
@@ -29,7 +29,6 @@ pub mod cli;
 pub mod config;
 pub mod doctor;
 pub mod engine;
-pub mod executor;
 pub mod fs;
 pub mod image;
 pub mod manifest;

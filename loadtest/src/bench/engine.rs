@@ -19,7 +19,7 @@ use std::time::Instant;
 
 use anyhow::Context;
 use ckpt_engine::config::RestoreVerify;
-use ckpt_engine::executor::{CheckpointJob, EngineExecutor};
+use ckpt_engine::scheduler::{CheckpointJob, EngineExecutor};
 use ckpt_engine::fs::ChangeHint;
 use ckpt_engine::manifest::CheckpointKind;
 use ckpt_engine::scheduler::{Scheduler, SchedulerConfig, SubmitRequest};
