@@ -15,8 +15,9 @@
 //! - [`pool`]: the btrfs pool (loop file when the state dir is not btrfs) and subvolume helpers.
 //! - [`runc`], [`cgroup`], [`network`], [`image`]: the container runtime, the cgroup v2 freezer,
 //!   per-sandbox veth networks and base images.
-//! - [`scheduler`]: the host-scoped checkpoint scheduler; `scheduler::EngineExecutor` runs its jobs as engine checkpoints.
-//! - [`process`]: CRIU process checkpoints; [`scheduler`]: the host-scoped scheduler.
+//! - [`scheduler`]: the host-scoped checkpoint scheduler; its `EngineExecutor` runs jobs as
+//!   engine checkpoints.
+//! - [`process`]: CRIU process checkpoints; [`doctor`]: prerequisite checks.
 //! - [`sys`]: running external tools with captured errors.
 //!
 //! Invariants: only published recovery points are visible; every id read from disk is validated
