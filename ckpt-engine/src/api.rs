@@ -65,7 +65,8 @@ pub enum EngineRequest {
     Checkpoint {
         /// Sandbox name.
         name: String,
-        /// `fs` or `full` (full = fs until process checkpoints exist; the point says so).
+        /// `fs` or `full` (full = CRIU process image + filesystem; degrades to fs with the
+        /// reason in the point's note when CRIU refuses the sandbox).
         #[serde(default)]
         kind: CheckpointKind,
         /// The inspector's change set (default: unknown = full rescan where it matters).

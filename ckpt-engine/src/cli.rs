@@ -247,6 +247,16 @@ fn ms(us: u64) -> String {
     format!("{:.1} ms", us as f64 / 1000.0)
 }
 
+/// What a point restores: `fs`, `fs+processes` (own image) or `fs+processes(cp-N)` (an
+/// earlier point's image carried forward).
+fn restores(p: &crate::manifest::RecoveryPoint) -> String {
+    match &p.process {
+        None => "fs".to_string(),
+        Some(img) if img.id == p.id => "fs+processes".to_string(),
+        Some(img) => format!("fs+processes({})", img.id),
+    }
+}
+
 /// Renders a response (human text, or the response as JSON).
 pub fn render(response: &EngineResponse, json: bool) -> Rendered {
     let exit_code = match response {
@@ -317,11 +327,18 @@ pub fn render(response: &EngineResponse, json: bool) -> Rendered {
                 "{} {} published: restores {}, {} changed, frozen {}, took {}",
                 p.sandbox,
                 p.id,
-                p.captured,
+                restores(p),
                 mib(changed),
                 ms(p.frozen_us),
                 ms(p.duration_us)
             );
+            if let Some(img) = p.process.as_ref().filter(|i| i.id == p.id) {
+                let _ = writeln!(
+                    out,
+                    "process image: {} processes, {} pages, {} bytes, criu {}",
+                    img.processes, img.pages_written, img.image_bytes, img.criu_version
+                );
+            }
             if let Some(note) = &p.note {
                 let _ = writeln!(err, "note: {note}");
             }
@@ -329,17 +346,17 @@ pub fn render(response: &EngineResponse, json: bool) -> Rendered {
         EngineResponse::Points(list) => {
             let _ = writeln!(
                 out,
-                "{:<11} {:<9} {:<8} {:>12} {:>10}  PARENT",
+                "{:<11} {:<9} {:<28} {:>12} {:>10}  PARENT",
                 "ID", "REQUESTED", "RESTORES", "CHANGED", "TOOK"
             );
             for p in list {
                 let changed: u64 = p.fs.iter().map(|t| t.bytes_changed).sum();
                 let _ = writeln!(
                     out,
-                    "{:<11} {:<9} {:<8} {:>12} {:>10}  {}",
+                    "{:<11} {:<9} {:<28} {:>12} {:>10}  {}",
                     p.id,
                     p.requested.to_string(),
-                    p.captured.to_string(),
+                    restores(p),
                     mib(changed),
                     ms(p.duration_us),
                     p.parent.as_deref().unwrap_or("-")
@@ -358,6 +375,13 @@ pub fn render(response: &EngineResponse, json: bool) -> Rendered {
                 ms(r.verify_us),
                 ms(r.start_us)
             );
+            if let Some(img) = &r.process_image {
+                let _ = writeln!(
+                    out,
+                    "processes restored from image {img}: {} running",
+                    r.processes
+                );
+            }
         }
         EngineResponse::Verified(v) => {
             for (tree, expected, actual) in &v.trees {
@@ -491,5 +515,83 @@ mod tests {
         let j = render(&EngineResponse::Images(vec!["busybox".into()]), true);
         let v: serde_json::Value = serde_json::from_str(&j.stdout).unwrap();
         assert_eq!(v["kind"], "images");
+    }
+
+    #[test]
+    fn points_show_what_they_restore() {
+        use crate::fs::FsSnapshotRef;
+        use crate::manifest::{PointState, ProcessImageRef, RecoveryPoint, TreeSnapshot};
+        let point = |seq: u64, image: Option<&str>| RecoveryPoint {
+            id: crate::manifest::point_id(seq),
+            sandbox: "a".into(),
+            seq,
+            state: PointState::Published,
+            requested: CheckpointKind::Full,
+            captured: if image.is_some() {
+                CheckpointKind::Full
+            } else {
+                CheckpointKind::Fs
+            },
+            note: image
+                .is_none()
+                .then(|| "no process image: criu refused".to_string()),
+            parent: None,
+            created_unix_ms: 0,
+            process: image.map(|id| ProcessImageRef {
+                id: id.into(),
+                criu_version: "4.1.1".into(),
+                processes: 3,
+                pages_written: 52,
+                criu_frozen_us: 1,
+                image_bytes: 4096,
+                dump_wall_us: 2,
+            }),
+            fs: vec![TreeSnapshot {
+                tree: "rootfs".into(),
+                snapshot: FsSnapshotRef {
+                    backend: "btrfs".into(),
+                    id: format!("a.cp-{seq}"),
+                    tree_hash: "a".repeat(64),
+                },
+                bytes_changed: 0,
+                bytes_stored: 0,
+            }],
+            frozen_us: 0,
+            duration_us: 0,
+        };
+        let own = render(&EngineResponse::Point(point(1, Some("cp-000001"))), false);
+        assert!(
+            own.stdout.contains("restores fs+processes,"),
+            "{}",
+            own.stdout
+        );
+        assert!(
+            own.stdout.contains("process image: 3 processes"),
+            "{}",
+            own.stdout
+        );
+        let degraded = render(&EngineResponse::Point(point(2, None)), false);
+        assert!(
+            degraded.stdout.contains("restores fs,"),
+            "{}",
+            degraded.stdout
+        );
+        assert!(
+            degraded.stderr.contains("criu refused"),
+            "{}",
+            degraded.stderr
+        );
+        let list = render(
+            &EngineResponse::Points(vec![
+                point(1, Some("cp-000001")),
+                point(2, None),
+                point(3, Some("cp-000001")),
+            ]),
+            false,
+        );
+        let lines: Vec<&str> = list.stdout.lines().collect();
+        assert!(lines[1].contains(" fs+processes "), "{}", lines[1]);
+        assert!(lines[2].contains(" fs "), "{}", lines[2]);
+        assert!(lines[3].contains("fs+processes(cp-000001)"), "{}", lines[3]);
     }
 }

@@ -48,6 +48,52 @@ pub struct EngineConfig {
     /// files whose inode, size, mtime and ctime are unchanged (a btrfs clone keeps all four;
     /// btrfs checksums data blocks itself) and reads the rest. Default `cached`.
     pub restore_verify: RestoreVerify,
+    /// Process checkpoints (CRIU through `runc checkpoint`): the `[engine.process]` table.
+    pub process: EngineProcessConfig,
+}
+
+/// Process-checkpoint settings of the engine. runc and its state root are the engine's own
+/// (`runc`, `<state_dir>/runc`), so they are not repeated here.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EngineProcessConfig {
+    /// CRIU binary (path or name). Default: the `CRAB_CRIU` environment variable, else
+    /// `/usr/local/sbin/criu`, else `criu` in `PATH`. Without CRIU, `full` checkpoints publish
+    /// filesystem-only points whose note says so.
+    pub criu: Option<String>,
+    /// How long CRIU waits for the filesystem snapshot taken in its post-dump window, seconds.
+    /// Default 30.
+    pub hook_timeout_secs: u64,
+    /// Upper bound of one `runc checkpoint` / `runc restore`, seconds. Default 600.
+    pub operation_timeout_secs: u64,
+}
+
+impl Default for EngineProcessConfig {
+    fn default() -> Self {
+        let d = crate::process::ProcessConfig::default();
+        EngineProcessConfig {
+            criu: d.criu,
+            hook_timeout_secs: d.hook_timeout_secs,
+            operation_timeout_secs: d.operation_timeout_secs,
+        }
+    }
+}
+
+impl EngineProcessConfig {
+    /// The process backend's configuration on the engine's runc binary and state root.
+    pub fn backend_config(
+        &self,
+        runc: &std::path::Path,
+        runc_root: &std::path::Path,
+    ) -> crate::process::ProcessConfig {
+        crate::process::ProcessConfig {
+            criu: self.criu.clone(),
+            runc: runc.display().to_string(),
+            runc_root: Some(runc_root.to_path_buf()),
+            hook_timeout_secs: self.hook_timeout_secs,
+            operation_timeout_secs: self.operation_timeout_secs,
+        }
+    }
 }
 
 /// Filesystem backend choice (see [`EngineConfig::fs_backend`]).
@@ -107,6 +153,7 @@ impl Default for EngineConfig {
             network_base: std::net::Ipv4Addr::new(10, 231, 0, 0),
             retention: RetentionConfig::default(),
             restore_verify: RestoreVerify::default(),
+            process: EngineProcessConfig::default(),
         }
     }
 }
@@ -124,6 +171,10 @@ mod tests {
         let c: EngineConfig = toml_like(r#"{"retention": {"keep_last": 3}, "runc": "/x/runc"}"#);
         assert_eq!(c.retention.keep_last, 3);
         assert_eq!(c.runc, "/x/runc");
+        let c: EngineConfig = toml_like(r#"{"process": {"hook_timeout_secs": 5}}"#);
+        assert_eq!(c.process.hook_timeout_secs, 5);
+        assert_eq!(c.process.operation_timeout_secs, 600);
+        assert!(serde_json::from_str::<EngineConfig>(r#"{"process": {"runc": "x"}}"#).is_err());
     }
 
     fn toml_like(s: &str) -> EngineConfig {

@@ -6,6 +6,9 @@
 //! - `<pool>/meta/<name>/bundle/config.json`: the OCI bundle of a container sandbox;
 //! - `<pool>/meta/<name>/points/<id>.manifest`: published recovery points;
 //!   `<id>.inflight`: a point being written; `<id>.failed`: an abandoned one;
+//! - `<pool>/meta/<name>/images/<point-id>`: process images (CRIU) of full checkpoints,
+//!   referenced by the point that dumped them and carried forward by later filesystem-only
+//!   points; GC keeps every image a live point references;
 //! - `<pool>/meta/<name>/lock`: `flock` that serialises checkpoint, restore, GC and removal of
 //!   one sandbox across threads and processes.
 //!
@@ -26,9 +29,12 @@ use crate::config::EngineConfig;
 use crate::fs::btrfs::BtrfsBackend;
 use crate::fs::{ChangeHint, FsBackend, FsError, NoQuiesce, Quiesce, SnapshotRequest};
 use crate::manifest::{
-    self, CheckpointKind, ManifestError, PointState, RecoveryPoint, TreeSnapshot,
+    self, CheckpointKind, ManifestError, PointState, ProcessImageRef, RecoveryPoint, TreeSnapshot,
 };
 use crate::pool::{self, BtrfsPool};
+use crate::process::{
+    CheckpointRequest, ProcessBackend, ProcessError, ProcessImageInfo, RestoreRequest,
+};
 use crate::runc::{ExecOutput, Runc};
 use crate::sys::{self, ToolError};
 use crate::{image, runc};
@@ -92,6 +98,19 @@ pub enum EngineError {
     /// `runc` is not installed.
     #[error("runc not found ({runc}); install it (apt install runc) or set engine.runc")]
     RuncNotFound { runc: String },
+    /// A process checkpoint or restore failed (other than CRIU refusing the sandbox, which
+    /// degrades a checkpoint to filesystem-only).
+    #[error("process checkpoint: {0}")]
+    Process(#[from] ProcessError),
+    /// A point with a process image cannot be restored without the process backend.
+    #[error(
+        "sandbox {name}: point {point} has a process image but process restore is unavailable: {reason}"
+    )]
+    ProcessUnavailable {
+        name: String,
+        point: String,
+        reason: String,
+    },
     /// A sandbox's process did not start.
     #[error("sandbox {name} is not running after start (status {status})")]
     NotRunning { name: String, status: String },
@@ -185,8 +204,14 @@ pub struct RestoreReport {
     pub fs_us: u64,
     /// Time to verify the tree hashes, µs.
     pub verify_us: u64,
-    /// Time to start the sandbox again, µs.
+    /// Time to start the sandbox again (or to restore its processes), µs.
     pub start_us: u64,
+    /// The process image restored (its id), `None` when the sandbox started afresh.
+    #[serde(default)]
+    pub process_image: Option<String>,
+    /// Processes restored from the image and verified running.
+    #[serde(default)]
+    pub processes: usize,
     /// Total, µs.
     pub total_us: u64,
 }
@@ -224,6 +249,8 @@ pub struct Engine {
     pool: BtrfsPool,
     runc: Runc,
     backend: Arc<dyn FsBackend>,
+    /// CRIU backend on this engine's runc state, or why there is none (no CRIU).
+    process: Result<ProcessBackend, String>,
 }
 
 fn now_ms() -> u64 {
@@ -287,11 +314,14 @@ impl Engine {
                 Arc::new(crate::fs::cas::CasBackend::open(&dir)?)
             }
         };
+        let process = ProcessBackend::new(cfg.process.backend_config(runc.bin(), runc.root()))
+            .map_err(|e| e.to_string());
         let engine = Engine {
             cfg,
             pool,
             runc,
             backend,
+            process,
         };
         let meta = engine.meta_root();
         std::fs::create_dir_all(&meta).map_err(io_err("create meta dir", &meta))?;
@@ -631,7 +661,20 @@ impl Engine {
             });
         }
         match &rec.spec {
-            SandboxKind::Container { .. } => Ok(self.runc.exec(name, argv, detach, &[], None)?),
+            SandboxKind::Container { .. } if detach => {
+                // Double fork: the command's parent exits at once, so the container's init
+                // adopts it. A `runc exec -d` process itself is re-parented outside the
+                // container (to the host's reaper), where CRIU does not dump it.
+                let mut wrapped: Vec<String> = vec![
+                    "/bin/sh".into(),
+                    "-c".into(),
+                    "\"$@\" </dev/null >/dev/null 2>&1 &".into(),
+                    "sh".into(),
+                ];
+                wrapped.extend(argv.iter().cloned());
+                Ok(self.runc.exec(name, &wrapped, true, &[], None)?)
+            }
+            SandboxKind::Container { .. } => Ok(self.runc.exec(name, argv, false, &[], None)?),
             SandboxKind::Directory { dirs } => self.exec_in_cgroup(name, dirs, argv, detach),
         }
     }
@@ -897,9 +940,12 @@ impl Engine {
         Ok(max + 1)
     }
 
-    /// Takes a checkpoint of `name` and publishes it as a recovery point. `kind` `full` is
-    /// recorded as requested but captures the filesystem only until process checkpoints exist
-    /// (the point's `note` says so). Concurrent calls for one sandbox are serialised.
+    /// Takes a checkpoint of `name` and publishes it as a recovery point. `kind` `full` dumps
+    /// the container's processes live with CRIU and snapshots the filesystem while CRIU holds
+    /// them stopped; when CRIU refuses the sandbox (or is unavailable, or the sandbox is a
+    /// directory sandbox) the point is filesystem-only and its `note` says why. Every point
+    /// without its own process image carries the parent's forward (the note says so).
+    /// Concurrent calls for one sandbox are serialised.
     pub fn checkpoint(
         &self,
         name: &str,
@@ -922,6 +968,9 @@ impl Engine {
             None => None,
         }
         .or_else(|| published.pop());
+        // The live tree descends from `parent`: its process image (own or carried) is the
+        // newest valid one of this lineage.
+        let carried = parent.as_ref().and_then(|p| p.process.clone());
         let mut point = RecoveryPoint {
             id: id.clone(),
             sandbox: name.to_string(),
@@ -929,11 +978,7 @@ impl Engine {
             state: PointState::Pending,
             requested: kind,
             captured: CheckpointKind::Fs,
-            note: (kind == CheckpointKind::Full).then(|| {
-                "process checkpoints are not implemented yet: this point restores the \
-                 filesystem only"
-                    .to_string()
-            }),
+            note: None,
             parent: parent.as_ref().map(|p| p.id.clone()),
             created_unix_ms: now_ms(),
             process: None,
@@ -946,7 +991,32 @@ impl Engine {
         std::fs::write(&inflight, manifest::encode(&point)).map_err(io_err("write", &inflight))?;
         point.state = PointState::Writing;
 
-        let result = self.snapshot_trees(&rec, &id, parent.as_ref(), changes, &mut point);
+        let result = match kind {
+            CheckpointKind::Fs => {
+                self.snapshot_trees(&rec, &id, parent.as_ref(), changes, &mut point, false)
+            }
+            CheckpointKind::Full => {
+                self.full_checkpoint(&rec, &id, parent.as_ref(), changes, &mut point)
+            }
+        };
+        if point.process.is_none() {
+            if let Some(img) = carried {
+                let carry = format!(
+                    "process image of {} carried forward (filesystem of this point, processes of {})",
+                    img.id, img.id
+                );
+                point.note = Some(match point.note.take() {
+                    Some(n) => format!("{n}; {carry}"),
+                    None => carry,
+                });
+                point.process = Some(img);
+            }
+        }
+        point.captured = if point.process.is_some() {
+            CheckpointKind::Full
+        } else {
+            CheckpointKind::Fs
+        };
         let result = result.and_then(|()| {
             point.state = PointState::Published;
             point.duration_us = us(start.elapsed());
@@ -957,6 +1027,9 @@ impl Engine {
         if let Err(e) = result {
             for t in &point.fs {
                 let _ = self.backend.delete(&t.snapshot);
+            }
+            if point.process.as_ref().is_some_and(|p| p.id == id) {
+                let _ = std::fs::remove_dir_all(self.images_dir(name).join(&id));
             }
             point.state = PointState::Failed;
             // Best effort: the failed record is diagnostics only (and may not fit on a full disk).
@@ -991,7 +1064,14 @@ impl Engine {
         Ok(point)
     }
 
-    fn snapshot_trees(
+    fn images_dir(&self, name: &str) -> PathBuf {
+        self.meta_dir(name).join("images")
+    }
+
+    /// A full checkpoint into `point`: CRIU dump with the filesystem snapshot in its post-dump
+    /// window; degrades to a filesystem-only snapshot (with the reason in `note`) when CRIU
+    /// refuses the sandbox or cannot be used. Other failures are errors.
+    fn full_checkpoint(
         &self,
         rec: &SandboxRecord,
         id: &str,
@@ -999,11 +1079,88 @@ impl Engine {
         changes: &ChangeHint,
         point: &mut RecoveryPoint,
     ) -> Result<(), EngineError> {
+        let fs_only = |point: &mut RecoveryPoint, why: String| {
+            point.note = Some(format!(
+                "no process image: {why}; this point restores the filesystem only"
+            ));
+            self.snapshot_trees(rec, id, parent, changes, point, false)
+        };
+        let backend = match (&rec.spec, &self.process) {
+            (SandboxKind::Directory { .. }, _) => {
+                return fs_only(
+                    point,
+                    "process checkpoints need a container sandbox".to_string(),
+                );
+            }
+            (_, Err(why)) => {
+                return fs_only(point, format!("process checkpoints unavailable ({why})"));
+            }
+            (_, Ok(b)) => b,
+        };
+        let images = self.images_dir(&rec.name);
+        std::fs::create_dir_all(&images).map_err(io_err("create images dir", &images))?;
+        let dest = images.join(id);
+        let result = backend.checkpoint(
+            &CheckpointRequest {
+                container_id: &rec.name,
+                dest: &dest,
+            },
+            |_ctx| self.snapshot_trees(rec, id, parent, changes, point, true),
+        );
+        match result {
+            Ok(cp) => {
+                point.frozen_us = cp.info.criu_stats.frozen_time_us;
+                point.process = Some(image_ref(id, &cp.info));
+                Ok(())
+            }
+            Err(failure) => {
+                let why =
+                    match &failure.error {
+                        ProcessError::DumpFailed { reason, .. } => format!(
+                            "criu refused the sandbox ({:?}): {reason}{}",
+                            reason.kind,
+                            if reason.kind.is_unsupported_sandbox() {
+                                " (retrying will not help until the sandbox changes)"
+                            } else {
+                                ""
+                            }
+                        ),
+                        e @ (ProcessError::OutsideTree { .. }
+                        | ProcessError::ContainerState { .. }) => e.to_string(),
+                        _ => return Err(failure.error.into()),
+                    };
+                tracing::warn!(sandbox = %rec.name, reason = %why, "full checkpoint degraded to filesystem-only");
+                if failure.frozen.is_some() && !point.fs.is_empty() {
+                    // The snapshot was taken while CRIU held the tasks: consistent, keep it.
+                    point.note = Some(format!(
+                        "no process image: {why}; this point restores the filesystem only"
+                    ));
+                    return Ok(());
+                }
+                for t in point.fs.drain(..) {
+                    let _ = self.backend.delete(&t.snapshot);
+                }
+                point.frozen_us = 0;
+                fs_only(point, why)
+            }
+        }
+    }
+
+    fn snapshot_trees(
+        &self,
+        rec: &SandboxRecord,
+        id: &str,
+        parent: Option<&RecoveryPoint>,
+        changes: &ChangeHint,
+        point: &mut RecoveryPoint,
+        already_stopped: bool,
+    ) -> Result<(), EngineError> {
         let trees = self.trees(rec);
         let cg = self.cgroup(&rec.name);
         // One tree: freeze only around its snapshot. Several: freeze around all of them so the
-        // trees belong to one instant.
-        let multi = trees.len() > 1 && cg.exists();
+        // trees belong to one instant. `already_stopped`: CRIU holds every task (post-dump):
+        // freezing and thawing here would resume them under CRIU.
+        let multi = !already_stopped && trees.len() > 1 && cg.exists();
         if multi {
             cg.freeze()?;
         }
@@ -1013,7 +1170,7 @@ impl Engine {
                 let parent_snap = parent
                     .and_then(|p| p.fs.iter().find(|t| &t.tree == tree))
                     .map(|t| &t.snapshot);
-                let quiesce: &dyn Quiesce = if multi || !cg.exists() {
+                let quiesce: &dyn Quiesce = if already_stopped || multi || !cg.exists() {
                     &NoQuiesce
                 } else {
                     &cg
@@ -1088,6 +1245,26 @@ impl Engine {
             })?;
             report.deleted_snapshots.push(id);
         }
+        // Process images no live point references (own or carried forward).
+        let images = self.images_dir(name);
+        if let Ok(rd) = std::fs::read_dir(&images) {
+            for e in rd.flatten() {
+                let fname = e.file_name().to_string_lossy().into_owned();
+                if manifest::parse_point_id(&fname).is_none() {
+                    continue;
+                }
+                let referenced = points
+                    .iter()
+                    .any(|p| p.process.as_ref().is_some_and(|i| i.id == fname));
+                if !referenced {
+                    std::fs::remove_dir_all(e.path())
+                        .map_err(io_err("delete process image", &e.path()))?;
+                    report
+                        .deleted_snapshots
+                        .push(format!("{name}/images/{fname}"));
+                }
+            }
+        }
         Ok(report)
     }
 
@@ -1121,6 +1298,8 @@ impl Engine {
                 }
             }
         }
+        // Image directories of dumps killed before publication.
+        let _ = crate::process::sweep_partials(&self.images_dir(name));
         let report = self.gc_locked(name, None)?;
         if !report.deleted_snapshots.is_empty() {
             tracing::info!(sandbox = %name, deleted = ?report.deleted_snapshots, "removed orphaned snapshots");
@@ -1169,10 +1348,20 @@ impl Engine {
             verified.push((tree.clone(), actual));
         }
         let t = Instant::now();
+        let mut processes = 0;
+        let mut process_image = None;
         if let SandboxKind::Container { .. } = rec.spec {
-            let pid = self.start_container(name, true)?;
-            if let Some(net) = &rec.net {
-                crate::network::attach(net, pid)?;
+            match &point.process {
+                Some(img) => {
+                    processes = self.restore_processes(&rec, &point.id, img)?;
+                    process_image = Some(img.id.clone());
+                }
+                None => {
+                    let pid = self.start_container(name, true)?;
+                    if let Some(net) = &rec.net {
+                        crate::network::attach(net, pid)?;
+                    }
+                }
             }
         }
         let start_us = us(t.elapsed());
@@ -1186,8 +1375,64 @@ impl Engine {
             fs_us,
             verify_us,
             start_us,
+            process_image,
+            processes,
             total_us: us(start.elapsed()),
         })
+    }
+
+    /// Restores the processes of image `img` into the (stopped, filesystem-restored) container
+    /// and checks that every restored process runs; returns how many.
+    fn restore_processes(
+        &self,
+        rec: &SandboxRecord,
+        point: &str,
+        img: &ProcessImageRef,
+    ) -> Result<usize, EngineError> {
+        let name = &rec.name;
+        let backend = self
+            .process
+            .as_ref()
+            .map_err(|why| EngineError::ProcessUnavailable {
+                name: name.clone(),
+                point: point.to_string(),
+                reason: why.clone(),
+            })?;
+        let meta = self.meta_dir(name);
+        let restored = backend.restore(&RestoreRequest {
+            container_id: name,
+            bundle: &meta.join("bundle"),
+            image: &self.images_dir(name).join(&img.id),
+            work_dir: &meta.join("restore-work"),
+            stdio_log: &meta.join("restore-stdio.log"),
+            replace_existing: true,
+        })?;
+        // The init's stdio is the container's /dev/null; the pipe is not needed.
+        drop(restored.stdin);
+        let not_running = |status: String| EngineError::NotRunning {
+            name: name.clone(),
+            status,
+        };
+        match self.runc.state(name) {
+            Some((status, pid)) if status == "running" && pid == restored.init_pid => {}
+            Some((status, _)) => return Err(not_running(status)),
+            None => return Err(not_running("missing".into())),
+        }
+        // Every restored task must still be alive (not exited, not a zombie) in the cgroup.
+        let alive = self.cgroup(name).pids().len();
+        if alive < restored.processes.len() {
+            return Err(not_running(format!(
+                "{alive} of {} restored processes running",
+                restored.processes.len()
+            )));
+        }
+        if let Some(net) = &rec.net {
+            // CRIU restores the namespace's own devices; re-plumb the host side if needed.
+            if let Err(e) = crate::network::attach(net, restored.init_pid) {
+                tracing::debug!(sandbox = %name, error = %e, "network re-attach after process restore");
+            }
+        }
+        Ok(restored.processes.len())
     }
 
     /// Recomputes the tree hashes of point `id` (default newest) from the stored snapshots and
@@ -1214,6 +1459,19 @@ impl Engine {
         }
         self.pool.unmount()?;
         Ok(())
+    }
+}
+
+/// The manifest's reference to a process image dumped by point `id`.
+fn image_ref(id: &str, info: &ProcessImageInfo) -> ProcessImageRef {
+    ProcessImageRef {
+        id: id.to_string(),
+        criu_version: info.criu_version.clone(),
+        processes: info.processes.len() as u32,
+        pages_written: info.criu_stats.pages_written,
+        criu_frozen_us: info.criu_stats.frozen_time_us,
+        image_bytes: info.image_bytes,
+        dump_wall_us: info.dump_wall_us,
     }
 }
 

@@ -20,8 +20,11 @@ use crate::fs::{FsSnapshotRef, validate_id};
 
 /// File magic of manifests and in-flight records.
 pub const MAGIC: &[u8; 8] = b"CRABRP\0\x01";
-/// Current format version.
-pub const VERSION: u32 = 1;
+/// Current format version. Version 2 added the process image's CRIU figures to
+/// [`ProcessImageRef`]; version 1 files (whose `process` is always null) are still read.
+pub const VERSION: u32 = 2;
+/// Oldest format version still read.
+pub const MIN_VERSION: u32 = 1;
 /// Largest accepted payload.
 pub const MAX_PAYLOAD: usize = 1 << 20;
 const HEADER: usize = 16;
@@ -86,12 +89,26 @@ pub struct TreeSnapshot {
     pub bytes_stored: u64,
 }
 
-/// A process image reference (CRIU, issue 5). Always `None` in this version.
+/// A process image (CRIU dump through `runc checkpoint`) of a sandbox, stored in the engine's
+/// `<pool>/meta/<sandbox>/images/<id>`; `id` is the id of the point whose checkpoint dumped it
+/// (filesystem-only points after it carry the same reference forward).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ProcessImageRef {
-    /// Image id (safe name).
+    /// Image id: the point id (`cp-NNNNNN`) of the checkpoint that dumped it.
     pub id: String,
+    /// `criu --version` of the dumping CRIU.
+    pub criu_version: String,
+    /// Number of processes dumped.
+    pub processes: u32,
+    /// Memory pages CRIU wrote.
+    pub pages_written: u64,
+    /// How long CRIU kept the tasks frozen, microseconds (includes the filesystem snapshot).
+    pub criu_frozen_us: u64,
+    /// Bytes of the CRIU images.
+    pub image_bytes: u64,
+    /// Wall time of the whole `runc checkpoint`, microseconds.
+    pub dump_wall_us: u64,
 }
 
 /// A recovery point: the newest valid process image paired with the newest valid filesystem
@@ -109,7 +126,8 @@ pub struct RecoveryPoint {
     pub state: PointState,
     /// Kind requested by the caller.
     pub requested: CheckpointKind,
-    /// What the point can restore: `fs` until process checkpoints exist.
+    /// What the point can restore: `full` when it has a process image (its own, or the newest
+    /// earlier one carried forward), else `fs`.
     pub captured: CheckpointKind,
     /// Why `captured` differs from `requested`, if it does.
     pub note: Option<String>,
@@ -201,7 +219,7 @@ pub fn decode(path: &Path, bytes: &[u8]) -> Result<RecoveryPoint, ManifestError>
         return Err(ManifestError::BadMagic { path: p() });
     }
     let version = u32::from_le_bytes(bytes[8..12].try_into().unwrap_or_default());
-    if version != VERSION {
+    if !(MIN_VERSION..=VERSION).contains(&version) {
         return Err(ManifestError::BadVersion { path: p(), version });
     }
     let declared = u32::from_le_bytes(bytes[12..16].try_into().unwrap_or_default()) as usize;
@@ -241,6 +259,18 @@ impl RecoveryPoint {
         }
         if let Some(p) = &self.process {
             validate_id(&p.id).map_err(|e| e.to_string())?;
+            match parse_point_id(&p.id) {
+                Some(seq) if seq <= self.seq => {}
+                _ => {
+                    return Err(format!(
+                        "process image id {:?} is not an earlier point",
+                        p.id
+                    ));
+                }
+            }
+        }
+        if self.captured == CheckpointKind::Full && self.process.is_none() {
+            return Err("captured full without a process image".to_string());
         }
         for t in &self.fs {
             if t.tree != "rootfs"
@@ -402,6 +432,49 @@ mod tests {
             decode(path, &long),
             Err(ManifestError::BadLength { .. })
         ));
+    }
+
+    fn reseal(mut bytes: Vec<u8>, version: u32) -> Vec<u8> {
+        bytes.truncate(bytes.len() - TRAILER);
+        bytes[8..12].copy_from_slice(&version.to_le_bytes());
+        let sum = blake3::hash(&bytes);
+        bytes.extend_from_slice(sum.as_bytes());
+        bytes
+    }
+
+    fn image(id: &str) -> ProcessImageRef {
+        ProcessImageRef {
+            id: id.into(),
+            criu_version: "4.1.1".into(),
+            processes: 2,
+            pages_written: 10,
+            criu_frozen_us: 1,
+            image_bytes: 4096,
+            dump_wall_us: 2,
+        }
+    }
+
+    #[test]
+    fn version_1_is_read_and_process_images_are_checked() {
+        let path = Path::new("x.manifest");
+        let p = point(7, "sbx.cp-000007");
+        assert_eq!(decode(path, &reseal(encode(&p), 1)).unwrap(), p);
+        assert!(matches!(
+            decode(path, &reseal(encode(&p), VERSION + 1)),
+            Err(ManifestError::BadVersion { .. })
+        ));
+        let mut full = point(7, "sbx.cp-000007");
+        full.captured = CheckpointKind::Full;
+        assert!(decode(path, &encode(&full)).is_err(), "full without image");
+        full.process = Some(image("cp-000007"));
+        assert_eq!(decode(path, &encode(&full)).unwrap(), full);
+        // Carried forward from an earlier point: fine; from a later one or a non-point: not.
+        full.process = Some(image("cp-000003"));
+        assert!(decode(path, &encode(&full)).is_ok());
+        for bad in ["cp-000008", "x"] {
+            full.process = Some(image(bad));
+            assert!(decode(path, &encode(&full)).is_err(), "{bad}");
+        }
     }
 
     #[test]

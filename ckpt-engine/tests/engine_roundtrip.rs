@@ -81,8 +81,8 @@ fn checkpoint_mutate_restore_verify_byte_for_byte() {
         .expect("checkpoint 2");
     assert_eq!(p2.parent.as_deref(), Some("cp-000001"));
     assert!(
-        p2.note.is_some(),
-        "full is recorded as filesystem-only for now"
+        p2.process.is_some() || p2.note.is_some(),
+        "a full point has a process image or says why not"
     );
     assert!(
         p2.fs[0].bytes_changed >= 100 << 20,
@@ -314,15 +314,20 @@ fn cli_commands_drive_the_engine() {
     let r = run(&["checkpoint", &name, "--kind", "full"]);
     assert_eq!(r.exit_code, 0, "{}", r.stderr);
     assert!(
-        r.stderr.contains("filesystem only"),
-        "the point says what it restores: {}",
+        r.stdout.contains("restores fs+processes") || r.stderr.contains("filesystem only"),
+        "the point says what it restores: {} {}",
+        r.stdout,
         r.stderr
     );
     let r = run(&["checkpoints", &name, "--json"]);
     let v: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
     assert_eq!(v["kind"], "points");
     assert_eq!(v["data"][0]["id"], "cp-000001");
-    assert_eq!(v["data"][0]["captured"], "fs");
+    let has_image = !v["data"][0]["process"].is_null();
+    assert_eq!(
+        v["data"][0]["captured"],
+        if has_image { "full" } else { "fs" }
+    );
     run(&["sandbox", "exec", &name, "--", "rm", "/f"]);
     let r = run(&["restore", &name, "--to", "cp-000001"]);
     assert_eq!(r.exit_code, 0, "{}", r.stderr);

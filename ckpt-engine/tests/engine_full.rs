@@ -1,0 +1,184 @@
+//! Full (process + filesystem) checkpoints through the `Engine` API only: real runc sandboxes on
+//! a real loop btrfs pool, real CRIU. Run as root:
+//! `CRAB_TEST_STRICT=1 cargo test -p ckpt-engine --test engine_full`.
+
+mod common;
+mod process_support;
+
+use ckpt_engine::Engine;
+use ckpt_engine::fs::ChangeHint;
+use ckpt_engine::manifest::CheckpointKind;
+use common::{TestEngine, sh, unique};
+use process_support::{GIB, process_prerequisites};
+
+/// A counter whose only state is a shell variable; requests come over a FIFO (CRIU 4.1.1
+/// cannot dump inet sockets on this kernel): the client writes a request id, the server
+/// answers `<id> <requests served>` in `/resp`.
+const COUNTER_SERVER: &str = "n=0; exec 3<>/req; while read -r id <&3; do n=$((n+1)); \
+    echo \"$id $n\" > /resp.tmp && mv /resp.tmp /resp; done";
+
+static REQUEST: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+
+fn counter(e: &Engine, name: &str) -> u64 {
+    let req = REQUEST.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    let script = format!(
+        "echo {req} > /req; i=0; while [ $i -lt 200 ]; do \
+         set -- $(cat /resp 2>/dev/null); [ \"$1\" = {req} ] && echo $2 && exit 0; \
+         i=$((i+1)); usleep 10000; done; exit 1"
+    );
+    let out = sh(e, name, &script);
+    out.trim()
+        .parse()
+        .unwrap_or_else(|_| panic!("bad answer {out:?}"))
+}
+
+fn file(e: &Engine, name: &str, path: &str) -> Option<String> {
+    std::fs::read_to_string(e.rootfs_path(name).join(path.trim_start_matches('/')))
+        .ok()
+        .map(|s| s.trim().to_string())
+}
+
+/// Proves the headline through the engine: a full checkpoint brings back both the files and a
+/// process's in-memory counter after the sandbox's processes were killed; a later
+/// filesystem-only checkpoint carries the process image forward, so restoring it gives the
+/// same process state plus the newer files; GC keeps the carried image.
+#[test]
+fn full_checkpoint_restores_memory_and_files_and_carries_image_forward() {
+    if !process_prerequisites("full_checkpoint_restores_memory_and_files_and_carries_image_forward")
+    {
+        return;
+    }
+    let t = TestEngine::open(4 * GIB);
+    let e = t.engine();
+    let name = unique("");
+    e.create(&name, None).expect("create sandbox");
+    sh(e, &name, "mkfifo /req && echo one > /data");
+    e.exec(
+        &name,
+        &["/bin/sh".into(), "-c".into(), COUNTER_SERVER.into()],
+        true,
+    )
+    .expect("start counter server");
+    for want in 1..=3 {
+        assert_eq!(counter(e, &name), want);
+    }
+
+    let p1 = e
+        .checkpoint(&name, CheckpointKind::Full, &ChangeHint::Unknown)
+        .expect("full checkpoint");
+    assert_eq!(p1.captured, CheckpointKind::Full, "note: {:?}", p1.note);
+    let img = p1.process.clone().expect("process image");
+    assert_eq!(img.id, p1.id);
+    assert!(img.processes >= 2, "init and server dumped: {img:?}");
+    assert!(img.pages_written > 0 && img.image_bytes > 0, "{img:?}");
+    eprintln!(
+        "full checkpoint: {} processes, {} pages, image {} bytes, criu frozen {} us, dump {} us, total {} us",
+        img.processes,
+        img.pages_written,
+        img.image_bytes,
+        img.criu_frozen_us,
+        img.dump_wall_us,
+        p1.duration_us
+    );
+    // Live checkpoint: the server kept running.
+    assert_eq!(counter(e, &name), 4);
+    sh(e, &name, "echo two > /data && echo later > /after1");
+    // Kill every process of the sandbox but its init (and this shell).
+    let _ = e.exec(
+        &name,
+        &["/bin/sh".into(), "-c".into(), "kill -9 -1; true".into()],
+        false,
+    );
+
+    let r = e.restore(&name, Some(&p1.id)).expect("restore full point");
+    assert_eq!(r.process_image.as_deref(), Some(p1.id.as_str()));
+    assert_eq!(r.processes, img.processes as usize);
+    eprintln!(
+        "restore: total {} us (fs {} us, verify {} us, processes {} us)",
+        r.total_us, r.fs_us, r.verify_us, r.start_us
+    );
+    assert_eq!(file(e, &name, "/data").as_deref(), Some("one"));
+    assert_eq!(file(e, &name, "/after1"), None);
+    // Requests 1..=3 were served before the checkpoint: the restored memory answers 4 again.
+    assert_eq!(counter(e, &name), 4);
+    assert_eq!(counter(e, &name), 5);
+
+    // A filesystem-only point after it carries the process image forward.
+    sh(e, &name, "echo three > /data && echo kept > /after2");
+    let p2 = e
+        .checkpoint(&name, CheckpointKind::Fs, &ChangeHint::Unknown)
+        .expect("fs checkpoint");
+    assert_eq!(p2.captured, CheckpointKind::Full);
+    assert_eq!(
+        p2.process.as_ref().map(|i| i.id.as_str()),
+        Some(p1.id.as_str())
+    );
+    assert!(
+        p2.note
+            .as_deref()
+            .is_some_and(|n| n.contains("carried forward")),
+        "note: {:?}",
+        p2.note
+    );
+    assert_eq!(counter(e, &name), 6);
+    sh(e, &name, "echo four > /data");
+    // GC keeps the image a live point references.
+    e.gc(&name).expect("gc");
+    let r = e
+        .restore(&name, Some(&p2.id))
+        .expect("restore carried point");
+    assert_eq!(r.process_image.as_deref(), Some(p1.id.as_str()));
+    assert_eq!(file(e, &name, "/data").as_deref(), Some("three"));
+    assert_eq!(file(e, &name, "/after2").as_deref(), Some("kept"));
+    assert_eq!(counter(e, &name), 4, "process state of the image");
+}
+
+/// Proves the degraded path: a sandbox CRIU refuses (a TCP listener, which CRIU 4.1.1 cannot
+/// dump here) gets a filesystem-only point whose note carries CRIU's reason, never a silent
+/// partial, and that point restores the filesystem with a fresh start.
+#[test]
+fn refused_full_checkpoint_publishes_fs_only_point_with_reason() {
+    if !process_prerequisites("refused_full_checkpoint_publishes_fs_only_point_with_reason") {
+        return;
+    }
+    let t = TestEngine::open(4 * GIB);
+    let e = t.engine();
+    let name = unique("");
+    e.create(&name, None).expect("create sandbox");
+    sh(e, &name, "echo one > /data");
+    e.exec(
+        &name,
+        &[
+            "/bin/sh".into(),
+            "-c".into(),
+            "while :; do nc -l -p 7070 >/dev/null; done".into(),
+        ],
+        true,
+    )
+    .expect("start listener");
+    // Wait until the listener is up.
+    sh(
+        e,
+        &name,
+        "i=0; while ! netstat -ltn 2>/dev/null | grep -q ':7070'; do \
+         i=$((i+1)); [ $i -gt 200 ] && exit 1; usleep 10000; done",
+    );
+    let p = e
+        .checkpoint(&name, CheckpointKind::Full, &ChangeHint::Unknown)
+        .expect("degraded checkpoint still publishes");
+    assert_eq!(p.requested, CheckpointKind::Full);
+    eprintln!("degraded point note: {:?}", p.note);
+    if p.captured == CheckpointKind::Full {
+        // A CRIU that can dump listening sockets: nothing to degrade on this machine.
+        assert!(p.process.is_some());
+        return;
+    }
+    assert!(p.process.is_none());
+    let note = p.note.clone().expect("note with the reason");
+    assert!(note.contains("criu"), "note carries CRIU's reason: {note}");
+    sh(e, &name, "echo two > /data");
+    let r = e.restore(&name, None).expect("restore fs-only point");
+    assert_eq!(r.process_image, None);
+    assert_eq!(file(e, &name, "/data").as_deref(), Some("one"));
+    assert_eq!(e.info(&name).unwrap().status, "running");
+}
