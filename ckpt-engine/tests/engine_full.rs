@@ -102,6 +102,7 @@ fn full_checkpoint_restores_memory_and_files_and_carries_image_forward() {
     // Requests 1..=3 were served before the checkpoint: the restored memory answers 4 again.
     assert_eq!(counter(e, &name), 4);
     assert_eq!(counter(e, &name), 5);
+    assert_reaches_host(e, &name);
 
     // A filesystem-only point after it carries the process image forward.
     sh(e, &name, "echo three > /data && echo kept > /after2");
@@ -180,5 +181,70 @@ fn refused_full_checkpoint_publishes_fs_only_point_with_reason() {
     let r = e.restore(&name, None).expect("restore fs-only point");
     assert_eq!(r.process_image, None);
     assert_eq!(file(e, &name, "/data").as_deref(), Some("one"));
+    assert_eq!(e.info(&name).unwrap().status, "running");
+}
+
+/// The sandbox reaches a listener on its host-side address over its veth (the network works
+/// after a process restore too).
+fn assert_reaches_host(e: &Engine, name: &str) {
+    use std::io::{Read, Write};
+    let net = e.info(name).unwrap().net.expect("sandbox has a network");
+    let listener = std::net::TcpListener::bind((net.host_ip, 0)).unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let server = std::thread::spawn(move || {
+        let (mut conn, _) = listener.accept().unwrap();
+        let mut buf = [0u8; 1024];
+        let _ = conn.read(&mut buf);
+        conn.write_all(b"HTTP/1.0 200 OK\r\nContent-Length: 5\r\n\r\ncrab!")
+            .unwrap();
+    });
+    let body = sh(
+        e,
+        name,
+        &format!("wget -q -O - http://{}:{port}/", net.host_ip),
+    );
+    assert_eq!(body, "crab!");
+    server.join().unwrap();
+}
+
+/// Proves GC keeps a process image exactly as long as a live point references it (its own or a
+/// later filesystem-only point that carries it forward).
+#[test]
+fn gc_keeps_process_images_of_live_points_only() {
+    if !process_prerequisites("gc_keeps_process_images_of_live_points_only") {
+        return;
+    }
+    let mut cfg = common::config(2 * GIB);
+    cfg.retention.keep_last = 1;
+    common::clean_leftovers();
+    let state_dir = cfg.state_dir.clone();
+    let t = TestEngine {
+        engine: Some(Engine::open(cfg).expect("open engine")),
+        state_dir,
+    };
+    let e = t.engine();
+    let name = unique("");
+    e.create(&name, None).expect("create sandbox");
+    let images = e.pool().root().join("meta").join(&name).join("images");
+    let cp = |kind| {
+        e.checkpoint(&name, kind, &ChangeHint::Unknown)
+            .expect("checkpoint")
+    };
+    let p1 = cp(CheckpointKind::Full);
+    assert!(p1.process.is_some(), "note: {:?}", p1.note);
+    // p1 falls out of retention, but p2 carries its image: kept.
+    let p2 = cp(CheckpointKind::Fs);
+    assert_eq!(p2.process.as_ref().unwrap().id, p1.id);
+    assert!(images.join(&p1.id).is_dir(), "carried image kept");
+    // p3 has its own image; nothing references p1's any more.
+    let p3 = cp(CheckpointKind::Full);
+    assert_eq!(p3.process.as_ref().unwrap().id, p3.id);
+    assert!(!images.join(&p1.id).exists(), "unreferenced image deleted");
+    assert!(images.join(&p3.id).is_dir());
+    let ids: Vec<String> = e.points(&name).unwrap().into_iter().map(|p| p.id).collect();
+    assert_eq!(ids, [p3.id.clone()]);
+    // The surviving point restores processes from its own image.
+    let r = e.restore(&name, None).expect("restore");
+    assert_eq!(r.process_image.as_deref(), Some(p3.id.as_str()));
     assert_eq!(e.info(&name).unwrap().status, "running");
 }
