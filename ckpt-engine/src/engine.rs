@@ -1278,6 +1278,13 @@ impl Engine {
             tracing::warn!(sandbox = %name, "thawing a sandbox left frozen by a crashed checkpoint");
             cg.thaw()?;
         }
+        // A CRIU dump killed mid-way can leave the container paused (v1 freezer).
+        if let Ok(backend) = &self.process {
+            if self.runc.status(name).as_deref() == Some("paused") {
+                tracing::warn!(sandbox = %name, "resuming a sandbox left paused by a crashed dump");
+                backend.ensure_running(name)?;
+            }
+        }
         let dir = self.points_dir(name);
         if let Ok(rd) = std::fs::read_dir(&dir) {
             for e in rd.flatten() {
@@ -1308,8 +1315,10 @@ impl Engine {
     }
 
     /// Restores `name` in place to point `to` (default newest): stops the sandbox, puts each
-    /// tree back, verifies its tree hash against the manifest, then starts the sandbox again.
-    /// On a verification failure the sandbox stays stopped and the error says why.
+    /// tree back, verifies its tree hash against the manifest, then — when the point has a
+    /// process image (its own or carried forward) — restores the processes with CRIU and checks
+    /// they run, else starts the sandbox afresh. On a verification or process-restore failure
+    /// the sandbox stays stopped and the error says why.
     pub fn restore(&self, name: &str, to: Option<&str>) -> Result<RestoreReport, EngineError> {
         let start = Instant::now();
         self.record(name)?;

@@ -242,7 +242,7 @@ fn gc_keeps_process_images_of_live_points_only() {
     assert!(!images.join(&p1.id).exists(), "unreferenced image deleted");
     assert!(images.join(&p3.id).is_dir());
     let ids: Vec<String> = e.points(&name).unwrap().into_iter().map(|p| p.id).collect();
-    assert_eq!(ids, [p3.id.clone()]);
+    assert_eq!(ids, std::slice::from_ref(&p3.id));
     // The surviving point restores processes from its own image.
     let r = e.restore(&name, None).expect("restore");
     assert_eq!(r.process_image.as_deref(), Some(p3.id.as_str()));
