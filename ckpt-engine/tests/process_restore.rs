@@ -329,9 +329,18 @@ fn undumpable_sandbox_gives_typed_reason_and_keeps_running() {
         .status()
         .unwrap();
     assert!(status.success());
-    let failure = match lab.full_checkpoint(&name) {
-        Ok(_) => panic!("dump of a sandbox holding a host file must fail"),
-        Err(f) => f,
+    // `runc exec -d` returns while its outer `sh` (itself outside the init's tree) may still be
+    // handing the double-forked child over: wait until only the adopted child is left.
+    let mut attempts = 0;
+    let failure = loop {
+        match lab.full_checkpoint(&name) {
+            Ok(_) => panic!("dump of a sandbox holding a host file must fail"),
+            Err(f) if matches!(f.error, ProcessError::OutsideTree { .. }) && attempts < 50 => {
+                attempts += 1;
+                std::thread::sleep(std::time::Duration::from_millis(100));
+            }
+            Err(f) => break f,
+        }
     };
     assert!(
         failure.frozen.is_none(),

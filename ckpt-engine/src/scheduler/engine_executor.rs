@@ -162,7 +162,9 @@ mod tests {
     /// The whole stack: scheduler -> engine -> content-addressed backend -> content store, on a
     /// real directory sandbox in a real (loop) btrfs pool. Back-to-back submissions coalesce
     /// into one published recovery point that holds every change; restore gives it back.
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    /// Current-thread runtime: the three submissions below happen with no await between them,
+    /// so the scheduler's task cannot dispatch in between (deterministic coalescing).
+    #[tokio::test(flavor = "current_thread")]
     async fn scheduled_checkpoints_through_the_engine_with_the_cas_backend() {
         if !prerequisites("scheduled_checkpoints_through_the_engine_with_the_cas_backend") {
             return;
