@@ -19,9 +19,9 @@ use std::time::Instant;
 
 use anyhow::Context;
 use ckpt_engine::config::RestoreVerify;
-use ckpt_engine::scheduler::{CheckpointJob, EngineExecutor};
 use ckpt_engine::fs::ChangeHint;
 use ckpt_engine::manifest::CheckpointKind;
+use ckpt_engine::scheduler::{CheckpointJob, EngineExecutor};
 use ckpt_engine::scheduler::{Scheduler, SchedulerConfig, SubmitRequest};
 use ckpt_engine::{Engine, EngineConfig};
 use serde::Serialize;
