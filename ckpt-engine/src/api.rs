@@ -86,6 +86,23 @@ pub enum EngineRequest {
         #[serde(default)]
         to: Option<String>,
     },
+    /// Fork a recovery point into new sandboxes (each with its own rootfs, cgroup and network;
+    /// processes restored from the point's process image when it has one).
+    Fork {
+        /// The sandbox whose point is forked.
+        name: String,
+        /// Point id (default: newest).
+        #[serde(default)]
+        to: Option<String>,
+        /// Names of the new sandboxes; when absent, `count` names `<name>-fork-<n>` with the
+        /// lowest free `n` (from 1).
+        #[serde(default)]
+        names: Option<Vec<String>>,
+        /// How many forks (default: the number of `names`, else 1; at most
+        /// [`MAX_FORKS`]).
+        #[serde(default)]
+        count: Option<u32>,
+    },
     /// Recompute a point's tree hashes and compare them with its manifest.
     Verify {
         /// Sandbox name.
@@ -189,6 +206,46 @@ impl EngineError {
     }
 }
 
+/// Most forks one request may make.
+pub const MAX_FORKS: u32 = 64;
+
+/// The names of the forks of `name`: `names` as given, else `count` (default 1) names
+/// `<name>-fork-<n>` with the lowest `n >= 1` for which `exists` is false. Pure.
+pub fn fork_names(
+    name: &str,
+    names: Option<Vec<String>>,
+    count: Option<u32>,
+    exists: impl Fn(&str) -> bool,
+) -> Result<Vec<String>, EngineError> {
+    let invalid = |reason| EngineError::InvalidName {
+        name: name.chars().take(80).collect(),
+        reason,
+    };
+    if let Some(names) = names.filter(|n| !n.is_empty()) {
+        if count.is_some_and(|c| c as usize != names.len()) {
+            return Err(invalid("fork count differs from the number of names"));
+        }
+        if names.len() > MAX_FORKS as usize {
+            return Err(invalid("too many forks in one request"));
+        }
+        return Ok(names);
+    }
+    let count = count.unwrap_or(1);
+    if count == 0 || count > MAX_FORKS {
+        return Err(invalid("fork count must be 1..=64"));
+    }
+    let mut out = Vec::new();
+    let mut n = 1u32;
+    while out.len() < count as usize {
+        let candidate = format!("{name}-fork-{n}");
+        if !exists(&candidate) {
+            out.push(candidate);
+        }
+        n += 1;
+    }
+    Ok(out)
+}
+
 /// Runs one request against the engine.
 pub fn dispatch(engine: &Engine, request: EngineRequest) -> Result<EngineResponse, EngineError> {
     use EngineRequest as R;
@@ -227,6 +284,20 @@ pub fn dispatch(engine: &Engine, request: EngineRequest) -> Result<EngineRespons
             EngineResponse::Points(engine.points(&name)?)
         }
         R::Restore { name, to } => EngineResponse::Restored(engine.restore(&name, to.as_deref())?),
+        R::Fork {
+            name,
+            to,
+            names,
+            count,
+        } => {
+            let names = fork_names(&name, names, count, |n| {
+                !matches!(
+                    engine.record(n),
+                    Err(EngineError::SandboxNotFound { .. } | EngineError::InvalidName { .. })
+                )
+            })?;
+            EngineResponse::Sandboxes(engine.fork(&name, to.as_deref(), &names)?)
+        }
         R::Verify { name, id } => EngineResponse::Verified(engine.verify(&name, id.as_deref())?),
         R::Gc { name } => EngineResponse::Gc(engine.gc(&name)?),
     })
@@ -270,6 +341,38 @@ mod tests {
         let back: EngineRequest =
             serde_json::from_str(&serde_json::to_string(&r).unwrap()).unwrap();
         assert_eq!(back, r);
+    }
+
+    #[test]
+    fn fork_names_default_to_the_lowest_free_numbers() {
+        let taken = |n: &str| n == "a-fork-1" || n == "a-fork-3";
+        assert_eq!(
+            fork_names("a", None, Some(3), taken).unwrap(),
+            vec!["a-fork-2", "a-fork-4", "a-fork-5"]
+        );
+        assert_eq!(
+            fork_names("a", None, None, |_| false).unwrap(),
+            vec!["a-fork-1"]
+        );
+        let given = vec!["x".to_string(), "y".to_string()];
+        assert_eq!(
+            fork_names("a", Some(given.clone()), Some(2), taken).unwrap(),
+            given
+        );
+        assert!(fork_names("a", Some(given), Some(3), taken).is_err());
+        assert!(fork_names("a", None, Some(0), taken).is_err());
+        assert!(fork_names("a", None, Some(MAX_FORKS + 1), taken).is_err());
+        let r: EngineRequest =
+            serde_json::from_str(r#"{"op":"fork","name":"a","to":"cp-000001","count":2}"#).unwrap();
+        assert_eq!(
+            r,
+            EngineRequest::Fork {
+                name: "a".into(),
+                to: Some("cp-000001".into()),
+                names: None,
+                count: Some(2)
+            }
+        );
     }
 
     #[test]

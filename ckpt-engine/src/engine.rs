@@ -506,16 +506,7 @@ impl Engine {
                 None
             };
             let net = if self.cfg.network {
-                let used: Vec<u32> = self
-                    .names()?
-                    .iter()
-                    .filter_map(|n| self.record(n).ok().and_then(|r| r.net).map(|n| n.index))
-                    .collect();
-                let index = crate::network::allocate(&used).ok_or(EngineError::InvalidName {
-                    name: name.to_string(),
-                    reason: "no free sandbox network left",
-                })?;
-                let net = crate::network::plan(name, index, self.cfg.network_base);
+                let net = self.allocate_net(name)?;
                 crate::network::attach(&net, pid)?;
                 Some(net)
             } else {
@@ -1362,7 +1353,8 @@ impl Engine {
         if let SandboxKind::Container { .. } = rec.spec {
             match &point.process {
                 Some(img) => {
-                    processes = self.restore_processes(&rec, &point.id, img)?;
+                    processes =
+                        self.restore_processes(&rec, &point.id, img, &self.images_dir(name))?;
                     process_image = Some(img.id.clone());
                 }
                 None => {
@@ -1390,13 +1382,171 @@ impl Engine {
         })
     }
 
-    /// Restores the processes of image `img` into the (stopped, filesystem-restored) container
-    /// and checks that every restored process runs; returns how many.
+    /// Forks point `point` (default newest) of container sandbox `name` into new sandboxes
+    /// `new_names`: each gets a writable snapshot of the point's filesystem snapshot (tree hash
+    /// verified), its own cgroup, network and record, and either the point's processes restored
+    /// from its process image (a fork config of the original's bundle) or a fresh start. A copy
+    /// that fails is removed; copies made before it stay and the error is returned.
+    pub fn fork(
+        &self,
+        name: &str,
+        point: Option<&str>,
+        new_names: &[String],
+    ) -> Result<Vec<SandboxInfo>, EngineError> {
+        let rec = self.record(name)?;
+        if !matches!(rec.spec, SandboxKind::Container { .. }) {
+            return Err(EngineError::Unsupported {
+                name: name.to_string(),
+                what: "fork",
+                kind: rec.spec.label(),
+            });
+        }
+        for (i, n) in new_names.iter().enumerate() {
+            validate_name(n)?;
+            if n == name
+                || new_names[..i].contains(n)
+                || self.meta_dir(n).join("sandbox.json").exists()
+            {
+                return Err(EngineError::SandboxExists { name: n.clone() });
+            }
+        }
+        // Held throughout: GC must not delete the point's snapshot or image under the forks.
+        let _lock = self.lock(name)?;
+        let point = self.point(name, point)?;
+        let bundle_cfg = self.meta_dir(name).join("bundle").join("config.json");
+        let bytes = std::fs::read(&bundle_cfg).map_err(io_err("read bundle", &bundle_cfg))?;
+        let original: serde_json::Value = serde_json::from_slice(&bytes).map_err(|e| {
+            EngineError::Manifest(ManifestError::BadPayload {
+                path: bundle_cfg.clone(),
+                reason: e.to_string(),
+            })
+        })?;
+        let mut out = Vec::new();
+        for n in new_names {
+            // An existing sandbox is refused here, before anything of `n` could be removed.
+            self.prepare_meta(n)?;
+            match self.fork_one(&rec, &point, &original, n) {
+                Ok(info) => out.push(info),
+                Err(e) => {
+                    if let Err(d) = self.destroy(n) {
+                        tracing::warn!(sandbox = %n, error = %d, "cleanup of a failed fork");
+                    }
+                    return Err(e);
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    fn fork_one(
+        &self,
+        rec: &SandboxRecord,
+        point: &RecoveryPoint,
+        original: &serde_json::Value,
+        n: &str,
+    ) -> Result<SandboxInfo, EngineError> {
+        let snap = point
+            .fs
+            .iter()
+            .find(|t| t.tree == "rootfs")
+            .ok_or_else(|| EngineError::PointNotFound {
+                sandbox: rec.name.clone(),
+                id: format!("{} (no snapshot of rootfs)", point.id),
+            })?;
+        let sbx_dir = self.pool.sandboxes_dir().join(n);
+        std::fs::create_dir_all(&sbx_dir).map_err(io_err("create sandbox dir", &sbx_dir))?;
+        let rootfs = self.rootfs_path(n);
+        pool::delete_subvolume(&rootfs)?;
+        self.backend.restore(&snap.snapshot, &rootfs)?;
+        let actual = self.backend.restored_tree_hash(&rec.name, &rootfs)?;
+        if actual != snap.snapshot.tree_hash {
+            return Err(EngineError::VerifyFailed {
+                sandbox: n.to_string(),
+                point: point.id.clone(),
+                tree: snap.tree.clone(),
+                expected: snap.snapshot.tree_hash.clone(),
+                actual,
+            });
+        }
+        let cgroups_path = self.cgroups_path(n);
+        let cfg = crate::process::fork::derive_fork_config(
+            original,
+            &crate::process::fork::ForkOverrides {
+                rootfs: Some(&rootfs),
+                cgroups_path: Some(&cgroups_path),
+                netns_path: None,
+                hostname: Some(n),
+            },
+        )
+        .map_err(|e| {
+            EngineError::Manifest(ManifestError::BadPayload {
+                path: self.meta_dir(&rec.name).join("bundle").join("config.json"),
+                reason: e.to_string(),
+            })
+        })?;
+        let bundle = self.meta_dir(n).join("bundle");
+        std::fs::create_dir_all(&bundle).map_err(io_err("create bundle", &bundle))?;
+        write_json_atomic(&bundle.join("config.json"), &cfg)?;
+        let mut fork_rec = SandboxRecord {
+            name: n.to_string(),
+            spec: rec.spec.clone(),
+            created_unix_ms: now_ms(),
+            head: None,
+            net: None,
+        };
+        let pid = match &point.process {
+            Some(img) => {
+                self.restore_processes(&fork_rec, &point.id, img, &self.images_dir(&rec.name))?;
+                match self.runc.state(n) {
+                    Some((_, pid)) if pid > 0 => pid,
+                    _ => {
+                        return Err(EngineError::NotRunning {
+                            name: n.to_string(),
+                            status: "missing".into(),
+                        });
+                    }
+                }
+            }
+            None => self.start_container(n, false)?,
+        };
+        let _netlock = if self.cfg.network {
+            Some(self.global_lock()?)
+        } else {
+            None
+        };
+        if self.cfg.network {
+            let net = self.allocate_net(n)?;
+            crate::network::attach(&net, pid)?;
+            fork_rec.net = Some(net);
+        }
+        self.save_record(&fork_rec)?;
+        self.info(n)
+    }
+
+    /// A free network for sandbox `name`; the caller holds the global lock until the record
+    /// is saved.
+    fn allocate_net(&self, name: &str) -> Result<crate::network::SandboxNet, EngineError> {
+        let used: Vec<u32> = self
+            .names()?
+            .iter()
+            .filter_map(|n| self.record(n).ok().and_then(|r| r.net).map(|n| n.index))
+            .collect();
+        let index = crate::network::allocate(&used).ok_or(EngineError::InvalidName {
+            name: name.to_string(),
+            reason: "no free sandbox network left",
+        })?;
+        Ok(crate::network::plan(name, index, self.cfg.network_base))
+    }
+
+    /// Restores the processes of image `img` (under `image_root`) into the (stopped,
+    /// filesystem-restored) container of `rec` and checks that every restored process runs;
+    /// returns how many.
     fn restore_processes(
         &self,
         rec: &SandboxRecord,
         point: &str,
         img: &ProcessImageRef,
+        image_root: &Path,
     ) -> Result<usize, EngineError> {
         let name = &rec.name;
         let backend = self
@@ -1411,7 +1561,7 @@ impl Engine {
         let restored = backend.restore(&RestoreRequest {
             container_id: name,
             bundle: &meta.join("bundle"),
-            image: &self.images_dir(name).join(&img.id),
+            image: &image_root.join(&img.id),
             work_dir: &meta.join("restore-work"),
             stdio_log: &meta.join("restore-stdio.log"),
             replace_existing: true,

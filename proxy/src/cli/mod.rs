@@ -58,6 +58,8 @@ pub enum Command {
     Checkpoints(engine::EngineArgs<ckpt_engine::cli::CheckpointsArgs>),
     /// Restore a sandbox in place to a recovery point (filesystem first, verified).
     Restore(engine::EngineArgs<ckpt_engine::cli::RestoreArgs>),
+    /// Fork a recovery point into new sandboxes, each with its own rootfs, cgroup and network.
+    Fork(engine::EngineArgs<ckpt_engine::cli::ForkArgs>),
     /// Recompute a recovery point's tree hash and compare it with its manifest.
     Verify(engine::EngineArgs<ckpt_engine::cli::VerifyArgs>),
     /// Check every prerequisite (BTF, tracefs, cgroup v2, CRIU, runc, btrfs …) and say how to fix it.
@@ -211,6 +213,7 @@ pub fn run(cli: Cli) -> i32 {
         Command::Restore(a) => {
             engine_command(&cli.log, a.daemon, EngineCommand::Restore(a.command))
         }
+        Command::Fork(a) => engine_command(&cli.log, a.daemon, EngineCommand::Fork(a.command)),
         Command::Verify(a) => engine_command(&cli.log, a.daemon, EngineCommand::Verify(a.command)),
         Command::Doctor(out) => {
             let checks =

@@ -1,0 +1,177 @@
+//! Forking a recovery point into new sandboxes through the `Engine` API only: real runc
+//! sandboxes on a real loop btrfs pool, real CRIU. Run as root:
+//! `CRAB_TEST_STRICT=1 cargo test -p ckpt-engine --test engine_fork`.
+
+mod common;
+mod process_support;
+
+use ckpt_engine::fs::ChangeHint;
+use ckpt_engine::manifest::CheckpointKind;
+use ckpt_engine::{Engine, EngineError};
+use common::{TestEngine, sh, unique};
+use process_support::{GIB, process_prerequisites};
+
+/// A counter whose only state is a shell variable (as in `engine_full.rs`): requests come over
+/// the FIFO `/req`, answers `<id> <requests served>` go to `/resp`.
+const COUNTER_SERVER: &str = "n=0; exec 3<>/req; while read -r id <&3; do n=$((n+1)); \
+    echo \"$id $n\" > /resp.tmp && mv /resp.tmp /resp; done";
+
+static REQUEST: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+
+fn counter(e: &Engine, name: &str) -> u64 {
+    let req = REQUEST.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    let script = format!(
+        "echo {req} > /req; i=0; while [ $i -lt 200 ]; do \
+         set -- $(cat /resp 2>/dev/null); [ \"$1\" = {req} ] && echo $2 && exit 0; \
+         i=$((i+1)); usleep 10000; done; exit 1"
+    );
+    let out = sh(e, name, &script);
+    out.trim()
+        .parse()
+        .unwrap_or_else(|_| panic!("bad answer from {name}: {out:?}"))
+}
+
+fn file(e: &Engine, name: &str, path: &str) -> Option<String> {
+    std::fs::read_to_string(e.rootfs_path(name).join(path.trim_start_matches('/')))
+        .ok()
+        .map(|s| s.trim().to_string())
+}
+
+/// The sandbox reaches a listener on its own host-side address over its own veth.
+fn assert_reaches_host(e: &Engine, name: &str) {
+    use std::io::{Read, Write};
+    let net = e.info(name).unwrap().net.expect("sandbox has a network");
+    let listener = std::net::TcpListener::bind((net.host_ip, 0)).unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let server = std::thread::spawn(move || {
+        let (mut conn, _) = listener.accept().unwrap();
+        let mut buf = [0u8; 1024];
+        let _ = conn.read(&mut buf);
+        conn.write_all(b"HTTP/1.0 200 OK\r\nContent-Length: 5\r\n\r\ncrab!")
+            .unwrap();
+    });
+    let body = sh(
+        e,
+        name,
+        &format!("wget -q -O - http://{}:{port}/", net.host_ip),
+    );
+    assert_eq!(body, "crab!", "{name}");
+    server.join().unwrap();
+}
+
+/// Proves fork: two forks of a full point both have the point's file and in-memory counter,
+/// each with its own cgroup, network and rootfs; mutating one changes neither the other nor
+/// the original; forks are ordinary sandboxes (list, exec, checkpoint, rm); bad or taken names
+/// are refused without touching the existing sandbox.
+#[test]
+fn fork_two_ways_from_full_point_and_diverge() {
+    if !process_prerequisites("fork_two_ways_from_full_point_and_diverge") {
+        return;
+    }
+    let t = TestEngine::open(4 * GIB);
+    let e = t.engine();
+    let name = unique("");
+    e.create(&name, None).expect("create sandbox");
+    sh(e, &name, "mkfifo /req && echo one > /data");
+    e.exec(
+        &name,
+        &["/bin/sh".into(), "-c".into(), COUNTER_SERVER.into()],
+        true,
+    )
+    .expect("start counter server");
+    for want in 1..=3 {
+        assert_eq!(counter(e, &name), want);
+    }
+    let p = e
+        .checkpoint(&name, CheckpointKind::Full, &ChangeHint::Unknown)
+        .expect("full checkpoint");
+    assert_eq!(p.captured, CheckpointKind::Full, "note: {:?}", p.note);
+    // Changes after the point are not in the forks.
+    sh(e, &name, "echo two > /data");
+
+    let names = vec![format!("{name}-a"), format!("{name}-b")];
+    let started = std::time::Instant::now();
+    let forks = e.fork(&name, Some(&p.id), &names).expect("fork");
+    eprintln!(
+        "fork 2 ways (fs snapshot + verify + criu restore + network): {} ms",
+        started.elapsed().as_millis()
+    );
+    assert_eq!(forks.len(), 2);
+    let listed: Vec<String> = e.list().unwrap().into_iter().map(|s| s.name).collect();
+    for (f, n) in forks.iter().zip(&names) {
+        assert_eq!(&f.name, n);
+        assert_eq!(f.status, "running");
+        assert!(listed.contains(n), "{n} listed in {listed:?}");
+        assert_eq!(file(e, n, "/data").as_deref(), Some("one"));
+        assert!(f.cgroup.ends_with(n), "own cgroup {:?}", f.cgroup);
+    }
+    let (a, b) = (&names[0], &names[1]);
+    let (na, nb) = (forks[0].net.clone().unwrap(), forks[1].net.clone().unwrap());
+    let no = e.info(&name).unwrap().net.unwrap();
+    assert!(na.sandbox_ip != nb.sandbox_ip && na.sandbox_ip != no.sandbox_ip);
+    assert!(na.host_if != nb.host_if && na.host_if != no.host_if);
+    assert_ne!(forks[0].cgroup, forks[1].cgroup);
+
+    // Both forks carry the counter's memory: the next request is the 4th.
+    assert_eq!(counter(e, a), 4);
+    assert_eq!(counter(e, a), 5);
+    sh(e, a, "echo changed > /data && echo new > /only-a");
+    assert_eq!(counter(e, b), 4, "the other fork is unchanged");
+    assert_eq!(file(e, b, "/data").as_deref(), Some("one"));
+    assert_eq!(file(e, b, "/only-a"), None);
+    assert_eq!(counter(e, &name), 4, "the original is unchanged");
+    assert_eq!(file(e, &name, "/data").as_deref(), Some("two"));
+    assert_eq!(file(e, &name, "/only-a"), None);
+    assert_eq!(file(e, a, "/data").as_deref(), Some("changed"));
+    for n in [a, b, &name] {
+        assert_reaches_host(e, n);
+    }
+    // A fork is a sandbox like any other: it checkpoints and restores.
+    let pa = e
+        .checkpoint(a, CheckpointKind::Fs, &ChangeHint::Unknown)
+        .expect("checkpoint a fork");
+    sh(e, a, "echo later > /data");
+    e.restore(a, Some(&pa.id)).expect("restore a fork");
+    assert_eq!(file(e, a, "/data").as_deref(), Some("changed"));
+
+    // Taken and invalid names are refused; the existing sandbox is untouched.
+    match e.fork(&name, None, std::slice::from_ref(b)) {
+        Err(EngineError::SandboxExists { name: n }) => assert_eq!(&n, b),
+        other => panic!("expected SandboxExists, got {other:?}"),
+    }
+    assert!(matches!(
+        e.fork(&name, None, &["Bad.Name".to_string()]),
+        Err(EngineError::InvalidName { .. })
+    ));
+    assert_eq!(counter(e, b), 5);
+
+    for n in [a, b, &name] {
+        e.remove(n).expect("rm");
+    }
+    assert!(e.list().unwrap().is_empty());
+}
+
+/// A filesystem-only point forks into freshly started sandboxes with the point's files.
+#[test]
+fn fork_fs_only_point_starts_fresh() {
+    if !common::prerequisites("fork_fs_only_point_starts_fresh") {
+        return;
+    }
+    let t = TestEngine::open(2 * GIB);
+    let e = t.engine();
+    let name = unique("");
+    e.create(&name, None).expect("create sandbox");
+    sh(e, &name, "echo one > /data");
+    let p = e
+        .checkpoint(&name, CheckpointKind::Fs, &ChangeHint::Unknown)
+        .expect("fs checkpoint");
+    assert!(p.process.is_none());
+    let names = vec![format!("{name}-x")];
+    let forks = e.fork(&name, None, &names).expect("fork");
+    assert_eq!(forks[0].status, "running");
+    assert_eq!(sh(e, &names[0], "cat /data").trim(), "one");
+    sh(e, &names[0], "echo two > /data");
+    assert_eq!(file(e, &name, "/data").as_deref(), Some("one"));
+    e.remove(&names[0]).expect("rm fork");
+    e.remove(&name).expect("rm");
+}
