@@ -151,27 +151,76 @@ fn fork_two_ways_from_full_point_and_diverge() {
     assert!(e.list().unwrap().is_empty());
 }
 
-/// A filesystem-only point forks into freshly started sandboxes with the point's files.
+/// Through the CLI: a filesystem-only point forks into freshly started sandboxes named
+/// `NAME-fork-N`; a fork whose snapshot fails verification is refused and leaves nothing behind.
 #[test]
-fn fork_fs_only_point_starts_fresh() {
-    if !common::prerequisites("fork_fs_only_point_starts_fresh") {
+fn cli_fork_of_fs_point_starts_fresh_and_failed_copy_leaves_nothing() {
+    use ckpt_engine::cli::{EngineCommand, run_local};
+    use clap::Parser;
+    #[derive(Parser)]
+    struct Cli {
+        #[command(subcommand)]
+        cmd: EngineCommand,
+    }
+    if !common::prerequisites("cli_fork_of_fs_point_starts_fresh_and_failed_copy_leaves_nothing") {
         return;
     }
     let t = TestEngine::open(2 * GIB);
     let e = t.engine();
     let name = unique("");
+    let run = |args: &[&str]| {
+        let cli = Cli::try_parse_from(std::iter::once("crab").chain(args.iter().copied())).unwrap();
+        run_local(e, &cli.cmd)
+    };
     e.create(&name, None).expect("create sandbox");
     sh(e, &name, "echo one > /data");
     let p = e
         .checkpoint(&name, CheckpointKind::Fs, &ChangeHint::Unknown)
         .expect("fs checkpoint");
     assert!(p.process.is_none());
-    let names = vec![format!("{name}-x")];
-    let forks = e.fork(&name, None, &names).expect("fork");
-    assert_eq!(forks[0].status, "running");
-    assert_eq!(sh(e, &names[0], "cat /data").trim(), "one");
+    let r = run(&["fork", &name, "--count", "2", "--json"]);
+    assert_eq!(r.exit_code, 0, "{}", r.stderr);
+    let v: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
+    assert_eq!(v["kind"], "sandboxes");
+    let names: Vec<String> = (1..=2).map(|n| format!("{name}-fork-{n}")).collect();
+    for (i, n) in names.iter().enumerate() {
+        assert_eq!(v["data"][i]["name"], n.as_str());
+        assert_eq!(v["data"][i]["status"], "running");
+        assert_eq!(sh(e, n, "cat /data").trim(), "one");
+    }
     sh(e, &names[0], "echo two > /data");
     assert_eq!(file(e, &name, "/data").as_deref(), Some("one"));
-    e.remove(&names[0]).expect("rm fork");
-    e.remove(&name).expect("rm");
+    assert_eq!(file(e, &names[1], "/data").as_deref(), Some("one"));
+    // Taken names are skipped by the default naming.
+    let r = run(&["fork", &name]);
+    assert_eq!(r.exit_code, 0, "{}", r.stderr);
+    let third = format!("{name}-fork-3");
+    assert!(r.stdout.contains(&third), "{}", r.stdout);
+
+    // Tamper with the point's snapshot: the fork fails verification and leaves nothing.
+    let snap = e
+        .pool()
+        .snapshots_dir()
+        .join(&name)
+        .join(&p.fs[0].snapshot.id);
+    let st = std::process::Command::new("btrfs")
+        .args(["property", "set", "-ts"])
+        .arg(&snap)
+        .args(["ro", "false"])
+        .status()
+        .unwrap();
+    assert!(st.success());
+    std::fs::write(snap.join("tampered"), "x").unwrap();
+    let bad = format!("{name}-bad");
+    let r = run(&["fork", &name, "--name", &bad, "--json"]);
+    assert_eq!(r.exit_code, 1);
+    assert!(r.stdout.contains("verify_failed"), "{}", r.stdout);
+    assert!(!e.pool().root().join("meta").join(&bad).exists());
+    assert!(!e.pool().sandboxes_dir().join(&bad).exists());
+    assert!(!e.cgroup(&bad).path().exists());
+    assert!(e.list().unwrap().iter().all(|s| s.name != bad));
+
+    for n in names.iter().chain([&third, &name]) {
+        e.remove(n).expect("rm");
+    }
 }
