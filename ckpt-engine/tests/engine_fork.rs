@@ -5,59 +5,11 @@
 mod common;
 mod process_support;
 
+use ckpt_engine::EngineError;
 use ckpt_engine::fs::ChangeHint;
 use ckpt_engine::manifest::CheckpointKind;
-use ckpt_engine::{Engine, EngineError};
-use common::{TestEngine, sh, unique};
+use common::{COUNTER_SERVER, TestEngine, assert_reaches_host, counter, file, sh, unique};
 use process_support::{GIB, process_prerequisites};
-
-/// A counter whose only state is a shell variable (as in `engine_full.rs`): requests come over
-/// the FIFO `/req`, answers `<id> <requests served>` go to `/resp`.
-const COUNTER_SERVER: &str = "n=0; exec 3<>/req; while read -r id <&3; do n=$((n+1)); \
-    echo \"$id $n\" > /resp.tmp && mv /resp.tmp /resp; done";
-
-static REQUEST: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
-
-fn counter(e: &Engine, name: &str) -> u64 {
-    let req = REQUEST.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-    let script = format!(
-        "echo {req} > /req; i=0; while [ $i -lt 200 ]; do \
-         set -- $(cat /resp 2>/dev/null); [ \"$1\" = {req} ] && echo $2 && exit 0; \
-         i=$((i+1)); usleep 10000; done; exit 1"
-    );
-    let out = sh(e, name, &script);
-    out.trim()
-        .parse()
-        .unwrap_or_else(|_| panic!("bad answer from {name}: {out:?}"))
-}
-
-fn file(e: &Engine, name: &str, path: &str) -> Option<String> {
-    std::fs::read_to_string(e.rootfs_path(name).join(path.trim_start_matches('/')))
-        .ok()
-        .map(|s| s.trim().to_string())
-}
-
-/// The sandbox reaches a listener on its own host-side address over its own veth.
-fn assert_reaches_host(e: &Engine, name: &str) {
-    use std::io::{Read, Write};
-    let net = e.info(name).unwrap().net.expect("sandbox has a network");
-    let listener = std::net::TcpListener::bind((net.host_ip, 0)).unwrap();
-    let port = listener.local_addr().unwrap().port();
-    let server = std::thread::spawn(move || {
-        let (mut conn, _) = listener.accept().unwrap();
-        let mut buf = [0u8; 1024];
-        let _ = conn.read(&mut buf);
-        conn.write_all(b"HTTP/1.0 200 OK\r\nContent-Length: 5\r\n\r\ncrab!")
-            .unwrap();
-    });
-    let body = sh(
-        e,
-        name,
-        &format!("wget -q -O - http://{}:{port}/", net.host_ip),
-    );
-    assert_eq!(body, "crab!", "{name}");
-    server.join().unwrap();
-}
 
 /// Proves fork: two forks of a full point both have the point's file and in-memory counter,
 /// each with its own cgroup, network and rootfs; mutating one changes neither the other nor
@@ -124,7 +76,7 @@ fn fork_two_ways_from_full_point_and_diverge() {
     assert_eq!(file(e, &name, "/only-a"), None);
     assert_eq!(file(e, a, "/data").as_deref(), Some("changed"));
     for n in [a, b, &name] {
-        assert_reaches_host(e, n);
+        assert_reaches_host(e, n, n);
     }
     // A fork is a sandbox like any other: it checkpoints and restores.
     let pa = e

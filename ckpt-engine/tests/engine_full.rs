@@ -8,35 +8,8 @@ mod process_support;
 use ckpt_engine::Engine;
 use ckpt_engine::fs::ChangeHint;
 use ckpt_engine::manifest::CheckpointKind;
-use common::{TestEngine, sh, unique};
+use common::{COUNTER_SERVER, TestEngine, assert_reaches_host, counter, file, sh, unique};
 use process_support::{GIB, process_prerequisites};
-
-/// A counter whose only state is a shell variable; requests come over a FIFO (CRIU 4.1.1
-/// cannot dump inet sockets on this kernel): the client writes a request id, the server
-/// answers `<id> <requests served>` in `/resp`.
-const COUNTER_SERVER: &str = "n=0; exec 3<>/req; while read -r id <&3; do n=$((n+1)); \
-    echo \"$id $n\" > /resp.tmp && mv /resp.tmp /resp; done";
-
-static REQUEST: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
-
-fn counter(e: &Engine, name: &str) -> u64 {
-    let req = REQUEST.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-    let script = format!(
-        "echo {req} > /req; i=0; while [ $i -lt 200 ]; do \
-         set -- $(cat /resp 2>/dev/null); [ \"$1\" = {req} ] && echo $2 && exit 0; \
-         i=$((i+1)); usleep 10000; done; exit 1"
-    );
-    let out = sh(e, name, &script);
-    out.trim()
-        .parse()
-        .unwrap_or_else(|_| panic!("bad answer {out:?}"))
-}
-
-fn file(e: &Engine, name: &str, path: &str) -> Option<String> {
-    std::fs::read_to_string(e.rootfs_path(name).join(path.trim_start_matches('/')))
-        .ok()
-        .map(|s| s.trim().to_string())
-}
 
 /// Proves the headline through the engine: a full checkpoint brings back both the files and a
 /// process's in-memory counter after the sandbox's processes were killed; a later
@@ -102,7 +75,7 @@ fn full_checkpoint_restores_memory_and_files_and_carries_image_forward() {
     // Requests 1..=3 were served before the checkpoint: the restored memory answers 4 again.
     assert_eq!(counter(e, &name), 4);
     assert_eq!(counter(e, &name), 5);
-    assert_reaches_host(e, &name);
+    assert_reaches_host(e, &name, "after a process restore");
 
     // A filesystem-only point after it carries the process image forward.
     sh(e, &name, "echo three > /data && echo kept > /after2");
@@ -182,29 +155,6 @@ fn refused_full_checkpoint_publishes_fs_only_point_with_reason() {
     assert_eq!(r.process_image, None);
     assert_eq!(file(e, &name, "/data").as_deref(), Some("one"));
     assert_eq!(e.info(&name).unwrap().status, "running");
-}
-
-/// The sandbox reaches a listener on its host-side address over its veth (the network works
-/// after a process restore too).
-fn assert_reaches_host(e: &Engine, name: &str) {
-    use std::io::{Read, Write};
-    let net = e.info(name).unwrap().net.expect("sandbox has a network");
-    let listener = std::net::TcpListener::bind((net.host_ip, 0)).unwrap();
-    let port = listener.local_addr().unwrap().port();
-    let server = std::thread::spawn(move || {
-        let (mut conn, _) = listener.accept().unwrap();
-        let mut buf = [0u8; 1024];
-        let _ = conn.read(&mut buf);
-        conn.write_all(b"HTTP/1.0 200 OK\r\nContent-Length: 5\r\n\r\ncrab!")
-            .unwrap();
-    });
-    let body = sh(
-        e,
-        name,
-        &format!("wget -q -O - http://{}:{port}/", net.host_ip),
-    );
-    assert_eq!(body, "crab!");
-    server.join().unwrap();
 }
 
 /// Proves GC keeps a process image exactly as long as a live point references it (its own or a

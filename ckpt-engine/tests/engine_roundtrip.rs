@@ -5,7 +5,7 @@ mod common;
 
 use ckpt_engine::fs::ChangeHint;
 use ckpt_engine::manifest::{self, CheckpointKind};
-use common::{TestEngine, prerequisites, sh, unique};
+use common::{TestEngine, assert_reaches_host, prerequisites, sh, unique};
 
 const GIB: u64 = 1 << 30;
 
@@ -346,31 +346,4 @@ fn cli_commands_drive_the_engine() {
     assert_eq!(r.exit_code, 1);
     let v: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
     assert_eq!(v["code"], "not_found");
-}
-
-/// Asserts that the sandbox reaches a listener on its host-side address over its veth.
-fn assert_reaches_host(e: &ckpt_engine::Engine, name: &str, when: &str) {
-    use std::io::{Read, Write};
-    let net = e.info(name).unwrap().net.expect("sandbox has a network");
-    let listener = std::net::TcpListener::bind((net.host_ip, 0)).unwrap();
-    let port = listener.local_addr().unwrap().port();
-    let server = std::thread::spawn(move || {
-        let (mut conn, peer) = listener.accept().unwrap();
-        let mut buf = [0u8; 1024];
-        let _ = conn.read(&mut buf);
-        conn.write_all(b"HTTP/1.0 200 OK\r\nContent-Length: 5\r\n\r\ncrab!")
-            .unwrap();
-        peer.ip()
-    });
-    let body = sh(
-        e,
-        name,
-        &format!("wget -q -O - http://{}:{port}/", net.host_ip),
-    );
-    assert_eq!(body, "crab!", "{when}");
-    assert_eq!(
-        server.join().unwrap(),
-        std::net::IpAddr::V4(net.sandbox_ip),
-        "{when}"
-    );
 }

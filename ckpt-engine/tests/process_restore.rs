@@ -8,26 +8,11 @@ mod process_support;
 use std::time::Duration;
 
 use ckpt_engine::process::{CriuFailureKind, ProcessBackend, ProcessError};
-use common::unique;
+use common::{COUNTER_SERVER, counter_query, unique};
 use process_support::{GIB, Lab, process_prerequisites};
 
-/// A counter server whose only state is a shell variable. CRIU 4.1.1 cannot dump inet
-/// sockets on this kernel (`getsockopt(SO_PASSCRED)` on a TCP socket fails with EOPNOTSUPP;
-/// see `tcp_listener_dump_is_refused_with_criu_reason`), so requests come over a FIFO inside the
-/// sandbox: the client writes a request id, the server answers `<id> <requests served>`.
-const COUNTER_SERVER: &str = "n=0; exec 3<>/req; while read -r id <&3; do n=$((n+1)); \
-    echo \"$id $n\" > /resp.tmp && mv /resp.tmp /resp; done";
-
-static REQUEST: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
-
 fn get_counter(lab: &Lab, id: &str) -> u64 {
-    let req = REQUEST.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-    let script = format!(
-        "echo {req} > /req; i=0; while [ $i -lt 200 ]; do \
-         set -- $(cat /resp 2>/dev/null); [ \"$1\" = {req} ] && echo $2 && exit 0; \
-         i=$((i+1)); usleep 10000; done; exit 1"
-    );
-    let (code, out) = lab.sh_in(id, &script);
+    let (code, out) = lab.sh_in(id, &counter_query());
     assert_eq!(code, 0, "counter server in {id} does not answer");
     out.trim()
         .parse()

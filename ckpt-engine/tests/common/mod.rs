@@ -191,3 +191,64 @@ pub fn sh(engine: &Engine, name: &str, script: &str) -> String {
     );
     out.stdout
 }
+
+/// A counter whose only state is a shell variable; requests come over a FIFO (CRIU 4.1.1
+/// cannot dump inet sockets on this kernel): the client writes a request id, the server
+/// answers `<id> <requests served>` in `/resp`.
+pub const COUNTER_SERVER: &str = "n=0; exec 3<>/req; while read -r id <&3; do n=$((n+1)); \
+    echo \"$id $n\" > /resp.tmp && mv /resp.tmp /resp; done";
+
+static REQUEST: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+
+/// A shell script that sends the counter server the next request id and prints its answer.
+pub fn counter_query() -> String {
+    let req = REQUEST.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    format!(
+        "echo {req} > /req; i=0; while [ $i -lt 200 ]; do \
+         set -- $(cat /resp 2>/dev/null); [ \"$1\" = {req} ] && echo $2 && exit 0; \
+         i=$((i+1)); usleep 10000; done; exit 1"
+    )
+}
+
+/// Asks the counter server of a sandbox for its next count (the state lives in the server's
+/// memory).
+pub fn counter(e: &Engine, name: &str) -> u64 {
+    let out = sh(e, name, &counter_query());
+    out.trim()
+        .parse()
+        .unwrap_or_else(|_| panic!("bad answer from {name}: {out:?}"))
+}
+
+/// A file of the sandbox's rootfs, trimmed; `None` when absent.
+pub fn file(e: &Engine, name: &str, path: &str) -> Option<String> {
+    std::fs::read_to_string(e.rootfs_path(name).join(path.trim_start_matches('/')))
+        .ok()
+        .map(|s| s.trim().to_string())
+}
+
+/// Asserts that the sandbox reaches a listener on its host-side address over its veth.
+pub fn assert_reaches_host(e: &ckpt_engine::Engine, name: &str, when: &str) {
+    use std::io::{Read, Write};
+    let net = e.info(name).unwrap().net.expect("sandbox has a network");
+    let listener = std::net::TcpListener::bind((net.host_ip, 0)).unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let server = std::thread::spawn(move || {
+        let (mut conn, peer) = listener.accept().unwrap();
+        let mut buf = [0u8; 1024];
+        let _ = conn.read(&mut buf);
+        conn.write_all(b"HTTP/1.0 200 OK\r\nContent-Length: 5\r\n\r\ncrab!")
+            .unwrap();
+        peer.ip()
+    });
+    let body = sh(
+        e,
+        name,
+        &format!("wget -q -O - http://{}:{port}/", net.host_ip),
+    );
+    assert_eq!(body, "crab!", "{when}");
+    assert_eq!(
+        server.join().unwrap(),
+        std::net::IpAddr::V4(net.sandbox_ip),
+        "{when}"
+    );
+}
