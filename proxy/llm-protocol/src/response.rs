@@ -503,7 +503,8 @@ impl ResponseObserver {
         };
         // The typed struct where it fits; lenient walking when a server omits a field.
         let parsed =
-            match serde_json::from_value::<async_openai::types::chat::CompletionUsage>(u.clone()) {
+            // Deserialize from the borrowed value: no copy of the usage object.
+            match <async_openai::types::chat::CompletionUsage as serde::Deserialize>::deserialize(u) {
                 Ok(t) => Usage {
                     input_tokens: u64::from(t.prompt_tokens),
                     output_tokens: u64::from(t.completion_tokens),
@@ -586,9 +587,7 @@ impl ResponseObserver {
             self.obs.content_seen = true;
         }
         if let Some(u) = r.get("usage").filter(|u| u.is_object()) {
-            let parsed = match serde_json::from_value::<async_openai::types::responses::ResponseUsage>(
-                u.clone(),
-            ) {
+            let parsed = match <async_openai::types::responses::ResponseUsage as serde::Deserialize>::deserialize(u) {
                 Ok(t) => Usage {
                     input_tokens: u64::from(t.input_tokens),
                     output_tokens: u64::from(t.output_tokens),
