@@ -44,14 +44,7 @@ impl BtrfsBackend {
 
     /// Where snapshot `id` of `sandbox` lives. Ids have the form `<sandbox>.<checkpoint>`.
     fn path_of(&self, snapshot: &FsSnapshotRef) -> Result<PathBuf, FsError> {
-        if snapshot.backend != NAME {
-            return Err(FsError::WrongBackend {
-                id: snapshot.id.clone(),
-                backend: snapshot.backend.clone(),
-                expected: NAME,
-            });
-        }
-        validate_id(&snapshot.id)?;
+        snapshot.checked_id(NAME)?;
         let (sandbox, _) = snapshot.id.split_once('.').ok_or(FsError::InvalidId {
             id: snapshot.id.clone(),
             reason: "btrfs snapshot ids are <sandbox>.<checkpoint>",

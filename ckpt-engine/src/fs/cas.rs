@@ -113,14 +113,7 @@ impl CasBackend {
     }
 
     fn snapshot_id(&self, snapshot: &FsSnapshotRef) -> Result<SnapshotId, FsError> {
-        if snapshot.backend != NAME {
-            return Err(FsError::WrongBackend {
-                id: snapshot.id.clone(),
-                backend: snapshot.backend.clone(),
-                expected: NAME,
-            });
-        }
-        validate_id(&snapshot.id)?;
+        snapshot.checked_id(NAME)?;
         ObjectId::parse(&snapshot.id).map_err(|_| FsError::InvalidId {
             id: snapshot.id.clone(),
             reason: "cas snapshot ids are 64 lowercase hex digits",

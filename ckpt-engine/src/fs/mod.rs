@@ -74,6 +74,23 @@ pub struct FsSnapshotRef {
     pub tree_hash: String,
 }
 
+impl FsSnapshotRef {
+    /// The id, once the reference is known to belong to `backend` and its id is safe to join
+    /// to a directory ([`validate_id`]). Every backend checks references read from manifests
+    /// through here.
+    pub fn checked_id(&self, backend: &'static str) -> Result<&str, FsError> {
+        if self.backend != backend {
+            return Err(FsError::WrongBackend {
+                id: self.id.clone(),
+                backend: self.backend.clone(),
+                expected: backend,
+            });
+        }
+        validate_id(&self.id)?;
+        Ok(&self.id)
+    }
+}
+
 /// One snapshot request from the engine.
 pub struct SnapshotRequest<'a> {
     /// Sandbox the tree belongs to (safe name, `[a-z0-9-]`).
