@@ -1102,6 +1102,13 @@ impl Engine {
             Ok(cp) => {
                 point.frozen_us = cp.info.criu_stats.frozen_time_us;
                 point.process = Some(image_ref(id, &cp.info));
+                // What the image does not bring back (closed TCP connections).
+                if let Some(n) = cp.info.note() {
+                    point.note = Some(match point.note.take() {
+                        Some(o) => format!("{o}; {n}"),
+                        None => n,
+                    });
+                }
                 Ok(())
             }
             Err(failure) => {

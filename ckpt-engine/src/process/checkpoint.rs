@@ -18,8 +18,9 @@ use super::freeze::freezer_of;
 use super::hook::{HookEvent, Rendezvous};
 use super::reaper::Reaper;
 use super::runc::{Runc, attach_pipe_stdio, log_tail};
+use super::sockets::connected_tcp;
 use super::stats::{CriuDumpStats, CriuRestoreStats, decode_dump_stats, decode_restore_stats};
-use super::tree::{ProcessEntry, compare_trees, outside_tree, read_tree};
+use super::tree::{ProcessEntry, compare_trees, outside_tree, read_tree, read_tree_with_host_pids};
 use super::{ProcessConfig, ProcessError, validate_container_id};
 
 /// Version of [`ProcessImageInfo`]'s format.
@@ -28,6 +29,17 @@ const IMAGES: &str = "images";
 const WORK: &str = "work";
 const INFO: &str = "process.json";
 const PARTIAL_SUFFIX: &str = ".partial";
+
+/// CRIU options Crab sets (through the config file) for every dump and restore.
+///
+/// `tcp-close`: established TCP connections are dumped without their state and restored shut
+/// down (the process reads EOF and reconnects) instead of failing the dump. CRIU's alternative,
+/// `tcp-established`, needs TCP repair and the peer's cooperation, which a sandbox talking to
+/// Crab's proxy or the internet cannot have: the peer saw the connection end when the original
+/// process died. CRIU refuses to restore a `tcp-close` image without the option, so restore
+/// sets it too; it changes nothing for images without connections. Listening sockets are
+/// restored as they were.
+pub const CRIU_OPTIONS: &[&str] = &["tcp-close"];
 
 /// What a published process image holds; the engine copies it into the recovery point.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -51,6 +63,32 @@ pub struct ProcessImageInfo {
     pub dump_wall_us: u64,
     /// Time spent in the caller's hook (the filesystem snapshot) while frozen, microseconds.
     pub hook_us: u64,
+    /// Connected TCP sockets of the tree at the dump (`local -> remote`): a restore brings them
+    /// back closed (see [`CRIU_OPTIONS`]). Absent when there were none.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub closed_tcp: Vec<String>,
+}
+
+impl ProcessImageInfo {
+    /// What a recovery point of this image should tell its reader beyond the counts: the TCP
+    /// connections a restore will not bring back. `None` when everything is restored as dumped.
+    pub fn note(&self) -> Option<String> {
+        if self.closed_tcp.is_empty() {
+            return None;
+        }
+        const SHOWN: usize = 3;
+        let n = self.closed_tcp.len();
+        let mut list = self.closed_tcp[..n.min(SHOWN)].join(", ");
+        if n > SHOWN {
+            list.push_str(&format!(", and {} more", n - SHOWN));
+        }
+        Some(format!(
+            "{n} established TCP connection{} closed by the checkpoint ({list}): after a restore \
+             the processes read EOF on {} and must reconnect",
+            if n == 1 { "" } else { "s" },
+            if n == 1 { "it" } else { "them" },
+        ))
+    }
 }
 
 /// One dump request.
@@ -279,6 +317,7 @@ impl ProcessBackend {
             &hook_dir,
             "post-dump",
             Duration::from_secs(self.config.hook_timeout_secs),
+            CRIU_OPTIONS,
         )?;
         let out_path = work.join("runc.out");
         let out = std::fs::File::create(&out_path)
@@ -321,6 +360,7 @@ impl ProcessBackend {
         let deadline = started + Duration::from_secs(self.config.operation_timeout_secs);
         let mut hook = Some(while_frozen);
         let mut processes = Vec::new();
+        let mut closed_tcp = Vec::new();
         let mut hook_us = 0;
         let mut hook_error: Option<Box<dyn std::error::Error + Send + Sync>> = None;
         let status = loop {
@@ -354,6 +394,15 @@ impl ProcessBackend {
                         rv.answer(false)?;
                         continue;
                     }
+                    let host_pids: Vec<u32> =
+                        read_tree_with_host_pids(Path::new("/proc"), init_pid)
+                            .into_iter()
+                            .map(|(pid, _)| pid)
+                            .collect();
+                    closed_tcp = connected_tcp(Path::new("/proc"), &host_pids)
+                        .iter()
+                        .map(|c| c.describe())
+                        .collect();
                     let ctx = FrozenContext {
                         container_id: id.to_string(),
                         init_pid,
@@ -419,6 +468,7 @@ impl ProcessBackend {
             image_bytes: dir_bytes(&images),
             dump_wall_us,
             hook_us,
+            closed_tcp,
         };
         let info_path = partial.join(INFO);
         let json = serde_json::to_vec_pretty(&info).map_err(|e| ProcessError::BadImage {
@@ -480,6 +530,7 @@ impl ProcessBackend {
             &req.work_dir.join("hook"),
             "pre-resume",
             Duration::from_secs(self.config.hook_timeout_secs),
+            CRIU_OPTIONS,
         )?;
         let started = Instant::now();
         let mut cmd = self.runc.command();
@@ -727,6 +778,7 @@ mod tests {
             image_bytes: 5,
             dump_wall_us: 1,
             hook_us: 1,
+            closed_tcp: Vec::new(),
         };
         std::fs::write(dir.path().join(INFO), serde_json::to_vec(&info).unwrap()).unwrap();
         assert_eq!(ProcessBackend::load_image_info(dir.path()).unwrap(), info);
@@ -738,5 +790,35 @@ mod tests {
         v["extra"] = 1.into();
         std::fs::write(dir.path().join(INFO), v.to_string()).unwrap();
         assert!(ProcessBackend::load_image_info(dir.path()).is_err());
+        // No connections: the field is left out, so images stay readable by older Crabs.
+        assert!(
+            serde_json::to_value(&info)
+                .unwrap()
+                .get("closed_tcp")
+                .is_none()
+        );
+        assert_eq!(info.note(), None);
+    }
+
+    #[test]
+    fn closed_connections_are_recorded_and_noted() {
+        let mut info: ProcessImageInfo = serde_json::from_value(serde_json::json!({
+            "format_version": IMAGE_FORMAT_VERSION, "container_id": "a", "criu_version": "4.1.1",
+            "created_unix_ms": 1, "processes": [], "criu_stats": CriuDumpStats::default(),
+            "image_bytes": 1, "dump_wall_us": 1, "hook_us": 1,
+            "closed_tcp": ["10.0.0.2:40000 -> 10.0.0.1:8080"]
+        }))
+        .unwrap();
+        let note = info.note().unwrap();
+        assert!(note.starts_with("1 established TCP connection closed by the checkpoint (10.0.0.2:40000 -> 10.0.0.1:8080)"), "{note}");
+        assert!(note.contains("read EOF on it and must reconnect"), "{note}");
+        info.closed_tcp = (0..5).map(|i| format!("c{i}")).collect();
+        let note = info.note().unwrap();
+        assert!(
+            note.starts_with(
+                "5 established TCP connections closed by the checkpoint (c0, c1, c2, and 2 more)"
+            ),
+            "{note}"
+        );
     }
 }

@@ -3,7 +3,8 @@
 //! runc 1.1.5 talks to CRIU over RPC and has no flag for an action script, but CRIU reads the
 //! configuration file named by `CRIU_CONFIG_FILE` in RPC mode too, and runs the scripts listed
 //! there in addition to runc's RPC notifications. Per operation Crab writes a config file with
-//! one `action-script` and a two-FIFO rendezvous: the script writes the action to `request`,
+//! one `action-script` (plus the CRIU options Crab always sets, e.g. `tcp-close`) and a two-FIFO
+//! rendezvous: the script writes the action to `request`,
 //! then blocks reading `answer`; Crab (polling `request` while it waits for runc) does its work
 //! — the filesystem snapshot — and answers `ok` or `fail`.
 //!
@@ -60,6 +61,16 @@ pub fn render_script(action: &str, request: &Path, answer: &Path, timeout: Durat
     )
 }
 
+/// Renders the CRIU config file: the action script, then `options`, one per line.
+pub fn render_config(script: &Path, options: &[&str]) -> String {
+    let mut conf = format!("action-script {}\n", script.display());
+    for o in options {
+        conf.push_str(o);
+        conf.push('\n');
+    }
+    conf
+}
+
 /// Single-quotes a path for `sh`.
 fn sh_quote(p: &Path) -> String {
     format!("'{}'", p.to_string_lossy().replace('\'', "'\\''"))
@@ -74,12 +85,14 @@ pub fn parse_request(line: &str) -> Option<(String, u32)> {
 }
 
 impl Rendezvous {
-    /// Creates the FIFOs, the script and the CRIU config file in `dir` (created). Returns the
-    /// rendezvous and the config file path for `CRIU_CONFIG_FILE`.
+    /// Creates the FIFOs, the script and the CRIU config file in `dir` (created). The config
+    /// file also carries `options` (CRIU long options without the dashes, one per line).
+    /// Returns the rendezvous and the config file path for `CRIU_CONFIG_FILE`.
     pub fn create(
         dir: &Path,
         action: &str,
         timeout: Duration,
+        options: &[&str],
     ) -> Result<(Self, PathBuf), ProcessError> {
         std::fs::create_dir_all(dir).map_err(|e| ProcessError::io("create hook dir", dir, e))?;
         let request = dir.join("request.fifo");
@@ -108,11 +121,7 @@ impl Rendezvous {
             render_script(action, &request, &answer, timeout).as_bytes(),
             0o700,
         )?;
-        write_file(
-            &config,
-            format!("action-script {}\n", script.display()).as_bytes(),
-            0o600,
-        )?;
+        write_file(&config, render_config(&script, options).as_bytes(), 0o600)?;
         Ok((
             Rendezvous {
                 dir: dir.to_path_buf(),
@@ -225,14 +234,21 @@ mod tests {
     #[test]
     fn script_round_trip_through_sh() {
         let dir = tempfile::tempdir().unwrap();
-        let (mut rv, config) =
-            Rendezvous::create(dir.path(), "post-dump", Duration::from_secs(5)).unwrap();
+        let (mut rv, config) = Rendezvous::create(
+            dir.path(),
+            "post-dump",
+            Duration::from_secs(5),
+            &["tcp-close"],
+        )
+        .unwrap();
         let conf = std::fs::read_to_string(&config).unwrap();
-        let script = conf
-            .trim()
-            .strip_prefix("action-script ")
+        let mut lines = conf.lines();
+        let script = lines
+            .next()
+            .and_then(|l| l.strip_prefix("action-script "))
             .unwrap()
             .to_string();
+        assert_eq!(lines.collect::<Vec<_>>(), ["tcp-close"]);
         let run = |action: &str| {
             std::process::Command::new(&script)
                 .env("CRTOOLS_SCRIPT_ACTION", action)

@@ -15,6 +15,8 @@
 //! - [`runc`]: the `runc` command line (state, run, kill, delete) with captured errors.
 //! - [`stats`]: decoding CRIU's `stats-dump` / `stats-restore` (hand-rolled protobuf varints).
 //! - [`criu_log`]: CRIU's reason for a failure, classified.
+//! - [`sockets`]: the connected TCP sockets a dump closes (CRIU `tcp-close`), for the point's
+//!   note.
 //! - [`tree`]: the dumped / restored process tree and their comparison.
 //! - [`fork`]: deriving a fork's OCI config (new rootfs, cgroup, network) from the original.
 //! - [`reaper`]: child-subreaper setup and reaping of restored sandbox inits.
@@ -29,6 +31,8 @@
 //! - A dump failure is a typed error carrying CRIU's reason ([`criu_log::CriuFailure`]); nothing
 //!   is silently partial.
 //! - A restore reports success only after the restored tree matched the dumped one.
+//! - Established TCP connections never fail a dump: they are restored closed (CRIU
+//!   `tcp-close`), and the image records which ones ([`ProcessImageInfo::closed_tcp`]).
 
 pub mod checkpoint;
 pub mod criu_log;
@@ -37,6 +41,7 @@ pub mod freeze;
 pub mod hook;
 pub mod reaper;
 pub mod runc;
+pub mod sockets;
 pub mod stats;
 pub mod tree;
 
