@@ -1,5 +1,8 @@
 //! Compiles the C eBPF programs under `src/bpf/` with clang (CO-RE) against a `vmlinux.h`
-//! generated from the running kernel's BTF, into `$OUT_DIR/inspector.bpf.o`.
+//! generated from the running kernel's BTF: `inspector.bpf.c` (file/process tracepoints) into
+//! `$OUT_DIR/inspector.bpf.o` and `attribution.bpf.c` (the socket-attribution `sockops` hook)
+//! into `$OUT_DIR/attribution.bpf.o`. Two objects so that one failing to load or attach at run
+//! time leaves the other working.
 //!
 //! Clang: `$CRAB_CLANG`, else `clang-19`, else `clang`. `vmlinux.h`: `$CRAB_VMLINUX_H` if set,
 //! else `bpftool btf dump file /sys/kernel/btf/vmlinux format c`.
@@ -56,17 +59,13 @@ fn vmlinux_h(out: &Path) -> PathBuf {
     target
 }
 
-fn main() {
-    let out = PathBuf::from(env::var("OUT_DIR").expect("OUT_DIR"));
-    let src = PathBuf::from("src/bpf/inspector.bpf.c");
-    println!("cargo:rerun-if-changed=src/bpf/inspector.bpf.c");
-    println!("cargo:rerun-if-changed=src/bpf/crab_event.h");
-    println!("cargo:rerun-if-env-changed=CRAB_CLANG");
-    println!("cargo:rerun-if-env-changed=CRAB_VMLINUX_H");
-    let clang = find_clang();
-    let _ = vmlinux_h(&out);
-    let obj = out.join("inspector.bpf.o");
-    let status = Command::new(&clang)
+/// The eBPF objects: `src/bpf/<name>.bpf.c` → `$OUT_DIR/<name>.bpf.o`.
+const OBJECTS: [&str; 2] = ["inspector", "attribution"];
+
+fn compile(clang: &str, out: &Path, name: &str) {
+    let src = PathBuf::from(format!("src/bpf/{name}.bpf.c"));
+    let obj = out.join(format!("{name}.bpf.o"));
+    let status = Command::new(clang)
         .args([
             "-target",
             "bpf",
@@ -78,7 +77,7 @@ fn main() {
             "-Wno-unused-function",
         ])
         .arg("-I")
-        .arg(&out)
+        .arg(out)
         .arg("-I")
         .arg("src/bpf")
         .arg("-c")
@@ -92,5 +91,20 @@ fn main() {
             "inspector-bpf: {clang} failed to compile {}; needs the apt packages `clang-19 libbpf-dev`",
             src.display()
         );
+    }
+}
+
+fn main() {
+    let out = PathBuf::from(env::var("OUT_DIR").expect("OUT_DIR"));
+    for name in OBJECTS {
+        println!("cargo:rerun-if-changed=src/bpf/{name}.bpf.c");
+    }
+    println!("cargo:rerun-if-changed=src/bpf/crab_event.h");
+    println!("cargo:rerun-if-env-changed=CRAB_CLANG");
+    println!("cargo:rerun-if-env-changed=CRAB_VMLINUX_H");
+    let clang = find_clang();
+    let _ = vmlinux_h(&out);
+    for name in OBJECTS {
+        compile(&clang, &out, name);
     }
 }

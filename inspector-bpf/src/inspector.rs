@@ -7,9 +7,14 @@
 //! consumed that many events for the sandbox, everything that happened before the call is
 //! accounted for. If that does not happen within the deadline, or events were dropped, the answer
 //! is conservatively "changed".
+//!
+//! Socket attribution ([`Inspector::attribute`]) lives in its own eBPF object and lock
+//! ([`crate::attribution`]): it never waits for the drain or a barrier, and if its hook cannot be
+//! attached the rest of the inspector works unchanged.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs;
+use std::net::SocketAddr;
 use std::os::fd::{AsFd, OwnedFd};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -22,6 +27,7 @@ use aya::programs::RawTracePoint;
 use aya::{Ebpf, EbpfLoader};
 
 use crate::abi::{self, RawEvent};
+use crate::attribution::SocketAttribution;
 use crate::cgroup;
 use crate::effects::{Decision, MmapInvalidation, TurnEffects};
 use crate::error::InspectorError;
@@ -77,6 +83,12 @@ pub struct InspectorConfig {
     pub drain_period: Duration,
     /// Ring-buffer size in bytes, a power of two multiple of the page size (default 32 MiB).
     pub ring_bytes: u32,
+    /// Attribute accepted TCP connections to sandboxes with a `sockops` hook (default true).
+    pub attribution: bool,
+    /// The cgroup v2 directory the socket-attribution hook attaches to; only connections made
+    /// by processes below it are attributed. `None` (default): the cgroup v2 hierarchy root as
+    /// mounted (`/sys/fs/cgroup/unified` on hybrid hosts, `/sys/fs/cgroup` on pure v2 ones).
+    pub cgroup_root: Option<PathBuf>,
 }
 
 impl Default for InspectorConfig {
@@ -85,6 +97,8 @@ impl Default for InspectorConfig {
             barrier_timeout: Duration::from_millis(200),
             drain_period: Duration::from_millis(5),
             ring_bytes: 32 * 1024 * 1024,
+            attribution: true,
+            cgroup_root: None,
         }
     }
 }
@@ -146,6 +160,7 @@ pub struct Inspector {
     shared: Arc<Shared>,
     config: InspectorConfig,
     thread: Option<JoinHandle<()>>,
+    attribution: SocketAttribution,
 }
 
 fn map_err(map: &'static str) -> impl Fn(aya::maps::MapError) -> InspectorError {
@@ -233,11 +248,45 @@ impl Inspector {
                 path: "drain thread".into(),
                 source,
             })?;
+        let attribution = if !config.attribution {
+            tracing::info!("eBPF socket attribution is turned off in the inspector configuration");
+            SocketAttribution::disabled("turned off in the inspector configuration")
+        } else {
+            match config.cgroup_root.clone().map_or_else(cgroup::v2_root, Ok) {
+                Ok(root) => SocketAttribution::load(&root),
+                Err(e) => {
+                    tracing::warn!("eBPF socket attribution disabled: {e}");
+                    SocketAttribution::disabled(e.to_string())
+                }
+            }
+        };
         Ok(Self {
             shared,
             config,
             thread: Some(thread),
+            attribution,
         })
+    }
+
+    /// The watched sandbox whose cgroup (or a descendant) holds the process that opened the TCP
+    /// connection `peer -> local` (as the accepting side sees it). None when the connection is
+    /// not from a watched sandbox, or attribution is unavailable.
+    ///
+    /// The connection must still be open on the connecting side (its record is dropped when that
+    /// socket closes) and its addresses must be the same on both sides (no NAT in between).
+    /// Cost: one eBPF map lookup and one small hash-map lookup.
+    pub fn attribute(&self, peer: SocketAddr, local: SocketAddr) -> Option<String> {
+        self.attribution.attribute(peer, local)
+    }
+
+    /// Whether the socket hook is attached (false: attribution disabled, reason logged once).
+    pub fn attribution_enabled(&self) -> bool {
+        self.attribution.enabled()
+    }
+
+    /// The socket-attribution hook (for its disabled reason and diagnostics).
+    pub fn socket_attribution(&self) -> &SocketAttribution {
+        &self.attribution
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
@@ -295,6 +344,9 @@ impl Inspector {
             },
         );
         update_levels(&mut st)?;
+        if let Err(e) = self.attribution.watch(&id, cgroup_id, level) {
+            tracing::warn!(sandbox = %id, "connections of this sandbox are not attributed: {e}");
+        }
         drop(st);
         self.reset(&id)
     }
@@ -308,6 +360,9 @@ impl Inspector {
             .ok_or_else(|| InspectorError::UnknownSandbox { id: id.into() })?;
         let (cg, slot) = (sb.cgroup_id, sb.slot);
         let _ = st.watched.remove(&cg);
+        if let Err(e) = self.attribution.unwatch(cg) {
+            tracing::warn!(sandbox = %id, "socket attribution: {e}");
+        }
         // Drain what is in flight so the slot starts clean for its next user.
         let _ = barrier(&mut st, id, self.config.barrier_timeout);
         st.sandboxes.remove(id);

@@ -6,10 +6,14 @@
 //! - `bpf/` (C): raw tracepoints on `sys_exit` and `sched_process_fork|exec|exit`, an in-kernel
 //!   filter on watched cgroup v2 ids (descendants included), one ring buffer with batched
 //!   wakeups, per-CPU produced/dropped counters. Built by `build.rs` with clang (CO-RE).
+//!   A separate object holds the `sockops` socket-attribution hook (see [`attribution`]).
 //! - [`abi`]: the event layout shared with the C header (size/offset asserts on both sides).
 //! - [`paths`], [`events`], [`fs_tracker`], [`process`] (comparison), [`ignore`], [`effects`]:
 //!   pure logic, unit-tested without root.
-//! - [`inspector`]: loading, the drain thread, `watch/status/reset/unwatch` with a sync barrier.
+//! - [`inspector`]: loading, the drain thread, `watch/status/reset/unwatch` with a sync barrier,
+//!   and `attribute(peer, local)`: which watched sandbox opened an accepted TCP connection.
+//! - [`attribution`]: the socket-attribution hook (connect-time 4-tuple → cgroup, removed on
+//!   close) and its key encoding.
 //! - [`cgroup`], [`shell`]: scratch cgroups and a persistent shell for `crab inspect` and tests.
 //! - [`cli`]: `crab inspect`.
 //!
@@ -21,6 +25,10 @@
 //! let mut spec = SandboxSpec::new("sb1", "/sys/fs/cgroup/unified/sb1", "/var/lib/crab/sb1/rootfs");
 //! spec.ignore.push(IgnoreRule { pid: None, comm: None, exe: Some("/usr/bin/agent".into()), scope: IgnoreScope::ProcessOnly });
 //! inspector.watch(spec)?; // the current state is the baseline
+//! // The proxy, on accepting a TCP connection (no configuration in the agent):
+//! # let (peer, local): (std::net::SocketAddr, std::net::SocketAddr) =
+//! #     ("127.0.0.1:40000".parse().unwrap(), "127.0.0.1:8080".parse().unwrap());
+//! let from: Option<String> = inspector.attribute(peer, local); // Some("sb1") from sb1's cgroup
 //! // ... a turn runs in the sandbox ...
 //! let effects = inspector.status("sb1")?; // sync barrier, then the net effects
 //! if effects.decision != Decision::Skip {
@@ -36,6 +44,7 @@
 //! checkpoint, a false negative loses data. Changes under `/proc`, `/dev`, `/sys` never count.
 
 pub mod abi;
+pub mod attribution;
 pub mod cgroup;
 pub mod cli;
 pub mod effects;
