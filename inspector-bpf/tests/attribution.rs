@@ -187,7 +187,8 @@ fn loopback_ipv4_connection_from_sandbox_is_attributed() {
     );
 }
 
-/// IPv6 loopback, and a dual-stack listener that sees an IPv4 client as `::ffff:127.0.0.1`.
+/// IPv6 loopback; a dual-stack listener that sees an IPv4 client as `::ffff:127.0.0.1`; an IPv6
+/// client socket connecting to `::ffff:127.0.0.1` that an IPv4 listener sees as `127.0.0.1`.
 #[test]
 fn ipv6_and_dual_stack_connections_are_attributed() {
     if !attribution_prerequisites("ipv6_and_dual_stack_connections_are_attributed") {
@@ -229,6 +230,23 @@ fn ipv6_and_dual_stack_connections_are_attributed() {
         acc.peer.to_string(),
         format!("[::ffff:127.0.0.1]:{}", acc.peer.port())
     );
+    assert_eq!(
+        inspector().attribute(acc.peer, acc.local).as_deref(),
+        Some(sb.id.as_str()),
+        "peer {} local {}",
+        acc.peer,
+        acc.local
+    );
+    acc.close();
+
+    let v4 = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = v4.local_addr().unwrap().port();
+    // bash opens an AF_INET6 socket for a v4-mapped target.
+    let script = format!("exec 3<>/dev/tcp/::ffff:127.0.0.1/{port} || exit 3; read -r -u 3 _");
+    let mut cmd = sb.cgroup.command("bash");
+    cmd.arg("-c").arg(script);
+    let acc = accept_from(cmd, &v4);
+    assert!(acc.peer.is_ipv4());
     assert_eq!(
         inspector().attribute(acc.peer, acc.local).as_deref(),
         Some(sb.id.as_str()),
