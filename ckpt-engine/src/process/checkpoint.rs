@@ -41,6 +41,15 @@ const PARTIAL_SUFFIX: &str = ".partial";
 /// restored as they were.
 pub const CRIU_OPTIONS: &[&str] = &["tcp-close"];
 
+/// runc flags Crab sets for every `runc checkpoint` and `runc restore` (runc sends these
+/// options over RPC itself, overriding the config file).
+///
+/// `--file-locks`: dump and restore the POSIX, OFD and `flock` locks the tree holds. Without
+/// it CRIU refuses any process holding a lock — every SQLite connection in WAL mode (it keeps
+/// a lock on the `-shm` file while open), every open SQLite write transaction, pip and apt
+/// lock files.
+pub const RUNC_FLAGS: &[&str] = &["--file-locks"];
+
 /// What a published process image holds; the engine copies it into the recovery point.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -346,6 +355,7 @@ impl ProcessBackend {
             .command()
             .arg("checkpoint")
             .arg("--leave-running")
+            .args(RUNC_FLAGS)
             .arg("--image-path")
             .arg(&images)
             .arg("--work-path")
@@ -536,6 +546,7 @@ impl ProcessBackend {
         let mut cmd = self.runc.command();
         cmd.arg("restore")
             .arg("--detach")
+            .args(RUNC_FLAGS)
             .arg("--image-path")
             .arg(req.image.join(IMAGES))
             .arg("--work-path")
