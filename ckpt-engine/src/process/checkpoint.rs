@@ -39,7 +39,13 @@ const PARTIAL_SUFFIX: &str = ".partial";
 /// process died. CRIU refuses to restore a `tcp-close` image without the option, so restore
 /// sets it too; it changes nothing for images without connections. Listening sockets are
 /// restored as they were.
-pub const CRIU_OPTIONS: &[&str] = &["tcp-close"];
+///
+/// `ghost-limit 256M`: a file a process still has open or mapped after it was deleted or
+/// replaced (a shared library upgraded by apt/dpkg under a running program, an unlinked temp
+/// file) is copied into the image as a "ghost" and recreated for the restore. CRIU's default
+/// limit of 1 MiB per file refuses most libraries (libsqlite3 is 1.4 MiB, libc 2 MiB); the cost
+/// is image size, only when such files exist.
+pub const CRIU_OPTIONS: &[&str] = &["tcp-close", "ghost-limit 256M"];
 
 /// runc flags Crab sets for every `runc checkpoint` and `runc restore` (runc sends these
 /// options over RPC itself, overriding the config file).
