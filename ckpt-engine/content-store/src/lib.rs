@@ -15,6 +15,7 @@
 //! - [`store`]: [`ContentStore`]: snapshots (full or dirty-set driven), verification, GC.
 //! - [`restore`]: safe in-place restore.
 //! - [`error`]: the error type, [`StoreError`].
+//! - [`workload`]: deterministic synthetic data and the edit-heavy agent trajectory.
 //!
 //! Invariants:
 //! - Symlinks are never followed, neither when reading nor when writing a tree.
@@ -62,6 +63,7 @@ pub mod restore;
 mod scan;
 pub mod store;
 pub mod treehash;
+pub mod workload;
 
 pub use entry::{EntryKind, Timestamp, Xattr};
 pub use error::StoreError;

@@ -1,48 +1,11 @@
-//! Stored bytes of an edit-heavy 30-turn agent trajectory against a full copy per turn.
+//! Stored bytes of an edit-heavy 30-turn agent trajectory ([`content_store::workload`]) against
+//! a full copy per turn.
 mod common;
-
-use std::path::{Path, PathBuf};
 
 use common::*;
 use content_store::{
-    Change, DirtySet, RestoreOptions, Scope, SnapshotOptions, TreeHashOptions, tree_hash,
+    DirtySet, RestoreOptions, Scope, SnapshotOptions, TreeHashOptions, tree_hash, workload,
 };
-
-/// A repository-like tree: 400 source files in 20 packages, a few larger assets, a log.
-fn initial_tree(root: &Path) {
-    for pkg in 0..20 {
-        let dir = root.join(format!("src/pkg{pkg}"));
-        std::fs::create_dir_all(&dir).unwrap();
-        for f in 0..20 {
-            let seed = pkg * 100 + f;
-            std::fs::write(
-                dir.join(format!("mod{f}.rs")),
-                text_bytes(seed, 2_000 + (seed as usize * 37) % 12_000),
-            )
-            .unwrap();
-        }
-    }
-    std::fs::create_dir_all(root.join("assets")).unwrap();
-    for a in 0..3 {
-        std::fs::write(
-            root.join(format!("assets/blob{a}.bin")),
-            random_bytes(9000 + a, 1_500_000),
-        )
-        .unwrap();
-    }
-    std::fs::write(root.join("agent.log"), text_bytes(1, 10_000)).unwrap();
-}
-
-/// Edits one line-ish region of a file in place.
-fn edit(root: &Path, rel: &str, seed: u64) {
-    let p = root.join(rel);
-    let mut data = std::fs::read(&p).unwrap();
-    let at = (seed as usize * 7919) % data.len().max(1);
-    let patch = text_bytes(seed + 77_777, 120);
-    let end = (at + 80).min(data.len());
-    data.splice(at..end, patch);
-    std::fs::write(&p, data).unwrap();
-}
 
 /// 30 turns of an agent editing code: each turn edits 3 files, appends to a log, and every few
 /// turns creates, deletes or renames files and writes build output. Each turn is stored as a
@@ -52,7 +15,7 @@ fn edit(root: &Path, rel: &str, seed: u64) {
 fn thirty_turn_edit_heavy_trajectory() {
     let src = temp_dir("traj-src");
     let root = src.path();
-    initial_tree(root);
+    workload::initial_tree(root).unwrap();
     let (_s, store) = new_store("traj-store");
     let first = store
         .snapshot(
@@ -80,50 +43,8 @@ fn thirty_turn_edit_heavy_trajectory() {
     );
     let mut turn_full = 0u64;
     let mut turn_stored = 0u64;
-    for turn in 1..=30u64 {
-        let mut changes = Vec::new();
-        for k in 0..3 {
-            let seed = turn * 10 + k;
-            let rel = format!("src/pkg{}/mod{}.rs", (seed * 13) % 20, (seed * 7) % 20);
-            if root.join(&rel).exists() {
-                edit(root, &rel, seed);
-                changes.push(Change::Modified(PathBuf::from(rel)));
-            }
-        }
-        use std::io::Write;
-        std::fs::OpenOptions::new()
-            .append(true)
-            .open(root.join("agent.log"))
-            .unwrap()
-            .write_all(&text_bytes(turn + 500, 600))
-            .unwrap();
-        changes.push(Change::Modified(PathBuf::from("agent.log")));
-        if turn % 4 == 0 {
-            let rel = format!("src/pkg{}/new_{turn}.rs", turn % 20);
-            std::fs::write(root.join(&rel), text_bytes(turn + 1000, 3_000)).unwrap();
-            changes.push(Change::Created(PathBuf::from(rel)));
-        }
-        if turn % 6 == 0 {
-            let rel = format!("src/pkg{}/mod19.rs", turn % 20);
-            if root.join(&rel).exists() {
-                std::fs::remove_file(root.join(&rel)).unwrap();
-                changes.push(Change::Deleted(PathBuf::from(rel)));
-            }
-        }
-        if turn % 10 == 0 {
-            let from = format!("src/pkg{}", turn / 10);
-            let to = format!("src/renamed{}", turn / 10);
-            std::fs::rename(root.join(&from), root.join(&to)).unwrap();
-            changes.push(Change::Renamed {
-                from: from.into(),
-                to: to.into(),
-            });
-        }
-        if turn % 5 == 0 {
-            std::fs::create_dir_all(root.join("target")).unwrap();
-            std::fs::write(root.join("target/app"), random_bytes(turn, 200_000)).unwrap();
-            changes.push(Change::Created(PathBuf::from("target")));
-        }
+    for turn in 1..=workload::TURNS {
+        let changes = workload::edit_heavy_turn(root, turn).unwrap();
         let dirty = DirtySet { changes };
         let rep = store
             .snapshot(

@@ -19,13 +19,16 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::Instant;
 
 use content_store::{
-    Change, ContentStore, DirtySet, LocalDirStore, ObjectId, ObjectKey, RestoreOptions, Scope,
-    SnapshotId, SnapshotOptions, StoreError, TreeHashOptions,
+    ContentStore, DirtySet, LocalDirStore, ObjectId, ObjectKey, RestoreOptions, Scope, SnapshotId,
+    SnapshotOptions, StoreError, TreeHashOptions,
 };
 
 use super::{
     ChangeHint, FsBackend, FsError, FsSnapshotRef, SnapshotOutcome, SnapshotRequest, validate_id,
 };
+
+/// The store's synthetic workloads and change type, for benchmarks driving this backend.
+pub use content_store::{Change, workload};
 
 const NAME: &str = "cas";
 

@@ -6,6 +6,9 @@
 //! - `build`: a 100 MB build output rewritten, then an FS checkpoint;
 //! - `restore`: in-place restore of a sandbox holding 200 MB (1,000 files of 200 KB), with
 //!   verification against the manifest, in both verification modes;
+//! - `cas trajectory`: the content-addressed backend over the 30-turn edit-heavy trajectory
+//!   (`content_store::workload`, the inspector's paths as hints): bytes stored against a full
+//!   copy of the tree per turn (a plain directory, no sandbox);
 //! - `parallel`: N sandboxes (default 32) each write 8 MB and checkpoint at the same moment,
 //!   once directly (one thread each) and once through the host scheduler (4 workers, an I/O
 //!   budget), reporting queueing delay.
@@ -179,6 +182,83 @@ fn restore_scenario(engine: &Engine, restores: usize, mode: &str) -> anyhow::Res
         p50(start)
     );
     s.changed_mb_p50 = 200.0;
+    Ok(s)
+}
+
+/// Stored bytes of the cas backend over the edit-heavy trajectory, against a full copy of the
+/// tree per turn (including the initial snapshot). Latency is per snapshot.
+fn cas_trajectory_scenario() -> anyhow::Result<Stats> {
+    use ckpt_engine::fs::cas::{CasBackend, Change, workload};
+    use ckpt_engine::fs::{FsBackend, NoQuiesce, SnapshotRequest};
+    fn tree_bytes(dir: &std::path::Path) -> std::io::Result<u64> {
+        let mut total = 0;
+        for e in std::fs::read_dir(dir)? {
+            let e = e?;
+            let meta = e.metadata()?;
+            total += if meta.is_dir() {
+                tree_bytes(&e.path())?
+            } else if meta.is_file() {
+                meta.len()
+            } else {
+                0
+            };
+        }
+        Ok(total)
+    }
+    let tmp = tempfile::tempdir()?;
+    let (root, store) = (tmp.path().join("tree"), tmp.path().join("store"));
+    std::fs::create_dir_all(&root)?;
+    workload::initial_tree(&root)?;
+    let backend = CasBackend::open(&store)?;
+    let (mut full, mut stored, mut lat) = (0u64, 0u64, Vec::new());
+    let mut parent = None;
+    for turn in 0..=workload::TURNS {
+        let changes = if turn == 0 {
+            ChangeHint::Unknown
+        } else {
+            let mut paths = Vec::new();
+            for c in workload::edit_heavy_turn(&root, turn)? {
+                match c {
+                    Change::Renamed { from, to } => paths.extend([from, to]),
+                    Change::Modified(p)
+                    | Change::Created(p)
+                    | Change::Deleted(p)
+                    | Change::MetadataOnly(p) => paths.push(p),
+                }
+            }
+            ChangeHint::Paths(paths)
+        };
+        let t = Instant::now();
+        let out = backend.snapshot(&SnapshotRequest {
+            sandbox_id: "bench-cas",
+            checkpoint_id: &format!("t{turn}"),
+            source: &root,
+            parent: parent.as_ref(),
+            changes: &changes,
+            quiesce: &NoQuiesce,
+        })?;
+        lat.push(t.elapsed().as_secs_f64() * 1000.0);
+        anyhow::ensure!(
+            out.snapshot.tree_hash == backend.tree_hash_of(&root)?,
+            "turn {turn}: cas snapshot differs from the tree"
+        );
+        stored += out.bytes_stored;
+        full += tree_bytes(&root)?;
+        parent = Some(out.snapshot);
+    }
+    let saved = 100.0 * (1.0 - stored as f64 / full as f64);
+    let mut s = stats(
+        "cas trajectory (30 turns)",
+        lat,
+        vec![],
+        vec![],
+        &format!(
+            "stored {:.1} MB vs {:.1} MB for a full copy per turn (turns 0-30): {saved:.1}% less",
+            stored as f64 / 1e6,
+            full as f64 / 1e6
+        ),
+    );
+    s.changed_mb_p50 = stored as f64 / 1e6;
     Ok(s)
 }
 
@@ -365,6 +445,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         )?);
         eprintln!("build done");
         results.push(restore_scenario(&engine, args.restores, "cached")?);
+        results.push(cas_trajectory_scenario()?);
+        eprintln!("cas trajectory done");
         Ok(())
     })();
     let full_result = (|| -> anyhow::Result<Stats> {

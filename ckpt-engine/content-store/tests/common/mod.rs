@@ -131,19 +131,8 @@ pub fn new_store(tag: &str) -> (tempfile::TempDir, ContentStore) {
     (dir, ContentStore::new(Arc::new(objects)))
 }
 
-/// Deterministic pseudo-random bytes (xorshift), incompressible.
-pub fn random_bytes(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    let mut out = Vec::with_capacity(len + 8);
-    while out.len() < len {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        out.extend_from_slice(&x.to_le_bytes());
-    }
-    out.truncate(len);
-    out
-}
+#[allow(unused_imports, reason = "each test binary uses a different subset")]
+pub use content_store::workload::{random_bytes, text_bytes};
 
 /// Adds root-only kinds: a character device, a block device and foreign ownership.
 pub fn add_root_only_entries(root: &Path) {
@@ -168,29 +157,4 @@ pub fn add_root_only_entries(root: &Path) {
     std::os::unix::fs::lchown(root.join("link-rel"), Some(1001), Some(1002)).unwrap();
     let _ = xattr::set(root.join("script.sh"), "trusted.crab", b"t");
     set_all_times(root, 1_700_000_000);
-}
-
-/// Pseudo source code (compressible like real code), deterministic in `seed`.
-pub fn text_bytes(seed: u64, len: usize) -> Vec<u8> {
-    const WORDS: &[&str] = &[
-        "fn", "let", "mut", "self", "return", "if", "else", "match", "impl", "struct", "pub",
-        "use", "crate", "value", "count", "index", "buffer", "result", "error", "Ok", "Err",
-        "None", "Some", "for", "in", "while", "loop", "break", "=", "+", "(", ")", "{", "}", ";",
-        "config", "parse", "request", "response", "handler", "state", "update",
-    ];
-    let r = random_bytes(seed, len / 3 + 16);
-    let mut out = Vec::with_capacity(len + 16);
-    let mut i = 0;
-    while out.len() < len {
-        let w = WORDS[r[i % r.len()] as usize % WORDS.len()];
-        out.extend_from_slice(w.as_bytes());
-        out.push(if r[(i + 1) % r.len()].is_multiple_of(9) {
-            b'\n'
-        } else {
-            b' '
-        });
-        i += 1;
-    }
-    out.truncate(len);
-    out
 }
