@@ -1295,6 +1295,19 @@ impl Engine {
                 }
             }
         }
+        // Points published before their deferred tree hash was recorded (the process ended
+        // first): hash their read-only snapshots now and record it.
+        for point in self.points(name)? {
+            for t in point.fs.iter().filter(|t| t.snapshot.tree_hash.is_empty()) {
+                if let Some(s) = self.backend.settle(&t.snapshot, true)? {
+                    let sealed = crate::fs::FsSnapshotRef {
+                        tree_hash: s.tree_hash,
+                        ..t.snapshot.clone()
+                    };
+                    seal_locked(&self.meta_dir(name), name, &sealed, s.bytes_changed)?;
+                }
+            }
+        }
         if let Some(rootfs) = self.rootfs_path(name).parent() {
             for leftover in ["rootfs.crab-restore", "rootfs.crab-old"] {
                 let p = rootfs.join(leftover);
@@ -1341,14 +1354,15 @@ impl Engine {
             self.backend.restore(&snap.snapshot, path)?;
             fs_us += us(t.elapsed());
             let t = Instant::now();
+            let expected = self.expected_hash(&snap.snapshot)?;
             let actual = self.backend.restored_tree_hash(name, path)?;
             verify_us += us(t.elapsed());
-            if actual != snap.snapshot.tree_hash {
+            if actual != expected {
                 return Err(EngineError::VerifyFailed {
                     sandbox: name.to_string(),
                     point: point.id.clone(),
                     tree: tree.clone(),
-                    expected: snap.snapshot.tree_hash.clone(),
+                    expected,
                     actual,
                 });
             }
@@ -1465,13 +1479,14 @@ impl Engine {
         let rootfs = self.rootfs_path(n);
         pool::delete_subvolume(&rootfs)?;
         self.backend.restore(&snap.snapshot, &rootfs)?;
+        let expected = self.expected_hash(&snap.snapshot)?;
         let actual = self.backend.restored_tree_hash(&rec.name, &rootfs)?;
-        if actual != snap.snapshot.tree_hash {
+        if actual != expected {
             return Err(EngineError::VerifyFailed {
                 sandbox: n.to_string(),
                 point: point.id.clone(),
                 tree: snap.tree.clone(),
-                expected: snap.snapshot.tree_hash.clone(),
+                expected,
                 actual,
             });
         }
@@ -1607,14 +1622,40 @@ impl Engine {
         let point = self.point(name, id)?;
         let mut trees = Vec::new();
         for t in &point.fs {
+            let expected = self.expected_hash(&t.snapshot)?;
             let actual = self.backend.verify(&t.snapshot)?;
-            trees.push((t.tree.clone(), t.snapshot.tree_hash.clone(), actual));
+            trees.push((t.tree.clone(), expected, actual));
         }
         Ok(VerifyReport {
             sandbox: name.to_string(),
             ok: trees.iter().all(|(_, e, a)| e == a),
             point: point.id,
             trees,
+        })
+    }
+
+    /// The tree hash a snapshot is verified against: the manifest's, or for a point published
+    /// before its deferred hash was recorded, the hash the backend computed (or computes now)
+    /// from the read-only snapshot.
+    fn expected_hash(&self, snapshot: &crate::fs::FsSnapshotRef) -> Result<String, EngineError> {
+        match self.backend.settle(snapshot, true)? {
+            Some(s) => Ok(s.tree_hash),
+            None => Err(EngineError::Fs(crate::fs::FsError::Corrupt {
+                id: snapshot.id.clone(),
+                reason: "tree hash not available".to_string(),
+            })),
+        }
+    }
+
+    /// A [`Sealer`](crate::fs::Sealer) for backends with deferred hashing: records a computed
+    /// tree hash and bytes changed in the manifest that references the snapshot, under the
+    /// sandbox's lock (a point dropped meanwhile is left alone).
+    pub fn manifest_sealer(&self) -> crate::fs::Sealer {
+        let meta = self.meta_root();
+        std::sync::Arc::new(move |snapshot: &crate::fs::FsSnapshotRef, bytes: u64| {
+            if let Err(e) = seal_manifest(&meta, snapshot, Some(bytes)) {
+                tracing::warn!(snapshot = %snapshot.id, error = %e, "could not record the deferred tree hash");
+            }
         })
     }
 
@@ -1629,6 +1670,72 @@ impl Engine {
 }
 
 /// The manifest's reference to a process image dumped by point `id`.
+/// Records `snapshot.tree_hash` (and `bytes_changed`) in the published manifest of the sandbox
+/// owning `snapshot` that references it with an empty hash. Takes the sandbox lock. Returns
+/// whether a manifest was rewritten.
+fn seal_manifest(
+    meta_root: &Path,
+    snapshot: &crate::fs::FsSnapshotRef,
+    bytes_changed: Option<u64>,
+) -> Result<bool, EngineError> {
+    let Some((sandbox, _)) = snapshot.id.split_once('.') else {
+        return Ok(false);
+    };
+    validate_name(sandbox)?;
+    let meta = meta_root.join(sandbox);
+    let lock_path = meta.join("lock");
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&lock_path)
+        .map_err(io_err("open lock", &lock_path))?;
+    let _lock = nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockExclusive)
+        .map_err(|(_, errno)| io_err("flock", &lock_path)(errno.into()))?;
+    seal_locked(&meta, sandbox, snapshot, bytes_changed)
+}
+
+/// [`seal_manifest`] with the sandbox's lock held by the caller.
+fn seal_locked(
+    meta: &Path,
+    sandbox: &str,
+    snapshot: &crate::fs::FsSnapshotRef,
+    bytes_changed: Option<u64>,
+) -> Result<bool, EngineError> {
+    let dir = meta.join("points");
+    let rd = match std::fs::read_dir(&dir) {
+        Ok(rd) => rd,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
+        Err(e) => return Err(io_err("list points", &dir)(e)),
+    };
+    for e in rd.flatten() {
+        let path = e.path();
+        if path.extension().and_then(|x| x.to_str()) != Some("manifest") {
+            continue;
+        }
+        let Ok(mut point) = manifest::read(&path) else {
+            continue;
+        };
+        let Some(t) = point
+            .fs
+            .iter_mut()
+            .find(|t| t.snapshot.id == snapshot.id && t.snapshot.backend == snapshot.backend)
+        else {
+            continue;
+        };
+        if !t.snapshot.tree_hash.is_empty() || point.sandbox != sandbox {
+            return Ok(false);
+        }
+        t.snapshot.tree_hash = snapshot.tree_hash.clone();
+        if let Some(b) = bytes_changed {
+            t.bytes_changed = b;
+        }
+        manifest::write_atomic(&path, &manifest::encode(&point))?;
+        return Ok(true);
+    }
+    Ok(false)
+}
+
 fn image_ref(id: &str, info: &ProcessImageInfo) -> ProcessImageRef {
     ProcessImageRef {
         id: id.to_string(),

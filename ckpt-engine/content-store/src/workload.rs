@@ -104,19 +104,19 @@ pub fn edit_heavy_turn(root: &Path, turn: u64) -> std::io::Result<Vec<Change>> {
         .open(root.join("agent.log"))?
         .write_all(&text_bytes(turn + 500, 600))?;
     changes.push(Change::Modified(PathBuf::from("agent.log")));
-    if turn % 4 == 0 {
+    if turn.is_multiple_of(4) {
         let rel = format!("src/pkg{}/new_{turn}.rs", turn % 20);
         std::fs::write(root.join(&rel), text_bytes(turn + 1000, 3_000))?;
         changes.push(Change::Created(PathBuf::from(rel)));
     }
-    if turn % 6 == 0 {
+    if turn.is_multiple_of(6) {
         let rel = format!("src/pkg{}/mod19.rs", turn % 20);
         if root.join(&rel).exists() {
             std::fs::remove_file(root.join(&rel))?;
             changes.push(Change::Deleted(PathBuf::from(rel)));
         }
     }
-    if turn % 10 == 0 {
+    if turn.is_multiple_of(10) {
         let from = format!("src/pkg{}", turn / 10);
         let to = format!("src/renamed{}", turn / 10);
         std::fs::rename(root.join(&from), root.join(&to))?;
@@ -125,7 +125,7 @@ pub fn edit_heavy_turn(root: &Path, turn: u64) -> std::io::Result<Vec<Change>> {
             to: to.into(),
         });
     }
-    if turn % 5 == 0 {
+    if turn.is_multiple_of(5) {
         std::fs::create_dir_all(root.join("target"))?;
         std::fs::write(root.join("target/app"), random_bytes(turn, 200_000))?;
         changes.push(Change::Created(PathBuf::from("target")));

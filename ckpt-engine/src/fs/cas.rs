@@ -1,6 +1,6 @@
 //! The content-addressed filesystem backend: [`FsBackend`] on the `content-store` crate.
 //!
-//! Portable (any directory tree on any filesystem, any [`ObjectStore`]) and incremental: a
+//! Portable (any directory tree on any filesystem, any [`ObjectStore`](content_store::ObjectStore)) and incremental: a
 //! snapshot reads only what the inspector's [`ChangeHint`] names on top of the sandbox's
 //! previous snapshot, or rescans the whole tree (reusing unchanged files by inode, size, mtime
 //! and ctime) when the hint is `Unknown`. Data is deduplicated across turns and sandboxes.

@@ -165,6 +165,25 @@ pub trait FsBackend: Send + Sync {
         tree_hash::tree_hash(root)
     }
 
+    /// The tree hash `snapshot` is verified against: the recorded one; for a snapshot
+    /// published before its hash was computed (`tree_hash` empty, btrfs deferred hashing), the
+    /// hash computed for it — waiting for the background computation, or, when `wait` and no
+    /// result is held (e.g. after a restart), computing it now from the read-only snapshot.
+    /// `Ok(None)`: not known yet and `wait` is false.
+    fn settle(&self, snapshot: &FsSnapshotRef, wait: bool) -> Result<Option<Settled>, FsError> {
+        let _ = wait;
+        if snapshot.tree_hash.is_empty() {
+            return Err(FsError::Corrupt {
+                id: snapshot.id.clone(),
+                reason: "the manifest records no tree hash".to_string(),
+            });
+        }
+        Ok(Some(Settled {
+            tree_hash: snapshot.tree_hash.clone(),
+            bytes_changed: None,
+        }))
+    }
+
     /// Tree hash of `root` right after [`FsBackend::restore`] of one of `sandbox_id`'s
     /// snapshots. Backends may reuse per-file content hashes they computed at snapshot time for
     /// files provably untouched since (same inode, size, mtime and ctime of a CoW clone); the
@@ -174,6 +193,19 @@ pub trait FsBackend: Send + Sync {
         self.tree_hash_of(root)
     }
 }
+
+/// The tree hash a snapshot is verified against, once known.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Settled {
+    /// Tree hash (hex).
+    pub tree_hash: String,
+    /// Bytes changed since the parent, when the backend measured them.
+    pub bytes_changed: Option<u64>,
+}
+
+/// Records a deferred tree hash (and bytes changed) in the manifest that references the
+/// snapshot; provided by the engine to backends that hash after publication.
+pub type Sealer = std::sync::Arc<dyn Fn(&FsSnapshotRef, u64) + Send + Sync>;
 
 /// Errors of filesystem backends.
 #[derive(Debug, thiserror::Error)]

@@ -13,6 +13,11 @@
 //!   once directly (one thread each) and once through the host scheduler (4 workers, an I/O
 //!   budget), reporting queueing delay.
 //!
+//! The edit, install and build scenarios run twice: with the tree hash computed before the
+//! manifest is published, and with deferred hashing (published once the read-only snapshot
+//! exists, the hash recorded right after); both wait for every hash to be recorded and verify
+//! it against a full rehash of the snapshot.
+//!
 //! Checkpoint latency is the engine's own measurement (from the call to the durable manifest),
 //! frozen time is how long the sandbox was stopped. Prints a table and JSON (also to `--out`).
 
@@ -23,7 +28,8 @@ use std::time::Instant;
 use anyhow::Context;
 use ckpt_engine::config::RestoreVerify;
 use ckpt_engine::fs::ChangeHint;
-use ckpt_engine::manifest::CheckpointKind;
+use ckpt_engine::fs::btrfs::BtrfsBackend;
+use ckpt_engine::manifest::{CheckpointKind, RecoveryPoint};
 use ckpt_engine::scheduler::{CheckpointJob, EngineExecutor};
 use ckpt_engine::scheduler::{Scheduler, SchedulerConfig, SubmitRequest};
 use ckpt_engine::{Engine, EngineConfig};
@@ -111,9 +117,24 @@ fn sh(engine: &Engine, name: &str, script: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The point as its manifest says once every tree hash is recorded (deferred hashing records
+/// them after publication).
+fn recorded(engine: &Engine, name: &str, id: &str) -> anyhow::Result<RecoveryPoint> {
+    let deadline = Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        let p = engine.point(name, Some(id))?;
+        if p.fs.iter().all(|t| !t.snapshot.tree_hash.is_empty()) {
+            return Ok(p);
+        }
+        anyhow::ensure!(Instant::now() < deadline, "{id}: tree hash never recorded");
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+}
+
 fn checkpoint_scenario(
     engine: &Engine,
     scenario: &str,
+    label: &str,
     iterations: usize,
     setup: &str,
     turn: impl Fn(usize) -> String,
@@ -124,16 +145,66 @@ fn checkpoint_scenario(
     sh(engine, &name, setup)?;
     // The first checkpoint has no parent; measured turns are incremental.
     engine.checkpoint(&name, CheckpointKind::Fs, &ChangeHint::Unknown)?;
-    let (mut lat, mut frozen, mut changed) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut lat, mut frozen, mut ids) = (Vec::new(), Vec::new(), Vec::new());
     for i in 0..iterations {
         sh(engine, &name, &turn(i))?;
         let p = engine.checkpoint(&name, CheckpointKind::Fs, &ChangeHint::Unknown)?;
         lat.push(p.duration_us as f64 / 1000.0);
         frozen.push(p.frozen_us as f64 / 1000.0);
+        ids.push(p.id);
+    }
+    let mut changed = Vec::new();
+    for id in &ids {
+        let p = recorded(engine, &name, id)?;
         changed.push(p.fs.iter().map(|t| t.bytes_changed).sum::<u64>() as f64 / 1e6);
+        let v = engine.verify(&name, Some(id))?;
+        anyhow::ensure!(
+            v.ok,
+            "{name} {id}: recorded tree hash differs from the snapshot"
+        );
     }
     engine.remove(&name)?;
-    Ok(stats(scenario, lat, frozen, changed, note))
+    Ok(stats(label, lat, frozen, changed, note))
+}
+
+/// The edit, install and build scenarios on `engine`; `suffix` labels them.
+fn fs_scenarios(engine: &Engine, n: usize, tag: &str, suffix: &str) -> anyhow::Result<Vec<Stats>> {
+    let mut out = Vec::new();
+    out.push(checkpoint_scenario(
+        engine,
+        &format!("edit{tag}"),
+        &format!("edit{suffix}"),
+        n,
+        "mkdir -p /work && echo start > /work/notes.txt",
+        |i| format!("echo line {i} >> /work/notes.txt"),
+        "one file appended",
+    )?);
+    eprintln!("edit{suffix} done");
+    out.push(checkpoint_scenario(
+        engine,
+        &format!("install{tag}"),
+        &format!("install{suffix}"),
+        n.min(10),
+        "mkdir -p /pkgs",
+        |i| {
+            format!(
+                "mkdir /pkgs/p{i} && cd /pkgs/p{i} && j=0; while [ $j -lt 2000 ]; do echo \"v{i}.$j\" > m$j.py; j=$((j+1)); done"
+            )
+        },
+        "2,000 new files",
+    )?);
+    eprintln!("install{suffix} done");
+    out.push(checkpoint_scenario(
+        engine,
+        &format!("build{tag}"),
+        &format!("build{suffix}"),
+        n.min(10),
+        "mkdir -p /out",
+        |_| "dd if=/dev/urandom of=/out/build.bin bs=1M count=100 2>/dev/null".to_string(),
+        "100 MB file rewritten",
+    )?);
+    eprintln!("build{suffix} done");
+    Ok(out)
 }
 
 fn restore_scenario(engine: &Engine, restores: usize, mode: &str) -> anyhow::Result<Stats> {
@@ -413,42 +484,23 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let result = (|| -> anyhow::Result<()> {
         engine.build_image("busybox", false)?;
         let n = args.iterations;
-        results.push(checkpoint_scenario(
-            &engine,
-            "edit",
-            n,
-            "mkdir -p /work && echo start > /work/notes.txt",
-            |i| format!("echo line {i} >> /work/notes.txt"),
-            "one file appended",
-        )?);
-        eprintln!("edit done");
-        results.push(checkpoint_scenario(
-            &engine,
-            "install",
-            n.min(10),
-            "mkdir -p /pkgs",
-            |i| {
-                format!(
-                    "mkdir /pkgs/p{i} && cd /pkgs/p{i} && j=0; while [ $j -lt 2000 ]; do echo \"v{i}.$j\" > m$j.py; j=$((j+1)); done"
-                )
-            },
-            "2,000 new files",
-        )?);
-        eprintln!("install done");
-        results.push(checkpoint_scenario(
-            &engine,
-            "build",
-            n.min(10),
-            "mkdir -p /out",
-            |_| "dd if=/dev/urandom of=/out/build.bin bs=1M count=100 2>/dev/null".to_string(),
-            "100 MB file rewritten; latency includes hashing the new 100 MB",
-        )?);
-        eprintln!("build done");
+        results.extend(fs_scenarios(&engine, n, "", "")?);
         results.push(restore_scenario(&engine, args.restores, "cached")?);
         results.push(cas_trajectory_scenario()?);
         eprintln!("cas trajectory done");
         Ok(())
     })();
+    let deferred_result = result
+        .as_ref()
+        .ok()
+        .map(|()| -> anyhow::Result<Vec<Stats>> {
+            // The same scenarios with the tree hash computed after publication, on a second
+            // engine instance.
+            let e = Engine::open(cfg.clone())?;
+            let backend = BtrfsBackend::new(e.pool(), true).with_deferred_hash(e.manifest_sealer());
+            let e = e.with_backend(Arc::new(backend));
+            fs_scenarios(&e, args.iterations, "-deferred", " (deferred hash)")
+        });
     let full_result = (|| -> anyhow::Result<Stats> {
         // Same restore with full re-reading verification, on a second engine instance.
         let mut full_cfg = cfg.clone();
@@ -487,6 +539,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         let _ = std::fs::remove_dir_all(&state_dir);
     }
     result?;
+    if let Some(d) = deferred_result {
+        results.extend(d?);
+    }
     results.push(full_result?);
     if let Some(par) = par {
         results.push(par?.0);
