@@ -1684,12 +1684,12 @@ fn seal_manifest(
     validate_name(sandbox)?;
     let meta = meta_root.join(sandbox);
     let lock_path = meta.join("lock");
-    let f = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(&lock_path)
-        .map_err(io_err("open lock", &lock_path))?;
+    // Never created here: a sandbox being removed must not get its metadata back.
+    let f = match std::fs::OpenOptions::new().write(true).open(&lock_path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
+        Err(e) => return Err(io_err("open lock", &lock_path)(e)),
+    };
     let _lock = nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockExclusive)
         .map_err(|(_, errno)| io_err("flock", &lock_path)(errno.into()))?;
     seal_locked(&meta, sandbox, snapshot, bytes_changed)
