@@ -199,11 +199,17 @@ impl BtrfsBackend {
                 }
                 p
             });
-            let result = inner.hash_snapshot(&sandbox, &dest, &snapshot, parent.as_ref());
-            let done = result
-                .as_ref()
-                .map(|v| v.clone())
-                .map_err(|e| e.to_string());
+            // A panicking hash must not leave waiters blocked on a job that never ends.
+            let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                inner.hash_snapshot(&sandbox, &dest, &snapshot, parent.as_ref())
+            }))
+            .unwrap_or_else(|_| {
+                Err(FsError::Corrupt {
+                    id: snapshot.id.clone(),
+                    reason: "tree hash computation panicked".to_string(),
+                })
+            });
+            let done = result.as_ref().cloned().map_err(|e| e.to_string());
             inner
                 .jobs
                 .lock()
