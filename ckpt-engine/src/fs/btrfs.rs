@@ -40,7 +40,7 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::time::Instant;
 
 use super::send_stream::{self, SendSummary};
@@ -77,6 +77,8 @@ struct Inner {
     jobs: Mutex<HashMap<String, Job>>,
     /// Signalled whenever a job finishes.
     job_done: Condvar,
+    /// The pool's `/sys/fs/btrfs/<uuid>/allocation/data` (found on first use).
+    data_space: OnceLock<Option<PathBuf>>,
 }
 
 /// A deferred hashing job.
@@ -113,6 +115,7 @@ impl BtrfsBackend {
                 last: Mutex::new(HashMap::new()),
                 jobs: Mutex::new(HashMap::new()),
                 job_done: Condvar::new(),
+                data_space: OnceLock::new(),
             }),
             cached_restore_verify,
             sealer: None,
@@ -346,7 +349,53 @@ impl Inner {
     }
 }
 
+/// Data of the pool not yet written (`bytes_may_use` + `bytes_reserved` of its data space)
+/// above which it is written back before the sandbox is frozen.
+pub const PREFLUSH_BYTES: u64 = 16 << 20;
+
 impl Inner {
+    /// A btrfs snapshot first writes back the source's dirty data (it must contain it), which
+    /// would happen while the sandbox is frozen: ~50 ms for 100 MB here. When the pool holds
+    /// much of it (its data space's `bytes_may_use` and `bytes_reserved`: dirty data not yet
+    /// allocated, and allocated but not yet written), write it back with
+    /// `syncfs` while the sandbox still runs; the snapshot then only writes what came after.
+    /// This shortens the frozen time, not the checkpoint. Returns how long it took, `None`
+    /// when skipped. Best effort: on any failure the snapshot flushes by itself.
+    fn preflush(&self, source: &Path) -> Option<std::time::Duration> {
+        let counter = self.data_space.get_or_init(|| {
+            // `btrfs filesystem show` wants the mount point: try the ancestors (once).
+            let uuid = self.snapshots.ancestors().find_map(|dir| {
+                let out = sys::run(
+                    "btrfs",
+                    &["filesystem".as_ref(), "show".as_ref(), dir.as_os_str()],
+                )
+                .ok()?;
+                fs_uuid(&String::from_utf8_lossy(&out.stdout))
+            })?;
+            let path = PathBuf::from(format!("/sys/fs/btrfs/{uuid}/allocation/data"));
+            path.exists().then_some(path)
+        });
+        let dir = counter.as_ref()?;
+        let read = |name: &str| -> Option<u64> {
+            std::fs::read_to_string(dir.join(name))
+                .ok()?
+                .trim()
+                .parse()
+                .ok()
+        };
+        // Reserved for dirty data not yet allocated, plus allocated but not yet written.
+        let pending = read("bytes_may_use")? + read("bytes_reserved")?;
+        if pending < PREFLUSH_BYTES {
+            return None;
+        }
+        let t = Instant::now();
+        let dir = std::fs::File::open(source).ok()?;
+        if let Err(e) = nix::unistd::syncfs(std::os::fd::AsRawFd::as_raw_fd(&dir)) {
+            tracing::debug!(source = %source.display(), error = %e, "syncfs before snapshot failed");
+        }
+        Some(t.elapsed())
+    }
+
     /// Tree hash and bytes changed of the fresh read-only snapshot `dest`: with a parent, the
     /// send stream's change set drives an incremental hash from the parent's index; without
     /// one, a full hash runs while the full send stream is measured.
@@ -428,6 +477,7 @@ impl FsBackend for BtrfsBackend {
         // A leftover of a crashed attempt with the same id is never referenced: replace it.
         pool::delete_subvolume(&dest)?;
 
+        let preflushed = self.inner.preflush(req.source);
         req.quiesce.freeze()?;
         let start = Instant::now();
         let snap = pool::snapshot_subvolume(req.source, &dest, true);
@@ -435,6 +485,14 @@ impl FsBackend for BtrfsBackend {
         let thawed = req.quiesce.thaw();
         snap?;
         thawed?;
+        if let Some(d) = preflushed {
+            tracing::debug!(
+                snapshot = %id,
+                preflush_us = d.as_micros() as u64,
+                frozen_us = frozen.as_micros() as u64,
+                "dirty data written back before freezing"
+            );
+        }
 
         let provisional = FsSnapshotRef {
             backend: NAME.to_string(),
@@ -608,5 +666,31 @@ impl FsBackend for BtrfsBackend {
         }
         ids.sort();
         Ok(ids)
+    }
+}
+
+/// The filesystem UUID in `btrfs filesystem show` output (`... uuid: <uuid>`).
+fn fs_uuid(show: &str) -> Option<String> {
+    let rest = &show[show.find("uuid: ")? + "uuid: ".len()..];
+    let uuid: String = rest
+        .chars()
+        .take_while(|c| c.is_ascii_hexdigit() || *c == '-')
+        .collect();
+    (uuid.len() == 36).then_some(uuid)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn uuid_of_filesystem_show() {
+        let out = "Label: none  uuid: 52570e29-59cc-491b-9ab6-0e50ab4d09a4\n\tTotal devices 1 FS bytes used 1.00GiB\n";
+        assert_eq!(
+            fs_uuid(out).as_deref(),
+            Some("52570e29-59cc-491b-9ab6-0e50ab4d09a4")
+        );
+        assert_eq!(fs_uuid("Label: none  uuid: ../../etc"), None);
+        assert_eq!(fs_uuid("nothing"), None);
     }
 }
