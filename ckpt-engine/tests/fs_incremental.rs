@@ -390,7 +390,23 @@ fn btrfs_snapshots_hash_incrementally_and_distrust_bad_caches() {
         backend.restored_tree_hash("fsinc", &target).unwrap(),
         parent.tree_hash
     );
-    // Deleting a snapshot removes its cache file.
+    // Deleting a snapshot removes its cache file; the last one removes the sandbox's directory.
     backend.delete(&s4).unwrap();
     assert!(!backend.cache_path(&s4).unwrap().exists());
+    let cache_dir = backend
+        .cache_path(&s3)
+        .unwrap()
+        .parent()
+        .unwrap()
+        .to_path_buf();
+    for id in backend.list("fsinc").unwrap() {
+        backend
+            .delete(&FsSnapshotRef {
+                backend: "btrfs".into(),
+                id,
+                tree_hash: String::new(),
+            })
+            .unwrap();
+    }
+    assert!(!cache_dir.exists(), "no cache left behind");
 }

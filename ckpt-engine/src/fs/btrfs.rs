@@ -594,6 +594,10 @@ impl FsBackend for BtrfsBackend {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(e) => return Err(FsError::io("remove tree cache", &cache, e)),
         }
+        if let Some(dir) = cache.parent() {
+            // Only succeeds once the sandbox has no cache left.
+            let _ = std::fs::remove_dir(dir);
+        }
         pool::delete_subvolume(&path)
     }
 
