@@ -3,7 +3,13 @@
 //! An image is built in `<name>.building` (a writable subvolume), then published by a read-only
 //! snapshot to `<name>` (atomic: a crashed build leaves only `.building`, which the next build
 //! deletes). `busybox` comes from the host's busybox-static (a second); any other name is a
-//! Debian `debootstrap --variant=minbase` image with the configured package list.
+//! Debian `debootstrap --variant=minbase` image with the configured package list (1.5–2 min).
+//!
+//! [`build_image_cached`] keeps a tarball of each debootstrapped root in a cache directory, keyed
+//! by suite, mirror and packages, so a machine (e.g. CI, for tests that need python3 inside a
+//! sandbox) runs debootstrap once; later builds unpack the tarball (seconds). A cache entry
+//! appears only complete (written as `.partial`, renamed last); a failed cache write only loses
+//! the cache, never the image.
 
 use std::os::unix::fs::symlink;
 use std::path::{Path, PathBuf};
@@ -40,6 +46,132 @@ pub fn build_image(
     name: &str,
     rebuild: bool,
 ) -> Result<PathBuf, FsError> {
+    build_with(pool, name, rebuild, |root| {
+        if name == "busybox" {
+            fill_busybox(root)
+        } else {
+            fill_debootstrap(root, cfg)
+        }
+    })
+}
+
+/// Like [`build_image`] for a Debian image, with the debootstrapped root cached as
+/// `<cache_dir>/images/<suite>-<key>.tar` ([`cache_key`]): unpacked when present, written after
+/// a debootstrap otherwise.
+pub fn build_image_cached(
+    pool: &BtrfsPool,
+    cfg: &EngineConfig,
+    name: &str,
+    rebuild: bool,
+    cache_dir: &Path,
+) -> Result<PathBuf, FsError> {
+    let dir = cache_dir.join("images");
+    let tarball = dir.join(format!("{}-{}.tar", cfg.image_suite, cache_key(cfg)));
+    build_with(pool, name, rebuild, |root| {
+        if tarball.is_file() {
+            let untar = sys::run(
+                "tar",
+                &[
+                    "-x".as_ref(),
+                    "--numeric-owner".as_ref(),
+                    "--xattrs".as_ref(),
+                    "-p".as_ref(),
+                    "-f".as_ref(),
+                    tarball.as_os_str(),
+                    "-C".as_ref(),
+                    root.as_os_str(),
+                ],
+            );
+            match untar {
+                Ok(_) => return Ok(()),
+                Err(e) => {
+                    tracing::warn!(cache = %tarball.display(), error = %e, "unusable image cache entry: rebuilding");
+                    let _ = std::fs::remove_file(&tarball);
+                    clear_dir(root)?;
+                }
+            }
+        }
+        fill_debootstrap(root, cfg)?;
+        if let Err(e) = write_cache(root, &dir, &tarball) {
+            tracing::warn!(cache = %tarball.display(), error = %e, "could not cache the image");
+        }
+        Ok(())
+    })
+}
+
+/// The project's cache directory: `CRAB_CACHE_DIR`, default `/var/cache/crab` (where the
+/// bootstrap also keeps CRIU's build).
+pub fn default_cache_dir() -> PathBuf {
+    std::env::var_os("CRAB_CACHE_DIR")
+        .filter(|d| !d.is_empty())
+        .map_or_else(|| PathBuf::from("/var/cache/crab"), PathBuf::from)
+}
+
+/// The cache key of a Debian image: the first 16 hex digits of the BLAKE3 hash of its suite,
+/// mirror and (sorted) package list. Pure.
+pub fn cache_key(cfg: &EngineConfig) -> String {
+    let mut packages = cfg.image_packages.clone();
+    packages.sort();
+    let text = format!(
+        "suite={}\nmirror={}\npackages={}\n",
+        cfg.image_suite,
+        cfg.image_mirror.as_deref().unwrap_or(""),
+        packages.join(",")
+    );
+    blake3::hash(text.as_bytes()).to_hex()[..16].to_string()
+}
+
+/// Tars `root` into `tarball` through `<tarball>.partial` (renamed when complete).
+fn write_cache(root: &Path, dir: &Path, tarball: &Path) -> Result<(), FsError> {
+    std::fs::create_dir_all(dir).map_err(|e| FsError::io("create cache dir", dir, e))?;
+    let mut partial = tarball.as_os_str().to_owned();
+    partial.push(".partial");
+    let partial = PathBuf::from(partial);
+    let result = sys::run(
+        "tar",
+        &[
+            "-c".as_ref(),
+            "--numeric-owner".as_ref(),
+            "--xattrs".as_ref(),
+            "-f".as_ref(),
+            partial.as_os_str(),
+            "-C".as_ref(),
+            root.as_os_str(),
+            ".".as_ref(),
+        ],
+    )
+    .map_err(FsError::from)
+    .and_then(|_| {
+        std::fs::rename(&partial, tarball).map_err(|e| FsError::io("rename", tarball, e))
+    });
+    if result.is_err() {
+        let _ = std::fs::remove_file(&partial);
+    }
+    result
+}
+
+/// Removes everything inside `dir` (kept).
+fn clear_dir(dir: &Path) -> Result<(), FsError> {
+    let entries = std::fs::read_dir(dir).map_err(|e| FsError::io("list", dir, e))?;
+    for e in entries.flatten() {
+        let p = e.path();
+        let removed = if e.file_type().is_ok_and(|t| t.is_dir()) {
+            std::fs::remove_dir_all(&p)
+        } else {
+            std::fs::remove_file(&p)
+        };
+        removed.map_err(|err| FsError::io("remove", &p, err))?;
+    }
+    Ok(())
+}
+
+/// Builds image `name` in `<name>.building` with `fill` and publishes it read-only.
+fn build_with(
+    pool: &BtrfsPool,
+    name: &str,
+    rebuild: bool,
+    fill: impl FnOnce(&Path) -> Result<(), FsError>,
+) -> Result<PathBuf, FsError> {
     let dest = image_path(pool, name)?;
     if pool::is_subvolume(&dest) && !rebuild {
         return Ok(dest);
@@ -47,11 +179,7 @@ pub fn build_image(
     let building = pool.images_dir().join(format!("{name}.building"));
     pool::delete_subvolume(&building)?;
     pool::create_subvolume(&building)?;
-    let filled = if name == "busybox" {
-        fill_busybox(&building)
-    } else {
-        fill_debootstrap(&building, cfg)
-    };
+    let filled = fill(&building);
     if let Err(e) = filled {
         let _ = pool::delete_subvolume(&building);
         return Err(e);
@@ -128,4 +256,40 @@ fn fill_debootstrap(root: &Path, cfg: &EngineConfig) -> Result<(), FsError> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cache_key_covers_suite_mirror_and_packages_in_any_order() {
+        let base = EngineConfig {
+            image_packages: vec!["python3".into(), "git".into()],
+            ..EngineConfig::default()
+        };
+        let key = cache_key(&base);
+        assert_eq!(key.len(), 16);
+        let reordered = EngineConfig {
+            image_packages: vec!["git".into(), "python3".into()],
+            ..base.clone()
+        };
+        assert_eq!(cache_key(&reordered), key);
+        for other in [
+            EngineConfig {
+                image_suite: "trixie".into(),
+                ..base.clone()
+            },
+            EngineConfig {
+                image_mirror: Some("http://mirror.example/debian".into()),
+                ..base.clone()
+            },
+            EngineConfig {
+                image_packages: vec!["python3".into()],
+                ..base.clone()
+            },
+        ] {
+            assert_ne!(cache_key(&other), key);
+        }
+    }
 }

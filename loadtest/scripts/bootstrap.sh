@@ -29,7 +29,7 @@ APT_PACKAGES=(
     nginx-light python3 python3-venv sqlite3
     libbsd-dev libcap-dev libgnutls28-dev libnet1-dev libnftables-dev libnl-3-dev
     libprotobuf-c-dev libprotobuf-dev protobuf-c-compiler protobuf-compiler python3-protobuf
-    uuid-dev
+    uuid-dev patch
 )
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
@@ -63,12 +63,17 @@ criu_ok() {
 CRIU_VERSION=4.1.1
 CRIU_SHA256=f80a66cb3726bb2116266d4759ce3bcbfab7abdb6b6d430bf20dd41911717afe
 CRIU_BIN="$CACHE_DIR/criu-$CRIU_VERSION/criu/criu"
+# Crab's patches (e.g. inet sockets on Linux >= 6.16); a build is current when it was made from
+# this tarball with exactly these patches (its build id is stored next to the binary).
+CRIU_PATCHES=("$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"/criu-"$CRIU_VERSION"-*.patch)
+CRIU_BUILD_ID=$({ echo "$CRIU_SHA256"; cat "${CRIU_PATCHES[@]}"; } | sha256sum | cut -d' ' -f1)
+criu_current() { criu_ok "$1" && [ "$(cat "$2" 2>/dev/null)" = "$CRIU_BUILD_ID" ]; }
 if [ "${CRAB_SKIP_CRIU:-0}" = 1 ]; then
     log "criu: skipped (CRAB_SKIP_CRIU=1)"
-elif criu_ok /usr/local/sbin/criu; then
+elif criu_current /usr/local/sbin/criu /usr/local/sbin/.crab-criu-build; then
     log "criu: $(/usr/local/sbin/criu --version | head -1) at /usr/local/sbin/criu"
 else
-    if ! criu_ok "$CRIU_BIN"; then
+    if ! criu_current "$CRIU_BIN" "$CACHE_DIR/criu-$CRIU_VERSION/.crab-build"; then
         tarball="$CACHE_DIR/criu_$CRIU_VERSION.orig.tar.xz"
         if ! echo "$CRIU_SHA256  $tarball" | sha256sum -c --status 2>/dev/null; then
             log "criu: fetching the $CRIU_VERSION source from Debian's archive (private apt config, trixie)"
@@ -96,10 +101,15 @@ EOF
         log "criu: building $CRIU_VERSION (about 30 s)"
         rm -rf "$CACHE_DIR/criu-$CRIU_VERSION"
         tar -C "$CACHE_DIR" -xf "$tarball"
+        for p in "${CRIU_PATCHES[@]}"; do
+            patch -d "$CACHE_DIR/criu-$CRIU_VERSION" -p1 --quiet <"$p" || die "criu patch does not apply: $p"
+        done
         make -C "$CACHE_DIR/criu-$CRIU_VERSION" -j"$(nproc)" criu >"$CACHE_DIR/criu-build.log" 2>&1 \
             || { tail -30 "$CACHE_DIR/criu-build.log" >&2; die "criu build failed (log: $CACHE_DIR/criu-build.log)"; }
+        echo "$CRIU_BUILD_ID" >"$CACHE_DIR/criu-$CRIU_VERSION/.crab-build"
     fi
     install -m 0755 "$CRIU_BIN" /usr/local/sbin/criu
+    echo "$CRIU_BUILD_ID" >/usr/local/sbin/.crab-criu-build
     log "criu: installed $(/usr/local/sbin/criu --version | head -1) to /usr/local/sbin/criu"
 fi
 

@@ -1,18 +1,39 @@
 //! The copy-on-write backend: one read-only btrfs subvolume snapshot per checkpoint.
 //!
 //! Snapshot = freeze the sandbox, `btrfs subvolume snapshot -r`, thaw (the sandbox is frozen only
-//! for the snapshot itself), then the tree hash of the read-only snapshot (incremental through a
-//! per-sandbox [`HashCache`]) and the bytes changed since the parent, read from an incremental
-//! `btrfs send --no-data` stream (the sum of its extent lengths, so no file data is read).
+//! for the snapshot itself), then one incremental `btrfs send --no-data -p <parent>` of the new
+//! snapshot, which gives both the bytes changed (the sum of its extent lengths, no file data is
+//! read) and the paths the kernel found different between the two immutable snapshots
+//! ([`send_stream`](super::send_stream)). The tree hash is then computed incrementally
+//! ([`hash_tree`]): only directories on the paths of changed entries are listed again, the
+//! parent snapshot's per-directory index supplies everything else, and only files that are new
+//! or changed (by inode, size, mtime and ctime) are read.
+//!
+//! Why this is sound: the recorded hash is a function of the snapshot's tree alone (the same
+//! value a full walk gives, see [`tree_hash`](super::tree_hash)); the change set comes from
+//! btrfs comparing two read-only snapshots, never from the inspector's [`ChangeHint`](super::ChangeHint) (which
+//! may be wrong); the parent's index is taken from memory when it belongs to the parent, else
+//! from its cache file next to the snapshot ([`tree_cache`](super::tree_cache): checksummed,
+//! bound to the snapshot id and to the tree hash in the parent's manifest), and a missing or
+//! bad cache means a full rehash, never trust. Should btrfs ever report too little, the
+//! recorded hash would not match the snapshot, and the restore check (which walks the restored
+//! tree) and [`FsBackend::verify`] (which rehashes everything) fail loudly.
+//!
+//! The hash is computed before the manifest is published (not off the critical path): a
+//! published point always carries the hash that restores are verified against.
+//!
 //! Restore = a writable snapshot of the checkpoint next to the target, then swapped in by rename.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use super::tree_hash::{HashCache, tree_hash, tree_hash_cached};
-use super::{FsBackend, FsError, FsSnapshotRef, SnapshotOutcome, SnapshotRequest, validate_id};
+use super::send_stream::{self, SendSummary};
+use super::tree_hash::{Dirty, HashStats, TreeIndex, hash_tree, tree_hash};
+use super::{
+    FsBackend, FsError, FsSnapshotRef, SnapshotOutcome, SnapshotRequest, tree_cache, validate_id,
+};
 use crate::pool::{self, BtrfsPool};
 use crate::sys;
 
@@ -22,34 +43,210 @@ pub const NAME: &str = "btrfs";
 /// The btrfs CoW backend over a [`BtrfsPool`].
 pub struct BtrfsBackend {
     snapshots: PathBuf,
-    /// Content-hash caches per sandbox, refreshed by each snapshot's tree hash.
-    caches: Mutex<HashMap<String, HashCache>>,
+    /// `<pool>/treecache/<sandbox>/<snapshot id>`: the per-directory index of each snapshot.
+    caches_dir: PathBuf,
+    /// The newest snapshot's index per sandbox: (snapshot id, index).
+    indexes: Mutex<HashMap<String, (String, Arc<TreeIndex>)>>,
+    /// How the newest snapshot of each sandbox was hashed.
+    last: Mutex<HashMap<String, (IndexSource, HashStats)>>,
     /// Whether restore verification may reuse cached content hashes.
     cached_restore_verify: bool,
+}
+
+/// Where the parent index of a snapshot's incremental hash came from (for logs and tests).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IndexSource {
+    /// No usable parent index: full rehash.
+    None,
+    /// The parent's index from memory.
+    Memory,
+    /// The parent's index from its cache file.
+    Disk,
 }
 
 impl BtrfsBackend {
     /// A backend storing snapshots under the pool's `snapshots/` directory.
     /// With `cached_restore_verify`, the hash of a restored tree reuses the content hashes
     /// computed at snapshot time for files whose inode, size, mtime and ctime are unchanged (a
-    /// btrfs snapshot clone keeps all four, and btrfs checksums the data itself); otherwise
-    /// every file is read again.
+    /// btrfs snapshot clone keeps all four, and btrfs checksums the data itself); the restored
+    /// tree is still listed and stat'ed entirely. Otherwise every file is read again.
     pub fn new(pool: &BtrfsPool, cached_restore_verify: bool) -> Self {
         BtrfsBackend {
             snapshots: pool.snapshots_dir(),
-            caches: Mutex::new(HashMap::new()),
+            caches_dir: pool.root().join("treecache"),
+            indexes: Mutex::new(HashMap::new()),
+            last: Mutex::new(HashMap::new()),
             cached_restore_verify,
         }
     }
 
     /// Where snapshot `id` of `sandbox` lives. Ids have the form `<sandbox>.<checkpoint>`.
     fn path_of(&self, snapshot: &FsSnapshotRef) -> Result<PathBuf, FsError> {
+        let sandbox = Self::sandbox_of(snapshot)?;
+        Ok(self.snapshots.join(sandbox).join(&snapshot.id))
+    }
+
+    fn sandbox_of(snapshot: &FsSnapshotRef) -> Result<&str, FsError> {
         snapshot.checked_id(NAME)?;
         let (sandbox, _) = snapshot.id.split_once('.').ok_or(FsError::InvalidId {
             id: snapshot.id.clone(),
             reason: "btrfs snapshot ids are <sandbox>.<checkpoint>",
         })?;
-        Ok(self.snapshots.join(sandbox).join(&snapshot.id))
+        Ok(sandbox)
+    }
+
+    /// How the newest snapshot of `sandbox` taken by this instance was hashed: where the
+    /// parent's index came from and what was read.
+    pub fn last_hash(&self, sandbox: &str) -> Option<(IndexSource, HashStats)> {
+        self.last
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(sandbox)
+            .copied()
+    }
+
+    /// Path of the index cache file of `snapshot`.
+    pub fn cache_path(&self, snapshot: &FsSnapshotRef) -> Result<PathBuf, FsError> {
+        let sandbox = Self::sandbox_of(snapshot)?;
+        Ok(self.caches_dir.join(sandbox).join(&snapshot.id))
+    }
+
+    /// The index of `parent` (a published snapshot of `sandbox`): from memory when it is the
+    /// one held, else from its cache file; `None` (full rehash) when neither is usable.
+    fn parent_index(
+        &self,
+        sandbox: &str,
+        parent: &FsSnapshotRef,
+    ) -> (Option<Arc<TreeIndex>>, IndexSource) {
+        {
+            let indexes = self.indexes.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some((id, index)) = indexes.get(sandbox) {
+                if id == &parent.id && index.tree_hash == parent.tree_hash {
+                    return (Some(Arc::clone(index)), IndexSource::Memory);
+                }
+            }
+        }
+        let path = match self.cache_path(parent) {
+            Ok(p) => p,
+            Err(_) => return (None, IndexSource::None),
+        };
+        let bytes = match std::fs::read(&path) {
+            Ok(b) => b,
+            Err(e) => {
+                tracing::debug!(path = %path.display(), error = %e, "no tree cache: full rehash");
+                return (None, IndexSource::None);
+            }
+        };
+        match tree_cache::decode(&bytes, &parent.id, &parent.tree_hash) {
+            Ok(index) => (Some(Arc::new(index)), IndexSource::Disk),
+            Err(e) => {
+                tracing::warn!(path = %path.display(), error = %e, "unusable tree cache: full rehash");
+                (None, IndexSource::None)
+            }
+        }
+    }
+
+    /// Remembers `index` as `snapshot`'s and writes its cache file (write to a temporary name,
+    /// rename; no fsync: a cache lost in a crash only costs a full rehash).
+    fn keep_index(&self, sandbox: &str, snapshot: &FsSnapshotRef, index: Arc<TreeIndex>) {
+        let bytes = tree_cache::encode(&snapshot.id, &index);
+        self.indexes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(sandbox.to_string(), (snapshot.id.clone(), index));
+        let write = || -> Result<(), FsError> {
+            let path = self.cache_path(snapshot)?;
+            let dir = self.caches_dir.join(sandbox);
+            std::fs::create_dir_all(&dir).map_err(|e| FsError::io("create cache dir", &dir, e))?;
+            let tmp = path.with_extension("tmp");
+            std::fs::write(&tmp, &bytes).map_err(|e| FsError::io("write tree cache", &tmp, e))?;
+            std::fs::rename(&tmp, &path).map_err(|e| FsError::io("publish tree cache", &path, e))
+        };
+        if let Err(e) = write() {
+            tracing::warn!(snapshot = %snapshot.id, error = %e, "could not write tree cache");
+        }
+    }
+
+    /// Runs `btrfs send --no-data` of `snapshot` (incremental from `parent`) and parses it.
+    fn send_summary(
+        &self,
+        snapshot: &FsSnapshotRef,
+        parent: Option<&FsSnapshotRef>,
+    ) -> Result<SendSummary, FsError> {
+        let path = self.path_of(snapshot)?;
+        let mut args: Vec<std::ffi::OsString> =
+            vec!["send".into(), "-q".into(), "--no-data".into()];
+        if let Some(parent) = parent {
+            args.push("-p".into());
+            args.push(self.path_of(parent)?.into_os_string());
+        }
+        args.push(path.into_os_string());
+        let out = sys::run("btrfs", &args)?;
+        send_stream::parse(&out.stdout).map_err(|reason| FsError::Corrupt {
+            id: snapshot.id.clone(),
+            reason: format!("unparsable btrfs send stream: {reason}"),
+        })
+    }
+}
+
+impl BtrfsBackend {
+    /// Tree hash and bytes changed of the fresh read-only snapshot `dest`: with a parent, the
+    /// send stream's change set drives an incremental hash from the parent's index; without
+    /// one, a full hash runs while the full send stream is measured.
+    fn hash_snapshot(
+        &self,
+        req: &SnapshotRequest<'_>,
+        dest: &Path,
+        provisional: &FsSnapshotRef,
+        parent: Option<&FsSnapshotRef>,
+    ) -> Result<(String, u64), FsError> {
+        let t = Instant::now();
+        let (summary, index, stats, source) = match parent {
+            Some(parent) => {
+                let summary = self.send_summary(provisional, Some(parent))?;
+                let t_send = t.elapsed();
+                // With `Dirty::All` the parent's index still supplies content hashes.
+                let (prev, source) = self.parent_index(req.sandbox_id, parent);
+                let (index, stats) = hash_tree(dest, prev.as_deref(), &summary.dirty)?;
+                tracing::debug!(
+                    snapshot = %provisional.id,
+                    send_us = t_send.as_micros() as u64,
+                    commands = summary.commands,
+                    "btrfs send summary"
+                );
+                (summary, index, stats, source)
+            }
+            None => std::thread::scope(|s| {
+                let measure = s.spawn(|| self.send_summary(provisional, None));
+                let hashed = hash_tree(dest, None, &Dirty::All);
+                let summary = measure
+                    .join()
+                    .unwrap_or_else(|p| std::panic::resume_unwind(p))?;
+                let (index, stats) = hashed?;
+                Ok::<_, FsError>((summary, index, stats, IndexSource::None))
+            })?,
+        };
+        tracing::debug!(
+            snapshot = %provisional.id,
+            hash_us = t.elapsed().as_micros() as u64,
+            index = ?source,
+            dirs_listed = stats.dirs_listed,
+            dirs_reused = stats.dirs_reused,
+            files_read = stats.files_read,
+            bytes_read = stats.bytes_read,
+            "btrfs snapshot hashed"
+        );
+        self.last
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(req.sandbox_id.to_string(), (source, stats));
+        let hash = index.tree_hash.clone();
+        let snapshot = FsSnapshotRef {
+            tree_hash: hash.clone(),
+            ..provisional.clone()
+        };
+        self.keep_index(req.sandbox_id, &snapshot, Arc::new(index));
+        Ok((hash, summary.data_bytes))
     }
 }
 
@@ -82,57 +279,25 @@ impl FsBackend for BtrfsBackend {
         snap?;
         thawed?;
 
-        // Hash and measure at once (they read different things: file data vs. metadata
-        // trees). The cache is taken out of the shared map so sandboxes hash in parallel.
-        let t_hash = Instant::now();
-        let mut cache = {
-            let mut caches = self.caches.lock().unwrap_or_else(|p| p.into_inner());
-            caches.remove(req.sandbox_id).unwrap_or_default()
-        };
-        let parent = req.parent.filter(|p| p.backend == NAME);
         let provisional = FsSnapshotRef {
             backend: NAME.to_string(),
             id: id.clone(),
             tree_hash: String::new(),
         };
-        let (hash, hash_elapsed, measured) = std::thread::scope(|s| {
-            let measure = s.spawn(|| {
-                let t = Instant::now();
-                (self.bytes_changed(&provisional, parent), t.elapsed())
-            });
-            let hash = tree_hash_cached(&dest, Some(&mut cache));
-            let hash_elapsed = t_hash.elapsed();
-            let measured = measure
-                .join()
-                .unwrap_or_else(|p| std::panic::resume_unwind(p));
-            (hash, hash_elapsed, measured)
-        });
-        let (bytes_changed, measure_elapsed) = measured;
-        let result = hash.and_then(|h| bytes_changed.map(|b| (h, b)));
+        let parent = req.parent.filter(|p| p.backend == NAME);
+        let result = self.hash_snapshot(req, &dest, &provisional, parent);
         let (hash, bytes_changed) = match result {
-            Ok(v) => {
-                let mut caches = self.caches.lock().unwrap_or_else(|p| p.into_inner());
-                caches.insert(req.sandbox_id.to_string(), cache);
-                v
-            }
+            Ok(v) => v,
             Err(e) => {
                 let _ = pool::delete_subvolume(&dest);
                 return Err(e);
             }
         };
-        let snapshot = FsSnapshotRef {
-            tree_hash: hash,
-            ..provisional
-        };
-        tracing::debug!(
-            snapshot = %snapshot.id,
-            frozen_us = frozen.as_micros() as u64,
-            hash_us = hash_elapsed.as_micros() as u64,
-            measure_us = measure_elapsed.as_micros() as u64,
-            "btrfs snapshot phases"
-        );
         Ok(SnapshotOutcome {
-            snapshot,
+            snapshot: FsSnapshotRef {
+                tree_hash: hash,
+                ..provisional
+            },
             bytes_changed,
             bytes_stored: 0,
             frozen,
@@ -189,6 +354,12 @@ impl FsBackend for BtrfsBackend {
 
     fn delete(&self, snapshot: &FsSnapshotRef) -> Result<(), FsError> {
         let path = self.path_of(snapshot)?;
+        let cache = self.cache_path(snapshot)?;
+        match std::fs::remove_file(&cache) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(FsError::io("remove tree cache", &cache, e)),
+        }
         pool::delete_subvolume(&path)
     }
 
@@ -197,31 +368,20 @@ impl FsBackend for BtrfsBackend {
         snapshot: &FsSnapshotRef,
         parent: Option<&FsSnapshotRef>,
     ) -> Result<u64, FsError> {
-        let path = self.path_of(snapshot)?;
-        let mut args: Vec<std::ffi::OsString> =
-            vec!["send".into(), "-q".into(), "--no-data".into()];
-        if let Some(parent) = parent {
-            args.push("-p".into());
-            args.push(self.path_of(parent)?.into_os_string());
-        }
-        args.push(path.into_os_string());
-        let out = sys::run("btrfs", &args)?;
-        send_stream_data_bytes(&out.stdout).map_err(|reason| FsError::Corrupt {
-            id: snapshot.id.clone(),
-            reason: format!("unparsable btrfs send stream: {reason}"),
-        })
+        Ok(self.send_summary(snapshot, parent)?.data_bytes)
     }
 
     fn restored_tree_hash(&self, sandbox_id: &str, root: &Path) -> Result<String, FsError> {
         if !self.cached_restore_verify {
             return tree_hash(root);
         }
-        // Hash with a copy: the live cache keeps tracking the newest snapshot.
-        let mut cache = {
-            let caches = self.caches.lock().unwrap_or_else(|p| p.into_inner());
-            caches.get(sandbox_id).cloned().unwrap_or_default()
+        // Every directory is listed and every entry stat'ed (nothing is assumed about the
+        // restored tree's structure); only content hashes are reused by file identity.
+        let latest = {
+            let indexes = self.indexes.lock().unwrap_or_else(|p| p.into_inner());
+            indexes.get(sandbox_id).map(|(_, i)| Arc::clone(i))
         };
-        tree_hash_cached(root, Some(&mut cache))
+        Ok(hash_tree(root, latest.as_deref(), &Dirty::All)?.0.tree_hash)
     }
 
     fn list(&self, sandbox_id: &str) -> Result<Vec<String>, FsError> {
@@ -239,87 +399,5 @@ impl FsBackend for BtrfsBackend {
         }
         ids.sort();
         Ok(ids)
-    }
-}
-
-/// Sums the extent lengths of a `btrfs send --no-data` stream (v1): `update_extent` commands
-/// name the byte ranges whose data a full stream would carry; `write` commands (inline data)
-/// count their payload. Pure, so it is tested without btrfs.
-pub fn send_stream_data_bytes(stream: &[u8]) -> Result<u64, &'static str> {
-    const MAGIC: &[u8] = b"btrfs-stream\0";
-    const CMD_WRITE: u16 = 15;
-    const CMD_UPDATE_EXTENT: u16 = 22;
-    const ATTR_SIZE: u16 = 4;
-    const ATTR_DATA: u16 = 19;
-    if stream.len() < MAGIC.len() + 4 || &stream[..MAGIC.len()] != MAGIC {
-        return Err("missing stream header");
-    }
-    let mut pos = MAGIC.len() + 4;
-    let mut total = 0u64;
-    while pos < stream.len() {
-        if stream.len() - pos < 10 {
-            return Err("truncated command header");
-        }
-        let len = u32::from_le_bytes(stream[pos..pos + 4].try_into().unwrap_or_default()) as usize;
-        let cmd = u16::from_le_bytes([stream[pos + 4], stream[pos + 5]]);
-        pos += 10;
-        if stream.len() - pos < len {
-            return Err("truncated command");
-        }
-        let body = &stream[pos..pos + len];
-        pos += len;
-        let mut a = 0;
-        while a + 4 <= body.len() {
-            let ty = u16::from_le_bytes([body[a], body[a + 1]]);
-            let alen = u16::from_le_bytes([body[a + 2], body[a + 3]]) as usize;
-            a += 4;
-            if body.len() - a < alen {
-                return Err("truncated attribute");
-            }
-            let val = &body[a..a + alen];
-            a += alen;
-            match (cmd, ty) {
-                (CMD_UPDATE_EXTENT, ATTR_SIZE) if alen == 8 => {
-                    total += u64::from_le_bytes(val.try_into().unwrap_or_default());
-                }
-                (CMD_WRITE, ATTR_DATA) => total += alen as u64,
-                _ => {}
-            }
-        }
-    }
-    Ok(total)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn cmd(cmd: u16, attrs: &[(u16, Vec<u8>)]) -> Vec<u8> {
-        let mut body = Vec::new();
-        for (ty, v) in attrs {
-            body.extend_from_slice(&ty.to_le_bytes());
-            body.extend_from_slice(&(v.len() as u16).to_le_bytes());
-            body.extend_from_slice(v);
-        }
-        let mut out = (body.len() as u32).to_le_bytes().to_vec();
-        out.extend_from_slice(&cmd.to_le_bytes());
-        out.extend_from_slice(&0u32.to_le_bytes());
-        out.extend(body);
-        out
-    }
-
-    #[test]
-    fn send_stream_extent_lengths_are_summed() {
-        let mut s = b"btrfs-stream\0".to_vec();
-        s.extend_from_slice(&1u32.to_le_bytes());
-        s.extend(cmd(
-            22,
-            &[(15, b"f".to_vec()), (4, 4096u64.to_le_bytes().to_vec())],
-        ));
-        s.extend(cmd(15, &[(15, b"g".to_vec()), (19, vec![0; 10])]));
-        s.extend(cmd(21, &[]));
-        assert_eq!(send_stream_data_bytes(&s), Ok(4106));
-        assert!(send_stream_data_bytes(&s[..s.len() - 3]).is_err());
-        assert!(send_stream_data_bytes(b"garbage").is_err());
     }
 }

@@ -6,7 +6,10 @@
 //!
 //! Module map:
 //! - [`btrfs`]: the copy-on-write backend (one read-only btrfs subvolume snapshot per checkpoint).
-//! - [`tree_hash`]: the canonical hash of a directory tree recorded in every manifest.
+//! - [`tree_hash`]: the canonical Merkle hash of a directory tree recorded in btrfs manifests,
+//!   computed incrementally from the parent snapshot's per-directory index.
+//! - [`tree_cache`]: the checksummed on-disk form of that index, next to each snapshot.
+//! - [`send_stream`]: the change set and changed bytes of an incremental `btrfs send` stream.
 //! - `cas` (store helper): the content-addressed backend on the `content-store` crate.
 //!
 //! Invariants every backend keeps:
@@ -19,6 +22,8 @@
 
 pub mod btrfs;
 pub mod cas;
+pub mod send_stream;
+pub mod tree_cache;
 pub mod tree_hash;
 
 use std::path::{Path, PathBuf};

@@ -1,196 +1,888 @@
-//! The canonical tree hash recorded in every recovery-point manifest.
+//! The canonical tree hash recorded in every btrfs recovery-point manifest: a Merkle hash with
+//! one node per directory, so a checkpoint rehashes only the directories on the paths of what
+//! changed.
 //!
-//! One BLAKE3 over a canonical listing of the tree: entries in byte order of their relative
-//! paths (the root first), each with its type, permission bits, owner, and per type: regular
-//! files their size, mtime and content hash (hard links: the path of the first link instead, so
-//! link structure counts); symlinks their target (never followed); devices their rdev; plus
-//! sorted xattrs. Directory mtimes are left out because restoring a tree by writing it changes
-//! them. Files on other filesystems below the root (mount points) are not descended into.
+//! # What the hash covers
 //!
-//! A [`HashCache`] makes repeated hashing of a mostly unchanged tree cheap: a content hash is
-//! reused only when inode, size, mtime and ctime are all equal; ctime cannot be set by a writer,
-//! so a rewritten file always misses.
+//! Every entry of the tree below the root, and the root itself, except entries on other
+//! filesystems (mount points are not descended into and not listed). Per entry: its name, its
+//! type, permission bits (`mode & 0o7777`), owner and group, sorted xattrs (not for symlinks),
+//! and per type: regular files their size, mtime and the BLAKE3 of their full contents;
+//! symlinks their target (never followed); character/block devices their rdev; directories
+//! the hash of their own listing. Directory mtimes (and all ctimes, atimes and inode numbers)
+//! are not covered: restoring a tree by writing it changes them. Hard-link structure is
+//! covered by a link table: every non-directory inode with more than one link, as the sorted
+//! list of the paths under the root that name it.
+//!
+//! ```text
+//! entry  = BLAKE3("crab-entry-v2" | len name | name | kind | mode | uid | gid | payload | xattrs)
+//! dir    = BLAKE3("crab-dir-v2" | count | entry hash of each entry in name byte order)
+//! tree   = BLAKE3("crab-tree-v2" | entry hash of the root (name "") | link-table hash)
+//! ```
+//!
+//! The hex of `tree` is the tree hash. It is a function of the tree alone: a full walk
+//! ([`tree_hash`]), an incremental one ([`hash_tree`] with a previous [`TreeIndex`] and a
+//! [`Dirty`] set) and a restore check all compute the same value for the same tree.
+//!
+//! # Incremental hashing and what it trusts
+//!
+//! [`hash_tree`] returns, with the hash, a [`TreeIndex`]: the per-directory nodes (directory
+//! hash, inode, ctime, entry hashes, file identities and content hashes). Given the index of a
+//! previous tree and the set of paths that may differ ([`Dirty`]), a directory's node is reused
+//! without being read only when all of these hold:
+//! - no dirty path is at or below it (a dirty path's ancestors are re-listed, and a path that
+//!   was created, removed or renamed makes everything below it dirty);
+//! - the node's inode number and ctime equal the directory's current ones (a second, independent
+//!   check: any entry added, removed or renamed in a directory moves its ctime);
+//! - no non-directory with several links lies below it (such subtrees are always re-listed, so
+//!   the link table is always complete and a write through another link is never missed).
+//!
+//! In re-listed directories a file's content hash is reused when its inode, size, mtime and
+//! ctime all equal a file of the previous index (ctime cannot be set by a writer, so a rewritten
+//! file always misses); other files are read, large ones split across threads (the result is
+//! the standard BLAKE3 of the file, computed as two subtrees merged through
+//! [`blake3::hazmat`]).
+//!
+//! The dirty set must cover every difference between the two trees; the btrfs backend derives
+//! it from the kernel's own comparison of two read-only snapshots (an incremental
+//! `btrfs send`), never from a hint. A missing or unreadable previous index, or
+//! [`Dirty::All`], means a full rehash.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs::File;
-use std::io::Read;
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{FileTypeExt, MetadataExt};
-use std::path::Path;
+use std::os::unix::fs::{FileExt, FileTypeExt, MetadataExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use super::FsError;
 
-/// Content hashes of regular files keyed by what proves them unchanged.
-#[derive(Debug, Default, Clone)]
-pub struct HashCache {
-    entries: HashMap<CacheKey, [u8; 32]>,
-}
+/// Files at least this large are hashed as two BLAKE3 subtrees on two threads.
+const SPLIT_THRESHOLD: u64 = 8 << 20;
+/// Read buffer per hashing thread.
+const BUF: usize = 1 << 20;
 
+/// What proves a regular file unchanged between two trees of one snapshot lineage.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-struct CacheKey {
-    ino: u64,
-    size: u64,
-    mtime: (i64, i64),
-    ctime: (i64, i64),
+pub struct FileIdentity {
+    /// Inode number.
+    pub ino: u64,
+    /// Size in bytes.
+    pub size: u64,
+    /// Modification time (seconds, nanoseconds).
+    pub mtime: (i64, i64),
+    /// Status-change time (seconds, nanoseconds); no writer can set it.
+    pub ctime: (i64, i64),
 }
 
-impl HashCache {
-    /// Number of cached file hashes.
+impl FileIdentity {
+    fn of(meta: &std::fs::Metadata) -> Self {
+        FileIdentity {
+            ino: meta.ino(),
+            size: meta.size(),
+            mtime: (meta.mtime(), meta.mtime_nsec()),
+            ctime: (meta.ctime(), meta.ctime_nsec()),
+        }
+    }
+}
+
+/// One entry of a directory node.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EntryNode {
+    /// File name (bytes).
+    pub name: Vec<u8>,
+    /// The entry's hash (see the module docs).
+    pub hash: [u8; 32],
+    /// Per-type data kept for reuse.
+    pub kind: EntryKind,
+}
+
+/// Per-type data of an [`EntryNode`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum EntryKind {
+    /// A subdirectory and its node.
+    Dir(Arc<DirNode>),
+    /// A regular file: its identity and content hash.
+    File(FileIdentity, [u8; 32]),
+    /// Anything else (symlink, device, fifo, socket).
+    Other,
+}
+
+/// The node of one directory: what its hash covers and what proves it unchanged.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DirNode {
+    /// Inode number of the directory.
+    pub ino: u64,
+    /// ctime of the directory (seconds, nanoseconds).
+    pub ctime: (i64, i64),
+    /// Whether a non-directory with more than one link lies anywhere below.
+    pub links: bool,
+    /// The directory's hash.
+    pub hash: [u8; 32],
+    /// Entries in name byte order.
+    pub entries: Vec<EntryNode>,
+}
+
+/// The per-directory index of a hashed tree: the root directory's node and the tree hash.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TreeIndex {
+    /// Node of the root directory.
+    pub root: Arc<DirNode>,
+    /// The tree hash (hex) this index produced.
+    pub tree_hash: String,
+}
+
+impl TreeIndex {
+    /// Number of directories and files indexed.
+    pub fn counts(&self) -> (usize, usize) {
+        fn walk(n: &DirNode, acc: &mut (usize, usize)) {
+            acc.0 += 1;
+            for e in &n.entries {
+                match &e.kind {
+                    EntryKind::Dir(d) => walk(d, acc),
+                    EntryKind::File(..) => acc.1 += 1,
+                    EntryKind::Other => {}
+                }
+            }
+        }
+        let mut acc = (0, 0);
+        walk(&self.root, &mut acc);
+        acc
+    }
+
+    fn identities(&self) -> HashMap<FileIdentity, [u8; 32]> {
+        fn walk(n: &DirNode, out: &mut HashMap<FileIdentity, [u8; 32]>) {
+            for e in &n.entries {
+                match &e.kind {
+                    EntryKind::Dir(d) => walk(d, out),
+                    EntryKind::File(id, h) => {
+                        out.insert(*id, *h);
+                    }
+                    EntryKind::Other => {}
+                }
+            }
+        }
+        let mut out = HashMap::new();
+        walk(&self.root, &mut out);
+        out
+    }
+}
+
+/// Which paths (relative to the root, as bytes without a leading `/`) may differ from the tree
+/// a previous [`TreeIndex`] describes.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum Dirty {
+    /// Anything may differ: rehash everything (content hashes are still reused by identity).
+    #[default]
+    All,
+    /// Only these may differ.
+    Paths(DirtyPaths),
+}
+
+/// A dirty set: paths whose entry (metadata, contents) changed, and paths that were created,
+/// removed or renamed (everything below them is dirty too).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct DirtyPaths {
+    /// Directories that must be re-listed (every proper ancestor of a dirty path).
+    relist: HashSet<Vec<u8>>,
+    /// Paths below which (inclusive) nothing is reused.
+    subtrees: HashSet<Vec<u8>>,
+}
+
+impl DirtyPaths {
+    /// An empty set (nothing changed).
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// `path`'s entry changed in place (contents, mode, owner, times, xattrs).
+    pub fn modified(&mut self, path: &[u8]) {
+        let path = normalize(path);
+        self.add_ancestors(path);
+    }
+
+    /// `path` was created, removed or renamed (from or to): nothing at or below it is reused.
+    pub fn structural(&mut self, path: &[u8]) {
+        let path = normalize(path);
+        self.add_ancestors(path);
+        self.subtrees.insert(path.to_vec());
+    }
+
+    /// Number of dirty subtrees and re-listed directories (diagnostics).
     pub fn len(&self) -> usize {
-        self.entries.len()
+        self.relist.len() + self.subtrees.len()
     }
-    /// True when nothing is cached.
+
+    /// True when nothing is dirty.
     pub fn is_empty(&self) -> bool {
-        self.entries.is_empty()
+        self.relist.is_empty() && self.subtrees.is_empty()
+    }
+
+    fn add_ancestors(&mut self, path: &[u8]) {
+        let mut end = path.len();
+        loop {
+            match path[..end].iter().rposition(|&b| b == b'/') {
+                Some(i) => {
+                    end = i;
+                    if !self.relist.insert(path[..end].to_vec()) {
+                        return;
+                    }
+                }
+                None => {
+                    if !path.is_empty() {
+                        self.relist.insert(Vec::new());
+                    }
+                    return;
+                }
+            }
+        }
+    }
+
+    fn in_subtree(&self, path: &[u8]) -> bool {
+        if self.subtrees.is_empty() {
+            return false;
+        }
+        if self.subtrees.contains(path) {
+            return true;
+        }
+        path.iter()
+            .enumerate()
+            .filter(|&(_, &b)| b == b'/')
+            .any(|(i, _)| self.subtrees.contains(&path[..i]))
     }
 }
 
-/// Hashes the tree at `root` without a cache (every file is read).
-pub fn tree_hash(root: &Path) -> Result<String, FsError> {
-    tree_hash_cached(root, None)
+fn normalize(path: &[u8]) -> &[u8] {
+    let mut p = path;
+    while let Some(rest) = p.strip_prefix(b"/") {
+        p = rest;
+    }
+    while let Some(rest) = p.strip_prefix(b"./") {
+        p = rest;
+    }
+    while let Some(rest) = p.strip_suffix(b"/") {
+        p = rest;
+    }
+    if p == b"." { b"" } else { p }
 }
 
-/// Hashes the tree at `root`, reusing and refreshing `cache` (entries not seen in this tree are
-/// dropped so the cache tracks the newest tree).
-pub fn tree_hash_cached(root: &Path, cache: Option<&mut HashCache>) -> Result<String, FsError> {
+/// Statistics of one hashing run.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct HashStats {
+    /// Directories whose listing was read.
+    pub dirs_listed: usize,
+    /// Directories reused from the previous index without reading them.
+    pub dirs_reused: usize,
+    /// Files whose contents were read.
+    pub files_read: usize,
+    /// Bytes of file contents read.
+    pub bytes_read: u64,
+}
+
+/// Hashes the tree at `root` without a previous index (every file is read).
+pub fn tree_hash(root: &Path) -> Result<String, FsError> {
+    Ok(hash_tree(root, None, &Dirty::All)?.0.tree_hash)
+}
+
+/// Hashes the tree at `root`, reusing what `previous` proves unchanged given `dirty` (see the
+/// module docs). Returns the new index (its `tree_hash` is the result) and statistics.
+pub fn hash_tree(
+    root: &Path,
+    previous: Option<&TreeIndex>,
+    dirty: &Dirty,
+) -> Result<(TreeIndex, HashStats), FsError> {
     let root_meta =
         std::fs::symlink_metadata(root).map_err(|e| FsError::io("stat tree root", root, e))?;
-    let root_dev = root_meta.dev();
-    let mut hasher = blake3::Hasher::new();
-    let mut first_link: HashMap<u64, Vec<u8>> = HashMap::new();
-    let mut fresh = HashCache::default();
-    let old = cache.as_deref();
-    let walker = walkdir::WalkDir::new(root)
-        .follow_links(false)
-        .same_file_system(true)
-        .sort_by(|a, b| a.file_name().as_bytes().cmp(b.file_name().as_bytes()));
-    let mut buf = vec![0u8; 1 << 20];
-    for entry in walker {
-        let entry = entry.map_err(|e| {
-            let path = e.path().map(Path::to_path_buf).unwrap_or_default();
-            FsError::io("walk tree", path, e.into())
-        })?;
-        let path = entry.path();
-        let rel = path.strip_prefix(root).unwrap_or(path);
-        let meta = entry
-            .metadata()
-            .map_err(|e| FsError::io("stat", path, e.into()))?;
-        if meta.dev() != root_dev && entry.depth() > 0 {
-            continue;
-        }
-        let ft = meta.file_type();
-        let rel_bytes = rel.as_os_str().as_bytes();
-        hasher.update(&(rel_bytes.len() as u64).to_le_bytes());
-        hasher.update(rel_bytes);
-        let kind: u8 = if ft.is_dir() {
-            b'd'
-        } else if ft.is_file() {
-            b'f'
-        } else if ft.is_symlink() {
-            b'l'
-        } else if ft.is_char_device() {
-            b'c'
-        } else if ft.is_block_device() {
-            b'b'
-        } else if ft.is_fifo() {
-            b'p'
+    if !root_meta.is_dir() {
+        return Err(FsError::io(
+            "hash tree",
+            root,
+            std::io::Error::new(
+                std::io::ErrorKind::NotADirectory,
+                "tree root is not a directory",
+            ),
+        ));
+    }
+    let mut walk = Walk {
+        root,
+        dev: root_meta.dev(),
+        dirty,
+        previous,
+        identities: None,
+        pending: Vec::new(),
+        links: BTreeMap::new(),
+        stats: HashStats::default(),
+    };
+    let prev_root = previous.map(|p| &p.root);
+    let draft = walk.dir(&mut Vec::new(), &root_meta, prev_root.map(|r| &**r))?;
+    let contents = hash_files(&walk.pending)?;
+    walk.stats.files_read = walk.pending.len();
+    walk.stats.bytes_read = walk.pending.iter().map(|p| p.1).sum();
+    let root_node = finish(draft, &contents);
+    let root_entry = entry_hash(b"", &root_meta, &Payload::Dir(&root_node.hash), root)?;
+    let mut top = blake3::Hasher::new();
+    top.update(b"crab-tree-v2");
+    top.update(&root_entry);
+    top.update(&link_table_hash(&walk.links));
+    let index = TreeIndex {
+        root: root_node,
+        tree_hash: top.finalize().to_hex().to_string(),
+    };
+    Ok((index, walk.stats))
+}
+
+/// A directory node before file contents are hashed.
+struct DraftDir {
+    ino: u64,
+    ctime: (i64, i64),
+    links: bool,
+    entries: Vec<DraftEntry>,
+}
+
+enum DraftEntry {
+    /// Complete (reused node, or an entry whose hash needs no file contents).
+    Done(EntryNode),
+    /// A subdirectory being built.
+    Dir {
+        name: Vec<u8>,
+        meta: Box<std::fs::Metadata>,
+        xattrs: Vec<u8>,
+        dir: DraftDir,
+    },
+    /// A regular file whose content hash is `pending[index]`.
+    File {
+        name: Vec<u8>,
+        meta: Box<std::fs::Metadata>,
+        xattrs: Vec<u8>,
+        index: usize,
+    },
+}
+
+struct Walk<'a> {
+    root: &'a Path,
+    dev: u64,
+    dirty: &'a Dirty,
+    previous: Option<&'a TreeIndex>,
+    /// Identity → content hash over the whole previous tree, built on the first miss.
+    identities: Option<HashMap<FileIdentity, [u8; 32]>>,
+    /// Files to read: path and size.
+    pending: Vec<(PathBuf, u64)>,
+    /// Inode → paths of non-directories with more than one link.
+    links: BTreeMap<u64, Vec<Vec<u8>>>,
+    stats: HashStats,
+}
+
+impl Walk<'_> {
+    fn path_of(&self, rel: &[u8]) -> PathBuf {
+        if rel.is_empty() {
+            self.root.to_path_buf()
         } else {
-            b's'
+            self.root.join(std::ffi::OsStr::from_bytes(rel))
+        }
+    }
+
+    /// Builds the draft of directory `rel` (relative path bytes, empty for the root).
+    fn dir(
+        &mut self,
+        rel: &mut Vec<u8>,
+        meta: &std::fs::Metadata,
+        prev: Option<&DirNode>,
+    ) -> Result<DraftDir, FsError> {
+        self.stats.dirs_listed += 1;
+        // What the previous tree had at this path, trusted for reuse only outside dirty subtrees.
+        let (prev, reuse_children) = match self.dirty {
+            Dirty::All => (prev, false),
+            Dirty::Paths(d) => {
+                if d.in_subtree(rel) {
+                    (None, false)
+                } else {
+                    (prev, true)
+                }
+            }
         };
-        hasher.update(&[kind]);
-        hasher.update(&(meta.mode() & 0o7777).to_le_bytes());
-        hasher.update(&meta.uid().to_le_bytes());
-        hasher.update(&meta.gid().to_le_bytes());
-        match kind {
-            b'f' => {
-                if meta.nlink() > 1 {
-                    if let Some(first) = first_link.get(&meta.ino()) {
-                        hasher.update(b"H");
-                        hasher.update(&(first.len() as u64).to_le_bytes());
-                        hasher.update(first);
-                        continue;
+        let path = self.path_of(rel);
+        let rd = std::fs::read_dir(&path).map_err(|e| FsError::io("list dir", &path, e))?;
+        let mut names = Vec::new();
+        for entry in rd {
+            let entry = entry.map_err(|e| FsError::io("list dir", &path, e))?;
+            names.push(entry.file_name().as_bytes().to_vec());
+        }
+        names.sort_unstable();
+        let mut entries = Vec::with_capacity(names.len());
+        let mut links = false;
+        for name in names {
+            let base = rel.len();
+            if !rel.is_empty() {
+                rel.push(b'/');
+            }
+            rel.extend_from_slice(&name);
+            let result = self.entry(rel, name, prev, reuse_children);
+            rel.truncate(base);
+            if let Some((entry, entry_links)) = result? {
+                links |= entry_links;
+                entries.push(entry);
+            }
+        }
+        Ok(DraftDir {
+            ino: meta.ino(),
+            ctime: (meta.ctime(), meta.ctime_nsec()),
+            links,
+            entries,
+        })
+    }
+
+    /// Drafts entry `rel` (named `name`); `None` for entries on other filesystems.
+    fn entry(
+        &mut self,
+        rel: &mut Vec<u8>,
+        name: Vec<u8>,
+        prev_dir: Option<&DirNode>,
+        reuse_children: bool,
+    ) -> Result<Option<(DraftEntry, bool)>, FsError> {
+        let path = self.path_of(rel);
+        let meta = std::fs::symlink_metadata(&path).map_err(|e| FsError::io("stat", &path, e))?;
+        if meta.dev() != self.dev {
+            return Ok(None);
+        }
+        let prev_entry = prev_dir.and_then(|d| {
+            d.entries
+                .binary_search_by(|e| e.name.as_slice().cmp(&name))
+                .ok()
+                .map(|i| &d.entries[i])
+        });
+        let ft = meta.file_type();
+        if ft.is_dir() {
+            let prev_node = match prev_entry.map(|e| &e.kind) {
+                Some(EntryKind::Dir(n)) => Some(n),
+                _ => None,
+            };
+            let relist = match self.dirty {
+                Dirty::All => true,
+                Dirty::Paths(d) => d.relist.contains(rel.as_slice()) || d.in_subtree(rel),
+            };
+            if let Some(node) = prev_node {
+                let same =
+                    node.ino == meta.ino() && node.ctime == (meta.ctime(), meta.ctime_nsec());
+                if reuse_children && !relist && same && !node.links {
+                    // Unchanged subtree: only the entry's own record is recomputed.
+                    self.stats.dirs_reused += 1;
+                    let xattrs = xattr_bytes(&path)?;
+                    let hash = entry_hash_with(&name, &meta, &Payload::Dir(&node.hash), &xattrs);
+                    return Ok(Some((
+                        DraftEntry::Done(EntryNode {
+                            name,
+                            hash,
+                            kind: EntryKind::Dir(Arc::clone(node)),
+                        }),
+                        false,
+                    )));
+                }
+            }
+            let xattrs = xattr_bytes(&path)?;
+            let dir = self.dir(rel, &meta, prev_node.map(|n| &**n))?;
+            let links = dir.links;
+            return Ok(Some((
+                DraftEntry::Dir {
+                    name,
+                    meta: Box::new(meta),
+                    xattrs,
+                    dir,
+                },
+                links,
+            )));
+        }
+        let linked = meta.nlink() > 1;
+        if linked {
+            self.links.entry(meta.ino()).or_default().push(rel.clone());
+        }
+        if ft.is_file() {
+            let xattrs = xattr_bytes(&path)?;
+            let id = FileIdentity::of(&meta);
+            let known = match prev_entry.map(|e| &e.kind) {
+                Some(EntryKind::File(pid, h)) if *pid == id => Some(*h),
+                _ => self.lookup_identity(&id),
+            };
+            let draft = match known {
+                Some(content) => {
+                    let hash = entry_hash_with(&name, &meta, &Payload::File(&content), &xattrs);
+                    DraftEntry::Done(EntryNode {
+                        name,
+                        hash,
+                        kind: EntryKind::File(id, content),
+                    })
+                }
+                None => {
+                    self.pending.push((path, meta.size()));
+                    DraftEntry::File {
+                        name,
+                        meta: Box::new(meta),
+                        xattrs,
+                        index: self.pending.len() - 1,
                     }
-                    first_link.insert(meta.ino(), rel_bytes.to_vec());
                 }
-                hasher.update(&meta.size().to_le_bytes());
-                hasher.update(&meta.mtime().to_le_bytes());
-                hasher.update(&meta.mtime_nsec().to_le_bytes());
-                let key = CacheKey {
-                    ino: meta.ino(),
-                    size: meta.size(),
-                    mtime: (meta.mtime(), meta.mtime_nsec()),
-                    ctime: (meta.ctime(), meta.ctime_nsec()),
-                };
-                let content = match old.and_then(|c| c.entries.get(&key)) {
-                    Some(h) => *h,
-                    None => hash_file(path, &mut buf)?,
-                };
-                if cache.is_some() {
-                    fresh.entries.insert(key, content);
-                }
-                hasher.update(&content);
-            }
-            b'l' => {
-                let target =
-                    std::fs::read_link(path).map_err(|e| FsError::io("readlink", path, e))?;
-                let t = target.as_os_str().as_bytes();
-                hasher.update(&(t.len() as u64).to_le_bytes());
-                hasher.update(t);
-            }
-            b'c' | b'b' => {
-                hasher.update(&meta.rdev().to_le_bytes());
-            }
-            _ => {}
+            };
+            return Ok(Some((draft, linked)));
         }
-        if kind != b'l' {
-            hash_xattrs(path, &mut hasher)?;
-        }
+        let hash = if ft.is_symlink() {
+            let target =
+                std::fs::read_link(&path).map_err(|e| FsError::io("readlink", &path, e))?;
+            entry_hash_with(
+                &name,
+                &meta,
+                &Payload::Symlink(target.as_os_str().as_bytes()),
+                &[],
+            )
+        } else {
+            let xattrs = xattr_bytes(&path)?;
+            entry_hash_with(&name, &meta, &Payload::Special, &xattrs)
+        };
+        Ok(Some((
+            DraftEntry::Done(EntryNode {
+                name,
+                hash,
+                kind: EntryKind::Other,
+            }),
+            linked,
+        )))
     }
-    if let Some(cache) = cache {
-        *cache = fresh;
+
+    fn lookup_identity(&mut self, id: &FileIdentity) -> Option<[u8; 32]> {
+        let previous = self.previous?;
+        self.identities
+            .get_or_insert_with(|| previous.identities())
+            .get(id)
+            .copied()
     }
-    Ok(hasher.finalize().to_hex().to_string())
 }
 
-fn hash_file(path: &Path, buf: &mut [u8]) -> Result<[u8; 32], FsError> {
-    let mut file = File::open(path).map_err(|e| FsError::io("open for hashing", path, e))?;
+/// Turns a draft into a node, filling in file contents and directory hashes bottom-up.
+fn finish(draft: DraftDir, contents: &[[u8; 32]]) -> Arc<DirNode> {
+    let entries: Vec<EntryNode> = draft
+        .entries
+        .into_iter()
+        .map(|e| match e {
+            DraftEntry::Done(node) => node,
+            DraftEntry::Dir {
+                name,
+                meta,
+                xattrs,
+                dir,
+            } => {
+                let node = finish(dir, contents);
+                let hash = entry_hash_with(&name, &meta, &Payload::Dir(&node.hash), &xattrs);
+                EntryNode {
+                    name,
+                    hash,
+                    kind: EntryKind::Dir(node),
+                }
+            }
+            DraftEntry::File {
+                name,
+                meta,
+                xattrs,
+                index,
+            } => {
+                let content = contents[index];
+                let hash = entry_hash_with(&name, &meta, &Payload::File(&content), &xattrs);
+                EntryNode {
+                    name,
+                    hash,
+                    kind: EntryKind::File(FileIdentity::of(&meta), content),
+                }
+            }
+        })
+        .collect();
+    Arc::new(DirNode {
+        ino: draft.ino,
+        ctime: draft.ctime,
+        links: draft.links,
+        hash: dir_hash(&entries),
+        entries,
+    })
+}
+
+/// The hash of a directory with these entries (in name byte order).
+pub(crate) fn dir_hash(entries: &[EntryNode]) -> [u8; 32] {
     let mut h = blake3::Hasher::new();
-    loop {
-        let n = file
-            .read(buf)
-            .map_err(|e| FsError::io("read for hashing", path, e))?;
-        if n == 0 {
-            break;
-        }
-        h.update(&buf[..n]);
+    h.update(b"crab-dir-v2");
+    h.update(&(entries.len() as u64).to_le_bytes());
+    for e in entries {
+        h.update(&e.hash);
     }
-    Ok(*h.finalize().as_bytes())
+    *h.finalize().as_bytes()
 }
 
-fn hash_xattrs(path: &Path, hasher: &mut blake3::Hasher) -> Result<(), FsError> {
+enum Payload<'a> {
+    Dir(&'a [u8; 32]),
+    File(&'a [u8; 32]),
+    Symlink(&'a [u8]),
+    Special,
+}
+
+fn entry_hash(
+    name: &[u8],
+    meta: &std::fs::Metadata,
+    payload: &Payload<'_>,
+    path: &Path,
+) -> Result<[u8; 32], FsError> {
+    let xattrs = xattr_bytes(path)?;
+    Ok(entry_hash_with(name, meta, payload, &xattrs))
+}
+
+fn entry_hash_with(
+    name: &[u8],
+    meta: &std::fs::Metadata,
+    payload: &Payload<'_>,
+    xattrs: &[u8],
+) -> [u8; 32] {
+    let ft = meta.file_type();
+    let kind: u8 = if ft.is_dir() {
+        b'd'
+    } else if ft.is_file() {
+        b'f'
+    } else if ft.is_symlink() {
+        b'l'
+    } else if ft.is_char_device() {
+        b'c'
+    } else if ft.is_block_device() {
+        b'b'
+    } else if ft.is_fifo() {
+        b'p'
+    } else {
+        b's'
+    };
+    let mut h = blake3::Hasher::new();
+    h.update(b"crab-entry-v2");
+    h.update(&(name.len() as u64).to_le_bytes());
+    h.update(name);
+    h.update(&[kind]);
+    h.update(&(meta.mode() & 0o7777).to_le_bytes());
+    h.update(&meta.uid().to_le_bytes());
+    h.update(&meta.gid().to_le_bytes());
+    match payload {
+        Payload::Dir(d) => {
+            h.update(d.as_slice());
+        }
+        Payload::File(c) => {
+            h.update(&meta.size().to_le_bytes());
+            h.update(&meta.mtime().to_le_bytes());
+            h.update(&meta.mtime_nsec().to_le_bytes());
+            h.update(c.as_slice());
+        }
+        Payload::Symlink(t) => {
+            h.update(&(t.len() as u64).to_le_bytes());
+            h.update(t);
+        }
+        Payload::Special => {
+            if kind == b'c' || kind == b'b' {
+                h.update(&meta.rdev().to_le_bytes());
+            }
+        }
+    }
+    h.update(&(xattrs.len() as u64).to_le_bytes());
+    h.update(xattrs);
+    *h.finalize().as_bytes()
+}
+
+fn link_table_hash(links: &BTreeMap<u64, Vec<Vec<u8>>>) -> [u8; 32] {
+    let mut groups: Vec<Vec<&Vec<u8>>> = links
+        .values()
+        .map(|paths| {
+            let mut g: Vec<&Vec<u8>> = paths.iter().collect();
+            g.sort();
+            g
+        })
+        .collect();
+    groups.sort();
+    let mut h = blake3::Hasher::new();
+    h.update(b"crab-links-v2");
+    h.update(&(groups.len() as u64).to_le_bytes());
+    for g in groups {
+        h.update(&(g.len() as u64).to_le_bytes());
+        for p in g {
+            h.update(&(p.len() as u64).to_le_bytes());
+            h.update(p);
+        }
+    }
+    *h.finalize().as_bytes()
+}
+
+/// The canonical encoding of `path`'s xattrs (sorted by name), empty when it has none.
+fn xattr_bytes(path: &Path) -> Result<Vec<u8>, FsError> {
     let names = match xattr::list(path) {
         Ok(names) => names,
         // Filesystems without xattr support have none to hash.
-        Err(e) if e.raw_os_error() == Some(libc::ENOTSUP) => return Ok(()),
+        Err(e) if e.raw_os_error() == Some(libc::ENOTSUP) => return Ok(Vec::new()),
         Err(e) => return Err(FsError::io("list xattrs", path, e)),
     };
     let mut names: Vec<_> = names.collect();
     if names.is_empty() {
-        return Ok(());
+        return Ok(Vec::new());
     }
-    names.sort();
+    names.sort_by(|a, b| a.as_bytes().cmp(b.as_bytes()));
+    let mut out = Vec::new();
     for name in names {
         let value = xattr::get(path, &name)
             .map_err(|e| FsError::io("get xattr", path, e))?
             .unwrap_or_default();
         let n = name.as_bytes();
-        hasher.update(b"X");
-        hasher.update(&(n.len() as u64).to_le_bytes());
-        hasher.update(n);
-        hasher.update(&(value.len() as u64).to_le_bytes());
-        hasher.update(&value);
+        out.push(b'X');
+        out.extend_from_slice(&(n.len() as u64).to_le_bytes());
+        out.extend_from_slice(n);
+        out.extend_from_slice(&(value.len() as u64).to_le_bytes());
+        out.extend_from_slice(&value);
     }
-    Ok(())
+    Ok(out)
+}
+
+/// Content hashes of `files` (path, size), in order: small files spread over the available
+/// cores, large ones split in two BLAKE3 subtrees hashed on two threads.
+fn hash_files(files: &[(PathBuf, u64)]) -> Result<Vec<[u8; 32]>, FsError> {
+    if files.is_empty() {
+        return Ok(Vec::new());
+    }
+    let threads = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
+        .clamp(1, 4);
+    let total: u64 = files.iter().map(|f| f.1).sum();
+    if threads == 1 || (files.len() < 64 && total < SPLIT_THRESHOLD) {
+        let mut buf = vec![0u8; BUF];
+        return files.iter().map(|(p, _)| hash_file(p, &mut buf)).collect();
+    }
+    let next = AtomicUsize::new(0);
+    type Hashed = Result<Vec<(usize, [u8; 32])>, FsError>;
+    let results: Vec<Hashed> = std::thread::scope(|s| {
+        let workers: Vec<_> = (0..threads)
+            .map(|_| {
+                s.spawn(|| {
+                    let mut buf = vec![0u8; BUF];
+                    let mut out = Vec::new();
+                    loop {
+                        let i = next.fetch_add(1, Ordering::Relaxed);
+                        let Some((path, size)) = files.get(i) else {
+                            return Ok(out);
+                        };
+                        let h = if *size >= SPLIT_THRESHOLD {
+                            hash_file_split(path, &mut buf)?
+                        } else {
+                            hash_file(path, &mut buf)?
+                        };
+                        out.push((i, h));
+                    }
+                })
+            })
+            .collect();
+        workers
+            .into_iter()
+            .map(|w| w.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
+            .collect()
+    });
+    let mut hashes = vec![[0u8; 32]; files.len()];
+    for r in results {
+        for (i, h) in r? {
+            hashes[i] = h;
+        }
+    }
+    Ok(hashes)
+}
+
+fn open(path: &Path) -> Result<File, FsError> {
+    File::open(path).map_err(|e| FsError::io("open for hashing", path, e))
+}
+
+/// Hashes `len` bytes of `file` from `offset` into `h`; errors if the file is shorter.
+fn feed(
+    file: &File,
+    path: &Path,
+    h: &mut blake3::Hasher,
+    mut offset: u64,
+    len: Option<u64>,
+    buf: &mut [u8],
+) -> Result<u64, FsError> {
+    let mut done = 0u64;
+    loop {
+        let want = match len {
+            Some(l) if l - done == 0 => break,
+            Some(l) => (l - done).min(buf.len() as u64) as usize,
+            None => buf.len(),
+        };
+        let n = file
+            .read_at(&mut buf[..want], offset)
+            .map_err(|e| FsError::io("read for hashing", path, e))?;
+        if n == 0 {
+            if len.is_some() {
+                return Err(FsError::io(
+                    "read for hashing",
+                    path,
+                    std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "file shrank"),
+                ));
+            }
+            break;
+        }
+        h.update(&buf[..n]);
+        offset += n as u64;
+        done += n as u64;
+    }
+    Ok(done)
+}
+
+fn hash_file(path: &Path, buf: &mut [u8]) -> Result<[u8; 32], FsError> {
+    let file = open(path)?;
+    let mut h = blake3::Hasher::new();
+    feed(&file, path, &mut h, 0, None, buf)?;
+    Ok(*h.finalize().as_bytes())
+}
+
+/// The standard BLAKE3 of a large file, as its two root subtrees hashed on two threads.
+fn hash_file_split(path: &Path, buf: &mut [u8]) -> Result<[u8; 32], FsError> {
+    use blake3::hazmat::{HasherExt, Mode, left_subtree_len, merge_subtrees_root};
+    let file = open(path)?;
+    let len = file
+        .metadata()
+        .map_err(|e| FsError::io("stat for hashing", path, e))?
+        .len();
+    if len <= blake3::CHUNK_LEN as u64 * 2 {
+        return hash_file(path, buf);
+    }
+    let left_len = left_subtree_len(len);
+    let (left, right) = std::thread::scope(|s| {
+        let right = s.spawn(|| {
+            let mut rbuf = vec![0u8; BUF];
+            let mut h = blake3::Hasher::new();
+            h.set_input_offset(left_len);
+            feed(
+                &file,
+                path,
+                &mut h,
+                left_len,
+                Some(len - left_len),
+                &mut rbuf,
+            )?;
+            // A file that grew since the stat would be hashed wrongly: detect it.
+            let mut probe = [0u8; 1];
+            if file
+                .read_at(&mut probe, len)
+                .map_err(|e| FsError::io("read for hashing", path, e))?
+                != 0
+            {
+                return Err(FsError::io(
+                    "read for hashing",
+                    path,
+                    std::io::Error::other("file grew while hashing"),
+                ));
+            }
+            Ok(h.finalize_non_root())
+        });
+        let mut h = blake3::Hasher::new();
+        let left = feed(&file, path, &mut h, 0, Some(left_len), buf).map(|_| h.finalize_non_root());
+        let right = right
+            .join()
+            .unwrap_or_else(|p| std::panic::resume_unwind(p));
+        (left, right)
+    });
+    Ok(*merge_subtrees_root(&left?, &right?, Mode::Hash).as_bytes())
 }
 
 #[cfg(test)]
@@ -208,26 +900,73 @@ mod tests {
         let h0 = tree_hash(root).unwrap();
         assert_eq!(h0, tree_hash(root).unwrap(), "hash is deterministic");
 
-        let mut cache = HashCache::default();
-        assert_eq!(h0, tree_hash_cached(root, Some(&mut cache)).unwrap());
-        assert_eq!(cache.len(), 1);
+        let (index, _) = hash_tree(root, None, &Dirty::All).unwrap();
+        assert_eq!(h0, index.tree_hash);
+        assert_eq!(index.counts(), (2, 1));
 
         std::fs::hard_link(root.join("d/a"), root.join("d/b")).unwrap();
-        let h1 = tree_hash_cached(root, Some(&mut cache)).unwrap();
-        assert_ne!(h0, h1, "a new hard link changes the hash");
+        let (index1, _) = hash_tree(root, Some(&index), &Dirty::All).unwrap();
+        assert_ne!(h0, index1.tree_hash, "a new hard link changes the hash");
 
         std::fs::remove_file(root.join("d/b")).unwrap();
-        // Same content but the mtime/ctime of a rewritten file differ: the cache must miss.
+        // Same content but the mtime/ctime of a rewritten file differ: reuse must miss.
         std::fs::write(root.join("d/a"), b"hellp").unwrap();
-        let h2 = tree_hash_cached(root, Some(&mut cache)).unwrap();
-        assert_ne!(h0, h2);
-        assert_eq!(h2, tree_hash(root).unwrap(), "cached and uncached agree");
+        let (index2, stats) = hash_tree(root, Some(&index1), &Dirty::All).unwrap();
+        assert_ne!(h0, index2.tree_hash);
+        assert_eq!(stats.files_read, 1);
+        assert_eq!(
+            index2.tree_hash,
+            tree_hash(root).unwrap(),
+            "reused and fresh agree"
+        );
 
         std::fs::set_permissions(
             root.join("d/a"),
             std::os::unix::fs::PermissionsExt::from_mode(0o600),
         )
         .unwrap();
-        assert_ne!(h2, tree_hash(root).unwrap(), "mode counts");
+        assert_ne!(index2.tree_hash, tree_hash(root).unwrap(), "mode counts");
+    }
+
+    #[test]
+    fn split_hash_is_the_standard_blake3() {
+        let dir = tempfile::tempdir().unwrap();
+        for len in [
+            2049u64,
+            SPLIT_THRESHOLD - 1,
+            SPLIT_THRESHOLD,
+            SPLIT_THRESHOLD + 12345,
+            3 * SPLIT_THRESHOLD + 1,
+        ] {
+            let data: Vec<u8> = (0..len).map(|i| (i * 7 % 251) as u8).collect();
+            let p = dir.path().join(format!("f{len}"));
+            std::fs::write(&p, &data).unwrap();
+            let mut buf = vec![0u8; BUF];
+            assert_eq!(
+                hash_file_split(&p, &mut buf).unwrap(),
+                *blake3::hash(&data).as_bytes(),
+                "len {len}"
+            );
+            let files = vec![(p.clone(), len), (p, len)];
+            let hs = hash_files(&files).unwrap();
+            assert_eq!(hs[0], *blake3::hash(&data).as_bytes());
+            assert_eq!(hs[1], hs[0]);
+        }
+    }
+
+    #[test]
+    fn dirty_paths_relist_ancestors_and_cover_subtrees() {
+        let mut d = DirtyPaths::new();
+        d.modified(b"a/b/c");
+        d.structural(b"x/y");
+        assert!(d.relist.contains(b"".as_slice()));
+        assert!(d.relist.contains(b"a".as_slice()));
+        assert!(d.relist.contains(b"a/b".as_slice()));
+        assert!(!d.relist.contains(b"a/b/c".as_slice()));
+        assert!(d.in_subtree(b"x/y"));
+        assert!(d.in_subtree(b"x/y/z/w"));
+        assert!(!d.in_subtree(b"x/yz"));
+        assert!(!d.in_subtree(b"x"));
+        assert!(!d.in_subtree(b"a/b/c"));
     }
 }

@@ -39,7 +39,22 @@ const PARTIAL_SUFFIX: &str = ".partial";
 /// process died. CRIU refuses to restore a `tcp-close` image without the option, so restore
 /// sets it too; it changes nothing for images without connections. Listening sockets are
 /// restored as they were.
-pub const CRIU_OPTIONS: &[&str] = &["tcp-close"];
+///
+/// `ghost-limit 256M`: a file a process still has open or mapped after it was deleted or
+/// replaced (a shared library upgraded by apt/dpkg under a running program, an unlinked temp
+/// file) is copied into the image as a "ghost" and recreated for the restore. CRIU's default
+/// limit of 1 MiB per file refuses most libraries (libsqlite3 is 1.4 MiB, libc 2 MiB); the cost
+/// is image size, only when such files exist.
+pub const CRIU_OPTIONS: &[&str] = &["tcp-close", "ghost-limit 256M"];
+
+/// runc flags Crab sets for every `runc checkpoint` and `runc restore` (runc sends these
+/// options over RPC itself, overriding the config file).
+///
+/// `--file-locks`: dump and restore the POSIX, OFD and `flock` locks the tree holds. Without
+/// it CRIU refuses any process holding a lock — every SQLite connection in WAL mode (it keeps
+/// a lock on the `-shm` file while open), every open SQLite write transaction, pip and apt
+/// lock files.
+pub const RUNC_FLAGS: &[&str] = &["--file-locks"];
 
 /// What a published process image holds; the engine copies it into the recovery point.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -346,6 +361,7 @@ impl ProcessBackend {
             .command()
             .arg("checkpoint")
             .arg("--leave-running")
+            .args(RUNC_FLAGS)
             .arg("--image-path")
             .arg(&images)
             .arg("--work-path")
@@ -536,6 +552,7 @@ impl ProcessBackend {
         let mut cmd = self.runc.command();
         cmd.arg("restore")
             .arg("--detach")
+            .args(RUNC_FLAGS)
             .arg("--image-path")
             .arg(req.image.join(IMAGES))
             .arg("--work-path")

@@ -320,3 +320,40 @@ pub fn in_rootfs(e: &Engine, name: &str, rel: &str) -> PathBuf {
 pub fn exists(p: &Path) -> bool {
     p.exists()
 }
+
+/// Name of the Debian image with python3 (and its sqlite3 module) used by the Python tests.
+pub const PYTHON_IMAGE: &str = "bookworm-python3";
+
+/// Puts [`PYTHON_IMAGE`] into the engine's pool: a `debootstrap --variant=minbase` root with
+/// python3, built once per machine (about 1.5 min) and cached as a tarball under
+/// `CRAB_CACHE_DIR` (default `/var/cache/crab`); later runs unpack it in seconds. Returns false
+/// (after printing why, or panicking under `CRAB_TEST_STRICT=1`) when it cannot be had.
+pub fn python_image(test: &str, e: &Engine) -> bool {
+    let cfg = ckpt_engine::EngineConfig {
+        image_packages: vec!["python3".into()],
+        ..e.config().clone()
+    };
+    let cache = ckpt_engine::image::default_cache_dir();
+    let t = std::time::Instant::now();
+    match ckpt_engine::image::build_image_cached(e.pool(), &cfg, PYTHON_IMAGE, false, &cache) {
+        Ok(_) => {
+            eprintln!(
+                "{test}: image {PYTHON_IMAGE} ready in {} ms (cache {})",
+                t.elapsed().as_millis(),
+                cache.display()
+            );
+            true
+        }
+        Err(err) => {
+            let reason = format!(
+                "cannot build the {PYTHON_IMAGE} image (debootstrap, Debian archive, cache {}): {err}",
+                cache.display()
+            );
+            if std::env::var("CRAB_TEST_STRICT").as_deref() == Ok("1") {
+                panic!("{test}: prerequisites missing under CRAB_TEST_STRICT=1: {reason}");
+            }
+            eprintln!("skipped: {test}: {reason}");
+            false
+        }
+    }
+}

@@ -1,0 +1,396 @@
+//! The incremental (per-directory Merkle) tree hash equals a full rehash for every kind of
+//! change, and an unusable cache falls back to a full rehash.
+//!
+//! - `incremental_hash_equals_full_rehash_for_every_mutation` (pure, any filesystem): a tree is
+//!   mutated in every way (edit, delete, rename and swap directories, hard links and writes
+//!   through them, symlinks, mode and xattr changes, nested creations), the dirty set is given
+//!   the way a btrfs send stream reports it, and each incremental result equals a full rehash
+//!   while reusing unchanged directories. A dirty set that omits a change gives a different
+//!   hash (the comparison can fail).
+//! - `btrfs_snapshots_hash_incrementally_and_distrust_bad_caches` (root, btrfs): real read-only
+//!   snapshots and real `btrfs send` change sets through `BtrfsBackend`; the recorded hash of
+//!   every snapshot equals a full rehash and `verify`; the index is taken from memory, then from
+//!   the cache file after a restart, and a corrupted or missing cache file means a full rehash
+//!   with the same result.
+
+mod common;
+
+use std::os::unix::fs::{PermissionsExt, symlink};
+use std::path::{Path, PathBuf};
+
+use ckpt_engine::fs::btrfs::{BtrfsBackend, IndexSource};
+use ckpt_engine::fs::tree_hash::{Dirty, DirtyPaths, hash_tree, tree_hash};
+use ckpt_engine::fs::{ChangeHint, FsBackend, FsSnapshotRef, NoQuiesce, SnapshotRequest};
+use ckpt_engine::pool::{self, BtrfsPool};
+
+fn write(root: &Path, rel: &str, data: &[u8]) {
+    let p = root.join(rel);
+    std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+    std::fs::write(p, data).unwrap();
+}
+
+/// Builds a tree with some depth: `src/<m>/<n>.rs`, `docs/`, `bin/tool`, links.
+fn populate(root: &Path) {
+    for m in 0..6 {
+        for n in 0..5 {
+            write(
+                root,
+                &format!("src/m{m}/f{n}.rs"),
+                format!("mod {m} {n}").as_bytes(),
+            );
+        }
+        write(root, &format!("src/m{m}/deep/er/x.txt"), b"deep");
+    }
+    write(root, "docs/readme.md", b"# readme");
+    write(root, "docs/guide/one.md", b"one");
+    write(root, "bin/tool", &vec![7u8; 100_000]);
+    write(root, "shared/a", b"linked");
+    std::fs::hard_link(root.join("shared/a"), root.join("docs/a-link")).unwrap();
+    symlink("../docs/readme.md", root.join("bin/readme")).unwrap();
+}
+
+/// One mutation: what it does and what a btrfs send stream reports for it
+/// (`s:` created/removed/renamed, `m:` changed in place).
+struct Mutation {
+    what: &'static str,
+    apply: fn(&Path),
+    reported: &'static [&'static str],
+}
+
+fn mutations() -> Vec<Mutation> {
+    vec![
+        Mutation {
+            what: "edit one file",
+            apply: |r| write(r, "src/m1/f2.rs", b"edited contents"),
+            reported: &["m:src/m1/f2.rs"],
+        },
+        Mutation {
+            what: "delete a file",
+            apply: |r| std::fs::remove_file(r.join("src/m2/f0.rs")).unwrap(),
+            reported: &["s:src/m2/f0.rs"],
+        },
+        Mutation {
+            what: "rename a directory with contents",
+            apply: |r| std::fs::rename(r.join("src/m3"), r.join("lib-m3")).unwrap(),
+            reported: &["s:src/m3", "s:lib-m3"],
+        },
+        Mutation {
+            what: "swap two directories' names",
+            apply: |r| {
+                std::fs::rename(r.join("src/m4"), r.join("src/tmp")).unwrap();
+                std::fs::rename(r.join("src/m5"), r.join("src/m4")).unwrap();
+                std::fs::rename(r.join("src/tmp"), r.join("src/m5")).unwrap();
+            },
+            reported: &["s:src/m4", "s:src/m5", "s:o300-1-0"],
+        },
+        Mutation {
+            what: "add a hard link to a file in an untouched directory",
+            apply: |r| std::fs::hard_link(r.join("src/m0/f1.rs"), r.join("docs/f1-link")).unwrap(),
+            reported: &["s:docs/f1-link", "s:src/m0/f1.rs"],
+        },
+        Mutation {
+            what: "write through one hard link (reported under the other path only)",
+            apply: |r| {
+                use std::io::Write;
+                let mut f = std::fs::OpenOptions::new()
+                    .append(true)
+                    .open(r.join("docs/a-link"))
+                    .unwrap();
+                f.write_all(b" more").unwrap();
+            },
+            reported: &["m:docs/a-link"],
+        },
+        Mutation {
+            what: "remove one link of a pair",
+            apply: |r| std::fs::remove_file(r.join("docs/f1-link")).unwrap(),
+            reported: &["s:docs/f1-link"],
+        },
+        Mutation {
+            what: "create and retarget symlinks",
+            apply: |r| {
+                symlink("m0/f0.rs", r.join("src/latest")).unwrap();
+                std::fs::remove_file(r.join("bin/readme")).unwrap();
+                symlink("/etc/passwd", r.join("bin/readme")).unwrap();
+            },
+            reported: &["s:src/latest", "s:bin/readme"],
+        },
+        Mutation {
+            what: "chmod a file and a directory",
+            apply: |r| {
+                std::fs::set_permissions(r.join("bin/tool"), PermissionsExt::from_mode(0o755))
+                    .unwrap();
+                std::fs::set_permissions(r.join("docs/guide"), PermissionsExt::from_mode(0o700))
+                    .unwrap();
+            },
+            reported: &["m:bin/tool", "m:docs/guide"],
+        },
+        Mutation {
+            what: "set an xattr on a deep file and on a directory",
+            apply: |r| {
+                xattr::set(r.join("src/m0/deep/er/x.txt"), "user.crab", b"v1").unwrap();
+                xattr::set(r.join("src/m1/deep"), "user.crab", b"d").unwrap();
+            },
+            reported: &["m:src/m0/deep/er/x.txt", "m:src/m1/deep"],
+        },
+        Mutation {
+            what: "create a nested tree (install)",
+            apply: |r| {
+                for i in 0..50 {
+                    write(r, &format!("pkgs/p1/sub{}/m{i}.py", i % 5), b"pkg");
+                }
+            },
+            reported: &["s:pkgs"],
+        },
+        Mutation {
+            what: "rewrite a large file with the same size",
+            apply: |r| write(r, "bin/tool", &vec![8u8; 100_000]),
+            reported: &["m:bin/tool"],
+        },
+        Mutation {
+            what: "nothing",
+            apply: |_| {},
+            reported: &[],
+        },
+    ]
+}
+
+fn dirty_of(reported: &[&str]) -> Dirty {
+    let mut d = DirtyPaths::new();
+    for r in reported {
+        match r.split_once(':') {
+            Some(("s", p)) => d.structural(p.as_bytes()),
+            Some(("m", p)) => d.modified(p.as_bytes()),
+            _ => panic!("bad report {r}"),
+        }
+    }
+    Dirty::Paths(d)
+}
+
+#[test]
+fn incremental_hash_equals_full_rehash_for_every_mutation() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    populate(root);
+    let (mut index, stats) = hash_tree(root, None, &Dirty::All).unwrap();
+    assert_eq!(index.tree_hash, tree_hash(root).unwrap());
+    assert_eq!(stats.dirs_reused, 0);
+    let mut seen = std::collections::HashSet::new();
+    for m in mutations() {
+        let before = index.tree_hash.clone();
+        (m.apply)(root);
+        let full = tree_hash(root).unwrap();
+        let (next, stats) = hash_tree(root, Some(&index), &dirty_of(m.reported)).unwrap();
+        assert_eq!(
+            next.tree_hash, full,
+            "{}: incremental differs from a full rehash",
+            m.what
+        );
+        if m.reported.is_empty() {
+            assert_eq!(full, before, "no change, same hash");
+            // Only the root and the directories holding hard links (docs, shared) are listed.
+            assert_eq!(stats.dirs_listed, 3, "nothing changed: {stats:?}");
+            assert_eq!(stats.files_read, 0);
+        } else {
+            assert_ne!(full, before, "{}: the hash must change", m.what);
+            assert!(stats.dirs_reused > 0, "{}: nothing was reused", m.what);
+        }
+        assert!(
+            seen.insert(full.clone()) || m.reported.is_empty(),
+            "{}: hash repeats an earlier tree",
+            m.what
+        );
+        // The full walk with the index (Dirty::All) agrees too and reads only what changed.
+        let (again, _) = hash_tree(root, Some(&index), &Dirty::All).unwrap();
+        assert_eq!(
+            again.tree_hash, full,
+            "{}: Dirty::All with an index",
+            m.what
+        );
+        index = next;
+    }
+}
+
+#[test]
+fn unreported_changes_are_the_only_way_to_fool_the_incremental_hash() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    populate(root);
+    let (index, _) = hash_tree(root, None, &Dirty::All).unwrap();
+    // A write deep in a directory whose inode and ctime do not change, not reported.
+    write(root, "src/m1/deep/er/x.txt", b"DEEP");
+    let full = tree_hash(root).unwrap();
+    let (wrong, _) = hash_tree(root, Some(&index), &Dirty::Paths(DirtyPaths::new())).unwrap();
+    assert_ne!(
+        wrong.tree_hash, full,
+        "reuse really skips unreported directories"
+    );
+    // A new entry moves the directory's ctime: reused nodes are checked against it.
+    write(root, "src/m2/new.rs", b"new");
+    let full = tree_hash(root).unwrap();
+    let mut d = DirtyPaths::new();
+    d.modified(b"src/m1/deep/er/x.txt");
+    let (right, _) = hash_tree(root, Some(&index), &Dirty::Paths(d)).unwrap();
+    assert_eq!(
+        right.tree_hash, full,
+        "ctime check catches the unreported new entry"
+    );
+}
+
+/// A loop-mounted btrfs pool in a private state dir, unmounted and removed on drop.
+struct PoolGuard {
+    pool: BtrfsPool,
+    state: PathBuf,
+}
+
+impl Drop for PoolGuard {
+    fn drop(&mut self) {
+        let snaps = self.pool.snapshots_dir();
+        if let Ok(rd) = std::fs::read_dir(&snaps) {
+            for sbx in rd.flatten() {
+                for s in std::fs::read_dir(sbx.path())
+                    .into_iter()
+                    .flatten()
+                    .flatten()
+                {
+                    let _ = pool::delete_subvolume(&s.path());
+                }
+            }
+        }
+        let _ = pool::delete_subvolume(&self.pool.sandboxes_dir().join("fsinc"));
+        if let Err(e) = self.pool.unmount() {
+            eprintln!("unmount failed: {e}");
+            let _ = std::process::Command::new("umount")
+                .arg("-l")
+                .arg(self.pool.root())
+                .status();
+        }
+        let _ = std::fs::remove_dir_all(&self.state);
+    }
+}
+
+fn snap(
+    backend: &BtrfsBackend,
+    source: &Path,
+    id: &str,
+    parent: Option<&FsSnapshotRef>,
+) -> FsSnapshotRef {
+    backend
+        .snapshot(&SnapshotRequest {
+            sandbox_id: "fsinc",
+            checkpoint_id: id,
+            source,
+            parent,
+            changes: &ChangeHint::Unknown,
+            quiesce: &NoQuiesce,
+        })
+        .expect("snapshot")
+        .snapshot
+}
+
+fn snapshot_path(pool: &BtrfsPool, s: &FsSnapshotRef) -> PathBuf {
+    pool.snapshots_dir().join("fsinc").join(&s.id)
+}
+
+#[test]
+fn btrfs_snapshots_hash_incrementally_and_distrust_bad_caches() {
+    if !common::prerequisites("btrfs_snapshots_hash_incrementally_and_distrust_bad_caches") {
+        return;
+    }
+    common::clean_leftovers();
+    let state = std::env::temp_dir().join(common::unique("-state"));
+    let guard = PoolGuard {
+        pool: BtrfsPool::open(&state, 1 << 30).expect("pool"),
+        state,
+    };
+    let pool = &guard.pool;
+    let source = pool.sandboxes_dir().join("fsinc");
+    std::fs::create_dir_all(pool.sandboxes_dir()).unwrap();
+    pool::create_subvolume(&source).unwrap();
+    populate(&source);
+
+    let backend = BtrfsBackend::new(pool, true);
+    let mut parent = snap(&backend, &source, "cp-0", None);
+    assert_eq!(
+        parent.tree_hash,
+        tree_hash(&snapshot_path(pool, &parent)).unwrap()
+    );
+    for (i, m) in mutations().into_iter().enumerate() {
+        (m.apply)(&source);
+        let s = snap(&backend, &source, &format!("cp-{}", i + 1), Some(&parent));
+        let full = tree_hash(&snapshot_path(pool, &s)).unwrap();
+        assert_eq!(
+            s.tree_hash, full,
+            "{}: recorded hash differs from a full rehash",
+            m.what
+        );
+        assert_eq!(backend.verify(&s).unwrap(), full, "{}: verify", m.what);
+        let (source_kind, stats) = backend.last_hash("fsinc").unwrap();
+        assert_eq!(source_kind, IndexSource::Memory, "{}", m.what);
+        assert!(
+            stats.dirs_reused > 0,
+            "{}: nothing reused ({stats:?})",
+            m.what
+        );
+        if m.reported.is_empty() {
+            assert_eq!(s.tree_hash, parent.tree_hash);
+            assert_eq!(stats.files_read, 0);
+        }
+        parent = s;
+    }
+
+    // A new instance (engine restart): the parent's index comes from its cache file.
+    write(&source, "src/m0/f0.rs", b"after restart");
+    let backend = BtrfsBackend::new(pool, true);
+    let s = snap(&backend, &source, "cp-disk", Some(&parent));
+    assert_eq!(backend.last_hash("fsinc").unwrap().0, IndexSource::Disk);
+    assert_eq!(s.tree_hash, tree_hash(&snapshot_path(pool, &s)).unwrap());
+    let after_disk = backend.last_hash("fsinc").unwrap().1;
+    assert_eq!(after_disk.files_read, 1, "only the edited file is read");
+
+    // A corrupted cache file: detected, full rehash, same correct result.
+    let cache = backend.cache_path(&s).unwrap();
+    let mut bytes = std::fs::read(&cache).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0x01;
+    std::fs::write(&cache, &bytes).unwrap();
+    write(&source, "src/m0/f1.rs", b"after corruption");
+    let backend = BtrfsBackend::new(pool, true);
+    let s2 = snap(&backend, &source, "cp-corrupt", Some(&s));
+    let (kind, stats) = backend.last_hash("fsinc").unwrap();
+    assert_eq!(kind, IndexSource::None, "a corrupt cache is not used");
+    assert_eq!(stats.dirs_reused, 0);
+    assert!(
+        stats.files_read > 30,
+        "full rehash reads every file ({stats:?})"
+    );
+    assert_eq!(s2.tree_hash, tree_hash(&snapshot_path(pool, &s2)).unwrap());
+
+    // A cache bound to another tree hash (e.g. a manifest naming other contents) is refused.
+    let other = FsSnapshotRef {
+        tree_hash: "0".repeat(64),
+        ..s2.clone()
+    };
+    write(&source, "docs/readme.md", b"# changed");
+    let backend = BtrfsBackend::new(pool, true);
+    let s3 = snap(&backend, &source, "cp-other", Some(&other));
+    assert_eq!(backend.last_hash("fsinc").unwrap().0, IndexSource::None);
+    assert_eq!(s3.tree_hash, tree_hash(&snapshot_path(pool, &s3)).unwrap());
+
+    // A missing cache file: full rehash.
+    std::fs::remove_file(backend.cache_path(&s3).unwrap()).unwrap();
+    let backend = BtrfsBackend::new(pool, true);
+    let s4 = snap(&backend, &source, "cp-missing", Some(&s3));
+    assert_eq!(backend.last_hash("fsinc").unwrap().0, IndexSource::None);
+    assert_eq!(s4.tree_hash, s3.tree_hash, "nothing changed");
+
+    // Restore an older snapshot and check it the way the engine does.
+    let target = pool.sandboxes_dir().join("fsinc");
+    backend.restore(&parent, &target).unwrap();
+    assert_eq!(
+        backend.restored_tree_hash("fsinc", &target).unwrap(),
+        parent.tree_hash
+    );
+    // Deleting a snapshot removes its cache file.
+    backend.delete(&s4).unwrap();
+    assert!(!backend.cache_path(&s4).unwrap().exists());
+}
