@@ -54,6 +54,11 @@ impl EngineHost {
         let _ = self.coordinator.set(coordinator);
     }
 
+    /// The engine configuration.
+    pub fn config(&self) -> &EngineConfig {
+        &self.config
+    }
+
     /// Whether the engine has state from an earlier run (its state directory exists), so a
     /// starting daemon should open it and rehydrate its sandboxes.
     pub fn has_state(&self) -> bool {

@@ -231,6 +231,18 @@ async fn target(
             })
         }
         (None, None) => {
+            // The newest consistent state the journal knows (not a degraded or failed turn).
+            if let Some(e) = journal::effective(&entries, None)
+                .into_iter()
+                .rev()
+                .find(|e| e.point.is_some() && matches!(e.outcome.as_str(), "durable" | "skipped"))
+            {
+                return Ok(Target {
+                    point: e.point.clone().unwrap_or_default(),
+                    turn: Some(e.turn),
+                    tracker: e.tracker.clone(),
+                });
+            }
             let engine = shared.coordinator.engine().await?;
             let n = name.to_owned();
             let points = blocking(move || engine.points(&n))

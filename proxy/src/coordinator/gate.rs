@@ -23,6 +23,10 @@ pub enum Outcome {
     Durable { point: String },
     /// Nothing needed saving (the previous point still holds), or the policy is `off`.
     Skipped,
+    /// A process checkpoint was needed but CRIU could not dump the sandbox: the engine
+    /// published a filesystem-only point (paired with an older process image). It is kept for
+    /// an explicit restore, but is not the sandbox's consistent state after this turn.
+    Degraded { point: String, reason: String },
     /// The checkpoint failed; the reply is released anyway and the failure is reported.
     Failed { reason: String },
 }

@@ -39,7 +39,7 @@ use ckpt_engine::api::ApiError;
 use ckpt_engine::scheduler::{
     CheckpointJob, EngineExecutor, JobError, Scheduler, SchedulerConfig, SubmitRequest,
 };
-use inspector_bpf::{Inspector, InspectorConfig, SandboxSpec};
+use inspector_bpf::{IgnoreRule, IgnoreScope, Inspector, InspectorConfig, SandboxSpec};
 use parking_lot::Mutex;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -413,7 +413,17 @@ impl Coordinator {
             && let Some(insp) = self.inspector().await
         {
             let root = info.rootfs.clone().unwrap_or_else(|| PathBuf::from("/"));
-            let spec = SandboxSpec::new(name, info.cgroup.clone(), root);
+            let mut spec = SandboxSpec::new(name, info.cgroup.clone(), root);
+            // CRIU runs in the sandbox's cgroup while it dumps; its own files (dump.log, the
+            // image) are Crab's, not the sandbox's.
+            spec.ignored_prefixes
+                .push(self.engine.config().state_dir.display().to_string());
+            spec.ignore.push(IgnoreRule {
+                pid: None,
+                comm: Some("criu".into()),
+                exe: None,
+                scope: IgnoreScope::All,
+            });
             let n = name.to_owned();
             inspected = match blocking(move || {
                 let _ = insp.unwatch(&n);
@@ -436,9 +446,9 @@ impl Coordinator {
             st.inspected = inspected;
             st.addr = addr;
             if fresh {
-                st.has_valid_point = last
-                    .as_ref()
-                    .is_some_and(|e| e.point.is_some() && e.outcome != "failed");
+                st.has_valid_point = last.as_ref().is_some_and(|e| {
+                    e.point.is_some() && matches!(e.outcome.as_str(), "durable" | "skipped")
+                });
                 st.last_point = last.as_ref().and_then(|e| e.point.clone());
                 st.last_turn = last.as_ref().map(|e| e.turn);
                 self.watched.fetch_add(1, Ordering::AcqRel);
@@ -652,7 +662,7 @@ impl Coordinator {
                             self.metrics
                                 .inspect_seconds
                                 .observe(e.inspect_us as f64 / 1e6);
-                            reason = e.reasons.first().cloned();
+                            reason = Some(e.reasons.join("; "));
                             Some(e)
                         }
                         Ok(Err(e)) => {
@@ -692,9 +702,23 @@ impl Coordinator {
                 self.checkpoint(&sandbox, kind, changes, &sender).await
             }
         };
+        // The checkpoint froze every task (cgroup freezer, or CRIU's dump), which interrupts
+        // their syscalls and looks like they ran: their state as of now is what the point
+        // holds (taken before the gate releases the reply, so the agent has not acted yet).
+        if matches!(outcome, Outcome::Durable { .. })
+            && inspected
+            && let Some(insp) = self.inspector.get().cloned().flatten()
+        {
+            let n = sandbox.clone();
+            let _ = blocking(move || insp.rebaseline_processes(&n)).await;
+        }
         let (point, outcome_label) = match &outcome {
             Outcome::Durable { point } => (Some(point.clone()), "durable"),
             Outcome::Skipped => (previous.clone(), "skipped"),
+            Outcome::Degraded { point, reason: r } => {
+                reason = Some(r.clone());
+                (Some(point.clone()), "degraded")
+            }
             Outcome::Failed { reason: r } => {
                 reason = Some(r.clone());
                 (None, "failed")
@@ -721,16 +745,16 @@ impl Coordinator {
                         st.has_valid_point = true;
                         st.last_point = Some(point.clone());
                     }
-                    Outcome::Failed { .. } => st.has_valid_point = false,
+                    Outcome::Failed { .. } | Outcome::Degraded { .. } => st.has_valid_point = false,
                     Outcome::Skipped => {}
                 }
                 st.last_turn = Some(turn);
             }
         }
-        if let Outcome::Failed { reason } = &outcome {
+        if let Outcome::Failed { reason } | Outcome::Degraded { reason, .. } = &outcome {
             warn!(%sandbox, turn, plan = plan_label, %reason, "turn checkpoint failed; the reply is released and the next checkpoint is full");
         } else {
-            debug!(%sandbox, turn, plan = plan_label, ms = elapsed.as_millis() as u64, "turn checkpoint resolved");
+            debug!(%sandbox, turn, plan = plan_label, ms = elapsed.as_millis() as u64, reason = reason.as_deref().unwrap_or("-"), "turn checkpoint resolved");
         }
         if policy != Policy::Off {
             let entry = Entry {
@@ -778,6 +802,7 @@ impl Coordinator {
             }
             _ => 8 << 20,
         };
+        let kind_full = kind == ckpt_engine::manifest::CheckpointKind::Full;
         let handle = scheduler.submit(SubmitRequest {
             sandbox: sandbox.to_owned(),
             estimated_bytes,
@@ -788,6 +813,17 @@ impl Coordinator {
         let s = scheduler.clone();
         sender.on_wait(move || s.promote(ticket));
         match handle.wait().await {
+            // A full checkpoint that did not dump its own process image (CRIU refused or the
+            // dump was interrupted) is not the sandbox's state after this turn.
+            Ok(point) if kind_full && point.process.as_ref().is_none_or(|p| p.id != point.id) => {
+                Outcome::Degraded {
+                    reason: point
+                        .note
+                        .clone()
+                        .unwrap_or_else(|| "no process image of its own".into()),
+                    point: point.id,
+                }
+            }
             Ok(point) => Outcome::Durable { point: point.id },
             Err(JobError::Failed(e)) => Outcome::Failed {
                 reason: e.to_string(),
