@@ -87,6 +87,21 @@ impl Cgroup {
             .collect()
     }
 
+    /// The v1 freezer twin of this cgroup on a hybrid host (`<root>/unified/X` →
+    /// `<root>/freezer/X`), if it exists.
+    fn v1_freezer(&self) -> Option<PathBuf> {
+        let mut comps = self.path.components();
+        let mut root = PathBuf::new();
+        for c in comps.by_ref() {
+            if c.as_os_str() == "unified" {
+                let v1 = root.join("freezer").join(comps.as_path());
+                return v1.join("freezer.state").exists().then_some(v1);
+            }
+            root.push(c);
+        }
+        None
+    }
+
     /// Kills every task (cgroup.kill) and waits up to `timeout` until it is empty.
     pub fn kill_all(&self, timeout: Duration) -> Result<(), FsError> {
         if !self.exists() {
@@ -94,6 +109,11 @@ impl Cgroup {
         }
         // Frozen tasks die on SIGKILL too, but thaw so nothing waits on us.
         let _ = self.thaw();
+        // On hybrid hosts runc and CRIU freeze through the v1 freezer; a task frozen there
+        // (a dump whose daemon was killed mid-way) does not die until thawed.
+        if let Some(v1) = self.v1_freezer() {
+            let _ = std::fs::write(v1.join("freezer.state"), "THAWED");
+        }
         self.write("cgroup.kill", "1")?;
         let start = Instant::now();
         while self.events_field("populated")?.as_deref() == Some("1") {

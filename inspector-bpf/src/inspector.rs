@@ -371,6 +371,28 @@ impl Inspector {
         Ok(())
     }
 
+    /// Makes the current processes the process baseline, keeping the file dirty set. Call right
+    /// after a process (CRIU) checkpoint: the dump runs parasite code in every dumped task and
+    /// interrupts its syscalls, which would otherwise look like the task ran and changed its
+    /// memory at the next `status`. Caveat (no soft-dirty on this kernel): a task that really
+    /// ran between the end of the dump and this call is not seen as changed, so the caller
+    /// calls it before the sandbox's agent can act again (the coordinator does, before the
+    /// gate releases the reply).
+    pub fn rebaseline_processes(&self, id: &str) -> Result<(), InspectorError> {
+        let mut st = self.lock();
+        let sb = st
+            .sandboxes
+            .get_mut(id)
+            .ok_or_else(|| InspectorError::UnknownSandbox { id: id.into() })?;
+        let (baseline, _) = sample_sandbox(sb, true);
+        sb.baseline_deleted_maps = baseline
+            .keys()
+            .flat_map(|k| deleted_mappings(k.pid))
+            .collect();
+        sb.baseline = baseline;
+        Ok(())
+    }
+
     /// Makes the current state the baseline (call after a checkpoint).
     pub fn reset(&self, id: &str) -> Result<(), InspectorError> {
         let mut st = self.lock();

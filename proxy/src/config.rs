@@ -117,6 +117,9 @@ pub struct FileConfig {
     /// means the defaults with `state_dir = <state_dir>/engine`. The engine starts on the first
     /// engine request to the admin API, so a proxy-only daemon needs no root.
     pub engine: Option<ckpt_engine::config::EngineConfig>,
+    /// The coordinator: checkpoint policy at turn ends, the response gate, replay.
+    #[serde(default)]
+    pub coordinator: crate::coordinator::CoordinatorConfig,
 }
 
 /// One `[[routes]]` entry.
@@ -229,6 +232,7 @@ pub struct Overrides {
     pub tls_cert_file: Option<PathBuf>,
     pub tls_key_file: Option<PathBuf>,
     pub upstream_idle_ms: Option<u64>,
+    pub policy: Option<crate::coordinator::policy::Policy>,
 }
 
 /// A validated upstream base URL.
@@ -358,6 +362,8 @@ pub struct Config {
     pub transcript: TranscriptSettings,
     /// Checkpoint engine configuration (resolved: its state dir defaults under `state_dir`).
     pub engine: ckpt_engine::config::EngineConfig,
+    /// Coordinator configuration (policy from `--policy` / `CRAB_POLICY` wins).
+    pub coordinator: crate::coordinator::CoordinatorConfig,
 }
 
 /// Headers redacted always (in addition to configured ones).
@@ -534,8 +540,13 @@ impl Config {
                 state_dir: state_dir.join("engine"),
                 ..Default::default()
             });
+        let mut coordinator = file.coordinator;
+        if let Some(p) = over.policy {
+            coordinator.policy = p;
+        }
         Ok(Self {
             engine,
+            coordinator,
             listen,
             admin,
             state_dir,
@@ -818,6 +829,7 @@ sandbox = "net"
                 cas_dir: Some(PathBuf::new()),
                 ..Default::default()
             }),
+            coordinator: Default::default(),
         };
         fn keys(v: &toml::Value, out: &mut Vec<String>) {
             match v {

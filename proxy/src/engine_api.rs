@@ -17,6 +17,7 @@ use http::{Method, StatusCode};
 use tokio::sync::OnceCell;
 
 use crate::admin::{AdminRequest, AdminResponse, AdminRouter, json_response};
+use crate::coordinator::Coordinator;
 
 /// Path of the engine route on the admin listener.
 pub const ENGINE_ROUTE: &str = "/api/engine";
@@ -25,6 +26,7 @@ pub const ENGINE_ROUTE: &str = "/api/engine";
 pub struct EngineHost {
     config: EngineConfig,
     engine: OnceCell<Arc<Engine>>,
+    coordinator: std::sync::OnceLock<std::sync::Weak<Coordinator>>,
 }
 
 impl std::fmt::Debug for EngineHost {
@@ -42,7 +44,26 @@ impl EngineHost {
         Arc::new(Self {
             config,
             engine: OnceCell::new(),
+            coordinator: std::sync::OnceLock::new(),
         })
+    }
+
+    /// Tells the coordinator about successful engine operations (sandboxes created, removed,
+    /// restored or forked), so it watches what exists.
+    pub fn set_coordinator(&self, coordinator: std::sync::Weak<Coordinator>) {
+        let _ = self.coordinator.set(coordinator);
+    }
+
+    /// The engine configuration.
+    pub fn config(&self) -> &EngineConfig {
+        &self.config
+    }
+
+    /// Whether the engine has state from an earlier run (its state directory exists), so a
+    /// starting daemon should open it and rehydrate its sandboxes.
+    pub fn has_state(&self) -> bool {
+        let d = &self.config.state_dir;
+        d.join("btrfs.img").exists() || d.join("pool").join("meta").is_dir()
     }
 
     /// Adds `POST /api/engine` to the admin router.
@@ -55,7 +76,7 @@ impl EngineHost {
     }
 
     /// The engine, opened on first use (a failed open is retried by the next request).
-    async fn engine(&self) -> Result<Arc<Engine>, ApiError> {
+    pub async fn engine(&self) -> Result<Arc<Engine>, ApiError> {
         self.engine
             .get_or_try_init(|| async {
                 let config = self.config.clone();
@@ -83,9 +104,16 @@ impl EngineHost {
             Ok(e) => e,
             Err(e) => return error_response(&e),
         };
+        let coordinator = self.coordinator.get().and_then(std::sync::Weak::upgrade);
+        let watched_request = coordinator.as_ref().map(|_| request.clone());
         // Engine operations block (runc, btrfs, file I/O): keep them off the async workers.
         match tokio::task::spawn_blocking(move || dispatch(&engine, request)).await {
-            Ok(Ok(response)) => json_response(StatusCode::OK, &response),
+            Ok(Ok(response)) => {
+                if let (Some(c), Some(r)) = (coordinator, watched_request) {
+                    c.after_engine(&r, &response).await;
+                }
+                json_response(StatusCode::OK, &response)
+            }
             Ok(Err(e)) => error_response(&e.to_api()),
             Err(e) => error_response(&internal(format!("engine task failed: {e}"))),
         }

@@ -33,6 +33,8 @@ use tokio::time::Instant;
 use tracing::{Instrument, Span, debug, field, warn};
 
 use crate::config::Config;
+use crate::coordinator::Coordinator;
+use crate::coordinator::replay::{Lookup, ReplayKey};
 use crate::error::{ErrorShape, ProxyError};
 use crate::metrics::{ApiLabels, EndLabels, ErrorLabels, Metrics, RequestLabels, SandboxLabels};
 use crate::sandbox::{self, SANDBOX_HEADER, SandboxId};
@@ -87,6 +89,8 @@ impl Default for Clock {
 /// State shared by every connection.
 pub struct Shared {
     pub config: Config,
+    /// Turn ends → checkpoints, the response gate, replay.
+    pub coordinator: Arc<Coordinator>,
     pub client: UpstreamClient,
     pub tracker: parking_lot::Mutex<TurnTracker>,
     pub metrics: Metrics,
@@ -105,9 +109,11 @@ impl Shared {
         metrics: Metrics,
         registry: Registry,
         transcript: Transcript,
+        coordinator: Arc<Coordinator>,
     ) -> Self {
         Self {
             config,
+            coordinator,
             client,
             tracker: parking_lot::Mutex::new(TurnTracker::new()),
             metrics,
@@ -290,6 +296,8 @@ struct TapState {
     status: u16,
     response_headers: Option<HeaderMap>,
     response_head_at: Instant,
+    /// Time held at the response gate, if the reply was gated.
+    gate_wait: Option<Duration>,
     first_byte_at: Option<Instant>,
     first_content_at: Option<Instant>,
     bytes: u64,
@@ -516,6 +524,7 @@ fn complete(shared: &Shared, f: Finished) {
                 first_byte_us: st.first_byte_at.map(rel),
                 first_content_us: st.first_content_at.map(rel),
                 end_us: Some(rel(at)),
+                gate_wait_us: st.gate_wait.map(|d| d.as_micros() as u64),
             },
             end: Some(end_label(final_end)),
             analysis: summary,
@@ -543,6 +552,7 @@ fn count_turn_events(m: &Metrics, sandbox: &SandboxId, events: &[TurnEvent]) {
 pub async fn handle(
     shared: Arc<Shared>,
     peer: Option<SocketAddr>,
+    local: Option<SocketAddr>,
     req: Request<Incoming>,
 ) -> Result<Response<ProxyBody>, Infallible> {
     let started = Instant::now();
@@ -557,13 +567,14 @@ pub async fn handle(
         class = field::Empty,
         turn = field::Empty,
     );
-    let fut = handle_inner(shared, peer, req, started, id, span.clone());
+    let fut = handle_inner(shared, peer, local, req, started, id, span.clone());
     Ok(fut.instrument(span).await)
 }
 
 async fn handle_inner(
     shared: Arc<Shared>,
     peer: Option<SocketAddr>,
+    local: Option<SocketAddr>,
     req: Request<Incoming>,
     started: Instant,
     id: u64,
@@ -591,7 +602,16 @@ async fn handle_inner(
         raw_pq,
         parts.headers.get(SANDBOX_HEADER).map(|v| v.as_bytes()),
         peer.map(|p| p.ip()),
-        |ip| config.sandbox_for_source(ip).cloned(),
+        |ip| {
+            config.sandbox_for_source(ip).cloned().or_else(|| {
+                // No configured mapping: a connection from a watched sandbox (eBPF socket
+                // attribution, then the sandbox's container address).
+                let peer = peer?;
+                let name = shared.coordinator.sandbox_for_peer(peer, local)?;
+                debug_assert_eq!(peer.ip(), ip);
+                SandboxId::new(&name)
+            })
+        },
         &config.default_sandbox,
     );
     let resolved = match resolved {
@@ -637,6 +657,26 @@ async fn handle_inner(
             api: api_label(api),
         })
         .inc_by(body.len() as u64);
+
+    // After a restore, requests the transcript already answered are answered from it.
+    if shared.coordinator.replay().is_armed(sandbox.as_str()) {
+        let key = ReplayKey {
+            method: parts.method.as_str().to_owned(),
+            path: path_and_query.clone(),
+            body_digest: blake3::hash(&body).to_hex().to_string(),
+        };
+        match shared.coordinator.replay().lookup(sandbox.as_str(), key) {
+            Lookup::Hit(reply) => {
+                shared.coordinator.metrics.replayed.inc();
+                debug!(turn = ?reply.turn, "answered from the transcript (replay)");
+                return replayed_response(&reply);
+            }
+            Lookup::Ended { served } => {
+                tracing::info!(sandbox = %sandbox, served, "replay caught up: forwarding upstream again");
+            }
+            Lookup::NotArmed => {}
+        }
+    }
 
     // Pick the upstream and build the outgoing request.
     let Some((upstream, upstream_pq)) = config.route(&path_and_query) else {
@@ -734,10 +774,44 @@ async fn handle_inner(
         };
         Completions::settle(&shared);
         let at = shared.clock.micros(Instant::now());
-        let disposition = shared
-            .tracker
-            .lock()
-            .on_request(sandbox.as_str(), &summary, at);
+        let watched = shared.coordinator.is_watched(sandbox.as_str());
+        let rewind = shared.coordinator.take_rewind(sandbox.as_str());
+        let (disposition, tracker_state) = {
+            let mut tracker = shared.tracker.lock();
+            if let Some(state) = rewind {
+                // First request after a restore: keep the tracker if this request continues
+                // it, else go back to the restored turn (see `Coordinator::set_rewind`).
+                let d = tracker.clone().on_request(sandbox.as_str(), &summary, at);
+                let continues = d.class == RequestClass::Retry
+                    || (d.class == RequestClass::MainLoop
+                        && d.events
+                            .iter()
+                            .any(|e| matches!(e, TurnEvent::TurnEnded(_))));
+                if !continues && let Err(e) = tracker.import(sandbox.as_str(), state) {
+                    warn!(id, sandbox = %sandbox, error = %e, "cannot rewind the turn tracker");
+                }
+            }
+            let d = tracker.on_request(sandbox.as_str(), &summary, at);
+            // The state a restore to the ended turn resumes from (journaled with it).
+            let state = (watched
+                && d.events
+                    .iter()
+                    .any(|e| matches!(e, TurnEvent::TurnEnded(_))))
+            .then(|| tracker.export(sandbox.as_str()))
+            .flatten();
+            (d, state)
+        };
+        if watched {
+            for e in &disposition.events {
+                if let TurnEvent::TurnEnded(rec) = e {
+                    shared.coordinator.turn_ended(
+                        sandbox.as_str(),
+                        rec.turn,
+                        tracker_state.clone(),
+                    );
+                }
+            }
+        }
         class = Some(disposition.class);
         turn = disposition.turn;
         guard.id = Some(disposition.request_id);
@@ -758,6 +832,8 @@ async fn handle_inner(
         }
     }
 
+    // The reply of this request waits for the checkpoint of the turn that ended before it.
+    let gate = shared.coordinator.gate(sandbox.as_str());
     let upstream_name = upstream.name.clone();
     let capture = config.transcript.enabled;
     let request_headers = capture.then(|| parts.headers.clone());
@@ -809,6 +885,11 @@ async fn handle_inner(
         }
     };
 
+    let gate_wait = match &gate {
+        Some(b) => shared.coordinator.hold(b).await.waited,
+        None => Duration::ZERO,
+    };
+    let head_in = head_in + gate_wait;
     let (mut rparts, rbody) = resp.into_parts();
     crate::headers::strip_hop_by_hop(&mut rparts.headers);
     let status = rparts.status.as_u16();
@@ -831,6 +912,7 @@ async fn handle_inner(
             status,
             response_headers,
             response_head_at: head_in,
+            gate_wait: gate.as_ref().map(|_| gate_wait),
             first_byte_at: None,
             first_content_at: None,
             bytes: 0,
@@ -851,6 +933,29 @@ async fn handle_inner(
         .added_latency_seconds
         .observe(added.as_secs_f64());
     response
+}
+
+/// A reply served from the transcript (replay after a restore), marked `x-crab-replay: 1`.
+fn replayed_response(reply: &crate::coordinator::replay::RecordedReply) -> Response<ProxyBody> {
+    let mut resp = Response::new(ProxyBody::local(reply.body.clone()));
+    *resp.status_mut() = http::StatusCode::from_u16(reply.status).unwrap_or(http::StatusCode::OK);
+    let h = resp.headers_mut();
+    for (k, v) in &reply.headers {
+        // Redacted values (e.g. a set-cookie) are not replayed.
+        if v == crate::headers::REDACTED {
+            continue;
+        }
+        if let (Ok(k), Ok(v)) = (
+            http::HeaderName::from_bytes(k.as_bytes()),
+            http::HeaderValue::from_str(v),
+        ) {
+            h.append(k, v);
+        }
+    }
+    crate::headers::strip_hop_by_hop(h);
+    h.remove(header::CONTENT_LENGTH);
+    h.insert("x-crab-replay", http::HeaderValue::from_static("1"));
+    resp
 }
 
 /// The `source()` chain of an error, joined (hyper's top-level messages are terse).
@@ -1019,7 +1124,22 @@ mod tests {
         let client = build_client(&config, tls);
         let mut registry = Registry::default();
         let metrics = Metrics::new(&mut registry);
-        let shared = Shared::new(config, client, metrics, registry, Transcript::disabled());
+        let engine = crate::engine_api::EngineHost::new(config.engine.clone());
+        let coordinator = Coordinator::new(
+            config.coordinator.clone(),
+            engine,
+            &config.state_dir,
+            config.transcript.dir.clone(),
+            &mut registry,
+        );
+        let shared = Shared::new(
+            config,
+            client,
+            metrics,
+            registry,
+            Transcript::disabled(),
+            coordinator,
+        );
         (Arc::new(shared), dir)
     }
 
@@ -1063,6 +1183,7 @@ mod tests {
                 status: 200,
                 response_headers: None,
                 response_head_at: now,
+                gate_wait: None,
                 first_byte_at: Some(now),
                 first_content_at: Some(now),
                 bytes: 10,

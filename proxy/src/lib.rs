@@ -3,8 +3,8 @@
 //! Responsibility: a transparent HTTP(S) reverse proxy between agents and LLM endpoints that
 //! forwards every byte unchanged and as it arrives, taps a copy of the traffic to mark turn
 //! boundaries (via `llm-protocol`), keeps a redacted transcript, and exposes an admin API,
-//! Prometheus metrics and the `crab` CLI. Later it wires the inspector and the checkpoint engine
-//! together (coordinator + response gate).
+//! Prometheus metrics and the `crab` CLI. It wires the inspector and the checkpoint engine
+//! together: the coordinator checkpoints watched sandboxes at turn ends and gates replies.
 //!
 //! Module map:
 //! - [`config`]: TOML file + flag overrides → validated runtime [`config::Config`].
@@ -20,6 +20,8 @@
 //! - [`transcript`]: the durable, redacted, rotated per-sandbox JSONL log (writer thread).
 //! - [`admin`]: the extensible admin router; [`metrics`]: Prometheus metrics; [`tls`]: rustls.
 //! - [`engine_api`]: the checkpoint engine behind `POST /api/engine` (opened on first use).
+//! - [`coordinator`]: turn ends → inspector → policy → scheduled checkpoints, the response
+//!   gate, the turn → recovery-point journal, replay after a restore, restore / fork / rollback.
 //! - [`cli`]: the `crab` command line (serve, turns, sandboxes, inspect, the engine subcommands,
 //!   doctor) and the admin client.
 //!
@@ -39,6 +41,7 @@
 pub mod admin;
 pub mod cli;
 pub mod config;
+pub mod coordinator;
 pub mod engine_api;
 pub mod error;
 pub mod forward;

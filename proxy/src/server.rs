@@ -25,6 +25,8 @@ use tracing::{debug, info, warn};
 
 use crate::admin::{AdminRequest, AdminRouter, error_response, json_response, text_response};
 use crate::config::Config;
+use crate::coordinator::Coordinator;
+use crate::engine_api::EngineHost;
 use crate::forward::{self, Shared};
 use crate::metrics::Metrics;
 use crate::sandbox::SandboxId;
@@ -140,8 +142,26 @@ impl Server {
             MetricHooks(metrics.transcript_write_errors.clone()),
         )?;
         let client = forward::build_client(&config, client_tls);
-        let shared = Arc::new(Shared::new(config, client, metrics, registry, transcript));
-        let admin = standard_routes(AdminRouter::new(), shared.clone());
+        let engine = EngineHost::new(config.engine.clone());
+        let coordinator = Coordinator::new(
+            config.coordinator.clone(),
+            engine.clone(),
+            &config.state_dir,
+            config.transcript.dir.clone(),
+            &mut registry,
+        );
+        engine.set_coordinator(Arc::downgrade(&coordinator));
+        let shared = Arc::new(Shared::new(
+            config,
+            client,
+            metrics,
+            registry,
+            transcript,
+            coordinator,
+        ));
+        let mut admin = standard_routes(AdminRouter::new(), shared.clone());
+        engine.register(&mut admin);
+        crate::coordinator::admin::register(&mut admin, shared.clone());
         Ok(Self { shared, admin, tls })
     }
 
@@ -183,8 +203,20 @@ impl Server {
             hard_rx,
         ));
         info!(%proxy_addr, %admin_addr, "crab proxy serving");
+        // A restarted daemon finds its sandboxes, journals and turn counters again.
+        let rehydrate = {
+            let shared = shared.clone();
+            tokio::spawn(async move {
+                for (sandbox, state) in shared.coordinator.rehydrate().await {
+                    if let Err(e) = shared.tracker.lock().import(&sandbox, state) {
+                        warn!(%sandbox, error = %e, "cannot restore the turn tracker state");
+                    }
+                }
+            })
+        };
 
         shutdown.await;
+        rehydrate.abort();
         info!(
             grace_ms = grace.as_millis() as u64,
             "shutting down: draining open streams"
@@ -281,7 +313,9 @@ async fn accept_proxy(
         let tls = tls.clone();
         let tls_timeout = shared.config.timeouts.tls_handshake;
         tokio::spawn(async move {
-            let service = service_fn(move |req| forward::handle(shared.clone(), Some(peer), req));
+            let local = stream.local_addr().ok();
+            let service =
+                service_fn(move |req| forward::handle(shared.clone(), Some(peer), local, req));
             let handshake = shared_handshake(&tls, stream, tls_timeout);
             let serve = async {
                 match handshake.await {

@@ -110,6 +110,10 @@ pub struct Timings {
     pub first_byte_us: Option<u64>,
     pub first_content_us: Option<u64>,
     pub end_us: Option<u64>,
+    /// Time the reply was held at the response gate for the previous turn's checkpoint
+    /// (the exposed checkpoint delay), when it was gated.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gate_wait_us: Option<u64>,
 }
 
 /// A body as written: UTF-8 text when it is, base64 otherwise.

@@ -78,6 +78,8 @@ fn start_daemon() -> Daemon {
         .arg("http://127.0.0.1:9")
         .arg("--state-dir")
         .arg(state.path())
+        // Manual checkpoints only: the coordinator's automatic ones are tested elsewhere.
+        .args(["--policy", "off"])
         .env(
             "PATH",
             format!(
@@ -157,7 +159,8 @@ fn sandbox_checkpoint_restore_through_the_daemon() {
     assert_eq!(points["data"].as_array().unwrap().len(), 1);
 
     let restored = json(&crab(a, &["restore", &name, "--to", &id, "--json"]));
-    assert_eq!(restored["kind"], "restored");
+    assert_eq!(restored["point"], id.as_str());
+    assert_eq!(restored["sandbox"], name.as_str());
     let after = crab(a, &["sandbox", "exec", &name, "--", "cat", "/root/f"]);
     assert_eq!(String::from_utf8_lossy(&after.stdout).trim(), "hello");
 

@@ -505,6 +505,46 @@ impl TurnTracker {
         v
     }
 
+    /// A sandbox's threading and numbering state without its closed-turn history (small: what
+    /// a journal stores at each turn end). `None` for an unknown sandbox.
+    pub fn export(&self, sandbox: &str) -> Option<serde_json::Value> {
+        let st = self.sandboxes.get(sandbox)?;
+        let mut st = st.clone();
+        st.closed.clear();
+        st.in_flight.clear();
+        serde_json::to_value(&st).ok()
+    }
+
+    /// Puts a sandbox back to an [`export`](Self::export)ed state (after a restore, a rollback or
+    /// a daemon restart). Closed turns numbered at or after the state's open turn are dropped
+    /// (they are being redone); no request is in flight any more, and the open turn's request
+    /// counts as failed, so the agent re-sending it is a retry of that turn, not a new turn.
+    pub fn import(
+        &mut self,
+        sandbox: &str,
+        state: serde_json::Value,
+    ) -> Result<(), serde_json::Error> {
+        let mut st: SandboxState = serde_json::from_value(state)?;
+        if let Some(a) = st.attempt.as_mut() {
+            a.in_flight = false;
+            a.failed = true;
+        }
+        let keep_below = st
+            .open
+            .as_ref()
+            .map(|t| t.turn)
+            .unwrap_or(st.turn_counter + 1);
+        if let Some(old) = self.sandboxes.remove(sandbox) {
+            st.closed = old.closed;
+            st.closed.retain(|t| t.turn < keep_below);
+        }
+        if let Some(t) = st.open.as_mut() {
+            self.next_request = self.next_request.max(t.request_id.0 + 1);
+        }
+        self.sandboxes.insert(sandbox.to_owned(), st);
+        Ok(())
+    }
+
     /// Forget a sandbox (it was deleted). Returns whether it was known.
     pub fn remove_sandbox(&mut self, sandbox: &str) -> bool {
         self.sandboxes.remove(sandbox).is_some()
@@ -804,6 +844,56 @@ mod tests {
                 _ => None,
             })
             .collect()
+    }
+
+    /// A state exported at a turn end and imported into a fresh tracker (daemon restart) or
+    /// into the same one after more turns (restore / rollback): the agent re-sending the open
+    /// turn's request is a retry of that turn; its next request ends it with the same number.
+    #[test]
+    fn export_import_resumes_numbering_and_threading() {
+        let mut t = TurnTracker::new();
+        let m1 = chat("m", "agent", &[user("go")], &["bash"]);
+        let m2 = chat(
+            "m",
+            "agent",
+            &[user("go"), asst("ls"), user("out1")],
+            &["bash"],
+        );
+        let m3 = chat(
+            "m",
+            "agent",
+            &[
+                user("go"),
+                asst("ls"),
+                user("out1"),
+                asst("cat"),
+                user("out2"),
+            ],
+            &["bash"],
+        );
+        let d1 = t.on_request(SB, &m1, 0);
+        t.on_response_end(SB, d1.request_id, &ok(&["bash"]), Some(1), 2);
+        let d2 = t.on_request(SB, &m2, 3);
+        assert_eq!(ended(&d2.events), vec![1]);
+        let snap = t.export(SB).unwrap();
+        t.on_response_end(SB, d2.request_id, &ok(&["bash"]), Some(4), 5);
+        let d3 = t.on_request(SB, &m3, 6);
+        assert_eq!(d3.turn, Some(3));
+
+        for mut tracker in [TurnTracker::new(), t.clone()] {
+            tracker.import(SB, snap.clone()).unwrap();
+            assert_eq!(tracker.open_turn(SB).unwrap().turn, 2);
+            assert!(tracker.turns(SB).iter().all(|r| r.turn <= 2));
+            let again = tracker.on_request(SB, &m2, 10);
+            assert_eq!(again.class, RequestClass::Retry);
+            assert_eq!(again.turn, Some(2));
+            tracker.on_response_end(SB, again.request_id, &ok(&["bash"]), Some(11), 12);
+            let next = tracker.on_request(SB, &m3, 13);
+            assert_eq!(next.class, RequestClass::MainLoop);
+            assert_eq!(ended(&next.events), vec![2]);
+            assert_eq!(next.turn, Some(3));
+        }
+        assert!(t.export("nobody").is_none());
     }
 
     /// A hint-less tool-less request racing the first agent request: the agent request takes

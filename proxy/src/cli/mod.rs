@@ -9,6 +9,7 @@
 
 pub mod admin_client;
 pub mod engine;
+pub mod recovery;
 pub mod serve;
 pub mod turns;
 
@@ -56,10 +57,18 @@ pub enum Command {
     Checkpoint(engine::EngineArgs<ckpt_engine::cli::CheckpointArgs>),
     /// List a sandbox's recovery points and what each can restore.
     Checkpoints(engine::EngineArgs<ckpt_engine::cli::CheckpointsArgs>),
-    /// Restore a sandbox in place to a recovery point (filesystem first, verified).
-    Restore(engine::EngineArgs<ckpt_engine::cli::RestoreArgs>),
-    /// Fork a recovery point into new sandboxes, each with its own rootfs, cgroup and network.
-    Fork(engine::EngineArgs<ckpt_engine::cli::ForkArgs>),
+    /// Restore a sandbox in place to turn N or a recovery point (filesystem first, verified),
+    /// rewind its turns and replay the conversation up to it.
+    Restore(recovery::RestoreArgs),
+    /// Undo a sandbox's last K turns (sandbox and conversation together).
+    Rollback(recovery::RollbackArgs),
+    /// Fork turn N (or a recovery point) into new sandboxes, each with its own rootfs, cgroup,
+    /// network, transcript prefix and replay.
+    Fork(recovery::ForkArgs),
+    /// Checkpoint an existing sandbox at its turn ends (created sandboxes are watched already).
+    Watch(recovery::WatchArgs),
+    /// Show the checkpoint policy and the watched sandboxes.
+    Coordinator(recovery::StatusArgs),
     /// Recompute a recovery point's tree hash and compare it with its manifest.
     Verify(engine::EngineArgs<ckpt_engine::cli::VerifyArgs>),
     /// Check every prerequisite (BTF, tracefs, cgroup v2, CRIU, runc, btrfs …) and say how to fix it.
@@ -210,10 +219,11 @@ pub fn run(cli: Cli) -> i32 {
         Command::Checkpoints(a) => {
             engine_command(&cli.log, a.daemon, EngineCommand::Checkpoints(a.command))
         }
-        Command::Restore(a) => {
-            engine_command(&cli.log, a.daemon, EngineCommand::Restore(a.command))
-        }
-        Command::Fork(a) => engine_command(&cli.log, a.daemon, EngineCommand::Fork(a.command)),
+        Command::Restore(a) => client_command(&cli.log, a.out.json, recovery::run_restore(a)),
+        Command::Rollback(a) => client_command(&cli.log, a.out.json, recovery::run_rollback(a)),
+        Command::Fork(a) => client_command(&cli.log, a.out.json, recovery::run_fork(a)),
+        Command::Watch(a) => client_command(&cli.log, a.out.json, recovery::run_watch(a)),
+        Command::Coordinator(a) => client_command(&cli.log, a.out.json, recovery::run_status(a)),
         Command::Verify(a) => engine_command(&cli.log, a.daemon, EngineCommand::Verify(a.command)),
         Command::Doctor(out) => {
             let checks =
@@ -235,6 +245,22 @@ pub fn run(cli: Cli) -> i32 {
                     1
                 }
             }
+        }
+    }
+}
+
+/// Runs a client subcommand against the daemon; returns its exit code.
+fn client_command(
+    log: &str,
+    json: bool,
+    fut: impl std::future::Future<Output = anyhow::Result<()>>,
+) -> i32 {
+    init_tracing(&quiet(log), false);
+    match runtime().and_then(|rt| rt.block_on(fut)) {
+        Ok(()) => 0,
+        Err(e) => {
+            report_error(json, &e);
+            1
         }
     }
 }

@@ -46,6 +46,10 @@ pub struct ServeArgs {
     /// [default: 300000].
     #[arg(long, env = "CRAB_UPSTREAM_IDLE_MS", value_name = "MS")]
     pub upstream_idle_ms: Option<u64>,
+    /// Checkpoint policy at turn ends: selective, full-every-turn, fs-every-turn, off
+    /// [default: selective].
+    #[arg(long, env = "CRAB_POLICY", value_name = "POLICY")]
+    pub policy: Option<crate::coordinator::policy::Policy>,
     #[command(flatten)]
     pub out: OutputArgs,
 }
@@ -68,6 +72,7 @@ impl ServeArgs {
             tls_cert_file: self.tls_cert.clone(),
             tls_key_file: self.tls_key.clone(),
             upstream_idle_ms: self.upstream_idle_ms,
+            policy: self.policy,
         };
         Ok(Config::from_parts(file, over)?)
     }
@@ -102,8 +107,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         tracing::debug!(open_files = n, "open-files limit");
     }
     let state_dir = config.state_dir.clone();
-    let mut server = Server::new(config.clone())?;
-    crate::engine_api::EngineHost::new(config.engine.clone()).register(server.admin_router_mut());
+    let server = Server::new(config.clone())?;
     let listeners = Listeners::bind(&config).await?;
     let (proxy, admin) = listeners.local_addrs()?;
     let scheme = if config.tls.is_some() {
@@ -119,6 +123,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         "admin_url": format!("http://{admin}"),
         "state_dir": state_dir,
         "upstream": config.upstream.as_ref().map(|u| u.to_string()),
+        "policy": config.coordinator.policy.label(),
     });
     // One compact JSON line: the ready event is read by scripts line by line.
     if args.out.json {

@@ -1,0 +1,954 @@
+//! The coordinator: where the proxy, the inspector and the checkpoint engine meet
+//! (DESIGN.md section 3, PAPER.md "Coordinator").
+//!
+//! At each turn end of a watched sandbox (the tracker saw its next main-loop request), the
+//! request goes upstream at once while a task asks the inspector what the turn changed, lets
+//! the [`policy`] decide (skip / fs / full), and submits the checkpoint to the host-scoped
+//! scheduler. The upstream reply of that request waits at the [`gate`] until the checkpoint is
+//! durable, skipped or failed; a reply that has to wait promotes the job to the priority lane.
+//! Every resolution is appended to the [`journal`] (turn → recovery point, tracker state).
+//! After a restore, [`replay`] answers the requests the agent re-sends from the transcript.
+//!
+//! Module map: [`policy`] (pure decision), [`gate`] (barriers, ordered release), [`journal`]
+//! (durable turn → point map), [`replay`] (transcript replay cache), [`admin`] (restore, fork,
+//! rollback, watch and status routes), this file (the per-sandbox state and the turn-end task).
+//!
+//! Sandboxes are watched when `crab sandbox create` (or a fork) makes them, when the daemon
+//! starts and finds them in the engine's state, or through `POST /api/watch`. The engine and the
+//! inspector are opened lazily, on the first sandbox, so a proxy-only daemon needs no root.
+//!
+//! Invariants: a reply that starts turn t+1 is never released before turn t's checkpoint is
+//! durable, skipped or failed (or the gate timeout passed, which is counted and logged); a failed
+//! checkpoint makes the next one full and rescanned; no lock is held across an await.
+
+pub mod admin;
+pub mod gate;
+pub mod journal;
+pub mod policy;
+pub mod replay;
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use ckpt_engine::Engine;
+use ckpt_engine::api::ApiError;
+use ckpt_engine::scheduler::{
+    CheckpointJob, EngineExecutor, JobError, Scheduler, SchedulerConfig, SubmitRequest,
+};
+use inspector_bpf::{IgnoreRule, IgnoreScope, Inspector, InspectorConfig, SandboxSpec};
+use parking_lot::Mutex;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+use serde::{Deserialize, Serialize};
+use tokio::sync::OnceCell;
+use tokio::time::Instant;
+use tracing::{debug, info, warn};
+
+use crate::engine_api::EngineHost;
+use gate::{Barrier, BarrierSender, Outcome, Release};
+use journal::{Entry, Journal};
+use policy::{History, Plan, Policy};
+use replay::Replay;
+
+/// The `[coordinator]` table of the config file.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CoordinatorConfig {
+    /// `selective`, `full-every-turn`, `fs-every-turn` or `off`.
+    pub policy: Policy,
+    /// Watch sandboxes created by `crab sandbox create` (and forks) automatically.
+    pub auto_watch: bool,
+    /// Longest a reply waits at the gate, ms; then it is released and the event counted.
+    pub gate_timeout_ms: u64,
+    /// Checkpoint jobs that may run at once on the host.
+    pub workers: usize,
+    /// Global checkpoint I/O budget, bytes per second (0: unpaced).
+    pub io_bytes_per_sec: u64,
+    /// Bytes of recorded replies kept in memory for replay (the transcript stays on disk).
+    pub replay_cache_bytes: u64,
+}
+
+impl Default for CoordinatorConfig {
+    fn default() -> Self {
+        let s = SchedulerConfig::default();
+        CoordinatorConfig {
+            policy: Policy::Selective,
+            auto_watch: true,
+            gate_timeout_ms: 600_000,
+            workers: s.workers,
+            io_bytes_per_sec: s.io_bytes_per_sec,
+            replay_cache_bytes: 256 * 1024 * 1024,
+        }
+    }
+}
+
+/// Labels of the per-plan counters.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PlanLabels {
+    pub plan: &'static str,
+    pub outcome: &'static str,
+}
+
+/// The coordinator's metrics (registered under `crab_`).
+pub struct CoordinatorMetrics {
+    /// Turn ends by plan (skip/fs/full) and outcome (durable/skipped/failed).
+    pub checkpoints: Family<PlanLabels, Counter>,
+    /// Time a reply waited at the gate (exposed checkpoint delay), per gated reply.
+    pub gate_wait_seconds: Histogram,
+    /// Replies released by the gate timeout before their checkpoint resolved.
+    pub gate_timeouts: Counter,
+    /// Turn end to checkpoint resolution (inspection + queue + checkpoint).
+    pub checkpoint_seconds: Histogram,
+    /// Inspector `status()` time.
+    pub inspect_seconds: Histogram,
+    /// Requests answered from the transcript after a restore.
+    pub replayed: Counter,
+}
+
+impl CoordinatorMetrics {
+    fn new(registry: &mut Registry) -> Self {
+        let m = CoordinatorMetrics {
+            checkpoints: Family::default(),
+            gate_wait_seconds: Histogram::new(exponential_buckets(0.000_1, 2.0, 20)),
+            gate_timeouts: Counter::default(),
+            checkpoint_seconds: Histogram::new(exponential_buckets(0.001, 2.0, 16)),
+            inspect_seconds: Histogram::new(exponential_buckets(0.000_05, 2.0, 16)),
+            replayed: Counter::default(),
+        };
+        let r = registry.sub_registry_with_prefix("crab");
+        r.register(
+            "turn_checkpoints",
+            "Turn ends of watched sandboxes by plan (skip, fs, full) and outcome",
+            m.checkpoints.clone(),
+        );
+        r.register(
+            "gate_wait_seconds",
+            "Exposed checkpoint delay: time a reply waited at the gate for its turn's checkpoint",
+            m.gate_wait_seconds.clone(),
+        );
+        r.register(
+            "gate_timeouts",
+            "Replies released by the gate timeout before their checkpoint resolved",
+            m.gate_timeouts.clone(),
+        );
+        r.register(
+            "turn_checkpoint_seconds",
+            "Turn end to checkpoint resolution (inspection, queueing, checkpoint)",
+            m.checkpoint_seconds.clone(),
+        );
+        r.register(
+            "inspect_seconds",
+            "Inspector status() time per turn end",
+            m.inspect_seconds.clone(),
+        );
+        r.register(
+            "replayed_requests",
+            "Requests answered from the transcript while an agent caught up after a restore",
+            m.replayed.clone(),
+        );
+        m
+    }
+}
+
+/// What the coordinator keeps per watched sandbox.
+#[derive(Debug, Default)]
+struct SandboxState {
+    /// A published point exists and no checkpoint failed since.
+    has_valid_point: bool,
+    /// The point describing the sandbox after its last resolved turn.
+    last_point: Option<String>,
+    /// The last resolved turn.
+    last_turn: Option<u64>,
+    /// The newest barrier (turn end).
+    latest: Option<Barrier>,
+    /// The inspector watches it.
+    inspected: bool,
+    /// Its container network address (source-address attribution).
+    addr: Option<IpAddr>,
+}
+
+/// One watched sandbox as `GET /api/coordinator` shows it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct WatchedInfo {
+    pub sandbox: String,
+    pub has_valid_point: bool,
+    pub last_point: Option<String>,
+    pub last_turn: Option<u64>,
+    /// The turn whose checkpoint is still pending, if any.
+    pub pending_turn: Option<u64>,
+    pub inspected: bool,
+    pub replaying: bool,
+}
+
+/// `GET /api/coordinator`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CoordinatorStatus {
+    pub policy: Policy,
+    /// Whether the eBPF inspector is loaded (`None`: not needed yet).
+    pub inspector: Option<bool>,
+    pub sandboxes: Vec<WatchedInfo>,
+}
+
+/// The coordinator (one per daemon, behind an `Arc`).
+pub struct Coordinator {
+    cfg: CoordinatorConfig,
+    engine: Arc<EngineHost>,
+    inspector: OnceCell<Option<Arc<Inspector>>>,
+    scheduler: OnceCell<Scheduler<EngineExecutor>>,
+    sandboxes: Mutex<HashMap<String, SandboxState>>,
+    /// Sandbox container addresses (cheap attribution lookup).
+    addrs: Mutex<HashMap<IpAddr, String>>,
+    watched: AtomicUsize,
+    /// Tracker states to fall back to after a restore (see [`Coordinator::set_rewind`]).
+    rewinds: Mutex<HashMap<String, serde_json::Value>>,
+    journal: Journal,
+    replay: Replay,
+    pub metrics: CoordinatorMetrics,
+}
+
+impl std::fmt::Debug for Coordinator {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Coordinator")
+            .field("policy", &self.cfg.policy)
+            .field("watched", &self.watched.load(Ordering::Relaxed))
+            .finish()
+    }
+}
+
+/// Errors of coordinator operations (reported through the admin API).
+#[derive(Debug, thiserror::Error)]
+pub enum CoordinatorError {
+    /// The engine failed or refused.
+    #[error("{}", .0.message)]
+    Engine(ApiError),
+    /// The sandbox is not watched / not known.
+    #[error("sandbox {0:?} is not watched by the coordinator")]
+    NotWatched(String),
+    /// Invalid input.
+    #[error("{0}")]
+    Invalid(String),
+    /// A blocking task failed.
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl CoordinatorError {
+    /// The API error code.
+    pub fn code(&self) -> &str {
+        match self {
+            CoordinatorError::Engine(e) => &e.code,
+            CoordinatorError::NotWatched(_) => "not_found",
+            CoordinatorError::Invalid(_) => "invalid",
+            CoordinatorError::Internal(_) => "internal",
+        }
+    }
+}
+
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, CoordinatorError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| CoordinatorError::Internal(format!("blocking task failed: {e}")))
+}
+
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+impl Coordinator {
+    /// A coordinator over `engine`, journaling under `state_dir/coordinator` and replaying from
+    /// the transcripts in `transcript_dir`.
+    pub fn new(
+        cfg: CoordinatorConfig,
+        engine: Arc<EngineHost>,
+        state_dir: &std::path::Path,
+        transcript_dir: PathBuf,
+        registry: &mut Registry,
+    ) -> Arc<Self> {
+        Arc::new(Coordinator {
+            replay: Replay::new(transcript_dir, cfg.replay_cache_bytes),
+            cfg,
+            engine,
+            inspector: OnceCell::new(),
+            scheduler: OnceCell::new(),
+            sandboxes: Mutex::new(HashMap::new()),
+            addrs: Mutex::new(HashMap::new()),
+            watched: AtomicUsize::new(0),
+            rewinds: Mutex::new(HashMap::new()),
+            journal: Journal::new(state_dir.join("coordinator")),
+            metrics: CoordinatorMetrics::new(registry),
+        })
+    }
+
+    /// The policy.
+    pub fn policy(&self) -> Policy {
+        self.cfg.policy
+    }
+
+    /// The replay state.
+    pub fn replay(&self) -> &Replay {
+        &self.replay
+    }
+
+    /// The journal.
+    pub fn journal(&self) -> &Journal {
+        &self.journal
+    }
+
+    /// The engine host.
+    pub fn engine_host(&self) -> &Arc<EngineHost> {
+        &self.engine
+    }
+
+    /// Whether `sandbox` is watched (cheap when nothing is).
+    pub fn is_watched(&self, sandbox: &str) -> bool {
+        self.watched.load(Ordering::Acquire) > 0 && self.sandboxes.lock().contains_key(sandbox)
+    }
+
+    /// The sandbox a connection comes from when no explicit identity names one: eBPF socket
+    /// attribution (the connecting process's cgroup), then the sandbox's container address.
+    pub fn sandbox_for_peer(&self, peer: SocketAddr, local: Option<SocketAddr>) -> Option<String> {
+        if self.watched.load(Ordering::Acquire) == 0 {
+            return None;
+        }
+        if let (Some(local), Some(Some(insp))) = (local, self.inspector.get())
+            && let Some(s) = insp.attribute(peer, local)
+        {
+            return Some(s);
+        }
+        self.addrs.lock().get(&peer.ip()).cloned()
+    }
+
+    async fn engine(&self) -> Result<Arc<Engine>, CoordinatorError> {
+        self.engine.engine().await.map_err(CoordinatorError::Engine)
+    }
+
+    async fn scheduler(&self) -> Result<Scheduler<EngineExecutor>, CoordinatorError> {
+        let engine = self.engine().await?;
+        Ok(self
+            .scheduler
+            .get_or_init(|| async {
+                let defaults = SchedulerConfig::default();
+                Scheduler::start(
+                    Arc::new(EngineExecutor::new(engine)),
+                    SchedulerConfig {
+                        workers: self.cfg.workers.max(1),
+                        io_bytes_per_sec: self.cfg.io_bytes_per_sec,
+                        ..defaults
+                    },
+                )
+            })
+            .await
+            .clone())
+    }
+
+    /// The inspector, loaded on first use; `None` when it cannot load (logged once; the
+    /// selective policy then checkpoints fully at every turn end).
+    async fn inspector(&self) -> Option<Arc<Inspector>> {
+        self.inspector
+            .get_or_init(|| async {
+                match tokio::task::spawn_blocking(|| Inspector::new(InspectorConfig::default()))
+                    .await
+                {
+                    Ok(Ok(i)) => {
+                        info!(
+                            attribution = i.attribution_enabled(),
+                            "eBPF inspector loaded"
+                        );
+                        Some(Arc::new(i))
+                    }
+                    Ok(Err(e)) => {
+                        warn!(error = %e, "cannot load the eBPF inspector: every turn end gets a full checkpoint");
+                        None
+                    }
+                    Err(e) => {
+                        warn!(error = %e, "inspector start-up task failed");
+                        None
+                    }
+                }
+            })
+            .await
+            .clone()
+    }
+
+    /// Starts watching an engine sandbox: its turn ends are checkpointed from now on. The
+    /// journal (if any) says whether it already has a valid point. Idempotent.
+    pub async fn watch(self: &Arc<Self>, name: &str) -> Result<WatchedInfo, CoordinatorError> {
+        self.watch_with(name, Some(0)).await
+    }
+
+    /// [`watch`](Self::watch), labelling the baseline checkpoint of a sandbox without a valid
+    /// point as `baseline_turn` (a fork branches at turn N), or taking none.
+    pub async fn watch_with(
+        self: &Arc<Self>,
+        name: &str,
+        baseline_turn: Option<u64>,
+    ) -> Result<WatchedInfo, CoordinatorError> {
+        let engine = self.engine().await?;
+        let n = name.to_owned();
+        let info = blocking(move || engine.info(&n))
+            .await?
+            .map_err(|e| CoordinatorError::Engine(e.to_api()))?;
+        let journal = self.journal.clone();
+        let n = name.to_owned();
+        let entries = blocking(move || journal.read(&n))
+            .await?
+            .unwrap_or_default();
+        let last = journal::effective(&entries, None)
+            .last()
+            .map(|e| (*e).clone());
+        let mut inspected = false;
+        if policy::uses_inspector(self.cfg.policy)
+            && let Some(insp) = self.inspector().await
+        {
+            let root = info.rootfs.clone().unwrap_or_else(|| PathBuf::from("/"));
+            let mut spec = SandboxSpec::new(name, info.cgroup.clone(), root);
+            // CRIU runs in the sandbox's cgroup while it dumps; its own files (dump.log, the
+            // image) are Crab's, not the sandbox's.
+            spec.ignored_prefixes
+                .push(self.engine.config().state_dir.display().to_string());
+            spec.ignore.push(IgnoreRule {
+                pid: None,
+                comm: Some("criu".into()),
+                exe: None,
+                scope: IgnoreScope::All,
+            });
+            let n = name.to_owned();
+            inspected = match blocking(move || {
+                let _ = insp.unwatch(&n);
+                insp.watch(spec)
+            })
+            .await?
+            {
+                Ok(()) => true,
+                Err(e) => {
+                    warn!(sandbox = name, error = %e, "inspector cannot watch the sandbox: its turn ends get full checkpoints");
+                    false
+                }
+            };
+        }
+        let addr = info.net.as_ref().map(|n| IpAddr::V4(n.sandbox_ip));
+        {
+            let mut map = self.sandboxes.lock();
+            let fresh = !map.contains_key(name);
+            let st = map.entry(name.to_owned()).or_default();
+            st.inspected = inspected;
+            st.addr = addr;
+            if fresh {
+                st.has_valid_point = last.as_ref().is_some_and(|e| {
+                    e.point.is_some() && matches!(e.outcome.as_str(), "durable" | "skipped")
+                });
+                st.last_point = last.as_ref().and_then(|e| e.point.clone());
+                st.last_turn = last.as_ref().map(|e| e.turn);
+                self.watched.fetch_add(1, Ordering::AcqRel);
+            }
+        }
+        if let Some(a) = addr {
+            self.addrs.lock().insert(a, name.to_owned());
+        }
+        if let Some(t) = baseline_turn {
+            self.baseline(name, t);
+        }
+        info!(
+            sandbox = name,
+            policy = self.cfg.policy.label(),
+            inspected,
+            "watching sandbox"
+        );
+        self.info(name)
+            .ok_or_else(|| CoordinatorError::NotWatched(name.to_owned()))
+    }
+
+    /// Stops watching (the sandbox was removed). Pending replies are released by their tasks.
+    pub async fn unwatch(&self, name: &str, forget_journal: bool) {
+        let removed = self.sandboxes.lock().remove(name);
+        if let Some(st) = removed {
+            self.watched.fetch_sub(1, Ordering::AcqRel);
+            if let Some(a) = st.addr {
+                self.addrs.lock().remove(&a);
+            }
+            if st.inspected
+                && let Some(Some(insp)) = self.inspector.get().cloned()
+            {
+                let n = name.to_owned();
+                let _ = blocking(move || insp.unwatch(&n)).await;
+            }
+        }
+        self.replay.disarm(name);
+        if forget_journal {
+            let j = self.journal.clone();
+            let n = name.to_owned();
+            let _ = blocking(move || j.remove(&n)).await;
+        }
+    }
+
+    /// Status of one watched sandbox.
+    pub fn info(&self, name: &str) -> Option<WatchedInfo> {
+        let map = self.sandboxes.lock();
+        let st = map.get(name)?;
+        Some(WatchedInfo {
+            sandbox: name.to_owned(),
+            has_valid_point: st.has_valid_point,
+            last_point: st.last_point.clone(),
+            last_turn: st.last_turn,
+            pending_turn: st
+                .latest
+                .as_ref()
+                .filter(|b| b.outcome().is_none())
+                .map(|b| b.turn()),
+            inspected: st.inspected,
+            replaying: self.replay.is_armed(name),
+        })
+    }
+
+    /// Status of every watched sandbox.
+    pub fn status(&self) -> CoordinatorStatus {
+        let mut names: Vec<String> = self.sandboxes.lock().keys().cloned().collect();
+        names.sort();
+        CoordinatorStatus {
+            policy: self.cfg.policy,
+            inspector: self.inspector.get().map(|i| i.is_some()),
+            sandboxes: names.iter().filter_map(|n| self.info(n)).collect(),
+        }
+    }
+
+    /// Called by the forwarding path when the tracker ended `turn` of `sandbox` (its next
+    /// main-loop request arrived). Opens the turn's barrier and starts the checkpoint task; the
+    /// request itself is forwarded at once. `tracker_state` is the tracker's export at this
+    /// instant (journaled with the outcome).
+    pub fn turn_ended(
+        self: &Arc<Self>,
+        sandbox: &str,
+        turn: u64,
+        tracker_state: Option<serde_json::Value>,
+    ) {
+        if self.cfg.policy == Policy::Off {
+            return;
+        }
+        let (sender, history) = {
+            let mut map = self.sandboxes.lock();
+            let Some(st) = map.get_mut(sandbox) else {
+                return;
+            };
+            let (barrier, sender) = gate::open(turn, st.latest.take());
+            st.latest = Some(barrier);
+            (
+                sender,
+                History {
+                    has_valid_point: st.has_valid_point,
+                },
+            )
+        };
+        let this = self.clone();
+        let sandbox = sandbox.to_owned();
+        tokio::spawn(async move {
+            this.run_turn_end(sandbox, turn, history, tracker_state, sender)
+                .await;
+        });
+    }
+
+    /// A sandbox without a valid point gets a full "turn 0" checkpoint at once, so a crash
+    /// during its first turn is recoverable too (the first reply waits for it like any other).
+    fn baseline(self: &Arc<Self>, sandbox: &str, turn: u64) {
+        let needed =
+            self.cfg.policy != Policy::Off
+                && self.sandboxes.lock().get(sandbox).is_some_and(|s| {
+                    !s.has_valid_point && s.last_turn.is_none() && s.latest.is_none()
+                });
+        if needed {
+            self.turn_ended(sandbox, turn, None);
+        }
+    }
+
+    /// After a restore to turn N: the tracker state of turn N, used if the agent's next
+    /// forwarded request does not continue the conversation where the tracker is (an agent that
+    /// was itself restored, or restarted, re-sends older requests); an agent whose conversation
+    /// went on (it runs outside the sandbox and re-executes its in-flight command) keeps the
+    /// tracker as it is. Decided on that request by the forwarding path.
+    pub fn set_rewind(&self, sandbox: &str, state: serde_json::Value) {
+        self.rewinds.lock().insert(sandbox.to_owned(), state);
+    }
+
+    /// The pending rewind state of `sandbox`, taken (cheap when there is none).
+    pub fn take_rewind(&self, sandbox: &str) -> Option<serde_json::Value> {
+        let mut r = self.rewinds.lock();
+        if r.is_empty() {
+            return None;
+        }
+        r.remove(sandbox)
+    }
+
+    /// The barrier a reply of `sandbox` must wait for, if its checkpoint is still pending.
+    pub fn gate(&self, sandbox: &str) -> Option<Barrier> {
+        if self.watched.load(Ordering::Acquire) == 0 {
+            return None;
+        }
+        let map = self.sandboxes.lock();
+        map.get(sandbox)?
+            .latest
+            .as_ref()
+            .filter(|b| b.outcome().is_none())
+            .cloned()
+    }
+
+    /// Holds a reply at the gate (see [`gate`]), recording the exposed delay.
+    pub async fn hold(&self, barrier: &Barrier) -> Release {
+        let r = barrier
+            .wait(Duration::from_millis(self.cfg.gate_timeout_ms))
+            .await;
+        self.metrics
+            .gate_wait_seconds
+            .observe(r.waited.as_secs_f64());
+        match &r.outcome {
+            None => {
+                self.metrics.gate_timeouts.inc();
+                warn!(
+                    turn = r.turn,
+                    waited_ms = r.waited.as_millis() as u64,
+                    "gate timeout: reply released before its turn's checkpoint resolved"
+                );
+            }
+            Some(Outcome::Failed { reason }) => {
+                debug!(turn = r.turn, %reason, "reply released after a failed checkpoint");
+            }
+            Some(_) => {}
+        }
+        r
+    }
+
+    async fn run_turn_end(
+        self: Arc<Self>,
+        sandbox: String,
+        turn: u64,
+        history: History,
+        tracker_state: Option<serde_json::Value>,
+        sender: BarrierSender,
+    ) {
+        let started = Instant::now();
+        let policy = self.cfg.policy;
+        let inspected = self
+            .sandboxes
+            .lock()
+            .get(&sandbox)
+            .is_some_and(|s| s.inspected);
+        // Ask the inspector (and start the next turn's window right away, so changes made while
+        // the checkpoint runs count for the next turn).
+        let mut reason = None;
+        let effects = if policy::uses_inspector(policy) && history.has_valid_point && inspected {
+            match self.inspector.get().cloned().flatten() {
+                Some(insp) => {
+                    let n = sandbox.clone();
+                    let r = blocking(move || {
+                        let e = insp.status(&n)?;
+                        if e.decision != inspector_bpf::Decision::Skip {
+                            insp.reset(&n)?;
+                        }
+                        Ok::<_, inspector_bpf::InspectorError>(e)
+                    })
+                    .await;
+                    match r {
+                        Ok(Ok(e)) => {
+                            self.metrics
+                                .inspect_seconds
+                                .observe(e.inspect_us as f64 / 1e6);
+                            reason = Some(e.reasons.join("; "));
+                            Some(e)
+                        }
+                        Ok(Err(e)) => {
+                            warn!(%sandbox, turn, error = %e, "inspector status failed: full checkpoint");
+                            reason = Some(format!("inspector failed: {e}"));
+                            None
+                        }
+                        Err(e) => {
+                            reason = Some(e.to_string());
+                            None
+                        }
+                    }
+                }
+                None => None,
+            }
+        } else {
+            None
+        };
+        // A first (full) checkpoint starts the inspector's window too.
+        if !history.has_valid_point
+            && inspected
+            && let Some(insp) = self.inspector.get().cloned().flatten()
+        {
+            let n = sandbox.clone();
+            let _ = blocking(move || insp.reset(&n)).await;
+        }
+        let plan = policy::decide(policy, history, effects.as_ref());
+        let plan_label = plan.label();
+        let previous = self
+            .sandboxes
+            .lock()
+            .get(&sandbox)
+            .and_then(|s| s.last_point.clone());
+        let outcome = match plan {
+            Plan::Skip => Outcome::Skipped,
+            Plan::Checkpoint { kind, changes } => {
+                self.checkpoint(&sandbox, kind, changes, &sender).await
+            }
+        };
+        // The checkpoint froze every task (cgroup freezer, or CRIU's dump), which interrupts
+        // their syscalls and looks like they ran: their state as of now is what the point
+        // holds (taken before the gate releases the reply, so the agent has not acted yet).
+        if matches!(outcome, Outcome::Durable { .. })
+            && inspected
+            && let Some(insp) = self.inspector.get().cloned().flatten()
+        {
+            let n = sandbox.clone();
+            let _ = blocking(move || insp.rebaseline_processes(&n)).await;
+        }
+        let (point, outcome_label) = match &outcome {
+            Outcome::Durable { point } => (Some(point.clone()), "durable"),
+            Outcome::Skipped => (previous.clone(), "skipped"),
+            Outcome::Degraded { point, reason: r } => {
+                reason = Some(r.clone());
+                (Some(point.clone()), "degraded")
+            }
+            Outcome::Failed { reason: r } => {
+                reason = Some(r.clone());
+                (None, "failed")
+            }
+        };
+        let elapsed = started.elapsed();
+        self.metrics
+            .checkpoints
+            .get_or_create(&PlanLabels {
+                plan: plan_label,
+                outcome: outcome_label,
+            })
+            .inc();
+        if plan_label != "skip" {
+            self.metrics
+                .checkpoint_seconds
+                .observe(elapsed.as_secs_f64());
+        }
+        {
+            let mut map = self.sandboxes.lock();
+            if let Some(st) = map.get_mut(&sandbox) {
+                match &outcome {
+                    Outcome::Durable { point } => {
+                        st.has_valid_point = true;
+                        st.last_point = Some(point.clone());
+                    }
+                    Outcome::Failed { .. } | Outcome::Degraded { .. } => st.has_valid_point = false,
+                    Outcome::Skipped => {}
+                }
+                st.last_turn = Some(turn);
+            }
+        }
+        if let Outcome::Failed { reason } | Outcome::Degraded { reason, .. } = &outcome {
+            warn!(%sandbox, turn, plan = plan_label, %reason, "turn checkpoint failed; the reply is released and the next checkpoint is full");
+        } else {
+            debug!(%sandbox, turn, plan = plan_label, ms = elapsed.as_millis() as u64, reason = reason.as_deref().unwrap_or("-"), "turn checkpoint resolved");
+        }
+        if policy != Policy::Off {
+            let entry = Entry {
+                turn,
+                plan: plan_label.to_owned(),
+                point,
+                outcome: outcome_label.to_owned(),
+                reason,
+                unix_ms: unix_ms(),
+                duration_us: elapsed.as_micros() as u64,
+                tracker: tracker_state,
+            };
+            let j = self.journal.clone();
+            let n = sandbox.clone();
+            match blocking(move || j.append(&n, &entry)).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    warn!(%sandbox, turn, error = %e, "cannot append to the coordinator journal")
+                }
+                Err(e) => warn!(%sandbox, turn, error = %e, "journal task failed"),
+            }
+        }
+        sender.resolve_after(outcome).await;
+    }
+
+    async fn checkpoint(
+        &self,
+        sandbox: &str,
+        kind: ckpt_engine::manifest::CheckpointKind,
+        changes: ckpt_engine::fs::ChangeHint,
+        sender: &BarrierSender,
+    ) -> Outcome {
+        let scheduler = match self.scheduler().await {
+            Ok(s) => s,
+            Err(e) => {
+                return Outcome::Failed {
+                    reason: e.to_string(),
+                };
+            }
+        };
+        let estimated_bytes = match (&kind, &changes) {
+            (ckpt_engine::manifest::CheckpointKind::Full, _) => 32 << 20,
+            (_, ckpt_engine::fs::ChangeHint::Paths(p)) => {
+                (p.len() as u64 * (64 << 10)).max(1 << 20)
+            }
+            _ => 8 << 20,
+        };
+        let kind_full = kind == ckpt_engine::manifest::CheckpointKind::Full;
+        let handle = scheduler.submit(SubmitRequest {
+            sandbox: sandbox.to_owned(),
+            estimated_bytes,
+            reply_waiting: sender.reply_waiting(),
+            job: CheckpointJob { kind, changes },
+        });
+        let ticket = handle.ticket();
+        let s = scheduler.clone();
+        sender.on_wait(move || s.promote(ticket));
+        match handle.wait().await {
+            // A full checkpoint that did not dump its own process image (CRIU refused or the
+            // dump was interrupted) is not the sandbox's state after this turn.
+            Ok(point) if kind_full && point.process.as_ref().is_none_or(|p| p.id != point.id) => {
+                Outcome::Degraded {
+                    reason: point
+                        .note
+                        .clone()
+                        .unwrap_or_else(|| "no process image of its own".into()),
+                    point: point.id,
+                }
+            }
+            Ok(point) => Outcome::Durable { point: point.id },
+            Err(JobError::Failed(e)) => Outcome::Failed {
+                reason: e.to_string(),
+            },
+            Err(e) => Outcome::Failed {
+                reason: e.to_string(),
+            },
+        }
+    }
+
+    /// Marks a sandbox as just restored to `point` (after `turn`, if known): its inspector
+    /// window restarts (re-watched: a restored container may have a new cgroup), the next
+    /// checkpoint is incremental on `point`, and pending barriers are dropped.
+    pub async fn restored(self: &Arc<Self>, name: &str, point: &str, turn: Option<u64>) {
+        let was_watched = self.sandboxes.lock().contains_key(name);
+        if was_watched || self.cfg.auto_watch {
+            if let Err(e) = self.watch_with(name, None).await {
+                warn!(sandbox = name, error = %e, "cannot re-watch the restored sandbox");
+            }
+        }
+        let mut map = self.sandboxes.lock();
+        if let Some(st) = map.get_mut(name) {
+            st.has_valid_point = true;
+            st.last_point = Some(point.to_owned());
+            st.last_turn = turn;
+            st.latest = None;
+        }
+    }
+
+    /// Keeps the watched set in step with engine operations made through `POST /api/engine`.
+    pub async fn after_engine(
+        self: &Arc<Self>,
+        request: &ckpt_engine::api::EngineRequest,
+        response: &ckpt_engine::api::EngineResponse,
+    ) {
+        use ckpt_engine::api::{EngineRequest as Rq, EngineResponse as Rs};
+        match (request, response) {
+            (Rq::SandboxCreate { name, .. } | Rq::SandboxCreateDirectory { name, .. }, _)
+                if self.cfg.auto_watch && self.cfg.policy != Policy::Off =>
+            {
+                if let Err(e) = self.watch(name).await {
+                    warn!(sandbox = %name, error = %e, "cannot watch the new sandbox");
+                }
+            }
+            (Rq::SandboxRm { name }, _) => self.unwatch(name, true).await,
+            (Rq::Restore { name, .. }, Rs::Restored(report)) => {
+                let j = self.journal.clone();
+                let n = name.clone();
+                let entries = blocking(move || j.read(&n))
+                    .await
+                    .ok()
+                    .and_then(Result::ok)
+                    .unwrap_or_default();
+                let turn = journal::effective(&entries, None)
+                    .into_iter()
+                    .rev()
+                    .find(|e| e.point.as_deref() == Some(report.point.as_str()))
+                    .map(|e| e.turn);
+                self.restored(name, &report.point, turn).await;
+            }
+            (Rq::Fork { .. }, Rs::Sandboxes(list))
+                if self.cfg.auto_watch && self.cfg.policy != Policy::Off =>
+            {
+                for s in list {
+                    if let Err(e) = self.watch(&s.name).await {
+                        warn!(sandbox = %s.name, error = %e, "cannot watch the fork");
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// Opens the engine if it has state and watches every sandbox it holds (daemon start-up:
+    /// rehydrates points, journals and turn counters). Returns the tracker states to import.
+    pub async fn rehydrate(self: &Arc<Self>) -> Vec<(String, serde_json::Value)> {
+        if !self.cfg.auto_watch || !self.engine.has_state() {
+            return Vec::new();
+        }
+        let engine = match self.engine().await {
+            Ok(e) => e,
+            Err(e) => {
+                warn!(error = %e, "cannot open the checkpoint engine to rehydrate sandboxes");
+                return Vec::new();
+            }
+        };
+        let list = match blocking(move || engine.list()).await {
+            Ok(Ok(l)) => l,
+            Ok(Err(e)) => {
+                warn!(error = %e, "cannot list sandboxes to rehydrate");
+                return Vec::new();
+            }
+            Err(_) => return Vec::new(),
+        };
+        let mut trackers = Vec::new();
+        for s in list {
+            if let Err(e) = self.watch(&s.name).await {
+                warn!(sandbox = %s.name, error = %e, "cannot watch sandbox on start-up");
+                continue;
+            }
+            let j = self.journal.clone();
+            let n = s.name.clone();
+            if let Ok(Ok(entries)) = blocking(move || j.read(&n)).await
+                && let Some(t) = journal::effective(&entries, None)
+                    .last()
+                    .and_then(|e| e.tracker.clone())
+            {
+                trackers.push((s.name.clone(), t));
+            }
+        }
+        info!(sandboxes = trackers.len(), "rehydrated watched sandboxes");
+        trackers
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn config_defaults_and_parsing() {
+        let c: CoordinatorConfig = toml::from_str("policy = \"fs-every-turn\"").unwrap();
+        assert_eq!(c.policy, Policy::FsEveryTurn);
+        assert!(c.auto_watch);
+        assert!(toml::from_str::<CoordinatorConfig>("policy = \"never\"").is_err());
+        assert!(toml::from_str::<CoordinatorConfig>("polcy = \"off\"").is_err());
+    }
+}

@@ -1,0 +1,541 @@
+//! End-to-end transparent checkpoint/restore through the real `crab` binary (root: runc
+//! containers on btrfs, the eBPF inspector, CRIU): the fake LLM drives a scripted agent whose
+//! tool calls run in a real sandbox with `crab`'s exec API (the agent-outside placement); crab
+//! checkpoints at every turn end under the `selective` policy and gates each reply on the
+//! previous turn's checkpoint.
+//!
+//! Crashes are injected at every turn in turn — the sandbox killed during tool execution, during
+//! the LLM wait, and right as the turn-end checkpoint starts; `crab` itself killed with SIGKILL
+//! and restarted — and after `crab restore` plus the agent re-executing the commands after the
+//! turn the restore reports, the final state must equal the fault-free run's: the same tree
+//! digest of the work directory, the same service still running with the same in-memory
+//! counter, and the task's checker passes.
+//!
+//! Also: restore by turn with replay from the transcript, rollback, and a 3-way fork whose
+//! branches diverge without interfering.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::Method;
+use http_body_util::{BodyExt, Full};
+use serde_json::{Value, json};
+
+use common::{client, require, unique};
+
+/// The task: one shell command per turn (the last turn answers without tools).
+const TASK: &[&str] = &[
+    "mkdir -p /work && echo alpha > /work/a.txt",
+    "cat /work/a.txt",
+    "echo beta >> /work/a.txt && mkdir /work/d && echo x > /work/d/x",
+    "mv /work/d /work/e && ln /work/a.txt /work/hard",
+    // A service with in-memory state: a counter answering through a FIFO.
+    // (A reader that reopens the FIFO while the last writer still holds it reads EOF: loop on.)
+    "mkfifo /work/q && (n=0; while :; do if read x < /work/q; then n=$((n+1)); echo $n > /work/answer; fi; done) </dev/null >/dev/null 2>&1 &",
+    "echo ask > /work/q; sleep 0.3; cat /work/answer",
+    "ls /work",
+    "rm /work/hard && echo gamma >> /work/a.txt",
+];
+
+/// The final state: a digest of the work tree (names, types, contents), then the checker.
+const DIGEST: &str = "cd /work && find . | sort && find . -type f | sort | xargs md5sum";
+const CHECK: &str = "test \"$(cat /work/a.txt)\" = \"$(printf 'alpha\\nbeta\\ngamma')\" && \
+    test \"$(cat /work/e/x)\" = x && test ! -e /work/hard && test ! -e /work/d && \
+    echo ask > /work/q && sleep 0.3 && cat /work/answer";
+
+fn is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .map(|s| {
+            s.lines()
+                .any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(1) == Some("0"))
+        })
+        .unwrap_or(false)
+}
+
+fn in_path(bin: &str) -> bool {
+    ["/usr/local/sbin", "/usr/sbin", "/usr/bin", "/sbin", "/bin"]
+        .iter()
+        .any(|d| Path::new(d).join(bin).exists())
+}
+
+fn prerequisites(test: &str) -> bool {
+    require(
+        test,
+        is_root() && in_path("runc") && in_path("criu") && in_path("mkfs.btrfs"),
+        "needs root, runc, CRIU and btrfs-progs",
+    )
+    .is_ok()
+}
+
+fn path_env() -> String {
+    format!(
+        "/usr/local/sbin:{}",
+        std::env::var("PATH").unwrap_or_default()
+    )
+}
+
+fn free_addr() -> String {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap().to_string()
+}
+
+/// A `crab serve` process (restartable on the same ports and state).
+struct Daemon {
+    child: Option<Child>,
+    proxy: String,
+    admin: String,
+    upstream: String,
+    state: tempfile::TempDir,
+    config: PathBuf,
+}
+
+impl Daemon {
+    fn start(upstream: &str) -> Daemon {
+        let state = tempfile::Builder::new()
+            .prefix(&unique("e2e"))
+            .tempdir()
+            .unwrap();
+        let config = state.path().join("crab.toml");
+        // Outside placement: the agent needs no network inside the sandbox.
+        std::fs::write(
+            &config,
+            format!(
+                "[engine]\nstate_dir = \"{}\"\nnetwork = false\n",
+                state.path().join("engine").display()
+            ),
+        )
+        .unwrap();
+        let mut d = Daemon {
+            child: None,
+            proxy: free_addr(),
+            admin: free_addr(),
+            upstream: upstream.to_owned(),
+            state,
+            config,
+        };
+        d.spawn();
+        d
+    }
+
+    fn spawn(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.state.path().join("crab.log"))
+            .unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_crab"))
+            .args(["serve", "--listen", &self.proxy, "--admin", &self.admin])
+            .args(["--upstream", &self.upstream, "--policy", "selective"])
+            .arg("--config")
+            .arg(&self.config)
+            .arg("--state-dir")
+            .arg(self.state.path())
+            .env("PATH", path_env())
+            .env("CRAB_LOG", "info,proxy=debug")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("start crab serve");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while std::net::TcpStream::connect(&self.admin).is_err() {
+            assert!(Instant::now() < deadline, "crab did not listen");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// SIGKILL, then a restart on the same ports and state directory.
+    fn kill9_and_restart(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        self.spawn();
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.state.path().join("crab.log")).unwrap_or_default()
+    }
+
+    fn crab(&self, args: &[&str]) -> Value {
+        let out = Command::new(env!("CARGO_BIN_EXE_crab"))
+            .args(args)
+            .env("CRAB_ADMIN", &self.admin)
+            .env("PATH", path_env())
+            .output()
+            .expect("run crab");
+        assert!(
+            out.status.success(),
+            "crab {args:?} failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).expect("JSON output")
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        let config = ckpt_engine::EngineConfig {
+            state_dir: self.state.path().join("engine"),
+            network: false,
+            ..Default::default()
+        };
+        if let Ok(engine) = ckpt_engine::Engine::open(config) {
+            let _ = engine.teardown();
+        }
+    }
+}
+
+/// POSTs JSON; `Err` for transport failures (crab down).
+async fn post(url: &str, body: &Value) -> Result<(u16, Value, http::HeaderMap), String> {
+    let req = http::Request::builder()
+        .method(Method::POST)
+        .uri(url)
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from(serde_json::to_vec(body).unwrap())))
+        .unwrap();
+    let resp = tokio::time::timeout(Duration::from_secs(120), client().request(req))
+        .await
+        .map_err(|_| "timeout".to_string())?
+        .map_err(|e| format!("{e:?}"))?;
+    let status = resp.status().as_u16();
+    let headers = resp.headers().clone();
+    let body = resp
+        .into_body()
+        .collect()
+        .await
+        .map_err(|e| e.to_string())?
+        .to_bytes();
+    let v = serde_json::from_slice(&body).unwrap_or(Value::Null);
+    Ok((status, v, headers))
+}
+
+async fn engine(d: &Daemon, req: Value) -> Result<Value, String> {
+    match post(&format!("http://{}/api/engine", d.admin), &req).await {
+        Ok((200, v, _)) => Ok(v["data"].clone()),
+        Ok((s, v, _)) => Err(format!("engine answered {s}: {v}")),
+        Err(e) => Err(e),
+    }
+}
+
+/// Runs a shell command in the sandbox: `Err` when the sandbox is gone (crashed).
+async fn exec(d: &Daemon, name: &str, cmd: &str) -> Result<String, String> {
+    let out = engine(
+        d,
+        json!({"op": "sandbox_exec", "name": name, "argv": ["sh", "-c", cmd]}),
+    )
+    .await?;
+    match out["exit_code"].as_i64() {
+        Some(0) => Ok(out["stdout"].as_str().unwrap_or_default().to_owned()),
+        // Killed mid-command (the container's processes were killed).
+        Some(c) if c >= 128 => Err(format!("killed ({c})")),
+        _ => Err(format!("command {cmd:?} failed: {out}")),
+    }
+}
+
+/// Kills every process of the sandbox (a crash of the whole container).
+async fn kill_sandbox(d: &Daemon, name: &str) {
+    let list = engine(d, json!({"op": "sandbox_list"})).await.unwrap();
+    let cg = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["name"] == name)
+        .and_then(|s| s["cgroup"].as_str())
+        .expect("sandbox cgroup")
+        .to_owned();
+    let _ = std::fs::write(Path::new(&cg).join("cgroup.kill"), "1");
+    // Wait until the cgroup is empty (the container is dead).
+    for _ in 0..200 {
+        let procs =
+            std::fs::read_to_string(Path::new(&cg).join("cgroup.procs")).unwrap_or_default();
+        if procs.trim().is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum When {
+    /// Before the turn's command runs.
+    Tool,
+    /// While the reply of the next request is awaited.
+    LlmWait,
+    /// The instant the next request is sent (the turn-end checkpoint is starting).
+    Checkpoint,
+    /// `crab` itself is SIGKILLed while the next request is in flight, then restarted.
+    Crab,
+}
+
+/// What an agent run ends with.
+#[derive(Debug, PartialEq)]
+struct Final {
+    digest: String,
+    check: String,
+    restores: usize,
+}
+
+/// The scripted agent (Chat Completions, tool `bash`), executing tool calls through crab's
+/// exec API; on a crashed sandbox it runs `crab restore` and re-executes every command after
+/// the turn the restore reports.
+async fn run_agent(d: &mut Daemon, name: &str, crash: Option<(usize, When)>) -> Final {
+    eprintln!("run {name}: crash {crash:?}");
+    engine(d, json!({"op": "sandbox_create", "name": name}))
+        .await
+        .expect("create sandbox");
+    let url = format!("http://{}/sandbox/{name}/v1/chat/completions", d.proxy);
+    let tools = json!([{"type": "function", "function": {"name": "bash", "parameters": {"type": "object", "properties": {"command": {"type": "string"}}}}}]);
+    let mut messages = vec![
+        json!({"role": "system", "content": "You are a shell agent."}),
+        json!({"role": "user", "content": "Do the task."}),
+    ];
+    // commands[t-1] = the command of turn t.
+    let mut commands: Vec<String> = Vec::new();
+    let mut restores = 0;
+    let mut turn = 0usize;
+    loop {
+        turn += 1;
+        let body = json!({"model": "fake", "messages": messages, "tools": tools});
+        let kill_now = matches!(crash, Some((t, w)) if t + 1 == turn && matches!(w, When::LlmWait | When::Checkpoint | When::Crab));
+        let request = post(&url, &body);
+        let reply = if kill_now {
+            let (_, when) = crash.unwrap();
+            let (reply, ()) = tokio::join!(
+                async {
+                    let mut r = request.await;
+                    // crab killed under the request: retry until it is back (as SDKs do).
+                    let deadline = Instant::now() + Duration::from_secs(60);
+                    while r.is_err() && Instant::now() < deadline {
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        r = post(&url, &body).await;
+                    }
+                    r
+                },
+                async {
+                    match when {
+                        When::Checkpoint => kill_sandbox(d, name).await,
+                        When::LlmWait => {
+                            tokio::time::sleep(Duration::from_millis(60)).await;
+                            kill_sandbox(d, name).await
+                        }
+                        When::Crab => {
+                            // crab dies with the request in flight (its turn-end checkpoint
+                            // running); the agent retries against the restarted daemon.
+                            tokio::time::sleep(Duration::from_millis(30)).await;
+                            d.kill9_and_restart();
+                        }
+                        When::Tool => {}
+                    }
+                }
+            );
+            reply
+        } else {
+            request.await
+        };
+        let (status, reply, _) = reply.expect("LLM request");
+        assert_eq!(status, 200, "LLM request failed: {reply}");
+        let msg = reply["choices"][0]["message"].clone();
+        let calls = msg["tool_calls"].as_array().cloned().unwrap_or_default();
+        if calls.is_empty() {
+            break;
+        }
+        messages.push(msg.clone());
+        for call in calls {
+            let args: Value =
+                serde_json::from_str(call["function"]["arguments"].as_str().unwrap_or("{}"))
+                    .unwrap();
+            let cmd = args["command"].as_str().unwrap().to_owned();
+            commands.push(cmd.clone());
+            if crash == Some((turn, When::Tool)) {
+                kill_sandbox(d, name).await;
+            }
+            let out = match exec(d, name, &cmd).await {
+                Ok(o) => o,
+                Err(_) => {
+                    restores += 1;
+                    recover(d, name, &commands).await
+                }
+            };
+            messages.push(json!({"role": "tool", "tool_call_id": call["id"], "content": out}));
+        }
+    }
+    // The checker, like any command, notices a crashed sandbox.
+    let digest = match exec(d, name, DIGEST).await {
+        Ok(o) => o,
+        Err(_) => {
+            restores += 1;
+            recover(d, name, &commands).await;
+            exec(d, name, DIGEST).await.expect("digest after recovery")
+        }
+    };
+    let check = exec(d, name, CHECK)
+        .await
+        .unwrap_or_else(|e| panic!("{name}: task checker: {e}\n{}", d.log()));
+    engine(d, json!({"op": "sandbox_rm", "name": name}))
+        .await
+        .expect("remove sandbox");
+    Final {
+        digest,
+        check: check.trim().to_owned(),
+        restores,
+    }
+}
+
+/// `crab restore NAME` (newest point), then the commands of the turns after the restored one;
+/// returns the last command's output.
+async fn recover(d: &Daemon, name: &str, commands: &[String]) -> String {
+    let r = d.crab(&["restore", name, "--json"]);
+    let at = r["turn"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("restore says no turn: {r}")) as usize;
+    assert!(
+        at <= commands.len(),
+        "restored turn {at} is ahead of the agent"
+    );
+    let mut out = String::new();
+    for cmd in &commands[at..] {
+        out = exec(d, name, cmd).await.unwrap_or_else(|e| {
+            panic!(
+                "re-executing {cmd:?} after restore to turn {at}: {e}\n{}",
+                d.log()
+            )
+        });
+    }
+    out
+}
+
+fn script() -> fake_llm::Script {
+    let mut turns: Vec<fake_llm::ScriptTurn> = TASK
+        .iter()
+        .map(|cmd| fake_llm::ScriptTurn {
+            tool_calls: vec![fake_llm::ScriptToolCall {
+                name: "bash".into(),
+                arguments: json!({ "command": cmd }),
+            }],
+            think_ms: 150,
+            ..Default::default()
+        })
+        .collect();
+    turns.push(fake_llm::ScriptTurn {
+        text: "Done.".into(),
+        ..Default::default()
+    });
+    fake_llm::Script {
+        turns,
+        ..Default::default()
+    }
+}
+
+async fn fake_llm() -> fake_llm::FakeLlmHandle {
+    fake_llm::spawn(fake_llm::FakeLlmConfig {
+        script: Some(script()),
+        ..Default::default()
+    })
+    .await
+    .unwrap()
+}
+
+async fn metric(d: &Daemon, prefix: &str) -> f64 {
+    let req = http::Request::get(format!("http://{}/metrics", d.admin))
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let body = client()
+        .request(req)
+        .await
+        .unwrap()
+        .into_body()
+        .collect()
+        .await
+        .unwrap()
+        .to_bytes();
+    String::from_utf8_lossy(&body)
+        .lines()
+        .filter(|l| l.starts_with(prefix))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// The fault-free run, then a crash at every turn in every way: every run ends in the
+/// fault-free state.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crash_at_every_turn_recovers_the_fault_free_state() {
+    if !prerequisites("crash_at_every_turn_recovers_the_fault_free_state") {
+        return;
+    }
+    let llm = fake_llm().await;
+    let mut d = Daemon::start(&llm.base_url());
+    let base = format!("e2e{}", std::process::id() % 100_000);
+
+    let clean = run_agent(&mut d, &format!("{base}-clean"), None).await;
+    assert_eq!(
+        clean.check,
+        "2",
+        "fault-free checker: {clean:?}\n{}",
+        d.log()
+    );
+    assert_eq!(clean.restores, 0);
+    // The selective policy skipped the read-only turns and took full checkpoints where a
+    // process appeared (the first one and the service's turn).
+    let skipped = metric(&d, "crab_turn_checkpoints_total{plan=\"skip\"").await;
+    let full = metric(&d, "crab_turn_checkpoints_total{plan=\"full\"").await;
+    let fs = metric(&d, "crab_turn_checkpoints_total{plan=\"fs\"").await;
+    eprintln!("fault-free run: skip {skipped}, fs {fs}, full {full}");
+    assert!(
+        skipped >= 2.0,
+        "read-only turns were not skipped\n{}",
+        d.log()
+    );
+    assert!(full >= 2.0 && fs >= 2.0, "\n{}", d.log());
+
+    let mut runs = 0;
+    for when in [When::Tool, When::LlmWait, When::Checkpoint] {
+        for turn in 1..=TASK.len() {
+            let name = format!("{base}-{}{turn}", format!("{when:?}").to_lowercase());
+            // CRAB_E2E_ONLY=llmwait3 runs one crash case (debugging).
+            if let Ok(only) = std::env::var("CRAB_E2E_ONLY")
+                && !name.ends_with(&format!("-{only}"))
+            {
+                continue;
+            }
+            let got = run_agent(&mut d, &name, Some((turn, when))).await;
+            assert!(
+                got.restores >= 1,
+                "{when:?} at turn {turn}: the crash went unnoticed"
+            );
+            assert_eq!(
+                (got.digest.as_str(), got.check.as_str()),
+                (clean.digest.as_str(), clean.check.as_str()),
+                "{when:?} at turn {turn}: final state differs from the fault-free run\n{}",
+                d.log()
+            );
+            runs += 1;
+        }
+    }
+    for turn in 1..=TASK.len() {
+        let name = format!("{base}-crab{turn}");
+        if let Ok(only) = std::env::var("CRAB_E2E_ONLY")
+            && !name.ends_with(&format!("-{only}"))
+        {
+            continue;
+        }
+        let got = run_agent(&mut d, &name, Some((turn, When::Crab))).await;
+        assert_eq!(
+            (got.digest.as_str(), got.check.as_str()),
+            (clean.digest.as_str(), clean.check.as_str()),
+            "crab killed at turn {turn}: final state differs\n{}",
+            d.log()
+        );
+        runs += 1;
+    }
+    eprintln!("{runs} crash runs recovered the fault-free state");
+}
