@@ -102,6 +102,20 @@ impl Cgroup {
         None
     }
 
+    /// Thaws the v1 freezer twin if it is frozen (a CRIU dump killed with its daemon leaves the
+    /// container there); returns whether it was.
+    pub fn thaw_v1_freezer(&self) -> bool {
+        let Some(v1) = self.v1_freezer() else {
+            return false;
+        };
+        let state = v1.join("freezer.state");
+        let frozen = std::fs::read_to_string(&state).is_ok_and(|s| s.trim() != "THAWED");
+        if frozen {
+            let _ = std::fs::write(&state, "THAWED");
+        }
+        frozen
+    }
+
     /// Kills every task (cgroup.kill) and waits up to `timeout` until it is empty.
     pub fn kill_all(&self, timeout: Duration) -> Result<(), FsError> {
         if !self.exists() {
@@ -111,9 +125,7 @@ impl Cgroup {
         let _ = self.thaw();
         // On hybrid hosts runc and CRIU freeze through the v1 freezer; a task frozen there
         // (a dump whose daemon was killed mid-way) does not die until thawed.
-        if let Some(v1) = self.v1_freezer() {
-            let _ = std::fs::write(v1.join("freezer.state"), "THAWED");
-        }
+        self.thaw_v1_freezer();
         self.write("cgroup.kill", "1")?;
         let start = Instant::now();
         while self.events_field("populated")?.as_deref() == Some("1") {

@@ -1276,11 +1276,17 @@ impl Engine {
             tracing::warn!(sandbox = %name, "thawing a sandbox left frozen by a crashed checkpoint");
             cg.thaw()?;
         }
-        // A CRIU dump killed mid-way can leave the container paused (v1 freezer).
-        if let Ok(backend) = &self.process {
-            if self.runc.status(name).as_deref() == Some("paused") {
-                tracing::warn!(sandbox = %name, "resuming a sandbox left paused by a crashed dump");
-                backend.ensure_running(name)?;
+        // A CRIU dump killed mid-way can leave the container paused (v1 freezer), whether or
+        // not runc's state says so.
+        if cg.thaw_v1_freezer() {
+            tracing::warn!(sandbox = %name, "thawed a sandbox left frozen by a crashed dump");
+        }
+        if let Ok(backend) = &self.process
+            && self.runc.status(name).as_deref() == Some("paused")
+        {
+            tracing::warn!(sandbox = %name, "resuming a sandbox left paused by a crashed dump");
+            if let Err(e) = backend.ensure_running(name) {
+                tracing::warn!(sandbox = %name, error = %e, "cannot resume the sandbox");
             }
         }
         let dir = self.points_dir(name);

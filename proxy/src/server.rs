@@ -188,6 +188,13 @@ impl Server {
         let (stop_tx, stop_rx) = watch::channel(false);
         let (hard_tx, hard_rx) = watch::channel(false);
 
+        // A restarted daemon finds its sandboxes, journals and turn counters before it serves a
+        // request (agents retrying meanwhile wait in the listen backlog).
+        for (sandbox, state) in shared.coordinator.rehydrate().await {
+            if let Err(e) = shared.tracker.lock().import(&sandbox, state) {
+                warn!(%sandbox, error = %e, "cannot restore the turn tracker state");
+            }
+        }
         let proxy_task = tokio::spawn(accept_proxy(
             listeners.proxy,
             shared.clone(),
@@ -203,20 +210,8 @@ impl Server {
             hard_rx,
         ));
         info!(%proxy_addr, %admin_addr, "crab proxy serving");
-        // A restarted daemon finds its sandboxes, journals and turn counters again.
-        let rehydrate = {
-            let shared = shared.clone();
-            tokio::spawn(async move {
-                for (sandbox, state) in shared.coordinator.rehydrate().await {
-                    if let Err(e) = shared.tracker.lock().import(&sandbox, state) {
-                        warn!(%sandbox, error = %e, "cannot restore the turn tracker state");
-                    }
-                }
-            })
-        };
 
         shutdown.await;
-        rehydrate.abort();
         info!(
             grace_ms = grace.as_millis() as u64,
             "shutting down: draining open streams"

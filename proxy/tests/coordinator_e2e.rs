@@ -229,15 +229,20 @@ async fn engine(d: &Daemon, req: Value) -> Result<Value, String> {
 
 /// Runs a shell command in the sandbox: `Err` when the sandbox is gone (crashed).
 async fn exec(d: &Daemon, name: &str, cmd: &str) -> Result<String, String> {
-    let out = engine(
-        d,
-        json!({"op": "sandbox_exec", "name": name, "argv": ["sh", "-c", cmd]}),
+    // A command that hangs (its sandbox half-dead) counts as a crash, as for a real agent.
+    let out = tokio::time::timeout(
+        Duration::from_secs(20),
+        engine(
+            d,
+            json!({"op": "sandbox_exec", "name": name, "argv": ["sh", "-c", cmd]}),
+        ),
     )
-    .await?;
+    .await
+    .map_err(|_| format!("command {cmd:?} timed out"))??;
     match out["exit_code"].as_i64() {
         Some(0) => Ok(out["stdout"].as_str().unwrap_or_default().to_owned()),
         // Killed mid-command (the container's processes were killed).
-        Some(c) if c >= 128 => Err(format!("killed ({c})")),
+        Some(c) if c >= 128 => Err(format!("killed ({c}): {}", out["stderr"])),
         _ => Err(format!("command {cmd:?} failed: {out}")),
     }
 }
@@ -283,12 +288,14 @@ struct Final {
     digest: String,
     check: String,
     restores: usize,
+    /// Every (request body, reply) of the conversation, in order.
+    exchanges: Vec<(Value, Value)>,
 }
 
 /// The scripted agent (Chat Completions, tool `bash`), executing tool calls through crab's
 /// exec API; on a crashed sandbox it runs `crab restore` and re-executes every command after
 /// the turn the restore reports.
-async fn run_agent(d: &mut Daemon, name: &str, crash: Option<(usize, When)>) -> Final {
+async fn run_agent(d: &mut Daemon, name: &str, crash: Option<(usize, When)>, keep: bool) -> Final {
     eprintln!("run {name}: crash {crash:?}");
     engine(d, json!({"op": "sandbox_create", "name": name}))
         .await
@@ -302,6 +309,7 @@ async fn run_agent(d: &mut Daemon, name: &str, crash: Option<(usize, When)>) -> 
     // commands[t-1] = the command of turn t.
     let mut commands: Vec<String> = Vec::new();
     let mut restores = 0;
+    let mut exchanges = Vec::new();
     let mut turn = 0usize;
     loop {
         turn += 1;
@@ -344,6 +352,7 @@ async fn run_agent(d: &mut Daemon, name: &str, crash: Option<(usize, When)>) -> 
         };
         let (status, reply, _) = reply.expect("LLM request");
         assert_eq!(status, 200, "LLM request failed: {reply}");
+        exchanges.push((body.clone(), reply.clone()));
         let msg = reply["choices"][0]["message"].clone();
         let calls = msg["tool_calls"].as_array().cloned().unwrap_or_default();
         if calls.is_empty() {
@@ -381,13 +390,16 @@ async fn run_agent(d: &mut Daemon, name: &str, crash: Option<(usize, When)>) -> 
     let check = exec(d, name, CHECK)
         .await
         .unwrap_or_else(|e| panic!("{name}: task checker: {e}\n{}", d.log()));
-    engine(d, json!({"op": "sandbox_rm", "name": name}))
-        .await
-        .expect("remove sandbox");
+    if !keep {
+        engine(d, json!({"op": "sandbox_rm", "name": name}))
+            .await
+            .expect("remove sandbox");
+    }
     Final {
         digest,
         check: check.trim().to_owned(),
         restores,
+        exchanges,
     }
 }
 
@@ -476,7 +488,7 @@ async fn crash_at_every_turn_recovers_the_fault_free_state() {
     let mut d = Daemon::start(&llm.base_url());
     let base = format!("e2e{}", std::process::id() % 100_000);
 
-    let clean = run_agent(&mut d, &format!("{base}-clean"), None).await;
+    let clean = run_agent(&mut d, &format!("{base}-clean"), None, false).await;
     assert_eq!(
         clean.check,
         "2",
@@ -484,6 +496,7 @@ async fn crash_at_every_turn_recovers_the_fault_free_state() {
         d.log()
     );
     assert_eq!(clean.restores, 0);
+    assert_eq!(clean.exchanges.len(), TASK.len() + 1);
     // The selective policy skipped the read-only turns and took full checkpoints where a
     // process appeared (the first one and the service's turn).
     let skipped = metric(&d, "crab_turn_checkpoints_total{plan=\"skip\"").await;
@@ -507,7 +520,7 @@ async fn crash_at_every_turn_recovers_the_fault_free_state() {
             {
                 continue;
             }
-            let got = run_agent(&mut d, &name, Some((turn, when))).await;
+            let got = run_agent(&mut d, &name, Some((turn, when)), false).await;
             assert!(
                 got.restores >= 1,
                 "{when:?} at turn {turn}: the crash went unnoticed"
@@ -528,7 +541,7 @@ async fn crash_at_every_turn_recovers_the_fault_free_state() {
         {
             continue;
         }
-        let got = run_agent(&mut d, &name, Some((turn, When::Crab))).await;
+        let got = run_agent(&mut d, &name, Some((turn, When::Crab)), false).await;
         assert_eq!(
             (got.digest.as_str(), got.check.as_str()),
             (clean.digest.as_str(), clean.check.as_str()),
@@ -538,4 +551,138 @@ async fn crash_at_every_turn_recovers_the_fault_free_state() {
         runs += 1;
     }
     eprintln!("{runs} crash runs recovered the fault-free state");
+}
+
+/// Asserts what the sandbox looks like after turn `turn` of the task (its files and service).
+async fn assert_state_after(d: &Daemon, name: &str, turn: usize) {
+    let ls = exec(d, name, "cd /work && find . | sort | tr '\\n' ' '")
+        .await
+        .unwrap();
+    let want = match turn {
+        3 => ". ./a.txt ./d ./d/x ",
+        4 => ". ./a.txt ./e ./e/x ./hard ",
+        6 => ". ./a.txt ./answer ./e ./e/x ./hard ./q ",
+        other => panic!("no expectation for turn {other}"),
+    };
+    assert_eq!(ls, want, "{name}: tree after turn {turn}");
+    let ps = exec(d, name, "ps -o args").await.unwrap();
+    assert_eq!(
+        ps.contains("read x"),
+        turn >= 5,
+        "{name}: the service runs exactly from turn 5 on:\n{ps}"
+    );
+}
+
+/// Restore by turn with replay from the transcript, rollback, and a 3-way fork.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restore_by_turn_replays_rollback_and_fork_branches() {
+    if !prerequisites("restore_by_turn_replays_rollback_and_fork_branches") {
+        return;
+    }
+    let llm = fake_llm().await;
+    let mut d = Daemon::start(&llm.base_url());
+    let name = format!("rb{}", std::process::id() % 100_000);
+    let run = run_agent(&mut d, &name, None, true).await;
+    assert_eq!(run.check, "2");
+    let turns = d.crab(&["turns", &name, "--json"]);
+    assert_eq!(turns.as_array().unwrap().len(), TASK.len() + 1, "{turns}");
+
+    // Rollback: undo the last 2 checkpointed turns (8 and 7): the state after turn 6, service
+    // and its in-memory counter included.
+    let r = d.crab(&["rollback", &name, "--turns", "2", "--json"]);
+    assert_eq!(r["turn"], 6, "{r}");
+
+    assert_state_after(&d, &name, 6).await;
+    assert_eq!(
+        exec(&d, &name, "echo ask > /work/q; sleep 0.3; cat /work/answer")
+            .await
+            .unwrap()
+            .trim(),
+        "2",
+        "the service's counter is the one checkpointed after turn 6"
+    );
+
+    // Restore to turn 4 and replay: an agent restarted from scratch re-sends requests 1..=5;
+    // crab answers them from the transcript (byte-identical content, marked), without the LLM.
+    let r = d.crab(&["restore", &name, "--turn", "4", "--json"]);
+    assert_eq!(r["turn"], 4, "{r}");
+    eprintln!(
+        "after restore: {r}\nfreezer {:?} {:?}\n{}\n{}",
+        std::fs::read_to_string(format!("/sys/fs/cgroup/freezer/crab/{name}/freezer.state")),
+        std::fs::read_to_string(format!("/sys/fs/cgroup/unified/crab/{name}/cgroup.freeze")),
+        d.crab(&["checkpoints", &name, "--json"]),
+        d.log()
+    );
+    assert!(r["replayable"].as_u64().unwrap() >= 5, "{r}");
+    assert_state_after(&d, &name, 4).await;
+    let upstream_before = llm.requests().len();
+    let url = format!("http://{}/sandbox/{name}/v1/chat/completions", d.proxy);
+    for (i, (body, reply)) in run.exchanges.iter().take(5).enumerate() {
+        let (status, got, headers) = post(&url, body).await.unwrap();
+        assert_eq!(status, 200);
+        assert_eq!(&got, reply, "replayed reply {} differs", i + 1);
+        assert_eq!(
+            headers.get("x-crab-replay").map(|v| v.as_bytes()),
+            Some(&b"1"[..]),
+            "request {} was not answered from the transcript",
+            i + 1
+        );
+    }
+    assert_eq!(
+        llm.requests().len(),
+        upstream_before,
+        "replay called the LLM"
+    );
+    // The first request the transcript cannot answer goes upstream again.
+    let (status, _, headers) = post(&url, &run.exchanges[5].0).await.unwrap();
+    assert_eq!(status, 200);
+    assert!(headers.get("x-crab-replay").is_none());
+    assert_eq!(llm.requests().len(), upstream_before + 1);
+
+    // Fork 3 ways from turn 3: each branch has the turn-3 state, replays its own transcript
+    // prefix, and diverges without touching the others or the original.
+    let f = d.crab(&["fork", &name, "--turn", "3", "--count", "3", "--json"]);
+    let forks: Vec<String> = f["forks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x["sandbox"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(forks.len(), 3, "{f}");
+    for (i, fork) in forks.iter().enumerate() {
+        assert_state_after(&d, fork, 3).await;
+        exec(&d, fork, &format!("echo branch-{i} > /work/branch"))
+            .await
+            .unwrap();
+        let furl = format!("http://{}/sandbox/{fork}/v1/chat/completions", d.proxy);
+        let (status, got, headers) = post(&furl, &run.exchanges[0].0).await.unwrap();
+        assert_eq!(status, 200);
+        assert_eq!(got, run.exchanges[0].1);
+        assert!(
+            headers.get("x-crab-replay").is_some(),
+            "fork {fork} did not replay"
+        );
+    }
+    for (i, fork) in forks.iter().enumerate() {
+        let b = exec(&d, fork, "cat /work/branch").await.unwrap();
+        assert_eq!(b.trim(), format!("branch-{i}"));
+    }
+    assert!(exec(&d, &name, "test ! -e /work/branch").await.is_ok());
+    let status = d.crab(&["coordinator", "--json"]);
+    for fork in &forks {
+        assert!(
+            status["sandboxes"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|s| s["sandbox"] == fork.as_str()),
+            "fork {fork} is not watched: {status}"
+        );
+        engine(&d, json!({"op": "sandbox_rm", "name": fork}))
+            .await
+            .unwrap();
+    }
+    engine(&d, json!({"op": "sandbox_rm", "name": name}))
+        .await
+        .unwrap();
 }
