@@ -1,19 +1,20 @@
 //! The copy-on-write backend: one read-only btrfs subvolume snapshot per checkpoint.
 //!
-//! Snapshot = freeze the sandbox, `btrfs subvolume snapshot -r`, thaw (the sandbox is frozen only
-//! for the snapshot itself), then one incremental `btrfs send --no-data -p <parent>` of the new
-//! snapshot, which gives both the bytes changed (the sum of its extent lengths, no file data is
-//! read) and the paths the kernel found different between the two immutable snapshots
-//! ([`send_stream`]). The tree hash is then computed incrementally
-//! ([`hash_tree`]): only directories on the paths of changed entries are listed again, the
-//! parent snapshot's per-directory index supplies everything else, and only files that are new
-//! or changed (by inode, size, mtime and ctime) are read.
+//! Snapshot = write back a large dirty set first ([`PREFLUSH_BYTES`]), freeze the sandbox,
+//! `btrfs subvolume snapshot -r`, thaw (the sandbox is frozen only for the snapshot itself),
+//! then one incremental `btrfs send --no-data -p <parent>` of the new snapshot, which gives both
+//! the bytes changed (the sum of its extent lengths, no file data is read) and the paths the
+//! kernel found different between the two immutable snapshots ([`send_stream`]). The tree hash
+//! is then computed incrementally ([`hash_tree`]): only directories on the paths of changed
+//! entries are listed again, the parent snapshot's per-directory index supplies everything
+//! else, and only files that are new or changed (by inode, size, mtime and ctime) are read. The
+//! new index is kept in memory and in a cache file per snapshot (deleted with the snapshot).
 //!
 //! Why this is sound: the recorded hash is a function of the snapshot's tree alone (the same
 //! value a full walk gives, see [`tree_hash`](super::tree_hash)); the change set comes from
-//! btrfs comparing two read-only snapshots, never from the inspector's [`ChangeHint`](super::ChangeHint) (which
-//! may be wrong); the parent's index is taken from memory when it belongs to the parent, else
-//! from its cache file next to the snapshot ([`tree_cache`]: checksummed,
+//! btrfs comparing two read-only snapshots, never from the inspector's
+//! [`ChangeHint`](super::ChangeHint) (which may be wrong); the parent's index is taken from
+//! memory when it belongs to the parent, else from its cache file ([`tree_cache`]: checksummed,
 //! bound to the snapshot id and to the tree hash in the parent's manifest), and a missing or
 //! bad cache means a full rehash, never trust. Should btrfs ever report too little, the
 //! recorded hash would not match the snapshot, and the restore check (which walks the restored
