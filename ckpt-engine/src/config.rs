@@ -48,6 +48,12 @@ pub struct EngineConfig {
     /// files whose inode, size, mtime and ctime are unchanged (a btrfs clone keeps all four;
     /// btrfs checksums data blocks itself) and reads the rest. Default `cached`.
     pub restore_verify: RestoreVerify,
+    /// btrfs backend: publish a filesystem point as soon as its read-only snapshot exists and
+    /// compute its tree hash right after, off the checkpoint's critical path (restore, fork and
+    /// verify wait for it or compute it; a restarted engine records missing hashes). Faster
+    /// checkpoints of large turns; the trade-off is that corruption of a read-only snapshot in
+    /// the milliseconds before its hash exists would go unnoticed. Default false.
+    pub deferred_tree_hash: bool,
     /// Process checkpoints (CRIU through `runc checkpoint`): the `[engine.process]` table.
     pub process: EngineProcessConfig,
 }
@@ -153,6 +159,7 @@ impl Default for EngineConfig {
             network_base: std::net::Ipv4Addr::new(10, 231, 0, 0),
             retention: RetentionConfig::default(),
             restore_verify: RestoreVerify::default(),
+            deferred_tree_hash: false,
             process: EngineProcessConfig::default(),
         }
     }

@@ -316,13 +316,24 @@ impl Engine {
         };
         let process = ProcessBackend::new(cfg.process.backend_config(runc.bin(), runc.root()))
             .map_err(|e| e.to_string());
-        let engine = Engine {
+        let mut engine = Engine {
             cfg,
             pool,
             runc,
             backend,
             process,
         };
+        if engine.cfg.deferred_tree_hash
+            && engine.cfg.fs_backend == crate::config::FsBackendKind::Btrfs
+        {
+            engine.backend = Arc::new(
+                BtrfsBackend::new(
+                    &engine.pool,
+                    engine.cfg.restore_verify == crate::config::RestoreVerify::Cached,
+                )
+                .with_deferred_hash(engine.manifest_sealer()),
+            );
+        }
         let meta = engine.meta_root();
         std::fs::create_dir_all(&meta).map_err(io_err("create meta dir", &meta))?;
         for name in engine.names()? {
