@@ -384,12 +384,7 @@ impl Inspector {
             .sandboxes
             .get_mut(id)
             .ok_or_else(|| InspectorError::UnknownSandbox { id: id.into() })?;
-        let (baseline, _) = sample_sandbox(sb, true);
-        sb.baseline_deleted_maps = baseline
-            .keys()
-            .flat_map(|k| deleted_mappings(k.pid))
-            .collect();
-        sb.baseline = baseline;
+        rebaseline(sb);
         Ok(())
     }
 
@@ -420,12 +415,7 @@ impl Inspector {
         sb.io_uring.clear();
         sb.memory_writes.clear();
         sb.listening.clear();
-        let (baseline, _) = sample_sandbox(sb, true);
-        sb.baseline_deleted_maps = baseline
-            .keys()
-            .flat_map(|k| deleted_mappings(k.pid))
-            .collect();
-        sb.baseline = baseline;
+        rebaseline(sb);
         Ok(())
     }
 
@@ -892,6 +882,17 @@ fn has_io_uring(pid: u32) -> bool {
     };
     rd.flatten()
         .any(|e| fs::read_link(e.path()).is_ok_and(|l| l.to_string_lossy().contains("io_uring")))
+}
+
+/// Samples the sandbox's processes as its new process baseline (with the files they map that
+/// are already deleted).
+fn rebaseline(sb: &mut Sandbox) {
+    let (baseline, _) = sample_sandbox(sb, true);
+    sb.baseline_deleted_maps = baseline
+        .keys()
+        .flat_map(|k| deleted_mappings(k.pid))
+        .collect();
+    sb.baseline = baseline;
 }
 
 /// Short description of a process for reports.
