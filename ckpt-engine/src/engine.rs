@@ -674,10 +674,33 @@ impl Engine {
                     "sh".into(),
                 ];
                 wrapped.extend(argv.iter().cloned());
-                Ok(self.runc.exec(name, &wrapped, true, &[], None)?)
+                self.exec_unpaused(name, &wrapped, true)
             }
-            SandboxKind::Container { .. } => Ok(self.runc.exec(name, argv, false, &[], None)?),
+            SandboxKind::Container { .. } => self.exec_unpaused(name, argv, false),
             SandboxKind::Directory { dirs } => self.exec_in_cgroup(name, dirs, argv, detach),
+        }
+    }
+
+    /// `runc exec`, waiting out a checkpoint: while CRIU dumps the container it is paused and
+    /// runc refuses to exec (before running anything), so the command is retried until the
+    /// container runs again (at most a minute).
+    fn exec_unpaused(
+        &self,
+        name: &str,
+        argv: &[String],
+        detach: bool,
+    ) -> Result<ExecOutput, EngineError> {
+        let start = std::time::Instant::now();
+        loop {
+            let out = self.runc.exec(name, argv, detach, &[], None)?;
+            if out.exit_code == 255
+                && out.stderr.contains("paused container")
+                && start.elapsed() < Duration::from_secs(60)
+            {
+                std::thread::sleep(Duration::from_millis(10));
+                continue;
+            }
+            return Ok(out);
         }
     }
 

@@ -86,6 +86,8 @@ fn free_addr() -> String {
 /// A `crab serve` process (restartable on the same ports and state).
 struct Daemon {
     child: Option<Child>,
+    network: bool,
+    listen: String,
     proxy: String,
     admin: String,
     upstream: String,
@@ -94,24 +96,38 @@ struct Daemon {
 }
 
 impl Daemon {
+    /// Outside placement: the agent needs no network inside the sandbox.
     fn start(upstream: &str) -> Daemon {
+        Daemon::start_with(upstream, false)
+    }
+
+    /// With `network`, sandboxes get a veth network and crab listens on every address, so an
+    /// agent inside a sandbox reaches it on the sandbox's host-side address.
+    fn start_with(upstream: &str, network: bool) -> Daemon {
         let state = tempfile::Builder::new()
             .prefix(&unique("e2e"))
             .tempdir()
             .unwrap();
         let config = state.path().join("crab.toml");
-        // Outside placement: the agent needs no network inside the sandbox.
         std::fs::write(
             &config,
             format!(
-                "[engine]\nstate_dir = \"{}\"\nnetwork = false\n",
+                "[engine]\nstate_dir = \"{}\"\nnetwork = {network}\n",
                 state.path().join("engine").display()
             ),
         )
         .unwrap();
+        let proxy = free_addr();
+        let listen = if network {
+            proxy.replace("127.0.0.1", "0.0.0.0")
+        } else {
+            proxy.clone()
+        };
         let mut d = Daemon {
             child: None,
-            proxy: free_addr(),
+            network,
+            listen,
+            proxy,
             admin: free_addr(),
             upstream: upstream.to_owned(),
             state,
@@ -128,7 +144,7 @@ impl Daemon {
             .open(self.state.path().join("crab.log"))
             .unwrap();
         let child = Command::new(env!("CARGO_BIN_EXE_crab"))
-            .args(["serve", "--listen", &self.proxy, "--admin", &self.admin])
+            .args(["serve", "--listen", &self.listen, "--admin", &self.admin])
             .args(["--upstream", &self.upstream, "--policy", "selective"])
             .arg("--config")
             .arg(&self.config)
@@ -186,7 +202,7 @@ impl Drop for Daemon {
         }
         let config = ckpt_engine::EngineConfig {
             state_dir: self.state.path().join("engine"),
-            network: false,
+            network: self.network,
             ..Default::default()
         };
         if let Ok(engine) = ckpt_engine::Engine::open(config) {
@@ -685,4 +701,139 @@ async fn restore_by_turn_replays_rollback_and_fork_branches() {
     engine(&d, json!({"op": "sandbox_rm", "name": name}))
         .await
         .unwrap();
+}
+
+/// The agent that runs *inside* the sandbox (busybox sh + wget): it knows nothing of Crab but
+/// its base URL — no `/sandbox/<id>` prefix, no header: crab attributes its connections to the
+/// sandbox by eBPF (the connecting process's cgroup). Its conversation lives in its memory, so
+/// every turn changes processes and gets a full checkpoint; after a crash the restored agent
+/// resumes at the checkpoint (its open connection to crab closed by the restore, it retries), or,
+/// when no point holds it yet, is started again and catches up through replay.
+const INSIDE_AGENT: &str = r#"#!/bin/sh
+URL="http://$1/v1/chat/completions"
+msgs='{"role":"user","content":"Do the task."}'
+step=0
+while :; do
+  body="{\"model\":\"fake\",\"tools\":[{\"type\":\"function\",\"function\":{\"name\":\"bash\"}}],\"messages\":[$msgs]}"
+  until reply=$(wget -q -O- --header 'content-type: application/json' --post-data "$body" "$URL"); do sleep 0.2; done
+  cmd=$(echo "$reply" | sed -n 's/.*\\"command\\":\\"\([^\\]*\)\\".*/\1/p')
+  [ -z "$cmd" ] && break
+  sh -c "$cmd" >/dev/null 2>&1
+  msgs="$msgs,{\"role\":\"assistant\",\"content\":\"step $step\"},{\"role\":\"user\",\"content\":\"ran step $step\"}"
+  step=$((step+1))
+done
+echo done > /agent.done
+"#;
+
+async fn start_inside_agent(d: &Daemon, name: &str, crab_addr: &str) {
+    exec(
+        d,
+        name,
+        &format!("sh /agent.sh {crab_addr} </dev/null >/dev/null 2>&1 &"),
+    )
+    .await
+    .unwrap();
+}
+
+async fn sandbox_info(d: &Daemon, name: &str) -> Value {
+    let list = engine(d, json!({"op": "sandbox_list"})).await.unwrap();
+    list.as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["name"] == name)
+        .cloned()
+        .expect("sandbox listed")
+}
+
+/// Runs the inside agent to completion, crashing the sandbox once when its turn `crash.0` has
+/// started (after `crash.1` ms); returns the final digest and checker output.
+async fn run_inside(d: &Daemon, name: &str, crash: Option<(u64, u64)>) -> (String, String) {
+    eprintln!("inside run {name}: crash {crash:?}");
+    engine(d, json!({"op": "sandbox_create", "name": name}))
+        .await
+        .expect("create sandbox");
+    let info = sandbox_info(d, name).await;
+    let host_ip = info["net"]["host_ip"]
+        .as_str()
+        .expect("sandbox network")
+        .to_owned();
+    let port = d.proxy.rsplit(':').next().unwrap();
+    let crab_addr = format!("{host_ip}:{port}");
+    let rootfs = PathBuf::from(info["rootfs"].as_str().unwrap());
+    std::fs::write(rootfs.join("agent.sh"), INSIDE_AGENT).unwrap();
+    start_inside_agent(d, name, &crab_addr).await;
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let mut crashed = crash.is_none();
+    loop {
+        assert!(
+            Instant::now() < deadline,
+            "{name}: the agent did not finish\n{}",
+            d.log()
+        );
+        if exec(d, name, "test -e /agent.done").await.is_ok() {
+            break;
+        }
+        if !crashed {
+            let (turn, delay) = crash.unwrap();
+            let turns = d.crab(&["turns", name, "--json"]);
+            if turns.as_array().unwrap().len() as u64 >= turn {
+                tokio::time::sleep(Duration::from_millis(delay)).await;
+                kill_sandbox(d, name).await;
+                crashed = true;
+                let r = d.crab(&["restore", name, "--json"]);
+                eprintln!(
+                    "  crashed in turn {turn} (+{delay} ms); restored to turn {}",
+                    r["turn"]
+                );
+                // The agent is back with the sandbox if the point holds it; else start it again.
+                let ps = exec(d, name, "ps -o args").await.unwrap();
+                if !ps.contains("agent.sh") {
+                    start_inside_agent(d, name, &crab_addr).await;
+                }
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let digest = exec(d, name, DIGEST).await.unwrap();
+    let check = exec(d, name, CHECK).await.unwrap();
+    engine(d, json!({"op": "sandbox_rm", "name": name}))
+        .await
+        .unwrap();
+    (digest, check.trim().to_owned())
+}
+
+/// The agent inside the sandbox, attributed by eBPF, survives sandbox crashes in several turns.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn inside_agent_recovers_from_sandbox_crashes() {
+    if !prerequisites("inside_agent_recovers_from_sandbox_crashes") {
+        return;
+    }
+    let llm = fake_llm().await;
+    let d = Daemon::start_with(&llm.base_url(), true);
+    let base = format!("in{}", std::process::id() % 100_000);
+    let clean = run_inside(&d, &format!("{base}-clean"), None).await;
+    assert_eq!(
+        clean.1,
+        "2",
+        "fault-free inside run: {clean:?}\n{}",
+        d.log()
+    );
+    // Attributed without any configuration: the transcript is the sandbox's own.
+    let records = std::fs::read_to_string(
+        d.state
+            .path()
+            .join("transcripts")
+            .join(format!("{base}-clean.jsonl")),
+    )
+    .unwrap();
+    assert_eq!(records.lines().count(), TASK.len() + 1);
+    for (turn, delay) in [(2, 250), (4, 0), (5, 250), (7, 0), (8, 250), (1, 0)] {
+        let got = run_inside(&d, &format!("{base}-t{turn}d{delay}"), Some((turn, delay))).await;
+        assert_eq!(
+            got,
+            clean,
+            "inside agent, crash in turn {turn} (+{delay} ms): final state differs\n{}",
+            d.log()
+        );
+    }
 }

@@ -867,6 +867,11 @@ impl Coordinator {
                 if let Err(e) = self.watch(name).await {
                     warn!(sandbox = %name, error = %e, "cannot watch the new sandbox");
                 }
+                // `sandbox create` returns once the baseline point is durable: whatever the
+                // caller starts next (an agent) is covered by turn checkpoints from then on.
+                if let Some(b) = self.gate(name) {
+                    self.hold(&b).await;
+                }
             }
             (Rq::SandboxRm { name }, _) => self.unwatch(name, true).await,
             (Rq::Restore { name, .. }, Rs::Restored(report)) => {
