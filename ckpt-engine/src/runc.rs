@@ -164,12 +164,27 @@ impl Runc {
     /// Stops and removes the container (`runc delete --force` kills what is left). Unknown
     /// containers are fine.
     pub fn delete(&self, id: &str) -> Result<(), ToolError> {
-        if self.status(id).is_none() {
+        let Some((_, pid)) = self.state(id) else {
             return Ok(());
-        }
+        };
         let mut args = self.base();
         args.extend(["delete".into(), "--force".into(), id.into()]);
-        sys::run(&self.bin, &args).map(|_| ())
+        match sys::run(&self.bin, &args) {
+            Ok(_) => Ok(()),
+            // The init of a container whose daemon was killed is re-parented to the host's
+            // init, which may never reap it: its zombie makes runc refuse ("container init
+            // still running"). Its processes are gone (the caller emptied the cgroup), so
+            // forgetting the container is all that is left to do.
+            Err(e) if pid != 0 && is_zombie(pid) => {
+                tracing::warn!(
+                    container = id,
+                    pid,
+                    "container init is an unreaped zombie: dropping runc's state"
+                );
+                std::fs::remove_dir_all(self.root.join(id)).map_err(|_| e)
+            }
+            Err(e) => Err(e),
+        }
     }
 
     /// Ids of all containers in this state root.
@@ -256,4 +271,15 @@ pub fn oci_spec(hostname: &str, rootfs: &Path, cgroups_path: &str) -> serde_json
             ]
         }
     })
+}
+
+/// Whether `pid` is a zombie (exited, not yet reaped by its parent).
+fn is_zombie(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| {
+            s.rsplit_once(')')
+                .and_then(|(_, rest)| rest.split_whitespace().next().map(|st| st == "Z"))
+        })
+        .unwrap_or(false)
 }

@@ -788,6 +788,9 @@ async fn run_inside(d: &Daemon, name: &str, crash: Option<(u64, u64)>) -> (Strin
                 // The agent is back with the sandbox if the point holds it; else start it again.
                 let ps = exec(d, name, "ps -o args").await.unwrap();
                 if !ps.contains("agent.sh") {
+                    // (Its script came after the baseline point: put it back, as an image
+                    // would have it.)
+                    std::fs::write(rootfs.join("agent.sh"), INSIDE_AGENT).unwrap();
                     start_inside_agent(d, name, &crab_addr).await;
                 }
             }
@@ -827,7 +830,7 @@ async fn inside_agent_recovers_from_sandbox_crashes() {
     )
     .unwrap();
     assert_eq!(records.lines().count(), TASK.len() + 1);
-    for (turn, delay) in [(2, 250), (4, 0), (5, 250), (7, 0), (8, 250), (1, 0)] {
+    for (turn, delay) in [(1, 0), (2, 250), (4, 0), (5, 250), (7, 0), (8, 250)] {
         let got = run_inside(&d, &format!("{base}-t{turn}d{delay}"), Some((turn, delay))).await;
         assert_eq!(
             got,

@@ -202,6 +202,14 @@ async fn target(
     turn: Option<u64>,
     to: Option<String>,
 ) -> Result<Target, CoordinatorError> {
+    // A checkpoint still running (the crash hit during a turn end) resolves first, so the
+    // choice sees its outcome.
+    if let Some(b) = shared.coordinator.gate(name) {
+        b.wait(std::time::Duration::from_millis(
+            shared.coordinator.cfg.gate_timeout_ms,
+        ))
+        .await;
+    }
     let entries = read_journal(shared, name).await?;
     let by_point = |id: &str| {
         journal::effective(&entries, None)

@@ -446,9 +446,10 @@ impl Coordinator {
             st.inspected = inspected;
             st.addr = addr;
             if fresh {
-                st.has_valid_point = last.as_ref().is_some_and(|e| {
-                    e.point.is_some() && matches!(e.outcome.as_str(), "durable" | "skipped")
-                });
+                // The inspector starts watching only now: whatever the sandbox did since its
+                // last point (e.g. while a killed daemon was down) went unobserved, so the next
+                // checkpoint is full and rescanned whatever the journal says.
+                st.has_valid_point = false;
                 st.last_point = last.as_ref().and_then(|e| e.point.clone());
                 st.last_turn = last.as_ref().map(|e| e.turn);
                 self.watched.fetch_add(1, Ordering::AcqRel);
@@ -561,11 +562,10 @@ impl Coordinator {
     /// A sandbox without a valid point gets a full "turn 0" checkpoint at once, so a crash
     /// during its first turn is recoverable too (the first reply waits for it like any other).
     fn baseline(self: &Arc<Self>, sandbox: &str, turn: u64) {
-        let needed =
-            self.cfg.policy != Policy::Off
-                && self.sandboxes.lock().get(sandbox).is_some_and(|s| {
-                    !s.has_valid_point && s.last_turn.is_none() && s.latest.is_none()
-                });
+        let needed = self.cfg.policy != Policy::Off
+            && self.sandboxes.lock().get(sandbox).is_some_and(|s| {
+                !s.has_valid_point && s.last_point.is_none() && s.latest.is_none()
+            });
         if needed {
             self.turn_ended(sandbox, turn, None);
         }
