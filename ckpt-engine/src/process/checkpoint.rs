@@ -20,7 +20,9 @@ use super::reaper::Reaper;
 use super::runc::{Runc, attach_pipe_stdio, log_tail};
 use super::sockets::connected_tcp;
 use super::stats::{CriuDumpStats, CriuRestoreStats, decode_dump_stats, decode_restore_stats};
-use super::tree::{ProcessEntry, compare_trees, outside_tree, read_tree, read_tree_with_host_pids};
+use super::tree::{
+    ProcessEntry, compare_trees, outside_tree, read_tree, read_tree_with_host_pids, split_outsiders,
+};
 use super::{ProcessConfig, ProcessError, validate_container_id};
 
 /// Version of [`ProcessImageInfo`]'s format.
@@ -401,12 +403,25 @@ impl ProcessBackend {
                     // CRIU dumps the tree under the sandbox's init; anything else in its cgroup
                     // (a `runc exec -d` process is re-parented outside the tree) would be lost
                     // silently: refuse instead.
-                    let outside = outside_tree(Path::new("/proc"), init_pid);
-                    if !outside.is_empty() {
-                        hook_error = Some(Box::new(ProcessError::OutsideTree {
+                    // `init_pid` is CRIU's root task, i.e. the pid runc's state names; the
+                    // cgroup's processes of another pid namespace belong to another container.
+                    let (own, foreign) =
+                        split_outsiders(&outside_tree(Path::new("/proc"), init_pid));
+                    let refusal = if !own.is_empty() {
+                        Some(ProcessError::OutsideTree {
                             container: id.to_string(),
-                            processes: outside.join(", "),
-                        }));
+                            processes: own.join(", "),
+                        })
+                    } else if !foreign.is_empty() {
+                        Some(ProcessError::ForeignProcesses {
+                            container: id.to_string(),
+                            processes: foreign.join(", "),
+                        })
+                    } else {
+                        None
+                    };
+                    if let Some(refusal) = refusal {
+                        hook_error = Some(Box::new(refusal));
                         rv.answer(false)?;
                         continue;
                     }
