@@ -5,8 +5,10 @@
 //! turns in between — runs through the real `crab serve` under each checkpoint policy (`off`,
 //! `selective`, `full-every-turn`; `fs-every-turn` on request) with 1 and 16 sandboxes whose
 //! agents run at once on the busybox image. The fake LLM (in-process) answers each request with
-//! the next turn's `bash` tool call after a think time drawn from a distribution (log-normal by
-//! default, seconds like real agents' model calls, multiplied by `--time-scale`); the agent runs
+//! the next turn's `bash` tool call after a think time drawn from one of its distributions
+//! (log-normal by default, seconds like real agents' model calls, multiplied by `--time-scale`;
+//! sent as its `ttft-ms` header so each (agent, turn) thinks the same under every policy); the
+//! agent runs
 //! each command in its own sandbox through crab's exec API (the agent-outside placement), so
 //! every turn end is checkpointed per the policy and the next reply waits at the response gate
 //! until that checkpoint is durable.
@@ -19,10 +21,10 @@
 //! (every published point: the btrfs send size of its filesystem snapshots plus its own process
 //! image) and their ratio to `full-every-turn`.
 //!
-//! Fairness: every run gets a fresh crab, btrfs pool and fake LLM with the same seed, so the
-//! multiset of think times of a run is the same under every policy (with one sandbox, the same
-//! sequence); only their assignment to the agents of a 16-sandbox run depends on arrival order,
-//! which is why the mean per agent is the steadier of the two ratios.
+//! Fairness: every run gets a fresh crab, btrfs pool and fake LLM; the think time of agent i's
+//! turn t is drawn from a generator seeded by (`--seed`, i, t), so every policy sees exactly the
+//! same think times per agent and turn (and agent 0 the same with 1 or 16 sandboxes); what
+//! differs between policies is only crab's work.
 //!
 //! Invariants: every run's sandboxes are destroyed, its crab stopped and its btrfs pool
 //! unmounted, also when the run fails (a guard's `Drop`); a tool command that fails fails the
@@ -65,7 +67,7 @@ pub struct Args {
     /// Multiplier of the think times (1 = realistic seconds; 0.1 for a ~1 minute smoke run).
     #[arg(long, default_value_t = 0.5)]
     pub time_scale: f64,
-    /// Seed of the think-time draws (the same for every run).
+    /// Seed of the think-time draws (agent i's turn t draws from (seed, i, t) in every run).
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
     /// Where the per-run state directories are made (default: the system temp directory).
@@ -125,12 +127,11 @@ fn replies_per_agent() -> usize {
     TASK.len() + 1
 }
 
-/// The fake LLM's script: the task's turns, each thinking `think`, then "Done.".
-fn script(think: &str) -> fake_llm::Script {
+/// The fake LLM's script: the task's turns, then "Done." (think times come with each request).
+fn script() -> fake_llm::Script {
     let turn = |text: &str, calls: Vec<fake_llm::ScriptToolCall>| fake_llm::ScriptTurn {
         text: text.into(),
         tool_calls: calls,
-        think: Some(think.to_owned()),
         ..Default::default()
     };
     let mut turns: Vec<fake_llm::ScriptTurn> = TASK
@@ -150,6 +151,51 @@ fn script(think: &str) -> fake_llm::Script {
         turns,
         ..Default::default()
     }
+}
+
+/// splitmix64: a tiny seeded generator (the draws must not depend on arrival order).
+fn splitmix(state: &mut u64) -> u64 {
+    *state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    let mut z = *state;
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+/// A uniform draw in (0, 1).
+fn unit(state: &mut u64) -> f64 {
+    ((splitmix(state) >> 11) as f64 + 0.5) / (1u64 << 53) as f64
+}
+
+/// The think time of `agent`'s request `turn`, ms, drawn from `model` (the fake LLM's
+/// distributions, sampled the way the fake samples them) with a generator seeded by
+/// (seed, agent, turn), times `scale`.
+fn think_ms(
+    model: &fake_llm::LatencyModel,
+    seed: u64,
+    agent: usize,
+    turn: usize,
+    scale: f64,
+) -> u64 {
+    let mut st = seed ^ ((agent as u64) << 32) ^ (turn as u64).wrapping_mul(0x1000_0001);
+    splitmix(&mut st);
+    let ms = match *model {
+        fake_llm::LatencyModel::Fixed(ms) => ms,
+        fake_llm::LatencyModel::Uniform { min, max } => {
+            if max > min {
+                min + (max - min) * unit(&mut st)
+            } else {
+                min
+            }
+        }
+        fake_llm::LatencyModel::LogNormal { median_ms, sigma } => {
+            // Box-Muller, as the fake does.
+            let (u1, u2) = (unit(&mut st), unit(&mut st));
+            let z = (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos();
+            median_ms * (sigma * z).exp()
+        }
+    };
+    (ms.max(0.0) * scale.max(0.0)).round() as u64
 }
 
 const POLICIES: &[&str] = &["off", "selective", "full-every-turn", "fs-every-turn"];
@@ -315,6 +361,8 @@ struct Row {
     /// Mean over agents of first request to final reply, s.
     agent_mean_s: f64,
     agent_mean_ratio_vs_off: Option<f64>,
+    /// Mean per agent of the think times the fake LLM was asked for, s.
+    think_mean_s: f64,
     /// Mean per agent of the time spent waiting for LLM replies (think + gate + proxy), s.
     llm_wait_mean_s: f64,
     /// Mean per agent of the time spent running tool commands through crab's exec API, s.
@@ -548,8 +596,14 @@ struct AgentTimes {
 }
 
 /// The scripted agent: Chat Completions through crab with the `bash` tool, each call executed
-/// in the sandbox; ends at the reply without tool calls.
-async fn run_agent(crab: Crab, name: String, progress: ProgressBar) -> anyhow::Result<AgentTimes> {
+/// in the sandbox; ends at the reply without tool calls. Request k asks the fake to think
+/// `think[k]` ms.
+async fn run_agent(
+    crab: Crab,
+    name: String,
+    think: Vec<u64>,
+    progress: ProgressBar,
+) -> anyhow::Result<AgentTimes> {
     let url = format!("http://{}/sandbox/{name}/v1/chat/completions", crab.proxy);
     let tools = json!([{"type": "function", "function": {"name": "bash",
         "parameters": {"type": "object", "properties": {"command": {"type": "string"}}}}}]);
@@ -559,12 +613,17 @@ async fn run_agent(crab: Crab, name: String, progress: ProgressBar) -> anyhow::R
     ];
     let (mut llm, mut tools_time) = (Duration::ZERO, Duration::ZERO);
     let start = Instant::now();
-    for _ in 0..replies_per_agent() + 1 {
+    for k in 0..replies_per_agent() + 1 {
         let body = json!({"model": "fake", "messages": messages, "tools": tools});
+        let fault = format!("ttft-ms={}", think.get(k).copied().unwrap_or(0));
         let t0 = Instant::now();
         let t = tokio::time::timeout(
             Duration::from_secs(900),
-            timed(&crab.client, post_json(&url, &body, &[]), true),
+            timed(
+                &crab.client,
+                post_json(&url, &body, &[(fake_llm::FAULT_HEADER, &fault)]),
+                true,
+            ),
         )
         .await
         .with_context(|| format!("{name}: LLM request timed out"))?
@@ -692,15 +751,18 @@ async fn run_inner(
     progress: &ProgressBar,
 ) -> anyhow::Result<Row> {
     progress.set_message(format!("{policy} x{n}: starting"));
+    let model: fake_llm::LatencyModel = args
+        .think
+        .parse()
+        .map_err(|e| anyhow::anyhow!("--think: {e}"))?;
     let llm = fake_llm::spawn_with(
         fake_llm::FakeLlmConfig {
-            script: Some(script(&args.think)),
-            seed: args.seed,
+            script: Some(script()),
             ..Default::default()
         },
         fake_llm::ServeOptions {
             record_requests: false,
-            time_scale: args.time_scale,
+            time_scale: 1.0,
         },
     )
     .await?;
@@ -720,9 +782,24 @@ async fn run_inner(
     let setup_s = setup.elapsed().as_secs_f64();
     progress.set_message(format!("{policy} x{n}: agents running"));
     let start = Instant::now();
+    let thinks: Vec<Vec<u64>> = (0..n)
+        .map(|i| {
+            (0..replies_per_agent())
+                .map(|t| think_ms(&model, args.seed, i, t, args.time_scale))
+                .collect()
+        })
+        .collect();
     let agents: Vec<_> = names
         .iter()
-        .map(|name| tokio::spawn(run_agent(crab.clone(), name.clone(), progress.clone())))
+        .zip(&thinks)
+        .map(|(name, think)| {
+            tokio::spawn(run_agent(
+                crab.clone(),
+                name.clone(),
+                think.clone(),
+                progress.clone(),
+            ))
+        })
         .collect();
     let mut times = Vec::new();
     let mut first_err = None;
@@ -812,6 +889,7 @@ async fn run_inner(
         wall_ratio_vs_off: None,
         agent_mean_s: mean(&|t| t.total),
         agent_mean_ratio_vs_off: None,
+        think_mean_s: thinks.iter().flatten().sum::<u64>() as f64 / 1000.0 / n.max(1) as f64,
         llm_wait_mean_s: mean(&|t| t.llm),
         tool_mean_s: mean(&|t| t.tools),
         replies: reports.iter().map(|r| r.replies.len()).sum(),
@@ -881,13 +959,14 @@ fn ratio(r: Option<f64>) -> String {
 
 fn print_tables(rows: &[Row]) {
     println!(
-        "\n{:<16} {:>3} {:>8} {:>7} {:>8} {:>7} {:>7} {:>6} {:>6} {:>8} {:>8} {:>8} {:>8} {:>5} {:>4} {:>4} {:>9} {:>7}",
+        "\n{:<16} {:>3} {:>8} {:>7} {:>8} {:>7} {:>7} {:>7} {:>6} {:>6} {:>8} {:>8} {:>8} {:>8} {:>5} {:>4} {:>4} {:>9} {:>7}",
         "policy",
         "N",
         "wall s",
         "ratio",
         "agent s",
         "ratio",
+        "think s",
         "tool s",
         "gated",
         "of",
@@ -903,13 +982,14 @@ fn print_tables(rows: &[Row]) {
     );
     for r in rows {
         println!(
-            "{:<16} {:>3} {:>8.2} {:>7} {:>8.2} {:>7} {:>7.2} {:>6} {:>6} {:>8} {:>8} {:>8} {:>8} {:>5} {:>4} {:>4} {:>9.2} {:>7}",
+            "{:<16} {:>3} {:>8.2} {:>7} {:>8.2} {:>7} {:>7.2} {:>7.2} {:>6} {:>6} {:>8} {:>8} {:>8} {:>8} {:>5} {:>4} {:>4} {:>9.2} {:>7}",
             r.policy,
             r.sandboxes,
             r.wall_s,
             ratio(r.wall_ratio_vs_off),
             r.agent_mean_s,
             ratio(r.agent_mean_ratio_vs_off),
+            r.think_mean_s,
             r.tool_mean_s,
             r.gated,
             r.replies,
@@ -1144,11 +1224,28 @@ mod tests {
         assert!(percentile(&[], 0.5).is_nan());
     }
 
-    /// The script has one tool turn per task command, then the final answer; its think
-    /// distribution parses.
+    /// Think times are a pure function of (seed, agent, turn), follow the distribution's
+    /// median and scale.
+    #[test]
+    fn think_times_are_reproducible() {
+        let m: fake_llm::LatencyModel = "lognormal:3000,0.6".parse().unwrap();
+        assert_eq!(think_ms(&m, 1, 3, 5, 1.0), think_ms(&m, 1, 3, 5, 1.0));
+        assert_ne!(think_ms(&m, 1, 3, 5, 1.0), think_ms(&m, 1, 4, 5, 1.0));
+        let mut v: Vec<u64> = (0..2000).map(|i| think_ms(&m, 7, i, 0, 1.0)).collect();
+        v.sort_unstable();
+        let median = v[1000] as f64;
+        assert!((2700.0..3300.0).contains(&median), "median {median}");
+        let half = think_ms(&m, 1, 0, 0, 0.5) as f64;
+        assert!((half - think_ms(&m, 1, 0, 0, 1.0) as f64 / 2.0).abs() <= 1.0);
+        let u: fake_llm::LatencyModel = "uniform:10-20".parse().unwrap();
+        assert!((0..100).all(|t| (10..=20).contains(&think_ms(&u, 1, 0, t, 1.0))));
+        assert_eq!(think_ms(&"50".parse().unwrap(), 1, 0, 0, 0.1), 5);
+    }
+
+    /// The script has one tool turn per task command, then the final answer.
     #[test]
     fn script_matches_task() {
-        let s = script("lognormal:3000,0.6");
+        let s = script();
         assert_eq!(s.turns.len(), replies_per_agent());
         assert!(s.turns.last().unwrap().tool_calls.is_empty());
         s.validate().unwrap();
@@ -1164,6 +1261,7 @@ mod tests {
             wall_ratio_vs_off: None,
             agent_mean_s: wall,
             agent_mean_ratio_vs_off: None,
+            think_mean_s: 0.0,
             llm_wait_mean_s: 0.0,
             tool_mean_s: 0.0,
             replies: 0,
