@@ -1331,6 +1331,12 @@ impl Engine {
         let Some(_lock) = self.lock_with(name, nix::fcntl::FlockArg::LockExclusiveNonblock)? else {
             return Ok(());
         };
+        // A dump of a killed engine may still be finishing; it re-freezes the cgroup as it
+        // found it when it ends, so thaw only after it.
+        if let Ok(backend) = &self.process {
+            let secs = self.cfg.process.hook_timeout_secs.saturating_add(10);
+            backend.settle_orphaned_dumps(name, Duration::from_secs(secs));
+        }
         let cg = self.cgroup(name);
         if cg.exists() && cg.is_frozen() {
             tracing::warn!(sandbox = %name, "thawing a sandbox left frozen by a crashed checkpoint");

@@ -7,18 +7,21 @@
 //! Regression: right after a restore or fork the coordinator takes a (baseline) full
 //! checkpoint; for the length of CRIU's dump runc reports the container `paused`, and every
 //! `runc exec` in that window failed with "exec failed: cannot exec in a paused container"
-//! although the freezer was thawed again when anyone looked.
+//! although the freezer was thawed again when anyone looked. And after a crab killed during a
+//! dump was restarted, its recovery thawed the sandbox while the orphaned CRIU was still
+//! waiting in its action script; CRIU then froze the cgroup again as it had found it (frozen
+//! by crab), and the sandbox stayed paused for good.
 
 mod common;
 mod process_support;
 
 use std::time::{Duration, Instant};
 
-use ckpt_engine::Engine;
 use ckpt_engine::fs::ChangeHint;
 use ckpt_engine::manifest::{CheckpointKind, RecoveryPoint};
+use ckpt_engine::{Engine, EngineConfig};
 use common::{TestEngine, file, sh, unique};
-use process_support::{GIB, process_prerequisites};
+use process_support::{GIB, Lab, process_prerequisites};
 
 /// The coordinator e2e test's in-memory service: a counter answering through a FIFO.
 const SERVICE: &str = "mkdir -p /work && mkfifo /work/q && (n=0; while :; do if read x < /work/q; \
@@ -193,4 +196,87 @@ fn exec_during_a_full_checkpoint_waits_for_it() {
         "the exec met a frozen container in only {hit} of 6 rounds"
     );
     assert_running(e, &name, "after the checkpoints");
+}
+
+/// Not a test on its own: the child process of
+/// `restart_after_a_kill_during_a_dump_leaves_the_sandbox_running`, an engine taking full
+/// checkpoints of a sandbox until it is killed.
+#[test]
+#[ignore = "helper process of restart_after_a_kill_during_a_dump_leaves_the_sandbox_running"]
+fn child_full_checkpoints_until_killed() {
+    let (Ok(cfg), Ok(name)) = (
+        std::env::var("CRAB_TEST_CHILD_CONFIG"),
+        std::env::var("CRAB_TEST_CHILD_SANDBOX"),
+    ) else {
+        panic!("helper needs CRAB_TEST_CHILD_CONFIG and CRAB_TEST_CHILD_SANDBOX");
+    };
+    let cfg: EngineConfig = serde_json::from_str(&cfg).unwrap();
+    let engine = Engine::open(cfg).unwrap();
+    loop {
+        let _ = engine.checkpoint(&name, CheckpointKind::Full, &ChangeHint::Unknown);
+    }
+}
+
+/// The engine process is killed (alone: its runc and CRIU carry on) while a full checkpoint
+/// holds the sandbox frozen, and a new engine opens the state at once: once the orphaned dump
+/// is over, the sandbox runs (runc `running`) and takes execs.
+#[test]
+fn restart_after_a_kill_during_a_dump_leaves_the_sandbox_running() {
+    if !process_prerequisites("restart_after_a_kill_during_a_dump_leaves_the_sandbox_running") {
+        return;
+    }
+    use nix::sys::signal::{Signal, kill};
+    use nix::unistd::Pid;
+    let mut lab = Lab::open(4 * GIB);
+    let name = unique("");
+    lab.engine().create(&name, None).expect("create sandbox");
+    let mut cfg = lab.engine().config().clone();
+    cfg.process.hook_timeout_secs = 5;
+    let cfg_json = serde_json::to_string(&cfg).unwrap();
+    for (round, delay_ms) in [0u64, 20, 60].into_iter().enumerate() {
+        let mut child = std::process::Command::new(std::env::current_exe().unwrap())
+            .args([
+                "--exact",
+                "child_full_checkpoints_until_killed",
+                "--ignored",
+                "--nocapture",
+            ])
+            .env("CRAB_TEST_CHILD_CONFIG", &cfg_json)
+            .env("CRAB_TEST_CHILD_SANDBOX", &name)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while lab.engine().runc().status(&name).as_deref() != Some("paused") {
+            assert!(
+                Instant::now() < deadline,
+                "round {round}: no dump froze the sandbox"
+            );
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        std::thread::sleep(Duration::from_millis(delay_ms));
+        let _ = kill(Pid::from_raw(child.id() as i32), Signal::SIGKILL);
+        let _ = child.wait();
+        let orphans = lab.process.dumps_in_progress(&name);
+        // A restart right away: recovery runs while the orphaned dump may still be going.
+        lab.t.reopen();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !lab.process.dumps_in_progress(&name).is_empty() {
+            assert!(
+                Instant::now() < deadline,
+                "round {round}: the orphaned dump never ended"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        std::thread::sleep(Duration::from_millis(500));
+        eprintln!(
+            "round {round}: killed {delay_ms} ms into the frozen window, orphans {orphans:?}"
+        );
+        assert_running(
+            lab.engine(),
+            &name,
+            &format!("round {round} after the restart"),
+        );
+    }
 }
