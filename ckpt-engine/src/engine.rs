@@ -610,6 +610,7 @@ impl Engine {
             // A stale container with this id (crashed engine) would make `run` fail.
             self.runc.delete(name)?;
         }
+        self.evict_leftovers(name)?;
         self.runc
             .run_detached(name, &self.meta_dir(name).join("bundle"))?;
         match self.runc.state(name) {
@@ -619,6 +620,31 @@ impl Engine {
                 status: other.map(|(s, _)| s).unwrap_or_else(|| "missing".into()),
             }),
         }
+    }
+
+    /// Kills what is left in the cgroup of `name` before a container starts there, when this
+    /// engine's runc has no container `name`: the processes of a container that an earlier
+    /// engine (killed, its state directory gone) or another state root started under the same
+    /// cgroup path. Left there they would share the new container's cgroup: every full
+    /// checkpoint would refuse them as processes outside the init's tree, and the new
+    /// container's restore would kill them anyway.
+    fn evict_leftovers(&self, name: &str) -> Result<(), EngineError> {
+        let cg = self.cgroup(name);
+        if !cg.exists() || self.runc.status(name).is_some() {
+            return Ok(());
+        }
+        let leftovers = crate::process::tree::cgroup_pids_in(cg.path());
+        if leftovers.is_empty() {
+            return Ok(());
+        }
+        tracing::warn!(
+            sandbox = %name,
+            cgroup = %cg.path().display(),
+            pids = ?leftovers,
+            "killing processes left in the sandbox's cgroup by a container this engine does not know"
+        );
+        cg.kill_all(Duration::from_secs(10))?;
+        Ok(())
     }
 
     fn global_lock(&self) -> Result<nix::fcntl::Flock<File>, EngineError> {
@@ -674,33 +700,44 @@ impl Engine {
                     "sh".into(),
                 ];
                 wrapped.extend(argv.iter().cloned());
-                self.exec_unpaused(name, &wrapped, true)
+                self.exec_container(name, &wrapped, true)
             }
-            SandboxKind::Container { .. } => self.exec_unpaused(name, argv, false),
+            SandboxKind::Container { .. } => self.exec_container(name, argv, false),
             SandboxKind::Directory { dirs } => self.exec_in_cgroup(name, dirs, argv, detach),
         }
     }
 
-    /// `runc exec`, waiting out a checkpoint: while CRIU dumps the container it is paused and
-    /// runc refuses to exec (before running anything), so the command is retried until the
-    /// container runs again (at most a minute).
-    fn exec_unpaused(
+    /// `runc exec` that waits out a checkpoint: runc refuses to exec into a container whose
+    /// freezer is frozen ("cannot exec in a paused container"), and a full checkpoint keeps it
+    /// frozen for CRIU's dump — e.g. the baseline checkpoint a coordinator takes right after a
+    /// fork or restore. Checkpoints freeze only under the sandbox's lock, so on that refusal
+    /// (runc started nothing) this waits for the lock and retries; a container still paused
+    /// while the lock is free is paused for real, and the refusal is returned.
+    fn exec_container(
         &self,
         name: &str,
         argv: &[String],
         detach: bool,
     ) -> Result<ExecOutput, EngineError> {
-        let start = std::time::Instant::now();
+        const ATTEMPTS: usize = 20;
+        let mut attempt = 1;
         loop {
-            let out = self.runc.exec(name, argv, detach, &[], None)?;
-            if out.exit_code == 255
-                && out.stderr.contains("paused container")
-                && start.elapsed() < Duration::from_secs(60)
-            {
-                std::thread::sleep(Duration::from_millis(10));
-                continue;
+            let result = self.runc.exec(name, argv, detach, &[], None);
+            let paused = match &result {
+                Ok(out) => out.exit_code == 255 && runc::refused_as_paused(&out.stderr),
+                Err(e) => runc::refused_as_paused(&e.stderr),
+            };
+            if !paused || attempt == ATTEMPTS {
+                return Ok(result?);
             }
-            return Ok(out);
+            attempt += 1;
+            let lock = self.lock(name)?;
+            let status = self.runc.status(name);
+            drop(lock);
+            if status.as_deref() == Some("paused") {
+                return Ok(result?);
+            }
+            tracing::debug!(sandbox = %name, attempt, "exec retried after a checkpoint's frozen window");
         }
     }
 
@@ -1146,21 +1183,21 @@ impl Engine {
                 Ok(())
             }
             Err(failure) => {
-                let why =
-                    match &failure.error {
-                        ProcessError::DumpFailed { reason, .. } => format!(
-                            "criu refused the sandbox ({:?}): {reason}{}",
-                            reason.kind,
-                            if reason.kind.is_unsupported_sandbox() {
-                                " (retrying will not help until the sandbox changes)"
-                            } else {
-                                ""
-                            }
-                        ),
-                        e @ (ProcessError::OutsideTree { .. }
-                        | ProcessError::ContainerState { .. }) => e.to_string(),
-                        _ => return Err(failure.error.into()),
-                    };
+                let why = match &failure.error {
+                    ProcessError::DumpFailed { reason, .. } => format!(
+                        "criu refused the sandbox ({:?}): {reason}{}",
+                        reason.kind,
+                        if reason.kind.is_unsupported_sandbox() {
+                            " (retrying will not help until the sandbox changes)"
+                        } else {
+                            ""
+                        }
+                    ),
+                    e @ (ProcessError::OutsideTree { .. }
+                    | ProcessError::ForeignProcesses { .. }
+                    | ProcessError::ContainerState { .. }) => e.to_string(),
+                    _ => return Err(failure.error.into()),
+                };
                 tracing::warn!(sandbox = %rec.name, reason = %why, "full checkpoint degraded to filesystem-only");
                 if failure.frozen.is_some() && !point.fs.is_empty() {
                     // The snapshot was taken while CRIU held the tasks: consistent, keep it.
@@ -1305,6 +1342,12 @@ impl Engine {
         let Some(_lock) = self.lock_with(name, nix::fcntl::FlockArg::LockExclusiveNonblock)? else {
             return Ok(());
         };
+        // A dump of a killed engine may still be finishing; it re-freezes the cgroup as it
+        // found it when it ends, so thaw only after it.
+        if let Ok(backend) = &self.process {
+            let secs = self.cfg.process.hook_timeout_secs.saturating_add(10);
+            backend.settle_orphaned_dumps(name, Duration::from_secs(secs));
+        }
         let cg = self.cgroup(name);
         if cg.exists() && cg.is_frozen() {
             tracing::warn!(sandbox = %name, "thawing a sandbox left frozen by a crashed checkpoint");
@@ -1620,6 +1663,10 @@ impl Engine {
                 reason: why.clone(),
             })?;
         let meta = self.meta_dir(name);
+        // A fork's cgroup may hold a leftover of an earlier container of that name; an
+        // in-place restore has stopped the sandbox already.
+        self.runc.delete(name)?;
+        self.evict_leftovers(name)?;
         let restored = backend.restore(&RestoreRequest {
             container_id: name,
             bundle: &meta.join("bundle"),

@@ -19,6 +19,12 @@ use crate::sys::{self, ToolError};
 pub const INIT_SCRIPT: &str = "exec </dev/null >/dev/null 2>&1; trap 'exit 0' TERM; \
     while :; do sleep 3600 & wait $!; done";
 
+/// True when runc's stderr is its refusal to exec into a frozen container (runc checks the
+/// freezer before it starts anything, so nothing ran and the exec can be retried).
+pub fn refused_as_paused(stderr: &str) -> bool {
+    stderr.contains("exec failed: cannot exec in a paused container")
+}
+
 /// Result of a command run in a sandbox.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ExecOutput {
@@ -282,4 +288,21 @@ fn is_zombie(pid: u32) -> bool {
                 .and_then(|(_, rest)| rest.split_whitespace().next().map(|st| st == "Z"))
         })
         .unwrap_or(false)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn recognises_runc_refusing_a_paused_container() {
+        // runc 1.1.5's message, as the engine's exec receives it on stderr.
+        let refusal = "time=\"2026-12-05T06:30:38Z\" level=error msg=\"exec failed: cannot exec \
+                       in a paused container (use --ignore-paused to override)\"\n";
+        assert!(refused_as_paused(refusal));
+        assert!(!refused_as_paused(
+            "time=\"x\" level=error msg=\"exec failed: cannot exec in a stopped container\""
+        ));
+        assert!(!refused_as_paused(""));
+    }
 }

@@ -1,7 +1,8 @@
 //! `loadtest`: Crab's evaluation harness.
 //!
-//! Subcommands: `fake-llm` (serve the fake LLM), `bench proxy|inspector|engine` (benchmarks),
-//! `demo` (the README's first command: the proxy in front of the fake with a scripted agent).
+//! Subcommands: `fake-llm` (serve the fake LLM), `bench proxy|inspector|engine|process|e2e`
+//! (benchmarks), `demo` (the README's first command: the proxy in front of the fake with a
+//! scripted agent).
 //!
 //! Module map: `fake_cmd` (fake-llm server CLI), `bench` (benchmarks; `inspector.rs` and
 //! `engine.rs` belong to their helpers), `demo` (scripted agent conversation through crab),

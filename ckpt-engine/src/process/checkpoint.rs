@@ -20,7 +20,9 @@ use super::reaper::Reaper;
 use super::runc::{Runc, attach_pipe_stdio, log_tail};
 use super::sockets::connected_tcp;
 use super::stats::{CriuDumpStats, CriuRestoreStats, decode_dump_stats, decode_restore_stats};
-use super::tree::{ProcessEntry, compare_trees, outside_tree, read_tree, read_tree_with_host_pids};
+use super::tree::{
+    ProcessEntry, compare_trees, outside_tree, read_tree, read_tree_with_host_pids, split_outsiders,
+};
 use super::{ProcessConfig, ProcessError, validate_container_id};
 
 /// Version of [`ProcessImageInfo`]'s format.
@@ -401,12 +403,25 @@ impl ProcessBackend {
                     // CRIU dumps the tree under the sandbox's init; anything else in its cgroup
                     // (a `runc exec -d` process is re-parented outside the tree) would be lost
                     // silently: refuse instead.
-                    let outside = outside_tree(Path::new("/proc"), init_pid);
-                    if !outside.is_empty() {
-                        hook_error = Some(Box::new(ProcessError::OutsideTree {
+                    // `init_pid` is CRIU's root task, i.e. the pid runc's state names; the
+                    // cgroup's processes of another pid namespace belong to another container.
+                    let (own, foreign) =
+                        split_outsiders(&outside_tree(Path::new("/proc"), init_pid));
+                    let refusal = if !own.is_empty() {
+                        Some(ProcessError::OutsideTree {
                             container: id.to_string(),
-                            processes: outside.join(", "),
-                        }));
+                            processes: own.join(", "),
+                        })
+                    } else if !foreign.is_empty() {
+                        Some(ProcessError::ForeignProcesses {
+                            container: id.to_string(),
+                            processes: foreign.join(", "),
+                        })
+                    } else {
+                        None
+                    };
+                    if let Some(refusal) = refusal {
+                        hook_error = Some(Box::new(refusal));
                         rv.answer(false)?;
                         continue;
                     }
@@ -643,6 +658,78 @@ impl ProcessBackend {
         })
     }
 
+    /// Host pids of the `runc checkpoint` processes of container `id` under this backend's
+    /// runc root. Called under the sandbox's lock (every dump holds it, and the lock's file
+    /// descriptor is not inherited by runc), any found belongs to a Crab that was killed.
+    pub fn dumps_in_progress(&self, id: &str) -> Vec<u32> {
+        let Ok(rd) = std::fs::read_dir("/proc") else {
+            return Vec::new();
+        };
+        let runc_name = self.runc.binary.file_name();
+        rd.flatten()
+            .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+            .filter(|pid| {
+                let Ok(raw) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+                    return false;
+                };
+                let args: Vec<&[u8]> = raw.split(|b| *b == 0).filter(|a| !a.is_empty()).collect();
+                is_dump_of(&args, runc_name, self.runc.root.as_deref(), id)
+            })
+            .collect()
+    }
+
+    /// Waits up to `timeout` for dumps of `id` left running by a killed Crab to end, and kills
+    /// what is left after it (with their CRIU); returns how many there were. A recovery must
+    /// run after them: CRIU gives up as soon as its action script sees Crab gone (see
+    /// [`super::hook::render_script`]) and then puts the cgroup freezer back as it found it —
+    /// frozen by Crab — so a thaw done before CRIU ends is undone, and the sandbox stays
+    /// paused.
+    pub fn settle_orphaned_dumps(&self, id: &str, timeout: Duration) -> usize {
+        let found = self.dumps_in_progress(id);
+        if found.is_empty() {
+            return 0;
+        }
+        tracing::warn!(container = %id, pids = ?found, "waiting for dumps left by a killed crab");
+        let deadline = Instant::now() + timeout;
+        let alive = |pid: u32| {
+            std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                .ok()
+                .and_then(|s| {
+                    s.rsplit_once(')')
+                        .and_then(|(_, r)| r.split_whitespace().next().map(|st| st != "Z"))
+                })
+                .unwrap_or(false)
+        };
+        while found.iter().any(|p| alive(*p)) {
+            if Instant::now() > deadline {
+                for pid in &found {
+                    let children =
+                        std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
+                            .unwrap_or_default();
+                    for c in children
+                        .split_whitespace()
+                        .filter_map(|c| c.parse::<i32>().ok())
+                    {
+                        let _ = nix::sys::signal::kill(
+                            nix::unistd::Pid::from_raw(c),
+                            nix::sys::signal::Signal::SIGKILL,
+                        );
+                    }
+                    if let Ok(p) = i32::try_from(*pid) {
+                        let _ = nix::sys::signal::kill(
+                            nix::unistd::Pid::from_raw(p),
+                            nix::sys::signal::Signal::SIGKILL,
+                        );
+                    }
+                }
+                tracing::warn!(container = %id, "killed dumps that outlived their crab");
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        found.len()
+    }
+
     /// Makes sure a container whose dump was interrupted (CRIU or runc killed) runs again: a
     /// freezer left frozen is thawed (`runc resume`). A missing container is an error.
     pub fn ensure_running(&self, id: &str) -> Result<(), ProcessError> {
@@ -656,6 +743,33 @@ impl ProcessBackend {
                 expected: "running",
             }),
         }
+    }
+}
+
+/// True when `args` (a process's argv) is `runc [--root ROOT] … checkpoint … ID` of this
+/// runc binary (by file name), runc root and container.
+fn is_dump_of(
+    args: &[&[u8]],
+    runc_name: Option<&std::ffi::OsStr>,
+    root: Option<&Path>,
+    id: &str,
+) -> bool {
+    use std::os::unix::ffi::OsStrExt;
+    let Some((first, rest)) = args.split_first() else {
+        return false;
+    };
+    let name = Path::new(std::ffi::OsStr::from_bytes(first)).file_name();
+    if name.is_none() || name != runc_name {
+        return false;
+    }
+    if !rest.contains(&b"checkpoint".as_slice()) || rest.last() != Some(&id.as_bytes()) {
+        return false;
+    }
+    match root {
+        None => true,
+        Some(root) => rest
+            .windows(2)
+            .any(|w| w[0] == b"--root" && w[1] == root.as_os_str().as_bytes()),
     }
 }
 
@@ -759,6 +873,34 @@ mod tests {
             Some("4.1.1")
         );
         assert_eq!(parse_criu_version("nope"), None);
+    }
+
+    #[test]
+    fn orphaned_dumps_are_recognised_by_binary_root_and_container() {
+        let argv =
+            |s: &'static str| -> Vec<&'static [u8]> { s.split(' ').map(str::as_bytes).collect() };
+        let runc = Some(std::ffi::OsStr::new("runc"));
+        let root = Some(Path::new("/s/runc"));
+        let dump = "/usr/sbin/runc --root /s/runc --criu /usr/local/sbin/criu checkpoint \
+                    --leave-running --file-locks --image-path /i --work-path /w c1";
+        assert!(is_dump_of(&argv(dump), runc, root, "c1"));
+        assert!(!is_dump_of(&argv(dump), runc, root, "c"));
+        assert!(!is_dump_of(
+            &argv(dump),
+            runc,
+            Some(Path::new("/t/runc")),
+            "c1"
+        ));
+        assert!(is_dump_of(&argv(dump), runc, None, "c1"));
+        let restore = "/usr/sbin/runc --root /s/runc restore --detach --bundle /b c1";
+        assert!(!is_dump_of(&argv(restore), runc, root, "c1"));
+        assert!(!is_dump_of(
+            &argv("/bin/sh -c checkpoint c1"),
+            runc,
+            root,
+            "c1"
+        ));
+        assert!(!is_dump_of(&[], runc, root, "c1"));
     }
 
     #[test]

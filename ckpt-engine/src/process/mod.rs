@@ -191,6 +191,22 @@ pub enum ProcessError {
         /// `comm (host pid)` of each.
         processes: String,
     },
+    /// the sandbox's cgroup also holds processes of another pid namespace: another container
+    /// shares the cgroup (one left running by an earlier engine with the same cgroup path, or
+    /// a second engine using the same names); they are not this sandbox's processes, but a
+    /// dump next to them (runc freezes the whole cgroup) and a restore in place (which kills
+    /// the cgroup) would interfere with them
+    #[error(
+        "the cgroup of {container} also holds processes of another container (another pid \
+         namespace; a leftover of an earlier run or a second engine with the same cgroup path): \
+         {processes}"
+    )]
+    ForeignProcesses {
+        /// Container id.
+        container: String,
+        /// `comm (host pid)` of each.
+        processes: String,
+    },
     /// the restored process tree differs from the dumped one
     #[error("restored tree of {container} differs from the checkpoint: {differences}")]
     VerifyFailed {

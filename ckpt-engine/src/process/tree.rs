@@ -50,20 +50,57 @@ pub fn cgroup_pids_of(pid: u32) -> Option<Vec<u32>> {
         .iter()
         .map(|root| Path::new(root).join(&rel))
         .find(|d| d.join("cgroup.procs").exists())?;
+    Some(cgroup_pids_in(&dir))
+}
+
+/// Host pids of the processes in cgroup directory `dir` and its child cgroups (empty when it
+/// does not exist).
+pub fn cgroup_pids_in(dir: &Path) -> Vec<u32> {
     let mut pids = Vec::new();
-    for entry in walkdir::WalkDir::new(&dir).into_iter().flatten() {
+    for entry in walkdir::WalkDir::new(dir).into_iter().flatten() {
         if entry.file_name() == "cgroup.procs" {
             if let Ok(s) = std::fs::read_to_string(entry.path()) {
                 pids.extend(s.split_whitespace().filter_map(|p| p.parse::<u32>().ok()));
             }
         }
     }
-    Some(pids)
+    pids
+}
+
+/// A process of the sandbox's cgroup that is not in the tree rooted at its init.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Outsider {
+    /// Host pid.
+    pub host_pid: u32,
+    /// `comm`.
+    pub comm: String,
+    /// False when it lives in another pid namespace than the init: it is not one of this
+    /// container's processes at all but another container's sharing the cgroup (typically one
+    /// left running by an earlier engine that used the same cgroup path).
+    pub same_pid_ns: bool,
+}
+
+impl Outsider {
+    /// `comm (host pid N)`.
+    pub fn describe(&self) -> String {
+        format!("{} (host pid {})", self.comm, self.host_pid)
+    }
+}
+
+/// The processes outside the tree, split: (this container's, other containers').
+pub fn split_outsiders(outsiders: &[Outsider]) -> (Vec<String>, Vec<String>) {
+    let (own, foreign): (Vec<&Outsider>, Vec<&Outsider>) =
+        outsiders.iter().partition(|o| o.same_pid_ns);
+    (
+        own.iter().map(|o| o.describe()).collect(),
+        foreign.iter().map(|o| o.describe()).collect(),
+    )
 }
 
 /// Processes of the sandbox's cgroup that are not in the tree rooted at `root` (CRIU would
-/// silently leave them out of the image): `comm (host pid)` of each.
-pub fn outside_tree(proc: &Path, root: u32) -> Vec<String> {
+/// silently leave them out of the image), each marked with whether it shares the init's pid
+/// namespace. Processes that vanish while being read are skipped.
+pub fn outside_tree(proc: &Path, root: u32) -> Vec<Outsider> {
     let tree: std::collections::HashSet<u32> = read_tree_with_host_pids(proc, root)
         .into_iter()
         .map(|(p, _)| p)
@@ -71,12 +108,18 @@ pub fn outside_tree(proc: &Path, root: u32) -> Vec<String> {
     let Some(pids) = cgroup_pids_of(root) else {
         return Vec::new();
     };
+    let pid_ns = |p: u32| std::fs::read_link(proc.join(p.to_string()).join("ns/pid")).ok();
+    let init_ns = pid_ns(root);
     pids.into_iter()
         .filter(|p| !tree.contains(p))
-        .map(|p| {
-            let comm =
-                std::fs::read_to_string(proc.join(p.to_string()).join("comm")).unwrap_or_default();
-            format!("{} (host pid {p})", comm.trim())
+        .filter_map(|p| {
+            let comm = std::fs::read_to_string(proc.join(p.to_string()).join("comm")).ok()?;
+            let ns = pid_ns(p)?;
+            Some(Outsider {
+                host_pid: p,
+                comm: comm.trim().to_string(),
+                same_pid_ns: init_ns.as_ref().is_none_or(|i| *i == ns),
+            })
         })
         .collect()
 }
@@ -205,6 +248,18 @@ mod tests {
         assert_eq!(d.len(), 2);
         assert!(d[0].contains("missing pid 7 (nc"));
         assert!(d[1].contains("unexpected pid 8 (sleep"));
+    }
+
+    #[test]
+    fn outsiders_are_split_by_pid_namespace() {
+        let o = |pid, comm: &str, same| Outsider {
+            host_pid: pid,
+            comm: comm.into(),
+            same_pid_ns: same,
+        };
+        let (own, foreign) = split_outsiders(&[o(5, "nc", true), o(9, "sh", false)]);
+        assert_eq!(own, vec!["nc (host pid 5)".to_string()]);
+        assert_eq!(foreign, vec!["sh (host pid 9)".to_string()]);
     }
 
     #[test]

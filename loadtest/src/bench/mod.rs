@@ -3,6 +3,7 @@
 //! Each benchmark is a module with a clap `Args` and a synchronous `run(Args)`; a benchmark that
 //! needs async builds its own runtime, so the dispatch here stays plain.
 
+pub mod e2e;
 pub mod engine;
 pub mod inspector;
 pub mod process;
@@ -20,6 +21,9 @@ pub enum BenchCommand {
     Engine(engine::Args),
     /// CRIU process checkpoints: latency, image size, restore and fork.
     Process(process::Args),
+    /// End to end: a scripted agent task through crab with checkpoints off, selective and
+    /// full at every turn, 1 and 16 sandboxes at once.
+    E2e(e2e::Args),
 }
 
 /// Runs one benchmark (called before any tokio runtime exists).
@@ -29,5 +33,6 @@ pub fn run(command: BenchCommand) -> anyhow::Result<()> {
         BenchCommand::Inspector(args) => inspector::run(args),
         BenchCommand::Engine(args) => engine::run(args),
         BenchCommand::Process(args) => process::run(args),
+        BenchCommand::E2e(args) => e2e::run(args),
     }
 }
