@@ -380,6 +380,8 @@ struct Row {
     by_plan: BTreeMap<String, PlanDelay>,
     /// The plan of each turn end of the first sandbox (turn 0: the baseline at creation).
     plans_first_sandbox: Vec<String>,
+    /// Exposed delay summed over all agents per reply k (which waits for turn end k), s.
+    exposed_by_turn_s: Vec<f64>,
     skip: u64,
     fs: u64,
     full: u64,
@@ -847,6 +849,7 @@ async fn run_inner(
         .map(|(_, v)| *v as u64)
         .sum();
     let mut gated = Vec::new();
+    let mut by_turn = vec![0.0; replies_per_agent()];
     let mut by_plan: BTreeMap<String, PlanDelay> = BTreeMap::new();
     let mut ckpt_ms: BTreeMap<String, Vec<f64>> = BTreeMap::new();
     for r in &reports {
@@ -859,12 +862,20 @@ async fn run_inner(
                 tracing::warn!(turn = e.turn, plan = %e.plan, "a turn checkpoint failed");
             }
         }
-        for (reply, end) in r.replies.iter().zip(waited_for(&r.replies, &r.journal)) {
+        for (k, (reply, end)) in r
+            .replies
+            .iter()
+            .zip(waited_for(&r.replies, &r.journal))
+            .enumerate()
+        {
             let Some(us) = reply.gate_wait_us else {
                 continue;
             };
             let ms = us as f64 / 1000.0;
             gated.push(ms);
+            if let Some(t) = by_turn.get_mut(k) {
+                *t += ms / 1000.0;
+            }
             let plan = end.map_or("unknown".to_owned(), |e| e.plan.clone());
             let d = by_plan.entry(plan).or_default();
             if ms > 1.0 {
@@ -904,6 +915,7 @@ async fn run_inner(
             .first()
             .map(|r| r.journal.iter().map(|e| e.plan.clone()).collect())
             .unwrap_or_default(),
+        exposed_by_turn_s: by_turn,
         skip: count("skip"),
         fs: count("fs"),
         full: count("full"),
@@ -1012,6 +1024,15 @@ fn print_tables(rows: &[Row]) {
             r.sandboxes,
             r.plans_first_sandbox.join(" ")
         );
+    }
+    println!("\nExposed delay summed over agents per turn end waited for (s; turn 0 = baseline)");
+    for r in rows.iter().filter(|r| r.policy != "off") {
+        let turns: Vec<String> = r
+            .exposed_by_turn_s
+            .iter()
+            .map(|s| format!("{s:.2}"))
+            .collect();
+        println!("{:<16} {:>3} {}", r.policy, r.sandboxes, turns.join(" "));
     }
     println!("\nExposed delay by the plan of the checkpoint a reply waited for (all agents)");
     println!(
@@ -1273,6 +1294,7 @@ mod tests {
             exposed_per_agent_ms: 0.0,
             by_plan: BTreeMap::new(),
             plans_first_sandbox: Vec::new(),
+            exposed_by_turn_s: Vec::new(),
             skip: 0,
             fs: 0,
             full: 0,
