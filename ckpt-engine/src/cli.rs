@@ -3,7 +3,9 @@
 //!
 //! The `crab` binary embeds [`EngineCommand`] (e.g. `#[command(flatten)]` in its subcommand
 //! enum), sends `cmd.to_request()` to the daemon's admin API (or calls [`run_local`]), and prints
-//! [`render`]'s output, exiting with [`Rendered::exit_code`].
+//! [`render`]'s output, exiting with [`Rendered::exit_code`]. (`crab restore` and `crab fork`
+//! themselves go through the daemon's coordinator, which adds turns, replay and watching;
+//! [`EngineCommand::Restore`] and [`EngineCommand::Fork`] serve [`run_local`].)
 
 use std::fmt::Write as _;
 use std::path::PathBuf;
@@ -25,6 +27,10 @@ pub enum EngineCommand {
     Checkpoint(CheckpointArgs),
     /// List a sandbox's recovery points.
     Checkpoints(CheckpointsArgs),
+    /// Restore a sandbox in place to a recovery point.
+    Restore(RestoreArgs),
+    /// Fork a recovery point into new sandboxes (own rootfs, cgroup and network each).
+    Fork(ForkArgs),
     /// Recompute a recovery point's tree hash and compare it with its manifest.
     Verify(VerifyArgs),
 }
@@ -130,6 +136,38 @@ pub struct CheckpointsArgs {
     pub json: bool,
 }
 
+/// `crab restore NAME [--to ID]`
+#[derive(Debug, Clone, Args)]
+pub struct RestoreArgs {
+    /// Sandbox name.
+    pub name: String,
+    /// Recovery point id (default: newest).
+    #[arg(long)]
+    pub to: Option<String>,
+    /// Print JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `crab fork NAME [--to ID] [--count K] [--name NEW]... [--json]`
+#[derive(Debug, Clone, Args)]
+pub struct ForkArgs {
+    /// Sandbox whose recovery point is forked.
+    pub name: String,
+    /// Recovery point id (default: newest).
+    #[arg(long)]
+    pub to: Option<String>,
+    /// Number of forks (default 1, or the number of `--name`s); named `NAME-fork-N`.
+    #[arg(long)]
+    pub count: Option<u32>,
+    /// Name of a new sandbox (repeatable) instead of `NAME-fork-N`.
+    #[arg(long = "name")]
+    pub names: Vec<String>,
+    /// Print JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
 /// `crab verify NAME [ID]`
 #[derive(Debug, Clone, Args)]
 pub struct VerifyArgs {
@@ -189,6 +227,16 @@ impl EngineCommand {
             EngineCommand::Checkpoints(a) => EngineRequest::Checkpoints {
                 name: a.name.clone(),
             },
+            EngineCommand::Restore(a) => EngineRequest::Restore {
+                name: a.name.clone(),
+                to: a.to.clone(),
+            },
+            EngineCommand::Fork(a) => EngineRequest::Fork {
+                name: a.name.clone(),
+                to: a.to.clone(),
+                names: (!a.names.is_empty()).then(|| a.names.clone()),
+                count: a.count,
+            },
             EngineCommand::Verify(a) => EngineRequest::Verify {
                 name: a.name.clone(),
                 id: a.id.clone(),
@@ -203,6 +251,8 @@ impl EngineCommand {
             EngineCommand::Image(a) => a.json,
             EngineCommand::Checkpoint(a) => a.json,
             EngineCommand::Checkpoints(a) => a.json,
+            EngineCommand::Restore(a) => a.json,
+            EngineCommand::Fork(a) => a.json,
             EngineCommand::Verify(a) => a.json,
         }
     }
@@ -456,10 +506,35 @@ mod tests {
             }
         ));
         assert_eq!(
+            parse(&["restore", "a", "--to", "cp-000002"]).to_request(),
+            EngineRequest::Restore {
+                name: "a".into(),
+                to: Some("cp-000002".into())
+            }
+        );
+        assert_eq!(
             parse(&["verify", "a", "cp-000001"]).to_request(),
             EngineRequest::Verify {
                 name: "a".into(),
                 id: Some("cp-000001".into())
+            }
+        );
+        assert_eq!(
+            parse(&["fork", "a", "--to", "cp-000001", "--count", "3"]).to_request(),
+            EngineRequest::Fork {
+                name: "a".into(),
+                to: Some("cp-000001".into()),
+                names: None,
+                count: Some(3)
+            }
+        );
+        assert_eq!(
+            parse(&["fork", "a", "--name", "b", "--name", "c", "--json"]).to_request(),
+            EngineRequest::Fork {
+                name: "a".into(),
+                to: None,
+                names: Some(vec!["b".into(), "c".into()]),
+                count: None
             }
         );
         assert_eq!(
