@@ -23,4 +23,4 @@ export PATH="/usr/local/sbin:$PATH"   # runc must find CRIU 4.x before any older
 
 cargo build --locked -p proxy --bin crab
 export CRAB_BIN="${CARGO_TARGET_DIR:-$ROOT/target}/debug/crab"
-cargo test --locked --workspace "$@"
+cargo test --locked --workspace --no-fail-fast "$@"
