@@ -439,10 +439,13 @@ impl RunGuard {
         if self.engine.state_dir.exists() {
             let r = ckpt_engine::Engine::open(self.engine.clone()).and_then(|e| e.teardown());
             if let Err(e) = r {
-                err = Some(format!(
-                    "tearing down the engine in {}: {e}",
+                // E.g. the pool went read-only (the host's disk filled up): kill the
+                // containers and unmount the pool by hand.
+                eprintln!(
+                    "cleanup: tearing down the engine in {}: {e}; forcing",
                     self.engine.state_dir.display()
-                ));
+                );
+                err = force_teardown(&self.engine.state_dir).err();
             }
         }
         if err.is_none()
@@ -455,6 +458,42 @@ impl RunGuard {
         }
         err
     }
+}
+
+/// The engine's teardown without the engine: `runc delete --force` of every container in its
+/// runc root (`<state_dir>/runc`), then the pool unmounted (lazily if busy).
+fn force_teardown(state_dir: &Path) -> Result<(), String> {
+    let runc_root = state_dir.join("runc");
+    for e in std::fs::read_dir(&runc_root)
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        let _ = Command::new("runc")
+            .arg("--root")
+            .arg(&runc_root)
+            .args(["delete", "--force"])
+            .arg(e.file_name())
+            .env("PATH", path_env())
+            .output();
+    }
+    let pool = state_dir.join("pool");
+    let mounted = || {
+        std::fs::read_to_string("/proc/self/mounts")
+            .unwrap_or_default()
+            .lines()
+            .any(|l| l.split(' ').nth(1) == Some(&*pool.to_string_lossy()))
+    };
+    if mounted() {
+        let _ = Command::new("umount").arg(&pool).output();
+    }
+    if mounted() {
+        let _ = Command::new("umount").arg("-l").arg(&pool).output();
+    }
+    if mounted() {
+        return Err(format!("cannot unmount {}", pool.display()));
+    }
+    Ok(())
 }
 
 impl Drop for RunGuard {
