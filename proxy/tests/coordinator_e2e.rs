@@ -622,13 +622,6 @@ async fn restore_by_turn_replays_rollback_and_fork_branches() {
     // crab answers them from the transcript (byte-identical content, marked), without the LLM.
     let r = d.crab(&["restore", &name, "--turn", "4", "--json"]);
     assert_eq!(r["turn"], 4, "{r}");
-    eprintln!(
-        "after restore: {r}\nfreezer {:?} {:?}\n{}\n{}",
-        std::fs::read_to_string(format!("/sys/fs/cgroup/freezer/crab/{name}/freezer.state")),
-        std::fs::read_to_string(format!("/sys/fs/cgroup/unified/crab/{name}/cgroup.freeze")),
-        d.crab(&["checkpoints", &name, "--json"]),
-        d.log()
-    );
     assert!(r["replayable"].as_u64().unwrap() >= 5, "{r}");
     assert_state_after(&d, &name, 4).await;
     let upstream_before = llm.requests().len();
@@ -655,8 +648,10 @@ async fn restore_by_turn_replays_rollback_and_fork_branches() {
     assert!(headers.get("x-crab-replay").is_none());
     assert_eq!(llm.requests().len(), upstream_before + 1);
 
-    // Fork 3 ways from turn 3: each branch has the turn-3 state, replays its own transcript
-    // prefix, and diverges without touching the others or the original.
+    // Fork 3 ways from turn 3: each branch has the turn-3 state, and its agent completes the
+    // task from there through crab — its own transcript prefix answers the request it re-sends,
+    // the rest goes upstream, its turn ends are checkpointed — with commands of its own
+    // (each also records its branch), without touching the others or the original.
     let f = d.crab(&["fork", &name, "--turn", "3", "--count", "3", "--json"]);
     let forks: Vec<String> = f["forks"]
         .as_array()
@@ -665,25 +660,40 @@ async fn restore_by_turn_replays_rollback_and_fork_branches() {
         .map(|x| x["sandbox"].as_str().unwrap().to_owned())
         .collect();
     assert_eq!(forks.len(), 3, "{f}");
-    for (i, fork) in forks.iter().enumerate() {
+    for fork in &forks {
         assert_state_after(&d, fork, 3).await;
-        exec(&d, fork, &format!("echo branch-{i} > /work/branch"))
-            .await
-            .unwrap();
-        let furl = format!("http://{}/sandbox/{fork}/v1/chat/completions", d.proxy);
-        let (status, got, headers) = post(&furl, &run.exchanges[0].0).await.unwrap();
-        assert_eq!(status, 200);
-        assert_eq!(got, run.exchanges[0].1);
+    }
+    let branches = forks.iter().enumerate().map(|(i, fork)| {
+        let d = &d;
+        let first = run.exchanges[3].0.clone();
+        async move { continue_agent(d, fork, first, &format!("b{i}")).await }
+    });
+    let replayed = futures_util::future::join_all(branches).await;
+    assert!(replayed.iter().all(|r| *r == 1), "{replayed:?}");
+    for (i, fork) in forks.iter().enumerate() {
+        let check = exec(&d, fork, CHECK).await.unwrap();
+        assert_eq!(check.trim(), "2", "branch {fork} did not complete the task");
+        let mine = exec(&d, fork, &format!("cat /work/b{i}")).await.unwrap();
+        assert_eq!(mine.lines().count(), TASK.len() - 3, "{fork}: {mine}");
+        for other in (0..3).filter(|o| *o != i) {
+            assert!(
+                exec(&d, fork, &format!("test ! -e /work/b{other}"))
+                    .await
+                    .is_ok()
+            );
+        }
         assert!(
-            headers.get("x-crab-replay").is_some(),
-            "fork {fork} did not replay"
+            exec(&d, &name, &format!("test ! -e /work/b{i}"))
+                .await
+                .is_ok()
+        );
+        let turns = d.crab(&["turns", fork, "--json"]);
+        assert_eq!(
+            turns.as_array().unwrap().last().unwrap()["turn"],
+            TASK.len() as u64 + 1,
+            "{fork}: turn numbering continues from the branch point: {turns}"
         );
     }
-    for (i, fork) in forks.iter().enumerate() {
-        let b = exec(&d, fork, "cat /work/branch").await.unwrap();
-        assert_eq!(b.trim(), format!("branch-{i}"));
-    }
-    assert!(exec(&d, &name, "test ! -e /work/branch").await.is_ok());
     let status = d.crab(&["coordinator", "--json"]);
     for fork in &forks {
         assert!(
@@ -838,5 +848,38 @@ async fn inside_agent_recovers_from_sandbox_crashes() {
             "inside agent, crash in turn {turn} (+{delay} ms): final state differs\n{}",
             d.log()
         );
+    }
+}
+
+/// The agent of a branch: continues the conversation from `first` (the request it had sent
+/// when the branch point was taken), running every command followed by a line that records
+/// its `tag`; returns how many replies came from the transcript.
+async fn continue_agent(d: &Daemon, name: &str, first: Value, tag: &str) -> usize {
+    let url = format!("http://{}/sandbox/{name}/v1/chat/completions", d.proxy);
+    let mut body = first;
+    let mut replayed = 0;
+    loop {
+        let (status, reply, headers) = post(&url, &body).await.unwrap();
+        assert_eq!(status, 200, "{name}: {reply}");
+        if headers.get("x-crab-replay").is_some() {
+            replayed += 1;
+        }
+        let msg = reply["choices"][0]["message"].clone();
+        let calls = msg["tool_calls"].as_array().cloned().unwrap_or_default();
+        if calls.is_empty() {
+            return replayed;
+        }
+        let mut messages = body["messages"].as_array().cloned().unwrap();
+        messages.push(msg);
+        for call in calls {
+            let args: Value =
+                serde_json::from_str(call["function"]["arguments"].as_str().unwrap()).unwrap();
+            let cmd = args["command"].as_str().unwrap();
+            let out = exec(d, name, &format!("{cmd}\necho {tag} >> /work/{tag}"))
+                .await
+                .unwrap_or_else(|e| panic!("{name}: {cmd:?}: {e}"));
+            messages.push(json!({"role": "tool", "tool_call_id": call["id"], "content": out}));
+        }
+        body["messages"] = Value::Array(messages);
     }
 }
