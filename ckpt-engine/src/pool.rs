@@ -115,6 +115,12 @@ pub fn set_readonly(path: &Path) -> Result<(), FsError> {
 }
 
 impl BtrfsPool {
+    /// Whether `state_dir` holds a pool from an earlier run (its loop file, or its metadata on
+    /// a btrfs state dir), without creating or mounting anything.
+    pub fn exists(state_dir: &Path) -> bool {
+        state_dir.join("btrfs.img").exists() || state_dir.join("pool").join("meta").is_dir()
+    }
+
     /// Opens (creating and mounting if needed) the pool for `state_dir`. `size_bytes` is the
     /// size of a new loop file; an existing one is reused at its size.
     pub fn open(state_dir: &Path, size_bytes: u64) -> Result<Self, FsError> {

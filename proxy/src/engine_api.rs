@@ -62,8 +62,7 @@ impl EngineHost {
     /// Whether the engine has state from an earlier run (its state directory exists), so a
     /// starting daemon should open it and rehydrate its sandboxes.
     pub fn has_state(&self) -> bool {
-        let d = &self.config.state_dir;
-        d.join("btrfs.img").exists() || d.join("pool").join("meta").is_dir()
+        ckpt_engine::pool::BtrfsPool::exists(&self.config.state_dir)
     }
 
     /// Adds `POST /api/engine` to the admin router.

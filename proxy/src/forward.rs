@@ -774,8 +774,9 @@ async fn handle_inner(
         };
         Completions::settle(&shared);
         let at = shared.clock.micros(Instant::now());
-        let watched = shared.coordinator.is_watched(sandbox.as_str());
-        let rewind = shared.coordinator.take_rewind(sandbox.as_str());
+        let watch = shared.coordinator.on_request(sandbox.as_str());
+        let watched = watch.is_some();
+        let rewind = watch.flatten();
         let (disposition, tracker_state) = {
             let mut tracker = shared.tracker.lock();
             if let Some(state) = rewind {

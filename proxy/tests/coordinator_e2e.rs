@@ -25,7 +25,7 @@ use http::Method;
 use http_body_util::{BodyExt, Full};
 use serde_json::{Value, json};
 
-use common::{client, require, unique};
+use common::{client, in_path, is_root, require, unique};
 
 /// The task: one shell command per turn (the last turn answers without tools).
 const TASK: &[&str] = &[
@@ -46,21 +46,6 @@ const DIGEST: &str = "cd /work && find . | sort && find . -type f | sort | xargs
 const CHECK: &str = "test \"$(cat /work/a.txt)\" = \"$(printf 'alpha\\nbeta\\ngamma')\" && \
     test \"$(cat /work/e/x)\" = x && test ! -e /work/hard && test ! -e /work/d && \
     echo ask > /work/q && sleep 0.3 && cat /work/answer";
-
-fn is_root() -> bool {
-    std::fs::read_to_string("/proc/self/status")
-        .map(|s| {
-            s.lines()
-                .any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(1) == Some("0"))
-        })
-        .unwrap_or(false)
-}
-
-fn in_path(bin: &str) -> bool {
-    ["/usr/local/sbin", "/usr/sbin", "/usr/bin", "/sbin", "/bin"]
-        .iter()
-        .any(|d| Path::new(d).join(bin).exists())
-}
 
 fn prerequisites(test: &str) -> bool {
     require(

@@ -5,7 +5,6 @@
 
 mod common;
 
-use std::path::Path;
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
@@ -110,8 +109,8 @@ fn start_daemon() -> Daemon {
 /// after the restore, the restored tree verifies, and `--json` output is machine-readable.
 #[test]
 fn sandbox_checkpoint_restore_through_the_daemon() {
-    let root = nix_is_root();
-    let runc = Path::new("/usr/sbin/runc").exists() || which("runc");
+    let root = is_root();
+    let runc = in_path("runc");
     if require(
         "sandbox_checkpoint_restore_through_the_daemon",
         root && runc,
@@ -193,20 +192,4 @@ fn engine_command_without_daemon_is_a_clear_error() {
     let err: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(err["code"], "unavailable");
     assert!(err["message"].as_str().unwrap().contains("crab daemon"));
-}
-
-fn nix_is_root() -> bool {
-    std::fs::read_to_string("/proc/self/status")
-        .map(|s| {
-            s.lines()
-                .any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(1) == Some("0"))
-        })
-        .unwrap_or(false)
-}
-
-fn which(bin: &str) -> bool {
-    std::env::var("PATH")
-        .unwrap_or_default()
-        .split(':')
-        .any(|d| Path::new(d).join(bin).exists())
 }

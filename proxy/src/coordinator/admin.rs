@@ -19,7 +19,7 @@ use ckpt_engine::engine::RestoreReport;
 use http::{Method, StatusCode};
 use serde::{Deserialize, Serialize};
 
-use super::journal::{self, Entry};
+use super::journal;
 use super::{CoordinatorError, blocking};
 use crate::admin::{AdminRequest, AdminResponse, AdminRouter, json_response};
 use crate::engine_api::status_of;
@@ -181,14 +181,6 @@ pub fn register(router: &mut AdminRouter, shared: Arc<Shared>) {
     );
 }
 
-async fn read_journal(shared: &Shared, name: &str) -> Result<Vec<Entry>, CoordinatorError> {
-    let j = shared.coordinator.journal.clone();
-    let n = name.to_owned();
-    blocking(move || j.read(&n))
-        .await?
-        .map_err(|e| CoordinatorError::Internal(e.to_string()))
-}
-
 /// The point, turn and tracker state a restore or fork starts from.
 struct Target {
     point: String,
@@ -204,20 +196,9 @@ async fn target(
 ) -> Result<Target, CoordinatorError> {
     // A checkpoint still running (the crash hit during a turn end) resolves first, so the
     // choice sees its outcome.
-    if let Some(b) = shared.coordinator.gate(name) {
-        b.wait(std::time::Duration::from_millis(
-            shared.coordinator.cfg.gate_timeout_ms,
-        ))
-        .await;
-    }
-    let entries = read_journal(shared, name).await?;
-    let by_point = |id: &str| {
-        journal::effective(&entries, None)
-            .into_iter()
-            .rev()
-            .find(|e| e.point.as_deref() == Some(id))
-            .cloned()
-    };
+    shared.coordinator.settle(name).await;
+    let entries = shared.coordinator.entries(name).await?;
+    let by_point = |id: &str| journal::last_with_point(&entries, id).cloned();
     match (turn, to) {
         (Some(_), Some(_)) => Err(CoordinatorError::Invalid(
             "give a turn or a point id, not both".into(),
@@ -317,7 +298,7 @@ pub async fn rollback(
     name: &str,
     turns: u64,
 ) -> Result<RestoreOutcome, CoordinatorError> {
-    let entries = read_journal(shared, name).await?;
+    let entries = shared.coordinator.entries(name).await?;
     let last = journal::effective(&entries, None)
         .last()
         .map(|e| e.turn)

@@ -161,6 +161,14 @@ pub fn effective(entries: &[Entry], upto: Option<u64>) -> Vec<&Entry> {
         .collect()
 }
 
+/// The newest effective entry whose point is `point` (the latest turn the point describes).
+pub fn last_with_point<'a>(entries: &'a [Entry], point: &str) -> Option<&'a Entry> {
+    effective(entries, None)
+        .into_iter()
+        .rev()
+        .find(|e| e.point.as_deref() == Some(point))
+}
+
 /// The point describing the sandbox after turn `turn`, or why there is none. Pure.
 pub fn point_for_turn(entries: &[Entry], turn: u64) -> Result<&Entry, String> {
     let eff = effective(entries, None);

@@ -172,6 +172,8 @@ struct SandboxState {
     inspected: bool,
     /// Its container network address (source-address attribution).
     addr: Option<IpAddr>,
+    /// After a restore: the tracker state to fall back to (see [`Coordinator::set_rewind`]).
+    rewind: Option<serde_json::Value>,
 }
 
 /// One watched sandbox as `GET /api/coordinator` shows it.
@@ -206,8 +208,6 @@ pub struct Coordinator {
     /// Sandbox container addresses (cheap attribution lookup).
     addrs: Mutex<HashMap<IpAddr, String>>,
     watched: AtomicUsize,
-    /// Tracker states to fall back to after a restore (see [`Coordinator::set_rewind`]).
-    rewinds: Mutex<HashMap<String, serde_json::Value>>,
     journal: Journal,
     replay: Replay,
     pub metrics: CoordinatorMetrics,
@@ -285,15 +285,9 @@ impl Coordinator {
             sandboxes: Mutex::new(HashMap::new()),
             addrs: Mutex::new(HashMap::new()),
             watched: AtomicUsize::new(0),
-            rewinds: Mutex::new(HashMap::new()),
             journal: Journal::new(state_dir.join("coordinator")),
             metrics: CoordinatorMetrics::new(registry),
         })
-    }
-
-    /// The policy.
-    pub fn policy(&self) -> Policy {
-        self.cfg.policy
     }
 
     /// The replay state.
@@ -301,19 +295,16 @@ impl Coordinator {
         &self.replay
     }
 
-    /// The journal.
-    pub fn journal(&self) -> &Journal {
-        &self.journal
-    }
-
-    /// The engine host.
-    pub fn engine_host(&self) -> &Arc<EngineHost> {
-        &self.engine
-    }
-
-    /// Whether `sandbox` is watched (cheap when nothing is).
-    pub fn is_watched(&self, sandbox: &str) -> bool {
-        self.watched.load(Ordering::Acquire) > 0 && self.sandboxes.lock().contains_key(sandbox)
+    /// For the forwarding path, once per tracked request: `None` when `sandbox` is not watched
+    /// (cheap when nothing is), else its pending rewind state, taken.
+    pub fn on_request(&self, sandbox: &str) -> Option<Option<serde_json::Value>> {
+        if self.watched.load(Ordering::Acquire) == 0 {
+            return None;
+        }
+        self.sandboxes
+            .lock()
+            .get_mut(sandbox)
+            .map(|st| st.rewind.take())
     }
 
     /// The sandbox a connection comes from when no explicit identity names one: eBPF socket
@@ -400,11 +391,7 @@ impl Coordinator {
         let info = blocking(move || engine.info(&n))
             .await?
             .map_err(|e| CoordinatorError::Engine(e.to_api()))?;
-        let journal = self.journal.clone();
-        let n = name.to_owned();
-        let entries = blocking(move || journal.read(&n))
-            .await?
-            .unwrap_or_default();
+        let entries = self.entries(name).await.unwrap_or_default();
         let last = journal::effective(&entries, None)
             .last()
             .map(|e| (*e).clone());
@@ -577,16 +564,9 @@ impl Coordinator {
     /// went on (it runs outside the sandbox and re-executes its in-flight command) keeps the
     /// tracker as it is. Decided on that request by the forwarding path.
     pub fn set_rewind(&self, sandbox: &str, state: serde_json::Value) {
-        self.rewinds.lock().insert(sandbox.to_owned(), state);
-    }
-
-    /// The pending rewind state of `sandbox`, taken (cheap when there is none).
-    pub fn take_rewind(&self, sandbox: &str) -> Option<serde_json::Value> {
-        let mut r = self.rewinds.lock();
-        if r.is_empty() {
-            return None;
+        if let Some(st) = self.sandboxes.lock().get_mut(sandbox) {
+            st.rewind = Some(state);
         }
-        r.remove(sandbox)
     }
 
     /// The barrier a reply of `sandbox` must wait for, if its checkpoint is still pending.
@@ -600,6 +580,24 @@ impl Coordinator {
             .as_ref()
             .filter(|b| b.outcome().is_none())
             .cloned()
+    }
+
+    /// Waits until `sandbox` has no checkpoint pending (at most the gate timeout). For
+    /// operations, not replies: it records no exposed delay.
+    pub async fn settle(&self, sandbox: &str) {
+        if let Some(b) = self.gate(sandbox) {
+            b.wait(Duration::from_millis(self.cfg.gate_timeout_ms))
+                .await;
+        }
+    }
+
+    /// The journal entries of `sandbox` (none when it has no journal).
+    async fn entries(&self, sandbox: &str) -> Result<Vec<Entry>, CoordinatorError> {
+        let j = self.journal.clone();
+        let n = sandbox.to_owned();
+        blocking(move || j.read(&n))
+            .await?
+            .map_err(|e| CoordinatorError::Internal(e.to_string()))
     }
 
     /// Holds a reply at the gate (see [`gate`]), recording the exposed delay.
@@ -642,53 +640,7 @@ impl Coordinator {
             .lock()
             .get(&sandbox)
             .is_some_and(|s| s.inspected);
-        // Ask the inspector (and start the next turn's window right away, so changes made while
-        // the checkpoint runs count for the next turn).
-        let mut reason = None;
-        let effects = if policy::uses_inspector(policy) && history.has_valid_point && inspected {
-            match self.inspector.get().cloned().flatten() {
-                Some(insp) => {
-                    let n = sandbox.clone();
-                    let r = blocking(move || {
-                        let e = insp.status(&n)?;
-                        if e.decision != inspector_bpf::Decision::Skip {
-                            insp.reset(&n)?;
-                        }
-                        Ok::<_, inspector_bpf::InspectorError>(e)
-                    })
-                    .await;
-                    match r {
-                        Ok(Ok(e)) => {
-                            self.metrics
-                                .inspect_seconds
-                                .observe(e.inspect_us as f64 / 1e6);
-                            reason = Some(e.reasons.join("; "));
-                            Some(e)
-                        }
-                        Ok(Err(e)) => {
-                            warn!(%sandbox, turn, error = %e, "inspector status failed: full checkpoint");
-                            reason = Some(format!("inspector failed: {e}"));
-                            None
-                        }
-                        Err(e) => {
-                            reason = Some(e.to_string());
-                            None
-                        }
-                    }
-                }
-                None => None,
-            }
-        } else {
-            None
-        };
-        // A first (full) checkpoint starts the inspector's window too.
-        if !history.has_valid_point
-            && inspected
-            && let Some(insp) = self.inspector.get().cloned().flatten()
-        {
-            let n = sandbox.clone();
-            let _ = blocking(move || insp.reset(&n)).await;
-        }
+        let (effects, mut reason) = self.inspect(&sandbox, turn, history, inspected).await;
         let plan = policy::decide(policy, history, effects.as_ref());
         let plan_label = plan.label();
         let previous = self
@@ -780,6 +732,51 @@ impl Coordinator {
         sender.resolve_after(outcome).await;
     }
 
+    /// Asks the inspector what the turn changed and starts the next turn's window at once, so
+    /// changes made while the checkpoint runs count for the next turn. Without a valid point
+    /// (the checkpoint will be full) it only starts the window. Returns the effects (`None`: not
+    /// asked, or it failed — the policy then checkpoints fully) and a reason for the journal.
+    async fn inspect(
+        &self,
+        sandbox: &str,
+        turn: u64,
+        history: History,
+        inspected: bool,
+    ) -> (Option<inspector_bpf::TurnEffects>, Option<String>) {
+        let insp = match self.inspector.get().cloned().flatten() {
+            Some(i) if inspected && policy::uses_inspector(self.cfg.policy) => i,
+            _ => return (None, None),
+        };
+        let n = sandbox.to_owned();
+        let ask = history.has_valid_point;
+        let r = blocking(move || {
+            if !ask {
+                return insp.reset(&n).map(|()| None);
+            }
+            let e = insp.status(&n)?;
+            if e.decision != inspector_bpf::Decision::Skip {
+                insp.reset(&n)?;
+            }
+            Ok(Some(e))
+        })
+        .await;
+        match r {
+            Ok(Ok(Some(e))) => {
+                self.metrics
+                    .inspect_seconds
+                    .observe(e.inspect_us as f64 / 1e6);
+                let reason = e.reasons.join("; ");
+                (Some(e), Some(reason))
+            }
+            Ok(Ok(None)) => (None, None),
+            Ok(Err(e)) => {
+                warn!(%sandbox, turn, error = %e, "inspector failed: full checkpoint");
+                (None, Some(format!("inspector failed: {e}")))
+            }
+            Err(e) => (None, Some(e.to_string())),
+        }
+    }
+
     async fn checkpoint(
         &self,
         sandbox: &str,
@@ -869,24 +866,12 @@ impl Coordinator {
                 }
                 // `sandbox create` returns once the baseline point is durable: whatever the
                 // caller starts next (an agent) is covered by turn checkpoints from then on.
-                if let Some(b) = self.gate(name) {
-                    self.hold(&b).await;
-                }
+                self.settle(name).await;
             }
             (Rq::SandboxRm { name }, _) => self.unwatch(name, true).await,
             (Rq::Restore { name, .. }, Rs::Restored(report)) => {
-                let j = self.journal.clone();
-                let n = name.clone();
-                let entries = blocking(move || j.read(&n))
-                    .await
-                    .ok()
-                    .and_then(Result::ok)
-                    .unwrap_or_default();
-                let turn = journal::effective(&entries, None)
-                    .into_iter()
-                    .rev()
-                    .find(|e| e.point.as_deref() == Some(report.point.as_str()))
-                    .map(|e| e.turn);
+                let entries = self.entries(name).await.unwrap_or_default();
+                let turn = journal::last_with_point(&entries, &report.point).map(|e| e.turn);
                 self.restored(name, &report.point, turn).await;
             }
             (Rq::Fork { .. }, Rs::Sandboxes(list))
@@ -929,9 +914,7 @@ impl Coordinator {
                 warn!(sandbox = %s.name, error = %e, "cannot watch sandbox on start-up");
                 continue;
             }
-            let j = self.journal.clone();
-            let n = s.name.clone();
-            if let Ok(Ok(entries)) = blocking(move || j.read(&n)).await
+            if let Ok(entries) = self.entries(&s.name).await
                 && let Some(t) = journal::effective(&entries, None)
                     .last()
                     .and_then(|e| e.tracker.clone())

@@ -594,3 +594,21 @@ pub fn parse_response(b: &[u8]) -> Option<(RawResponse, usize)> {
         pos,
     ))
 }
+
+/// Whether the tests run as root.
+pub fn is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .map(|s| {
+            s.lines()
+                .any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(1) == Some("0"))
+        })
+        .unwrap_or(false)
+}
+
+/// Whether `bin` is in one of the usual system directories (or /usr/local/sbin, where the
+/// bootstrap installs CRIU).
+pub fn in_path(bin: &str) -> bool {
+    ["/usr/local/sbin", "/usr/sbin", "/usr/bin", "/sbin", "/bin"]
+        .iter()
+        .any(|d| std::path::Path::new(d).join(bin).exists())
+}
