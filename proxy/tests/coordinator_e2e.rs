@@ -97,7 +97,11 @@ impl Daemon {
         std::fs::write(
             &config,
             format!(
-                "[engine]\nstate_dir = \"{}\"\nnetwork = {network}\n",
+                // Tight bounds: a checkpoint that hangs on a sandbox killed under it fails
+                // (and releases its reply) well within the agent's 120 s request timeout.
+                "[engine]\nstate_dir = \"{}\"\nnetwork = {network}\n\
+                 [engine.process]\noperation_timeout_secs = 45\n\
+                 [coordinator]\ngate_timeout_ms = 60000\n",
                 state.path().join("engine").display()
             ),
         )
