@@ -47,6 +47,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         tokens_per_second: args.tokens_per_second,
         chunks: args.chunks,
         seed: args.seed,
+        ..FakeLlmConfig::default()
     };
     let listener = tokio::net::TcpListener::bind(&args.listen)
         .await

@@ -36,6 +36,9 @@ pub mod wire;
 
 pub use fault::{FAULT_HEADER, Fault};
 pub use latency::LatencyModel;
+/// Request header naming the script (of [`FakeLlmConfig::scripts`]) that answers the request.
+pub const SCRIPT_HEADER: &str = "x-fake-llm-script";
+
 pub use script::{Script, ScriptToolCall, ScriptTurn, TurnSelection};
 pub use server::StreamCut;
 
@@ -44,6 +47,9 @@ pub use server::StreamCut;
 pub struct FakeLlmConfig {
     /// Scripted turns; `None` = echo-style default replies.
     pub script: Option<Script>,
+    /// Further scripts by name: a request naming one in its [`SCRIPT_HEADER`] is answered from
+    /// it (so one fake serves many scripted tasks at once); an unknown name is a 400.
+    pub scripts: std::collections::BTreeMap<String, Script>,
     /// Time to first token (default: 0).
     pub ttft: LatencyModel,
     /// Pacing of streamed chunks, one chunk per token (0 = as fast as possible; default 0).
@@ -59,6 +65,7 @@ impl Default for FakeLlmConfig {
     fn default() -> Self {
         FakeLlmConfig {
             script: None,
+            scripts: Default::default(),
             ttft: LatencyModel::default(),
             tokens_per_second: 0.0,
             chunks: 8,

@@ -28,7 +28,7 @@ use crate::{
     fault::{ERROR_EVENT_HALFWAY, FAULT_HEADER, Fault},
     reply::{Reply, plan},
     request::{Api, RequestInfo, inspect},
-    script::{ScriptTurn, TurnSelection},
+    script::{Script, ScriptTurn, TurnSelection},
     wire::{self, Ctx, Pace},
 };
 
@@ -247,7 +247,24 @@ async fn handle(
         ));
     }
 
-    let turn = pick_turn(&shared, &info);
+    let script = match parts.headers.get(crate::SCRIPT_HEADER) {
+        None => shared.config.script.as_ref(),
+        Some(name) => {
+            let name = String::from_utf8_lossy(name.as_bytes());
+            match shared.config.scripts.get(name.as_ref()) {
+                Some(s) => Some(s),
+                None => {
+                    return Ok(error_response(
+                        Some(api),
+                        400,
+                        &format!("unknown script {name:?} in {}", crate::SCRIPT_HEADER),
+                        request_no,
+                    ));
+                }
+            }
+        }
+    };
+    let turn = script.and_then(|s| pick_turn(&shared, s, &info));
     let mut fault = Fault::default();
     if let Some((idx, t, spec)) = turn
         .as_ref()
@@ -314,8 +331,7 @@ async fn handle(
 }
 
 /// Chooses the scripted turn for a request (see [`TurnSelection`]).
-fn pick_turn(shared: &Shared, info: &RequestInfo) -> Option<(usize, ScriptTurn)> {
-    let script = shared.config.script.as_ref()?;
+fn pick_turn(shared: &Shared, script: &Script, info: &RequestInfo) -> Option<(usize, ScriptTurn)> {
     let idx = match script.turn_selection {
         TurnSelection::Conversation => info.assistant_steps,
         TurnSelection::Sequential => {

@@ -241,3 +241,57 @@ async fn script_by_conversation_position() {
     }
     assert_eq!(fake.requests().len(), 10);
 }
+
+/// Named scripts: the `x-fake-llm-script` header picks the script answering a request; an
+/// unknown name is a clear 400, and requests without the header get the default script.
+#[tokio::test]
+async fn named_scripts_are_selected_by_header() {
+    let one_turn = |cmd: &str| Script {
+        turns: vec![fake_llm::ScriptTurn {
+            tool_calls: vec![fake_llm::ScriptToolCall {
+                name: "bash".into(),
+                arguments: json!({ "command": cmd }),
+            }],
+            ..Default::default()
+        }],
+        ..Default::default()
+    };
+    let fake = fake_llm::spawn(FakeLlmConfig {
+        script: Some(one_turn("default")),
+        scripts: [
+            ("a".to_owned(), one_turn("from-a")),
+            ("b".to_owned(), one_turn("from-b")),
+        ]
+        .into_iter()
+        .collect(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let url = format!("{}/v1/chat/completions", fake.base_url());
+    let body = json!({"model": "m", "messages": [{"role": "user", "content": "go"}],
+        "tools": [{"type": "function", "function": {"name": "bash", "parameters": {"type": "object"}}}]});
+    let c = client();
+    for (header, want) in [
+        (None, "default"),
+        (Some("a"), "from-a"),
+        (Some("b"), "from-b"),
+    ] {
+        let headers: Vec<(&str, &str)> = header
+            .map(|h| (fake_llm::SCRIPT_HEADER, h))
+            .into_iter()
+            .collect();
+        let r = post(&c, &url, body.clone(), &headers).await;
+        let reply = r.json();
+        assert_eq!(r.status, 200, "{reply}");
+        let args = reply["choices"][0]["message"]["tool_calls"][0]["function"]["arguments"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        assert!(args.contains(want), "{header:?}: {args}");
+    }
+    let r = post(&c, &url, body, &[(fake_llm::SCRIPT_HEADER, "nope")]).await;
+    let reply = r.json();
+    assert_eq!(r.status, 400);
+    assert!(reply.to_string().contains("unknown script"), "{reply}");
+}

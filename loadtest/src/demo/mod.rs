@@ -58,6 +58,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             tokens_per_second: 400.0,
             chunks: 8,
             seed: 7,
+            ..Default::default()
         },
         fake_llm::ServeOptions {
             record_requests: true,
