@@ -15,6 +15,7 @@ use clap::{Parser, Subcommand};
 mod bench;
 mod client;
 mod demo;
+mod eval;
 mod fake_cmd;
 mod procs;
 
