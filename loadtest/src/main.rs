@@ -18,6 +18,7 @@ mod demo;
 mod eval;
 mod fake_cmd;
 mod procs;
+mod stack;
 
 #[derive(Parser, Debug)]
 #[command(name = "loadtest", version, about = "Crab's evaluation harness")]

@@ -1,0 +1,411 @@
+//! A crab daemon on a fresh state directory and btrfs pool, as the harness runs it (`bench
+//! e2e`, `run`): start it with a policy, talk to its admin API (engine operations, metrics),
+//! read what it wrote (transcripts, the coordinator's journal, recovery points), and tear it
+//! all down. Also the seeded think-time draws every harness run shares.
+//!
+//! Invariants: a [`RunGuard`] stops its crab, destroys its engine's sandboxes and unmounts its
+//! pool when dropped, also after a failure; the draws depend only on (seed, agent, turn).
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail, ensure};
+use serde_json::{Value, json};
+
+use crate::client::{HttpClient, new_client, post_json, timed};
+use crate::procs::{ChildGuard, free_port, tail};
+
+/// splitmix64: a tiny seeded generator (the draws must not depend on arrival order).
+fn splitmix(state: &mut u64) -> u64 {
+    *state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    let mut z = *state;
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+/// A uniform draw in (0, 1).
+fn unit(state: &mut u64) -> f64 {
+    ((splitmix(state) >> 11) as f64 + 0.5) / (1u64 << 53) as f64
+}
+
+/// The think time of `agent`'s request `turn`, ms, drawn from `model` (the fake LLM's
+/// distributions, sampled the way the fake samples them) with a generator seeded by
+/// (seed, agent, turn), times `scale`.
+pub fn think_ms(
+    model: &fake_llm::LatencyModel,
+    seed: u64,
+    agent: usize,
+    turn: usize,
+    scale: f64,
+) -> u64 {
+    let mut st = seed ^ ((agent as u64) << 32) ^ (turn as u64).wrapping_mul(0x1000_0001);
+    splitmix(&mut st);
+    let ms = match *model {
+        fake_llm::LatencyModel::Fixed(ms) => ms,
+        fake_llm::LatencyModel::Uniform { min, max } => {
+            if max > min {
+                min + (max - min) * unit(&mut st)
+            } else {
+                min
+            }
+        }
+        fake_llm::LatencyModel::LogNormal { median_ms, sigma } => {
+            // Box-Muller, as the fake does.
+            let (u1, u2) = (unit(&mut st), unit(&mut st));
+            let z = (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos();
+            median_ms * (sigma * z).exp()
+        }
+    };
+    (ms.max(0.0) * scale.max(0.0)).round() as u64
+}
+
+/// Nearest-rank percentile of unsorted values (NaN when empty).
+pub fn percentile(v: &[f64], p: f64) -> f64 {
+    let mut s = v.to_vec();
+    s.sort_by(|a, b| a.total_cmp(b));
+    if s.is_empty() {
+        return f64::NAN;
+    }
+    let rank = ((p * s.len() as f64).ceil() as usize).clamp(1, s.len());
+    s[rank - 1]
+}
+
+/// `crab_turn_checkpoints_total{plan=..,outcome=..} N` lines of a Prometheus text page, as
+/// (plan, outcome) → count; and the value of `crab_gate_timeouts_total`.
+pub fn parse_metrics(text: &str) -> (BTreeMap<(String, String), f64>, f64) {
+    let mut plans = BTreeMap::new();
+    let mut timeouts = 0.0;
+    for line in text.lines() {
+        let value = || {
+            line.rsplit(' ')
+                .next()
+                .and_then(|v| v.parse::<f64>().ok())
+                .unwrap_or(0.0)
+        };
+        if let Some(rest) = line.strip_prefix("crab_turn_checkpoints_total{") {
+            let Some((labels, _)) = rest.split_once('}') else {
+                continue;
+            };
+            let label = |k: &str| {
+                labels.split(',').find_map(|kv| {
+                    let (key, v) = kv.split_once('=')?;
+                    (key.trim() == k).then(|| v.trim().trim_matches('"').to_owned())
+                })
+            };
+            if let (Some(p), Some(o)) = (label("plan"), label("outcome")) {
+                *plans.entry((p, o)).or_insert(0.0) += value();
+            }
+        } else if line.starts_with("crab_gate_timeouts_total") {
+            timeouts += value();
+        }
+    }
+    (plans, timeouts)
+}
+
+/// Bytes of a sandbox's published points (the `checkpoints` answer): filesystem bytes (btrfs
+/// send size since the parent) and the bytes of the process images each point dumped itself.
+pub fn point_bytes(points: &[Value]) -> (u64, u64) {
+    let mut fs = 0;
+    let mut images = 0;
+    for p in points {
+        fs += p["fs"]
+            .as_array()
+            .map(|t| t.iter().filter_map(|t| t["bytes_changed"].as_u64()).sum())
+            .unwrap_or(0);
+        if p["process"]["id"].is_string() && p["process"]["id"] == p["id"] {
+            images += p["process"]["image_bytes"].as_u64().unwrap_or(0);
+        }
+    }
+    (fs, images)
+}
+
+/// One reply as crab's transcript recorded it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Reply {
+    pub id: u64,
+    /// Exposed delay, µs (None: the reply was not gated).
+    pub gate_wait_us: Option<u64>,
+}
+
+/// Reads the transcript lines (torn or foreign lines skipped), ordered by exchange id.
+pub fn parse_transcript(text: &str) -> Vec<Reply> {
+    let mut r: Vec<Reply> = text
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter_map(|v| {
+            Some(Reply {
+                id: v["id"].as_u64()?,
+                gate_wait_us: v["timings"]["gate_wait_us"].as_u64(),
+            })
+        })
+        .collect();
+    r.sort_by_key(|x| x.id);
+    r
+}
+
+/// One coordinator journal entry (the fields used here).
+#[derive(Debug, Clone, PartialEq)]
+pub struct TurnEnd {
+    pub turn: u64,
+    pub plan: String,
+    pub outcome: String,
+    pub duration_us: u64,
+}
+
+/// Reads the journal lines, ordered by turn (the last entry of a turn wins).
+pub fn parse_journal(text: &str) -> Vec<TurnEnd> {
+    let mut by_turn = BTreeMap::new();
+    for v in text
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+    {
+        if let Some(turn) = v["turn"].as_u64() {
+            by_turn.insert(
+                turn,
+                TurnEnd {
+                    turn,
+                    plan: v["plan"].as_str().unwrap_or("?").to_owned(),
+                    outcome: v["outcome"].as_str().unwrap_or("?").to_owned(),
+                    duration_us: v["duration_us"].as_u64().unwrap_or(0),
+                },
+            );
+        }
+    }
+    by_turn.into_values().collect()
+}
+
+/// A run's state directory, crab and engine pool; `Drop` cleans everything up.
+pub struct RunGuard {
+    dir: Option<tempfile::TempDir>,
+    crab: Option<ChildGuard>,
+    pub engine: ckpt_engine::EngineConfig,
+}
+
+impl RunGuard {
+    /// A fresh state directory `<root>/crab-<label>-XXXX` with the engine's config in it.
+    pub fn new(root: &Path, label: &str) -> anyhow::Result<RunGuard> {
+        let dir = tempfile::Builder::new()
+            .prefix(&format!("crab-{label}-"))
+            .tempdir_in(root)
+            .with_context(|| format!("state directory under {}", root.display()))?;
+        let engine = ckpt_engine::EngineConfig {
+            state_dir: dir.path().join("engine"),
+            network: false,
+            retention: ckpt_engine::config::RetentionConfig { keep_last: 1000 },
+            ..Default::default()
+        };
+        Ok(RunGuard {
+            dir: Some(dir),
+            crab: None,
+            engine,
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        self.dir
+            .as_ref()
+            .map_or(Path::new("/nonexistent"), |d| d.path())
+    }
+
+    /// Stops crab, destroys every sandbox of the run's engine and unmounts its pool, removes
+    /// the directory. Idempotent; returns what failed.
+    pub fn cleanup(&mut self) -> Option<String> {
+        if let Some(mut c) = self.crab.take() {
+            c.stop(Duration::from_secs(10));
+        }
+        let mut err = None;
+        if self.engine.state_dir.exists() {
+            let r = ckpt_engine::Engine::open(self.engine.clone()).and_then(|e| e.teardown());
+            if let Err(e) = r {
+                // E.g. the pool went read-only (the host's disk filled up): kill the
+                // containers and unmount the pool by hand.
+                eprintln!(
+                    "cleanup: tearing down the engine in {}: {e}; forcing",
+                    self.engine.state_dir.display()
+                );
+                err = force_teardown(&self.engine.state_dir).err();
+            }
+        }
+        if err.is_none()
+            && let Some(d) = self.dir.take()
+        {
+            let _ = d.close();
+        } else if let Some(d) = self.dir.take() {
+            // Keep it for inspection (the pool may still be mounted).
+            let _ = d.keep();
+        }
+        err
+    }
+}
+
+/// The engine's teardown without the engine: `runc delete --force` of every container in its
+/// runc root (`<state_dir>/runc`), then the pool unmounted (lazily if busy).
+pub fn force_teardown(state_dir: &Path) -> Result<(), String> {
+    let runc_root = state_dir.join("runc");
+    for e in std::fs::read_dir(&runc_root)
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        let _ = Command::new("runc")
+            .arg("--root")
+            .arg(&runc_root)
+            .args(["delete", "--force"])
+            .arg(e.file_name())
+            .env("PATH", path_env())
+            .output();
+    }
+    let pool = state_dir.join("pool");
+    let mounted = || {
+        std::fs::read_to_string("/proc/self/mounts")
+            .unwrap_or_default()
+            .lines()
+            .any(|l| l.split(' ').nth(1) == Some(&*pool.to_string_lossy()))
+    };
+    if mounted() {
+        let _ = Command::new("umount").arg(&pool).output();
+    }
+    if mounted() {
+        let _ = Command::new("umount").arg("-l").arg(&pool).output();
+    }
+    if mounted() {
+        return Err(format!("cannot unmount {}", pool.display()));
+    }
+    Ok(())
+}
+
+impl Drop for RunGuard {
+    fn drop(&mut self) {
+        if let Some(e) = self.cleanup() {
+            eprintln!("cleanup: {e}");
+        }
+    }
+}
+
+/// The addresses of a running crab.
+#[derive(Clone)]
+pub struct Crab {
+    pub proxy: SocketAddr,
+    pub admin: SocketAddr,
+    pub client: HttpClient,
+}
+
+impl Crab {
+    /// `POST /api/engine`; the answer's `data`.
+    pub async fn engine(&self, body: Value) -> anyhow::Result<Value> {
+        let url = format!("http://{}/api/engine", self.admin);
+        let t = tokio::time::timeout(
+            Duration::from_secs(300),
+            timed(&self.client, post_json(&url, &body, &[]), true),
+        )
+        .await
+        .with_context(|| format!("engine request {} timed out", body["op"]))??;
+        let v: Value =
+            serde_json::from_slice(t.body.as_deref().unwrap_or_default()).unwrap_or(Value::Null);
+        ensure!(
+            t.status == 200,
+            "engine request {} answered {}: {v}",
+            body["op"],
+            t.status
+        );
+        Ok(v["data"].clone())
+    }
+
+    /// Runs `cmd` with `sh -c` in the sandbox; its stdout, or an error when it failed.
+    pub async fn exec(&self, name: &str, cmd: &str) -> anyhow::Result<String> {
+        let out = self
+            .engine(json!({"op": "sandbox_exec", "name": name, "argv": ["sh", "-c", cmd]}))
+            .await?;
+        ensure!(
+            out["exit_code"].as_i64() == Some(0),
+            "{name}: command {cmd:?} failed: {out}"
+        );
+        Ok(out["stdout"].as_str().unwrap_or_default().to_owned())
+    }
+
+    pub async fn metrics(&self) -> anyhow::Result<String> {
+        let t = crate::client::get(&self.client, &format!("http://{}/metrics", self.admin)).await?;
+        ensure!(t.status == 200, "GET /metrics answered {}", t.status);
+        Ok(String::from_utf8_lossy(t.body.as_deref().unwrap_or_default()).into_owned())
+    }
+}
+
+/// `PATH` with CRIU 4.1.1's directory first (runc finds it there).
+pub fn path_env() -> String {
+    format!(
+        "/usr/local/sbin:{}",
+        std::env::var("PATH").unwrap_or_default()
+    )
+}
+
+/// Starts `crab serve` with the run's config (plus `extra_config`, TOML appended after the
+/// `[engine]` tables) and waits for `GET /healthz`.
+pub async fn start_crab(
+    binary: &Path,
+    run: &mut RunGuard,
+    upstream: &str,
+    policy: &str,
+    extra_config: &str,
+) -> anyhow::Result<Crab> {
+    let proxy: SocketAddr = format!("127.0.0.1:{}", free_port()?).parse()?;
+    let admin: SocketAddr = format!("127.0.0.1:{}", free_port()?).parse()?;
+    let config = run.path().join("crab.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[engine]\nstate_dir = \"{}\"\nnetwork = false\n\n[engine.retention]\nkeep_last = {}\n",
+            run.engine.state_dir.display(),
+            run.engine.retention.keep_last
+        ) + extra_config,
+    )?;
+    let log = run.path().join("crab.log");
+    let logf = std::fs::File::create(&log)?;
+    let child = Command::new(binary)
+        .args(["serve", "--listen", &proxy.to_string()])
+        .args(["--admin", &admin.to_string(), "--upstream", upstream])
+        .args(["--policy", policy, "--config"])
+        .arg(&config)
+        .arg("--state-dir")
+        .arg(run.path())
+        .env("PATH", path_env())
+        .env("NO_COLOR", "1")
+        .stdin(Stdio::null())
+        .stdout(logf.try_clone()?)
+        .stderr(logf)
+        .spawn()
+        .with_context(|| format!("spawning {}", binary.display()))?;
+    run.crab = Some(ChildGuard::new("crab", child));
+    let crab = Crab {
+        proxy,
+        admin,
+        client: new_client(),
+    };
+    let url = format!("http://{admin}/healthz");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Some(status) = run.crab.as_mut().and_then(ChildGuard::try_exited) {
+            bail!(
+                "crab exited during start-up ({status}):\n{}",
+                tail(&log, 20)
+            );
+        }
+        let probe = tokio::time::timeout(
+            Duration::from_secs(1),
+            crate::client::get(&crab.client, &url),
+        )
+        .await;
+        if matches!(probe, Ok(Ok(ref r)) if r.status == 200) {
+            return Ok(crab);
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "crab did not become healthy within 20 s:\n{}",
+            tail(&log, 20)
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
