@@ -38,11 +38,15 @@ struct Table {
 
 impl Table {
     fn new(headers: &[&str]) -> Self {
-        let mut html = String::from("<table><thead><tr>");
-        for h in headers {
-            let _ = write!(html, "<th>{}</th>", esc(h));
+        let mut html = String::from("<table>");
+        if headers.iter().any(|h| !h.is_empty()) {
+            html.push_str("<thead><tr>");
+            for h in headers {
+                let _ = write!(html, "<th>{}</th>", esc(h));
+            }
+            html.push_str("</tr></thead>");
         }
-        html.push_str("</tr></thead><tbody>\n");
+        html.push_str("<tbody>\n");
         Table { html }
     }
 
@@ -146,7 +150,7 @@ fn header(out: &mut String, report: &Report, s: &Summary) {
         "<p>Reproduce with:</p><pre>{}</pre>",
         esc(&report.command)
     );
-    let mut tb = Table::new(&["", ""]);
+    let mut tb = Table::new(&[]);
     let kv = |tb: &mut Table, k: &str, v: String| tb.row(None, &[t(k), t(&v)]);
     kv(
         &mut tb,
@@ -270,13 +274,56 @@ fn correctness(out: &mut String, s: &Summary) {
     }
     out.push_str(&tb.finish());
     plot(out, plots::correctness(s));
+    if s.by_crash.is_empty() {
+        return;
+    }
+    let _ = writeln!(
+        out,
+        "<h3>By crash point</h3><p>Task instances with at least one crash of this kind, and how \
+         they ended; restored: recovered to a checkpoint rather than recreated or restarted.</p>"
+    );
+    let mut tb = Table::new(&[
+        "method",
+        "crash at",
+        "kill",
+        "crashes",
+        "instances correct",
+        "%",
+        "restored",
+        "commands replayed",
+        "recovery p50 ms",
+        "p95",
+    ]);
+    for r in &s.by_crash {
+        tb.row(
+            None,
+            &[
+                t(&r.method),
+                t(&r.when),
+                t(&r.kind),
+                n(r.crashes.to_string()),
+                n(format!("{}/{}", r.correct, r.instances)),
+                n(pct(super::summary::ratio(
+                    r.correct as f64 * 100.0,
+                    r.instances as f64,
+                ))),
+                n(r.restored.to_string()),
+                n(r.replayed_commands.to_string()),
+                n(ms(r.recovery_ms.p50)),
+                n(ms(r.recovery_ms.p95)),
+            ],
+        );
+    }
+    out.push_str(&tb.finish());
 }
 
 fn time(out: &mut String, s: &Summary) {
     let _ = writeln!(
         out,
-        "<h2>Time to solve and overhead</h2><p>Mean task time (first request to final answer) relative to \
-         the <code>off</code> run of the same suite and density (no faults, no checkpoints). Published: \
+        "<h2>Time to solve and overhead</h2><p>Mean task time (first request to final answer, over the \
+         instances the harness did not fail, correct or not) relative to the <code>off</code> run of the \
+         same suite and density (no faults, no checkpoints) and to its <code>crab-fault-free</code> run \
+         (crab's selective checkpoints, no faults). Published: \
          within 1.9% of fault-free at 16–96 sandboxes; restart up to 1.67× slower; full-every-turn 3.06× \
          slower at 64 sandboxes.</p>"
     );
@@ -289,6 +336,7 @@ fn time(out: &mut String, s: &Summary) {
         "think s",
         "tool s",
         "vs off",
+        "vs crab-fault-free",
         "wall s",
         "wall vs off",
     ]);
@@ -304,6 +352,7 @@ fn time(out: &mut String, s: &Summary) {
                 n(secs(r.mean_think_s)),
                 n(secs(r.mean_tool_s)),
                 n(times(r.vs_off)),
+                n(times(r.vs_fault_free)),
                 n(secs(Some(r.wall_s))),
                 n(times(r.wall_vs_off)),
             ],

@@ -16,6 +16,7 @@ mod text;
 use std::{
     fs,
     io::Write as _,
+    os::unix::fs::PermissionsExt as _,
     path::{Path, PathBuf},
 };
 
@@ -71,7 +72,10 @@ fn write_atomic(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
         .prefix(".report-")
         .tempfile_in(dir)
         .with_context(|| format!("creating a temporary file in {}", dir.display()))?;
-    tmp.write_all(bytes)
+    // Readable by others like any report file (the temporary file starts as 0600).
+    tmp.as_file()
+        .set_permissions(fs::Permissions::from_mode(0o644))
+        .and_then(|_| tmp.write_all(bytes))
         .and_then(|_| tmp.as_file().sync_all())
         .with_context(|| format!("writing {}", path.display()))?;
     tmp.persist(path)
@@ -114,13 +118,27 @@ pub fn load(dir: &Path) -> anyhow::Result<Report> {
 pub fn run_report(args: ReportArgs) -> anyhow::Result<()> {
     let report = load(&args.dir)?;
     let html = write_html(&args.dir, &report)?;
-    if args.json {
+    let text = if args.json {
         let summary: Summary = summarize(&report);
-        println!("{}", serde_json::to_string_pretty(&summary)?);
-        eprintln!("HTML report: {}", html.display());
+        serde_json::to_string_pretty(&summary)? + "\n"
     } else {
-        println!("{}", summary_table(&report));
-        println!("\nHTML report: {}", html.display());
+        format!(
+            "{}\n\nHTML report: {}\n",
+            summary_table(&report),
+            html.display()
+        )
+    };
+    let mut stdout = std::io::stdout().lock();
+    match stdout
+        .write_all(text.as_bytes())
+        .and_then(|_| stdout.flush())
+    {
+        // `loadtest report DIR | head` is fine.
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => {}
+        r => r.context("writing to stdout")?,
+    }
+    if args.json {
+        eprintln!("HTML report: {}", html.display());
     }
     Ok(())
 }

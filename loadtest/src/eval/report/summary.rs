@@ -65,6 +65,8 @@ pub struct Summary {
     pub crashes: usize,
     /// Correctness per (suite, method) over all densities, then one all-suites row per method.
     pub correctness: Vec<CorrectnessRow>,
+    /// Correctness per (method, crash point, crash kind).
+    pub by_crash: Vec<CrashRow>,
     /// Time to solve per run, relative to the same suite and density's `off` run.
     pub time: Vec<TimeRow>,
     /// `crab-fault-free` against `off` per (suite, density), then all suites per density.
@@ -104,6 +106,24 @@ pub struct CorrectnessRow {
     pub published: Option<String>,
 }
 
+/// Task instances of a method that had a crash of this (when, kind), and how they ended.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct CrashRow {
+    pub method: String,
+    /// `tool`, `llm-wait`, `checkpoint`.
+    pub when: String,
+    /// `processes`, `container`.
+    pub kind: String,
+    pub crashes: usize,
+    /// Instances with at least one such crash, and how many of them were correct.
+    pub instances: usize,
+    pub correct: usize,
+    /// Crashes recovered to a checkpoint (not recreated or restarted).
+    pub restored: usize,
+    pub replayed_commands: usize,
+    pub recovery_ms: Pcts,
+}
+
 #[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct TimeRow {
     pub suite: String,
@@ -116,6 +136,8 @@ pub struct TimeRow {
     pub mean_tool_s: Option<f64>,
     /// Mean task time divided by the `off` run's (same suite and density).
     pub vs_off: Option<f64>,
+    /// Mean task time divided by the `crab-fault-free` run's (same suite and density).
+    pub vs_fault_free: Option<f64>,
     pub wall_s: f64,
     pub wall_vs_off: Option<f64>,
 }
@@ -184,7 +206,9 @@ pub struct ResourceRow {
     pub sandboxes: usize,
     pub wall_s: f64,
     pub cpu_s: f64,
-    /// CPU seconds per turn-end decision.
+    /// Turn-end decisions of the run.
+    pub turns: u64,
+    /// CPU milliseconds per turn-end decision.
     pub cpu_ms_per_turn: Option<f64>,
     pub read_bytes: u64,
     pub write_bytes: u64,
@@ -247,6 +271,7 @@ pub fn summarize(report: &Report) -> Summary {
         .collect();
     let idx = Index::new(report, &suites, &methods);
     let correctness = correctness(&idx, &suites, &methods);
+    let by_crash = crash_rows(&idx, &methods);
     let time = time_rows(&idx);
     let overhead = overhead_rows(&idx, &suites, &densities);
     let bytes = bytes_rows(&idx, &suites, &methods);
@@ -274,6 +299,7 @@ pub fn summarize(report: &Report) -> Summary {
             .map(|t| t.crashes.len())
             .sum(),
         correctness,
+        by_crash,
         time,
         overhead,
         bytes,
@@ -470,6 +496,47 @@ fn correctness(idx: &Index, suites: &[String], methods: &[String]) -> Vec<Correc
     rows
 }
 
+fn crash_rows(idx: &Index, methods: &[String]) -> Vec<CrashRow> {
+    let mut rows = Vec::new();
+    for method in methods {
+        let tasks: Vec<&TaskResult> = idx
+            .runs
+            .iter()
+            .filter(|r| &r.method == method)
+            .flat_map(|r| &r.tasks)
+            .collect();
+        let keys: BTreeSet<(&str, &str)> = tasks
+            .iter()
+            .flat_map(|t| &t.crashes)
+            .map(|c| (c.when.as_str(), c.kind.as_str()))
+            .collect();
+        for (when, kind) in keys {
+            let is = |c: &&CrashRecord| c.when == when && c.kind == kind;
+            let hit: Vec<&&TaskResult> = tasks
+                .iter()
+                .filter(|t| t.crashes.iter().any(|c| is(&c)))
+                .collect();
+            let crashes: Vec<&CrashRecord> =
+                tasks.iter().flat_map(|t| &t.crashes).filter(is).collect();
+            rows.push(CrashRow {
+                method: method.clone(),
+                when: when.to_owned(),
+                kind: kind.to_owned(),
+                crashes: crashes.len(),
+                instances: hit.len(),
+                correct: hit
+                    .iter()
+                    .filter(|t| t.correct && t.error.is_none())
+                    .count(),
+                restored: crashes.iter().filter(|c| c.restored_turn.is_some()).count(),
+                replayed_commands: crashes.iter().map(|c| c.replayed_commands).sum(),
+                recovery_ms: pcts(&sorted_finite(crashes.iter().map(|c| &c.recovery_ms))),
+            });
+        }
+    }
+    rows
+}
+
 fn time_rows(idx: &Index) -> Vec<TimeRow> {
     let mut rows: Vec<TimeRow> = Vec::new();
     let mut seen = BTreeSet::new();
@@ -482,6 +549,8 @@ fn time_rows(idx: &Index) -> Vec<TimeRow> {
         let timed = task_times(&runs);
         let mean_time_s = mean(timed.iter().map(|t| t.time_s));
         let off_mean = mean(task_times(&off).iter().map(|t| t.time_s));
+        let ff = idx.run(&r.suite, CRAB_FAULT_FREE, r.sandboxes);
+        let ff_mean = mean(task_times(&ff).iter().map(|t| t.time_s));
         let wall_s = mean(runs.iter().map(|r| r.wall_s)).unwrap_or(0.0);
         let off_wall = mean(off.iter().map(|r| r.wall_s));
         rows.push(TimeRow {
@@ -493,6 +562,7 @@ fn time_rows(idx: &Index) -> Vec<TimeRow> {
             mean_think_s: mean(timed.iter().map(|t| t.think_s)),
             mean_tool_s: mean(timed.iter().map(|t| t.tool_s)),
             vs_off: mean_time_s.zip(off_mean).and_then(|(a, b)| ratio(a, b)),
+            vs_fault_free: mean_time_s.zip(ff_mean).and_then(|(a, b)| ratio(a, b)),
             wall_s,
             wall_vs_off: off_wall.and_then(|b| ratio(wall_s, b)),
         });
@@ -699,6 +769,7 @@ fn resource_row(r: &RunResult) -> ResourceRow {
         sandboxes: r.sandboxes,
         wall_s: finite_or_zero(r.wall_s),
         cpu_s,
+        turns: r.plans.total(),
         cpu_ms_per_turn: ratio(cpu_s * 1000.0, r.plans.total() as f64),
         read_bytes: r.crab_read_bytes,
         write_bytes: r.crab_write_bytes,

@@ -187,6 +187,7 @@ fn summarizes_correctness_time_bytes_mix_and_latency() {
 
     let crab_time = s.time.iter().find(|r| r.method == "crab").unwrap();
     assert_close(crab_time.vs_off.unwrap(), 13.0 / 11.0);
+    assert_close(crab_time.vs_fault_free.unwrap(), 13.0 / 11.055);
     assert!(s.time.iter().find(|r| r.method == "off").unwrap().vs_off == Some(1.0));
 
     assert_eq!(s.overhead.len(), 1);
@@ -221,6 +222,23 @@ fn summarizes_correctness_time_bytes_mix_and_latency() {
     assert_close(lat.exposed_share_pct.unwrap(), 45.0 * 100.0 / 26_000.0);
     assert_eq!(lat.checkpoint_ms["fs"].p50, Some(10.0));
     assert_eq!(lat.restore_ms.p95, Some(120.0));
+
+    let crash = s.by_crash.iter().find(|r| r.method == "chat-only").unwrap();
+    assert_eq!(
+        (crash.when.as_str(), crash.kind.as_str()),
+        ("tool", "processes")
+    );
+    assert_eq!(
+        (
+            crash.crashes,
+            crash.instances,
+            crash.correct,
+            crash.restored
+        ),
+        (2, 2, 1, 2)
+    );
+    assert_eq!(crash.recovery_ms.p50, Some(120.0));
+    assert_eq!(s.by_crash.len(), 3, "one row per method with crashes");
 
     assert_eq!(s.failures.len(), 1);
     assert_eq!(
@@ -479,8 +497,9 @@ fn cdf_steps_are_bounded_and_end_at_one() {
     );
 }
 
-/// A full evaluation shaped like the real one (3 suites, 7 methods, 2 densities), rendered to
-/// `$CRAB_REPORT_EXAMPLE` when set (to look at the plots).
+/// A full evaluation shaped like the real one (3 suites, 7 methods, 2 densities); written with
+/// [`write`] to the directory `$CRAB_REPORT_EXAMPLE_DIR` when set (to look at the page, or to
+/// try `loadtest report DIR` on it).
 #[test]
 fn renders_a_full_example() {
     let r = example();
@@ -492,9 +511,9 @@ fn renders_a_full_example() {
         s.targets.iter().map(|t| t.status).collect::<Vec<_>>(),
         [Status::Pass; 4]
     );
-    if let Some(path) = std::env::var_os("CRAB_REPORT_EXAMPLE") {
-        fs::write(&path, &html).unwrap();
-        println!("{}", summary_table(&r));
+    if let Some(dir) = std::env::var_os("CRAB_REPORT_EXAMPLE_DIR") {
+        let path = write(Path::new(&dir), &r).unwrap();
+        println!("{}\n{}", summary_table(&r), path.display());
     }
 }
 
@@ -545,6 +564,13 @@ fn example() -> Report {
                         let base = 20.0 + 2.0 * i as f64;
                         let ok = rng.next() < p_correct;
                         let mut t = task(&format!("{suite}-{i:02}"), base * slow, ok, crashes);
+                        for c in &mut t.crashes {
+                            c.when = ["tool", "llm-wait", "checkpoint"][i % 3].to_owned();
+                            c.kind = ["processes", "container"][i % 2].to_owned();
+                            if matches!(method, "chat-only" | "restart") {
+                                c.restored_turn = None;
+                            }
+                        }
                         if !ok && i % 3 == 0 {
                             t.mismatch =
                                 Some("probe svc:8080 answered \"0\" (reference \"41\")".to_owned());
@@ -613,4 +639,36 @@ fn example() -> Report {
     r.config.methods = methods[2..].iter().map(|s| (*s).to_owned()).collect();
     r.config.sandboxes = vec![4, 32];
     r
+}
+
+/// One suite, one density, one method, all-zero delays, identical samples: every plot still
+/// draws (no empty or inverted axis range) and nothing prints NaN.
+#[test]
+fn degenerate_samples_still_plot() {
+    let mut crab = run("shell", "crab", 1, vec![task("a", 5.0, true, 1)]);
+    crab.exposed_delay_ms = vec![0.0; 5];
+    crab.checkpoint_ms = BTreeMap::from([("fs".to_owned(), vec![7.0; 3])]);
+    crab.restore_ms = vec![0.0];
+    crab.plans = PlanCounts {
+        skip: 1,
+        fs: 0,
+        full: 0,
+        failed: 0,
+    };
+    crab.checkpoint_bytes = 1;
+    let mut off = run("shell", "off", 1, vec![task("a", 5.0, true, 0)]);
+    off.wall_s = 0.0;
+    let ff = run("shell", "crab-fault-free", 1, vec![task("a", 5.0, true, 0)]);
+    let r = report(vec![off, ff, crab]);
+    let html = render_html(&r);
+    assert!(!html.contains("Plot failed"), "a plot failed");
+    assert!(!html.contains("NaN"));
+    // correctness, time, overhead, bytes, mix, three CDFs.
+    assert_eq!(html.matches("<svg").count(), 8);
+    let s = summarize(&r);
+    assert_eq!(s.overhead[0].overhead_pct, 0.0);
+    assert_eq!(
+        s.overhead[0].wall_overhead_pct, None,
+        "off's wall time is 0"
+    );
 }

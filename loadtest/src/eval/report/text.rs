@@ -41,55 +41,104 @@ pub fn render(s: &Summary) -> String {
         s.elapsed_s
     );
 
-    let mut t = TextTable::new(&[
-        "suite",
-        "method",
-        ">correct",
-        ">%",
-        ">crashes",
-        ">errors",
-        "published",
+    // Methods as rows, suites as columns (the HTML has the long form).
+    let all_label = "all suites".to_owned();
+    let mut cols: Vec<&String> = s.suites.iter().collect();
+    if s.suites.len() > 1 {
+        cols.push(&all_label);
+    }
+    let mut headers: Vec<String> = vec!["method".to_owned()];
+    headers.extend(cols.iter().map(|c| format!(">{c}")));
+    headers.extend([
+        ">crashes".to_owned(),
+        ">errors".to_owned(),
+        "published".to_owned(),
     ]);
-    for r in &s.correctness {
-        t.row(vec![
-            suite_label(&r.suite).to_owned(),
-            r.method.clone(),
-            format!("{}/{}", r.correct, r.total),
-            pct(r.pct),
-            r.crashes.to_string(),
-            (r.errors + r.failed_runs).to_string(),
-            r.published.clone().unwrap_or_else(|| NONE.to_owned()),
-        ]);
+    let mut t = TextTable::new(&headers.iter().map(String::as_str).collect::<Vec<_>>());
+    for m in &s.methods {
+        let rows: Vec<_> = s.correctness.iter().filter(|r| &r.method == m).collect();
+        // The all-suites row when there is one, else the only suite's.
+        let total = rows.iter().find(|r| r.suite.is_none()).or(rows.first());
+        let mut cells = vec![m.clone()];
+        for c in &cols {
+            let cell = rows.iter().find(|r| match &r.suite {
+                Some(suite) => suite == *c,
+                None => *c == &all_label,
+            });
+            cells.push(cell.map_or_else(
+                || NONE.to_owned(),
+                |r| format!("{}/{} {}", r.correct, r.total, pct(r.pct)),
+            ));
+        }
+        cells.push(total.map_or(0, |r| r.crashes).to_string());
+        cells.push(total.map_or(0, |r| r.errors + r.failed_runs).to_string());
+        cells.push(
+            total
+                .and_then(|r| r.published.clone())
+                .unwrap_or_else(|| NONE.to_owned()),
+        );
+        t.row(cells);
     }
     section(
         &mut out,
-        "Correctness (checker passes and final state equals the fault-free one)",
+        "Correctness (task instances whose checker passes and final state equals the fault-free one)",
         &t,
     );
 
     let mut t = TextTable::new(&[
-        "suite",
         "method",
-        ">sandboxes",
-        ">mean task s",
-        ">vs off",
-        ">wall s",
-        ">wall vs off",
+        "crash at",
+        "kill",
+        ">crashes",
+        ">instances correct",
+        ">restored",
+        ">recovery p50/p95 ms",
     ]);
-    for r in &s.time {
+    for r in s.by_crash.iter().filter(|r| r.method == CRAB) {
         t.row(vec![
-            r.suite.clone(),
             r.method.clone(),
-            r.sandboxes.to_string(),
-            secs(r.mean_time_s),
-            times(r.vs_off),
-            secs(Some(r.wall_s)),
-            times(r.wall_vs_off),
+            r.when.clone(),
+            r.kind.clone(),
+            r.crashes.to_string(),
+            format!("{}/{}", r.correct, r.instances),
+            r.restored.to_string(),
+            format!("{}/{}", ms(r.recovery_ms.p50), ms(r.recovery_ms.p95)),
         ]);
     }
     section(
         &mut out,
-        "Time to solve (relative to the same suite and density without faults or checkpoints)",
+        "crab by crash point (all methods in the HTML report)",
+        &t,
+    );
+
+    // (method, density) rows, one column per suite.
+    let mut headers: Vec<String> = vec!["method".to_owned(), ">sandboxes".to_owned()];
+    headers.extend(s.suites.iter().map(|c| format!(">{c}")));
+    let mut t = TextTable::new(&headers.iter().map(String::as_str).collect::<Vec<_>>());
+    for m in &s.methods {
+        for &n in &s.densities {
+            let rows: Vec<_> = s
+                .time
+                .iter()
+                .filter(|r| &r.method == m && r.sandboxes == n)
+                .collect();
+            if rows.is_empty() {
+                continue;
+            }
+            let mut cells = vec![m.clone(), n.to_string()];
+            for suite in &s.suites {
+                let r = rows.iter().find(|r| &r.suite == suite);
+                cells.push(r.map_or_else(
+                    || NONE.to_owned(),
+                    |r| format!("{} s {}", secs(r.mean_time_s), times(r.vs_off)),
+                ));
+            }
+            t.row(cells);
+        }
+    }
+    section(
+        &mut out,
+        "Time to solve: mean task time and ratio to off (same suite and density, no faults, no checkpoints)",
         &t,
     );
 
@@ -118,24 +167,31 @@ pub fn render(s: &Summary) -> String {
         &t,
     );
 
-    let mut t = TextTable::new(&[
-        "suite",
-        "method",
-        ">bytes",
-        ">per task",
-        ">vs full-every-turn",
-    ]);
-    for r in s.bytes.iter().filter(|r| r.bytes > 0 || r.method == CRAB) {
-        t.row(vec![
-            suite_label(&r.suite).to_owned(),
-            r.method.clone(),
-            bytes(r.bytes as f64),
-            opt_bytes(r.bytes_per_task),
-            r.reduction_vs_full_pct
+    // Methods with checkpoints as rows, bytes per task instance per suite as columns.
+    let mut headers: Vec<String> = vec!["method".to_owned()];
+    headers.extend(s.suites.iter().map(|c| format!(">{c}")));
+    headers.extend([">total".to_owned(), ">vs full-every-turn".to_owned()]);
+    let mut t = TextTable::new(&headers.iter().map(String::as_str).collect::<Vec<_>>());
+    for m in &s.methods {
+        let rows: Vec<_> = s.bytes.iter().filter(|r| &r.method == m).collect();
+        if !rows.iter().any(|r| r.bytes > 0) && m != CRAB {
+            continue;
+        }
+        let total = rows.iter().find(|r| r.suite.is_none()).or(rows.first());
+        let mut cells = vec![m.clone()];
+        for suite in &s.suites {
+            let r = rows.iter().find(|r| r.suite.as_ref() == Some(suite));
+            cells.push(r.map_or_else(|| NONE.to_owned(), |r| opt_bytes(r.bytes_per_task)));
+        }
+        cells.push(total.map_or_else(|| NONE.to_owned(), |r| bytes(r.bytes as f64)));
+        cells.push(
+            total
+                .and_then(|r| r.reduction_vs_full_pct)
                 .map_or_else(|| NONE.to_owned(), |p| format!("{p:.1}% less")),
-        ]);
+        );
+        t.row(cells);
     }
-    section(&mut out, "Checkpoint bytes", &t);
+    section(&mut out, "Checkpoint bytes per task instance", &t);
 
     let mut t = TextTable::new(&[
         "suite", "method", ">turns", ">skip", ">fs", ">full", ">failed",
@@ -162,7 +218,10 @@ pub fn render(s: &Summary) -> String {
         ">full ckpt p50/p95 ms",
         ">restore p50/p95 ms",
     ]);
-    for r in &s.latency {
+    let measured = |r: &&super::summary::LatencyRow| {
+        r.exposed_ms.n > 0 || r.restore_ms.n > 0 || !r.checkpoint_ms.is_empty()
+    };
+    for r in s.latency.iter().filter(measured) {
         let p = |p: &super::summary::Pcts| format!("{}/{}", ms(p.p50), ms(p.p95));
         let plan = |name: &str| r.checkpoint_ms.get(name).map_or_else(|| NONE.to_owned(), p);
         t.row(vec![
@@ -182,29 +241,46 @@ pub fn render(s: &Summary) -> String {
     }
     section(&mut out, "Latency", &t);
 
+    // Summed over the suites' runs (the HTML lists every run).
     let mut t = TextTable::new(&[
-        "suite",
         "method",
         ">sandboxes",
+        ">runs",
         ">crab cpu s",
         ">ms/turn",
         ">read",
         ">written",
         ">peak rss",
     ]);
-    for r in &s.resources {
-        t.row(vec![
-            r.suite.clone(),
-            r.method.clone(),
-            r.sandboxes.to_string(),
-            format!("{:.2}", r.cpu_s),
-            ms(r.cpu_ms_per_turn),
-            bytes(r.read_bytes as f64),
-            bytes(r.write_bytes as f64),
-            bytes(r.peak_rss as f64),
-        ]);
+    for m in &s.methods {
+        for &n in &s.densities {
+            let rows: Vec<_> = s
+                .resources
+                .iter()
+                .filter(|r| &r.method == m && r.sandboxes == n)
+                .collect();
+            if rows.is_empty() {
+                continue;
+            }
+            let cpu: f64 = rows.iter().map(|r| r.cpu_s).sum();
+            let turns: u64 = rows.iter().map(|r| r.turns).sum();
+            t.row(vec![
+                m.clone(),
+                n.to_string(),
+                rows.len().to_string(),
+                format!("{cpu:.2}"),
+                ms(super::summary::ratio(cpu * 1000.0, turns as f64)),
+                bytes(rows.iter().map(|r| r.read_bytes as f64).sum()),
+                bytes(rows.iter().map(|r| r.write_bytes as f64).sum()),
+                bytes(rows.iter().map(|r| r.peak_rss).max().unwrap_or(0) as f64),
+            ]);
+        }
     }
-    section(&mut out, "crab CPU and I/O per run", &t);
+    section(
+        &mut out,
+        "crab CPU and I/O (runs of all suites summed; peak RSS: the highest)",
+        &t,
+    );
 
     if !s.run_errors.is_empty() {
         let _ = writeln!(out, "\nRuns that failed:");
