@@ -57,13 +57,53 @@ pub const PACKAGES: &[&str] = &[
 const FILES: &[(&str, &str, &str)] = &[
     (
         "shell",
+        "bg-writer",
+        include_str!("../../workloads/shell/bg-writer.toml"),
+    ),
+    (
+        "shell",
+        "git-rebase",
+        include_str!("../../workloads/shell/git-rebase.toml"),
+    ),
+    (
+        "shell",
+        "long-job",
+        include_str!("../../workloads/shell/long-job.toml"),
+    ),
+    (
+        "shell",
         "make-hello",
         include_str!("../../workloads/shell/make-hello.toml"),
     ),
     (
         "shell",
+        "sed-awk-config",
+        include_str!("../../workloads/shell/sed-awk-config.toml"),
+    ),
+    (
+        "shell",
         "service-query",
         include_str!("../../workloads/shell/service-query.toml"),
+    ),
+    (
+        "shell",
+        "spool-cron",
+        include_str!("../../workloads/shell/spool-cron.toml"),
+    ),
+    (
+        "shell",
+        "static-lib",
+        include_str!("../../workloads/shell/static-lib.toml"),
+    ),
+    (
+        "shell",
+        "tar-archive",
+        include_str!("../../workloads/shell/tar-archive.toml"),
+    ),
+    (
+        "shell",
+        "venv-wheel",
+        include_str!("../../workloads/shell/venv-wheel.toml"),
     ),
     (
         "repair",
@@ -72,18 +112,58 @@ const FILES: &[(&str, &str, &str)] = &[
     ),
     (
         "repair",
+        "config-merge",
+        include_str!("../../workloads/repair/config-merge.toml"),
+    ),
+    (
+        "repair",
+        "csv-report",
+        include_str!("../../workloads/repair/csv-report.toml"),
+    ),
+    (
+        "repair",
+        "inventory",
+        include_str!("../../workloads/repair/inventory.toml"),
+    ),
+    (
+        "repair",
+        "matrix",
+        include_str!("../../workloads/repair/matrix.toml"),
+    ),
+    (
+        "repair",
+        "queue-fifo",
+        include_str!("../../workloads/repair/queue-fifo.toml"),
+    ),
+    (
+        "repair",
+        "rename-api",
+        include_str!("../../workloads/repair/rename-api.toml"),
+    ),
+    (
+        "repair",
+        "roman",
+        include_str!("../../workloads/repair/roman.toml"),
+    ),
+    (
+        "repair",
         "slugify",
         include_str!("../../workloads/repair/slugify.toml"),
     ),
     (
-        "adversarial",
-        "persistent-shell",
-        include_str!("../../workloads/adversarial/persistent-shell.toml"),
+        "repair",
+        "wordstats",
+        include_str!("../../workloads/repair/wordstats.toml"),
     ),
     (
         "adversarial",
         "fifo-counter",
         include_str!("../../workloads/adversarial/fifo-counter.toml"),
+    ),
+    (
+        "adversarial",
+        "persistent-shell",
+        include_str!("../../workloads/adversarial/persistent-shell.toml"),
     ),
 ];
 
