@@ -10,7 +10,7 @@ use std::fmt::Write as _;
 
 use super::fmt::{NONE, bytes, esc, ms, opt_bytes, pct, secs, times, utc};
 use super::plots::{self, CdfSeries, Plot};
-use super::summary::{Pcts, Status, Summary, summarize};
+use super::summary::{CRAB, Pcts, Status, Summary, summarize};
 use super::text::{expected_correct, suite_label};
 use crate::eval::results::Report;
 
@@ -106,6 +106,24 @@ fn plot(out: &mut String, p: Plot) {
 
 fn pcts3(p: &Pcts) -> [(bool, String); 3] {
     [n(ms(p.p50)), n(ms(p.p95)), n(ms(p.p99))]
+}
+
+/// The columns of a suite matrix: each suite, then all suites when there are several.
+fn suite_cols(s: &Summary) -> Vec<Option<&str>> {
+    let mut cols: Vec<Option<&str>> = s.suites.iter().map(|x| Some(x.as_str())).collect();
+    if s.suites.len() > 1 {
+        cols.push(None);
+    }
+    cols
+}
+
+fn col_label(c: Option<&str>) -> &str {
+    c.unwrap_or("all suites")
+}
+
+/// Opens a collapsed block holding the long form of a table.
+fn details_open(out: &mut String, what: &str) {
+    let _ = write!(out, "<details><summary>{}</summary>\n", esc(what));
 }
 
 /// Renders the whole report.
@@ -245,6 +263,32 @@ fn correctness(out: &mut String, s: &Summary) {
          reference's. Published figures: PAPER.md, one crash per task. <code>off</code> and \
          <code>crab-fault-free</code> are references without crashes.</p>"
     );
+    let cols = suite_cols(s);
+    let mut headers: Vec<&str> = vec!["method"];
+    headers.extend(cols.iter().map(|c| col_label(*c)));
+    headers.extend(["crashes", "errors", "published"]);
+    let mut tb = Table::new(&headers);
+    for m in &s.methods {
+        let rows: Vec<_> = s.correctness.iter().filter(|r| &r.method == m).collect();
+        let Some(total) = rows.iter().find(|r| r.suite.is_none()).or(rows.first()) else {
+            continue;
+        };
+        let mut cells = vec![t(m)];
+        for c in &cols {
+            let r = rows.iter().find(|r| r.suite.as_deref() == *c);
+            cells.push(n(r.map_or_else(
+                || NONE.to_owned(),
+                |r| format!("{}/{} · {}", r.correct, r.total, pct(r.pct)),
+            )));
+        }
+        cells.push(n(total.crashes.to_string()));
+        cells.push(n((total.errors + total.failed_runs).to_string()));
+        cells.push(t(total.published.as_deref().unwrap_or(NONE)));
+        tb.row(None, &cells);
+    }
+    out.push_str(&tb.finish());
+    plot(out, plots::correctness(s));
+    details_open(out, "Every suite and method");
     let mut tb = Table::new(&[
         "suite",
         "method",
@@ -273,7 +317,7 @@ fn correctness(out: &mut String, s: &Summary) {
         );
     }
     out.push_str(&tb.finish());
-    plot(out, plots::correctness(s));
+    out.push_str("</details>\n");
     if s.by_crash.is_empty() {
         return;
     }
@@ -282,39 +326,47 @@ fn correctness(out: &mut String, s: &Summary) {
         "<h3>By crash point</h3><p>Task instances with at least one crash of this kind, and how \
          they ended; restored: recovered to a checkpoint rather than recreated or restarted.</p>"
     );
-    let mut tb = Table::new(&[
-        "method",
-        "crash at",
-        "kill",
-        "crashes",
-        "instances correct",
-        "%",
-        "restored",
-        "commands replayed",
-        "recovery p50 ms",
-        "p95",
-    ]);
-    for r in &s.by_crash {
-        tb.row(
-            None,
-            &[
-                t(&r.method),
-                t(&r.when),
-                t(&r.kind),
-                n(r.crashes.to_string()),
-                n(format!("{}/{}", r.correct, r.instances)),
-                n(pct(super::summary::ratio(
-                    r.correct as f64 * 100.0,
-                    r.instances as f64,
-                ))),
-                n(r.restored.to_string()),
-                n(r.replayed_commands.to_string()),
-                n(ms(r.recovery_ms.p50)),
-                n(ms(r.recovery_ms.p95)),
-            ],
-        );
-    }
-    out.push_str(&tb.finish());
+    let crash_table = |rows: &mut dyn Iterator<Item = &super::summary::CrashRow>| {
+        let mut tb = Table::new(&[
+            "method",
+            "crash at",
+            "kill",
+            "crashes",
+            "instances correct",
+            "%",
+            "restored",
+            "commands replayed",
+            "recovery p50 ms",
+            "p95",
+        ]);
+        for r in rows {
+            tb.row(
+                None,
+                &[
+                    t(&r.method),
+                    t(&r.when),
+                    t(&r.kind),
+                    n(r.crashes.to_string()),
+                    n(format!("{}/{}", r.correct, r.instances)),
+                    n(pct(super::summary::ratio(
+                        r.correct as f64 * 100.0,
+                        r.instances as f64,
+                    ))),
+                    n(r.restored.to_string()),
+                    n(r.replayed_commands.to_string()),
+                    n(ms(r.recovery_ms.p50)),
+                    n(ms(r.recovery_ms.p95)),
+                ],
+            );
+        }
+        tb.finish()
+    };
+    out.push_str(&crash_table(
+        &mut s.by_crash.iter().filter(|r| r.method == CRAB),
+    ));
+    details_open(out, "Every method");
+    out.push_str(&crash_table(&mut s.by_crash.iter()));
+    out.push_str("</details>\n");
 }
 
 fn time(out: &mut String, s: &Summary) {
@@ -326,6 +378,36 @@ fn time(out: &mut String, s: &Summary) {
          (crab's selective checkpoints, no faults). Published: \
          within 1.9% of fault-free at 16–96 sandboxes; restart up to 1.67× slower; full-every-turn 3.06× \
          slower at 64 sandboxes.</p>"
+    );
+    let mut headers: Vec<&str> = vec!["method", "sandboxes"];
+    headers.extend(s.suites.iter().map(String::as_str));
+    let mut tb = Table::new(&headers);
+    for m in &s.methods {
+        for &d in &s.densities {
+            let rows: Vec<_> = s
+                .time
+                .iter()
+                .filter(|r| &r.method == m && r.sandboxes == d)
+                .collect();
+            if rows.is_empty() {
+                continue;
+            }
+            let mut cells = vec![t(m), n(d.to_string())];
+            for suite in &s.suites {
+                let r = rows.iter().find(|r| &r.suite == suite);
+                cells.push(n(r.map_or_else(
+                    || NONE.to_owned(),
+                    |r| format!("{} s · {}", secs(r.mean_time_s), times(r.vs_off)),
+                )));
+            }
+            tb.row(None, &cells);
+        }
+    }
+    out.push_str(&tb.finish());
+    plot(out, plots::time_vs_off(s));
+    details_open(
+        out,
+        "Every run: think and tool time, wall time, ratio to crab-fault-free",
     );
     let mut tb = Table::new(&[
         "suite",
@@ -359,7 +441,7 @@ fn time(out: &mut String, s: &Summary) {
         );
     }
     out.push_str(&tb.finish());
-    plot(out, plots::time_vs_off(s));
+    out.push_str("</details>\n");
     let _ = writeln!(out, "<h3>crab-fault-free against off</h3>");
     if s.overhead.is_empty() {
         out.push_str("<p class=\"muted\">Needs <code>off</code> and <code>crab-fault-free</code> runs at the same density.</p>\n");
@@ -398,6 +480,36 @@ fn checkpoint_bytes(out: &mut String, s: &Summary) {
          process images). The reduction compares bytes per task instance with <code>full-every-turn</code> \
          over the suites and densities both ran. Published: up to 87% less.</p>"
     );
+    let cols = suite_cols(s);
+    let mut headers: Vec<&str> = vec!["method"];
+    headers.extend(cols.iter().map(|c| col_label(*c)));
+    headers.extend(["total", "vs full-every-turn"]);
+    let mut tb = Table::new(&headers);
+    for m in &s.methods {
+        let rows: Vec<_> = s.bytes.iter().filter(|r| &r.method == m).collect();
+        if !rows.iter().any(|r| r.bytes > 0) && m != CRAB {
+            continue;
+        }
+        let total = rows.iter().find(|r| r.suite.is_none()).or(rows.first());
+        let mut cells = vec![t(m)];
+        for c in &cols {
+            let r = rows.iter().find(|r| r.suite.as_deref() == *c);
+            cells.push(n(
+                r.map_or_else(|| NONE.to_owned(), |r| opt_bytes(r.bytes_per_task))
+            ));
+        }
+        cells.push(n(
+            total.map_or_else(|| NONE.to_owned(), |r| bytes(r.bytes as f64))
+        ));
+        cells.push(n(total
+            .and_then(|r| r.reduction_vs_full_pct)
+            .map_or_else(|| NONE.to_owned(), |p| format!("{p:.1}% less"))));
+        tb.row(None, &cells);
+    }
+    out.push_str("<p>Bytes per task instance:</p>\n");
+    out.push_str(&tb.finish());
+    plot(out, plots::bytes(s));
+    details_open(out, "Every suite and method");
     let mut tb = Table::new(&[
         "suite",
         "method",
@@ -421,7 +533,7 @@ fn checkpoint_bytes(out: &mut String, s: &Summary) {
         );
     }
     out.push_str(&tb.finish());
-    plot(out, plots::bytes(s));
+    out.push_str("</details>\n");
 }
 
 fn mix(out: &mut String, s: &Summary) {
@@ -471,7 +583,7 @@ fn latency(out: &mut String, report: &Report, s: &Summary) {
         "restore p50 ms",
         "p95",
     ]);
-    for r in &s.latency {
+    for r in s.latency.iter().filter(|r| r.measured()) {
         let [a, b, c] = pcts3(&r.exposed_ms);
         tb.row(
             None,
@@ -586,7 +698,38 @@ fn latency(out: &mut String, report: &Report, s: &Summary) {
 }
 
 fn resources(out: &mut String, s: &Summary) {
-    let _ = writeln!(out, "<h2>crab CPU and I/O per run</h2>");
+    let _ = writeln!(
+        out,
+        "<h2>crab CPU and I/O</h2><p>Per method and density, summed over the suites' runs (peak \
+         RSS: the highest). CPU counts user and system time of crab and its children.</p>"
+    );
+    let mut tb = Table::new(&[
+        "method",
+        "sandboxes",
+        "runs",
+        "crab CPU s",
+        "CPU ms per turn",
+        "read",
+        "written",
+        "peak RSS",
+    ]);
+    for r in &s.resource_totals {
+        tb.row(
+            None,
+            &[
+                t(&r.method),
+                n(r.sandboxes.to_string()),
+                n(r.runs.to_string()),
+                n(format!("{:.2}", r.cpu_s)),
+                n(ms(r.cpu_ms_per_turn)),
+                n(bytes(r.read_bytes as f64)),
+                n(bytes(r.write_bytes as f64)),
+                n(bytes(r.peak_rss as f64)),
+            ],
+        );
+    }
+    out.push_str(&tb.finish());
+    details_open(out, "Every run");
     let mut tb = Table::new(&[
         "suite",
         "method",
@@ -617,6 +760,7 @@ fn resources(out: &mut String, s: &Summary) {
         );
     }
     out.push_str(&tb.finish());
+    out.push_str("</details>\n");
 }
 
 fn failures(out: &mut String, s: &Summary) {

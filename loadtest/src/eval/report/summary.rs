@@ -79,6 +79,8 @@ pub struct Summary {
     pub latency: Vec<LatencyRow>,
     /// crab's CPU and I/O per run.
     pub resources: Vec<ResourceRow>,
+    /// The same per (method, density), summed over suites (peak RSS: the highest).
+    pub resource_totals: Vec<ResourceTotal>,
     /// Every task instance that was not correct.
     pub failures: Vec<Failure>,
     /// Runs that failed as a whole.
@@ -198,6 +200,13 @@ pub struct LatencyRow {
     pub restore_ms: Pcts,
 }
 
+impl LatencyRow {
+    /// Anything was measured (a gated reply, a checkpoint or a recovery).
+    pub fn measured(&self) -> bool {
+        self.exposed_ms.n > 0 || self.restore_ms.n > 0 || !self.checkpoint_ms.is_empty()
+    }
+}
+
 #[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct ResourceRow {
     pub suite: String,
@@ -209,6 +218,19 @@ pub struct ResourceRow {
     /// Turn-end decisions of the run.
     pub turns: u64,
     /// CPU milliseconds per turn-end decision.
+    pub cpu_ms_per_turn: Option<f64>,
+    pub read_bytes: u64,
+    pub write_bytes: u64,
+    pub peak_rss: u64,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct ResourceTotal {
+    pub method: String,
+    pub sandboxes: usize,
+    pub runs: usize,
+    pub cpu_s: f64,
+    pub turns: u64,
     pub cpu_ms_per_turn: Option<f64>,
     pub read_bytes: u64,
     pub write_bytes: u64,
@@ -277,6 +299,8 @@ pub fn summarize(report: &Report) -> Summary {
     let bytes = bytes_rows(&idx, &suites, &methods);
     let mix = mix_rows(&idx, &suites, &methods);
     let latency = latency_rows(&idx, &methods, &densities);
+    let resources: Vec<ResourceRow> = idx.runs.iter().map(|r| resource_row(r)).collect();
+    let resource_totals = resource_totals(&resources, &methods, &densities);
     let targets = vec![
         crab_correct_target(&correctness),
         skip_target(&idx, &suites),
@@ -305,7 +329,8 @@ pub fn summarize(report: &Report) -> Summary {
         bytes,
         mix,
         latency,
-        resources: idx.runs.iter().map(|r| resource_row(r)).collect(),
+        resource_totals,
+        resources,
         failures: failures(&idx),
         run_errors: idx
             .runs
@@ -638,7 +663,8 @@ fn bytes_row(
     }
     let mine = matched(runs, full);
     let theirs = matched(full, runs);
-    let reduction_vs_full_pct = if method == FULL_EVERY_TURN {
+    // A method that stored nothing (no checkpoints, or bytes not measured) is not "100% less".
+    let reduction_vs_full_pct = if method == FULL_EVERY_TURN || bytes == 0 {
         None
     } else {
         per_task(&mine)
@@ -775,6 +801,39 @@ fn resource_row(r: &RunResult) -> ResourceRow {
         write_bytes: r.crab_write_bytes,
         peak_rss: r.crab_peak_rss,
     }
+}
+
+fn resource_totals(
+    rows: &[ResourceRow],
+    methods: &[String],
+    densities: &[usize],
+) -> Vec<ResourceTotal> {
+    let mut out = Vec::new();
+    for m in methods {
+        for &n in densities {
+            let rows: Vec<&ResourceRow> = rows
+                .iter()
+                .filter(|r| &r.method == m && r.sandboxes == n)
+                .collect();
+            if rows.is_empty() {
+                continue;
+            }
+            let cpu_s: f64 = rows.iter().map(|r| r.cpu_s).sum();
+            let turns: u64 = rows.iter().map(|r| r.turns).sum();
+            out.push(ResourceTotal {
+                method: m.clone(),
+                sandboxes: n,
+                runs: rows.len(),
+                cpu_s,
+                turns,
+                cpu_ms_per_turn: ratio(cpu_s * 1000.0, turns as f64),
+                read_bytes: rows.iter().map(|r| r.read_bytes).sum(),
+                write_bytes: rows.iter().map(|r| r.write_bytes).sum(),
+                peak_rss: rows.iter().map(|r| r.peak_rss).max().unwrap_or(0),
+            });
+        }
+    }
+    out
 }
 
 fn failures(idx: &Index) -> Vec<Failure> {

@@ -395,6 +395,7 @@ fn html_escapes_report_strings_and_has_tables_and_plots() {
         html.matches("<svg").count()
     );
     assert!(!html.contains("<?xml"));
+    assert_sections_outside_details(&html);
     assert!(!html.contains("Plot failed"));
     assert!(
         !html.contains("src=\"http") && !html.contains("href=\"http"),
@@ -505,6 +506,7 @@ fn renders_a_full_example() {
     let r = example();
     let html = render_html(&r);
     assert!(html.matches("<svg").count() >= 8);
+    assert_sections_outside_details(&html);
     assert!(!html.contains("Plot failed") && !html.contains("NaN"));
     let s = summarize(&r);
     assert_eq!(
@@ -671,4 +673,29 @@ fn degenerate_samples_still_plot() {
         s.overhead[0].wall_overhead_pct, None,
         "off's wall time is 0"
     );
+}
+
+/// `<details>` blocks open and close in order, never nest, and hold no section heading (so
+/// nothing but a long table is ever collapsed).
+fn assert_sections_outside_details(html: &str) {
+    let mut depth = 0i32;
+    let mut rest = html;
+    while let Some(i) = rest.find('<') {
+        rest = &rest[i + 1..];
+        if rest.starts_with("details") {
+            depth += 1;
+            assert_eq!(depth, 1, "nested <details>");
+        } else if rest.starts_with("/details>") {
+            depth -= 1;
+            assert_eq!(depth, 0, "</details> without <details>");
+        } else if rest.starts_with("h2") || rest.starts_with("h3") || rest.starts_with("svg") {
+            assert_eq!(
+                depth,
+                0,
+                "a heading or plot inside <details>: {}",
+                &rest[..40.min(rest.len())]
+            );
+        }
+    }
+    assert_eq!(depth, 0, "unclosed <details>");
 }

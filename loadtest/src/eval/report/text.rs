@@ -218,10 +218,7 @@ pub fn render(s: &Summary) -> String {
         ">full ckpt p50/p95 ms",
         ">restore p50/p95 ms",
     ]);
-    let measured = |r: &&super::summary::LatencyRow| {
-        r.exposed_ms.n > 0 || r.restore_ms.n > 0 || !r.checkpoint_ms.is_empty()
-    };
-    for r in s.latency.iter().filter(measured) {
+    for r in s.latency.iter().filter(|r| r.measured()) {
         let p = |p: &super::summary::Pcts| format!("{}/{}", ms(p.p50), ms(p.p95));
         let plan = |name: &str| r.checkpoint_ms.get(name).map_or_else(|| NONE.to_owned(), p);
         t.row(vec![
@@ -252,29 +249,17 @@ pub fn render(s: &Summary) -> String {
         ">written",
         ">peak rss",
     ]);
-    for m in &s.methods {
-        for &n in &s.densities {
-            let rows: Vec<_> = s
-                .resources
-                .iter()
-                .filter(|r| &r.method == m && r.sandboxes == n)
-                .collect();
-            if rows.is_empty() {
-                continue;
-            }
-            let cpu: f64 = rows.iter().map(|r| r.cpu_s).sum();
-            let turns: u64 = rows.iter().map(|r| r.turns).sum();
-            t.row(vec![
-                m.clone(),
-                n.to_string(),
-                rows.len().to_string(),
-                format!("{cpu:.2}"),
-                ms(super::summary::ratio(cpu * 1000.0, turns as f64)),
-                bytes(rows.iter().map(|r| r.read_bytes as f64).sum()),
-                bytes(rows.iter().map(|r| r.write_bytes as f64).sum()),
-                bytes(rows.iter().map(|r| r.peak_rss).max().unwrap_or(0) as f64),
-            ]);
-        }
+    for r in &s.resource_totals {
+        t.row(vec![
+            r.method.clone(),
+            r.sandboxes.to_string(),
+            r.runs.to_string(),
+            format!("{:.2}", r.cpu_s),
+            ms(r.cpu_ms_per_turn),
+            bytes(r.read_bytes as f64),
+            bytes(r.write_bytes as f64),
+            bytes(r.peak_rss as f64),
+        ]);
     }
     section(
         &mut out,
