@@ -123,7 +123,7 @@ fn col_label(c: Option<&str>) -> &str {
 
 /// Opens a collapsed block holding the long form of a table.
 fn details_open(out: &mut String, what: &str) {
-    let _ = write!(out, "<details><summary>{}</summary>\n", esc(what));
+    let _ = writeln!(out, "<details><summary>{}</summary>", esc(what));
 }
 
 /// Renders the whole report.

@@ -240,6 +240,14 @@ fn summarizes_correctness_time_bytes_mix_and_latency() {
     assert_eq!(crash.recovery_ms.p50, Some(120.0));
     assert_eq!(s.by_crash.len(), 3, "one row per method with crashes");
 
+    let res = s
+        .resource_totals
+        .iter()
+        .find(|r| r.method == "crab")
+        .unwrap();
+    assert_eq!((res.runs, res.turns, res.read_bytes), (1, 10, 1 << 20));
+    assert_close(res.cpu_ms_per_turn.unwrap(), 150.0);
+
     assert_eq!(s.failures.len(), 1);
     assert_eq!(
         (s.failures[0].method.as_str(), s.failures[0].task.as_str()),
@@ -360,6 +368,21 @@ fn empty_and_failed_runs_render_without_nan() {
             .iter()
             .all(|t| t.status == Status::NotMeasured)
     );
+}
+
+/// A crab run whose bytes were not measured (0) must not pass as "100% fewer bytes".
+#[test]
+fn zero_crab_bytes_do_not_pass_the_bytes_target() {
+    let mut r = small();
+    r.runs
+        .iter_mut()
+        .find(|r| r.method == "crab")
+        .unwrap()
+        .checkpoint_bytes = 0;
+    let s = summarize(&r);
+    assert_eq!(s.targets[2].status, Status::NotMeasured);
+    let off = s.bytes.iter().find(|r| r.method == "off").unwrap();
+    assert_eq!(off.reduction_vs_full_pct, None);
 }
 
 #[test]
