@@ -19,7 +19,8 @@ body{font-family:system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;margin:2em
 h1{font-size:1.6em;margin-bottom:.2em}h2{margin-top:2em;border-bottom:1px solid #ddd;padding-bottom:.2em}
 table{border-collapse:collapse;margin:.8em 0;font-size:.92em}
 th,td{border:1px solid #ddd;padding:.3em .6em;text-align:left;vertical-align:top}
-th{background:#f4f4f4}td.n{text-align:right;font-variant-numeric:tabular-nums}
+th{background:#f4f4f4}td.n{text-align:right;font-variant-numeric:tabular-nums;white-space:nowrap}
+td:first-child{white-space:nowrap}
 tr.all td{font-weight:600;background:#fafafa}
 .pass{color:#fff;background:#2c7a3b;padding:.1em .5em;border-radius:3px;font-weight:600}
 .fail{color:#fff;background:#b3261e;padding:.1em .5em;border-radius:3px;font-weight:600}
