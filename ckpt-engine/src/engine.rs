@@ -1225,6 +1225,12 @@ impl Engine {
         already_stopped: bool,
     ) -> Result<(), EngineError> {
         let trees = self.trees(rec);
+        let base = match &rec.spec {
+            SandboxKind::Container { image } => image::image_path(&self.pool, image)
+                .ok()
+                .filter(|p| pool::is_subvolume(p)),
+            SandboxKind::Directory { .. } => None,
+        };
         let cg = self.cgroup(&rec.name);
         // One tree: freeze only around its snapshot. Several: freeze around all of them so the
         // trees belong to one instant. `already_stopped`: CRIU holds every task (post-dump):
@@ -1245,6 +1251,7 @@ impl Engine {
                     &cg
                 };
                 let out = self.backend.snapshot(&SnapshotRequest {
+                    base: base.as_deref().filter(|_| tree == "rootfs"),
                     sandbox_id: &rec.name,
                     checkpoint_id: &format!("{id}-{tree}"),
                     source: path,
@@ -1694,6 +1701,7 @@ impl Engine {
                 restored.processes.len()
             )));
         }
+        crate::network::loopback_up(restored.init_pid)?;
         if let Some(net) = &rec.net {
             // CRIU restores the namespace's own devices; re-plumb the host side if needed.
             if let Err(e) = crate::network::attach(net, restored.init_pid) {

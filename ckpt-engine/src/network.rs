@@ -72,6 +72,19 @@ pub fn attach(net: &SandboxNet, pid: u32) -> Result<(), ToolError> {
     Ok(())
 }
 
+/// Brings the loopback interface of the network namespace of `pid` up (the kernel then gives
+/// it 127.0.0.1 and ::1). A CRIU restore recreates the namespace with `lo` down and without
+/// addresses, so services restored or started afterwards could not reach each other on
+/// localhost.
+pub fn loopback_up(pid: u32) -> Result<(), ToolError> {
+    let pid = pid.to_string();
+    sys::run(
+        "nsenter",
+        &["-t", pid.as_str(), "-n", "ip", "link", "set", "lo", "up"],
+    )?;
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

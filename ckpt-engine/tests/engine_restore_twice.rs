@@ -40,7 +40,8 @@ fn fs(e: &Engine, name: &str) -> RecoveryPoint {
         .expect("fs checkpoint")
 }
 
-/// The sandbox runs and takes commands: runc says `running`, and an exec works.
+/// The sandbox runs and takes commands: runc says `running`, an exec works, and its
+/// loopback is up with 127.0.0.1 (services inside talk over localhost).
 fn assert_running(e: &Engine, name: &str, when: &str) {
     assert_eq!(
         e.runc().status(name).as_deref(),
@@ -59,6 +60,11 @@ fn assert_running(e: &Engine, name: &str, when: &str) {
         (0, "ok"),
         "{when}: stderr {}",
         out.stderr
+    );
+    let lo = sh(e, name, "ip addr show lo");
+    assert!(
+        lo.contains("UP") && lo.contains("inet 127.0.0.1/8"),
+        "{when}: loopback not up: {lo}"
     );
 }
 
