@@ -276,6 +276,7 @@ fn snap(
 ) -> FsSnapshotRef {
     backend
         .snapshot(&SnapshotRequest {
+            base: None,
             sandbox_id: "fsinc",
             checkpoint_id: id,
             source,

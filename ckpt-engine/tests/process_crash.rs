@@ -65,6 +65,7 @@ fn crash_child_checkpoints_until_killed() {
             },
             |_| -> Result<_, FsError> {
                 backend.snapshot(&SnapshotRequest {
+                    base: None,
                     sandbox_id: &name,
                     checkpoint_id: &cid,
                     source: &rootfs,

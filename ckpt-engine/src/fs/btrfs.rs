@@ -176,11 +176,13 @@ impl BtrfsBackend {
         dest: &Path,
         provisional: &FsSnapshotRef,
         parent: Option<&FsSnapshotRef>,
+        base: Option<&Path>,
         sealer: &Sealer,
     ) -> bool {
         let inner = Arc::clone(&self.inner);
         let sealer = Arc::clone(sealer);
         let (sandbox, dest) = (sandbox.to_string(), dest.to_path_buf());
+        let base = base.map(Path::to_path_buf);
         let (snapshot, parent) = (provisional.clone(), parent.cloned());
         let id = snapshot.id.clone();
         inner
@@ -205,7 +207,7 @@ impl BtrfsBackend {
             });
             // A panicking hash must not leave waiters blocked on a job that never ends.
             let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                inner.hash_snapshot(&sandbox, &dest, &snapshot, parent.as_ref())
+                inner.hash_snapshot(&sandbox, &dest, &snapshot, parent.as_ref(), base.as_deref())
             }))
             .unwrap_or_else(|_| {
                 Err(FsError::Corrupt {
@@ -329,10 +331,13 @@ impl Inner {
     }
 
     /// Runs `btrfs send --no-data` of `snapshot` (incremental from `parent`) and parses it.
+    /// The (data-less) send stream of `snapshot` against `parent`, else against `base` (the
+    /// read-only tree it was cloned from), else whole.
     fn send_summary(
         &self,
         snapshot: &FsSnapshotRef,
         parent: Option<&FsSnapshotRef>,
+        base: Option<&Path>,
     ) -> Result<SendSummary, FsError> {
         let path = self.path_of(snapshot)?;
         let mut args: Vec<std::ffi::OsString> =
@@ -340,6 +345,9 @@ impl Inner {
         if let Some(parent) = parent {
             args.push("-p".into());
             args.push(self.path_of(parent)?.into_os_string());
+        } else if let Some(base) = base {
+            args.push("-p".into());
+            args.push(base.as_os_str().to_owned());
         }
         args.push(path.into_os_string());
         let out = sys::run("btrfs", &args)?;
@@ -399,18 +407,20 @@ impl Inner {
 
     /// Tree hash and bytes changed of the fresh read-only snapshot `dest`: with a parent, the
     /// send stream's change set drives an incremental hash from the parent's index; without
-    /// one, a full hash runs while the full send stream is measured.
+    /// one, a full hash runs while the send stream against `base` (the image the tree was
+    /// cloned from; else the whole tree) is measured.
     fn hash_snapshot(
         &self,
         sandbox: &str,
         dest: &Path,
         provisional: &FsSnapshotRef,
         parent: Option<&FsSnapshotRef>,
+        base: Option<&Path>,
     ) -> Result<(String, u64), FsError> {
         let t = Instant::now();
         let (summary, index, stats, source) = match parent {
             Some(parent) => {
-                let summary = self.send_summary(provisional, Some(parent))?;
+                let summary = self.send_summary(provisional, Some(parent), None)?;
                 let t_send = t.elapsed();
                 // With `Dirty::All` the parent's index still supplies content hashes.
                 let (prev, source) = self.parent_index(sandbox, parent);
@@ -424,7 +434,7 @@ impl Inner {
                 (summary, index, stats, source)
             }
             None => std::thread::scope(|s| {
-                let measure = s.spawn(|| self.send_summary(provisional, None));
+                let measure = s.spawn(|| self.send_summary(provisional, None, base));
                 let hashed = hash_tree(dest, None, &Dirty::All);
                 let summary = measure
                     .join()
@@ -502,7 +512,14 @@ impl FsBackend for BtrfsBackend {
         };
         let parent = req.parent.filter(|p| p.backend == NAME);
         if let Some(sealer) = &self.sealer {
-            if self.spawn_hash_job(req.sandbox_id, &dest, &provisional, parent, sealer) {
+            if self.spawn_hash_job(
+                req.sandbox_id,
+                &dest,
+                &provisional,
+                parent,
+                req.base,
+                sealer,
+            ) {
                 return Ok(SnapshotOutcome {
                     snapshot: provisional,
                     bytes_changed: 0,
@@ -511,9 +528,9 @@ impl FsBackend for BtrfsBackend {
                 });
             }
         }
-        let result = self
-            .inner
-            .hash_snapshot(req.sandbox_id, &dest, &provisional, parent);
+        let result =
+            self.inner
+                .hash_snapshot(req.sandbox_id, &dest, &provisional, parent, req.base);
         let (hash, bytes_changed) = match result {
             Ok(v) => v,
             Err(e) => {
@@ -607,7 +624,7 @@ impl FsBackend for BtrfsBackend {
         snapshot: &FsSnapshotRef,
         parent: Option<&FsSnapshotRef>,
     ) -> Result<u64, FsError> {
-        Ok(self.inner.send_summary(snapshot, parent)?.data_bytes)
+        Ok(self.inner.send_summary(snapshot, parent, None)?.data_bytes)
     }
 
     fn settle(&self, snapshot: &FsSnapshotRef, wait: bool) -> Result<Option<Settled>, FsError> {

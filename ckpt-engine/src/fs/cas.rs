@@ -394,6 +394,7 @@ mod tests {
 
         let first = backend
             .snapshot(&SnapshotRequest {
+                base: None,
                 sandbox_id: "sbx-1",
                 checkpoint_id: "cp-1",
                 source: &root,
@@ -421,6 +422,7 @@ mod tests {
         std::fs::write(root.join("work/out/result"), b"42").unwrap();
         let second = backend
             .snapshot(&SnapshotRequest {
+                base: None,
                 sandbox_id: "sbx-1",
                 checkpoint_id: "cp-2",
                 source: &root,
@@ -444,6 +446,7 @@ mod tests {
         std::fs::write(root.join("etc/unlisted"), b"not in the hint").unwrap();
         let rescanned = backend
             .snapshot(&SnapshotRequest {
+                base: None,
                 sandbox_id: "sbx-1",
                 checkpoint_id: "cp-3",
                 source: &root,

@@ -107,6 +107,10 @@ pub struct SnapshotRequest<'a> {
     /// The newest earlier snapshot of the same tree, for incremental backends and for
     /// measuring the bytes changed.
     pub parent: Option<&'a FsSnapshotRef>,
+    /// The read-only tree `source` was cloned from (a container's base image), if any:
+    /// without `parent`, backends that can measure against it report the bytes changed since
+    /// it rather than the whole tree (a btrfs send with it as the parent).
+    pub base: Option<&'a Path>,
     /// What changed since `parent`.
     pub changes: &'a ChangeHint,
     /// Freezes the tree's writers for the critical section.

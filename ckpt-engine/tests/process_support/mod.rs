@@ -137,6 +137,7 @@ impl Lab {
             },
             |_ctx| -> Result<SnapshotOutcome, FsError> {
                 e.backend().snapshot(&SnapshotRequest {
+                    base: None,
                     sandbox_id: name,
                     checkpoint_id: &checkpoint_id,
                     source: &rootfs,

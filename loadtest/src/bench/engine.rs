@@ -303,6 +303,7 @@ fn cas_trajectory_scenario() -> anyhow::Result<Stats> {
         };
         let t = Instant::now();
         let out = backend.snapshot(&SnapshotRequest {
+            base: None,
             sandbox_id: "bench-cas",
             checkpoint_id: &format!("t{turn}"),
             source: &root,

@@ -124,6 +124,7 @@ impl Bench {
                 },
                 |_| -> Result<_, FsError> {
                     self.engine.backend().snapshot(&SnapshotRequest {
+                        base: None,
                         sandbox_id: name,
                         checkpoint_id: &id,
                         source: &rootfs,
