@@ -1,12 +1,14 @@
 //! `loadtest`: Crab's evaluation harness.
 //!
 //! Subcommands: `fake-llm` (serve the fake LLM), `bench proxy|inspector|engine|process|e2e`
-//! (benchmarks), `demo` (the README's first command: the proxy in front of the fake with a
-//! scripted agent).
+//! (benchmarks), `demo` (the proxy in front of the fake with scripted agents), `run` (the
+//! evaluation: task suites, co-located sandboxes, crash injection, recovery methods) and
+//! `report` (its report rendered again).
 //!
-//! Module map: `fake_cmd` (fake-llm server CLI), `bench` (benchmarks; `inspector.rs` and
-//! `engine.rs` belong to their helpers), `demo` (scripted agent conversation through crab),
-//! `client` (hyper client helpers), `procs` (child processes: crab, nginx; /proc stats).
+//! Module map: `fake_cmd` (fake-llm server CLI), `bench` (benchmarks), `demo` (scripted agent
+//! conversation through crab), `eval` (the evaluation harness), `stack` (a crab daemon on a
+//! fresh pool, as harness runs use it), `client` (hyper client helpers), `procs` (child
+//! processes: crab, nginx; /proc stats).
 //! Invariants: only 127.0.0.1 traffic; every child process is killed on exit (Drop guards).
 #![forbid(unsafe_code)]
 
@@ -34,6 +36,12 @@ enum Command {
     /// The quick-start demo: crab in front of the fake LLM with three scripted agents; prints
     /// the turns crab saw.
     Demo(demo::Args),
+    /// The evaluation: task suites in co-located sandboxes with crashes injected, recovered
+    /// by each method; writes report.json and report.html.
+    Run(eval::runner::RunArgs),
+    /// Renders a finished evaluation's report.html again from its report.json and prints its
+    /// summary.
+    Report(eval::report::ReportArgs),
     /// Benchmarks.
     Bench {
         #[command(subcommand)]
@@ -52,6 +60,8 @@ fn main() -> anyhow::Result<()> {
     match cli.command {
         // Benchmarks dispatch synchronously; each builds a runtime if it needs one.
         Command::Bench { command } => bench::run(command),
+        Command::Run(args) => eval::runner::run(args),
+        Command::Report(args) => eval::report::run_report(args),
         Command::FakeLlm(args) => runtime()?.block_on(fake_cmd::run(args)),
         Command::Demo(args) => runtime()?.block_on(demo::run(args)),
     }

@@ -19,7 +19,7 @@ use crate::client::{HttpClient, new_client, post_json, timed};
 use crate::procs::{ChildGuard, free_port, tail};
 
 /// splitmix64: a tiny seeded generator (the draws must not depend on arrival order).
-fn splitmix(state: &mut u64) -> u64 {
+pub fn splitmix(state: &mut u64) -> u64 {
     *state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
     let mut z = *state;
     z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
@@ -205,6 +205,11 @@ impl RunGuard {
         })
     }
 
+    /// The running crab's PID, if started.
+    pub fn crab_pid(&self) -> Option<u32> {
+        self.crab.as_ref().map(ChildGuard::pid)
+    }
+
     pub fn path(&self) -> &Path {
         self.dir
             .as_ref()
@@ -325,6 +330,33 @@ impl Crab {
             "{name}: command {cmd:?} failed: {out}"
         );
         Ok(out["stdout"].as_str().unwrap_or_default().to_owned())
+    }
+
+    /// Runs `cmd` with `sh -c` in the sandbox; its exit code and output (stdout, then
+    /// stderr), whatever the exit code. An error only when the engine could not run it (e.g.
+    /// the sandbox is dead).
+    pub async fn exec_status(&self, name: &str, cmd: &str) -> anyhow::Result<(i64, String)> {
+        let out = self
+            .engine(json!({"op": "sandbox_exec", "name": name, "argv": ["sh", "-c", cmd]}))
+            .await?;
+        let mut text = out["stdout"].as_str().unwrap_or_default().to_owned();
+        text.push_str(out["stderr"].as_str().unwrap_or_default());
+        Ok((out["exit_code"].as_i64().unwrap_or(-1), text))
+    }
+
+    /// `POST` a JSON body to an admin path; the answer (its `data` when wrapped).
+    pub async fn admin_post(&self, path: &str, body: &Value) -> anyhow::Result<Value> {
+        let url = format!("http://{}{path}", self.admin);
+        let t = tokio::time::timeout(
+            Duration::from_secs(300),
+            timed(&self.client, post_json(&url, body, &[]), true),
+        )
+        .await
+        .with_context(|| format!("POST {path} timed out"))??;
+        let v: Value =
+            serde_json::from_slice(t.body.as_deref().unwrap_or_default()).unwrap_or(Value::Null);
+        ensure!(t.status == 200, "POST {path} answered {}: {v}", t.status);
+        Ok(v.get("data").cloned().unwrap_or(v))
     }
 
     pub async fn metrics(&self) -> anyhow::Result<String> {

@@ -77,14 +77,19 @@ pub struct Conversation {
 
 impl Conversation {
     pub fn new(api: AgentApi) -> Conversation {
+        Conversation::with_prompt(api, TASK)
+    }
+
+    /// A conversation whose user message is `prompt`.
+    pub fn with_prompt(api: AgentApi, prompt: &str) -> Conversation {
         let items = match api {
             AgentApi::Chat => vec![
                 json!({ "role": "system", "content": "You are a coding agent. Use the bash tool." }),
-                json!({ "role": "user", "content": TASK }),
+                json!({ "role": "user", "content": prompt }),
             ],
             AgentApi::Responses => vec![json!({ "type": "message", "role": "user",
-                "content": [{ "type": "input_text", "text": TASK }] })],
-            AgentApi::Anthropic => vec![json!({ "role": "user", "content": TASK })],
+                "content": [{ "type": "input_text", "text": prompt }] })],
+            AgentApi::Anthropic => vec![json!({ "role": "user", "content": prompt })],
         };
         Conversation { api, items }
     }

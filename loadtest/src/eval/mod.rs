@@ -1,7 +1,15 @@
 //! `loadtest run` and `loadtest report`: the evaluation harness (issue 7).
 //!
 //! Module map: `results` (the JSON schema), `workload` (the task suites: trajectories,
-//! checkers, probes, digests), `report` (JSON + self-contained HTML with plots, terminal
-//! summary), `runner` (runs, crash injection, recovery by method, measurements).
+//! checkers, probes, digests), `method` (recovery methods and reference runs), `crash`
+//! (seeded crash points), `agent` (one task instance: the scripted agent, crash injection,
+//! recovery, final state), `runner` (runs per suite, density and method; measurements),
+//! `report` (JSON + self-contained HTML with plots, terminal summary).
 
+pub mod agent;
+pub mod crash;
+pub mod method;
+pub mod report;
 pub mod results;
+pub mod runner;
+pub mod workload;
