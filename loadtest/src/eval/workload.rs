@@ -157,13 +157,63 @@ const FILES: &[(&str, &str, &str)] = &[
     ),
     (
         "adversarial",
+        "big-append",
+        include_str!("../../workloads/adversarial/big-append.toml"),
+    ),
+    (
+        "adversarial",
+        "delete-recreate",
+        include_str!("../../workloads/adversarial/delete-recreate.toml"),
+    ),
+    (
+        "adversarial",
         "fifo-counter",
         include_str!("../../workloads/adversarial/fifo-counter.toml"),
     ),
     (
         "adversarial",
+        "hard-links",
+        include_str!("../../workloads/adversarial/hard-links.toml"),
+    ),
+    (
+        "adversarial",
+        "http-kv",
+        include_str!("../../workloads/adversarial/http-kv.toml"),
+    ),
+    (
+        "adversarial",
+        "lib-replace",
+        include_str!("../../workloads/adversarial/lib-replace.toml"),
+    ),
+    (
+        "adversarial",
+        "log-rotate",
+        include_str!("../../workloads/adversarial/log-rotate.toml"),
+    ),
+    (
+        "adversarial",
+        "metadata-changes",
+        include_str!("../../workloads/adversarial/metadata-changes.toml"),
+    ),
+    (
+        "adversarial",
+        "mmap-writer",
+        include_str!("../../workloads/adversarial/mmap-writer.toml"),
+    ),
+    (
+        "adversarial",
         "persistent-shell",
         include_str!("../../workloads/adversarial/persistent-shell.toml"),
+    ),
+    (
+        "adversarial",
+        "python-repl",
+        include_str!("../../workloads/adversarial/python-repl.toml"),
+    ),
+    (
+        "adversarial",
+        "rename-dirs",
+        include_str!("../../workloads/adversarial/rename-dirs.toml"),
     ),
 ];
 
