@@ -449,9 +449,10 @@ fn quote(s: &str) -> String {
 
 impl Task {
     /// A shell command printing a deterministic description of the filesystem state under
-    /// `digest_paths`: one sorted line per entry (type, permissions, numeric owner, then for
-    /// regular files the link count and size, for symlinks the target; no times), then the
-    /// SHA-256 of every regular file's content in path order; `digest_exclude` names are pruned.
+    /// `digest_paths`: one line per entry sorted by path (path, tab, type, permissions, numeric
+    /// owner, then for regular files the link count and size, for symlinks the target; no
+    /// times), then the SHA-256 of every regular file's content in path order; `digest_exclude`
+    /// names are pruned.
     /// A missing path prints `absent <path>`.
     pub fn digest_command(&self) -> String {
         let paths = self
@@ -474,9 +475,9 @@ impl Task {
         format!(
             "export LC_ALL=C; cd / || exit 1; set -- {paths}; \
              for p do [ -e \"$p\" ] || [ -L \"$p\" ] || echo \"absent $p\"; done; \
-             find \"$@\" {prune}\\( -type f -printf 'f %m %U:%G %n %s %p\\n' \\) \
-             -o \\( -type l -printf 'l %m %U:%G %p -> %l\\n' \\) \
-             -o -printf '%y %m %U:%G %p\\n' 2>/dev/null | sort; \
+             find \"$@\" {prune}\\( -type f -printf '%p\\tf %m %U:%G %n %s\\n' \\) \
+             -o \\( -type l -printf '%p\\tl %m %U:%G -> %l\\n' \\) \
+             -o -printf '%p\\t%y %m %U:%G\\n' 2>/dev/null | sort; \
              find \"$@\" {prune}-type f -print0 2>/dev/null | sort -z | xargs -0 -r sha256sum"
         )
     }
@@ -660,8 +661,14 @@ mod tests {
             .unwrap();
         let out = String::from_utf8(out.stdout).unwrap();
         assert!(out.contains("absent /nonexistent-crab"), "{out}");
-        assert!(out.contains(" 1 5 ") && out.contains("/a\n"), "{out}");
-        assert!(out.contains("/l -> a"), "{out}");
+        assert!(
+            out.contains("/a\tf 644 ") && out.contains(" 1 5\n"),
+            "{out}"
+        );
+        assert!(
+            out.contains("/l\tl 777 ") && out.contains(" -> a\n"),
+            "{out}"
+        );
         assert!(
             !out.contains("x.pyc") && !out.contains("__pycache__"),
             "{out}"
