@@ -29,6 +29,11 @@ pub struct RestoreArgs {
     /// Recovery point id (default: the newest).
     #[arg(long)]
     pub to: Option<String>,
+    /// The newest point of a turn end resolved at or before this instant (ms since the Unix
+    /// epoch): when the crash was detected at T, a turn checkpoint resolved after T may hold
+    /// the crash itself.
+    #[arg(long, conflicts_with_all = ["turn", "to"])]
+    pub before_unix_ms: Option<u64>,
     #[command(flatten)]
     pub daemon: DaemonArgs,
     #[command(flatten)]
@@ -139,6 +144,7 @@ pub async fn run_restore(a: RestoreArgs) -> anyhow::Result<()> {
         &RestoreRequest {
             turn: a.turn,
             to: a.to,
+            before_unix_ms: a.before_unix_ms,
         },
     )
     .await?;

@@ -3,8 +3,11 @@
 //! - `GET  /api/coordinator` — policy, inspector, watched sandboxes and their newest points;
 //! - `POST /api/watch` `{"name"}` — watch an engine sandbox (created sandboxes are watched
 //!   automatically);
-//! - `POST /api/sandboxes/{id}/restore` `{"turn"?, "to"?}` — restore in place to the point of
-//!   turn N (or point ID, or the newest), rewind the turn tracker and arm replay;
+//! - `POST /api/sandboxes/{id}/restore` `{"turn"?, "to"?, "before_unix_ms"?}` — restore in
+//!   place to the point of turn N (or point ID, or the newest; with `before_unix_ms`, the newest
+//!   whose turn end resolved before that instant — when a crash was detected at time T, a turn
+//!   checkpoint that resolved after T may hold the crash itself), rewind the turn tracker and
+//!   arm replay;
 //! - `POST /api/sandboxes/{id}/rollback` `{"turns"}` — restore to K turns before the last one;
 //! - `POST /api/sandboxes/{id}/fork` `{"turn"?, "to"?, "count"?, "names"?}` — new sandboxes from
 //!   that point, each with the transcript prefix, tracker state and replay of the original.
@@ -41,6 +44,9 @@ pub struct RestoreRequest {
     pub turn: Option<u64>,
     #[serde(default)]
     pub to: Option<String>,
+    /// Only points of turn ends resolved at or before this instant (ms since the Unix epoch).
+    #[serde(default)]
+    pub before_unix_ms: Option<u64>,
 }
 
 /// Body of `POST /api/sandboxes/{id}/rollback`.
@@ -143,7 +149,7 @@ pub fn register(router: &mut AdminRouter, shared: Arc<Shared>) {
                     Ok(b) => b,
                     Err(r) => return *r,
                 };
-                respond(restore(&s, &id, body.turn, body.to).await)
+                respond(restore(&s, &id, body).await)
             }
         },
     );
@@ -193,12 +199,19 @@ async fn target(
     name: &str,
     turn: Option<u64>,
     to: Option<String>,
+    before_unix_ms: Option<u64>,
 ) -> Result<Target, CoordinatorError> {
     // A checkpoint still running (the crash hit during a turn end) resolves first, so the
     // choice sees its outcome.
     shared.coordinator.settle(name).await;
     let entries = shared.coordinator.entries(name).await?;
     let by_point = |id: &str| journal::last_with_point(&entries, id).cloned();
+    if before_unix_ms.is_some() && (turn.is_some() || to.is_some()) {
+        return Err(CoordinatorError::Invalid(
+            "before_unix_ms selects the newest point itself: give it without a turn or point id"
+                .into(),
+        ));
+    }
     match (turn, to) {
         (Some(_), Some(_)) => Err(CoordinatorError::Invalid(
             "give a turn or a point id, not both".into(),
@@ -224,6 +237,7 @@ async fn target(
             if let Some(e) = journal::effective(&entries, None)
                 .into_iter()
                 .rev()
+                .filter(|e| before_unix_ms.is_none_or(|t| e.unix_ms <= t))
                 .find(|e| e.point.is_some() && matches!(e.outcome.as_str(), "durable" | "skipped"))
             {
                 return Ok(Target {
@@ -231,6 +245,14 @@ async fn target(
                     turn: Some(e.turn),
                     tracker: e.tracker.clone(),
                 });
+            }
+            if let Some(t) = before_unix_ms {
+                return Err(CoordinatorError::Engine(ckpt_engine::api::ApiError {
+                    code: "not_found".into(),
+                    message: format!(
+                        "sandbox {name} has no recovery point of a turn end resolved before {t}"
+                    ),
+                }));
             }
             let engine = shared.coordinator.engine().await?;
             let n = name.to_owned();
@@ -257,10 +279,9 @@ async fn target(
 pub async fn restore(
     shared: &Shared,
     name: &str,
-    turn: Option<u64>,
-    to: Option<String>,
+    req: RestoreRequest,
 ) -> Result<RestoreOutcome, CoordinatorError> {
-    let t = target(shared, name, turn, to).await?;
+    let t = target(shared, name, req.turn, req.to, req.before_unix_ms).await?;
     let engine = shared.coordinator.engine().await?;
     let (n, p) = (name.to_owned(), t.point.clone());
     let report = blocking(move || engine.restore(&n, Some(&p)))
@@ -310,7 +331,11 @@ pub async fn rollback(
             "cannot roll back {turns} turns: the last checkpointed turn is {last}"
         ))
     })?;
-    restore(shared, name, Some(target), None).await
+    let req = RestoreRequest {
+        turn: Some(target),
+        ..Default::default()
+    };
+    restore(shared, name, req).await
 }
 
 /// Forks `name` (see the module docs).
@@ -319,7 +344,7 @@ pub async fn fork(
     name: &str,
     req: ForkRequest,
 ) -> Result<ForkOutcome, CoordinatorError> {
-    let t = target(shared, name, req.turn, req.to).await?;
+    let t = target(shared, name, req.turn, req.to, None).await?;
     let engine = shared.coordinator.engine().await?;
     let request = EngineRequest::Fork {
         name: name.to_owned(),
