@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
-# The demo (README "Quick start"): installs prerequisites, builds Crab in release mode, and runs
-# `loadtest demo` — the proxy in front of the built-in fake LLM with a scripted agent, no API key.
+# The demo (README "Quick start"): installs prerequisites, builds Crab in release mode, runs
+# `loadtest demo` (the proxy in front of the built-in fake LLM with three scripted agents; the
+# turns crab saw), then a short evaluation: 4 co-located sandboxes, 2 tasks of each suite, one
+# crash per task, `chat-only` against `crab`; prints its summary and the HTML report's path.
+# No API key needed. Extra arguments go to `loadtest run` (e.g. `--tasks 4`).
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 cd "$ROOT"
@@ -16,4 +19,7 @@ export PATH="/usr/local/sbin:$PATH"
 
 cargo build --locked --release -p proxy -p loadtest
 TARGET="${CARGO_TARGET_DIR:-$ROOT/target}/release"
-exec "$TARGET/loadtest" demo --crab "$TARGET/crab" "$@"
+"$TARGET/loadtest" demo --crab "$TARGET/crab"
+OUT="${CRAB_DEMO_OUT:-$ROOT/target/crab-demo-report}"
+exec "$TARGET/loadtest" run --crab "$TARGET/crab" --sandboxes 4 --tasks 2 --crashes 1 \
+    --method chat-only,crab --no-overhead --time-scale 0.1 --out "$OUT" "$@"

@@ -115,8 +115,9 @@ pub async fn run(inst: &Instance<'_>) -> anyhow::Result<Outcome> {
                         // The turn-end checkpoint is under way or done; the model thinks.
                         tokio::time::sleep(Duration::from_millis(think_ms / 2 + 20)).await;
                     }
+                    let at = unix_ms();
                     kill(crab, &inst.sandbox, c.kind).await;
-                    Instant::now()
+                    at
                 });
                 (reply, Some((c, t)))
             }
@@ -138,8 +139,8 @@ pub async fn run(inst: &Instance<'_>) -> anyhow::Result<Outcome> {
         }
         let reply = parse_stream(inst.api, &bytes)
             .with_context(|| format!("{}: reading the reply", inst.sandbox))?;
-        if let Some((c, _)) = crashed_at {
-            let (rec, _) = recover(inst, c, &mut executed, &mut conv, &mut turn).await?;
+        if let Some((c, at)) = crashed_at {
+            let (rec, _) = recover(inst, c, at, &mut executed, &mut conv, &mut turn).await?;
             records.push(rec);
             if inst.method.recovery() == Recovery::Restart {
                 // The conversation starts over; this reply belongs to the old one.
@@ -173,12 +174,15 @@ pub async fn run(inst: &Instance<'_>) -> anyhow::Result<Outcome> {
             let out = match crash {
                 Some(c) => {
                     pending.pop_front();
-                    let (_, ()) = tokio::join!(run_tool(crab, &inst.sandbox, cmd), async {
+                    let (_, at) = tokio::join!(run_tool(crab, &inst.sandbox, cmd), async {
                         tokio::time::sleep(Duration::from_millis(20)).await;
+                        let at = unix_ms();
                         kill(crab, &inst.sandbox, c.kind).await;
+                        at
                     });
                     tools += t0.elapsed();
-                    let (rec, out) = recover(inst, c, &mut executed, &mut conv, &mut turn).await?;
+                    let (rec, out) =
+                        recover(inst, c, at, &mut executed, &mut conv, &mut turn).await?;
                     records.push(rec);
                     if inst.method.recovery() == Recovery::Restart {
                         restarted = true;
@@ -216,6 +220,12 @@ pub async fn run(inst: &Instance<'_>) -> anyhow::Result<Outcome> {
     })
 }
 
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
 /// Creates the instance's sandbox from the evaluation image and runs the task's setup.
 async fn create(inst: &Instance<'_>) -> anyhow::Result<()> {
     inst.crab
@@ -242,13 +252,16 @@ async fn run_tool(crab: &Crab, sandbox: &str, cmd: &str) -> String {
     }
 }
 
-/// The method's recovery after crash `c` hit the agent at `turn`. For a restore, re-executes
+/// The method's recovery after crash `c` (injected at `crashed_unix_ms`: the operator's
+/// detector knows when the sandbox died). For a restore — of the newest point whose turn end
+/// resolved before the crash, since a checkpoint taken after it may hold the crash — re-executes
 /// every started command of a turn after the restored one and returns the last one's output
 /// (the answer to the tool call in flight); for a restart, resets the conversation and the
 /// turn counter.
 async fn recover(
     inst: &Instance<'_>,
     c: CrashPoint,
+    crashed_unix_ms: u64,
     executed: &mut Vec<Executed>,
     conv: &mut Conversation,
     turn: &mut usize,
@@ -266,7 +279,7 @@ async fn recover(
             let r = crab
                 .admin_post(
                     &format!("/api/sandboxes/{}/restore", inst.sandbox),
-                    &json!({}),
+                    &json!({ "before_unix_ms": crashed_unix_ms }),
                 )
                 .await
                 .with_context(|| format!("{}: restore after the crash", inst.sandbox))?;
@@ -276,6 +289,19 @@ async fn recover(
                 as usize;
             rec.restored_turn = Some(at);
             rec.recovery_ms = t0.elapsed().as_secs_f64() * 1000.0;
+            // Turn 0 is the sandbox as created, before the task's setup (which ran before
+            // the first request): set it up again.
+            if at == 0
+                && let Some(setup) = &inst.task.setup
+            {
+                let (code, out) = crab.exec_status(&inst.sandbox, setup).await?;
+                if code != 0 {
+                    bail!(
+                        "{}: the task's setup failed after a restore ({code}): {out}",
+                        inst.sandbox
+                    );
+                }
+            }
             let mut last = None;
             for e in executed.iter().filter(|e| e.turn > at) {
                 last = Some(run_tool(crab, &inst.sandbox, &e.command).await);
