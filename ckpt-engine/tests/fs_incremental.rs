@@ -411,3 +411,90 @@ fn btrfs_snapshots_hash_incrementally_and_distrust_bad_caches() {
     }
     assert!(!cache_dir.exists(), "no cache left behind");
 }
+
+/// A sandbox's first snapshot (no parent point) is hashed from the index of the read-only image
+/// it was cloned from, with the changes `btrfs send -p <image>` reports: the same hash as a full
+/// rehash while reading only the changed files; the bytes changed are measured against the
+/// image, not the whole tree; a second sandbox of the same image reuses the image's index.
+#[test]
+fn first_snapshots_hash_and_measure_against_the_base_image() {
+    if !common::prerequisites("first_snapshots_hash_and_measure_against_the_base_image") {
+        return;
+    }
+    common::clean_leftovers();
+    let state = std::env::temp_dir().join(common::unique("-state"));
+    let guard = PoolGuard {
+        pool: BtrfsPool::open(&state, 1 << 30).expect("pool"),
+        state,
+    };
+    let pool = &guard.pool;
+    std::fs::create_dir_all(pool.images_dir()).unwrap();
+    std::fs::create_dir_all(pool.sandboxes_dir()).unwrap();
+    let building = pool.images_dir().join("img.building");
+    pool::create_subvolume(&building).unwrap();
+    populate(&building);
+    let image = pool.images_dir().join("img");
+    pool::snapshot_subvolume(&building, &image, true).unwrap();
+    let _images = ImagesGuard(vec![building.clone(), image.clone()]);
+
+    let backend = BtrfsBackend::new(pool, true);
+    let source = pool.sandboxes_dir().join("fsinc");
+    pool::snapshot_subvolume(&image, &source, false).unwrap();
+    write(&source, "src/m1/f2.rs", b"edited by the task");
+    write(&source, "new/file.txt", b"0123456789");
+    std::fs::remove_file(source.join("docs/guide/one.md")).unwrap();
+    let out = backend
+        .snapshot(&SnapshotRequest {
+            base: Some(&image),
+            sandbox_id: "fsinc",
+            checkpoint_id: "cp-first",
+            source: &source,
+            parent: None,
+            changes: &ChangeHint::Unknown,
+            quiesce: &NoQuiesce,
+        })
+        .expect("snapshot");
+    let full = tree_hash(&snapshot_path(pool, &out.snapshot)).unwrap();
+    assert_eq!(
+        out.snapshot.tree_hash, full,
+        "image-based hash = full rehash"
+    );
+    let (kind, stats) = backend.last_hash("fsinc").unwrap();
+    assert_eq!(kind, IndexSource::Image);
+    assert!(
+        stats.files_read <= 2,
+        "only the changed files are read: {stats:?}"
+    );
+    assert!(
+        out.bytes_changed < 1000,
+        "bytes measured against the image, not the 100 KB tree: {}",
+        out.bytes_changed
+    );
+
+    // Without a base: the whole tree is measured and hashed.
+    let whole = backend
+        .snapshot(&SnapshotRequest {
+            base: None,
+            sandbox_id: "fsinc",
+            checkpoint_id: "cp-whole",
+            source: &source,
+            parent: None,
+            changes: &ChangeHint::Unknown,
+            quiesce: &NoQuiesce,
+        })
+        .expect("snapshot");
+    assert_eq!(whole.snapshot.tree_hash, full);
+    assert_eq!(backend.last_hash("fsinc").unwrap().0, IndexSource::None);
+    assert!(whole.bytes_changed > 100_000, "{}", whole.bytes_changed);
+}
+
+/// Deletes the image subvolumes of a test (before the pool guard unmounts).
+struct ImagesGuard(Vec<PathBuf>);
+
+impl Drop for ImagesGuard {
+    fn drop(&mut self) {
+        for p in self.0.iter().rev() {
+            let _ = pool::delete_subvolume(p);
+        }
+    }
+}

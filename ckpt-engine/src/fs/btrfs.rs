@@ -74,6 +74,11 @@ struct Inner {
     indexes: Mutex<HashMap<String, (String, Arc<TreeIndex>)>>,
     /// How the newest snapshot of each sandbox was hashed.
     last: Mutex<HashMap<String, (IndexSource, HashStats)>>,
+    /// Indexes of the read-only base images first snapshots were cloned from, by path, with
+    /// the identity of the subvolume they were computed on (device, ctime): an image is
+    /// immutable, so its index serves every sandbox made from it; a rebuilt image at the same
+    /// path is a new subvolume and is hashed again.
+    image_indexes: Mutex<HashMap<PathBuf, ((u64, i64, i64), Arc<TreeIndex>)>>,
     /// Deferred hashing jobs by snapshot id.
     jobs: Mutex<HashMap<String, Job>>,
     /// Signalled whenever a job finishes.
@@ -99,6 +104,8 @@ pub enum IndexSource {
     Memory,
     /// The parent's index from its cache file.
     Disk,
+    /// No parent snapshot: the index of the image the tree was cloned from.
+    Image,
 }
 
 impl BtrfsBackend {
@@ -114,6 +121,7 @@ impl BtrfsBackend {
                 caches_dir: pool.root().join("treecache"),
                 indexes: Mutex::new(HashMap::new()),
                 last: Mutex::new(HashMap::new()),
+                image_indexes: Mutex::new(HashMap::new()),
                 jobs: Mutex::new(HashMap::new()),
                 job_done: Condvar::new(),
                 data_space: OnceLock::new(),
@@ -309,6 +317,39 @@ impl Inner {
         }
     }
 
+    /// The index of the read-only image at `base` (hashed on first use, then kept); `None`
+    /// when it cannot be read (the caller then hashes in full).
+    fn image_index(&self, base: &Path) -> Option<Arc<TreeIndex>> {
+        use std::os::unix::fs::MetadataExt as _;
+        let meta = std::fs::symlink_metadata(base).ok()?;
+        let identity = (meta.dev(), meta.ctime(), meta.ctime_nsec());
+        let mut images = self.image_indexes.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((id, index)) = images.get(base) {
+            if *id == identity {
+                return Some(Arc::clone(index));
+            }
+        }
+        // Under the lock: concurrent first snapshots of one image hash it once.
+        let t = Instant::now();
+        match hash_tree(base, None, &Dirty::All) {
+            Ok((index, stats)) => {
+                tracing::debug!(
+                    image = %base.display(),
+                    hash_us = t.elapsed().as_micros() as u64,
+                    files_read = stats.files_read,
+                    "base image indexed"
+                );
+                let index = Arc::new(index);
+                images.insert(base.to_path_buf(), (identity, Arc::clone(&index)));
+                Some(index)
+            }
+            Err(e) => {
+                tracing::warn!(image = %base.display(), error = %e, "cannot index the base image: full hash");
+                None
+            }
+        }
+    }
+
     /// Remembers `index` as `snapshot`'s and writes its cache file (write to a temporary name,
     /// rename; no fsync: a cache lost in a crash only costs a full rehash).
     fn keep_index(&self, sandbox: &str, snapshot: &FsSnapshotRef, index: Arc<TreeIndex>) {
@@ -432,6 +473,11 @@ impl Inner {
                     "btrfs send summary"
                 );
                 (summary, index, stats, source)
+            }
+            None if let Some(image) = base.and_then(|b| self.image_index(b)) => {
+                let summary = self.send_summary(provisional, None, base)?;
+                let (index, stats) = hash_tree(dest, Some(&image), &summary.dirty)?;
+                (summary, index, stats, IndexSource::Image)
             }
             None => std::thread::scope(|s| {
                 let measure = s.spawn(|| self.send_summary(provisional, None, base));
