@@ -179,7 +179,7 @@ fn build_with(
     let building = pool.images_dir().join(format!("{name}.building"));
     pool::delete_subvolume(&building)?;
     pool::create_subvolume(&building)?;
-    let filled = fill(&building);
+    let filled = fill(&building).and_then(|()| ensure_hosts(&building));
     if let Err(e) = filled {
         let _ = pool::delete_subvolume(&building);
         return Err(e);
@@ -188,6 +188,21 @@ fn build_with(
     pool::snapshot_subvolume(&building, &dest, true)?;
     pool::delete_subvolume(&building)?;
     Ok(dest)
+}
+
+/// Gives the image an `/etc/hosts` naming localhost when it has none (debootstrap writes none):
+/// without it, resolving the sandbox's own host name or 127.0.0.1 waits for a DNS timeout (e.g.
+/// Python's `HTTPServer` at start).
+fn ensure_hosts(root: &Path) -> Result<(), FsError> {
+    let hosts = root.join("etc/hosts");
+    if !root.join("etc").is_dir() || std::fs::symlink_metadata(&hosts).is_ok() {
+        return Ok(());
+    }
+    std::fs::write(
+        &hosts,
+        "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n",
+    )
+    .map_err(|e| FsError::io("write /etc/hosts", &hosts, e))
 }
 
 /// A busybox root: `/bin/busybox` from busybox-static plus a symlink per applet.

@@ -9,7 +9,9 @@ use common::{TestEngine, prerequisites, sh, unique};
 
 /// Proves `image build` makes a Debian minbase image with the configured packages (python3,
 /// git, make, gcc, libc6-dev) as a read-only base subvolume, that a sandbox from it runs them,
-/// and that a compile's output survives checkpoint and restore.
+/// that it resolves localhost from its own `/etc/hosts` (debootstrap writes none; without it a
+/// lookup waits for a DNS timeout), and that a compile's output survives checkpoint and
+/// restore.
 #[test]
 fn debootstrap_image_runs_python_git_and_gcc() {
     if !prerequisites("debootstrap_image_runs_python_git_and_gcc") {
@@ -38,6 +40,8 @@ fn debootstrap_image_runs_python_git_and_gcc() {
         "python3 -c 'print(6*7)' && git --version && make --version | head -1",
     );
     assert!(v.starts_with("42\n"), "{v}");
+    let hosts = sh(e, &name, "getent hosts localhost");
+    assert!(hosts.contains("127.0.0.1") || hosts.contains("::1"), "{hosts}");
     sh(
         e,
         &name,
