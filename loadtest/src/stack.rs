@@ -385,19 +385,27 @@ pub async fn start_crab(
 ) -> anyhow::Result<Crab> {
     let proxy: SocketAddr = format!("127.0.0.1:{}", free_port()?).parse()?;
     let admin: SocketAddr = format!("127.0.0.1:{}", free_port()?).parse()?;
+    // With the sandboxes' network on, agents inside them reach crab on their host-side
+    // address: crab listens on every address (the harness keeps using 127.0.0.1).
+    let listen = if run.engine.network {
+        format!("0.0.0.0:{}", proxy.port())
+    } else {
+        proxy.to_string()
+    };
     let config = run.path().join("crab.toml");
     std::fs::write(
         &config,
         format!(
-            "[engine]\nstate_dir = \"{}\"\nnetwork = false\n\n[engine.retention]\nkeep_last = {}\n",
+            "[engine]\nstate_dir = \"{}\"\nnetwork = {}\n\n[engine.retention]\nkeep_last = {}\n",
             run.engine.state_dir.display(),
+            run.engine.network,
             run.engine.retention.keep_last
         ) + extra_config,
     )?;
     let log = run.path().join("crab.log");
     let logf = std::fs::File::create(&log)?;
     let child = Command::new(binary)
-        .args(["serve", "--listen", &proxy.to_string()])
+        .args(["serve", "--listen", &listen])
         .args(["--admin", &admin.to_string(), "--upstream", upstream])
         .args(["--policy", policy, "--config"])
         .arg(&config)

@@ -220,14 +220,14 @@ pub async fn run(inst: &Instance<'_>) -> anyhow::Result<Outcome> {
     })
 }
 
-fn unix_ms() -> u64 {
+pub fn unix_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64)
 }
 
 /// Creates the instance's sandbox from the evaluation image and runs the task's setup.
-async fn create(inst: &Instance<'_>) -> anyhow::Result<()> {
+pub async fn create(inst: &Instance<'_>) -> anyhow::Result<()> {
     inst.crab
         .engine(
             json!({"op": "sandbox_create", "name": inst.sandbox, "image": super::workload::IMAGE}),

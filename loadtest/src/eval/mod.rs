@@ -3,11 +3,13 @@
 //! Module map: `results` (the JSON schema), `workload` (the task suites: trajectories,
 //! checkers, probes, digests), `method` (recovery methods and reference runs), `crash`
 //! (seeded crash points), `agent` (one task instance: the scripted agent, crash injection,
-//! recovery, final state), `runner` (runs per suite, density and method; measurements),
+//! recovery, final state), `inside` (the same with the agent process inside the sandbox,
+//! calling crab over its network), `runner` (runs per suite, density and method; measurements),
 //! `report` (JSON + self-contained HTML with plots, terminal summary).
 
 pub mod agent;
 pub mod crash;
+pub mod inside;
 pub mod method;
 pub mod report;
 pub mod results;

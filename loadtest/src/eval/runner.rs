@@ -4,7 +4,8 @@
 //! crashes per task instance. A run is a fresh crab (with the method's policy), btrfs pool and
 //! fake LLM; N agents run at once, each taking the next task instance (instance j runs task
 //! j mod T; max(N, T) instances, so all N slots are busy) in a fresh sandbox of the evaluation
-//! image, speaking Chat Completions, Responses or Anthropic Messages (j mod 3).
+//! image, speaking Chat Completions, Responses or Anthropic Messages (j mod 3), its agent outside
+//! the sandbox (`agent`) or inside it (`inside`; `--placement`, the sandboxes then get a network).
 //!
 //! Fairness: think times are drawn from (seed, instance, request) and crash points from
 //! (seed, instance), so every method sees the same; what differs is crab's work and recovery.
@@ -23,6 +24,7 @@ use serde_json::{Value, json};
 
 use super::agent::{self, FinalState, Instance};
 use super::crash;
+use super::inside::{self, InsideCtx};
 use super::method::Method;
 use super::results::{
     EvalConfig, Machine, PlanCounts, REPORT_VERSION, Report, RunResult, TaskResult,
@@ -83,6 +85,30 @@ pub struct RunArgs {
     /// Where the runs' state directories are made (default: the system temp directory).
     #[arg(long)]
     pub state_root: Option<PathBuf>,
+    /// Where the agents run: `outside` (tool calls through crab's exec API), `inside` (an agent
+    /// process in the sandbox calling crab over its network), `mixed` (instance j inside when
+    /// j is odd).
+    #[arg(long, value_enum, default_value = "outside")]
+    pub placement: Placement,
+}
+
+/// Agent placement of a run's instances.
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Placement {
+    Outside,
+    Inside,
+    Mixed,
+}
+
+impl Placement {
+    /// Whether instance `j` runs its agent inside the sandbox.
+    pub fn inside(self, j: usize) -> bool {
+        match self {
+            Placement::Outside => false,
+            Placement::Inside => true,
+            Placement::Mixed => j % 2 == 1,
+        }
+    }
 }
 
 /// crab's settings for evaluation runs: bounded engine operations and gate waits, so a
@@ -319,6 +345,9 @@ impl Cell<'_> {
         states: &mut References,
     ) -> anyhow::Result<()> {
         let n = self.sandboxes;
+        let count = n.max(self.tasks.len());
+        // Agents inside sandboxes reach crab over the sandboxes' network.
+        run.engine.network = (0..count).any(|j| self.args.placement.inside(j));
         // The evaluation image in the run's pool (unpacked from the machine's cache).
         let engine_cfg = workload::image_config(&run.engine);
         tokio::task::block_in_place(|| -> anyhow::Result<()> {
@@ -359,7 +388,6 @@ impl Cell<'_> {
         .await?;
         let crab_pid = run.crab_pid().unwrap_or(0);
         let state_dir = run.path().to_path_buf();
-        let count = n.max(self.tasks.len());
         let next = Arc::new(AtomicUsize::new(0));
         let start = Instant::now();
         let mut workers = tokio::task::JoinSet::new();
@@ -373,6 +401,7 @@ impl Cell<'_> {
                 model: self.model.clone(),
                 time_scale: self.args.time_scale,
                 label: format!("e{}{}{n}", std::process::id() % 10_000, method.tag()),
+                placement: self.args.placement,
                 state_dir: state_dir.clone(),
                 progress: self.progress.clone(),
             };
@@ -497,6 +526,7 @@ struct WorkerCtx {
     model: fake_llm::LatencyModel,
     time_scale: f64,
     label: String,
+    placement: Placement,
     state_dir: PathBuf,
     progress: ProgressBar,
 }
@@ -538,7 +568,12 @@ impl WorkerCtx {
             task: task.name.clone(),
             sandbox: sandbox.clone(),
             api: api.name().to_owned(),
-            placement: "outside".into(),
+            placement: if self.placement.inside(j) {
+                "inside"
+            } else {
+                "outside"
+            }
+            .into(),
             turns: task.turns.len(),
             ..Default::default()
         };
@@ -549,7 +584,17 @@ impl WorkerCtx {
             exposed_ms: Vec::new(),
             checkpoint_ms: Vec::new(),
         };
-        match agent::run(&inst).await {
+        let outcome = if self.placement.inside(j) {
+            let ctx = InsideCtx {
+                seed: self.seed,
+                index: j,
+                state_dir: &self.state_dir,
+            };
+            inside::run(&inst, &ctx).await
+        } else {
+            agent::run(&inst).await
+        };
+        match outcome {
             Ok(o) => {
                 res.requests = o.requests;
                 res.crashes = o.crashes;
