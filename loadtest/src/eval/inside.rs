@@ -99,8 +99,25 @@ struct Info {
     host_ip: String,
 }
 
+/// The engine's `sandbox_list` fails as a whole (`not_found`) when another sandbox is removed
+/// while it lists (a concurrent instance recreating its sandbox): retried a few times.
+async fn sandbox_list(crab: &Crab) -> anyhow::Result<Value> {
+    let mut tries = 0;
+    loop {
+        match crab.engine(json!({"op": "sandbox_list"})).await {
+            Ok(v) => return Ok(v),
+            Err(e) if tries < 20 => {
+                tries += 1;
+                tracing::debug!(error = %e, "sandbox_list failed; retrying");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
 async fn info(crab: &Crab, sandbox: &str) -> anyhow::Result<Info> {
-    let list = crab.engine(json!({"op": "sandbox_list"})).await?;
+    let list = sandbox_list(crab).await?;
     let s = list
         .as_array()
         .and_then(|l| l.iter().find(|s| s["name"] == sandbox))
@@ -385,7 +402,7 @@ pub async fn run(inst: &Instance<'_>, ctx: &InsideCtx<'_>) -> anyhow::Result<Out
             pending.pop_front();
             let phase = info.read("phase").unwrap_or_default();
             let at = unix_ms();
-            agent::kill(crab, &inst.sandbox, c.kind).await;
+            kill(crab, &inst.sandbox, &info, c.kind).await?;
             let t0 = Instant::now();
             let (mut rec, sent) = crash_record(&phase, c.kind);
             recover(inst, &mut info, port, at, sent, &transcript, &mut rec).await?;
@@ -427,6 +444,25 @@ pub async fn run(inst: &Instance<'_>, ctx: &InsideCtx<'_>) -> anyhow::Result<Out
         tools: Duration::from_secs_f64(done["tool_s"].as_f64().unwrap_or(0.0).max(0.0)),
         state,
     })
+}
+
+/// [`agent::kill`], checked: it finds the sandbox's cgroup through `sandbox_list` and skips
+/// the crash when that fails (see [`sandbox_list`]), so the kill is repeated until the agent
+/// (for `processes`) or every process (for `container`) is gone.
+async fn kill(crab: &Crab, sandbox: &str, info: &Info, kind: Kind) -> anyhow::Result<()> {
+    for _ in 0..10 {
+        agent::kill(crab, sandbox, kind).await;
+        let gone = match kind {
+            Kind::Processes => !info.agent_alive(),
+            Kind::Container => std::fs::read_to_string(info.cgroup.join("cgroup.procs"))
+                .map_or(true, |p| p.trim().is_empty()),
+        };
+        if gone {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    bail!("{sandbox}: the crash could not be injected (the agent survived its kill)")
 }
 
 /// The crash record from the agent's phase right before the kill (`llm-wait K T`: request K
