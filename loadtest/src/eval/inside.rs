@@ -555,10 +555,12 @@ async fn recover(
             }
             // Processes lost (a filesystem point): the agent starts again with the kept
             // conversation, the commands of turns after the restored one re-executed first.
+            // A request cut by the crash (in flight at the turn end the point holds) may be
+            // missing from the transcript: then the point of the turn it holds is restored.
             let (mut items, mut n) = kept();
             let waited = Instant::now();
             while items.as_ref().is_none_or(|i| steps(inst.api, i).len() < at)
-                && waited.elapsed() < Duration::from_secs(5)
+                && waited.elapsed() < Duration::from_secs(1)
             {
                 tokio::time::sleep(Duration::from_millis(100)).await;
                 (items, n) = kept();
