@@ -253,6 +253,23 @@ pub struct Engine {
     process: Result<ProcessBackend, String>,
 }
 
+/// Describes each named sandbox with `info`, leaving out those gone meanwhile (`SandboxNotFound`);
+/// any other error fails the listing. Pure over `info`.
+fn describe_all<T>(
+    names: Vec<String>,
+    mut info: impl FnMut(&str) -> Result<T, EngineError>,
+) -> Result<Vec<T>, EngineError> {
+    let mut out = Vec::with_capacity(names.len());
+    for n in names {
+        match info(&n) {
+            Ok(i) => out.push(i),
+            Err(EngineError::SandboxNotFound { .. }) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(out)
+}
+
 fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -789,9 +806,10 @@ impl Engine {
         })
     }
 
-    /// Lists sandboxes.
+    /// Lists sandboxes. One removed between reading the names and describing it is left out
+    /// (a listing must not fail because another client removed a sandbox meanwhile).
     pub fn list(&self) -> Result<Vec<SandboxInfo>, EngineError> {
-        self.names()?.iter().map(|n| self.info(n)).collect()
+        describe_all(self.names()?, |n| self.info(n))
     }
 
     /// Describes one sandbox.
@@ -1910,4 +1928,34 @@ fn zombie_children() -> Vec<i32> {
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A sandbox removed between reading the names and describing it is left out of a listing
+    /// (another client removing a sandbox must not fail everyone's `sandbox list`); other
+    /// errors still fail it.
+    #[test]
+    fn listing_skips_sandboxes_removed_meanwhile() {
+        let names = || vec!["a".to_string(), "gone".to_string(), "c".to_string()];
+        let listed = describe_all(names(), |n| {
+            if n == "gone" {
+                Err(EngineError::SandboxNotFound { name: n.into() })
+            } else {
+                Ok(n.to_uppercase())
+            }
+        })
+        .unwrap();
+        assert_eq!(listed, vec!["A", "C"]);
+        let failed = describe_all(names(), |n| {
+            if n == "gone" {
+                Err(EngineError::ImageNotFound { name: n.into() })
+            } else {
+                Ok(n.to_owned())
+            }
+        });
+        assert!(matches!(failed, Err(EngineError::ImageNotFound { .. })));
+    }
 }
