@@ -301,6 +301,16 @@ impl Cell<'_> {
         let label = format!("eval-{}-{}{n}", self.suite, method.tag());
         self.progress
             .set_message(format!("{} · {} · {n} sandboxes", self.suite, method));
+        if self.progress.is_hidden() {
+            // No terminal for the bar (CI, a log file): one line per run instead.
+            let calls: usize = self.tasks.iter().map(Task::commands).sum();
+            eprintln!(
+                "▶ {} · {} · {n} sandboxes: {} tasks, {calls} tool calls per pass",
+                self.suite,
+                method,
+                self.tasks.len()
+            );
+        }
         let mut result = RunResult {
             suite: self.suite.to_string(),
             method: method.name().to_owned(),
