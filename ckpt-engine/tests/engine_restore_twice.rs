@@ -286,3 +286,46 @@ fn restart_after_a_kill_during_a_dump_leaves_the_sandbox_running() {
         );
     }
 }
+
+/// A process started after a restore is checkpointed with the restored ones and restored again:
+/// CRIU would restore into a new time namespace that `runc exec` cannot join, so processes
+/// started after a restore lived in another time namespace than the restored init and the
+/// next restore failed ("Can't restore sub-task in NS"); the engine drops the dumped clock
+/// values so every process of the sandbox stays in one time namespace.
+#[test]
+fn a_process_started_after_a_restore_restores_again() {
+    if !process_prerequisites("a_process_started_after_a_restore_restores_again") {
+        return;
+    }
+    let t = TestEngine::open(2 * GIB);
+    let e = t.engine();
+    let name = unique("");
+    e.create(&name, None).expect("create sandbox");
+    let p1 = full(e, &name);
+    e.restore(&name, Some(&p1.id)).expect("first restore");
+    let ns = "readlink /proc/1/ns/time; readlink /proc/self/ns/time";
+    let both = sh(e, &name, ns);
+    let lines: Vec<&str> = both.lines().collect();
+    assert_eq!(lines.len(), 2, "{both}");
+    assert_eq!(
+        lines[0], lines[1],
+        "the restored init and an exec'd process share a time namespace"
+    );
+    e.exec(
+        &name,
+        &["/bin/sh".into(), "-c".into(), SERVICE.into()],
+        false,
+    )
+    .expect("start the service after the restore");
+    sh(e, &name, "echo ask > /work/q; sleep 0.3; cat /work/answer");
+    let p2 = full(e, &name);
+    sh(e, &name, "echo ask > /work/q; sleep 0.3");
+    let r = e.restore(&name, Some(&p2.id)).expect("second restore");
+    assert_eq!(r.processes, 3, "init, its sleep and the service");
+    assert_running(e, &name, "after the second restore");
+    assert_eq!(
+        sh(e, &name, "echo ask > /work/q; sleep 0.3; cat /work/answer").trim(),
+        "2",
+        "the service started after the first restore came back with its counter"
+    );
+}

@@ -479,6 +479,7 @@ impl ProcessBackend {
                 action: "post-dump",
             });
         }
+        drop_clock_values(&images)?;
         let stats_path = work.join("stats-dump");
         let stats_bytes =
             std::fs::read(&stats_path).map_err(|e| ProcessError::io("read", &stats_path, e))?;
@@ -829,6 +830,24 @@ fn reason_from(log: &Path, runc_out: &Path, status: std::process::ExitStatus) ->
             message: format!("runc exited with {status}: {}", log_tail(runc_out)),
             context: Vec::new(),
         })
+}
+
+/// CRIU image of the clocks of the root time namespace (`timens-0.img`).
+const CLOCKS_IMAGE: &str = "timens-0.img";
+
+/// Removes the dumped clock values, so the restore keeps the tasks in the host's time
+/// namespace. With them, CRIU restores into a new time namespace (to keep CLOCK_MONOTONIC
+/// continuous across hosts), but `runc exec` (1.1) cannot join it: every process started in
+/// the sandbox after a restore would live in another time namespace than the restored ones,
+/// and the next restore fails ("Can't restore sub-task in NS"). On the same host the
+/// monotonic clock only moves forward anyway, as after a suspend.
+fn drop_clock_values(images: &Path) -> Result<(), ProcessError> {
+    let p = images.join(CLOCKS_IMAGE);
+    match std::fs::remove_file(&p) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(ProcessError::io("remove", &p, e)),
+    }
 }
 
 fn dir_bytes(dir: &Path) -> u64 {
