@@ -238,7 +238,7 @@ async fn target(
                 .into_iter()
                 .rev()
                 .filter(|e| before_unix_ms.is_none_or(|t| e.unix_ms <= t))
-                .find(|e| e.point.is_some() && matches!(e.outcome.as_str(), "durable" | "skipped"))
+                .find(|e| e.point.is_some() && journal::is_consistent(e))
             {
                 return Ok(Target {
                     point: e.point.clone().unwrap_or_default(),
@@ -287,7 +287,10 @@ pub async fn restore(
     let report = blocking(move || engine.restore(&n, Some(&p)))
         .await?
         .map_err(|e| CoordinatorError::Engine(e.to_api()))?;
-    shared.coordinator.restored(name, &t.point, t.turn).await;
+    shared
+        .coordinator
+        .restored(name, &t.point, t.turn, t.tracker.clone())
+        .await;
     if let Some(state) = t.tracker.clone() {
         shared.coordinator.set_rewind(name, state);
     }

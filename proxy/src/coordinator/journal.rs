@@ -23,7 +23,8 @@ pub struct Entry {
     /// The recovery point describing the sandbox after this turn: the new point, or for a
     /// skipped turn the previous one. `None` when the checkpoint failed or none exists yet.
     pub point: Option<String>,
-    /// `durable`, `skipped`, `failed`.
+    /// `durable`, `skipped`, `failed`, `degraded`, or [`RESTORED`] (the sandbox was restored
+    /// in place to `point`, the state after `turn`).
     pub outcome: String,
     /// Why it failed, or what the inspector reported, briefly.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -146,6 +147,15 @@ impl Journal {
     }
 }
 
+/// Outcome of the entry written when a sandbox is restored in place to a turn's point.
+pub const RESTORED: &str = "restored";
+
+/// Whether the entry's point is a consistent state after its turn (durable, skipped onto an
+/// earlier point, or restored to), unlike a failed or degraded turn end. Pure.
+pub fn is_consistent(e: &Entry) -> bool {
+    matches!(e.outcome.as_str(), "durable" | "skipped" | RESTORED)
+}
+
 /// The newest entry per turn, in turn order, for turns `<= upto` (all when `None`). Pure.
 pub fn effective(entries: &[Entry], upto: Option<u64>) -> Vec<&Entry> {
     let mut by_turn: std::collections::BTreeMap<u64, &Entry> = Default::default();
@@ -259,6 +269,30 @@ mod tests {
             Some("cp-4")
         );
         assert!(point_for_turn(&entries, 3).unwrap_err().contains("1..2"));
+    }
+
+    /// A restore to turn 4 abandons the points of turns 5..: the turn-5 point taken as a crash
+    /// hit must not be chosen later, even though the agent's next turn end is numbered 6 (it
+    /// re-ran turn 5's commands outside any turn end).
+    #[test]
+    fn a_restore_marker_abandons_the_later_history() {
+        let entries = vec![
+            e(4, Some("cp-5"), "durable"),
+            e(5, Some("cp-6"), "durable"),
+            e(4, Some("cp-5"), RESTORED),
+            e(6, None, "degraded"),
+        ];
+        let eff = effective(&entries, None);
+        let turns: Vec<u64> = eff.iter().map(|e| e.turn).collect();
+        assert_eq!(turns, vec![4, 6]);
+        let newest = eff
+            .iter()
+            .rev()
+            .find(|e| e.point.is_some() && is_consistent(e))
+            .unwrap();
+        assert_eq!((newest.turn, newest.point.as_deref()), (4, Some("cp-5")));
+        assert!(point_for_turn(&entries, 5).is_err());
+        assert!(!is_consistent(&e(6, None, "degraded")));
     }
 
     #[test]

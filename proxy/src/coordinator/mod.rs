@@ -834,7 +834,37 @@ impl Coordinator {
     /// Marks a sandbox as just restored to `point` (after `turn`, if known): its inspector
     /// window restarts (re-watched: a restored container may have a new cgroup), the next
     /// checkpoint is incremental on `point`, and pending barriers are dropped.
-    pub async fn restored(self: &Arc<Self>, name: &str, point: &str, turn: Option<u64>) {
+    pub async fn restored(
+        self: &Arc<Self>,
+        name: &str,
+        point: &str,
+        turn: Option<u64>,
+        tracker: Option<serde_json::Value>,
+    ) {
+        if let Some(turn) = turn
+            && self.cfg.policy != Policy::Off
+        {
+            // The sandbox is back at turn N: entries of later turns describe an abandoned
+            // history (a checkpoint taken as the crash hit, say) and must not be chosen by a
+            // later restore, even when the agent's next turn end is numbered beyond them.
+            let entry = Entry {
+                turn,
+                plan: "restore".to_owned(),
+                point: Some(point.to_owned()),
+                outcome: journal::RESTORED.to_owned(),
+                reason: Some(format!("restored in place to {point}")),
+                unix_ms: unix_ms(),
+                duration_us: 0,
+                tracker,
+            };
+            let j = self.journal.clone();
+            let n = name.to_owned();
+            match blocking(move || j.append(&n, &entry)).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => warn!(sandbox = name, error = %e, "cannot journal the restore"),
+                Err(e) => warn!(sandbox = name, error = %e, "journal task failed"),
+            }
+        }
         let was_watched = self.sandboxes.lock().contains_key(name);
         if was_watched || self.cfg.auto_watch {
             if let Err(e) = self.watch_with(name, None).await {
@@ -871,8 +901,9 @@ impl Coordinator {
             (Rq::SandboxRm { name }, _) => self.unwatch(name, true).await,
             (Rq::Restore { name, .. }, Rs::Restored(report)) => {
                 let entries = self.entries(name).await.unwrap_or_default();
-                let turn = journal::last_with_point(&entries, &report.point).map(|e| e.turn);
-                self.restored(name, &report.point, turn).await;
+                let at = journal::last_with_point(&entries, &report.point);
+                let (turn, tracker) = (at.map(|e| e.turn), at.and_then(|e| e.tracker.clone()));
+                self.restored(name, &report.point, turn, tracker).await;
             }
             (Rq::Fork { .. }, Rs::Sandboxes(list))
                 if self.cfg.auto_watch && self.cfg.policy != Policy::Off =>
