@@ -14,39 +14,17 @@ use std::process::Command;
 use common::*;
 use serde_json::Value;
 
-fn prerequisites(test: &str) -> Option<std::path::PathBuf> {
-    let crab = crab_bin();
-    require(test, crab.is_some(), "crab binary not built (set CRAB_BIN)")?;
-    require(
-        test,
-        nix::unistd::Uid::effective().is_root(),
-        "needs root (runc, btrfs, CRIU)",
-    )?;
-    for tool in ["runc", "btrfs", "criu", "debootstrap"] {
-        require(
-            test,
-            ckpt_engine::sys::find_program(tool).is_some()
-                || std::path::Path::new("/usr/local/sbin").join(tool).is_file(),
-            &format!("{tool} not installed (run loadtest/scripts/bootstrap.sh)"),
-        )?;
-    }
-    crab
-}
-
 #[test]
 fn evaluation_recovers_every_crash_with_crab_and_reports() {
     let test = "evaluation_recovers_every_crash_with_crab_and_reports";
-    let Some(crab) = prerequisites(test) else {
+    let Some(crab) = evaluation_prerequisites(test) else {
         return;
     };
     let out = tempfile::Builder::new()
         .prefix("crab-eval-test-")
         .tempdir()
         .unwrap();
-    let path = format!(
-        "/usr/local/sbin:{}",
-        std::env::var("PATH").unwrap_or_default()
-    );
+    let path = path_with_criu();
     let run = Command::new(loadtest_bin())
         .args(["run", "--tasks", "1", "--sandboxes", "2", "--crashes", "1"])
         .args([

@@ -45,3 +45,34 @@ impl Drop for KillOnDrop {
         let _ = self.0.wait();
     }
 }
+
+/// Prerequisites of an evaluation run (`loadtest run` on real sandboxes): the crab binary, root,
+/// runc, btrfs, CRIU, debootstrap (the task image) and iproute2 (sandbox networks). Returns the
+/// crab binary, or `None` after printing why the test is skipped (a panic under
+/// `CRAB_TEST_STRICT=1`).
+pub fn evaluation_prerequisites(test: &str) -> Option<PathBuf> {
+    let crab = crab_bin();
+    require(test, crab.is_some(), "crab binary not built (set CRAB_BIN)")?;
+    require(
+        test,
+        nix::unistd::Uid::effective().is_root(),
+        "needs root (runc, btrfs, CRIU, veth networks)",
+    )?;
+    for tool in ["runc", "btrfs", "criu", "debootstrap", "ip"] {
+        require(
+            test,
+            ckpt_engine::sys::find_program(tool).is_some()
+                || std::path::Path::new("/usr/local/sbin").join(tool).is_file(),
+            &format!("{tool} not installed (run loadtest/scripts/bootstrap.sh)"),
+        )?;
+    }
+    crab
+}
+
+/// `PATH` with CRIU 4.1.1's directory first, for the child processes of a test.
+pub fn path_with_criu() -> String {
+    format!(
+        "/usr/local/sbin:{}",
+        std::env::var("PATH").unwrap_or_default()
+    )
+}
