@@ -20,9 +20,8 @@
 //! - `chat-only`: the sandbox recreated from its image (plus setup), the agent started with the
 //!   kept conversation. `restart`: recreated, the agent started from scratch.
 //!
-//! With crab's policy `off` (the `off` reference, `chat-only`, `restart`) crab watches no sandbox
-//! and so attributes no connection to one: there the agent names its sandbox in the
-//! `x-crab-sandbox` header; elsewhere it sends nothing but its requests.
+//! The agent sends nothing but its requests, whatever the policy: crab attributes its
+//! connections to its sandbox (eBPF for watched sandboxes, else the sandbox's address).
 //!
 //! Invariants: the harness never runs commands in the sandbox while the agent works (it reads
 //! the agent's files from the host side of the rootfs), so checkpoints see only the agent and
@@ -228,10 +227,6 @@ async fn start_agent(
         "first_request": start.first_request,
         "first_turn": start.first_turn,
         "items": start.items,
-        // crab attributes an inside agent's connections (eBPF, then the sandbox's address)
-        // only for the sandboxes it watches, and with `--policy off` it watches none: its
-        // requests would land in the `default` transcript, where no recovery finds them.
-        "sandbox_header": (inst.method.policy() == "off").then_some(&inst.sandbox),
     });
     put(
         crab,

@@ -10,8 +10,7 @@ and loops until a reply without tool calls. Python 3 standard library only.
 Usage: agent.py CONFIG.json, where the config holds `url`, `api`, `task` (the fake LLM's script,
 sent as `x-fake-llm-script`), `prompt`, `think_ms` (the think time of request k, sent as
 `x-fake-llm-fault: ttft-ms=N`), `first_request` (k of its first request), optionally `items`
-(a conversation to continue: the API's message/input list of a request sent before) and
-`sandbox_header` (a name to send as `x-crab-sandbox`, only when crab would not attribute it).
+(a conversation to continue: the API's message/input list of a request sent before).
 
 Files (under /opt/crab-agent, outside the task's digest): `phase` ("llm-wait K" while request K
 is in flight, "tool T" while turn T's commands run; replaced atomically), `done` (JSON with the
@@ -197,9 +196,6 @@ def post(cfg, path, body, k):
     }
     if cfg["api"] == "anthropic":
         headers["anthropic-version"] = "2023-06-01"
-    if cfg.get("sandbox_header"):
-        # Only where crab does not attribute the sandbox itself (see inside.rs).
-        headers["x-crab-sandbox"] = cfg["sandbox_header"]
     data = json.dumps(body).encode()
     delay = 0.1
     last = None

@@ -311,7 +311,8 @@ impl Coordinator {
     /// attribution (the connecting process's cgroup), then the sandbox's container address.
     pub fn sandbox_for_peer(&self, peer: SocketAddr, local: Option<SocketAddr>) -> Option<String> {
         if self.watched.load(Ordering::Acquire) == 0 {
-            return None;
+            // Unwatched sandboxes (policy `off`) are still known by their address.
+            return self.addrs.lock().get(&peer.ip()).cloned();
         }
         if let (Some(local), Some(Some(insp))) = (local, self.inspector.get())
             && let Some(s) = insp.attribute(peer, local)
@@ -898,7 +899,19 @@ impl Coordinator {
                 // caller starts next (an agent) is covered by turn checkpoints from then on.
                 self.settle(name).await;
             }
-            (Rq::SandboxRm { name }, _) => self.unwatch(name, true).await,
+            (Rq::SandboxCreate { name, .. }, Rs::Sandbox(info)) => {
+                // Not checkpointed (policy `off` or no auto-watch), but its agent's requests
+                // still belong to it: attribute by the sandbox's address.
+                if let Some(net) = &info.net {
+                    self.addrs
+                        .lock()
+                        .insert(IpAddr::V4(net.sandbox_ip), name.clone());
+                }
+            }
+            (Rq::SandboxRm { name }, _) => {
+                self.unwatch(name, true).await;
+                self.addrs.lock().retain(|_, n| n != name);
+            }
             (Rq::Restore { name, .. }, Rs::Restored(report)) => {
                 let entries = self.entries(name).await.unwrap_or_default();
                 let at = journal::last_with_point(&entries, &report.point);
