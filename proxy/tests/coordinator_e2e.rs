@@ -777,9 +777,16 @@ async fn run_inside(d: &Daemon, name: &str, crash: Option<(u64, u64)>) -> (Strin
             let turns = d.crab(&["turns", name, "--json"]);
             if turns.as_array().unwrap().len() as u64 >= turn {
                 tokio::time::sleep(Duration::from_millis(delay)).await;
+                // The operator's detector knows when the sandbox died: a turn checkpoint that
+                // resolved after that may hold the crash itself.
+                let died = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .unwrap()
+                    .as_millis()
+                    .to_string();
                 kill_sandbox(d, name).await;
                 crashed = true;
-                let r = d.crab(&["restore", name, "--json"]);
+                let r = d.crab(&["restore", name, "--before-unix-ms", &died, "--json"]);
                 eprintln!(
                     "  crashed in turn {turn} (+{delay} ms); restored to turn {}",
                     r["turn"]
