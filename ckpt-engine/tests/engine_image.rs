@@ -41,7 +41,10 @@ fn debootstrap_image_runs_python_git_and_gcc() {
     );
     assert!(v.starts_with("42\n"), "{v}");
     let hosts = sh(e, &name, "getent hosts localhost");
-    assert!(hosts.contains("127.0.0.1") || hosts.contains("::1"), "{hosts}");
+    assert!(
+        hosts.contains("127.0.0.1") || hosts.contains("::1"),
+        "{hosts}"
+    );
     sh(
         e,
         &name,
