@@ -12,7 +12,6 @@ mod common;
 use std::process::Command;
 
 use common::*;
-use serde_json::Value;
 
 #[test]
 fn evaluation_recovers_every_crash_with_crab_and_reports() {
@@ -24,31 +23,25 @@ fn evaluation_recovers_every_crash_with_crab_and_reports() {
         .prefix("crab-eval-test-")
         .tempdir()
         .unwrap();
-    let path = path_with_criu();
-    let run = Command::new(loadtest_bin())
-        .args(["run", "--tasks", "1", "--sandboxes", "2", "--crashes", "1"])
-        .args([
+    let (stdout, report) = run_evaluation(
+        &crab,
+        out.path(),
+        &[
+            "--tasks",
+            "1",
+            "--sandboxes",
+            "2",
+            "--crashes",
+            "1",
             "--method",
             "chat-only,crab",
             "--no-overhead",
             "--time-scale",
             "0.05",
-        ])
-        .arg("--crab")
-        .arg(&crab)
-        .arg("--out")
-        .arg(out.path())
-        .env("PATH", &path)
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&run.stdout);
-    let stderr = String::from_utf8_lossy(&run.stderr);
-    println!("{stdout}\n{stderr}");
-    assert!(run.status.success(), "loadtest run failed: {stderr}");
+        ],
+    );
     assert!(stdout.contains("report.html"), "{stdout}");
 
-    let report: Value =
-        serde_json::from_slice(&std::fs::read(out.path().join("report.json")).unwrap()).unwrap();
     let runs = report["runs"].as_array().unwrap();
     // 3 suites × (off, chat-only, crab).
     assert_eq!(runs.len(), 9, "{report:#}");

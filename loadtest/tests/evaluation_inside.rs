@@ -11,10 +11,7 @@
 
 mod common;
 
-use std::process::Command;
-
 use common::*;
-use serde_json::Value;
 
 #[test]
 fn evaluation_with_inside_agents_recovers_every_crash_with_crab() {
@@ -26,32 +23,27 @@ fn evaluation_with_inside_agents_recovers_every_crash_with_crab() {
         .prefix("crab-eval-inside-test-")
         .tempdir()
         .unwrap();
-    let path = path_with_criu();
-    let run = Command::new(loadtest_bin())
-        .args(["run", "--placement", "inside", "--suite", "shell"])
-        .args(["--only", "make-hello,service-query"])
-        .args(["--sandboxes", "2", "--crashes", "1"])
-        .args([
+    let (_, report) = run_evaluation(
+        &crab,
+        out.path(),
+        &[
+            "--placement",
+            "inside",
+            "--suite",
+            "shell",
+            "--only",
+            "make-hello,service-query",
+            "--sandboxes",
+            "2",
+            "--crashes",
+            "1",
             "--method",
             "crab,chat-only",
             "--no-overhead",
             "--time-scale",
             "0.05",
-        ])
-        .arg("--crab")
-        .arg(&crab)
-        .arg("--out")
-        .arg(out.path())
-        .env("PATH", &path)
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&run.stdout);
-    let stderr = String::from_utf8_lossy(&run.stderr);
-    println!("{stdout}\n{stderr}");
-    assert!(run.status.success(), "loadtest run failed: {stderr}");
-
-    let report: Value =
-        serde_json::from_slice(&std::fs::read(out.path().join("report.json")).unwrap()).unwrap();
+        ],
+    );
     let runs = report["runs"].as_array().unwrap();
     // shell × (off, chat-only, crab).
     assert_eq!(runs.len(), 3, "{report:#}");

@@ -76,3 +76,28 @@ pub fn path_with_criu() -> String {
         std::env::var("PATH").unwrap_or_default()
     )
 }
+
+/// Runs `loadtest run ARGS --crab CRAB --out OUT` (CRIU on `PATH`), prints its output, asserts
+/// it succeeded, and returns its stdout and the `report.json` it wrote.
+pub fn run_evaluation(
+    crab: &std::path::Path,
+    out: &std::path::Path,
+    args: &[&str],
+) -> (String, serde_json::Value) {
+    let run = std::process::Command::new(loadtest_bin())
+        .arg("run")
+        .args(args)
+        .arg("--crab")
+        .arg(crab)
+        .arg("--out")
+        .arg(out)
+        .env("PATH", path_with_criu())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&run.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    println!("{stdout}\n{stderr}");
+    assert!(run.status.success(), "loadtest run failed: {stderr}");
+    let report = serde_json::from_slice(&std::fs::read(out.join("report.json")).unwrap()).unwrap();
+    (stdout, report)
+}
