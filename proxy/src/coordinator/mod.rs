@@ -310,11 +310,10 @@ impl Coordinator {
     /// The sandbox a connection comes from when no explicit identity names one: eBPF socket
     /// attribution (the connecting process's cgroup), then the sandbox's container address.
     pub fn sandbox_for_peer(&self, peer: SocketAddr, local: Option<SocketAddr>) -> Option<String> {
-        if self.watched.load(Ordering::Acquire) == 0 {
-            // Unwatched sandboxes (policy `off`) are still known by their address.
-            return self.addrs.lock().get(&peer.ip()).cloned();
-        }
-        if let (Some(local), Some(Some(insp))) = (local, self.inspector.get())
+        // eBPF knows the connections of watched sandboxes; every created sandbox (watched or
+        // not, e.g. under policy `off`) is known by its address.
+        if self.watched.load(Ordering::Acquire) > 0
+            && let (Some(local), Some(Some(insp))) = (local, self.inspector.get())
             && let Some(s) = insp.attribute(peer, local)
         {
             return Some(s);
