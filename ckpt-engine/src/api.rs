@@ -33,6 +33,16 @@ pub enum EngineRequest {
         /// Absolute paths of the directories to checkpoint.
         dirs: Vec<PathBuf>,
     },
+    /// Adopt a sandbox Crab did not create: an existing cgroup and the existing directories
+    /// its processes work on (filesystem-only checkpoints; `sandbox_rm` only forgets it).
+    SandboxAdopt {
+        /// Sandbox name.
+        name: String,
+        /// The sandbox's cgroup v2 directory (absolute path below the cgroup root).
+        cgroup: PathBuf,
+        /// Absolute paths of the directories to checkpoint.
+        dirs: Vec<PathBuf>,
+    },
     /// Run a command in a sandbox.
     SandboxExec {
         /// Sandbox name.
@@ -174,9 +184,9 @@ impl EngineError {
             | EngineError::NoPoints { .. }
             | EngineError::Fs(FsError::NotFound { .. }) => "not_found",
             EngineError::SandboxExists { .. } => "exists",
-            EngineError::InvalidName { .. } | EngineError::Fs(FsError::InvalidId { .. }) => {
-                "invalid"
-            }
+            EngineError::InvalidName { .. }
+            | EngineError::Adopt { .. }
+            | EngineError::Fs(FsError::InvalidId { .. }) => "invalid",
             EngineError::Manifest(crate::manifest::ManifestError::Io { source, .. })
             | EngineError::Io { source, .. }
                 if source.raw_os_error() == Some(libc::ENOSPC) =>
@@ -255,6 +265,9 @@ pub fn dispatch(engine: &Engine, request: EngineRequest) -> Result<EngineRespons
         }
         R::SandboxCreateDirectory { name, dirs } => {
             EngineResponse::Sandbox(engine.create_directory(&name, &dirs)?)
+        }
+        R::SandboxAdopt { name, cgroup, dirs } => {
+            EngineResponse::Sandbox(engine.adopt(&name, &cgroup, &dirs)?)
         }
         R::SandboxExec { name, argv, detach } => {
             EngineResponse::Exec(engine.exec(&name, &argv, detach)?)

@@ -114,6 +114,13 @@ pub enum EngineError {
     /// A sandbox's process did not start.
     #[error("sandbox {name} is not running after start (status {status})")]
     NotRunning { name: String, status: String },
+    /// An existing cgroup or directory cannot be adopted as a sandbox.
+    #[error("cannot adopt {path} as sandbox {name}: {reason}")]
+    Adopt {
+        name: String,
+        path: PathBuf,
+        reason: String,
+    },
 }
 
 fn io_err<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> EngineError + 'a {
@@ -138,6 +145,11 @@ pub enum SandboxKind {
     Directory {
         /// Absolute paths of the checkpointed directories.
         dirs: Vec<PathBuf>,
+        /// An existing cgroup the sandbox was adopted with (`crab watch --cgroup`), instead of
+        /// one Crab creates under its own parent. Crab never kills, freezes-and-forgets or
+        /// removes it on `rm`: it belongs to whoever runs the sandbox.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        cgroup: Option<PathBuf>,
     },
 }
 
@@ -404,14 +416,31 @@ impl Engine {
         self.pool.sandboxes_dir().join(name).join("rootfs")
     }
 
-    /// The cgroup of sandbox `name`.
+    /// The cgroup of sandbox `name`: the one it was adopted with, else Crab's own
+    /// `<cgroup_root>/<cgroup_parent>/NAME`.
     pub fn cgroup(&self, name: &str) -> Cgroup {
+        match self.record(name) {
+            Ok(rec) => self.cgroup_of(&rec),
+            Err(_) => self.own_cgroup(name),
+        }
+    }
+
+    fn own_cgroup(&self, name: &str) -> Cgroup {
         Cgroup::new(
             self.cfg
                 .cgroup_root
                 .join(&self.cfg.cgroup_parent)
                 .join(name),
         )
+    }
+
+    fn cgroup_of(&self, rec: &SandboxRecord) -> Cgroup {
+        match &rec.spec {
+            SandboxKind::Directory {
+                cgroup: Some(cg), ..
+            } => Cgroup::new(cg.clone()),
+            _ => self.own_cgroup(&rec.name),
+        }
     }
 
     fn cgroups_path(&self, name: &str) -> String {
@@ -583,12 +612,102 @@ impl Engine {
             }
         }
         self.prepare_meta(name)?;
-        let cg = self.cgroup(name);
+        let cg = self.own_cgroup(name);
         std::fs::create_dir_all(cg.path()).map_err(io_err("create cgroup", cg.path()))?;
         self.save_record(&SandboxRecord {
             name: name.to_string(),
             spec: SandboxKind::Directory {
                 dirs: dirs.to_vec(),
+                cgroup: None,
+            },
+            created_unix_ms: now_ms(),
+            head: None,
+            net: None,
+        })?;
+        self.info(name)
+    }
+
+    /// Adopts a sandbox Crab did not create: the processes of the existing cgroup `cgroup`
+    /// (under the engine's cgroup v2 root) working on the existing directories `dirs`, whose
+    /// contents are checkpointed (filesystem-only checkpoints, as for directory sandboxes).
+    /// Nothing is created or moved; `rm` forgets the sandbox and leaves the cgroup, its
+    /// processes and the directories alone.
+    pub fn adopt(
+        &self,
+        name: &str,
+        cgroup: &Path,
+        dirs: &[PathBuf],
+    ) -> Result<SandboxInfo, EngineError> {
+        validate_name(name)?;
+        let refuse = |path: &Path, reason: String| EngineError::Adopt {
+            name: name.to_string(),
+            path: path.to_path_buf(),
+            reason,
+        };
+        let root = std::fs::canonicalize(&self.cfg.cgroup_root)
+            .map_err(io_err("resolve cgroup root", &self.cfg.cgroup_root))?;
+        let cg = std::fs::canonicalize(cgroup)
+            .map_err(|e| refuse(cgroup, format!("no such cgroup ({e})")))?;
+        if !cg.starts_with(&root) || cg == root {
+            return Err(refuse(
+                cgroup,
+                format!("not a cgroup below the cgroup v2 root {}", root.display()),
+            ));
+        }
+        if !Cgroup::new(cg.clone()).exists() {
+            return Err(refuse(cgroup, "not a cgroup (no cgroup.procs)".into()));
+        }
+        if cg.starts_with(root.join(&self.cfg.cgroup_parent)) {
+            return Err(refuse(
+                cgroup,
+                "inside Crab's own cgroup parent (create such sandboxes with `crab sandbox create`)"
+                    .into(),
+            ));
+        }
+        if dirs.is_empty() {
+            return Err(refuse(Path::new(""), "no directory to checkpoint".into()));
+        }
+        let mut canonical = Vec::with_capacity(dirs.len());
+        for d in dirs {
+            if !d.is_absolute() {
+                return Err(refuse(d, "directories must be absolute paths".into()));
+            }
+            let c = std::fs::canonicalize(d).map_err(|e| refuse(d, format!("{e}")))?;
+            if !c.is_dir() {
+                return Err(refuse(d, "not a directory".into()));
+            }
+            let state = std::fs::canonicalize(&self.cfg.state_dir)
+                .unwrap_or_else(|_| self.cfg.state_dir.clone());
+            if c == Path::new("/") || c.starts_with(&state) || state.starts_with(&c) {
+                return Err(refuse(
+                    d,
+                    "the host root and Crab's state directory cannot be a sandbox root".into(),
+                ));
+            }
+            if self.backend.name() == crate::fs::btrfs::NAME && !pool::is_subvolume(&c) {
+                return Err(refuse(
+                    d,
+                    "the btrfs backend snapshots btrfs subvolumes only: make it one \
+                     (`btrfs subvolume create`) or set `[engine] fs_backend = \"cas\"`"
+                        .into(),
+                ));
+            }
+            canonical.push(c);
+        }
+        for (i, a) in canonical.iter().enumerate() {
+            if canonical[i + 1..]
+                .iter()
+                .any(|b| a.starts_with(b) || b.starts_with(a))
+            {
+                return Err(refuse(a, "directories overlap".into()));
+            }
+        }
+        self.prepare_meta(name)?;
+        self.save_record(&SandboxRecord {
+            name: name.to_string(),
+            spec: SandboxKind::Directory {
+                dirs: canonical,
+                cgroup: Some(cg),
             },
             created_unix_ms: now_ms(),
             head: None,
@@ -646,7 +765,7 @@ impl Engine {
     /// checkpoint would refuse them as processes outside the init's tree, and the new
     /// container's restore would kill them anyway.
     fn evict_leftovers(&self, name: &str) -> Result<(), EngineError> {
-        let cg = self.cgroup(name);
+        let cg = self.own_cgroup(name);
         if !cg.exists() || self.runc.status(name).is_some() {
             return Ok(());
         }
@@ -679,15 +798,51 @@ impl Engine {
     fn stop(&self, rec: &SandboxRecord) -> Result<(), EngineError> {
         match &rec.spec {
             SandboxKind::Container { .. } => {
+                self.release_stale_tracers(&rec.name);
                 // cgroup.kill stops every task at once; `runc delete` then only cleans up.
-                self.cgroup(&rec.name).kill_all(Duration::from_secs(10))?;
+                self.cgroup_of(rec).kill_all(Duration::from_secs(10))?;
                 self.runc.delete(&rec.name)?;
             }
             SandboxKind::Directory { .. } => {
-                self.cgroup(&rec.name).kill_all(Duration::from_secs(10))?;
+                // (An adopted cgroup too: a restore puts the files back under processes that
+                // would otherwise keep running on the state they replace.)
+                self.cgroup_of(rec).kill_all(Duration::from_secs(10))?;
             }
         }
         Ok(())
+    }
+
+    /// Kills what traces the container's tasks from outside it before the container is stopped
+    /// (the caller holds the sandbox lock, so no checkpoint of this engine runs): a CRIU left
+    /// by a dump that timed out or whose daemon died still holds the tasks (ptrace, the v1
+    /// freezer) and their zombies, so SIGKILL would not end them and `runc delete` would fail
+    /// with "container init still running".
+    fn release_stale_tracers(&self, name: &str) {
+        let cg = self.own_cgroup(name);
+        let mut tasks = crate::process::tree::cgroup_pids_in(cg.path());
+        if let Some((_, init)) = self.runc.state(name)
+            && init != 0
+        {
+            tasks.push(init);
+        }
+        for task in tasks {
+            let Some(tracer) = tracer_of(task) else {
+                continue;
+            };
+            if crate::process::tree::cgroup_pids_in(cg.path()).contains(&tracer) {
+                continue; // a debugger inside the sandbox dies with it
+            }
+            tracing::warn!(
+                sandbox = %name,
+                task,
+                tracer,
+                "killing a process that still traces the sandbox (a stale CRIU dump)"
+            );
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(tracer as i32),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
     }
 
     /// Runs a command in the sandbox: waits and captures output, or with `detach` starts it in
@@ -720,7 +875,7 @@ impl Engine {
                 self.exec_container(name, &wrapped, true)
             }
             SandboxKind::Container { .. } => self.exec_container(name, argv, false),
-            SandboxKind::Directory { dirs } => self.exec_in_cgroup(name, dirs, argv, detach),
+            SandboxKind::Directory { dirs, .. } => self.exec_in_cgroup(name, dirs, argv, detach),
         }
     }
 
@@ -815,7 +970,7 @@ impl Engine {
     /// Describes one sandbox.
     pub fn info(&self, name: &str) -> Result<SandboxInfo, EngineError> {
         let rec = self.record(name)?;
-        let cg = self.cgroup(name);
+        let cg = self.cgroup_of(&rec);
         let status = match &rec.spec {
             SandboxKind::Container { .. } => {
                 let s = self.runc.status(name).unwrap_or_else(|| "missing".into());
@@ -868,9 +1023,22 @@ impl Engine {
             None
         };
         self.runc.delete(name)?;
-        let cg = self.cgroup(name);
-        cg.kill_all(Duration::from_secs(10))?;
-        cg.remove()?;
+        let adopted = matches!(
+            &rec,
+            Some(SandboxRecord {
+                spec: SandboxKind::Directory {
+                    cgroup: Some(_),
+                    ..
+                },
+                ..
+            })
+        );
+        if !adopted {
+            // An adopted cgroup and its processes belong to their owner: `rm` only forgets them.
+            let cg = self.own_cgroup(name);
+            cg.kill_all(Duration::from_secs(10))?;
+            cg.remove()?;
+        }
         // The record goes first: a crash below leaves leftovers that the next create/rm clears.
         let _ = std::fs::remove_file(self.meta_dir(name).join("sandbox.json"));
         for id in self.backend.list(name)? {
@@ -890,13 +1058,7 @@ impl Engine {
             }
             std::fs::remove_dir_all(&sbx_dir).map_err(io_err("remove sandbox dir", &sbx_dir))?;
         }
-        if let Some(SandboxRecord {
-            spec: SandboxKind::Directory { .. },
-            ..
-        }) = rec
-        {
-            // Declared directories belong to the user: they stay.
-        }
+        // Declared directories of directory sandboxes belong to the user: they stay.
         let meta = self.meta_dir(name);
         if meta.exists() {
             std::fs::remove_dir_all(&meta).map_err(io_err("remove sandbox meta", &meta))?;
@@ -907,7 +1069,7 @@ impl Engine {
     fn trees(&self, rec: &SandboxRecord) -> Vec<(String, PathBuf)> {
         match &rec.spec {
             SandboxKind::Container { .. } => vec![("rootfs".into(), self.rootfs_path(&rec.name))],
-            SandboxKind::Directory { dirs } => dirs
+            SandboxKind::Directory { dirs, .. } => dirs
                 .iter()
                 .enumerate()
                 .map(|(i, d)| (format!("dir{i}"), d.clone()))
@@ -1249,7 +1411,7 @@ impl Engine {
                 .filter(|p| pool::is_subvolume(p)),
             SandboxKind::Directory { .. } => None,
         };
-        let cg = self.cgroup(&rec.name);
+        let cg = self.cgroup_of(rec);
         // One tree: freeze only around its snapshot. Several: freeze around all of them so the
         // trees belong to one instant. `already_stopped`: CRIU holds every task (post-dump):
         // freezing and thawing here would resume them under CRIU.
@@ -1780,6 +1942,16 @@ impl Engine {
         self.pool.unmount()?;
         Ok(())
     }
+}
+
+/// The process tracing `pid` (`TracerPid` of its status), if any.
+fn tracer_of(pid: u32) -> Option<u32> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("TracerPid:"))
+        .and_then(|v| v.trim().parse::<u32>().ok())
+        .filter(|t| *t != 0)
 }
 
 /// The manifest's reference to a process image dumped by point `id`.

@@ -829,7 +829,14 @@ sandbox = "net"
                 cas_dir: Some(PathBuf::new()),
                 ..Default::default()
             }),
-            coordinator: Default::default(),
+            coordinator: crate::coordinator::CoordinatorConfig {
+                watch: vec![crate::coordinator::WatchSpec {
+                    name: String::new(),
+                    cgroup: PathBuf::new(),
+                    root: PathBuf::new(),
+                }],
+                ..Default::default()
+            },
         };
         fn keys(v: &toml::Value, out: &mut Vec<String>) {
             match v {

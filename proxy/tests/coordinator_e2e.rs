@@ -89,6 +89,11 @@ impl Daemon {
     /// With `network`, sandboxes get a veth network and crab listens on every address, so an
     /// agent inside a sandbox reaches it on the sandbox's host-side address.
     fn start_with(upstream: &str, network: bool) -> Daemon {
+        Daemon::start_config(upstream, network, "")
+    }
+
+    /// With further `[engine]` keys.
+    fn start_config(upstream: &str, network: bool, engine_keys: &str) -> Daemon {
         let state = tempfile::Builder::new()
             .prefix(&unique("e2e"))
             .tempdir()
@@ -99,7 +104,7 @@ impl Daemon {
             format!(
                 // Tight bounds: a checkpoint that hangs on a sandbox killed under it fails
                 // (and releases its reply) well within the agent's 120 s request timeout.
-                "[engine]\nstate_dir = \"{}\"\nnetwork = {network}\n\
+                "[engine]\nstate_dir = \"{}\"\nnetwork = {network}\n{engine_keys}\
                  [engine.process]\noperation_timeout_secs = 45\n\
                  [coordinator]\ngate_timeout_ms = 60000\n",
                 state.path().join("engine").display()
@@ -878,4 +883,313 @@ async fn continue_agent(d: &Daemon, name: &str, first: Value, tag: &str) -> usiz
         }
         body["messages"] = Value::Array(messages);
     }
+}
+
+/// The agent of a sandbox Crab did not create: busybox sh + wget on the host, in its owner's
+/// cgroup, working in its current directory. It knows nothing of Crab but the base URL (`$1`);
+/// `$2` names its fake-LLM script.
+const HOST_AGENT: &str = r#"#!/bin/sh
+URL="http://$1/v1/chat/completions"
+msgs='{"role":"user","content":"Do the task."}'
+step=0
+while :; do
+  body="{\"model\":\"fake\",\"tools\":[{\"type\":\"function\",\"function\":{\"name\":\"bash\"}}],\"messages\":[$msgs]}"
+  reply=$(busybox wget -q -O- --header 'content-type: application/json' --header "x-fake-llm-script: $2" --post-data "$body" "$URL") || exit 1
+  cmd=$(echo "$reply" | sed -n 's/.*\\"command\\":\\"\([^\\]*\)\\".*/\1/p')
+  [ -z "$cmd" ] && exit 0
+  sh -c "$cmd" >/dev/null 2>&1
+  msgs="$msgs,{\"role\":\"assistant\",\"content\":\"step $step\"},{\"role\":\"user\",\"content\":\"ran step $step\"}"
+  step=$((step+1))
+done
+"#;
+
+/// Its task (relative paths: it runs in the adopted directory), with the plan each turn end
+/// must get: the first checkpoint (turn 0) and writing turns `fs` (no process image for such a
+/// sandbox), read-only turns and a turn that only started a process `skip`.
+const ADOPTED_TASK: &[(&str, &str)] = &[
+    (
+        "echo one > notes.txt && mkdir src && echo main > src/main.c",
+        "fs",
+    ),
+    ("cat notes.txt", "skip"),
+    ("ls -la src", "skip"),
+    (
+        "echo two >> notes.txt && mv src lib && rm lib/main.c && echo new > lib/new.c",
+        "fs",
+    ),
+    ("sleep 300 </dev/null >/dev/null 2>&1 &", "skip"),
+    ("cat lib/new.c", "skip"),
+];
+
+/// A cgroup of the sandbox's owner (not Crab's), killed and removed on drop.
+struct OwnerCgroup(PathBuf);
+
+impl OwnerCgroup {
+    const SUFFIX: &str = "-adopted-owner";
+
+    fn create() -> OwnerCgroup {
+        let root = Path::new("/sys/fs/cgroup/unified");
+        // Leftovers of a killed run.
+        for e in std::fs::read_dir(root).unwrap().flatten() {
+            let n = e.file_name().to_string_lossy().into_owned();
+            if n.starts_with("crab-test-") && n.ends_with(Self::SUFFIX) {
+                drop(OwnerCgroup(e.path()));
+            }
+        }
+        let path = root.join(unique("x").replace("-x", Self::SUFFIX));
+        std::fs::create_dir(&path).unwrap();
+        OwnerCgroup(path)
+    }
+
+    fn pids(&self) -> Vec<String> {
+        std::fs::read_to_string(self.0.join("cgroup.procs"))
+            .unwrap_or_default()
+            .split_whitespace()
+            .map(str::to_owned)
+            .collect()
+    }
+
+    /// Starts `script` in this cgroup, in `dir`.
+    fn spawn(&self, dir: &Path, script: &str) -> Child {
+        Command::new("sh")
+            .arg("-c")
+            .arg(format!(
+                "echo $$ > {}/cgroup.procs && cd {} && exec {script}",
+                self.0.display(),
+                dir.display()
+            ))
+            .stdin(Stdio::null())
+            .spawn()
+            .unwrap()
+    }
+}
+
+impl Drop for OwnerCgroup {
+    fn drop(&mut self) {
+        let _ = std::fs::write(self.0.join("cgroup.kill"), "1");
+        for _ in 0..200 {
+            if self.pids().is_empty() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let _ = std::fs::remove_dir(&self.0);
+    }
+}
+
+fn read(p: &Path) -> String {
+    std::fs::read_to_string(p).unwrap_or_else(|e| format!("<{e}>"))
+}
+
+/// A sandbox Crab did not create — an agent in its owner's cgroup working in a directory —
+/// adopted with `crab watch NAME --cgroup PATH --root PATH`: its connections are attributed by
+/// the cgroup (eBPF) without any configuration in the agent, read-only turns and a turn that
+/// only started a process are skipped, writing turns get filesystem checkpoints of the
+/// directory, `crab restore` (newest, and by turn) puts the directory back, bad input changes
+/// nothing, and `rm` leaves the owner's cgroup, processes and directory alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watch_adopts_a_sandbox_crab_did_not_create() {
+    if !prerequisites("watch_adopts_a_sandbox_crab_did_not_create") {
+        return;
+    }
+    let adopted = fake_llm::Script {
+        turns: ADOPTED_TASK
+            .iter()
+            .map(|(cmd, _)| fake_llm::ScriptTurn {
+                tool_calls: vec![fake_llm::ScriptToolCall {
+                    name: "bash".into(),
+                    arguments: json!({ "command": cmd }),
+                }],
+                think_ms: 100,
+                ..Default::default()
+            })
+            .chain([fake_llm::ScriptTurn {
+                text: "Done.".into(),
+                ..Default::default()
+            }])
+            .collect(),
+        ..Default::default()
+    };
+    let llm = fake_llm::spawn(fake_llm::FakeLlmConfig {
+        scripts: [("adopted".to_owned(), adopted)].into(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    // The content-addressed backend: the owner's directory is a plain directory.
+    let d = Daemon::start_config(&llm.base_url(), false, "fs_backend = \"cas\"\n");
+    let name = format!("ad{}", std::process::id() % 100_000);
+    let owner = OwnerCgroup::create();
+    let home = tempfile::tempdir().unwrap();
+    let work = home.path().join("work");
+    std::fs::create_dir(&work).unwrap();
+    std::fs::write(home.path().join("agent.sh"), HOST_AGENT).unwrap();
+    let (cg, root) = (owner.0.to_str().unwrap(), work.to_str().unwrap());
+
+    // Bad input: a refusal names the problem and creates nothing.
+    for (args, expect) in [
+        (
+            vec!["--cgroup", "/tmp", "--root", root],
+            "not a cgroup below",
+        ),
+        (
+            vec!["--cgroup", cg, "--root", "/nonexistent/x"],
+            "/nonexistent/x",
+        ),
+        (
+            vec!["--cgroup", cg, "--root", "/"],
+            "cannot be a sandbox root",
+        ),
+    ] {
+        let out = Command::new(env!("CARGO_BIN_EXE_crab"))
+            .args(["watch", &name])
+            .args(&args)
+            .env("CRAB_ADMIN", &d.admin)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success() && err.contains(expect),
+            "{args:?}: {err}"
+        );
+    }
+    let list = engine(&d, json!({"op": "sandbox_list"})).await.unwrap();
+    assert_eq!(list, json!([]), "a refused adoption left a sandbox");
+
+    let w = d.crab(&["watch", &name, "--cgroup", cg, "--root", root, "--json"]);
+    assert_eq!(w["sandbox"], name.as_str());
+    assert_eq!(w["inspected"], true, "{w}");
+    // Idempotent; another definition under the same name is refused.
+    d.crab(&["watch", &name, "--cgroup", cg, "--root", root, "--json"]);
+    let other = tempfile::tempdir().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_crab"))
+        .args(["watch", &name, "--cgroup", cg, "--root"])
+        .arg(other.path())
+        .env("CRAB_ADMIN", &d.admin)
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "a second definition was accepted");
+
+    // The agent: no prefix, no header naming the sandbox.
+    let mut agent = owner.spawn(
+        &work,
+        &format!(
+            "busybox sh {} {} adopted",
+            home.path().join("agent.sh").display(),
+            d.proxy
+        ),
+    );
+    let deadline = Instant::now() + Duration::from_secs(90);
+    let status = loop {
+        if let Some(s) = agent.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the agent did not finish\n{}",
+            d.log()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(status.success(), "agent failed\n{}", d.log());
+    let transcript = read(
+        &d.state
+            .path()
+            .join("transcripts")
+            .join(format!("{name}.jsonl")),
+    );
+    assert_eq!(
+        transcript.lines().count(),
+        ADOPTED_TASK.len() + 1,
+        "requests not attributed to {name}: {transcript}"
+    );
+
+    // Every turn end resolved, with the plans the task implies.
+    let journal = d
+        .state
+        .path()
+        .join("coordinator")
+        .join(format!("{name}.jsonl"));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let entries: Vec<Value> = loop {
+        let e: Vec<Value> = read(&journal)
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect();
+        if e.len() > ADOPTED_TASK.len() || Instant::now() > deadline {
+            break e;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let plans: Vec<(u64, String, String)> = entries
+        .iter()
+        .map(|e| {
+            (
+                e["turn"].as_u64().unwrap(),
+                e["plan"].as_str().unwrap().to_owned(),
+                e["outcome"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    let mut expected = vec![(0, "fs".to_owned(), "durable".to_owned())];
+    for (i, (_, plan)) in ADOPTED_TASK.iter().enumerate() {
+        let outcome = if *plan == "skip" {
+            "skipped"
+        } else {
+            "durable"
+        };
+        expected.push((i as u64 + 1, (*plan).to_owned(), outcome.to_owned()));
+    }
+    assert_eq!(plans, expected, "{entries:#?}");
+    let points = d.crab(&["checkpoints", &name, "--json"]);
+    let points = points["data"].as_array().expect("points");
+    assert_eq!(points.len(), 3, "{points:#?}");
+    assert!(points.iter().all(|p| p["process"].is_null()), "{points:#?}");
+
+    // Damage the directory; restore the newest point (after turn 6).
+    std::fs::remove_dir_all(work.join("lib")).unwrap();
+    std::fs::write(work.join("notes.txt"), "garbage").unwrap();
+    std::fs::write(work.join("junk"), "x").unwrap();
+    let r = d.crab(&["restore", &name, "--json"]);
+    assert_eq!(r["turn"], 6, "{r}");
+    assert_eq!(read(&work.join("notes.txt")), "one\ntwo\n");
+    assert_eq!(read(&work.join("lib/new.c")), "new\n");
+    assert!(!work.join("junk").exists() && !work.join("src").exists());
+    assert!(!work.join("lib/main.c").exists());
+    // By turn: the state after turn 1.
+    let r = d.crab(&["restore", &name, "--turn", "1", "--json"]);
+    assert_eq!(r["turn"], 1, "{r}");
+    assert_eq!(read(&work.join("notes.txt")), "one\n");
+    assert_eq!(read(&work.join("src/main.c")), "main\n");
+    assert!(!work.join("lib").exists());
+
+    // `rm` forgets the sandbox; the owner's cgroup, its processes and the directory stay.
+    let mut keeper = owner.spawn(&work, "sleep 300");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while owner.pids().is_empty() && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    engine(&d, json!({"op": "sandbox_rm", "name": name}))
+        .await
+        .unwrap();
+    assert!(
+        keeper.try_wait().unwrap().is_none(),
+        "rm killed the owner's process"
+    );
+    assert!(
+        owner.0.join("cgroup.procs").exists(),
+        "rm removed the owner's cgroup"
+    );
+    assert_eq!(read(&work.join("notes.txt")), "one\n");
+    let status = d.crab(&["coordinator", "--json"]);
+    assert!(
+        !status["sandboxes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|s| s["sandbox"] == name.as_str()),
+        "{status}"
+    );
+    drop(owner);
+    let _ = keeper.wait();
 }

@@ -77,11 +77,21 @@ pub struct ForkArgs {
     pub out: OutputArgs,
 }
 
-/// `crab watch NAME`
+/// `crab watch NAME [--cgroup PATH --root PATH]`
 #[derive(Debug, Clone, Args)]
 pub struct WatchArgs {
-    /// Engine sandbox to checkpoint at its turn ends.
+    /// Sandbox to checkpoint at its turn ends: an engine sandbox, or with `--cgroup` and
+    /// `--root` the name to give a sandbox Crab did not create.
     pub name: String,
+    /// The existing cgroup v2 directory of a sandbox Crab did not create (its processes are
+    /// attributed and inspected through it; Crab never kills or removes it on `rm`).
+    #[arg(long, requires = "root")]
+    pub cgroup: Option<std::path::PathBuf>,
+    /// The directory that sandbox's processes work in; its contents are checkpointed
+    /// (filesystem-only). A btrfs subvolume with the default backend, any directory with
+    /// `fs_backend = "cas"`.
+    #[arg(long, requires = "cgroup")]
+    pub root: Option<std::path::PathBuf>,
     #[command(flatten)]
     pub daemon: DaemonArgs,
     #[command(flatten)]
@@ -203,7 +213,16 @@ pub async fn run_fork(a: ForkArgs) -> anyhow::Result<()> {
 /// Runs `crab watch`.
 pub async fn run_watch(a: WatchArgs) -> anyhow::Result<()> {
     check_name(&a.name)?;
-    let r: WatchedInfo = post(&a.daemon, "/api/watch", &WatchRequest { name: a.name }).await?;
+    let absolute = |p: Option<std::path::PathBuf>| -> anyhow::Result<_> {
+        p.map(|p| std::path::absolute(&p).map_err(anyhow::Error::from))
+            .transpose()
+    };
+    let request = WatchRequest {
+        name: a.name,
+        cgroup: absolute(a.cgroup)?,
+        root: absolute(a.root)?,
+    };
+    let r: WatchedInfo = post(&a.daemon, "/api/watch", &request).await?;
     emit(a.out, &r, |w| {
         format!(
             "watching {} (inspector: {}, newest point: {})\n",

@@ -1,8 +1,9 @@
 //! The coordinator's admin routes: the operator side of recovery.
 //!
 //! - `GET  /api/coordinator` — policy, inspector, watched sandboxes and their newest points;
-//! - `POST /api/watch` `{"name"}` — watch an engine sandbox (created sandboxes are watched
-//!   automatically);
+//! - `POST /api/watch` `{"name", "cgroup"?, "root"?}` — watch an engine sandbox (created
+//!   sandboxes are watched automatically), or with `cgroup` and `root` adopt and watch a sandbox
+//!   Crab did not create (an existing cgroup and the directory its processes work in);
 //! - `POST /api/sandboxes/{id}/restore` `{"turn"?, "to"?, "before_unix_ms"?}` — restore in
 //!   place to the point of turn N (or point ID, or the newest; with `before_unix_ms`, the newest
 //!   whose turn end resolved before that instant — when a crash was detected at time T, a turn
@@ -34,6 +35,12 @@ use crate::transcript::transcript_path;
 #[serde(deny_unknown_fields)]
 pub struct WatchRequest {
     pub name: String,
+    /// With `root`: the existing cgroup of a sandbox Crab did not create.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cgroup: Option<std::path::PathBuf>,
+    /// With `cgroup`: the directory its processes work in (checkpointed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub root: Option<std::path::PathBuf>,
 }
 
 /// Body of `POST /api/sandboxes/{id}/restore`.
@@ -134,7 +141,20 @@ pub fn register(router: &mut AdminRouter, shared: Arc<Shared>) {
                 Ok(b) => b,
                 Err(r) => return *r,
             };
-            respond(s.coordinator.watch(&body.name).await)
+            respond(match (body.cgroup, body.root) {
+                (None, None) => s.coordinator.watch(&body.name).await,
+                (Some(cgroup), Some(root)) => {
+                    let spec = super::WatchSpec {
+                        name: body.name,
+                        cgroup,
+                        root,
+                    };
+                    s.coordinator.adopt(&spec).await
+                }
+                _ => Err(CoordinatorError::Invalid(
+                    "cgroup and root go together: both name a sandbox Crab did not create".into(),
+                )),
+            })
         }
     });
     let s = shared.clone();

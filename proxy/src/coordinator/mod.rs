@@ -73,6 +73,22 @@ pub struct CoordinatorConfig {
     pub io_bytes_per_sec: u64,
     /// Bytes of recorded replies kept in memory for replay (the transcript stays on disk).
     pub replay_cache_bytes: u64,
+    /// Sandboxes Crab did not create, adopted and watched when the daemon starts
+    /// (`[[coordinator.watch]]`, the config form of `crab watch NAME --cgroup --root`).
+    pub watch: Vec<WatchSpec>,
+}
+
+/// A sandbox Crab did not create: the processes of an existing cgroup working on an existing
+/// directory, checkpointed filesystem-only.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WatchSpec {
+    /// Sandbox name (`[a-z0-9][a-z0-9_-]{0,62}`).
+    pub name: String,
+    /// Its cgroup v2 directory, e.g. `/sys/fs/cgroup/unified/system.slice/agent-1.scope`.
+    pub cgroup: PathBuf,
+    /// The directory its processes work in, whose contents are checkpointed.
+    pub root: PathBuf,
 }
 
 impl Default for CoordinatorConfig {
@@ -85,6 +101,7 @@ impl Default for CoordinatorConfig {
             workers: s.workers,
             io_bytes_per_sec: s.io_bytes_per_sec,
             replay_cache_bytes: 256 * 1024 * 1024,
+            watch: Vec::new(),
         }
     }
 }
@@ -170,6 +187,13 @@ struct SandboxState {
     latest: Option<Barrier>,
     /// The inspector watches it.
     inspected: bool,
+    /// Its checkpoints can hold processes (a container; not a directory sandbox).
+    processes: bool,
+    /// Its one checkpointed tree as its processes see it (the inspector's dirty set is rebased
+    /// onto it); `None`: every checkpoint rescans.
+    hints: Option<PathBuf>,
+    /// Processes inside it that called the LLM (its agent), left out of process tracking.
+    agents: Vec<u32>,
     /// Its container network address (source-address attribution).
     addr: Option<IpAddr>,
     /// After a restore: the tracker state to fall back to (see [`Coordinator::set_rewind`]).
@@ -259,6 +283,34 @@ async fn blocking<T: Send + 'static>(
         .map_err(|e| CoordinatorError::Internal(format!("blocking task failed: {e}")))
 }
 
+/// The root the sandbox's processes see (as the host sees it: the inspector's paths are
+/// relative to it), and the one checkpointed tree as those processes see it (the engine's change
+/// hints are relative to that tree): a container's rootfs and its `/`; for a directory sandbox
+/// the host's `/` and its only directory, or none with several (each checkpoint rescans).
+fn inspector_root(info: &ckpt_engine::engine::SandboxInfo) -> (PathBuf, Option<PathBuf>) {
+    use ckpt_engine::engine::SandboxKind;
+    match (&info.rootfs, &info.spec) {
+        (Some(root), _) => (root.clone(), Some(PathBuf::from("/"))),
+        (None, SandboxKind::Directory { dirs, .. }) if dirs.len() == 1 => {
+            (PathBuf::from("/"), Some(dirs[0].clone()))
+        }
+        _ => (PathBuf::from("/"), None),
+    }
+}
+
+/// Whether `info` is the adoption `spec` describes (paths compared resolved).
+fn adopted_as(info: &ckpt_engine::engine::SandboxInfo, spec: &WatchSpec) -> bool {
+    let resolved =
+        |p: &std::path::Path| std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf());
+    matches!(
+        &info.spec,
+        ckpt_engine::engine::SandboxKind::Directory { dirs, cgroup: Some(cg) }
+            if dirs.len() == 1
+                && dirs[0] == resolved(&spec.root)
+                && *cg == resolved(&spec.cgroup)
+    )
+}
+
 fn unix_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -314,11 +366,51 @@ impl Coordinator {
         // not, e.g. under policy `off`) is known by its address.
         if self.watched.load(Ordering::Acquire) > 0
             && let (Some(local), Some(Some(insp))) = (local, self.inspector.get())
-            && let Some(s) = insp.attribute(peer, local)
+            && let Some((s, pid)) = insp.socket_attribution().attribute_process(peer, local)
         {
+            self.agent_connected(insp, &s, pid);
             return Some(s);
         }
         self.addrs.lock().get(&peer.ip()).cloned()
+    }
+
+    /// A process inside watched sandbox `sandbox` called the LLM through crab: it is that
+    /// sandbox's agent. Its own state is the conversation, which the transcript holds, so it is
+    /// left out of process tracking (its file effects still count): a turn in which only the
+    /// agent thought is skipped (PAPER.md, "Processes of the agent itself"). The policy then
+    /// dumps processes whenever files change, so the agent's image is never older than its
+    /// files; after a restore it re-sends at most read-only turns, answered by replay.
+    fn agent_connected(&self, insp: &Inspector, sandbox: &str, pid: u32) {
+        if self
+            .sandboxes
+            .lock()
+            .get(sandbox)
+            .is_none_or(|st| st.agents.contains(&pid))
+        {
+            return;
+        }
+        let rule = IgnoreRule {
+            pid: Some(pid),
+            comm: None,
+            exe: None,
+            scope: IgnoreScope::ProcessOnly,
+        };
+        match insp.add_ignore(sandbox, rule) {
+            Ok(_) => {
+                if let Some(st) = self.sandboxes.lock().get_mut(sandbox) {
+                    st.agents
+                        .retain(|p| std::path::Path::new(&format!("/proc/{p}")).exists());
+                    st.agents.push(pid);
+                }
+                debug!(
+                    sandbox,
+                    pid, "agent process inside the sandbox left out of process tracking"
+                );
+            }
+            Err(e) => {
+                debug!(sandbox, pid, error = %e, "cannot leave the agent out of process tracking")
+            }
+        }
     }
 
     async fn engine(&self) -> Result<Arc<Engine>, CoordinatorError> {
@@ -396,10 +488,12 @@ impl Coordinator {
             .last()
             .map(|e| (*e).clone());
         let mut inspected = false;
+        let mut hints = None;
         if policy::uses_inspector(self.cfg.policy)
             && let Some(insp) = self.inspector().await
         {
-            let root = info.rootfs.clone().unwrap_or_else(|| PathBuf::from("/"));
+            let (root, tree) = inspector_root(&info);
+            hints = tree;
             let mut spec = SandboxSpec::new(name, info.cgroup.clone(), root);
             // CRIU runs in the sandbox's cgroup while it dumps; its own files (dump.log, the
             // image) are Crab's, not the sandbox's.
@@ -431,6 +525,13 @@ impl Coordinator {
             let fresh = !map.contains_key(name);
             let st = map.entry(name.to_owned()).or_default();
             st.inspected = inspected;
+            st.hints = hints;
+            // (Re)watched: the inspector's rules start over, and so does what it left out.
+            st.agents.clear();
+            st.processes = matches!(
+                info.spec,
+                ckpt_engine::engine::SandboxKind::Container { .. }
+            );
             st.addr = addr;
             if fresh {
                 // The inspector starts watching only now: whatever the sandbox did since its
@@ -456,6 +557,36 @@ impl Coordinator {
         );
         self.info(name)
             .ok_or_else(|| CoordinatorError::NotWatched(name.to_owned()))
+    }
+
+    /// Adopts a sandbox Crab did not create — the processes of an existing cgroup working on an
+    /// existing directory — and watches it (`crab watch NAME --cgroup PATH --root PATH`, or
+    /// `[[coordinator.watch]]`). Idempotent for the same cgroup and root; a sandbox of that
+    /// name with another definition is refused.
+    pub async fn adopt(
+        self: &Arc<Self>,
+        spec: &WatchSpec,
+    ) -> Result<WatchedInfo, CoordinatorError> {
+        let engine = self.engine().await?;
+        let s = spec.clone();
+        blocking(move || match engine.info(&s.name) {
+            Ok(info) if adopted_as(&info, &s) => Ok(()),
+            Ok(_) => Err(ApiError {
+                code: "exists".into(),
+                message: format!(
+                    "sandbox {} exists with another definition (remove it first, or pick another name)",
+                    s.name
+                ),
+            }),
+            Err(ckpt_engine::EngineError::SandboxNotFound { .. }) => engine
+                .adopt(&s.name, &s.cgroup, std::slice::from_ref(&s.root))
+                .map(|_| ())
+                .map_err(|e| e.to_api()),
+            Err(e) => Err(e.to_api()),
+        })
+        .await?
+        .map_err(CoordinatorError::Engine)?;
+        self.watch(&spec.name).await
     }
 
     /// Stops watching (the sandbox was removed). Pending replies are released by their tasks.
@@ -535,6 +666,8 @@ impl Coordinator {
                 sender,
                 History {
                     has_valid_point: st.has_valid_point,
+                    processes: st.processes,
+                    agent_inside: !st.agents.is_empty(),
                 },
             )
         };
@@ -635,13 +768,19 @@ impl Coordinator {
     ) {
         let started = Instant::now();
         let policy = self.cfg.policy;
-        let inspected = self
+        let (inspected, tree) = self
             .sandboxes
             .lock()
             .get(&sandbox)
-            .is_some_and(|s| s.inspected);
+            .map_or((false, None), |s| (s.inspected, s.hints.clone()));
         let (effects, mut reason) = self.inspect(&sandbox, turn, history, inspected).await;
-        let plan = policy::decide(policy, history, effects.as_ref());
+        let plan = match policy::decide(policy, history, effects.as_ref()) {
+            Plan::Checkpoint { kind, changes } => Plan::Checkpoint {
+                kind,
+                changes: policy::hint_for_tree(changes, tree.as_deref()),
+            },
+            plan => plan,
+        };
         let plan_label = plan.label();
         let previous = self
             .sandboxes
@@ -933,7 +1072,17 @@ impl Coordinator {
     /// Opens the engine if it has state and watches every sandbox it holds (daemon start-up:
     /// rehydrates points, journals and turn counters). Returns the tracker states to import.
     pub async fn rehydrate(self: &Arc<Self>) -> Vec<(String, serde_json::Value)> {
-        if !self.cfg.auto_watch || !self.engine.has_state() {
+        let trackers = self.rehydrate_engine_sandboxes().await;
+        for spec in self.cfg.watch.clone() {
+            if let Err(e) = self.adopt(&spec).await {
+                warn!(sandbox = %spec.name, error = %e, "cannot watch the configured sandbox");
+            }
+        }
+        trackers
+    }
+
+    async fn rehydrate_engine_sandboxes(self: &Arc<Self>) -> Vec<(String, serde_json::Value)> {
+        if !self.engine.has_state() {
             return Vec::new();
         }
         let engine = match self.engine().await {
@@ -952,6 +1101,16 @@ impl Coordinator {
             Err(_) => return Vec::new(),
         };
         let mut trackers = Vec::new();
+        if !self.cfg.auto_watch || self.cfg.policy == Policy::Off {
+            // Not checkpointed, but their agents' requests still belong to them.
+            let mut addrs = self.addrs.lock();
+            for s in &list {
+                if let Some(net) = &s.net {
+                    addrs.insert(IpAddr::V4(net.sandbox_ip), s.name.clone());
+                }
+            }
+            return trackers;
+        }
         for s in list {
             if let Err(e) = self.watch(&s.name).await {
                 warn!(sandbox = %s.name, error = %e, "cannot watch sandbox on start-up");

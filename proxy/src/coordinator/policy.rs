@@ -10,6 +10,12 @@
 //! - `selective`: the inspector decides — nothing changed → skip (the previous point stays valid);
 //!   files only → a filesystem checkpoint with the dirty set (or a rescan when the inspector is
 //!   unsure); processes changed → full. No inspector answer (it failed) → full, rescanned.
+//! - an agent inside the sandbox is left out of process tracking (the transcript holds its
+//!   state): a turn that only made it think is skipped, but a turn that changed files is `full`,
+//!   so that a restored agent never lags behind its files (it would redo writes);
+//! - a sandbox whose checkpoints cannot hold processes (a directory sandbox, or one adopted with
+//!   `crab watch --cgroup --root`): every `full` becomes `fs`, and a turn that changed processes
+//!   only is skipped — its newest point still holds everything such a sandbox can restore.
 
 use std::path::PathBuf;
 
@@ -102,12 +108,42 @@ pub struct History {
     /// A checkpoint of this sandbox has been published (by the coordinator) and none failed
     /// since.
     pub has_valid_point: bool,
+    /// Its checkpoints can hold processes (a container); false: filesystem only.
+    pub processes: bool,
+    /// Its agent runs inside it and is left out of process tracking.
+    pub agent_inside: bool,
 }
 
 /// Decides the plan for one turn end. `effects` is `None` when the inspector is not asked
 /// (policies that do not use it) or failed (`Some(Err)` is folded into `None` by the caller,
 /// which then gets a full checkpoint under `selective`).
 pub fn decide(policy: Policy, history: History, effects: Option<&TurnEffects>) -> Plan {
+    let plan = decide_with_processes(policy, history, effects);
+    if history.processes {
+        return plan;
+    }
+    match plan {
+        Plan::Checkpoint {
+            kind: CheckpointKind::Full,
+            changes,
+        } => match effects {
+            Some(e)
+                if history.has_valid_point
+                    && policy == Policy::Selective
+                    && e.decision == Decision::ProcessOnly =>
+            {
+                Plan::Skip
+            }
+            _ => Plan::Checkpoint {
+                kind: CheckpointKind::Fs,
+                changes,
+            },
+        },
+        other => other,
+    }
+}
+
+fn decide_with_processes(policy: Policy, history: History, effects: Option<&TurnEffects>) -> Plan {
     if policy == Policy::Off {
         return Plan::Skip;
     }
@@ -125,6 +161,12 @@ pub fn decide(policy: Policy, history: History, effects: Option<&TurnEffects>) -
             None => Plan::full(),
             Some(e) => match e.decision {
                 Decision::Skip => Plan::Skip,
+                // The agent's image must not be older than its files: after a restore it would
+                // redo the turns since, writes included.
+                Decision::FsOnly if history.agent_inside => Plan::Checkpoint {
+                    kind: CheckpointKind::Full,
+                    changes: change_hint(e),
+                },
                 Decision::FsOnly => Plan::Checkpoint {
                     kind: CheckpointKind::Fs,
                     changes: change_hint(e),
@@ -168,6 +210,33 @@ pub fn change_hint(e: &TurnEffects) -> ChangeHint {
     ChangeHint::Paths(paths)
 }
 
+/// The inspector's change hint (paths relative to what the sandbox's processes see as `/`) as
+/// a hint for the checkpointed tree at `tree` as those processes see it: paths below it,
+/// relative to it; others dropped (they are not checkpointed). `None`: no single tree, so a
+/// rescan. A change to the tree's own directory entry is a rescan too.
+pub fn hint_for_tree(changes: ChangeHint, tree: Option<&std::path::Path>) -> ChangeHint {
+    let (ChangeHint::Paths(paths), Some(tree)) = (&changes, tree) else {
+        return match changes {
+            ChangeHint::Paths(_) => ChangeHint::Unknown,
+            unknown => unknown,
+        };
+    };
+    let tree = tree.strip_prefix("/").unwrap_or(tree);
+    if tree.as_os_str().is_empty() {
+        return changes;
+    }
+    let mut out = Vec::new();
+    for p in paths {
+        if p == tree {
+            return ChangeHint::Unknown;
+        }
+        if let Ok(rel) = p.strip_prefix(tree) {
+            out.push(rel.to_path_buf());
+        }
+    }
+    ChangeHint::Paths(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -192,9 +261,13 @@ mod tests {
 
     const FRESH: History = History {
         has_valid_point: false,
+        processes: true,
+        agent_inside: false,
     };
     const VALID: History = History {
         has_valid_point: true,
+        processes: true,
+        agent_inside: false,
     };
 
     #[test]
@@ -283,6 +356,108 @@ mod tests {
         );
         assert!(uses_inspector(Policy::Selective));
         assert!(!uses_inspector(Policy::FsEveryTurn));
+    }
+
+    #[test]
+    fn an_agent_inside_gets_its_image_whenever_files_change() {
+        let inside = History {
+            agent_inside: true,
+            ..VALID
+        };
+        let skip = effects(Decision::Skip, vec![], false);
+        assert_eq!(decide(Policy::Selective, inside, Some(&skip)), Plan::Skip);
+        let fs = effects(
+            Decision::FsOnly,
+            vec![FileChange::Modified {
+                path: "/work/a".into(),
+            }],
+            false,
+        );
+        assert_eq!(
+            decide(Policy::Selective, inside, Some(&fs)),
+            Plan::Checkpoint {
+                kind: CheckpointKind::Full,
+                changes: ChangeHint::Paths(vec!["work/a".into()]),
+            }
+        );
+        // Not under the fs-every-turn baseline, which never dumps processes after the first.
+        assert_eq!(decide(Policy::FsEveryTurn, inside, Some(&fs)).label(), "fs");
+    }
+
+    #[test]
+    fn filesystem_only_sandboxes_never_plan_a_process_image() {
+        let fs_only = |h: History| History {
+            processes: false,
+            ..h
+        };
+        let procs = effects(Decision::ProcessOnly, vec![], false);
+        let both = effects(
+            Decision::Full,
+            vec![FileChange::Created {
+                path: "/out".into(),
+            }],
+            false,
+        );
+        // The first checkpoint: filesystem, rescanned.
+        assert_eq!(
+            decide(Policy::Selective, fs_only(FRESH), Some(&procs)),
+            Plan::Checkpoint {
+                kind: CheckpointKind::Fs,
+                changes: ChangeHint::Unknown,
+            }
+        );
+        // Processes only: nothing such a sandbox restores changed.
+        assert_eq!(
+            decide(Policy::Selective, fs_only(VALID), Some(&procs)),
+            Plan::Skip
+        );
+        // Processes and files: the files, with their dirty set.
+        assert_eq!(
+            decide(Policy::Selective, fs_only(VALID), Some(&both)),
+            Plan::Checkpoint {
+                kind: CheckpointKind::Fs,
+                changes: ChangeHint::Paths(vec!["out".into()]),
+            }
+        );
+        // No inspector answer: rescan the files.
+        assert_eq!(
+            decide(Policy::Selective, fs_only(VALID), None).label(),
+            "fs"
+        );
+        assert_eq!(
+            decide(Policy::FullEveryTurn, fs_only(VALID), Some(&procs)).label(),
+            "fs"
+        );
+        assert_eq!(decide(Policy::Off, fs_only(VALID), Some(&both)), Plan::Skip);
+    }
+
+    #[test]
+    fn hints_are_rebased_onto_the_checkpointed_tree() {
+        let paths = |v: &[&str]| ChangeHint::Paths(v.iter().map(PathBuf::from).collect());
+        let seen = paths(&["srv/work/a", "srv/work/d/b", "tmp/x", "srv/workshop/c"]);
+        // A container: its rootfs is what its processes see as `/`.
+        assert_eq!(
+            hint_for_tree(seen.clone(), Some(std::path::Path::new("/"))),
+            seen
+        );
+        // A directory on the host.
+        assert_eq!(
+            hint_for_tree(seen.clone(), Some(std::path::Path::new("/srv/work"))),
+            paths(&["a", "d/b"])
+        );
+        assert_eq!(
+            hint_for_tree(
+                paths(&["srv/work"]),
+                Some(std::path::Path::new("/srv/work"))
+            ),
+            ChangeHint::Unknown
+        );
+        // No single tree: rescan.
+        assert_eq!(hint_for_tree(seen, None), ChangeHint::Unknown);
+        assert_eq!(
+            hint_for_tree(ChangeHint::Unknown, Some(std::path::Path::new("/srv"))),
+            ChangeHint::Unknown
+        );
     }
 
     #[test]
