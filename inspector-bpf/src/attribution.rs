@@ -3,8 +3,8 @@
 //! Kernel side (`bpf/attribution.bpf.c`, its own object): a `sockops` program attached (as a
 //! bpf_link, beside any other programs) to a cgroup v2 directory (default: the hierarchy root)
 //! records, at `connect()`, the connection's 4-tuple as the connecting side sees it with the
-//! caller's cgroup id and the watched cgroup it is in (itself or its innermost watched ancestor),
-//! and forgets it when the socket closes. The map is an LRU, so it is bounded even if a close is
+//! caller's cgroup id, the watched cgroup it is in (itself or its innermost watched ancestor)
+//! and the caller's process id, and forgets it when the socket closes. The map is an LRU, so it is bounded even if a close is
 //! missed.
 //!
 //! User side: [`SocketAttribution`] keeps the map handles and the watched cgroup id → sandbox id
@@ -75,8 +75,9 @@ pub fn level_mask(levels: impl IntoIterator<Item = u32>) -> u64 {
         .fold(0, |m, l| m | (1u64 << l))
 }
 
-/// A recorded connection (`struct conn_value`): `[cgroup id of the caller, watched cgroup id]`.
-type ConnValue = [u64; 2];
+/// A recorded connection (`struct conn_value`): `[cgroup id of the caller, watched cgroup id,
+/// the caller's process id]`.
+type ConnValue = [u64; 3];
 
 struct Owner {
     sandbox: String,
@@ -252,15 +253,24 @@ impl SocketAttribution {
     /// `peer -> local`, if it is watched and still open.
     pub fn attribute(&self, peer: SocketAddr, local: SocketAddr) -> Option<String> {
         let hook = self.lock()?;
-        let [_cgroup, watched] = hook.conns.get(&key_for_accepted(peer, local), 0).ok()?;
+        let [_cgroup, watched, _pid] = hook.conns.get(&key_for_accepted(peer, local), 0).ok()?;
         hook.owners.get(&watched).map(|o| o.sandbox.clone())
+    }
+
+    /// [`attribute`](Self::attribute), with the process id (host pid namespace) of the process
+    /// that called `connect()`: inside a sandbox, its agent.
+    pub fn attribute_process(&self, peer: SocketAddr, local: SocketAddr) -> Option<(String, u32)> {
+        let hook = self.lock()?;
+        let [_cgroup, watched, pid] = hook.conns.get(&key_for_accepted(peer, local), 0).ok()?;
+        let sandbox = hook.owners.get(&watched)?.sandbox.clone();
+        Some((sandbox, u32::try_from(pid).ok()?))
     }
 
     /// The cgroup id of the process that opened the connection `peer -> local`, when it was
     /// recorded (i.e. that process was in a watched cgroup at `connect()`).
     pub fn connecting_cgroup(&self, peer: SocketAddr, local: SocketAddr) -> Option<u64> {
         let hook = self.lock()?;
-        let [cgroup, _watched] = hook.conns.get(&key_for_accepted(peer, local), 0).ok()?;
+        let [cgroup, _watched, _pid] = hook.conns.get(&key_for_accepted(peer, local), 0).ok()?;
         Some(cgroup)
     }
 }

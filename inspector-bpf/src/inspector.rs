@@ -388,6 +388,32 @@ impl Inspector {
         Ok(())
     }
 
+    /// Adds `rule` to a watched sandbox's ignore rules from now on (e.g. its agent process,
+    /// learnt when the agent connects to the proxy). Processes it matches leave the process
+    /// baseline at once, so the new rule never reads as a process change. Returns false when
+    /// the sandbox already had the rule.
+    pub fn add_ignore(&self, id: &str, rule: IgnoreRule) -> Result<bool, InspectorError> {
+        let mut st = self.lock();
+        let sb = st
+            .sandboxes
+            .get_mut(id)
+            .ok_or_else(|| InspectorError::UnknownSandbox { id: id.into() })?;
+        if sb.spec.ignore.contains(&rule) {
+            return Ok(false);
+        }
+        // Rules for processes that have exited (short-lived agents: one per request) go, so
+        // the list stays as long as the live processes it names.
+        sb.spec.ignore.retain(|r| {
+            r.pid
+                .is_none_or(|p| std::path::Path::new(&format!("/proc/{p}")).exists())
+        });
+        sb.baseline
+            .retain(|k, s| !rule.matches(k.pid, &s.comm, s.exe.as_deref()));
+        sb.ignored_all.clear();
+        sb.spec.ignore.push(rule);
+        Ok(true)
+    }
+
     /// Makes the current state the baseline (call after a checkpoint).
     pub fn reset(&self, id: &str) -> Result<(), InspectorError> {
         let mut st = self.lock();

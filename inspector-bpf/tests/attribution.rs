@@ -168,6 +168,13 @@ fn loopback_ipv4_connection_from_sandbox_is_attributed() {
             .connecting_cgroup(acc.peer, acc.local),
         Some(cgroup::cgroup_id(sb.cgroup.path()).unwrap())
     );
+    // The process that called connect(): the client itself (it exec'd in place).
+    assert_eq!(
+        inspector()
+            .socket_attribution()
+            .attribute_process(acc.peer, acc.local),
+        Some((sb.id.clone(), acc.client.child.id()))
+    );
     // The reversed tuple is a different connection.
     assert_eq!(inspector().attribute(acc.local, acc.peer), None);
     let n = 10_000;

@@ -6,7 +6,8 @@
  * - BPF_SOCK_OPS_TCP_CONNECT_CB runs in the connect() caller's context with the local address
  *   and port already chosen. When the caller's cgroup is watched, or descends from a watched
  *   cgroup, the connection's 4-tuple as the connecting side sees it is recorded with the caller's
- *   cgroup id and the watched cgroup's id, and the socket asks for state callbacks.
+ *   cgroup id, the watched cgroup's id and the caller's process id, and the socket asks for
+ *   state callbacks.
  * - BPF_SOCK_OPS_STATE_CB with the new state TCP_CLOSE forgets the tuple, so a recorded tuple
  *   always belongs to a live connection (a later connection reusing it cannot inherit it).
  * The map is an LRU: even if a close is missed, entries cannot grow without bound.
@@ -37,6 +38,7 @@ _Static_assert(sizeof(struct conn_key) == 40, "conn_key layout is shared with at
 struct conn_value {
 	__u64 cgroup_id;  /* cgroup v2 id of the process that called connect() */
 	__u64 watched_id; /* the watched cgroup: that cgroup or its nearest watched ancestor */
+	__u64 tgid;       /* its process id (thread-group id) in the initial pid namespace */
 };
 
 struct {
@@ -128,6 +130,7 @@ int crab_sock_attr(struct bpf_sock_ops *ctx)
 		struct conn_value v = {
 			.cgroup_id = bpf_get_current_cgroup_id(),
 			.watched_id = watched,
+			.tgid = bpf_get_current_pid_tgid() >> 32,
 		};
 		bpf_map_update_elem(&attr_conns, &k, &v, BPF_ANY);
 		bpf_sock_ops_cb_flags_set(ctx, ctx->bpf_sock_ops_cb_flags | BPF_SOCK_OPS_STATE_CB_FLAG);
