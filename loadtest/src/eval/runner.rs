@@ -112,9 +112,11 @@ impl Placement {
 }
 
 /// crab's settings for evaluation runs: bounded engine operations and gate waits, so a
-/// checkpoint hanging on a sandbox killed under it fails instead of stalling the agent.
-const CRAB_CONFIG: &str =
-    "\n[engine.process]\noperation_timeout_secs = 60\n\n[coordinator]\ngate_timeout_ms = 60000\n";
+/// checkpoint hanging on a sandbox killed under it fails instead of stalling the agent; the
+/// inside agent's own directory (its phase, log and config: bookkeeping, like a real agent's
+/// session logs) does not make a turn worth a checkpoint.
+const CRAB_CONFIG: &str = "\n[engine.process]\noperation_timeout_secs = 60\n\n[coordinator]\n\
+     gate_timeout_ms = 60000\nignore_paths = [\"/opt/crab-agent\"]\n";
 
 pub fn run(args: RunArgs) -> anyhow::Result<()> {
     for &n in &args.sandboxes {

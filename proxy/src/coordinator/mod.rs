@@ -73,6 +73,10 @@ pub struct CoordinatorConfig {
     pub io_bytes_per_sec: u64,
     /// Bytes of recorded replies kept in memory for replay (the transcript stays on disk).
     pub replay_cache_bytes: u64,
+    /// Paths (absolute, as the sandbox's processes see them) whose changes never make a turn
+    /// worth a checkpoint: an agent's own session logs and bookkeeping, which Crab's
+    /// transcript supersedes. They are still saved with every checkpoint taken.
+    pub ignore_paths: Vec<String>,
     /// Sandboxes Crab did not create, adopted and watched when the daemon starts
     /// (`[[coordinator.watch]]`, the config form of `crab watch NAME --cgroup --root`).
     pub watch: Vec<WatchSpec>,
@@ -101,6 +105,7 @@ impl Default for CoordinatorConfig {
             workers: s.workers,
             io_bytes_per_sec: s.io_bytes_per_sec,
             replay_cache_bytes: 256 * 1024 * 1024,
+            ignore_paths: Vec::new(),
             watch: Vec::new(),
         }
     }
@@ -499,6 +504,8 @@ impl Coordinator {
             // image) are Crab's, not the sandbox's.
             spec.ignored_prefixes
                 .push(self.engine.config().state_dir.display().to_string());
+            spec.ignored_prefixes
+                .extend(self.cfg.ignore_paths.iter().cloned());
             spec.ignore.push(IgnoreRule {
                 pid: None,
                 comm: Some("criu".into()),
