@@ -251,6 +251,8 @@ struct ExchangeCtx {
     upstream: Arc<str>,
     request_headers: Option<HeaderMap>,
     request_body: Bytes,
+    /// blake3 of the request body, when the request summary computed it.
+    request_digest: Option<blake3::Hash>,
     started: Instant,
     upstream_sent: Option<Instant>,
     sync: bool,
@@ -301,8 +303,8 @@ struct TapState {
     first_byte_at: Option<Instant>,
     first_content_at: Option<Instant>,
     bytes: u64,
-    captured: Vec<Bytes>,
-    captured_len: u64,
+    /// The transcript's copy of the body (see [`ResponseCapture::body`]).
+    captured: Vec<u8>,
     truncated: bool,
     capture: bool,
 }
@@ -343,10 +345,10 @@ impl Tap for ResponseTap {
             }
         }
         if st.capture {
-            if st.captured_len + chunk.len() as u64 <= self.shared.config.transcript.max_body_bytes
+            if st.captured.len() as u64 + chunk.len() as u64
+                <= self.shared.config.transcript.max_body_bytes
             {
-                st.captured_len += chunk.len() as u64;
-                st.captured.push(chunk);
+                st.captured.extend_from_slice(&chunk);
             } else {
                 st.truncated = true;
             }
@@ -518,6 +520,7 @@ fn complete(shared: &Shared, f: Finished) {
                 truncated: st.truncated,
             }),
             error: None,
+            request_digest: st.ctx.request_digest,
             timings: Timings {
                 upstream_sent_us: st.ctx.upstream_sent.map(rel),
                 response_head_us: Some(rel(st.response_head_at)),
@@ -710,6 +713,7 @@ async fn handle_inner(
         id: None,
     };
     let mut sync = false;
+    let mut request_digest = None;
     // A panicking parser (a bug, not bad input) must not cost the agent its request: the
     // request is then forwarded untracked.
     let parsed = api.is_llm().then(|| {
@@ -761,6 +765,7 @@ async fn handle_inner(
                             end_us: Some(started.elapsed().as_micros() as u64),
                             ..Timings::default()
                         },
+                        request_digest: None,
                         end: None,
                         analysis: None,
                         sync: false,
@@ -772,6 +777,7 @@ async fn handle_inner(
                 return local_error(&shared, err, shape);
             }
         };
+        request_digest = blake3::Hash::from_hex(&summary.body_digest).ok();
         Completions::settle(&shared);
         let at = shared.clock.micros(Instant::now());
         let watch = shared.coordinator.on_request(sandbox.as_str());
@@ -856,6 +862,7 @@ async fn handle_inner(
         upstream: upstream_name.clone(),
         request_headers,
         request_body: if capture { body } else { Bytes::new() },
+        request_digest,
         started,
         upstream_sent: None,
         sync,
@@ -904,6 +911,13 @@ async fn handle_inner(
         .is_llm()
         .then(|| ResponseObserver::new(api, status, sse));
     let response_headers = capture.then(|| rparts.headers.clone());
+    // One allocation for a body of known length (bounded: the length is the upstream's word).
+    let captured = match rbody.size_hint().exact() {
+        Some(n) if capture => {
+            Vec::with_capacity(n.min(config.transcript.max_body_bytes).min(1 << 20) as usize)
+        }
+        _ => Vec::new(),
+    };
     shared.metrics.active_streams.inc();
     let tap = ResponseTap {
         shared: shared.clone(),
@@ -917,8 +931,7 @@ async fn handle_inner(
             first_byte_at: None,
             first_content_at: None,
             bytes: 0,
-            captured: Vec::new(),
-            captured_len: 0,
+            captured,
             truncated: false,
             capture,
         }),
@@ -1097,6 +1110,7 @@ fn upstream_failure(
                 code: err.code().to_owned(),
                 message: err.message(),
             }),
+            request_digest: ctx.request_digest,
             timings: Timings {
                 upstream_sent_us: ctx.upstream_sent.map(rel),
                 end_us: Some(rel(now)),
@@ -1175,6 +1189,7 @@ mod tests {
                     upstream: "http://u".into(),
                     request_headers: None,
                     request_body: Bytes::new(),
+                    request_digest: None,
                     started: now,
                     upstream_sent: Some(now),
                     sync: false,
@@ -1189,7 +1204,6 @@ mod tests {
                 first_content_at: Some(now),
                 bytes: 10,
                 captured: Vec::new(),
-                captured_len: 0,
                 truncated: false,
                 capture: false,
             };

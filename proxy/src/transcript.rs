@@ -1,11 +1,16 @@
 //! The durable, redacted, bounded per-sandbox transcript.
 //!
-//! The forwarding path hands each finished request/response ([`Exchange`]) to a bounded queue
-//! (`try_send`: never blocks; a full queue drops the record and counts it). One dedicated OS
-//! thread owns the files: it redacts headers, encodes bodies, appends one JSON line per exchange
-//! to `<dir>/<sandbox>.jsonl`, flushes after each batch, fsyncs at turn boundaries and at least
-//! every `sync_interval`, and rotates a file that would exceed `max_file_bytes`
-//! (`<sandbox>.1.jsonl` is the newest rotated file; at most `rotated_files` are kept).
+//! The forwarding side encodes each finished request/response ([`Exchange`]) into its record
+//! line (headers redacted, bodies encoded) on its own thread, in the deferred completion task
+//! after the response was forwarded, and hands only the line to a bounded queue (`try_send`:
+//! never blocks; a full queue drops the record and counts it). Encoding where the exchange was
+//! built keeps its many small allocations (header maps, body chunks) from being freed on
+//! another thread, which costs glibc's allocator lock round trips. One dedicated OS thread owns
+//! the files: it appends the lines to `<dir>/<sandbox>.jsonl`, flushes after each batch, fsyncs
+//! at turn boundaries and at least every `sync_interval`, and rotates a file that would exceed
+//! `max_file_bytes` (`<sandbox>.1.jsonl` is the newest rotated file; at most `rotated_files` are
+//! kept). After a batch the writer lingers [`WRITER_LINGER`] before it looks for more, so under
+//! load one wake-up serves many records instead of one each.
 //!
 //! Each line is a [`TranscriptRecord`] (format version [`FORMAT_VERSION`]). `request.body_digest`
 //! is the blake3 hex of the exact request body, so a replay cache can answer an identical
@@ -34,6 +39,9 @@ use crate::sandbox::SandboxId;
 pub const FORMAT_VERSION: u32 = 1;
 /// Files kept open at once (a daemon may serve thousands of sandboxes).
 const MAX_OPEN_FILES: usize = 256;
+/// How long the writer waits after a batch before taking the next one (records and turn-boundary
+/// syncs are at most this much later on disk; a waiting `flush` too).
+pub const WRITER_LINGER: Duration = Duration::from_millis(1);
 
 /// Transcript I/O errors (reported through logs and metrics: the proxy keeps forwarding).
 #[derive(Debug, thiserror::Error)]
@@ -74,6 +82,9 @@ pub struct Exchange {
     pub response: Option<ResponseCapture>,
     pub error: Option<ErrorRecord>,
     pub timings: Timings,
+    /// blake3 of `request_body`, when the caller already computed it (the request summary
+    /// does): saves hashing the body twice.
+    pub request_digest: Option<blake3::Hash>,
     /// How the response body ended (`completed`, `cut`, ...), if a body was forwarded.
     pub end: Option<&'static str>,
     /// The protocol analysis of the response, if any.
@@ -87,8 +98,10 @@ pub struct Exchange {
 pub struct ResponseCapture {
     pub status: u16,
     pub headers: HeaderMap,
-    /// The forwarded body chunks (up to `max_body_bytes`).
-    pub body: Vec<Bytes>,
+    /// A copy of the forwarded body (up to `max_body_bytes`). A copy rather than the forwarded
+    /// chunks: a chunk would keep the upstream connection's whole read buffer alive until the
+    /// record is written, and make the connection allocate a new one.
+    pub body: Vec<u8>,
     /// Total bytes forwarded (may exceed what `body` holds).
     pub body_len: u64,
     pub truncated: bool,
@@ -178,25 +191,9 @@ pub struct TranscriptRecord {
 
 /// Serializes an exchange as one record line (the same JSON shape as [`TranscriptRecord`])
 /// without copying its strings and bodies: the writer thread runs this for every request.
-fn encode_record(
-    x: &Exchange,
-    redact: &[HeaderName],
-    max_body: u64,
-    scratch: &mut Vec<u8>,
-    line: &mut Vec<u8>,
-) {
+fn encode_record(x: &Exchange, redact: &[HeaderName], max_body: u64, line: &mut Vec<u8>) {
     let req_limit = (max_body as usize).min(x.request_body.len());
-    let response_body: &[u8] = match x.response.as_ref() {
-        Some(r) if r.body.len() == 1 => &r.body[0],
-        Some(r) => {
-            scratch.clear();
-            for b in &r.body {
-                scratch.extend_from_slice(b);
-            }
-            scratch
-        }
-        None => &[],
-    };
+    let response_body: &[u8] = x.response.as_ref().map_or(&[], |r| &r.body);
     let record = RecordRef {
         v: FORMAT_VERSION,
         id: x.id,
@@ -211,7 +208,9 @@ fn encode_record(
             method: x.method.as_str(),
             path: &x.path,
             headers: HeadersRef(&x.request_headers, redact),
-            body_digest: blake3::hash(&x.request_body),
+            body_digest: x
+                .request_digest
+                .unwrap_or_else(|| blake3::hash(&x.request_body)),
             body_len: x.request_body.len() as u64,
             body: BodyRef::new(&x.request_body[..req_limit]),
             body_truncated: req_limit < x.request_body.len(),
@@ -336,8 +335,12 @@ pub fn read_records(path: &Path) -> Result<Vec<TranscriptRecord>, TranscriptErro
 }
 
 enum Msg {
-    /// An exchange and the bytes it holds (for the queue's byte bound).
-    Record(Box<Exchange>, u64),
+    /// One encoded record line of a sandbox, and whether to fsync after it (a turn boundary).
+    Line {
+        sandbox: SandboxId,
+        line: Vec<u8>,
+        sync: bool,
+    },
     /// A turn boundary: make everything of this sandbox durable now.
     Sync(SandboxId),
     Flush(oneshot::Sender<()>),
@@ -354,6 +357,8 @@ pub struct Transcript {
     tx: Option<mpsc::SyncSender<Msg>>,
     queued_bytes: Arc<AtomicU64>,
     max_queue_bytes: u64,
+    redact: Vec<HeaderName>,
+    max_body_bytes: u64,
     thread: parking_lot::Mutex<Option<std::thread::JoinHandle<()>>>,
 }
 
@@ -370,6 +375,8 @@ impl Transcript {
             tx: None,
             queued_bytes: Arc::default(),
             max_queue_bytes: 0,
+            redact: Vec::new(),
+            max_body_bytes: 0,
             thread: parking_lot::Mutex::new(None),
         }
     }
@@ -392,10 +399,7 @@ impl Transcript {
         let queued_bytes: Arc<AtomicU64> = Arc::default();
         let writer = Writer {
             queued_bytes: queued_bytes.clone(),
-            scratch: Vec::new(),
-            line: Vec::with_capacity(64 * 1024),
             settings: settings.clone(),
-            redact,
             files: HashMap::new(),
             hooks: Box::new(hooks),
         };
@@ -407,26 +411,46 @@ impl Transcript {
             tx: Some(tx),
             queued_bytes,
             max_queue_bytes: settings.max_queue_bytes,
+            redact,
+            max_body_bytes: settings.max_body_bytes,
             thread: parking_lot::Mutex::new(Some(thread)),
         })
     }
 
-    /// Queues an exchange; returns false if it was dropped (queue full or writer gone).
+    /// Encodes an exchange (secrets redacted) and queues its line; returns false if it was
+    /// dropped (queue full or writer gone). Runs on the caller's thread: call it off the
+    /// forwarding path.
     pub fn record(&self, x: Exchange) -> bool {
         let Some(tx) = &self.tx else {
             return true;
         };
-        let size = x.request_body.len() as u64
+        let body_bytes = x.request_body.len() as u64
             + x.response
                 .as_ref()
-                .map(|r| r.body_len.min(r.body.iter().map(|b| b.len() as u64).sum()))
+                .map(|r| r.body_len.min(r.body.len() as u64))
                 .unwrap_or(0);
+        // Refuse before encoding when the queue is already over its byte bound.
+        let queued = self.queued_bytes.load(Ordering::Relaxed);
+        if queued + body_bytes > self.max_queue_bytes && queued > 0 {
+            return false;
+        }
+        let mut line = Vec::with_capacity(body_bytes as usize + 1024);
+        encode_record(&x, &self.redact, self.max_body_bytes, &mut line);
+        let sandbox = x.sandbox.clone();
+        let sync = x.sync;
+        // The exchange's buffers are freed here, on the thread that allocated them.
+        drop(x);
+        let size = line.len() as u64;
         let queued = self.queued_bytes.fetch_add(size, Ordering::Relaxed);
         if queued + size > self.max_queue_bytes && queued > 0 {
             self.queued_bytes.fetch_sub(size, Ordering::Relaxed);
             return false;
         }
-        match tx.try_send(Msg::Record(Box::new(x), size)) {
+        match tx.try_send(Msg::Line {
+            sandbox,
+            line,
+            sync,
+        }) {
             Ok(()) => true,
             Err(_) => {
                 self.queued_bytes.fetch_sub(size, Ordering::Relaxed);
@@ -489,10 +513,7 @@ struct OpenFile {
 
 struct Writer {
     queued_bytes: Arc<AtomicU64>,
-    scratch: Vec<u8>,
-    line: Vec<u8>,
     settings: TranscriptSettings,
-    redact: Vec<HeaderName>,
     files: HashMap<String, OpenFile>,
     hooks: Box<dyn WriterHooks>,
 }
@@ -517,14 +538,19 @@ impl Writer {
                 }
             }
             let mut force_sync = false;
+            let lingering = !batch.is_empty();
             for m in batch {
                 match m {
-                    Msg::Record(x, size) => {
-                        if let Err(e) = self.write(&x) {
+                    Msg::Line {
+                        sandbox,
+                        line,
+                        sync,
+                    } => {
+                        if let Err(e) = self.write_line(sandbox.as_str(), &line, sync) {
                             self.hooks.write_error(&e);
                         }
-                        drop(x);
-                        self.queued_bytes.fetch_sub(size, Ordering::Relaxed);
+                        self.queued_bytes
+                            .fetch_sub(line.len() as u64, Ordering::Relaxed);
                     }
                     Msg::Sync(sandbox) => {
                         if let Some(f) = self.files.get_mut(sandbox.as_str()) {
@@ -545,29 +571,21 @@ impl Writer {
             for f in flushes.drain(..) {
                 let _ = f.send(());
             }
+            if lingering {
+                // Let the next records gather: senders do not wake a writer that is not
+                // waiting, so this turns one wake-up per record into one per linger.
+                std::thread::sleep(WRITER_LINGER);
+            }
         }
         self.flush_all(true);
     }
 
-    fn write(&mut self, x: &Exchange) -> Result<(), TranscriptError> {
-        let mut line = std::mem::take(&mut self.line);
-        encode_record(
-            x,
-            &self.redact,
-            self.settings.max_body_bytes,
-            &mut self.scratch,
-            &mut line,
-        );
-        let result = self.write_line(x, &line);
-        // Keep the buffer for the next record unless one huge body inflated it.
-        if line.capacity() <= 1 << 20 {
-            self.line = line;
-        }
-        result
-    }
-
-    fn write_line(&mut self, x: &Exchange, line: &[u8]) -> Result<(), TranscriptError> {
-        let sandbox = x.sandbox.as_str();
+    fn write_line(
+        &mut self,
+        sandbox: &str,
+        line: &[u8],
+        sync: bool,
+    ) -> Result<(), TranscriptError> {
         let path = transcript_path(&self.settings.dir, sandbox);
         let needs_rotation = self
             .files
@@ -609,7 +627,7 @@ impl Writer {
                 // An existing file from an earlier run is already full.
                 self.files.remove(sandbox);
                 self.rotate(sandbox)?;
-                return self.write_line(x, line);
+                return self.write_line(sandbox, line, sync);
             }
         }
         let f = self.files.get_mut(sandbox).expect("inserted above");
@@ -622,7 +640,7 @@ impl Writer {
             })?;
         f.size += line.len() as u64;
         f.dirty = true;
-        f.needs_sync |= x.sync;
+        f.needs_sync |= sync;
         Ok(())
     }
 
@@ -737,12 +755,13 @@ mod tests {
             response: Some(ResponseCapture {
                 status: 200,
                 headers: rh,
-                body: vec![Bytes::from_static(b"\xff\x00"), Bytes::from_static(b"ok")],
+                body: b"\xff\x00ok".to_vec(),
                 body_len: 4,
                 truncated: false,
             }),
             error: None,
             timings: Timings::default(),
+            request_digest: None,
             end: Some("completed"),
             analysis: None,
             sync: true,
