@@ -15,6 +15,8 @@
 //! - [`turns`]: the per-sandbox turn tracker (main loop vs. side calls vs. retries; turn
 //!   boundaries, LLM-wait and tool-execution intervals).
 //! - `canonical` (private): canonical JSON hashing behind the thread digests.
+//! - `lenient` (private): borrowed, lenient field types for the typed fast paths of
+//!   [`response`] (no `Value` tree per event; same answers as the `Value` walk).
 //!
 //! Tests: unit tests per module; `tests/turn_fixtures.rs` replays recorded-style traffic of
 //! six agent clients (`tests/fixtures/`, see its README) and checks classes and turn
@@ -34,6 +36,7 @@
 
 pub mod api;
 mod canonical;
+mod lenient;
 pub mod request;
 pub mod response;
 pub mod sse;

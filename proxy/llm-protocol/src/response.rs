@@ -22,6 +22,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::api::ApiKind;
+use crate::lenient::{ErrorLike, List, Obj, Str, U64, parse_object};
 use crate::sse::SseDecoder;
 
 /// Default bound on a buffered non-streaming body (32 MiB). A larger body is still forwarded
@@ -159,6 +160,8 @@ pub struct ResponseObserver {
     max_body: usize,
     body_overflow: bool,
     obs: Observed,
+    /// Typed fast paths on (always, outside the equivalence tests).
+    fast_paths: bool,
 }
 
 impl ResponseObserver {
@@ -178,7 +181,15 @@ impl ResponseObserver {
             max_body,
             body_overflow: false,
             obs: Observed::default(),
+            fast_paths: true,
         }
+    }
+
+    /// The same observer without the typed fast paths (tests compare both).
+    #[cfg(test)]
+    fn without_fast_paths(mut self) -> Self {
+        self.fast_paths = false;
+        self
     }
 
     /// Observe the next chunk of the body (a copy of what is being forwarded).
@@ -230,7 +241,7 @@ impl ResponseObserver {
                     "response body larger than {} bytes, not analysed",
                     self.max_body
                 ));
-            } else if !self.body.is_empty() {
+            } else if !self.body.is_empty() && !self.whole_body_fast() {
                 match serde_json::from_slice::<Value>(&self.body) {
                     Ok(v) => self.on_whole_body(&v),
                     Err(e) => {
@@ -301,6 +312,12 @@ impl ResponseObserver {
             return;
         }
         if self.skip_by_name(name) {
+            return;
+        }
+        if self.fast_paths
+            && self.api == ApiKind::ChatCompletions
+            && self.chat_chunk_fast(data_trim)
+        {
             return;
         }
         let value: Value = match serde_json::from_str(data_trim) {
@@ -395,10 +412,14 @@ impl ResponseObserver {
     }
 
     fn set_ids(&mut self, id: Option<&Value>, model: Option<&Value>) {
+        self.set_ids_str(id.and_then(Value::as_str), model.and_then(Value::as_str));
+    }
+
+    fn set_ids_str(&mut self, id: Option<&str>, model: Option<&str>) {
         if self.obs.response_id.is_none() {
-            self.obs.response_id = id.and_then(Value::as_str).map(str::to_owned);
+            self.obs.response_id = id.map(str::to_owned);
         }
-        if let Some(m) = model.and_then(Value::as_str) {
+        if let Some(m) = model {
             if self.obs.model.as_deref() != Some(m) {
                 self.obs.model = Some(m.to_owned());
             }
@@ -406,10 +427,139 @@ impl ResponseObserver {
     }
 
     fn set_finish(&mut self, reason: Option<&Value>) {
+        self.set_finish_str(reason.and_then(Value::as_str));
+    }
+
+    fn set_finish_str(&mut self, reason: Option<&str>) {
         // Some servers send `""` instead of `null` on every chunk.
-        if let Some(r) = reason.and_then(Value::as_str).filter(|r| !r.is_empty()) {
+        if let Some(r) = reason.filter(|r| !r.is_empty()) {
             self.obs.finish_reason = Some(r.to_owned());
         }
+    }
+
+    // ---- Chat Completions, typed fast path (see `lenient.rs`) ----
+
+    /// A Chat stream chunk through the typed view. False when the fast path does not apply
+    /// (not a JSON object, an error shape, a usage object the typed struct rejects, ...): the
+    /// caller then takes the `Value` path, which gives the same result where both apply.
+    fn chat_chunk_fast(&mut self, data: &str) -> bool {
+        let Some(v) = parse_object::<ChatView>(data.as_bytes()) else {
+            return false;
+        };
+        if v.is_error() {
+            return false;
+        }
+        self.set_ids_str(v.id.get(), v.model.get());
+        for (ci, choice) in v.choices.0.iter().enumerate() {
+            let Some(choice) = choice.object() else {
+                continue;
+            };
+            let ci = choice.index.0.unwrap_or(ci as u64);
+            if let Some(delta) = choice.delta.object() {
+                let text = [
+                    &delta.content,
+                    &delta.reasoning_content,
+                    &delta.reasoning,
+                    &delta.refusal,
+                ]
+                .iter()
+                .any(|s| s.get().is_some_and(|s| !s.is_empty()));
+                let tools = self.chat_tool_calls_view(ci, delta, false);
+                if text || tools {
+                    self.obs.content_seen = true;
+                }
+            }
+            if choice.finish_reason.get().is_some_and(|r| !r.is_empty()) {
+                self.set_finish_str(choice.finish_reason.get());
+                self.obs.terminal_seen = true;
+            }
+        }
+        if let Some(u) = v.usage.object() {
+            self.obs.usage = Some(chat_usage_typed(u));
+        }
+        true
+    }
+
+    /// The whole buffered body through a typed fast path, where there is one.
+    fn whole_body_fast(&mut self) -> bool {
+        if !self.fast_paths || self.api != ApiKind::ChatCompletions {
+            return false;
+        }
+        let body = std::mem::take(&mut self.body);
+        let done = self.chat_body_fast(&body);
+        self.body = body;
+        done
+    }
+
+    /// A whole Chat Completions body through the typed view (see [`Self::chat_chunk_fast`]).
+    fn chat_body_fast(&mut self, body: &[u8]) -> bool {
+        let Some(v) = parse_object::<ChatView>(body) else {
+            return false;
+        };
+        if v.is_error() {
+            return false;
+        }
+        self.set_ids_str(v.id.get(), v.model.get());
+        for (ci, choice) in v.choices.0.iter().enumerate() {
+            let Some(choice) = choice.object() else {
+                continue;
+            };
+            let ci = choice.index.0.unwrap_or(ci as u64);
+            if let Some(m) = choice.message.object() {
+                self.chat_tool_calls_view(ci, m, true);
+            }
+            self.set_finish_str(choice.finish_reason.get());
+        }
+        if let Some(u) = v.usage.object() {
+            self.obs.usage = Some(chat_usage_typed(u));
+        }
+        true
+    }
+
+    /// [`Self::chat_tool_calls`] on the typed view.
+    fn chat_tool_calls_view(&mut self, choice: u64, msg: &MessageView<'_>, whole: bool) -> bool {
+        let mut any = false;
+        for (i, call) in msg.tool_calls.0.iter().enumerate() {
+            any = true;
+            let call = call.object();
+            let index = if whole {
+                i as u64
+            } else {
+                call.and_then(|c| c.index.0).unwrap_or(i as u64)
+            };
+            let Some(acc) = self.obs.tool((choice, index)) else {
+                continue;
+            };
+            acc.client_side = true;
+            let Some(call) = call else {
+                continue;
+            };
+            if let Some(id) = call.id.get()
+                && acc.id.is_none()
+            {
+                acc.id = Some(id.to_owned());
+            }
+            // `function` when present (even if it is no object), else `custom`.
+            let named = if call.function.present() {
+                call.function.object()
+            } else {
+                call.custom.object()
+            };
+            if let Some(name) = named.and_then(|n| n.name.get()) {
+                merge_name(&mut acc.name, name);
+            }
+        }
+        if let Some(fc) = msg.function_call.object() {
+            any = true;
+            let Some(acc) = self.obs.tool((choice, u64::MAX)) else {
+                return any;
+            };
+            acc.client_side = true;
+            if let Some(name) = fc.name.get() {
+                merge_name(&mut acc.name, name);
+            }
+        }
+        any
     }
 
     // ---- Chat Completions ----
@@ -505,15 +655,7 @@ impl ResponseObserver {
         let parsed =
             // Deserialize from the borrowed value: no copy of the usage object.
             match <async_openai::types::chat::CompletionUsage as serde::Deserialize>::deserialize(u) {
-                Ok(t) => Usage {
-                    input_tokens: u64::from(t.prompt_tokens),
-                    output_tokens: u64::from(t.completion_tokens),
-                    cached_input_tokens: t
-                        .prompt_tokens_details
-                        .and_then(|d| d.cached_tokens)
-                        .map(u64::from),
-                    cache_creation_input_tokens: None,
-                },
+                Ok(t) => chat_usage_typed(&t),
                 Err(_) => Usage {
                     input_tokens: u64_field(u, "prompt_tokens"),
                     output_tokens: u64_field(u, "completion_tokens"),
@@ -727,6 +869,92 @@ impl ResponseObserver {
     }
 }
 
+/// Chat usage from the typed `async-openai` struct.
+fn chat_usage_typed(t: &async_openai::types::chat::CompletionUsage) -> Usage {
+    Usage {
+        input_tokens: u64::from(t.prompt_tokens),
+        output_tokens: u64::from(t.completion_tokens),
+        cached_input_tokens: t
+            .prompt_tokens_details
+            .as_ref()
+            .and_then(|d| d.cached_tokens)
+            .map(u64::from),
+        cache_creation_input_tokens: None,
+    }
+}
+
+/// The fields of a Chat Completions body or stream chunk the observer reads (everything else
+/// is skipped unparsed). See `lenient.rs` for how each field type reads.
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+struct ChatView<'a> {
+    #[serde(borrow)]
+    id: Str<'a>,
+    #[serde(borrow)]
+    model: Str<'a>,
+    error: ErrorLike,
+    #[serde(borrow, rename = "type")]
+    kind: Str<'a>,
+    #[serde(borrow)]
+    choices: List<ChoiceView<'a>>,
+    usage: Obj<async_openai::types::chat::CompletionUsage>,
+}
+
+impl ChatView<'_> {
+    /// The shapes `error_message` reports: left to the `Value` path.
+    fn is_error(&self) -> bool {
+        self.error.0 || self.kind.get() == Some("error")
+    }
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+struct ChoiceView<'a> {
+    index: U64,
+    #[serde(borrow)]
+    delta: Obj<MessageView<'a>>,
+    #[serde(borrow)]
+    message: Obj<MessageView<'a>>,
+    #[serde(borrow)]
+    finish_reason: Str<'a>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+struct MessageView<'a> {
+    #[serde(borrow)]
+    content: Str<'a>,
+    #[serde(borrow)]
+    reasoning_content: Str<'a>,
+    #[serde(borrow)]
+    reasoning: Str<'a>,
+    #[serde(borrow)]
+    refusal: Str<'a>,
+    #[serde(borrow)]
+    tool_calls: List<ToolCallView<'a>>,
+    #[serde(borrow)]
+    function_call: Obj<NamedView<'a>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+struct ToolCallView<'a> {
+    index: U64,
+    #[serde(borrow)]
+    id: Str<'a>,
+    #[serde(borrow)]
+    function: Obj<NamedView<'a>>,
+    #[serde(borrow)]
+    custom: Obj<NamedView<'a>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+struct NamedView<'a> {
+    #[serde(borrow)]
+    name: Str<'a>,
+}
+
 /// Stream deltas usually carry the name once; some servers repeat the full name in every
 /// delta and some split it. Repeats are kept once, fragments are appended.
 fn merge_name(acc: &mut String, name: &str) {
@@ -787,6 +1015,100 @@ fn truncate_chars(s: &str, max: usize) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Feeds `chunks` to a Chat observer with and without the typed fast paths and checks that
+    /// both see the first content in the same chunk and end with the same summary.
+    fn same_with_and_without_fast_paths(status: u16, sse: bool, chunks: &[&[u8]], what: &str) {
+        let run = |fast: bool| {
+            let mut o = ResponseObserver::new(ApiKind::ChatCompletions, status, sse);
+            if !fast {
+                o = o.without_fast_paths();
+            }
+            let firsts: Vec<bool> = chunks.iter().map(|c| o.observe(c).first_content).collect();
+            (firsts, o.finish(StreamEnd::Completed))
+        };
+        assert_eq!(run(true), run(false), "{what}");
+    }
+
+    /// The typed Chat fast paths agree with the `Value` walk on every recorded fixture (read
+    /// as Chat, whatever its API), on random mutations of them, and on odd shapes.
+    #[test]
+    fn typed_fast_paths_match_value_parsing() {
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+        let mut files = Vec::new();
+        for dir in std::fs::read_dir(root).unwrap() {
+            let dir = dir.unwrap().path();
+            if dir.is_dir() {
+                for f in std::fs::read_dir(&dir).unwrap() {
+                    files.push(f.unwrap().path());
+                }
+            }
+        }
+        files.sort();
+        let mut seed: u64 = 0x9e37_79b9_7f4a_7c15;
+        let mut next = move || {
+            seed ^= seed >> 12;
+            seed ^= seed << 25;
+            seed ^= seed >> 27;
+            seed.wrapping_mul(0x2545_F491_4F6C_DD1D)
+        };
+        let mut checked = 0;
+        for path in files {
+            let Some(ext) = path.extension().and_then(|e| e.to_str()) else {
+                continue;
+            };
+            if !matches!(ext, "sse" | "json") {
+                continue;
+            }
+            let orig = std::fs::read(&path).unwrap();
+            let what = path.display().to_string();
+            for round in 0..20 {
+                let mut b = orig.clone();
+                if round > 0 {
+                    for _ in 0..1 + next() % 4 {
+                        let i = (next() as usize) % b.len().max(1);
+                        match next() % 3 {
+                            0 if !b.is_empty() => b[i] = b"{}[]\":,0n-"[(next() % 10) as usize],
+                            1 if !b.is_empty() => {
+                                b.remove(i);
+                            }
+                            _ => b.insert(i.min(b.len()), b"{}[]\":,\n"[(next() % 8) as usize]),
+                        }
+                    }
+                }
+                for status in [200, 400] {
+                    // Event by event (the forwarding granularity), and as one body.
+                    let events: Vec<&[u8]> = b.split_inclusive(|c| *c == b'\n').collect();
+                    same_with_and_without_fast_paths(status, true, &events, &what);
+                    same_with_and_without_fast_paths(status, false, &[&b], &what);
+                }
+                checked += 1;
+            }
+        }
+        assert!(checked > 100);
+        let odd: &[&str] = &[
+            r#"{"choices":[{"delta":{"tool_calls":[{"function":null,"custom":{"name":"c"}}]}}]}"#,
+            r#"{"choices":[{"delta":{"tool_calls":[{"custom":{"name":"c"},"id":"x"}]}}]}"#,
+            r#"{"choices":[5,{"index":-1,"delta":{"content":""},"finish_reason":""}]}"#,
+            r#"{"choices":[{"delta":null,"finish_reason":"stop"}],"usage":{"prompt_tokens":1}}"#,
+            r#"{"choices":[{"delta":{"function_call":{"name":"f"},"refusal":"no"}}]}"#,
+            r#"{"usage":{"prompt_tokens":1,"completion_tokens":2,"total_tokens":3,"prompt_tokens_details":{"cached_tokens":1}}}"#,
+            r#"{"usage":{"prompt_tokens":99999999999,"completion_tokens":2,"total_tokens":3}}"#,
+            r#"{"error":{"message":"boom"}}"#,
+            r#"{"error":"boom"}"#,
+            r#"{"error":3,"id":"a"}"#,
+            r#"{"type":"error","message":"m"}"#,
+            r#"{"id":"a","id":"b","model":"m"}"#,
+            r#"{"id":"a\u0041","model":"\ud83d\ude00"}"#,
+            r#"[{"id":"a"}]"#,
+        ];
+        for o in odd {
+            let event = format!("data: {o}\n\n");
+            same_with_and_without_fast_paths(200, true, &[event.as_bytes()], o);
+            same_with_and_without_fast_paths(200, false, &[o.as_bytes()], o);
+            same_with_and_without_fast_paths(500, false, &[o.as_bytes()], o);
+        }
+    }
 
     fn feed(api: ApiKind, status: u16, sse: bool, chunks: &[&str]) -> (Vec<bool>, ResponseSummary) {
         let mut o = ResponseObserver::new(api, status, sse);
