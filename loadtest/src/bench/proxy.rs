@@ -63,6 +63,17 @@ pub struct Args {
     pub chunk_delay_ms: u64,
     #[arg(long, default_value_t = 20)]
     pub paced_chunks: usize,
+    /// Phases to run (`latency`, `ttfb`, `paced`, `throughput`); fewer phases make a quick run
+    /// or isolate one workload for a profiler.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "latency,ttfb,paced,throughput"
+    )]
+    pub phases: Vec<String>,
+    /// Workloads of the throughput phase (`requests`, `streams`).
+    #[arg(long, value_delimiter = ',', default_value = "requests,streams")]
+    pub kinds: Vec<String>,
 }
 
 /// Upper bound of one benchmark request (errors count; the run goes on).
@@ -586,10 +597,29 @@ async fn run_async(args: Args) -> anyhow::Result<()> {
             other => bail!("unknown path {other:?} (direct, crab, nginx)"),
         }
     }
+    for p in &args.phases {
+        if !matches!(p.as_str(), "latency" | "ttfb" | "paced" | "throughput") {
+            bail!("unknown phase {p:?} (latency, ttfb, paced, throughput)");
+        }
+    }
+    for k in &args.kinds {
+        if !matches!(k.as_str(), "requests" | "streams") {
+            bail!("unknown throughput kind {k:?} (requests, streams)");
+        }
+    }
+    let phase = |name: &str| args.phases.iter().any(|p| p == name);
     let rounds = args.rounds.max(1);
     let n = targets.len() as u64;
     let tp_rounds = 2usize;
-    let total_steps = n * (rounds as u64 * 5 + (args.concurrency.len() * 2 * tp_rounds) as u64);
+    let kind_count = args
+        .kinds
+        .iter()
+        .filter(|k| phase("throughput") && matches!(k.as_str(), "requests" | "streams"))
+        .count();
+    let round_phases =
+        2 * u64::from(phase("latency")) + 2 * u64::from(phase("ttfb")) + u64::from(phase("paced"));
+    let total_steps = n
+        * (rounds as u64 * round_phases + (args.concurrency.len() * kind_count * tp_rounds) as u64);
     let progress = ProgressBar::new(total_steps);
     progress.set_style(
         ProgressStyle::with_template("{elapsed_precise} [{bar:30}] {pos}/{len} {msg}")
@@ -606,7 +636,7 @@ async fn run_async(args: Args) -> anyhow::Result<()> {
     let mut stream_ttfb = Vec::new();
     let mut cpu_total = vec![0.0; bench.targets.len()];
 
-    for c in [1usize, 64] {
+    for c in [1usize, 64].into_iter().filter(|_| phase("latency")) {
         let cells = bench
             .phase(
                 &format!("latency c={c}"),
@@ -627,7 +657,7 @@ async fn run_async(args: Args) -> anyhow::Result<()> {
         ));
         check_alive(&mut crab, &mut nginx)?;
     }
-    for c in [1usize, 64] {
+    for c in [1usize, 64].into_iter().filter(|_| phase("ttfb")) {
         let count = (args.requests / 5).max(c);
         let cells = bench
             .phase(
@@ -657,22 +687,29 @@ async fn run_async(args: Args) -> anyhow::Result<()> {
         )),
     );
     let threshold = Duration::from_micros(args.chunk_delay_ms * 1000 / 2);
-    let cells = bench
-        .phase(
-            "paced streams c=64",
-            &paced,
-            64,
-            Stop::Count(64 * rounds),
-            Some(threshold),
-            rounds,
-        )
-        .await?;
-    let chunking = chunk_rows(&bench, &cells, &args, &mut cpu_total);
-    check_alive(&mut crab, &mut nginx)?;
+    let mut chunking = Vec::new();
+    if phase("paced") {
+        let cells = bench
+            .phase(
+                "paced streams c=64",
+                &paced,
+                64,
+                Stop::Count(64 * rounds),
+                Some(threshold),
+                rounds,
+            )
+            .await?;
+        chunking = chunk_rows(&bench, &cells, &args, &mut cpu_total);
+        check_alive(&mut crab, &mut nginx)?;
+    }
 
     let mut throughput = Vec::new();
+    let kinds = [("requests", &nonstream), ("streams", &stream)]
+        .into_iter()
+        .filter(|(k, _)| phase("throughput") && args.kinds.iter().any(|x| x == k))
+        .collect::<Vec<_>>();
     for &c in &args.concurrency {
-        for (kind, spec) in [("requests", &nonstream), ("streams", &stream)] {
+        for &(kind, spec) in &kinds {
             let cells = bench
                 .phase(
                     &format!("throughput {kind} c={c}"),
