@@ -12,6 +12,10 @@
 //!
 //! The hash input is a tagged, length-prefixed serialisation, so distinct values cannot
 //! collide by concatenation.
+//!
+//! The normalisations are applied while hashing (no normalised copy of a message is built):
+//! [`hash_item`] feeds exactly the bytes the normalised value would produce, which a test
+//! checks against building the copy.
 
 use serde_json::Value;
 
@@ -61,6 +65,49 @@ fn hash_str(hasher: &mut blake3::Hasher, tag: u8, s: &str) {
     hasher.update(s.as_bytes());
 }
 
+/// What `hash_value` feeds for `[{"type": part_type, "text": text}]` (keys sorted: `text`
+/// before `type`).
+fn hash_text_parts(hasher: &mut blake3::Hasher, part_type: &str, text: &str) {
+    hasher.update(b"[");
+    hasher.update(&1u64.to_le_bytes());
+    hasher.update(b"{");
+    hasher.update(&2u64.to_le_bytes());
+    hash_str(hasher, b'k', "text");
+    hash_str(hasher, b's', text);
+    hash_str(hasher, b'k', "type");
+    hash_str(hasher, b's', part_type);
+}
+
+/// What `hash_value` feeds for `map` with a string `content` replaced by its text-part list
+/// (`text_part`: the part type) and, when `add_type` is given, a `type` key added (the
+/// caller checked that `map` has none).
+fn hash_object_normalised(
+    hasher: &mut blake3::Hasher,
+    map: &serde_json::Map<String, Value>,
+    text_part: Option<(&str, &str)>,
+    add_type: Option<&str>,
+) {
+    let mut keys: Vec<&str> = map
+        .iter()
+        .filter(|(k, v)| !v.is_null() && !IGNORED_KEYS.contains(&k.as_str()))
+        .map(|(k, _)| k.as_str())
+        .collect();
+    if add_type.is_some() {
+        keys.push("type");
+    }
+    keys.sort_unstable();
+    hasher.update(b"{");
+    hasher.update(&(keys.len() as u64).to_le_bytes());
+    for key in keys {
+        hash_str(hasher, b'k', key);
+        match (key, text_part, add_type) {
+            ("content", Some((part_type, text)), _) => hash_text_parts(hasher, part_type, text),
+            ("type", _, Some(t)) => hash_str(hasher, b's', t),
+            _ => hash_value(hasher, &map[key]),
+        }
+    }
+}
+
 /// Hash one message / input item. `text_part_type` is the part type a string `content` is
 /// equivalent to (`"text"` for chat and Anthropic, `"input_text"`/`"output_text"` for
 /// Responses). Missing `type` on a Responses item with a `role` is treated as `"message"`.
@@ -72,18 +119,13 @@ pub(crate) fn hash_item(
     let mut hasher = blake3::Hasher::new();
     match value {
         Value::Object(map) => {
-            let needs_content_fix = matches!(map.get("content"), Some(Value::String(_)));
-            let needs_type = default_type.is_some() && !map.contains_key("type");
-            if needs_content_fix || needs_type {
-                let mut map = map.clone();
-                if let Some(Value::String(text)) = map.get("content") {
-                    let part = serde_json::json!([{ "type": text_part_type, "text": text }]);
-                    map.insert("content".to_owned(), part);
-                }
-                if let (true, Some(t)) = (needs_type, default_type) {
-                    map.insert("type".to_owned(), Value::String(t.to_owned()));
-                }
-                hash_value(&mut hasher, &Value::Object(map));
+            let text = match map.get("content") {
+                Some(Value::String(text)) => Some((text_part_type, text.as_str())),
+                _ => None,
+            };
+            let add_type = default_type.filter(|_| !map.contains_key("type"));
+            if text.is_some() || add_type.is_some() {
+                hash_object_normalised(&mut hasher, map, text, add_type);
             } else {
                 hash_value(&mut hasher, value);
             }
@@ -93,15 +135,45 @@ pub(crate) fn hash_item(
     hasher.finalize()
 }
 
+/// [`hash_item`] of `{"role": "user", "content": text}` (a bare string input item).
+pub(crate) fn hash_user_text_item(
+    text: &str,
+    text_part_type: &str,
+    default_type: Option<&str>,
+) -> blake3::Hash {
+    let mut hasher = blake3::Hasher::new();
+    hasher.update(b"{");
+    hasher.update(&(2 + u64::from(default_type.is_some())).to_le_bytes());
+    hash_str(&mut hasher, b'k', "content");
+    hash_text_parts(&mut hasher, text_part_type, text);
+    hash_str(&mut hasher, b'k', "role");
+    hash_str(&mut hasher, b's', "user");
+    if let Some(t) = default_type {
+        hash_str(&mut hasher, b'k', "type");
+        hash_str(&mut hasher, b's', t);
+    }
+    hasher.finalize()
+}
+
+/// [`hash_system`] of the list of `contents` (a missing one is `null`): the leading system
+/// messages of a Chat request, hashed without copying their text.
+pub(crate) fn hash_system_list(contents: &[Option<&Value>]) -> blake3::Hash {
+    let mut hasher = blake3::Hasher::new();
+    hasher.update(b"system");
+    hasher.update(b"[");
+    hasher.update(&(contents.len() as u64).to_le_bytes());
+    for c in contents {
+        hash_value(&mut hasher, c.unwrap_or(&Value::Null));
+    }
+    hasher.finalize()
+}
+
 /// Hash a system prompt (string or list of blocks) in canonical form.
 pub(crate) fn hash_system(value: &Value) -> blake3::Hash {
     let mut hasher = blake3::Hasher::new();
     hasher.update(b"system");
     match value {
-        Value::String(text) => hash_value(
-            &mut hasher,
-            &serde_json::json!([{ "type": "text", "text": text }]),
-        ),
+        Value::String(text) => hash_text_parts(&mut hasher, "text", text),
         other => hash_value(&mut hasher, other),
     }
     hasher.finalize()
@@ -116,6 +188,98 @@ mod tests {
         let mut hasher = blake3::Hasher::new();
         hash_value(&mut hasher, v);
         hasher.finalize()
+    }
+
+    /// The former implementation: build the normalised copy, then hash it.
+    fn hash_item_by_copy(
+        value: &Value,
+        text_part_type: &str,
+        default_type: Option<&str>,
+    ) -> blake3::Hash {
+        let mut hasher = blake3::Hasher::new();
+        match value {
+            Value::Object(map) => {
+                let mut map = map.clone();
+                if let Some(Value::String(text)) = map.get("content") {
+                    let part = json!([{ "type": text_part_type, "text": text }]);
+                    map.insert("content".to_owned(), part);
+                }
+                if let Some(t) = default_type
+                    && !map.contains_key("type")
+                {
+                    map.insert("type".to_owned(), Value::String(t.to_owned()));
+                }
+                hash_value(&mut hasher, &Value::Object(map));
+            }
+            other => hash_value(&mut hasher, other),
+        }
+        hasher.finalize()
+    }
+
+    /// Hashing while normalising feeds the same bytes as hashing a normalised copy: every
+    /// message and input item of the recorded fixtures, under every part type and default.
+    #[test]
+    fn normalising_in_place_equals_hashing_a_copy() {
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+        let mut items = vec![
+            json!({"role": "user", "content": "x", "type": null}),
+            json!({"content": "x", "type": "message", "cache_control": {"a": 1}}),
+            json!({"content": null}),
+            json!({"content": ["a", {"text": "b"}], "z": 1, "a": [null, 1.5, -2]}),
+            json!("bare"),
+            json!([1, 2]),
+        ];
+        for dir in std::fs::read_dir(root).unwrap() {
+            let dir = dir.unwrap().path();
+            if !dir.is_dir() {
+                continue;
+            }
+            for f in std::fs::read_dir(&dir).unwrap() {
+                let f = f.unwrap().path();
+                if !f.to_string_lossy().ends_with("request.json") {
+                    continue;
+                }
+                let v: Value = serde_json::from_slice(&std::fs::read(&f).unwrap()).unwrap();
+                for key in ["messages", "input"] {
+                    if let Some(list) = v.get(key).and_then(Value::as_array) {
+                        items.extend(list.iter().cloned());
+                    }
+                }
+            }
+        }
+        assert!(items.len() > 50);
+        for item in &items {
+            for part in ["text", "input_text", "output_text"] {
+                for default in [None, Some("message")] {
+                    assert_eq!(
+                        hash_item(item, part, default),
+                        hash_item_by_copy(item, part, default),
+                        "{item}"
+                    );
+                }
+            }
+        }
+        for text in ["", "hello", "\u{1F600} x"] {
+            for default in [None, Some("message")] {
+                assert_eq!(
+                    hash_user_text_item(text, "input_text", default),
+                    hash_item_by_copy(
+                        &json!({"role": "user", "content": text}),
+                        "input_text",
+                        default
+                    )
+                );
+            }
+            let mut h = blake3::Hasher::new();
+            h.update(b"system");
+            hash_value(&mut h, &json!([{ "type": "text", "text": text }]));
+            assert_eq!(hash_system(&json!(text)), h.finalize());
+        }
+        let (a, b) = (json!("sys"), json!([{"type": "text", "text": "dev"}]));
+        assert_eq!(
+            hash_system_list(&[Some(&a), None, Some(&b)]),
+            hash_system(&json!(["sys", null, [{"type": "text", "text": "dev"}]]))
+        );
     }
 
     #[test]

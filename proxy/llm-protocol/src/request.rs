@@ -20,7 +20,7 @@ use serde_json::Value;
 
 use crate::ProtocolError;
 use crate::api::ApiKind;
-use crate::canonical::{hash_item, hash_system};
+use crate::canonical::{hash_item, hash_system, hash_system_list, hash_user_text_item};
 use crate::turns::SideKind;
 
 /// What one request says, as far as turn tracking and the transcript care.
@@ -117,13 +117,9 @@ pub fn summarize_request(api: ApiKind, body: &[u8]) -> Result<RequestSummary, Pr
                 for m in &leading_system {
                     texts.add_system(m.get("content"));
                 }
-                let joined = Value::Array(
-                    leading_system
-                        .iter()
-                        .map(|m| m.get("content").cloned().unwrap_or(Value::Null))
-                        .collect(),
-                );
-                hash_system(&joined)
+                let contents: Vec<Option<&Value>> =
+                    leading_system.iter().map(|m| m.get("content")).collect();
+                hash_system_list(&contents)
             });
             tools.extend(tool_names(obj.get("functions"))?);
             texts.last_user = final_user_text(messages);
@@ -243,11 +239,7 @@ fn thread_key(conv: &Items<'_>, previous_response_id: Option<String>) -> ThreadK
     for item in &conv.items {
         let item_hash = match item {
             // A bare string input item is a user message.
-            Value::String(s) => hash_item(
-                &serde_json::json!({"role": "user", "content": s}),
-                conv.text_part,
-                default_type,
-            ),
+            Value::String(s) => hash_user_text_item(s, conv.text_part, default_type),
             _ => {
                 let is_responses_message = conv.responses && item.get("role").is_some();
                 let part = match (conv.responses, role(item)) {
