@@ -16,6 +16,7 @@ use serde::{Deserialize, Serialize};
 use super::criu_log::{CriuFailure, CriuFailureKind, failure_from_log};
 use super::freeze::freezer_of;
 use super::hook::{HookEvent, Rendezvous};
+use super::proctree::{RuncOperation, alive_and_well, start_time};
 use super::reaper::Reaper;
 use super::runc::{Runc, attach_pipe_stdio, log_tail};
 use super::sockets::connected_tcp;
@@ -358,10 +359,9 @@ impl ProcessBackend {
                 )
             })
             .and_then(|f| f.freeze(Duration::from_secs(2)));
-        let mut child = self
-            .runc
-            .command()
-            .arg("checkpoint")
+        let init_start = start_time(init_pid);
+        let mut cmd = self.runc.command();
+        cmd.arg("checkpoint")
             .arg("--leave-running")
             .args(RUNC_FLAGS)
             .arg("--image-path")
@@ -372,21 +372,41 @@ impl ProcessBackend {
             .env("CRIU_CONFIG_FILE", &criu_conf)
             .stdin(Stdio::null())
             .stdout(Stdio::from(out))
-            .stderr(Stdio::from(err))
-            .spawn()
+            .stderr(Stdio::from(err));
+        // Declared after `prefrozen`, so dropped (whatever is left of runc's tree ended) before
+        // the thaw.
+        let mut op = RuncOperation::spawn(&mut cmd)
             .map_err(|e| ProcessError::io("spawn runc checkpoint", &self.runc.binary, e))?;
+        drop(cmd);
         let deadline = started + Duration::from_secs(self.config.operation_timeout_secs);
+        // A sandbox killed under the dump: CRIU can wait for it forever (see
+        // `alive_and_well`); end the dump at once.
+        let mut sandbox_gone = || match init_start {
+            Some(start) if !alive_and_well(init_pid, start) => Some(ProcessError::ContainerState {
+                container: id.to_string(),
+                status: "killed during the dump (its init exited)".to_string(),
+                expected: "running",
+            }),
+            _ => None,
+        };
         let mut hook = Some(while_frozen);
         let mut processes = Vec::new();
         let mut closed_tcp = Vec::new();
         let mut hook_us = 0;
         let mut hook_error: Option<Box<dyn std::error::Error + Send + Sync>> = None;
         let status = loop {
-            let event = match rv.wait(&mut child, deadline) {
+            let event = match next_event(
+                &mut rv,
+                &mut op,
+                deadline,
+                "runc checkpoint",
+                &mut sandbox_gone,
+            ) {
                 Ok(ev) => ev,
                 Err(e) => {
-                    let _ = child.kill();
-                    let _ = child.wait();
+                    // runc and CRIU are gone (`next_event` ended them): nothing can freeze
+                    // the cgroup again after this thaw.
+                    drop(prefrozen);
                     let _ = self.ensure_running(id);
                     return Err(e);
                 }
@@ -578,18 +598,15 @@ impl ProcessBackend {
             .arg(id)
             .env("CRIU_CONFIG_FILE", &criu_conf);
         let stdio = attach_pipe_stdio(&mut cmd, req.stdio_log)?;
-        let mut child = cmd
-            .spawn()
+        let mut op = RuncOperation::spawn(&mut cmd)
             .map_err(|e| ProcessError::io("spawn runc restore", &self.runc.binary, e))?;
         drop(cmd);
         let deadline = started + Duration::from_secs(self.config.operation_timeout_secs);
         let mut verified: Option<(Vec<ProcessEntry>, Vec<String>)> = None;
         let status = loop {
-            let event = match rv.wait(&mut child, deadline) {
+            let event = match next_event(&mut rv, &mut op, deadline, "runc restore", &mut || None) {
                 Ok(ev) => ev,
                 Err(e) => {
-                    let _ = child.kill();
-                    let _ = child.wait();
                     let _ = self.runc.delete_force(id);
                     return Err(e);
                 }
@@ -679,8 +696,9 @@ impl ProcessBackend {
             .collect()
     }
 
-    /// Waits up to `timeout` for dumps of `id` left running by a killed Crab to end, and kills
-    /// what is left after it (with their CRIU); returns how many there were. A recovery must
+    /// Waits up to `timeout` for dumps of `id` left running by a killed Crab to end, and ends
+    /// what is left after it (runc, its CRIU and their helpers, see [`super::proctree`]);
+    /// returns how many there were. A recovery must
     /// run after them: CRIU gives up as soon as its action script sees Crab gone (see
     /// [`super::hook::render_script`]) and then puts the cgroup freezer back as it found it —
     /// frozen by Crab — so a thaw done before CRIU ends is undone, and the sandbox stays
@@ -704,23 +722,9 @@ impl ProcessBackend {
         while found.iter().any(|p| alive(*p)) {
             if Instant::now() > deadline {
                 for pid in &found {
-                    let children =
-                        std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
-                            .unwrap_or_default();
-                    for c in children
-                        .split_whitespace()
-                        .filter_map(|c| c.parse::<i32>().ok())
-                    {
-                        let _ = nix::sys::signal::kill(
-                            nix::unistd::Pid::from_raw(c),
-                            nix::sys::signal::Signal::SIGKILL,
-                        );
-                    }
-                    if let Ok(p) = i32::try_from(*pid) {
-                        let _ = nix::sys::signal::kill(
-                            nix::unistd::Pid::from_raw(p),
-                            nix::sys::signal::Signal::SIGKILL,
-                        );
+                    let report = super::proctree::abort_foreign(*pid, super::proctree::ABORT_GRACE);
+                    if !report.survivors.is_empty() {
+                        tracing::error!(container = %id, survivors = ?report.survivors, "processes of an orphaned dump survive SIGKILL");
                     }
                 }
                 tracing::warn!(container = %id, "killed dumps that outlived their crab");
@@ -744,6 +748,43 @@ impl ProcessBackend {
                 expected: "running",
             }),
         }
+    }
+}
+
+/// How often a waiting operation records runc's children and checks that the sandbox lives.
+const SANDBOX_CHECK: Duration = Duration::from_millis(50);
+
+/// Waits for the next event of runc operation `op`: a hook firing or runc's exit. Fails at
+/// `deadline` ([`ProcessError::Timeout`] naming `what`) or as soon as `gone` returns an error
+/// (checked every [`SANDBOX_CHECK`], when runc's children are also recorded, see
+/// [`RuncOperation::watch`]); before failing it ends runc and every process runc started
+/// ([`RuncOperation::abort`]), so no CRIU outlives the operation.
+fn next_event(
+    rv: &mut Rendezvous,
+    op: &mut RuncOperation,
+    deadline: Instant,
+    what: &'static str,
+    gone: &mut dyn FnMut() -> Option<ProcessError>,
+) -> Result<HookEvent, ProcessError> {
+    loop {
+        let tick = (Instant::now() + SANDBOX_CHECK).min(deadline);
+        let failure = match rv.wait(op.child(), tick) {
+            Ok(Some(event)) => return Ok(event),
+            Ok(None) if Instant::now() >= deadline => ProcessError::Timeout {
+                what,
+                dir: rv.dir().to_path_buf(),
+            },
+            Ok(None) => {
+                op.watch();
+                match gone() {
+                    Some(e) => e,
+                    None => continue,
+                }
+            }
+            Err(e) => e,
+        };
+        op.abort(&failure.to_string());
+        return Err(failure);
     }
 }
 

@@ -56,6 +56,11 @@ pub enum HookEvent {
 /// CRIU dumps must not leave CRIU holding the tasks until the timeout — CRIU, which found the
 /// cgroup frozen by Crab, would then freeze it again after Crab's restart had thawed it,
 /// leaving the sandbox paused for good.
+///
+/// Nothing of the script outlives it: the watchdog, stopped once the answer is in, ends its
+/// `sleep` and is waited for. On a restore CRIU runs in the sandbox's cgroup, so a stray
+/// `sleep` there would be a process of the host's pid namespace in the sandbox's cgroup — a
+/// checkpoint right after the restore refused it as another container's.
 pub fn render_script(
     action: &str,
     request: &Path,
@@ -69,9 +74,12 @@ pub fn render_script(
          for its answer.\n\
          [ \"$CRTOOLS_SCRIPT_ACTION\" = \"{action}\" ] || exit 0\n\
          exec timeout {secs} /bin/sh -c '\
-         ( while kill -0 \"$2\" 2>/dev/null; do sleep 0.05; done; kill -TERM $$ ) & w=$!; \
+         ( trap \"kill \\$s 2>/dev/null; wait \\$s; exit 0\" TERM; \
+         while kill -0 \"$2\" 2>/dev/null; do sleep 0.05 & s=$!; wait $s; done; kill -TERM $$ ) & \
+         w=$!; \
          printf \"%s %s\\n\" \"$CRTOOLS_SCRIPT_ACTION\" \"$CRTOOLS_INIT_PID\" > \"$0\" \
-         && read answer < \"$1\" && [ \"$answer\" = ok ]; r=$?; kill $w 2>/dev/null; exit $r' \
+         && read answer < \"$1\" && [ \"$answer\" = ok ]; r=$?; kill $w 2>/dev/null; wait $w; \
+         exit $r' \
          {req} {ans} {owner}\n",
         secs = timeout.as_secs().max(1),
         req = sh_quote(request),
@@ -151,19 +159,24 @@ impl Rendezvous {
         ))
     }
 
-    /// Waits until the script fires or `child` exits, whichever is first; fails after
-    /// `deadline` (the caller kills runc).
+    /// The rendezvous directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Waits until the script fires or `child` exits, whichever is first; `None` when `until`
+    /// passes first (the caller checks its own deadline and conditions, and calls again).
     pub fn wait(
         &mut self,
         child: &mut Child,
-        deadline: Instant,
-    ) -> Result<HookEvent, ProcessError> {
+        until: Instant,
+    ) -> Result<Option<HookEvent>, ProcessError> {
         loop {
             if let Some(pos) = self.pending.iter().position(|b| *b == b'\n') {
                 let line: Vec<u8> = self.pending.drain(..=pos).collect();
                 let line = String::from_utf8_lossy(&line);
                 if let Some((action, init_pid)) = parse_request(&line) {
-                    return Ok(HookEvent::Fired { action, init_pid });
+                    return Ok(Some(HookEvent::Fired { action, init_pid }));
                 }
                 continue;
             }
@@ -175,13 +188,10 @@ impl Rendezvous {
                 if self.pending.contains(&b'\n') {
                     continue;
                 }
-                return Ok(HookEvent::Exited(status));
+                return Ok(Some(HookEvent::Exited(status)));
             }
-            if Instant::now() >= deadline {
-                return Err(ProcessError::Timeout {
-                    what: "runc",
-                    dir: self.dir.clone(),
-                });
+            if Instant::now() >= until {
+                return Ok(None);
             }
             let mut fds = [PollFd::new(self.request.as_fd(), PollFlags::POLLIN)];
             let _ = poll(&mut fds, PollTimeout::from(5u8));
@@ -308,23 +318,44 @@ mod tests {
         };
         let deadline = Instant::now() + Duration::from_secs(5);
         let mut other = run("pre-dump");
-        match rv.wait(&mut other, deadline).unwrap() {
+        match rv
+            .wait(&mut other, deadline)
+            .unwrap()
+            .expect("event in time")
+        {
             HookEvent::Exited(s) => assert!(s.success()),
             e => panic!("unexpected {e:?}"),
         }
         for ok in [true, false] {
             let mut child = run("post-dump");
-            match rv.wait(&mut child, deadline).unwrap() {
+            match rv
+                .wait(&mut child, deadline)
+                .unwrap()
+                .expect("event in time")
+            {
                 HookEvent::Fired { action, init_pid } => {
                     assert_eq!((action.as_str(), init_pid), ("post-dump", 4242));
                 }
                 e => panic!("unexpected {e:?}"),
             }
             rv.answer(ok).unwrap();
-            match rv.wait(&mut child, deadline).unwrap() {
+            match rv
+                .wait(&mut child, deadline)
+                .unwrap()
+                .expect("event in time")
+            {
                 HookEvent::Exited(s) => assert_eq!(s.success(), ok),
                 e => panic!("unexpected {e:?}"),
             }
+            // Nothing of the script is left (`timeout` leads its own process group): no
+            // watchdog, no `sleep`.
+            let group = child.id();
+            let left: Vec<u32> = super::super::proctree::process_table(Path::new("/proc"))
+                .into_iter()
+                .filter(|(_, st)| st.pgrp == group && st.alive())
+                .map(|(pid, _)| pid)
+                .collect();
+            assert!(left.is_empty(), "script processes left: {left:?}");
         }
         // Crab gone: the script fails instead of hanging.
         drop(rv);

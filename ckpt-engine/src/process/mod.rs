@@ -20,6 +20,8 @@
 //! - [`tree`]: the dumped / restored process tree and their comparison.
 //! - [`fork`]: deriving a fork's OCI config (new rootfs, cgroup, network) from the original.
 //! - [`reaper`]: child-subreaper setup and reaping of restored sandbox inits.
+//! - [`proctree`]: runc started as a process group leader; ending runc, CRIU and everything
+//!   they started when Crab gives up on an operation.
 //!
 //! Invariants:
 //! - An image directory is visible under its final name only when CRIU succeeded, the hook
@@ -28,6 +30,9 @@
 //! - A failed dump never leaves the sandbox stopped: CRIU resumes the tasks on any error,
 //!   including a failed or abandoned hook; [`ProcessBackend::ensure_running`] thaws a cgroup
 //!   freezer that a killed CRIU left frozen.
+//! - No process started for an operation outlives it: when Crab gives up on a `runc
+//!   checkpoint` / `runc restore` (timeout, error, the sandbox dying under a dump), runc, CRIU
+//!   and their helpers are all ended before the sandbox is thawed ([`proctree`]).
 //! - A dump failure is a typed error carrying CRIU's reason ([`criu_log::CriuFailure`]); nothing
 //!   is silently partial.
 //! - A restore reports success only after the restored tree matched the dumped one.
@@ -39,6 +44,7 @@ pub mod criu_log;
 pub mod fork;
 pub mod freeze;
 pub mod hook;
+pub mod proctree;
 pub mod reaper;
 pub mod runc;
 pub mod sockets;

@@ -14,8 +14,8 @@ use ckpt_engine::Engine;
 use ckpt_engine::fs::{ChangeHint, FsError, NoQuiesce, SnapshotOutcome, SnapshotRequest};
 use ckpt_engine::process::fork::{ForkOverrides, derive_fork_config};
 use ckpt_engine::process::{
-    CheckpointFailure, CheckpointRequest, ProcessBackend, ProcessCheckpoint, ProcessConfig,
-    RestoreRequest, RestoredProcess,
+    CheckpointFailure, CheckpointRequest, FrozenContext, ProcessBackend, ProcessCheckpoint,
+    ProcessConfig, RestoreRequest, RestoredProcess,
 };
 
 use crate::common::{self, TestEngine};
@@ -125,17 +125,33 @@ impl Lab {
         &self,
         name: &str,
     ) -> Result<ProcessCheckpoint<SnapshotOutcome>, CheckpointFailure<SnapshotOutcome>> {
+        self.full_checkpoint_with(&self.process, name, |_| {})
+    }
+
+    /// [`Lab::full_checkpoint`] through `backend` (e.g. one with other timeouts), calling
+    /// `while_stopped` in the post-dump window before the snapshot.
+    #[expect(
+        clippy::result_large_err,
+        reason = "the failure carries the snapshot taken before CRIU failed"
+    )]
+    pub fn full_checkpoint_with(
+        &self,
+        backend: &ProcessBackend,
+        name: &str,
+        while_stopped: impl FnOnce(&FrozenContext),
+    ) -> Result<ProcessCheckpoint<SnapshotOutcome>, CheckpointFailure<SnapshotOutcome>> {
         let n = self.next();
         let dest = self.images.join(format!("{name}-p{n}"));
         let checkpoint_id = format!("p{n}");
         let e = self.engine();
         let rootfs = e.rootfs_path(name);
-        self.process.checkpoint(
+        backend.checkpoint(
             &CheckpointRequest {
                 container_id: name,
                 dest: &dest,
             },
-            |_ctx| -> Result<SnapshotOutcome, FsError> {
+            |ctx| -> Result<SnapshotOutcome, FsError> {
+                while_stopped(ctx);
                 e.backend().snapshot(&SnapshotRequest {
                     base: None,
                     sandbox_id: name,
@@ -148,6 +164,20 @@ impl Lab {
                 })
             },
         )
+    }
+
+    /// A process backend on this lab's runc state with `config` adjusted by `adjust`.
+    pub fn backend_with(&self, adjust: impl FnOnce(&mut ProcessConfig)) -> ProcessBackend {
+        let e = self.engine();
+        let mut config = ProcessConfig {
+            runc: e.runc().bin().display().to_string(),
+            runc_root: Some(e.runc().root().to_path_buf()),
+            hook_timeout_secs: 20,
+            operation_timeout_secs: 120,
+            ..ProcessConfig::default()
+        };
+        adjust(&mut config);
+        ProcessBackend::new(config).expect("process backend")
     }
 
     /// Kills the sandbox's container (all its processes) and removes it from runc.
@@ -310,6 +340,37 @@ impl Drop for Lab {
             let _ = std::fs::remove_dir_all(&dir);
         }
     }
+}
+
+/// `comm (pid): cmdline` of every live process (zombies excluded) whose command line mentions
+/// `needle` — e.g. a lab's image directory, which runc's `--image-path`, CRIU's process title
+/// (`criu: dump --rpc -t PID -D DIR`) and CRIU's action script all carry.
+pub fn processes_mentioning(needle: &str) -> Vec<String> {
+    let me = std::process::id();
+    let Ok(rd) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    rd.flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| *pid != me)
+        .filter_map(|pid| {
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+            let state = stat
+                .rsplit_once(')')?
+                .1
+                .split_whitespace()
+                .next()?
+                .to_string();
+            if state == "Z" || state == "X" {
+                return None;
+            }
+            let raw = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+            let cmdline = String::from_utf8_lossy(&raw).replace('\0', " ");
+            cmdline
+                .contains(needle)
+                .then(|| format!("({pid}) {}", cmdline.trim()))
+        })
+        .collect()
 }
 
 /// The path of a file inside a sandbox's rootfs.
