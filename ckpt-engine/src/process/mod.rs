@@ -12,6 +12,7 @@
 //! - [`checkpoint`]: [`ProcessBackend`] — dump ([`ProcessBackend::checkpoint`]) and restore.
 //! - [`freeze`]: freezing the sandbox's cgroup before CRIU (saves CRIU's 100 ms polling).
 //! - [`hook`]: CRIU action scripts wired to this process through two FIFOs.
+//! - [`kdat`]: CRIU's kernel-feature cache where `/run` is not a tmpfs (saves 40 ms a run).
 //! - [`runc`]: the `runc` command line (state, run, kill, delete) with captured errors.
 //! - [`stats`]: decoding CRIU's `stats-dump` / `stats-restore` (hand-rolled protobuf varints).
 //! - [`criu_log`]: CRIU's reason for a failure, classified.
@@ -44,6 +45,7 @@ pub mod criu_log;
 pub mod fork;
 pub mod freeze;
 pub mod hook;
+pub mod kdat;
 pub mod proctree;
 pub mod reaper;
 pub mod runc;
