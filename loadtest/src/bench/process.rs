@@ -49,6 +49,10 @@ pub struct Args {
     /// Also write the JSON report here.
     #[arg(long)]
     pub out: Option<PathBuf>,
+    /// Keep CRIU's logs of each scenario's last checkpoint and restore here
+    /// (`<scenario>-dump.log`, `<scenario>-restore.log`).
+    #[arg(long)]
+    pub criu_logs: Option<PathBuf>,
 }
 
 #[derive(Debug, Serialize)]
@@ -135,6 +139,16 @@ impl Bench {
                 },
             )
             .map_err(|f| anyhow::anyhow!("checkpoint of {name}: {}", f.error))
+    }
+
+    /// Copies CRIU log `log` to `--criu-logs` as `<label>-<kind>.log`, when asked to.
+    fn keep_log(&self, args: &Args, log: &Path, label: &str, kind: &str) {
+        if let Some(dir) = &args.criu_logs {
+            let to = dir.join(format!("{label}-{kind}.log"));
+            if let Err(e) = std::fs::create_dir_all(dir).and_then(|_| std::fs::copy(log, &to)) {
+                eprintln!("keeping {}: {e}", log.display());
+            }
+        }
     }
 
     fn discard(&self, cp: &ProcessCheckpoint<SnapshotOutcome>) {
@@ -285,6 +299,7 @@ impl Bench {
             }
         }
         let cp = last.context("no checkpoint")?;
+        self.keep_log(args, &cp.dir.join("work").join("dump.log"), label, "dump");
         let mut restores = Vec::new();
         let n_restores = if rss >= 900.0 {
             args.restores.min(2)
@@ -294,6 +309,11 @@ impl Bench {
         for _ in 0..n_restores {
             restores.push(self.restore_in_place(name, &cp)?);
         }
+        let restore_log = self
+            .images
+            .join(format!("restore-{name}"))
+            .join("restore.log");
+        self.keep_log(args, &restore_log, label, "restore");
         let mut fork_ms = Vec::new();
         for i in 0..forks {
             let fork = format!("{name}-f{i}");
