@@ -893,11 +893,78 @@ async fn handle_inner(
         }
     };
 
-    let gate_wait = match &gate {
-        Some(b) => shared.coordinator.hold(b).await.waited,
-        None => Duration::ZERO,
+    let (response, head_in) = match gate {
+        None => {
+            let r = tapped(
+                &shared, ctx, &mut guard, resp, api, capture, head_in, None, idle,
+            );
+            (r, head_in)
+        }
+        Some(barrier) => {
+            // Held until the previous turn's checkpoint resolves. Should the agent go away
+            // meanwhile (it crashed while Crab held its reply), `HeldReply` still reads the
+            // reply to its end and records it: an answered but unreleased reply is served
+            // from the transcript when the restored agent sends its request again.
+            let mut held = HeldReply(Some(Held {
+                shared: shared.clone(),
+                barrier: barrier.clone(),
+                ctx,
+                guard,
+                resp,
+                api,
+                capture,
+                head_in,
+                idle,
+            }));
+            let waited = shared.coordinator.hold(&barrier).await.waited;
+            let Held {
+                ctx,
+                mut guard,
+                resp,
+                head_in,
+                ..
+            } = held.0.take().expect("a held reply is released once");
+            let head_in = head_in + waited;
+            let r = tapped(
+                &shared,
+                ctx,
+                &mut guard,
+                resp,
+                api,
+                capture,
+                head_in,
+                Some(waited),
+                idle,
+            );
+            (r, head_in)
+        }
     };
-    let head_in = head_in + gate_wait;
+    let added = sent
+        .saturating_duration_since(started)
+        .saturating_sub(body_read)
+        + head_in.elapsed();
+    shared
+        .metrics
+        .added_latency_seconds
+        .observe(added.as_secs_f64());
+    response
+}
+
+/// The forwarded response: the upstream's head (hop-by-hop headers removed) and its body
+/// behind the tap that feeds the analysis and the transcript.
+#[allow(clippy::too_many_arguments)]
+fn tapped(
+    shared: &Arc<Shared>,
+    mut ctx: ExchangeCtx,
+    guard: &mut InFlightGuard,
+    resp: Response<Incoming>,
+    api: ApiKind,
+    capture: bool,
+    head_in: Instant,
+    gate_wait: Option<Duration>,
+    idle: Duration,
+) -> Response<ProxyBody> {
+    let config = &shared.config;
     let (mut rparts, rbody) = resp.into_parts();
     crate::headers::strip_hop_by_hop(&mut rparts.headers);
     let status = rparts.status.as_u16();
@@ -927,7 +994,7 @@ async fn handle_inner(
             status,
             response_headers,
             response_head_at: head_in,
-            gate_wait: gate.as_ref().map(|_| gate_wait),
+            gate_wait,
             first_byte_at: None,
             first_content_at: None,
             bytes: 0,
@@ -937,16 +1004,76 @@ async fn handle_inner(
         }),
     };
     let body = TapBody::new(rbody, tap, Some(idle), head_in);
-    let response = Response::from_parts(rparts, ProxyBody::Tapped { body });
-    let added = sent
-        .saturating_duration_since(started)
-        .saturating_sub(body_read)
-        + head_in.elapsed();
-    shared
-        .metrics
-        .added_latency_seconds
-        .observe(added.as_secs_f64());
-    response
+    Response::from_parts(rparts, ProxyBody::Tapped { body })
+}
+
+/// A reply held at the response gate, with what its tap needs.
+struct Held {
+    shared: Arc<Shared>,
+    barrier: crate::coordinator::gate::Barrier,
+    ctx: ExchangeCtx,
+    guard: InFlightGuard,
+    resp: Response<Incoming>,
+    api: ApiKind,
+    capture: bool,
+    head_in: Instant,
+    idle: Duration,
+}
+
+/// Owns a held reply while its handler waits at the gate. Dropped unreleased (the client went
+/// away), it finishes the reply in the background once the gate opens — read to its end
+/// through the tap, so it is recorded in the transcript like any other (bounded by the
+/// upstream idle timeout and the transcript's body limit).
+struct HeldReply(Option<Held>);
+
+impl Drop for HeldReply {
+    fn drop(&mut self) {
+        let Some(h) = self.0.take() else {
+            return;
+        };
+        if !h.capture {
+            return; // nothing would record it
+        }
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        rt.spawn(async move {
+            let Held {
+                shared,
+                barrier,
+                ctx,
+                mut guard,
+                resp,
+                api,
+                capture,
+                head_in,
+                idle,
+            } = h;
+            let waited = shared.coordinator.hold(&barrier).await.waited;
+            debug!(
+                id = ctx.id,
+                "the client left while its reply was held: recording it"
+            );
+            let head_in = head_in + waited;
+            let r = tapped(
+                &shared,
+                ctx,
+                &mut guard,
+                resp,
+                api,
+                capture,
+                head_in,
+                Some(waited),
+                idle,
+            );
+            let mut body = r.into_body();
+            while let Some(frame) = body.frame().await {
+                if frame.is_err() {
+                    break;
+                }
+            }
+        });
+    }
 }
 
 /// A reply served from the transcript (replay after a restore), marked `x-crab-replay: 1`.

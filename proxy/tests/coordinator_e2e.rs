@@ -1193,3 +1193,89 @@ async fn watch_adopts_a_sandbox_crab_did_not_create() {
     drop(owner);
     let _ = keeper.wait();
 }
+
+/// A reply held at the gate whose client goes away (the agent crashed while Crab held its
+/// reply) is still read to its end and recorded; after `crab restore --turn 1` the agent's
+/// re-sent request is answered from the transcript, not by the model again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_held_reply_whose_client_left_is_served_from_the_transcript() {
+    if !prerequisites("a_held_reply_whose_client_left_is_served_from_the_transcript") {
+        return;
+    }
+    let llm = fake_llm().await;
+    let d = Daemon::start(&llm.base_url());
+    let name = format!("hr{}", std::process::id() % 100_000);
+    engine(&d, json!({"op": "sandbox_create", "name": name}))
+        .await
+        .expect("create sandbox");
+    let url = format!("http://{}/sandbox/{name}/v1/chat/completions", d.proxy);
+    let tools = json!([{"type": "function", "function": {"name": "bash"}}]);
+    let mut messages = vec![json!({"role": "user", "content": "Do the task."})];
+    let first = json!({"model": "fake", "messages": messages, "tools": tools});
+    let (status, reply, _) = post(&url, &first).await.unwrap();
+    assert_eq!(status, 200, "{reply}");
+    // Turn 1 starts a process holding 256 MB: its turn-end checkpoint is a CRIU dump of it,
+    // long enough for the client to leave while the next reply waits at the gate.
+    // (Detached: a child of the container's init, so CRIU dumps it.)
+    engine(
+        &d,
+        json!({"op": "sandbox_exec", "name": name, "detach": true, "argv": ["sh", "-c",
+            "a=$(head -c 268435456 /dev/zero | tr '\\000' x); sleep 600"]}),
+    )
+    .await
+    .unwrap();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let msg = reply["choices"][0]["message"].clone();
+    let call = msg["tool_calls"][0].clone();
+    messages.push(msg);
+    messages.push(json!({"role": "tool", "tool_call_id": call["id"], "content": ""}));
+    let second = json!({"model": "fake", "messages": messages, "tools": tools});
+    let transcript = d
+        .state
+        .path()
+        .join("transcripts")
+        .join(format!("{name}.jsonl"));
+    // The fake model answers after 150 ms; the dump of 256 MB takes longer than 400 ms here.
+    let left = tokio::time::timeout(Duration::from_millis(400), post(&url, &second)).await;
+    assert!(
+        left.is_err(),
+        "the reply was released before the client left (the checkpoint was too fast to test \
+         a held reply): {left:?}"
+    );
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let records: Vec<Value> = loop {
+        let r: Vec<Value> = read(&transcript)
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect();
+        if r.len() >= 2 || Instant::now() > deadline {
+            break r;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(
+        records.len(),
+        2,
+        "the held reply was not recorded: {records:#?}"
+    );
+    let held = records[1].to_string();
+    assert!(held.contains("\"completed\""), "{held}");
+
+    let r = d.crab(&["restore", &name, "--turn", "1", "--json"]);
+    assert_eq!(r["turn"], 1, "{r}");
+    let (status, again, headers) = post(&url, &second).await.unwrap();
+    assert_eq!(status, 200, "{again}");
+    assert_eq!(
+        headers.get("x-crab-replay").map(|v| v.as_bytes()),
+        Some(&b"1"[..]),
+        "the re-sent request went to the model again: {again}"
+    );
+    assert_eq!(
+        again["choices"][0]["message"]["tool_calls"][0]["function"]["arguments"],
+        json!({ "command": TASK[1] }).to_string(),
+        "{again}"
+    );
+    engine(&d, json!({"op": "sandbox_rm", "name": name}))
+        .await
+        .unwrap();
+}
