@@ -8,7 +8,9 @@
 //!
 //! Cost per frame: one `Bytes` clone (a reference-count increment) and one clock read. The copy
 //! of frame *n* is handed to the tap when frame *n+1* is requested (or at the end), i.e. after
-//! the forwarding path has taken frame *n*.
+//! the forwarding path has taken frame *n*. The idle timer is not re-armed per frame (a timer
+//! wheel update each time): a frame only records when it arrived, and a timer that fires
+//! before the stream was really silent for the idle timeout is moved to the right deadline.
 
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
@@ -62,6 +64,8 @@ pin_project_lite::pin_project! {
         tap: T,
         pending: Option<(Bytes, Instant)>,
         idle: Option<(Pin<Box<Sleep>>, Duration)>,
+        // When the last frame arrived (or `start`): the idle deadline is this plus the timeout.
+        last_frame: Instant,
         ended: bool,
     }
 
@@ -94,6 +98,7 @@ impl<B: Body, T: Tap> TapBody<B, T> {
             tap,
             pending: None,
             idle: idle_timeout.map(|d| (Box::pin(tokio::time::sleep_until(start + d)), d)),
+            last_frame: start,
             ended: false,
         }
     }
@@ -125,8 +130,18 @@ where
         let result = match polled {
             Poll::Pending => {
                 if let Some((sleep, d)) = this.idle.as_mut() {
-                    ready!(sleep.as_mut().poll(cx));
                     let d = *d;
+                    loop {
+                        ready!(sleep.as_mut().poll(cx));
+                        // The timer was armed for an earlier frame: silent for less than the
+                        // timeout so far, so wait for the real deadline.
+                        let deadline = *this.last_frame + d;
+                        if Instant::now() < deadline {
+                            sleep.as_mut().reset(deadline);
+                            continue;
+                        }
+                        break;
+                    }
                     *this.ended = true;
                     this.tap.on_end(BodyEnd::IdleTimeout, Instant::now());
                     return Poll::Ready(Some(Err(TapBodyError::Idle { idle: d })));
@@ -140,9 +155,7 @@ where
         };
         match result {
             Some(Ok(frame)) => {
-                if let Some((sleep, d)) = this.idle.as_mut() {
-                    sleep.as_mut().reset(now + *d);
-                }
+                *this.last_frame = now;
                 if let Some(data) = frame.data_ref() {
                     *this.pending = Some((data.clone(), now));
                 }
