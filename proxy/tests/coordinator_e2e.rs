@@ -749,9 +749,22 @@ async fn sandbox_info(d: &Daemon, name: &str) -> Value {
         .expect("sandbox listed")
 }
 
-/// Runs the inside agent to completion, crashing the sandbox once when its turn `crash.0` has
-/// started (after `crash.1` ms); returns the final digest and checker output.
-async fn run_inside(d: &Daemon, name: &str, crash: Option<(u64, u64)>) -> (String, String) {
+/// What is killed in an inside run.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum InsideCrash {
+    /// Every process of the sandbox (the agent with it); then `crab restore`.
+    Sandbox,
+    /// `crab` itself (SIGKILL and restart); the agent retries its request.
+    Crab,
+}
+
+/// Runs the inside agent to completion, crashing once when its turn `crash.0` has started
+/// (after `crash.1` ms); returns the final digest and checker output.
+async fn run_inside(
+    d: &mut Daemon,
+    name: &str,
+    crash: Option<(u64, u64, InsideCrash)>,
+) -> (String, String) {
     eprintln!("inside run {name}: crash {crash:?}");
     engine(d, json!({"op": "sandbox_create", "name": name}))
         .await
@@ -778,9 +791,14 @@ async fn run_inside(d: &Daemon, name: &str, crash: Option<(u64, u64)>) -> (Strin
             break;
         }
         if !crashed {
-            let (turn, delay) = crash.unwrap();
+            let (turn, delay, what) = crash.unwrap();
             let turns = d.crab(&["turns", name, "--json"]);
-            if turns.as_array().unwrap().len() as u64 >= turn {
+            if turns.as_array().unwrap().len() as u64 >= turn && what == InsideCrash::Crab {
+                tokio::time::sleep(Duration::from_millis(delay)).await;
+                d.kill9_and_restart();
+                crashed = true;
+                eprintln!("  crab killed in turn {turn} (+{delay} ms) and restarted");
+            } else if turns.as_array().unwrap().len() as u64 >= turn {
                 tokio::time::sleep(Duration::from_millis(delay)).await;
                 // The operator's detector knows when the sandbox died: a turn checkpoint that
                 // resolved after that may hold the crash itself.
@@ -823,9 +841,9 @@ async fn inside_agent_recovers_from_sandbox_crashes() {
         return;
     }
     let llm = fake_llm().await;
-    let d = Daemon::start_with(&llm.base_url(), true);
+    let mut d = Daemon::start_with(&llm.base_url(), true);
     let base = format!("in{}", std::process::id() % 100_000);
-    let clean = run_inside(&d, &format!("{base}-clean"), None).await;
+    let clean = run_inside(&mut d, &format!("{base}-clean"), None).await;
     assert_eq!(
         clean.1,
         "2",
@@ -841,14 +859,29 @@ async fn inside_agent_recovers_from_sandbox_crashes() {
     )
     .unwrap();
     assert_eq!(records.lines().count(), TASK.len() + 1);
-    for (turn, delay) in [(1, 0), (2, 250), (4, 0), (5, 250), (7, 0), (8, 250)] {
-        let got = run_inside(&d, &format!("{base}-t{turn}d{delay}"), Some((turn, delay))).await;
-        assert_eq!(
-            got,
-            clean,
-            "inside agent, crash in turn {turn} (+{delay} ms): final state differs\n{}",
-            d.log()
-        );
+    // Every turn: the sandbox killed as the turn starts (its tool running) and 250 ms in (the
+    // agent waiting for the model, the turn-end checkpoint running); crab killed 100 ms in.
+    for turn in 1..=TASK.len() as u64 {
+        for (delay, what) in [
+            (0, InsideCrash::Sandbox),
+            (250, InsideCrash::Sandbox),
+            (100, InsideCrash::Crab),
+        ] {
+            let tag = if what == InsideCrash::Crab { "k" } else { "d" };
+            let got = run_inside(
+                &mut d,
+                &format!("{base}-t{turn}{tag}{delay}"),
+                Some((turn, delay, what)),
+            )
+            .await;
+            assert_eq!(
+                got,
+                clean,
+                "inside agent, {what:?} killed in turn {turn} (+{delay} ms): final state \
+                 differs\n{}",
+                d.log()
+            );
+        }
     }
 }
 
