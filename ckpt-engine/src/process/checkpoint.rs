@@ -403,7 +403,7 @@ impl ProcessBackend {
             .stderr(Stdio::from(err));
         // Declared after `prefrozen`, so dropped (whatever is left of runc's tree ended) before
         // the thaw.
-        let mut op = RuncOperation::spawn(&mut cmd)
+        let mut op = RuncOperation::spawn(&mut cmd, Some(&self.runc.criu))
             .map_err(|e| ProcessError::io("spawn runc checkpoint", &self.runc.binary, e))?;
         drop(cmd);
         let deadline = started + Duration::from_secs(self.config.operation_timeout_secs);
@@ -626,7 +626,8 @@ impl ProcessBackend {
             .arg(id)
             .env("CRIU_CONFIG_FILE", &criu_conf);
         let stdio = attach_pipe_stdio(&mut cmd, req.stdio_log)?;
-        let mut op = RuncOperation::spawn(&mut cmd)
+        // Not watched: runc's children include the restored tasks (see `RuncOperation::spawn`).
+        let mut op = RuncOperation::spawn(&mut cmd, None)
             .map_err(|e| ProcessError::io("spawn runc restore", &self.runc.binary, e))?;
         drop(cmd);
         let deadline = started + Duration::from_secs(self.config.operation_timeout_secs);

@@ -24,6 +24,7 @@
 //! found (a reused pid is never hit); zombies count as gone (they hold no files).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 use std::process::{Child, Command};
 use std::time::{Duration, Instant};
@@ -278,18 +279,27 @@ fn end_tree(proc: &Path, roots: Tracked, grace: Duration, own_child: Option<u32>
 
 /// A running `runc checkpoint` / `runc restore`. Dropped before runc exited (an early
 /// return, a panic in the caller's hook), it ends the whole tree with [`abort`]; dropped after
-/// runc died, it ends the children runc had ([`RuncOperation::watch`]) if they outlived it.
+/// runc died, it ends the CRIU runc had ([`RuncOperation::watch`]) if it outlived runc.
 pub struct RuncOperation {
     child: Child,
+    /// Device and inode of the CRIU binary runc runs.
+    criu: Option<(u64, u64)>,
     children: Tracked,
 }
 
 impl RuncOperation {
-    /// Spawns `cmd` (runc).
-    pub fn spawn(cmd: &mut Command) -> std::io::Result<Self> {
+    /// Spawns `cmd` (runc). `watch_criu`: the CRIU binary runc runs, whose processes
+    /// [`RuncOperation::watch`] records — for dumps only: on a restore runc's children also
+    /// include the restored tasks (CRIU restores the root task as its own sibling), which run
+    /// CRIU's executable until the restore gives them their own, and must live on.
+    pub fn spawn(cmd: &mut Command, watch_criu: Option<&Path>) -> std::io::Result<Self> {
+        let criu = watch_criu
+            .and_then(|p| std::fs::metadata(p).ok())
+            .map(|m| (m.dev(), m.ino()));
         let child = cmd.spawn()?;
         Ok(RuncOperation {
             child,
+            criu,
             children: BTreeMap::new(),
         })
     }
@@ -299,9 +309,11 @@ impl RuncOperation {
         &mut self.child
     }
 
-    /// Records runc's current children (its CRIU): if runc dies before them they are no longer
-    /// its descendants. Cheap (one small `/proc` file); call it now and then while waiting.
+    /// Records runc's current CRIU children (by executable, when spawned with `watch_criu`):
+    /// if runc dies before them they are no longer its descendants. Cheap (a few small `/proc`
+    /// files); call it now and then while waiting.
     pub fn watch(&mut self) {
+        let Some(criu) = self.criu else { return };
         let pid = self.child.id();
         let Ok(text) = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")) else {
             return;
@@ -310,7 +322,9 @@ impl RuncOperation {
             .split_whitespace()
             .filter_map(|c| c.parse::<u32>().ok())
         {
-            if let Some(start) = start_time(child) {
+            let runs_criu = std::fs::metadata(format!("/proc/{child}/exe"))
+                .is_ok_and(|m| (m.dev(), m.ino()) == criu);
+            if let (true, Some(start)) = (runs_criu, start_time(child)) {
                 self.children.insert(child, start);
             }
         }
@@ -488,7 +502,7 @@ mod tests {
             "sleep 300 & setsid sh -c 'trap \"\" ALRM; sleep 300; :' & \
              sh -c 'sleep 300; :' & wait",
         );
-        let mut op = RuncOperation::spawn(&mut cmd).unwrap();
+        let mut op = RuncOperation::spawn(&mut cmd, None).unwrap();
         let members = grown(&mut op, 6);
         assert!(members.len() >= 6, "tree: {members:?}");
         let t = Instant::now();
@@ -503,28 +517,50 @@ mod tests {
         assert_eq!(op.abort("again"), AbortReport::default());
     }
 
-    /// runc dies on its own and leaves its child behind: the child, recorded by `watch`,
-    /// is ended when the operation is dropped.
+    /// runc dies on its own and leaves its CRIU behind (here `sleep` plays CRIU): recorded by
+    /// `watch`, it is ended when the operation is dropped; another child (as a restored
+    /// sandbox's init is) is left alone.
     #[test]
-    fn children_left_by_a_dead_runc_are_ended_on_drop() {
+    fn criu_left_by_a_dead_runc_is_ended_on_drop() {
+        let sleep = crate::sys::find_program("sleep").expect("sleep");
         let mut cmd = Command::new("/bin/sh");
         cmd.arg("-c")
-            .arg("sh -c 'sleep 300; :' & sleep 0.3; exit 1");
-        let mut op = RuncOperation::spawn(&mut cmd).unwrap();
-        let members = grown(&mut op, 3);
-        assert!(members.len() >= 3, "tree: {members:?}");
+            .arg("sleep 300 & sh -c 'sleep 301; :' & sleep 0.5; exit 1");
+        let mut op = RuncOperation::spawn(&mut cmd, Some(&sleep)).unwrap();
+        let root = op.child().id();
+        let members = grown(&mut op, 5);
+        assert!(members.len() >= 5, "tree: {members:?}");
+        let cmdline = |pid: u32| {
+            std::fs::read(format!("/proc/{pid}/cmdline"))
+                .map(|raw| String::from_utf8_lossy(&raw).replace('\0', " "))
+                .unwrap_or_default()
+        };
+        let table = process_table(Path::new("/proc"));
+        let find = |want: &str, parent_is_root: bool| -> (u32, u64) {
+            members
+                .iter()
+                .copied()
+                .find(|(p, _)| {
+                    cmdline(*p).trim() == want
+                        && table
+                            .get(p)
+                            .is_some_and(|st| (st.ppid == root) == parent_is_root)
+                })
+                .unwrap_or_else(|| panic!("no {want:?} in {members:?}"))
+        };
+        let stand_in = find("sleep 300", true);
+        let other = find("sh -c sleep 301; :", true);
+        let grandchild = find("sleep 301", false);
         op.watch();
-        let status = op.child().wait().unwrap();
-        assert!(!status.success());
-        let orphans: Vec<(u32, u64)> = members
-            .iter()
-            .copied()
-            .filter(|(p, s)| still_alive(*p, *s))
-            .collect();
-        assert!(!orphans.is_empty(), "the child outlives its parent");
+        assert!(!op.child().wait().unwrap().success());
         drop(op);
-        for (pid, start) in orphans {
-            assert!(!still_alive(pid, start), "orphan {pid} survived");
+        assert!(
+            !still_alive(stand_in.0, stand_in.1),
+            "the recorded CRIU stand-in survived"
+        );
+        for (pid, start) in [other, grandchild] {
+            assert!(still_alive(pid, start), "{pid}, not CRIU, was killed");
+            signal(pid, Signal::SIGKILL);
         }
     }
 }
