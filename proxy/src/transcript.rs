@@ -9,8 +9,8 @@
 //! the files: it appends the lines to `<dir>/<sandbox>.jsonl`, flushes after each batch, fsyncs
 //! at turn boundaries and at least every `sync_interval`, and rotates a file that would exceed
 //! `max_file_bytes` (`<sandbox>.1.jsonl` is the newest rotated file; at most `rotated_files` are
-//! kept). After a batch the writer lingers [`WRITER_LINGER`] before it looks for more, so under
-//! load one wake-up serves many records instead of one each.
+//! kept). After a small batch the writer lingers [`WRITER_LINGER`] before it looks for more, so
+//! under load one wake-up serves many records instead of one each.
 //!
 //! Each line is a [`TranscriptRecord`] (format version [`FORMAT_VERSION`]). `request.body_digest`
 //! is the blake3 hex of the exact request body, so a replay cache can answer an identical
@@ -42,6 +42,8 @@ const MAX_OPEN_FILES: usize = 256;
 /// How long the writer waits after a batch before taking the next one (records and turn-boundary
 /// syncs are at most this much later on disk; a waiting `flush` too).
 pub const WRITER_LINGER: Duration = Duration::from_millis(1);
+/// The writer lingers only after batches smaller than this.
+const LINGER_BELOW: usize = 64;
 
 /// Transcript I/O errors (reported through logs and metrics: the proxy keeps forwarding).
 #[derive(Debug, thiserror::Error)]
@@ -538,7 +540,9 @@ impl Writer {
                 }
             }
             let mut force_sync = false;
-            let lingering = !batch.is_empty();
+            // Linger after a small batch only: a large one means the writer is behind (a slow
+            // fsync, no CPU), and sleeping then would only fill the queue.
+            let lingering = !batch.is_empty() && batch.len() < LINGER_BELOW;
             for m in batch {
                 match m {
                     Msg::Line {
