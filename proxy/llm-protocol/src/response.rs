@@ -155,7 +155,6 @@ pub struct ResponseObserver {
     api: ApiKind,
     status: u16,
     decoder: Option<SseDecoder>,
-    events: Vec<crate::sse::SseEvent>,
     body: Vec<u8>,
     max_body: usize,
     body_overflow: bool,
@@ -176,7 +175,6 @@ impl ResponseObserver {
             api,
             status,
             decoder: sse.then(SseDecoder::new),
-            events: Vec::new(),
             body: Vec::new(),
             max_body,
             body_overflow: false,
@@ -198,20 +196,16 @@ impl ResponseObserver {
         if chunk.is_empty() || !self.api.is_llm() {
             return ChunkObservation::default();
         }
-        match &mut self.decoder {
-            Some(decoder) => {
-                decoder.push_into(chunk, &mut self.events);
+        match self.decoder.take() {
+            Some(mut decoder) => {
+                // Each event is analysed straight from the decoder's buffers.
+                decoder.push_each(chunk, |name, data| self.on_event(name, data));
                 if let Some(e) = decoder.error()
                     && self.obs.analysis_error.is_none()
                 {
                     self.obs.analysis_error = Some(e.to_string());
                 }
-                let events = std::mem::take(&mut self.events);
-                for event in &events {
-                    self.on_event(event.event.as_deref(), &event.data);
-                }
-                self.events = events;
-                self.events.clear();
+                self.decoder = Some(decoder);
             }
             None => {
                 if self.status < 400 {

@@ -65,7 +65,9 @@ pub struct SseDecoder {
     bom_pending: Vec<u8>,
     data: String,
     has_data: bool,
-    event: Option<String>,
+    /// The `event:` name of the event being built (reused buffer; `has_event` says if set).
+    event: String,
+    has_event: bool,
     max_line: usize,
     max_event: usize,
     error: Option<SseError>,
@@ -94,7 +96,8 @@ impl SseDecoder {
             bom_pending: Vec::new(),
             data: String::new(),
             has_data: false,
-            event: None,
+            event: String::new(),
+            has_event: false,
             max_line,
             max_event,
             error: None,
@@ -124,7 +127,17 @@ impl SseDecoder {
     }
 
     /// Like [`push`](Self::push) but appends to `out` (lets a caller reuse one vector).
-    pub fn push_into(&mut self, mut chunk: &[u8], out: &mut Vec<SseEvent>) {
+    pub fn push_into(&mut self, chunk: &[u8], out: &mut Vec<SseEvent>) {
+        self.push_to(chunk, out);
+    }
+
+    /// Like [`push`](Self::push) but hands each completed event to `f` as `(name, data)`
+    /// borrowed from the decoder's buffers: no allocation per event.
+    pub fn push_each(&mut self, chunk: &[u8], mut f: impl FnMut(Option<&str>, &str)) {
+        self.push_to(chunk, &mut f);
+    }
+
+    fn push_to(&mut self, mut chunk: &[u8], out: &mut impl EventSink) {
         // An empty chunk must not consume a pending `\r` (the `\n` may still follow).
         if self.error.is_some() || chunk.is_empty() {
             return;
@@ -207,10 +220,11 @@ impl SseDecoder {
         self.error = Some(error);
         self.line = Vec::new();
         self.data = String::new();
-        self.event = None;
+        self.event = String::new();
+        self.has_event = false;
     }
 
-    fn process_line(&mut self, line: &[u8], out: &mut Vec<SseEvent>) {
+    fn process_line(&mut self, line: &[u8], out: &mut impl EventSink) {
         if line.is_empty() {
             self.dispatch(out);
             return;
@@ -240,22 +254,44 @@ impl SseDecoder {
                 self.data.push_str(&value);
                 self.has_data = true;
             }
-            b"event" => self.event = Some(String::from_utf8_lossy(value).into_owned()),
+            b"event" => {
+                self.event.clear();
+                self.event.push_str(&String::from_utf8_lossy(value));
+                self.has_event = true;
+            }
             _ => {} // id, retry, unknown fields: ignored
         }
     }
 
-    fn dispatch(&mut self, out: &mut Vec<SseEvent>) {
-        let event = self.event.take();
-        if !self.has_data {
-            self.data.clear();
-            return;
+    fn dispatch(&mut self, out: &mut impl EventSink) {
+        if self.has_data {
+            let name = (self.has_event && !self.event.is_empty()).then_some(self.event.as_str());
+            out.event(name, &self.data);
         }
         self.has_data = false;
-        out.push(SseEvent {
-            event: event.filter(|e| !e.is_empty()),
-            data: std::mem::take(&mut self.data),
+        self.data.clear();
+        self.has_event = false;
+        self.event.clear();
+    }
+}
+
+/// Where dispatched events go: a list of owned events, or a callback on borrowed ones.
+trait EventSink {
+    fn event(&mut self, name: Option<&str>, data: &str);
+}
+
+impl EventSink for Vec<SseEvent> {
+    fn event(&mut self, name: Option<&str>, data: &str) {
+        self.push(SseEvent {
+            event: name.map(str::to_owned),
+            data: data.to_owned(),
         });
+    }
+}
+
+impl<F: FnMut(Option<&str>, &str)> EventSink for F {
+    fn event(&mut self, name: Option<&str>, data: &str) {
+        self(name, data)
     }
 }
 
@@ -271,6 +307,23 @@ mod tests {
         SseEvent {
             event: event.map(str::to_owned),
             data: data.to_owned(),
+        }
+    }
+
+    /// The borrowed callback form reports exactly the events the owned form returns.
+    #[test]
+    fn push_each_matches_push() {
+        let s = b"event: a\r\ndata: one\r\ndata:two\r\n\r\ndata: lf\n\nevent:\ndata: x\n\nevent: only-name\n\nda";
+        for split in 0..=s.len() {
+            let mut owned = SseDecoder::new();
+            let mut want = owned.push(&s[..split]);
+            want.extend(owned.push(&s[split..]));
+            let mut borrowed = SseDecoder::new();
+            let mut got = Vec::new();
+            for part in [&s[..split], &s[split..]] {
+                borrowed.push_each(part, |name, data| got.push(ev(name, data)));
+            }
+            assert_eq!(got, want, "split at {split}");
         }
     }
 
