@@ -1252,12 +1252,39 @@ async fn a_held_reply_whose_client_left_is_served_from_the_transcript() {
     // (Detached: a child of the container's init, so CRIU dumps it.)
     engine(
         &d,
-        json!({"op": "sandbox_exec", "name": name, "detach": true, "argv": ["sh", "-c",
-            "a=$(head -c 268435456 /dev/zero | tr '\\000' x); sleep 600"]}),
+        json!({"op": "sandbox_exec", "name": name, "detach": true, "argv": ["awk",
+            "BEGIN { s = sprintf(\"%268435456s\", \"\"); system(\"sleep 600\") }"]}),
     )
     .await
     .unwrap();
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    let info = engine(&d, json!({"op": "sandbox_list"})).await.unwrap();
+    let cgroup = PathBuf::from(
+        info.as_array()
+            .unwrap()
+            .iter()
+            .find(|s| s["name"] == name.as_str())
+            .and_then(|s| s["cgroup"].as_str())
+            .unwrap(),
+    );
+    let resident_kb = || -> u64 {
+        read(&cgroup.join("cgroup.procs"))
+            .split_whitespace()
+            .filter_map(|p| {
+                read(Path::new(&format!("/proc/{p}/status")))
+                    .lines()
+                    .find_map(|l| l.strip_prefix("VmRSS:"))
+                    .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            })
+            .sum()
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while resident_kb() < 256 * 1024 {
+        assert!(
+            Instant::now() < deadline,
+            "the 256 MB process did not fill its memory"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     let msg = reply["choices"][0]["message"].clone();
     let call = msg["tool_calls"][0].clone();
     messages.push(msg);
@@ -1268,13 +1295,29 @@ async fn a_held_reply_whose_client_left_is_served_from_the_transcript() {
         .path()
         .join("transcripts")
         .join(format!("{name}.jsonl"));
-    // The fake model answers after 150 ms; the dump of 256 MB takes longer than 400 ms here.
-    let left = tokio::time::timeout(Duration::from_millis(400), post(&url, &second)).await;
+    // The agent sends its next request (turn 1 ends: the dump starts) and dies once the model
+    // has answered (150 ms after the request reached it) while the dump still runs.
+    let client = tokio::spawn({
+        let (url, second) = (url.clone(), second.clone());
+        async move { post(&url, &second).await }
+    });
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while llm.requests().len() < 2 {
+        assert!(
+            Instant::now() < deadline,
+            "the request did not reach the model"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
     assert!(
-        left.is_err(),
+        !client.is_finished(),
         "the reply was released before the client left (the checkpoint was too fast to test \
-         a held reply): {left:?}"
+         a held reply): {:?}",
+        client.await
     );
+    client.abort();
+    let _ = client.await;
     let deadline = Instant::now() + Duration::from_secs(60);
     let records: Vec<Value> = loop {
         let r: Vec<Value> = read(&transcript)
