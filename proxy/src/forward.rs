@@ -36,7 +36,7 @@ use crate::config::Config;
 use crate::coordinator::Coordinator;
 use crate::coordinator::replay::{Lookup, ReplayKey};
 use crate::error::{ErrorShape, ProxyError};
-use crate::metrics::{ApiLabels, EndLabels, ErrorLabels, Metrics, RequestLabels, SandboxLabels};
+use crate::metrics::{ApiSlot, ErrorLabels, Metrics, RequestLabels, SandboxLabels};
 use crate::sandbox::{self, SANDBOX_HEADER, SandboxId};
 use crate::tap::{BodyEnd, Tap, TapBody, TapBodyError};
 use crate::transcript::{ErrorRecord, Exchange, ResponseCapture, Timings, Transcript};
@@ -175,6 +175,30 @@ pub fn class_label(class: Option<RequestClass>) -> &'static str {
             SideKind::SubConversation => "side_sub_conversation",
             SideKind::Other => "side_other",
         },
+    }
+}
+
+/// The API's label and its slot in the metrics' per-API handles.
+fn api_slot(api: ApiKind) -> ApiSlot {
+    let slot = match api {
+        ApiKind::ChatCompletions => 0,
+        ApiKind::Responses => 1,
+        ApiKind::AnthropicMessages => 2,
+        ApiKind::AnthropicCountTokens => 3,
+        ApiKind::Other => 4,
+    };
+    ApiSlot {
+        slot,
+        label: api_label(api),
+    }
+}
+
+fn end_slot(end: StreamEnd) -> usize {
+    match end {
+        StreamEnd::Completed => 0,
+        StreamEnd::UpstreamError => 1,
+        StreamEnd::Cut => 2,
+        StreamEnd::ClientCancelled => 3,
     }
 }
 
@@ -462,18 +486,12 @@ fn complete(shared: &Shared, f: Finished) {
             status: st.status,
         })
         .inc();
-    m.response_bytes
-        .get_or_create(&ApiLabels { api })
-        .inc_by(st.bytes);
-    m.stream_ends
-        .get_or_create(&EndLabels {
-            api,
-            end: end_label(final_end),
-        })
+    let slot = api_slot(st.ctx.api);
+    m.response_bytes_for(slot).inc_by(st.bytes);
+    m.stream_end_for(slot, end_slot(final_end), end_label(final_end))
         .inc();
     if let Some(fc) = st.first_content_at {
-        m.ttft_seconds
-            .get_or_create(&ApiLabels { api })
+        m.ttft_for(slot)
             .observe(fc.saturating_duration_since(st.ctx.started).as_secs_f64());
     }
     {
@@ -655,10 +673,7 @@ async fn handle_inner(
     let body_read = body_read_start.elapsed();
     shared
         .metrics
-        .request_bytes
-        .get_or_create(&ApiLabels {
-            api: api_label(api),
-        })
+        .request_bytes_for(api_slot(api))
         .inc_by(body.len() as u64);
 
     // After a restore, requests the transcript already answered are answered from it.

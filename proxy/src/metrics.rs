@@ -1,4 +1,11 @@
 //! Prometheus metrics (prometheus-client), served by the admin listener at `/metrics`.
+//!
+//! The per-API series the forwarding path touches on every request are resolved once, on
+//! first use, and kept as handles ([`Metrics::request_bytes_for`] and friends): a `Family`
+//! lookup hashes the labels and takes a lock each time. A series still appears in `/metrics`
+//! only once it was used.
+
+use std::sync::OnceLock;
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -54,6 +61,62 @@ pub struct Metrics {
     pub turns: Family<SandboxLabels, Counter>,
     pub transcript_dropped: Counter,
     pub transcript_write_errors: Counter,
+    request_bytes_by_api: [OnceLock<Counter>; API_SLOTS],
+    response_bytes_by_api: [OnceLock<Counter>; API_SLOTS],
+    ttft_by_api: [OnceLock<Histogram>; API_SLOTS],
+    stream_ends_by_api: [[OnceLock<Counter>; END_SLOTS]; API_SLOTS],
+}
+
+/// Distinct API labels (see `forward::api_label`) and stream-end labels.
+pub const API_SLOTS: usize = 5;
+pub const END_SLOTS: usize = 4;
+
+/// An API label with its slot in the per-API handle arrays (`slot < API_SLOTS`).
+#[derive(Debug, Clone, Copy)]
+pub struct ApiSlot {
+    pub slot: usize,
+    pub label: &'static str,
+}
+
+impl Metrics {
+    /// `crab_request_bytes_total{api}`.
+    pub fn request_bytes_for(&self, api: ApiSlot) -> &Counter {
+        self.request_bytes_by_api[api.slot % API_SLOTS].get_or_init(|| {
+            self.request_bytes
+                .get_or_create(&ApiLabels { api: api.label })
+                .clone()
+        })
+    }
+
+    /// `crab_response_bytes_total{api}`.
+    pub fn response_bytes_for(&self, api: ApiSlot) -> &Counter {
+        self.response_bytes_by_api[api.slot % API_SLOTS].get_or_init(|| {
+            self.response_bytes
+                .get_or_create(&ApiLabels { api: api.label })
+                .clone()
+        })
+    }
+
+    /// `crab_ttft_seconds{api}`.
+    pub fn ttft_for(&self, api: ApiSlot) -> &Histogram {
+        self.ttft_by_api[api.slot % API_SLOTS].get_or_init(|| {
+            self.ttft_seconds
+                .get_or_create(&ApiLabels { api: api.label })
+                .clone()
+        })
+    }
+
+    /// `crab_stream_ends_total{api,end}`; `end_slot < END_SLOTS` numbers the end labels.
+    pub fn stream_end_for(&self, api: ApiSlot, end_slot: usize, end: &'static str) -> &Counter {
+        self.stream_ends_by_api[api.slot % API_SLOTS][end_slot % END_SLOTS].get_or_init(|| {
+            self.stream_ends
+                .get_or_create(&EndLabels {
+                    api: api.label,
+                    end,
+                })
+                .clone()
+        })
+    }
 }
 
 impl Metrics {
@@ -73,6 +136,10 @@ impl Metrics {
             turns: Family::default(),
             transcript_dropped: Counter::default(),
             transcript_write_errors: Counter::default(),
+            request_bytes_by_api: Default::default(),
+            response_bytes_by_api: Default::default(),
+            ttft_by_api: Default::default(),
+            stream_ends_by_api: Default::default(),
         };
         let r = registry.sub_registry_with_prefix("crab");
         r.register(
