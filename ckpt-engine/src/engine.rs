@@ -146,8 +146,9 @@ pub enum SandboxKind {
         /// Absolute paths of the checkpointed directories.
         dirs: Vec<PathBuf>,
         /// An existing cgroup the sandbox was adopted with (`crab watch --cgroup`), instead of
-        /// one Crab creates under its own parent. Crab never kills, freezes-and-forgets or
-        /// removes it on `rm`: it belongs to whoever runs the sandbox.
+        /// one Crab creates under its own parent. It belongs to whoever runs the sandbox: Crab
+        /// never creates or removes it, and `rm` leaves it and its processes alone (a restore
+        /// stops its processes, as for any directory sandbox).
         #[serde(default, skip_serializing_if = "Option::is_none")]
         cgroup: Option<PathBuf>,
     },
