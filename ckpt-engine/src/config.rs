@@ -72,6 +72,9 @@ pub struct EngineProcessConfig {
     pub hook_timeout_secs: u64,
     /// Upper bound of one `runc checkpoint` / `runc restore`, seconds. Default 600.
     pub operation_timeout_secs: u64,
+    /// Give CRIU a kernel-feature cache where `/run` is not a tmpfs (a read-only bind mount on
+    /// `/run/criu.kdat`, gone at reboot). Default true.
+    pub kdat_cache: bool,
 }
 
 impl Default for EngineProcessConfig {
@@ -81,6 +84,7 @@ impl Default for EngineProcessConfig {
             criu: d.criu,
             hook_timeout_secs: d.hook_timeout_secs,
             operation_timeout_secs: d.operation_timeout_secs,
+            kdat_cache: d.kdat_cache,
         }
     }
 }
@@ -98,6 +102,7 @@ impl EngineProcessConfig {
             runc_root: Some(runc_root.to_path_buf()),
             hook_timeout_secs: self.hook_timeout_secs,
             operation_timeout_secs: self.operation_timeout_secs,
+            kdat_cache: self.kdat_cache,
         }
     }
 }

@@ -227,12 +227,14 @@ impl ProcessBackend {
             .map_err(|e| ProcessError::io("run criu --version", &criu, e))?;
         let criu_version =
             parse_criu_version(&String::from_utf8_lossy(&out.stdout)).unwrap_or_default();
-        match super::kdat::ensure(&criu) {
-            super::kdat::KdatCache::Unavailable(reason) => tracing::info!(
-                %reason,
-                "no CRIU kernel-feature cache: every dump and restore probes the kernel"
-            ),
-            state => tracing::debug!(?state, "CRIU kernel-feature cache"),
+        if config.kdat_cache {
+            match super::kdat::ensure(&criu) {
+                super::kdat::KdatCache::Unavailable(reason) => tracing::info!(
+                    %reason,
+                    "no CRIU kernel-feature cache: every dump and restore probes the kernel"
+                ),
+                state => tracing::debug!(?state, "CRIU kernel-feature cache"),
+            }
         }
         Ok(ProcessBackend {
             runc: Runc {

@@ -82,6 +82,11 @@ pub struct ProcessConfig {
     /// Upper bound for one `runc checkpoint` / `runc restore`, seconds; runc is killed after
     /// it. Default 600.
     pub operation_timeout_secs: u64,
+    /// Give CRIU a kernel-feature cache where `/run` is not a tmpfs (CRIU then caches nothing
+    /// and probes the kernel on every run, 23–47 ms here): written once by `criu check` into
+    /// `/dev/shm/crab-criu-kdat` and bind-mounted read-only on `/run/criu.kdat` (gone at
+    /// reboot, rewritten when the CRIU binary changes). Default true.
+    pub kdat_cache: bool,
 }
 
 impl Default for ProcessConfig {
@@ -92,6 +97,7 @@ impl Default for ProcessConfig {
             runc_root: None,
             hook_timeout_secs: 30,
             operation_timeout_secs: 600,
+            kdat_cache: true,
         }
     }
 }
