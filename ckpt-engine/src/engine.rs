@@ -876,7 +876,9 @@ impl Engine {
                 self.exec_container(name, &wrapped, true)
             }
             SandboxKind::Container { .. } => self.exec_container(name, argv, false),
-            SandboxKind::Directory { dirs, .. } => self.exec_in_cgroup(name, dirs, argv, detach),
+            SandboxKind::Directory { dirs, .. } => {
+                self.exec_in_cgroup(&self.cgroup_of(&rec), dirs, argv, detach)
+            }
         }
     }
 
@@ -916,12 +918,11 @@ impl Engine {
 
     fn exec_in_cgroup(
         &self,
-        name: &str,
+        cg: &Cgroup,
         dirs: &[PathBuf],
         argv: &[String],
         detach: bool,
     ) -> Result<ExecOutput, EngineError> {
-        let cg = self.cgroup(name);
         let procs = cg.path().join("cgroup.procs");
         // The shell moves itself into the cgroup before exec, so the whole tree is inside.
         let mut cmd = std::process::Command::new("/bin/sh");

@@ -932,26 +932,8 @@ async fn handle_inner(
                 idle,
             }));
             let waited = shared.coordinator.hold(&barrier).await.waited;
-            let Held {
-                ctx,
-                mut guard,
-                resp,
-                head_in,
-                ..
-            } = held.0.take().expect("a held reply is released once");
-            let head_in = head_in + waited;
-            let r = tapped(
-                &shared,
-                ctx,
-                &mut guard,
-                resp,
-                api,
-                capture,
-                head_in,
-                Some(waited),
-                idle,
-            );
-            (r, head_in)
+            let h = held.0.take().expect("a held reply is released once");
+            h.into_response(waited)
         }
     };
     let added = sent
@@ -1035,6 +1017,37 @@ struct Held {
     idle: Duration,
 }
 
+impl Held {
+    /// The reply as released after waiting `waited` at the gate, and when its head counts as
+    /// in.
+    fn into_response(self, waited: Duration) -> (Response<ProxyBody>, Instant) {
+        let Held {
+            shared,
+            ctx,
+            mut guard,
+            resp,
+            api,
+            capture,
+            head_in,
+            idle,
+            ..
+        } = self;
+        let head_in = head_in + waited;
+        let r = tapped(
+            &shared,
+            ctx,
+            &mut guard,
+            resp,
+            api,
+            capture,
+            head_in,
+            Some(waited),
+            idle,
+        );
+        (r, head_in)
+    }
+}
+
 /// Owns a held reply while its handler waits at the gate. Dropped unreleased (the client went
 /// away), it finishes the reply in the background once the gate opens — read to its end
 /// through the tap, so it is recorded in the transcript like any other (bounded by the
@@ -1053,34 +1066,12 @@ impl Drop for HeldReply {
             return;
         };
         rt.spawn(async move {
-            let Held {
-                shared,
-                barrier,
-                ctx,
-                mut guard,
-                resp,
-                api,
-                capture,
-                head_in,
-                idle,
-            } = h;
-            let waited = shared.coordinator.hold(&barrier).await.waited;
+            let waited = h.shared.coordinator.hold(&h.barrier).await.waited;
             debug!(
-                id = ctx.id,
+                id = h.ctx.id,
                 "the client left while its reply was held: recording it"
             );
-            let head_in = head_in + waited;
-            let r = tapped(
-                &shared,
-                ctx,
-                &mut guard,
-                resp,
-                api,
-                capture,
-                head_in,
-                Some(waited),
-                idle,
-            );
+            let (r, _) = h.into_response(waited);
             let mut body = r.into_body();
             while let Some(frame) = body.frame().await {
                 if frame.is_err() {

@@ -461,6 +461,8 @@ fn script() -> fake_llm::Script {
 async fn fake_llm() -> fake_llm::FakeLlmHandle {
     fake_llm::spawn(fake_llm::FakeLlmConfig {
         script: Some(script()),
+        // The same task by name, for the shell agent (see [`AGENT`]).
+        scripts: [("task".to_owned(), script())].into(),
         ..Default::default()
     })
     .await
@@ -707,33 +709,38 @@ async fn restore_by_turn_replays_rollback_and_fork_branches() {
         .unwrap();
 }
 
-/// The agent that runs *inside* the sandbox (busybox sh + wget): it knows nothing of Crab but
-/// its base URL — no `/sandbox/<id>` prefix, no header: crab attributes its connections to the
-/// sandbox by eBPF (the connecting process's cgroup). Its conversation lives in its memory, so
-/// every turn changes processes and gets a full checkpoint; after a crash the restored agent
-/// resumes at the checkpoint (its open connection to crab closed by the restore, it retries), or,
-/// when no point holds it yet, is started again and catches up through replay.
-const INSIDE_AGENT: &str = r#"#!/bin/sh
+/// The agent that runs in a sandbox (busybox sh + wget): `agent.sh ADDR SCRIPT DONE_FILE`. It
+/// knows nothing of Crab but its base URL — no `/sandbox/<id>` prefix, no header naming the
+/// sandbox: crab attributes its connections by eBPF (the connecting process's cgroup). `SCRIPT`
+/// names its fake-LLM script; it runs each command in its working directory and writes
+/// `DONE_FILE` when the model answers without a tool call.
+///
+/// Inside a container its conversation lives in the shell's memory; the process crab leaves out
+/// of tracking is each request's short-lived `wget`, so the shell still makes every turn a full
+/// checkpoint. After a crash the restored agent resumes at the checkpoint (its open connection to
+/// crab closed by the restore, it retries), or, when no point holds it yet, is started again and
+/// catches up through replay.
+const AGENT: &str = r#"#!/bin/sh
 URL="http://$1/v1/chat/completions"
 msgs='{"role":"user","content":"Do the task."}'
 step=0
 while :; do
   body="{\"model\":\"fake\",\"tools\":[{\"type\":\"function\",\"function\":{\"name\":\"bash\"}}],\"messages\":[$msgs]}"
-  until reply=$(wget -q -O- --header 'content-type: application/json' --post-data "$body" "$URL"); do sleep 0.2; done
+  until reply=$(busybox wget -q -O- --header 'content-type: application/json' --header "x-fake-llm-script: $2" --post-data "$body" "$URL"); do sleep 0.2; done
   cmd=$(echo "$reply" | sed -n 's/.*\\"command\\":\\"\([^\\]*\)\\".*/\1/p')
   [ -z "$cmd" ] && break
   sh -c "$cmd" >/dev/null 2>&1
   msgs="$msgs,{\"role\":\"assistant\",\"content\":\"step $step\"},{\"role\":\"user\",\"content\":\"ran step $step\"}"
   step=$((step+1))
 done
-echo done > /agent.done
+echo done > "$3"
 "#;
 
 async fn start_inside_agent(d: &Daemon, name: &str, crab_addr: &str) {
     exec(
         d,
         name,
-        &format!("sh /agent.sh {crab_addr} </dev/null >/dev/null 2>&1 &"),
+        &format!("sh /agent.sh {crab_addr} task /agent.done </dev/null >/dev/null 2>&1 &"),
     )
     .await
     .unwrap();
@@ -777,7 +784,7 @@ async fn run_inside(
     let port = d.proxy.rsplit(':').next().unwrap();
     let crab_addr = format!("{host_ip}:{port}");
     let rootfs = PathBuf::from(info["rootfs"].as_str().unwrap());
-    std::fs::write(rootfs.join("agent.sh"), INSIDE_AGENT).unwrap();
+    std::fs::write(rootfs.join("agent.sh"), AGENT).unwrap();
     start_inside_agent(d, name, &crab_addr).await;
     let deadline = Instant::now() + Duration::from_secs(120);
     let mut crashed = crash.is_none();
@@ -819,7 +826,7 @@ async fn run_inside(
                 if !ps.contains("agent.sh") {
                     // (Its script came after the baseline point: put it back, as an image
                     // would have it.)
-                    std::fs::write(rootfs.join("agent.sh"), INSIDE_AGENT).unwrap();
+                    std::fs::write(rootfs.join("agent.sh"), AGENT).unwrap();
                     start_inside_agent(d, name, &crab_addr).await;
                 }
             }
@@ -918,25 +925,8 @@ async fn continue_agent(d: &Daemon, name: &str, first: Value, tag: &str) -> usiz
     }
 }
 
-/// The agent of a sandbox Crab did not create: busybox sh + wget on the host, in its owner's
-/// cgroup, working in its current directory. It knows nothing of Crab but the base URL (`$1`);
-/// `$2` names its fake-LLM script.
-const HOST_AGENT: &str = r#"#!/bin/sh
-URL="http://$1/v1/chat/completions"
-msgs='{"role":"user","content":"Do the task."}'
-step=0
-while :; do
-  body="{\"model\":\"fake\",\"tools\":[{\"type\":\"function\",\"function\":{\"name\":\"bash\"}}],\"messages\":[$msgs]}"
-  reply=$(busybox wget -q -O- --header 'content-type: application/json' --header "x-fake-llm-script: $2" --post-data "$body" "$URL") || exit 1
-  cmd=$(echo "$reply" | sed -n 's/.*\\"command\\":\\"\([^\\]*\)\\".*/\1/p')
-  [ -z "$cmd" ] && exit 0
-  sh -c "$cmd" >/dev/null 2>&1
-  msgs="$msgs,{\"role\":\"assistant\",\"content\":\"step $step\"},{\"role\":\"user\",\"content\":\"ran step $step\"}"
-  step=$((step+1))
-done
-"#;
-
-/// Its task (relative paths: it runs in the adopted directory), with the plan each turn end
+/// The task of the adopted sandbox's agent ([`AGENT`], on the host; relative paths: it runs in
+/// the adopted directory), with the plan each turn end
 /// must get: the first checkpoint (turn 0) and writing turns `fs` (no process image for such a
 /// sandbox), read-only turns and a turn that only started a process `skip`.
 const ADOPTED_TASK: &[(&str, &str)] = &[
@@ -1056,7 +1046,7 @@ async fn watch_adopts_a_sandbox_crab_did_not_create() {
     let home = tempfile::tempdir().unwrap();
     let work = home.path().join("work");
     std::fs::create_dir(&work).unwrap();
-    std::fs::write(home.path().join("agent.sh"), HOST_AGENT).unwrap();
+    std::fs::write(home.path().join("agent.sh"), AGENT).unwrap();
     let (cg, root) = (owner.0.to_str().unwrap(), work.to_str().unwrap());
 
     // Bad input: a refusal names the problem and creates nothing.
@@ -1107,9 +1097,10 @@ async fn watch_adopts_a_sandbox_crab_did_not_create() {
     let mut agent = owner.spawn(
         &work,
         &format!(
-            "busybox sh {} {} adopted",
+            "busybox sh {} {} adopted {}",
             home.path().join("agent.sh").display(),
-            d.proxy
+            d.proxy,
+            home.path().join("agent.done").display()
         ),
     );
     let deadline = Instant::now() + Duration::from_secs(90);

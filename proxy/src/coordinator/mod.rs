@@ -596,6 +596,15 @@ impl Coordinator {
         self.watch(&spec.name).await
     }
 
+    /// Attributes requests from the sandbox's container address to it (watched or not).
+    fn remember_address(&self, info: &ckpt_engine::engine::SandboxInfo) {
+        if let Some(net) = &info.net {
+            self.addrs
+                .lock()
+                .insert(IpAddr::V4(net.sandbox_ip), info.name.clone());
+        }
+    }
+
     /// Stops watching (the sandbox was removed). Pending replies are released by their tasks.
     pub async fn unwatch(&self, name: &str, forget_journal: bool) {
         let removed = self.sandboxes.lock().remove(name);
@@ -1044,14 +1053,10 @@ impl Coordinator {
                 // caller starts next (an agent) is covered by turn checkpoints from then on.
                 self.settle(name).await;
             }
-            (Rq::SandboxCreate { name, .. }, Rs::Sandbox(info)) => {
+            (Rq::SandboxCreate { .. }, Rs::Sandbox(info)) => {
                 // Not checkpointed (policy `off` or no auto-watch), but its agent's requests
                 // still belong to it: attribute by the sandbox's address.
-                if let Some(net) = &info.net {
-                    self.addrs
-                        .lock()
-                        .insert(IpAddr::V4(net.sandbox_ip), name.clone());
-                }
+                self.remember_address(info);
             }
             (Rq::SandboxRm { name }, _) => {
                 self.unwatch(name, true).await;
@@ -1110,12 +1115,7 @@ impl Coordinator {
         let mut trackers = Vec::new();
         if !self.cfg.auto_watch || self.cfg.policy == Policy::Off {
             // Not checkpointed, but their agents' requests still belong to them.
-            let mut addrs = self.addrs.lock();
-            for s in &list {
-                if let Some(net) = &s.net {
-                    addrs.insert(IpAddr::V4(net.sandbox_ip), s.name.clone());
-                }
-            }
+            list.iter().for_each(|s| self.remember_address(s));
             return trackers;
         }
         for s in list {
