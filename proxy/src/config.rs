@@ -193,10 +193,12 @@ pub struct TranscriptConfig {
     /// fsync at least this often when records were written (also at every turn boundary).
     /// Default 1000.
     pub sync_interval_ms: Option<u64>,
-    /// Records queued for the writer before new ones are dropped (and counted). Default 4096.
+    /// Records queued for the writer before new requests wait for it (backpressure: records
+    /// are never dropped; a request waits before its body is read). Default 4096.
     pub queue_capacity: Option<usize>,
-    /// Body bytes queued for the writer before new records are dropped (and counted): bounds
-    /// the memory a slow disk can cost. Default 67108864.
+    /// Encoded record bytes queued for the writer before new requests wait for it: bounds the
+    /// memory a slow disk can cost (plus the records of requests already in flight). Default
+    /// 67108864.
     pub max_queue_bytes: Option<u64>,
 }
 

@@ -664,6 +664,14 @@ async fn handle_inner(
     {
         return local_error(&shared, ProxyError::BodyTooLarge { limit }, shape);
     }
+    // Backpressure: while the transcript writer is behind its bounds (a slow disk), new
+    // requests wait here, before their body is read, rather than lose records later.
+    if let Some(waited) = shared.transcript.admit().await {
+        shared
+            .metrics
+            .transcript_queue_wait_seconds
+            .observe(waited.as_secs_f64());
+    }
     // The wait for the client's body bytes is the client's time, not the proxy's overhead.
     let body_read_start = Instant::now();
     let body = match read_body(body, limit, config.timeouts.client_body_idle).await {

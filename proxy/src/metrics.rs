@@ -60,6 +60,7 @@ pub struct Metrics {
     pub proxy_errors: Family<ErrorLabels, Counter>,
     pub turns: Family<SandboxLabels, Counter>,
     pub transcript_dropped: Counter,
+    pub transcript_queue_wait_seconds: Histogram,
     pub transcript_write_errors: Counter,
     request_bytes_by_api: [OnceLock<Counter>; API_SLOTS],
     response_bytes_by_api: [OnceLock<Counter>; API_SLOTS],
@@ -135,6 +136,7 @@ impl Metrics {
             proxy_errors: Family::default(),
             turns: Family::default(),
             transcript_dropped: Counter::default(),
+            transcript_queue_wait_seconds: Histogram::new(exponential_buckets(0.000_1, 2.0, 16)),
             transcript_write_errors: Counter::default(),
             request_bytes_by_api: Default::default(),
             response_bytes_by_api: Default::default(),
@@ -186,8 +188,17 @@ impl Metrics {
         r.register("turns", "Turns started, by sandbox", m.turns.clone());
         r.register(
             "transcript_dropped",
-            "Transcript records dropped because the writer queue was full",
+            "Transcript records lost because the writer thread is gone (it panicked; logged \
+             once). A full queue never drops: new requests wait instead \
+             (crab_transcript_queue_wait_seconds)",
             m.transcript_dropped.clone(),
+        );
+        r.register(
+            "transcript_queue_wait_seconds",
+            "Time requests waited before being read because the transcript writer was behind \
+             its queue bounds (transcript.queue_capacity, transcript.max_queue_bytes); only \
+             requests that waited are observed",
+            m.transcript_queue_wait_seconds.clone(),
         );
         r.register(
             "transcript_write_errors",

@@ -2,15 +2,27 @@
 //!
 //! The forwarding side encodes each finished request/response ([`Exchange`]) into its record
 //! line (headers redacted, bodies encoded) on its own thread, in the deferred completion task
-//! after the response was forwarded, and hands only the line to a bounded queue (`try_send`:
-//! never blocks; a full queue drops the record and counts it). Encoding where the exchange was
-//! built keeps its many small allocations (header maps, body chunks) from being freed on
-//! another thread, which costs glibc's allocator lock round trips. One dedicated OS thread owns
-//! the files: it appends the lines to `<dir>/<sandbox>.jsonl`, flushes after each batch, fsyncs
-//! at turn boundaries and at least every `sync_interval`, and rotates a file that would exceed
-//! `max_file_bytes` (`<sandbox>.1.jsonl` is the newest rotated file; at most `rotated_files` are
-//! kept). After a small batch the writer lingers [`WRITER_LINGER`] before it looks for more, so
-//! under load one wake-up serves many records instead of one each.
+//! after the response was forwarded, and hands only the line to the writer's queue. Encoding
+//! where the exchange was built keeps its many small allocations (header maps, body chunks)
+//! from being freed on another thread, which costs glibc's allocator lock round trips. One
+//! dedicated OS thread owns the files: it appends the lines to `<dir>/<sandbox>.jsonl`, flushes
+//! after each batch, fsyncs at turn boundaries and at least every `sync_interval`, and rotates a
+//! file that would exceed `max_file_bytes` (`<sandbox>.1.jsonl` is the newest rotated file; at
+//! most `rotated_files` are kept). After a small batch the writer lingers [`WRITER_LINGER`]
+//! before it looks for more, so under load one wake-up serves many records instead of one each.
+//!
+//! No record is ever dropped while the writer runs: crash recovery replays the transcript, so
+//! a lost record is lost data. The queue's bounds (`queue_capacity` records, `max_queue_bytes`
+//! encoded bytes) are backpressure thresholds, not drop thresholds: [`Transcript::record`]
+//! always queues (it never blocks: the queue is an unbounded channel), and while the writer is
+//! behind its bounds *new requests* wait in [`Transcript::admit`] (async, before their body is
+//! read) until it catches up. Memory is thus bounded by the queue bounds plus the records of
+//! requests already in flight (whose bodies are in memory anyway). The only loss left is a
+//! writer thread that died (it panicked): records are then counted, and logged once.
+//!
+//! Turn-boundary syncs are coalesced: a sandbox has at most one pending sync request, which
+//! covers every line queued before the latest request for it (see [`Transcript::sync_sandbox`]),
+//! so a burst of turn boundaries costs the queue at most one wake-up message per sandbox.
 //!
 //! Each line is a [`TranscriptRecord`] (format version [`FORMAT_VERSION`]). `request.body_digest`
 //! is the blake3 hex of the exact request body, so a replay cache can answer an identical
@@ -27,7 +39,7 @@ use bytes::Bytes;
 use http::{HeaderMap, HeaderName};
 use serde::{Deserialize, Serialize};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc;
 
 use tokio::sync::oneshot;
@@ -343,24 +355,72 @@ enum Msg {
         line: Vec<u8>,
         sync: bool,
     },
-    /// A turn boundary: make everything of this sandbox durable now.
-    Sync(SandboxId),
+    /// A turn-boundary sync was requested (see [`Queue::syncs`]): look at the pending syncs.
+    Wake,
     Flush(oneshot::Sender<()>),
+}
+
+/// What the forwarding side and the writer thread share about the queue.
+#[derive(Debug)]
+struct Queue {
+    /// Encoded bytes of the lines queued and not yet written.
+    bytes: AtomicU64,
+    /// Lines queued and not yet written.
+    records: AtomicU64,
+    /// Lines ever queued, counted *before* each is sent: a sync request taken when this reads
+    /// `n` covers every line sent before it, and those are among the first `n` the writer takes
+    /// from the queue (a line sent earlier was counted earlier).
+    enqueued: AtomicU64,
+    /// False once the writer thread has exited or panicked.
+    writer_alive: AtomicBool,
+    /// Signalled by the writer after each batch (room was made) and when it exits.
+    room: tokio::sync::Notify,
+    /// Pending turn-boundary syncs: sandbox → the `enqueued` count the sync must cover.
+    syncs: parking_lot::Mutex<HashMap<SandboxId, u64>>,
+    /// Backpressure thresholds (`queue_capacity`, `max_queue_bytes`).
+    max_records: u64,
+    max_bytes: u64,
+}
+
+impl Queue {
+    /// Whether new requests should wait: the writer is behind either bound. An empty queue is
+    /// never full, whatever the bounds.
+    fn full(&self) -> bool {
+        let records = self.records.load(Ordering::SeqCst);
+        records > 0
+            && (records >= self.max_records || self.bytes.load(Ordering::SeqCst) > self.max_bytes)
+    }
+}
+
+/// Marks the writer dead when its thread ends, even by a panic, and wakes every waiter so
+/// nothing waits for room that will never come.
+struct AliveGuard(Arc<Queue>);
+
+impl Drop for AliveGuard {
+    fn drop(&mut self) {
+        self.0.writer_alive.store(false, Ordering::SeqCst);
+        self.0.room.notify_waiters();
+    }
 }
 
 /// Hooks the writer reports through (metrics).
 pub trait WriterHooks: Send + 'static {
     fn write_error(&self, err: &TranscriptError);
+    /// A batch of `lines` record lines was written and flushed (called on the writer thread).
+    fn batch_written(&self, lines: usize) {
+        let _ = lines;
+    }
 }
 
 /// The forwarding side's handle on the writer thread.
 #[derive(Debug)]
 pub struct Transcript {
-    tx: Option<mpsc::SyncSender<Msg>>,
-    queued_bytes: Arc<AtomicU64>,
-    max_queue_bytes: u64,
+    tx: Option<mpsc::Sender<Msg>>,
+    queue: Arc<Queue>,
     redact: Vec<HeaderName>,
     max_body_bytes: u64,
+    /// The loss of records (writer dead) is logged once.
+    loss_logged: AtomicBool,
     thread: parking_lot::Mutex<Option<std::thread::JoinHandle<()>>>,
 }
 
@@ -373,13 +433,33 @@ impl std::fmt::Debug for Msg {
 impl Transcript {
     /// A transcript that records nothing.
     pub fn disabled() -> Self {
+        Self::new(None, 0, 0, Vec::new(), 0, None)
+    }
+
+    fn new(
+        tx: Option<mpsc::Sender<Msg>>,
+        max_records: u64,
+        max_bytes: u64,
+        redact: Vec<HeaderName>,
+        max_body_bytes: u64,
+        thread: Option<std::thread::JoinHandle<()>>,
+    ) -> Self {
         Self {
-            tx: None,
-            queued_bytes: Arc::default(),
-            max_queue_bytes: 0,
-            redact: Vec::new(),
-            max_body_bytes: 0,
-            thread: parking_lot::Mutex::new(None),
+            queue: Arc::new(Queue {
+                bytes: AtomicU64::new(0),
+                records: AtomicU64::new(0),
+                enqueued: AtomicU64::new(0),
+                writer_alive: AtomicBool::new(tx.is_some()),
+                room: tokio::sync::Notify::new(),
+                syncs: parking_lot::Mutex::new(HashMap::new()),
+                max_records,
+                max_bytes,
+            }),
+            tx,
+            redact,
+            max_body_bytes,
+            loss_logged: AtomicBool::new(false),
+            thread: parking_lot::Mutex::new(thread),
         }
     }
 
@@ -397,95 +477,145 @@ impl Transcript {
             path: settings.dir.clone(),
             source,
         })?;
-        let (tx, rx) = mpsc::sync_channel(settings.queue_capacity);
-        let queued_bytes: Arc<AtomicU64> = Arc::default();
+        let (tx, rx) = mpsc::channel();
+        let mut t = Self::new(
+            Some(tx),
+            settings.queue_capacity as u64,
+            settings.max_queue_bytes,
+            redact,
+            settings.max_body_bytes,
+            None,
+        );
         let writer = Writer {
-            queued_bytes: queued_bytes.clone(),
+            queue: t.queue.clone(),
             settings: settings.clone(),
             files: HashMap::new(),
             hooks: Box::new(hooks),
         };
+        let guard = AliveGuard(t.queue.clone());
         let thread = std::thread::Builder::new()
             .name("crab-transcript".into())
-            .spawn(move || writer.run(rx))
+            .spawn(move || {
+                let _alive = guard;
+                writer.run(rx)
+            })
             .map_err(|source| TranscriptError::Spawn { source })?;
-        Ok(Self {
-            tx: Some(tx),
-            queued_bytes,
-            max_queue_bytes: settings.max_queue_bytes,
-            redact,
-            max_body_bytes: settings.max_body_bytes,
-            thread: parking_lot::Mutex::new(Some(thread)),
-        })
+        *t.thread.get_mut() = Some(thread);
+        Ok(t)
     }
 
-    /// Encodes an exchange (secrets redacted) and queues its line; returns false if it was
-    /// dropped (queue full or writer gone). Runs on the caller's thread: call it off the
-    /// forwarding path.
+    /// Waits while the writer is behind its queue bounds; returns how long it waited, if it
+    /// had to. The forwarding path calls this before it reads a request's body: a slow disk
+    /// slows the admission of new requests instead of losing records or growing the queue
+    /// without bound. Returns at once when the queue has room (two atomic loads), when the
+    /// transcript is disabled, and when the writer is dead. Cancel-safe.
+    pub async fn admit(&self) -> Option<Duration> {
+        if self.tx.is_none() || !self.queue.full() {
+            return None;
+        }
+        let start = tokio::time::Instant::now();
+        loop {
+            let notified = self.queue.room.notified();
+            tokio::pin!(notified);
+            // Registered before the check: a batch written between the check and the await
+            // still wakes this waiter.
+            notified.as_mut().enable();
+            if !self.queue.full() || !self.queue.writer_alive.load(Ordering::SeqCst) {
+                break;
+            }
+            notified.await;
+        }
+        Some(start.elapsed())
+    }
+
+    /// Encodes an exchange (secrets redacted) and queues its line. Never blocks and never
+    /// refuses a record while the writer runs (backpressure is [`admit`](Self::admit)'s job);
+    /// returns false only if the writer thread is gone (the record is lost: count it). Runs on
+    /// the caller's thread: call it off the forwarding path.
     pub fn record(&self, x: Exchange) -> bool {
         let Some(tx) = &self.tx else {
             return true;
         };
-        let body_bytes = x.request_body.len() as u64
+        let body_bytes = x.request_body.len()
             + x.response
                 .as_ref()
-                .map(|r| r.body_len.min(r.body.len() as u64))
+                .map(|r| r.body.len().min(r.body_len as usize))
                 .unwrap_or(0);
-        // Refuse before encoding when the queue is already over its byte bound.
-        let queued = self.queued_bytes.load(Ordering::Relaxed);
-        if queued + body_bytes > self.max_queue_bytes && queued > 0 {
-            return false;
-        }
-        let mut line = Vec::with_capacity(body_bytes as usize + 1024);
+        let mut line = Vec::with_capacity(body_bytes + 1024);
         encode_record(&x, &self.redact, self.max_body_bytes, &mut line);
         let sandbox = x.sandbox.clone();
         let sync = x.sync;
         // The exchange's buffers are freed here, on the thread that allocated them.
         drop(x);
         let size = line.len() as u64;
-        let queued = self.queued_bytes.fetch_add(size, Ordering::Relaxed);
-        if queued + size > self.max_queue_bytes && queued > 0 {
-            self.queued_bytes.fetch_sub(size, Ordering::Relaxed);
-            return false;
-        }
-        match tx.try_send(Msg::Line {
+        let q = &self.queue;
+        q.bytes.fetch_add(size, Ordering::SeqCst);
+        q.records.fetch_add(1, Ordering::SeqCst);
+        q.enqueued.fetch_add(1, Ordering::SeqCst);
+        let msg = Msg::Line {
             sandbox,
             line,
             sync,
-        }) {
-            Ok(()) => true,
-            Err(_) => {
-                self.queued_bytes.fetch_sub(size, Ordering::Relaxed);
-                false
-            }
+        };
+        if tx.send(msg).is_err() {
+            q.bytes.fetch_sub(size, Ordering::SeqCst);
+            q.records.fetch_sub(1, Ordering::SeqCst);
+            self.writer_gone();
+            return false;
+        }
+        true
+    }
+
+    fn writer_gone(&self) {
+        if !self.loss_logged.swap(true, Ordering::Relaxed) {
+            tracing::error!(
+                "the transcript writer thread is gone: transcript records are being lost \
+                 (counted in crab_transcript_dropped_total); restart crab"
+            );
         }
     }
 
-    /// A turn boundary in `sandbox`: fsync its file as soon as the writer gets to it (does not
-    /// wait; never blocks).
+    /// A turn boundary in `sandbox`: fsync its file, once every line queued so far is written,
+    /// as soon as the writer gets to it (does not wait; never blocks). Coalesced: while a sync
+    /// of the sandbox is pending, a new request only extends what it covers, so turn
+    /// boundaries add at most one queue message per sandbox whatever their rate. Returns false
+    /// if the writer is gone.
     pub fn sync_sandbox(&self, sandbox: &SandboxId) -> bool {
-        match &self.tx {
-            Some(tx) => tx.try_send(Msg::Sync(sandbox.clone())).is_ok(),
-            None => true,
-        }
+        let Some(tx) = &self.tx else {
+            return true;
+        };
+        let upto = self.queue.enqueued.load(Ordering::SeqCst);
+        let first = {
+            let mut syncs = self.queue.syncs.lock();
+            match syncs.get_mut(sandbox) {
+                Some(u) => {
+                    *u = (*u).max(upto);
+                    false
+                }
+                None => {
+                    syncs.insert(sandbox.clone(), upto);
+                    true
+                }
+            }
+        };
+        !first || tx.send(Msg::Wake).is_ok()
+    }
+
+    /// Lines queued and not yet written, and their bytes (tests, metrics).
+    pub fn queued(&self) -> (u64, u64) {
+        (
+            self.queue.records.load(Ordering::SeqCst),
+            self.queue.bytes.load(Ordering::SeqCst),
+        )
     }
 
     /// Waits until everything queued so far is written and fsync'd.
     pub async fn flush(&self) {
         if let Some(tx) = &self.tx {
             let (done, wait) = oneshot::channel();
-            let mut msg = Msg::Flush(done);
-            loop {
-                match tx.try_send(msg) {
-                    Ok(()) => break,
-                    Err(mpsc::TrySendError::Full(m)) => {
-                        msg = m;
-                        tokio::time::sleep(Duration::from_millis(1)).await;
-                    }
-                    Err(mpsc::TrySendError::Disconnected(_)) => return,
-                }
+            if tx.send(Msg::Flush(done)).is_ok() {
+                let _ = wait.await;
             }
-            let _ = wait.await;
         }
     }
 
@@ -514,7 +644,7 @@ struct OpenFile {
 }
 
 struct Writer {
-    queued_bytes: Arc<AtomicU64>,
+    queue: Arc<Queue>,
     settings: TranscriptSettings,
     files: HashMap<String, OpenFile>,
     hooks: Box<dyn WriterHooks>,
@@ -524,6 +654,8 @@ impl Writer {
     fn run(mut self, rx: mpsc::Receiver<Msg>) {
         let mut last_sync = std::time::Instant::now();
         let mut flushes: Vec<oneshot::Sender<()>> = Vec::new();
+        // Lines taken from the queue so far (the unit of `Queue::syncs`).
+        let mut taken: u64 = 0;
         loop {
             // Block for the first message (with a timeout so periodic syncs happen), then
             // drain whatever else is queued: one flush per batch.
@@ -543,6 +675,8 @@ impl Writer {
             // Linger after a small batch only: a large one means the writer is behind (a slow
             // fsync, no CPU), and sleeping then would only fill the queue.
             let lingering = !batch.is_empty() && batch.len() < LINGER_BELOW;
+            let mut lines = 0usize;
+            let (mut bytes, mut records) = (0u64, 0u64);
             for m in batch {
                 match m {
                     Msg::Line {
@@ -553,24 +687,31 @@ impl Writer {
                         if let Err(e) = self.write_line(sandbox.as_str(), &line, sync) {
                             self.hooks.write_error(&e);
                         }
-                        self.queued_bytes
-                            .fetch_sub(line.len() as u64, Ordering::Relaxed);
+                        taken += 1;
+                        lines += 1;
+                        bytes += line.len() as u64;
+                        records += 1;
                     }
-                    Msg::Sync(sandbox) => {
-                        if let Some(f) = self.files.get_mut(sandbox.as_str()) {
-                            f.needs_sync = true;
-                        }
-                    }
+                    Msg::Wake => {}
                     Msg::Flush(done) => {
                         force_sync = true;
                         flushes.push(done);
                     }
                 }
             }
+            self.mark_due_syncs(taken);
             let periodic = last_sync.elapsed() >= self.settings.sync_interval;
             self.flush_all(force_sync || periodic);
             if force_sync || periodic {
                 last_sync = std::time::Instant::now();
+            }
+            // Room is made only once the lines are flushed: queued bytes bound what is not
+            // yet in the kernel's hands.
+            self.queue.bytes.fetch_sub(bytes, Ordering::SeqCst);
+            self.queue.records.fetch_sub(records, Ordering::SeqCst);
+            self.queue.room.notify_waiters();
+            if lines > 0 {
+                self.hooks.batch_written(lines);
             }
             for f in flushes.drain(..) {
                 let _ = f.send(());
@@ -581,7 +722,28 @@ impl Writer {
                 std::thread::sleep(WRITER_LINGER);
             }
         }
+        self.mark_due_syncs(taken);
         self.flush_all(true);
+    }
+
+    /// Marks for fsync every sandbox whose pending turn-boundary sync covers only lines
+    /// already taken (`taken`); later ones stay pending until their lines arrive.
+    fn mark_due_syncs(&mut self, taken: u64) {
+        let mut syncs = self.queue.syncs.lock();
+        if syncs.is_empty() {
+            return;
+        }
+        let files = &mut self.files;
+        syncs.retain(|sandbox, upto| {
+            if *upto > taken {
+                return true;
+            }
+            // A file not open has nothing unsynced: closing syncs it.
+            if let Some(f) = files.get_mut(sandbox.as_str()) {
+                f.needs_sync = true;
+            }
+            false
+        });
     }
 
     fn write_line(
@@ -799,6 +961,117 @@ mod tests {
         );
         let resp = r.response.as_ref().unwrap();
         assert_eq!(resp.body.decode().unwrap(), b"\xff\x00ok");
+    }
+
+    /// Slows the writer down: every batch takes `0` longer.
+    struct SlowWriter(Duration);
+    impl WriterHooks for SlowWriter {
+        fn write_error(&self, err: &TranscriptError) {
+            panic!("unexpected transcript error: {err}");
+        }
+        fn batch_written(&self, _lines: usize) {
+            std::thread::sleep(self.0);
+        }
+    }
+
+    /// Proves that a full queue never loses a record: producers far faster than a slowed
+    /// writer, with a tiny queue bound, all land every record on disk (each with a turn-boundary
+    /// sync, coalesced), because they wait in `admit` instead; and the queue never holds more
+    /// than its bound plus one record per producer (memory stays bounded). The old queue
+    /// dropped all but the first few records here.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_full_queue_slows_admission_and_loses_nothing() {
+        const PRODUCERS: u64 = 8;
+        const EACH: u64 = 25;
+        const CAPACITY: u64 = 2;
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = settings(dir.path(), 1 << 30, 2);
+        s.queue_capacity = CAPACITY as usize;
+        s.max_queue_bytes = 1;
+        let slow = SlowWriter(Duration::from_millis(5));
+        let t = Arc::new(Transcript::start(&s, Vec::new(), slow).unwrap());
+        let waits = Arc::new(AtomicU64::new(0));
+        let peak = Arc::new(AtomicU64::new(0));
+        let mut tasks = Vec::new();
+        for p in 0..PRODUCERS {
+            let (t, waits, peak) = (t.clone(), waits.clone(), peak.clone());
+            tasks.push(tokio::spawn(async move {
+                let sb = SandboxId::new("sb").unwrap();
+                for i in 0..EACH {
+                    if t.admit().await.is_some() {
+                        waits.fetch_add(1, Ordering::Relaxed);
+                    }
+                    assert!(t.record(exchange(p * 1000 + i, b"{}")), "record refused");
+                    assert!(t.sync_sandbox(&sb));
+                    peak.fetch_max(t.queued().0, Ordering::Relaxed);
+                }
+            }));
+        }
+        for task in tasks {
+            task.await.unwrap();
+        }
+        t.flush().await;
+        let recs = read_records(&transcript_path(dir.path(), "sb")).unwrap();
+        let mut ids: Vec<u64> = recs.iter().map(|r| r.id).collect();
+        ids.sort_unstable();
+        ids.dedup();
+        assert_eq!(ids.len() as u64, PRODUCERS * EACH, "records lost");
+        assert_eq!(recs.len() as u64, PRODUCERS * EACH, "records duplicated");
+        assert!(
+            waits.load(Ordering::Relaxed) > 0,
+            "nobody waited: bound not exercised"
+        );
+        let peak = peak.load(Ordering::Relaxed);
+        assert!(peak <= CAPACITY + PRODUCERS, "queue grew to {peak} records");
+        assert_eq!(t.queued(), (0, 0));
+        assert!(
+            t.queue.syncs.lock().is_empty(),
+            "a turn-boundary sync left pending"
+        );
+    }
+
+    /// A writer that panics after its first batch.
+    struct PanickingWriter;
+    impl WriterHooks for PanickingWriter {
+        fn write_error(&self, _err: &TranscriptError) {}
+        fn batch_written(&self, _lines: usize) {
+            panic!("transcript writer bug (deliberate, test)");
+        }
+    }
+
+    /// Proves that the one loss left — a dead writer thread — is reported (`record` returns
+    /// false, so the caller counts it) and never leaves a request waiting for room.
+    #[tokio::test]
+    async fn a_dead_writer_is_reported_and_never_blocks_admission() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = settings(dir.path(), 1 << 20, 2);
+        s.queue_capacity = 1;
+        let t = Transcript::start(&s, Vec::new(), PanickingWriter).unwrap();
+        assert!(t.record(exchange(1, b"{}")));
+        for _ in 0..500 {
+            if !t.queue.writer_alive.load(Ordering::SeqCst) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(
+            !t.queue.writer_alive.load(Ordering::SeqCst),
+            "writer still alive"
+        );
+        assert!(
+            !t.record(exchange(2, b"{}")),
+            "a lost record must be reported"
+        );
+        assert!(!t.sync_sandbox(&SandboxId::new("sb").unwrap()));
+        tokio::time::timeout(Duration::from_secs(2), t.admit())
+            .await
+            .expect("admit must not wait for a dead writer");
+        tokio::time::timeout(Duration::from_secs(2), t.flush())
+            .await
+            .expect("flush must not wait for a dead writer");
+        // The record written before the writer died is on disk.
+        let recs = read_records(&transcript_path(dir.path(), "sb")).unwrap();
+        assert_eq!(recs.iter().map(|r| r.id).collect::<Vec<_>>(), vec![1]);
     }
 
     #[tokio::test]
