@@ -396,9 +396,13 @@ pub fn render(response: &EngineResponse, json: bool) -> Rendered {
         EngineResponse::Restored(r) => {
             let _ = writeln!(
                 out,
-                "{} restored to {} (verified) in {}: stop {}, fs {}, verify {}, start {}",
+                "{} restored to {} (verified by {}) in {}: stop {}, fs {}, verify {}, start {}",
                 r.sandbox,
                 r.point,
+                match r.verified_by {
+                    crate::engine::VerifiedBy::CloneProvenance => "clone provenance",
+                    crate::engine::VerifiedBy::TreeHash => "tree hash",
+                },
                 ms(r.total_us),
                 ms(r.stop_us),
                 ms(r.fs_us),

@@ -43,10 +43,14 @@ pub struct EngineConfig {
     pub network_base: std::net::Ipv4Addr,
     /// Which recovery points to keep.
     pub retention: RetentionConfig,
-    /// How a restore verifies the restored tree against the manifest's tree hash: `full`
-    /// re-reads every file; `cached` reuses content hashes computed at checkpoint time for
+    /// How a restore verifies the restored tree against the manifest's tree hash (computed
+    /// from the checkpoint's read-only snapshot): `provenance` (btrfs) proves the restored
+    /// tree an unmodified clone of that snapshot, itself unmodified since it was created, from
+    /// the two subvolumes' UUIDs and transaction ids (no file is read; when the proof fails it
+    /// hashes as `cached` does); `cached` reuses content hashes computed at checkpoint time for
     /// files whose inode, size, mtime and ctime are unchanged (a btrfs clone keeps all four;
-    /// btrfs checksums data blocks itself) and reads the rest. Default `cached`.
+    /// btrfs checksums data blocks itself) and reads the rest; `full` re-reads every file.
+    /// Default `provenance`.
     pub restore_verify: RestoreVerify,
     /// btrfs backend: publish a filesystem point as soon as its read-only snapshot exists and
     /// compute its tree hash right after, off the checkpoint's critical path (restore, fork and
@@ -125,8 +129,10 @@ pub enum RestoreVerify {
     /// Re-read and hash every file.
     Full,
     /// Reuse provably unchanged files' content hashes.
-    #[default]
     Cached,
+    /// Prove the restored tree a clone of the read-only snapshot (else as `Cached`).
+    #[default]
+    Provenance,
 }
 
 /// Retention policy for recovery points (per sandbox).

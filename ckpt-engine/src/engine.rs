@@ -217,6 +217,9 @@ pub struct RestoreReport {
     pub fs_us: u64,
     /// Time to verify the tree hashes, µs.
     pub verify_us: u64,
+    /// How the restored trees were verified (the last tree's way when there are several).
+    #[serde(default)]
+    pub verified_by: VerifiedBy,
     /// Time to start the sandbox again (or to restore its processes), µs.
     pub start_us: u64,
     /// The process image restored (its id), `None` when the sandbox started afresh.
@@ -227,6 +230,17 @@ pub struct RestoreReport {
     pub processes: usize,
     /// Total, µs.
     pub total_us: u64,
+}
+
+/// How a restored tree was verified against its snapshot's tree hash.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum VerifiedBy {
+    /// The tree was hashed again (`restore_verify` `full` or `cached`, or no clone proof).
+    #[default]
+    TreeHash,
+    /// Proven an unmodified clone of the read-only snapshot the hash was computed from.
+    CloneProvenance,
 }
 
 /// Result of a verification.
@@ -332,10 +346,9 @@ impl Engine {
         let pool = BtrfsPool::open(&cfg.state_dir, cfg.pool_size_bytes)?;
         let runc = Runc::new(runc_bin, cfg.state_dir.join("runc"));
         let backend: Arc<dyn FsBackend> = match cfg.fs_backend {
-            crate::config::FsBackendKind::Btrfs => Arc::new(BtrfsBackend::new(
-                &pool,
-                cfg.restore_verify == crate::config::RestoreVerify::Cached,
-            )),
+            crate::config::FsBackendKind::Btrfs => {
+                Arc::new(BtrfsBackend::new(&pool, cfg.restore_verify))
+            }
             crate::config::FsBackendKind::Cas => {
                 let dir = cfg
                     .cas_dir
@@ -357,11 +370,8 @@ impl Engine {
             && engine.cfg.fs_backend == crate::config::FsBackendKind::Btrfs
         {
             engine.backend = Arc::new(
-                BtrfsBackend::new(
-                    &engine.pool,
-                    engine.cfg.restore_verify == crate::config::RestoreVerify::Cached,
-                )
-                .with_deferred_hash(engine.manifest_sealer()),
+                BtrfsBackend::new(&engine.pool, engine.cfg.restore_verify)
+                    .with_deferred_hash(engine.manifest_sealer()),
             );
         }
         let meta = engine.meta_root();
@@ -1615,6 +1625,7 @@ impl Engine {
         let mut fs_us = 0;
         let mut verify_us = 0;
         let mut verified = Vec::new();
+        let mut verified_by = VerifiedBy::TreeHash;
         for (tree, path) in &trees {
             let snap = point.fs.iter().find(|t| &t.tree == tree).ok_or_else(|| {
                 EngineError::PointNotFound {
@@ -1626,18 +1637,9 @@ impl Engine {
             self.backend.restore(&snap.snapshot, path)?;
             fs_us += us(t.elapsed());
             let t = Instant::now();
-            let expected = self.expected_hash(&snap.snapshot)?;
-            let actual = self.backend.restored_tree_hash(name, path)?;
+            let (actual, by) = self.verify_restored(name, &point.id, snap, path)?;
             verify_us += us(t.elapsed());
-            if actual != expected {
-                return Err(EngineError::VerifyFailed {
-                    sandbox: name.to_string(),
-                    point: point.id.clone(),
-                    tree: tree.clone(),
-                    expected,
-                    actual,
-                });
-            }
+            verified_by = by;
             verified.push((tree.clone(), actual));
         }
         let t = Instant::now();
@@ -1668,6 +1670,7 @@ impl Engine {
             stop_us,
             fs_us,
             verify_us,
+            verified_by,
             start_us,
             process_image,
             processes,
@@ -1751,17 +1754,23 @@ impl Engine {
         let rootfs = self.rootfs_path(n);
         pool::delete_subvolume(&rootfs)?;
         self.backend.restore(&snap.snapshot, &rootfs)?;
-        let expected = self.expected_hash(&snap.snapshot)?;
-        let actual = self.backend.restored_tree_hash(&rec.name, &rootfs)?;
-        if actual != expected {
-            return Err(EngineError::VerifyFailed {
-                sandbox: n.to_string(),
-                point: point.id.clone(),
-                tree: snap.tree.clone(),
-                expected,
-                actual,
-            });
-        }
+        self.verify_restored(&rec.name, &point.id, snap, &rootfs)
+            .map_err(|e| match e {
+                EngineError::VerifyFailed {
+                    point,
+                    tree,
+                    expected,
+                    actual,
+                    ..
+                } => EngineError::VerifyFailed {
+                    sandbox: n.to_string(),
+                    point,
+                    tree,
+                    expected,
+                    actual,
+                },
+                other => other,
+            })?;
         let cgroups_path = self.cgroups_path(n);
         let cfg = crate::process::fork::derive_fork_config(
             original,
@@ -1914,6 +1923,35 @@ impl Engine {
     /// The tree hash a snapshot is verified against: the manifest's, or for a point published
     /// before its deferred hash was recorded, the hash the backend computed (or computes now)
     /// from the read-only snapshot.
+    /// Verifies tree `snap` of point `point` of `name`, just restored at `path`, against the
+    /// snapshot's tree hash: by clone provenance when the backend proves it (no file read),
+    /// else by hashing the restored tree. Returns the verified hash and how.
+    fn verify_restored(
+        &self,
+        name: &str,
+        point: &str,
+        snap: &crate::manifest::TreeSnapshot,
+        path: &Path,
+    ) -> Result<(String, VerifiedBy), EngineError> {
+        let expected = self.expected_hash(&snap.snapshot)?;
+        let why_not = match self.backend.restored_clone_proof(&snap.snapshot, path) {
+            Ok(()) => return Ok((expected, VerifiedBy::CloneProvenance)),
+            Err(why_not) => why_not,
+        };
+        tracing::debug!(sandbox = name, point, reason = %why_not, "restored tree hashed: no clone proof");
+        let actual = self.backend.restored_tree_hash(name, path)?;
+        if actual != expected {
+            return Err(EngineError::VerifyFailed {
+                sandbox: name.to_string(),
+                point: point.to_string(),
+                tree: snap.tree.clone(),
+                expected,
+                actual,
+            });
+        }
+        Ok((actual, VerifiedBy::TreeHash))
+    }
+
     fn expected_hash(&self, snapshot: &crate::fs::FsSnapshotRef) -> Result<String, EngineError> {
         match self.backend.settle(snapshot, true)? {
             Some(s) => Ok(s.tree_hash),

@@ -17,8 +17,8 @@ use common::{TestEngine, sh};
 const GIB: u64 = 1 << 30;
 
 fn deferred(engine: Engine) -> Engine {
-    let backend =
-        BtrfsBackend::new(engine.pool(), true).with_deferred_hash(engine.manifest_sealer());
+    let backend = BtrfsBackend::new(engine.pool(), ckpt_engine::config::RestoreVerify::Cached)
+        .with_deferred_hash(engine.manifest_sealer());
     engine.with_backend(Arc::new(backend))
 }
 

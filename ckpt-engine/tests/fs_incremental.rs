@@ -309,7 +309,7 @@ fn btrfs_snapshots_hash_incrementally_and_distrust_bad_caches() {
     pool::create_subvolume(&source).unwrap();
     populate(&source);
 
-    let backend = BtrfsBackend::new(pool, true);
+    let backend = BtrfsBackend::new(pool, ckpt_engine::config::RestoreVerify::Cached);
     let mut parent = snap(&backend, &source, "cp-0", None);
     assert_eq!(
         parent.tree_hash,
@@ -341,7 +341,7 @@ fn btrfs_snapshots_hash_incrementally_and_distrust_bad_caches() {
 
     // A new instance (engine restart): the parent's index comes from its cache file.
     write(&source, "src/m0/f0.rs", b"after restart");
-    let backend = BtrfsBackend::new(pool, true);
+    let backend = BtrfsBackend::new(pool, ckpt_engine::config::RestoreVerify::Cached);
     let s = snap(&backend, &source, "cp-disk", Some(&parent));
     assert_eq!(backend.last_hash("fsinc").unwrap().0, IndexSource::Disk);
     assert_eq!(s.tree_hash, tree_hash(&snapshot_path(pool, &s)).unwrap());
@@ -355,7 +355,7 @@ fn btrfs_snapshots_hash_incrementally_and_distrust_bad_caches() {
     bytes[mid] ^= 0x01;
     std::fs::write(&cache, &bytes).unwrap();
     write(&source, "src/m0/f1.rs", b"after corruption");
-    let backend = BtrfsBackend::new(pool, true);
+    let backend = BtrfsBackend::new(pool, ckpt_engine::config::RestoreVerify::Cached);
     let s2 = snap(&backend, &source, "cp-corrupt", Some(&s));
     let (kind, stats) = backend.last_hash("fsinc").unwrap();
     assert_eq!(kind, IndexSource::None, "a corrupt cache is not used");
@@ -372,14 +372,14 @@ fn btrfs_snapshots_hash_incrementally_and_distrust_bad_caches() {
         ..s2.clone()
     };
     write(&source, "docs/readme.md", b"# changed");
-    let backend = BtrfsBackend::new(pool, true);
+    let backend = BtrfsBackend::new(pool, ckpt_engine::config::RestoreVerify::Cached);
     let s3 = snap(&backend, &source, "cp-other", Some(&other));
     assert_eq!(backend.last_hash("fsinc").unwrap().0, IndexSource::None);
     assert_eq!(s3.tree_hash, tree_hash(&snapshot_path(pool, &s3)).unwrap());
 
     // A missing cache file: full rehash.
     std::fs::remove_file(backend.cache_path(&s3).unwrap()).unwrap();
-    let backend = BtrfsBackend::new(pool, true);
+    let backend = BtrfsBackend::new(pool, ckpt_engine::config::RestoreVerify::Cached);
     let s4 = snap(&backend, &source, "cp-missing", Some(&s3));
     assert_eq!(backend.last_hash("fsinc").unwrap().0, IndexSource::None);
     assert_eq!(s4.tree_hash, s3.tree_hash, "nothing changed");
@@ -437,7 +437,7 @@ fn first_snapshots_hash_and_measure_against_the_base_image() {
     pool::snapshot_subvolume(&building, &image, true).unwrap();
     let _images = ImagesGuard(vec![building.clone(), image.clone()]);
 
-    let backend = BtrfsBackend::new(pool, true);
+    let backend = BtrfsBackend::new(pool, ckpt_engine::config::RestoreVerify::Cached);
     let source = pool.sandboxes_dir().join("fsinc");
     pool::snapshot_subvolume(&image, &source, false).unwrap();
     write(&source, "src/m1/f2.rs", b"edited by the task");

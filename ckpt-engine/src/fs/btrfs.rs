@@ -38,18 +38,23 @@
 //! its data) would be taken as its contents.
 //!
 //! Restore = a writable snapshot of the checkpoint next to the target, then swapped in by rename.
+//! With `restore_verify = "provenance"` the restored tree is verified without reading it:
+//! [`provenance`] proves it an unmodified clone of the read-only snapshot the recorded hash was
+//! computed from; when that proof fails the tree is hashed as with `cached`.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::time::Instant;
 
+use super::provenance;
 use super::send_stream::{self, SendSummary};
 use super::tree_hash::{Dirty, HashStats, TreeIndex, hash_tree, tree_hash};
 use super::{
     FsBackend, FsError, FsSnapshotRef, Sealer, Settled, SnapshotOutcome, SnapshotRequest,
     tree_cache, validate_id,
 };
+use crate::config::RestoreVerify;
 use crate::pool::{self, BtrfsPool};
 use crate::sys;
 
@@ -59,8 +64,8 @@ pub const NAME: &str = "btrfs";
 /// The btrfs CoW backend over a [`BtrfsPool`].
 pub struct BtrfsBackend {
     inner: Arc<Inner>,
-    /// Whether restore verification may reuse cached content hashes.
-    cached_restore_verify: bool,
+    /// How a restored tree is verified.
+    restore_verify: RestoreVerify,
     /// Deferred hashing: publish before the tree hash is computed, and record it with this.
     sealer: Option<Sealer>,
 }
@@ -110,11 +115,13 @@ pub enum IndexSource {
 
 impl BtrfsBackend {
     /// A backend storing snapshots under the pool's `snapshots/` directory.
-    /// With `cached_restore_verify`, the hash of a restored tree reuses the content hashes
-    /// computed at snapshot time for files whose inode, size, mtime and ctime are unchanged (a
-    /// btrfs snapshot clone keeps all four, and btrfs checksums the data itself); the restored
-    /// tree is still listed and stat'ed entirely. Otherwise every file is read again.
-    pub fn new(pool: &BtrfsPool, cached_restore_verify: bool) -> Self {
+    /// `restore_verify` (see [`RestoreVerify`]): `Provenance` proves a restored tree an
+    /// unmodified clone of its read-only snapshot from subvolume metadata ([`provenance`]) and
+    /// otherwise hashes it as `Cached` does; `Cached` reuses the content hashes computed at
+    /// snapshot time for files whose inode, size, mtime and ctime are unchanged (a btrfs
+    /// snapshot clone keeps all four, and btrfs checksums the data itself), the restored tree
+    /// still listed and stat'ed entirely; `Full` reads every file again.
+    pub fn new(pool: &BtrfsPool, restore_verify: RestoreVerify) -> Self {
         BtrfsBackend {
             inner: Arc::new(Inner {
                 snapshots: pool.snapshots_dir(),
@@ -126,7 +133,7 @@ impl BtrfsBackend {
                 job_done: Condvar::new(),
                 data_space: OnceLock::new(),
             }),
-            cached_restore_verify,
+            restore_verify,
             sealer: None,
         }
     }
@@ -707,7 +714,7 @@ impl FsBackend for BtrfsBackend {
     }
 
     fn restored_tree_hash(&self, sandbox_id: &str, root: &Path) -> Result<String, FsError> {
-        if !self.cached_restore_verify {
+        if self.restore_verify == RestoreVerify::Full {
             return tree_hash(root);
         }
         // Every directory is listed and every entry stat'ed (nothing is assumed about the
@@ -717,6 +724,14 @@ impl FsBackend for BtrfsBackend {
             indexes.get(sandbox_id).map(|(_, i)| Arc::clone(i))
         };
         Ok(hash_tree(root, latest.as_deref(), &Dirty::All)?.0.tree_hash)
+    }
+
+    fn restored_clone_proof(&self, snapshot: &FsSnapshotRef, root: &Path) -> Result<(), String> {
+        if self.restore_verify != RestoreVerify::Provenance {
+            return Err("restore_verify is not \"provenance\"".to_string());
+        }
+        let src = self.inner.path_of(snapshot).map_err(|e| e.to_string())?;
+        provenance::prove_clone(&src, root)
     }
 
     fn list(&self, sandbox_id: &str) -> Result<Vec<String>, FsError> {

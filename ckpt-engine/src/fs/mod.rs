@@ -22,6 +22,7 @@
 
 pub mod btrfs;
 pub mod cas;
+pub mod provenance;
 pub mod send_stream;
 pub mod tree_cache;
 pub mod tree_hash;
@@ -195,6 +196,15 @@ pub trait FsBackend: Send + Sync {
     fn restored_tree_hash(&self, sandbox_id: &str, root: &Path) -> Result<String, FsError> {
         let _ = sandbox_id;
         self.tree_hash_of(root)
+    }
+
+    /// Whether `root`, right after [`FsBackend::restore`] of `snapshot`, is proven to hold
+    /// exactly the snapshot's tree without reading it (btrfs: an unmodified clone of the
+    /// unmodified read-only snapshot, see [`provenance`]). `Err` says why not; the caller then
+    /// hashes the tree. The default proves nothing.
+    fn restored_clone_proof(&self, snapshot: &FsSnapshotRef, root: &Path) -> Result<(), String> {
+        let _ = (snapshot, root);
+        Err("the backend has no clone provenance".to_string())
     }
 }
 

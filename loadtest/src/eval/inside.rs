@@ -508,6 +508,7 @@ async fn recover(
     };
     match inst.method.recovery() {
         Recovery::RestorePoint => {
+            let asked = Instant::now();
             let r = crab
                 .admin_post(
                     &format!("/api/sandboxes/{sandbox}/restore"),
@@ -515,6 +516,12 @@ async fn recover(
                 )
                 .await
                 .with_context(|| format!("{sandbox}: restore after the crash"))?;
+            tracing::debug!(
+                sandbox,
+                ms = asked.elapsed().as_millis() as u64,
+                report = %r["report"],
+                "restored after the crash"
+            );
             let mut at = r["turn"]
                 .as_u64()
                 .with_context(|| format!("{sandbox}: the restore names no turn: {r}"))?
