@@ -113,7 +113,14 @@ impl EngineHost {
                 }
                 json_response(StatusCode::OK, &response)
             }
-            Ok(Err(e)) => error_response(&e.to_api()),
+            Ok(Err(e)) => {
+                if let (Some(c), Some(EngineRequest::Restore { .. })) =
+                    (coordinator, &watched_request)
+                {
+                    c.metrics.observe_restore(None);
+                }
+                error_response(&e.to_api())
+            }
             Err(e) => error_response(&internal(format!("engine task failed: {e}"))),
         }
     }

@@ -620,6 +620,14 @@ async fn restore_by_turn_replays_rollback_and_fork_branches() {
     assert_eq!(r["turn"], 4, "{r}");
     assert!(r["replayable"].as_u64().unwrap() >= 5, "{r}");
     assert_state_after(&d, &name, 4).await;
+    // Both restores (the rollback's and this one) were verified without re-reading the tree.
+    assert_eq!(r["report"]["verified_by"], "clone-provenance", "{r}");
+    let proven = metric(
+        &d,
+        "crab_restores_total{verified_by=\"clone-provenance\",outcome=\"restored\"}",
+    )
+    .await;
+    assert_eq!(proven, 2.0, "restores counted by verification");
     let upstream_before = llm.requests().len();
     let url = format!("http://{}/sandbox/{name}/v1/chat/completions", d.proxy);
     for (i, (body, reply)) in run.exchanges.iter().take(5).enumerate() {

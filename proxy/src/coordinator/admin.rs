@@ -306,7 +306,12 @@ pub async fn restore(
     let (n, p) = (name.to_owned(), t.point.clone());
     let report = blocking(move || engine.restore(&n, Some(&p)))
         .await?
-        .map_err(|e| CoordinatorError::Engine(e.to_api()))?;
+        .map_err(|e| CoordinatorError::Engine(e.to_api()));
+    shared
+        .coordinator
+        .metrics
+        .observe_restore(report.as_ref().ok());
+    let report = report?;
     shared
         .coordinator
         .restored(name, &t.point, t.turn, t.tracker.clone())

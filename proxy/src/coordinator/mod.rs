@@ -118,6 +118,13 @@ pub struct PlanLabels {
     pub outcome: &'static str,
 }
 
+/// Labels of a restore: how its trees were verified, and whether it succeeded.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RestoreLabels {
+    pub verified_by: &'static str,
+    pub outcome: &'static str,
+}
+
 /// The coordinator's metrics (registered under `crab_`).
 pub struct CoordinatorMetrics {
     /// Turn ends by plan (skip/fs/full) and outcome (durable/skipped/failed).
@@ -132,6 +139,10 @@ pub struct CoordinatorMetrics {
     pub inspect_seconds: Histogram,
     /// Requests answered from the transcript after a restore.
     pub replayed: Counter,
+    /// In-place restores by verification and outcome.
+    pub restores: Family<RestoreLabels, Counter>,
+    /// In-place restore time (stop, filesystem, verification, processes).
+    pub restore_seconds: Histogram,
 }
 
 impl CoordinatorMetrics {
@@ -143,6 +154,8 @@ impl CoordinatorMetrics {
             checkpoint_seconds: Histogram::new(exponential_buckets(0.001, 2.0, 16)),
             inspect_seconds: Histogram::new(exponential_buckets(0.000_05, 2.0, 16)),
             replayed: Counter::default(),
+            restores: Family::default(),
+            restore_seconds: Histogram::new(exponential_buckets(0.001, 2.0, 16)),
         };
         let r = registry.sub_registry_with_prefix("crab");
         r.register(
@@ -175,7 +188,39 @@ impl CoordinatorMetrics {
             "Requests answered from the transcript while an agent caught up after a restore",
             m.replayed.clone(),
         );
+        r.register(
+            "restores",
+            "In-place restores by how the restored trees were verified and by outcome",
+            m.restores.clone(),
+        );
+        r.register(
+            "restore_seconds",
+            "In-place restore time: stop, filesystem, verification, processes",
+            m.restore_seconds.clone(),
+        );
         m
+    }
+
+    /// Counts a restore: its report when it succeeded, else a failure.
+    pub fn observe_restore(&self, report: Option<&ckpt_engine::engine::RestoreReport>) {
+        use ckpt_engine::engine::VerifiedBy;
+        let labels = match report {
+            Some(r) => {
+                self.restore_seconds.observe(r.total_us as f64 / 1e6);
+                RestoreLabels {
+                    verified_by: match r.verified_by {
+                        VerifiedBy::CloneProvenance => "clone-provenance",
+                        VerifiedBy::TreeHash => "tree-hash",
+                    },
+                    outcome: "restored",
+                }
+            }
+            None => RestoreLabels {
+                verified_by: "none",
+                outcome: "failed",
+            },
+        };
+        self.restores.get_or_create(&labels).inc();
     }
 }
 
@@ -1063,6 +1108,7 @@ impl Coordinator {
                 self.addrs.lock().retain(|_, n| n != name);
             }
             (Rq::Restore { name, .. }, Rs::Restored(report)) => {
+                self.metrics.observe_restore(Some(report));
                 let entries = self.entries(name).await.unwrap_or_default();
                 let at = journal::last_with_point(&entries, &report.point);
                 let (turn, tracker) = (at.map(|e| e.turn), at.and_then(|e| e.tracker.clone()));
