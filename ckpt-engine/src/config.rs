@@ -79,6 +79,10 @@ pub struct EngineProcessConfig {
     /// Give CRIU a kernel-feature cache where `/run` is not a tmpfs (a read-only bind mount on
     /// `/run/criu.kdat`, gone at reboot). Default true.
     pub kdat_cache: bool,
+    /// After each full checkpoint, share the 4 KiB memory blocks its image has in common with
+    /// the sandbox's previous image (btrfs deduplication, kernel-verified, in the background),
+    /// so an image takes the space of what changed. Default true.
+    pub dedupe_images: bool,
 }
 
 impl Default for EngineProcessConfig {
@@ -89,6 +93,7 @@ impl Default for EngineProcessConfig {
             hook_timeout_secs: d.hook_timeout_secs,
             operation_timeout_secs: d.operation_timeout_secs,
             kdat_cache: d.kdat_cache,
+            dedupe_images: true,
         }
     }
 }

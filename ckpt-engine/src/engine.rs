@@ -278,6 +278,8 @@ pub struct Engine {
     backend: Arc<dyn FsBackend>,
     /// CRIU backend on this engine's runc state, or why there is none (no CRIU).
     process: Result<ProcessBackend, String>,
+    /// Background deduplication of new process images against the previous ones.
+    image_dedupe: crate::process::image_dedupe::ImageDedupe,
 }
 
 /// Describes each named sandbox with `info`, leaving out those gone meanwhile (`SandboxNotFound`);
@@ -365,6 +367,7 @@ impl Engine {
             runc,
             backend,
             process,
+            image_dedupe: Default::default(),
         };
         if engine.cfg.deferred_tree_hash
             && engine.cfg.fs_backend == crate::config::FsBackendKind::Btrfs
@@ -385,6 +388,13 @@ impl Engine {
     }
 
     /// Replaces the filesystem backend (e.g. the content-addressed one).
+    /// Waits for the background deduplication of the process images published so far and
+    /// returns the totals over the engine's lifetime.
+    pub fn settle_image_dedupe(&self) -> crate::process::image_dedupe::DedupeTotals {
+        self.image_dedupe.wait();
+        self.image_dedupe.totals()
+    }
+
     pub fn with_backend(mut self, backend: Arc<dyn FsBackend>) -> Self {
         self.backend = backend;
         self
@@ -1363,6 +1373,12 @@ impl Engine {
         );
         match result {
             Ok(cp) => {
+                if self.cfg.process.dedupe_images
+                    && let Some(prev) = parent.and_then(|p| p.process.as_ref())
+                {
+                    self.image_dedupe
+                        .spawn(rec.name.clone(), images.join(&prev.id), dest.clone());
+                }
                 point.frozen_us = cp.info.criu_stats.frozen_time_us;
                 point.process = Some(image_ref(id, &cp.info));
                 // What the image does not bring back (closed TCP connections).
@@ -1976,6 +1992,7 @@ impl Engine {
 
     /// Removes every sandbox and unmounts a loop-file pool (explicit teardown).
     pub fn teardown(self) -> Result<(), EngineError> {
+        self.image_dedupe.wait();
         for name in self.names()? {
             self.destroy(&name)?;
         }

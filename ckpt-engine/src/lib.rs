@@ -23,7 +23,8 @@
 //! Invariants: only published recovery points are visible; every id read from disk is validated
 //! before it becomes a path; a restore is verified against the snapshot's tree hash (by clone
 //! provenance or by hashing the restored tree) before the sandbox runs again.
-// `unsafe` only in `fs::provenance` (one btrfs ioctl, `// SAFETY:` on each block).
+// `unsafe` only for two btrfs/VFS ioctls, in `fs::provenance` and `fs::dedupe` (`// SAFETY:` on
+// each block).
 #![deny(unsafe_code)]
 
 pub mod api;

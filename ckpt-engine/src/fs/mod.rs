@@ -22,6 +22,7 @@
 
 pub mod btrfs;
 pub mod cas;
+pub mod dedupe;
 pub mod provenance;
 pub mod send_stream;
 pub mod tree_cache;

@@ -28,7 +28,8 @@ use super::{ProcessConfig, ProcessError, validate_container_id};
 
 /// Version of [`ProcessImageInfo`]'s format.
 pub const IMAGE_FORMAT_VERSION: u32 = 1;
-const IMAGES: &str = "images";
+/// Subdirectory of a published image holding CRIU's files.
+pub const IMAGES: &str = "images";
 const WORK: &str = "work";
 const INFO: &str = "process.json";
 const PARTIAL_SUFFIX: &str = ".partial";

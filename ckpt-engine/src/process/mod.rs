@@ -23,6 +23,8 @@
 //! - [`reaper`]: child-subreaper setup and reaping of restored sandbox inits.
 //! - [`proctree`]: runc started as a process group leader; ending runc, CRIU and everything
 //!   they started when Crab gives up on an operation.
+//! - [`image_dedupe`]: sharing each new image's unchanged memory blocks with the previous
+//!   image, in the background.
 //!
 //! Invariants:
 //! - An image directory is visible under its final name only when CRIU succeeded, the hook
@@ -45,6 +47,7 @@ pub mod criu_log;
 pub mod fork;
 pub mod freeze;
 pub mod hook;
+pub mod image_dedupe;
 pub mod kdat;
 pub mod proctree;
 pub mod reaper;
