@@ -95,6 +95,11 @@ pub struct RunResult {
     pub crab_write_bytes: u64,
     /// crab's peak RSS, bytes.
     pub crab_peak_rss: u64,
+    /// The process images and manifests of the run's sandboxes as stored (each measured right
+    /// before the sandbox's removal), when measured: logical bytes and bytes on disk after
+    /// deduplication (`btrfs filesystem du`).
+    #[serde(default)]
+    pub meta_stored: Option<StoredBytes>,
     /// Why the run as a whole failed (harness or crab error), if it did.
     #[serde(default)]
     pub error: Option<String>,
@@ -170,4 +175,13 @@ pub struct CrashRecord {
     /// Commands re-executed after the recovery.
     pub replayed_commands: usize,
     pub recovery_ms: f64,
+}
+
+/// Logical and on-disk size of a set of files (see [`RunResult::meta_stored`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoredBytes {
+    /// Sum of the files' sizes.
+    pub logical: u64,
+    /// Space their extents take, each shared extent once.
+    pub on_disk: u64,
 }

@@ -27,7 +27,7 @@ use super::crash;
 use super::inside::{self, InsideCtx};
 use super::method::Method;
 use super::results::{
-    EvalConfig, Machine, PlanCounts, REPORT_VERSION, Report, RunResult, TaskResult,
+    EvalConfig, Machine, PlanCounts, REPORT_VERSION, Report, RunResult, StoredBytes, TaskResult,
 };
 use super::workload::{self, Suite, Task};
 use crate::demo::agent::AgentApi;
@@ -485,6 +485,11 @@ impl Cell<'_> {
             result.plans.full += t.plans.full;
             result.plans.failed += t.plans.failed;
             result.checkpoint_bytes += r.bytes;
+            if let Some(st) = r.stored {
+                let m = result.meta_stored.get_or_insert_with(StoredBytes::default);
+                m.logical += st.logical;
+                m.on_disk += st.on_disk;
+            }
             result.exposed_delay_ms.extend(r.exposed_ms);
             for (plan, ms) in r.checkpoint_ms {
                 result.checkpoint_ms.entry(plan).or_default().push(ms);
@@ -514,6 +519,31 @@ fn keep_artifacts(state: &Path, dest: &Path) {
             let _ = std::fs::copy(e.path(), dest.join(sub).join(e.file_name()));
         }
     }
+}
+
+/// Logical and on-disk bytes of the files under `dir` (`btrfs filesystem du -s --raw`: total,
+/// and exclusive plus shared, each shared extent once), `None` when it cannot say.
+fn disk_usage(dir: &Path) -> Option<StoredBytes> {
+    let out = std::process::Command::new("btrfs")
+        .args(["filesystem", "du", "-s", "--raw"])
+        .arg(dir)
+        .output()
+        .ok()?;
+    if !out.status.success() {
+        return None;
+    }
+    parse_du(&String::from_utf8_lossy(&out.stdout))
+}
+
+/// The figures of `btrfs filesystem du -s --raw`'s last line (total, exclusive, set shared).
+fn parse_du(text: &str) -> Option<StoredBytes> {
+    let line = text.lines().rev().find(|l| !l.trim().is_empty())?;
+    let mut nums = line.split_whitespace().map(|v| v.parse::<u64>());
+    let (total, exclusive, shared) = (nums.next()?.ok()?, nums.next()?.ok()?, nums.next()?.ok()?);
+    Some(StoredBytes {
+        logical: total,
+        on_disk: exclusive + shared,
+    })
 }
 
 /// `read_bytes` and `write_bytes` of /proc/PID/io.
@@ -548,6 +578,8 @@ struct InstanceResult {
     task: TaskResult,
     state: Option<FinalState>,
     bytes: u64,
+    /// The sandbox's process images and manifests on disk right before its removal.
+    stored: Option<StoredBytes>,
     exposed_ms: Vec<f64>,
     checkpoint_ms: Vec<(String, f64)>,
 }
@@ -593,6 +625,7 @@ impl WorkerCtx {
             task: TaskResult::default(),
             state: None,
             bytes: 0,
+            stored: None,
             exposed_ms: Vec::new(),
             checkpoint_ms: Vec::new(),
         };
@@ -633,6 +666,12 @@ impl WorkerCtx {
                     None => format!("collecting: {e:#}"),
                 });
             }
+        }
+        if self.method.policy() != "off" {
+            // Crab deduplicates a process image in the background right after its checkpoint;
+            // by now (the transcript and points were read) the last one is normally done.
+            let meta = self.state_dir.join("engine").join("pool").join("meta");
+            out.stored = disk_usage(&meta.join(&sandbox));
         }
         let _ = self
             .crab
@@ -708,5 +747,28 @@ impl WorkerCtx {
         let _ = std::fs::write(dir.join(format!("{sandbox}.json")), points.to_string());
         let (fs, images) = point_bytes(points.as_array().map_or(&[], |v| v.as_slice()));
         Ok((plans, fs + images, exposed, ckpt))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn du_summary_line_is_read() {
+        let out = "     Total   Exclusive  Set shared  Filename\n\
+                   104857600    10485760     5242880  /pool/meta\n";
+        assert_eq!(
+            parse_du(out),
+            Some(StoredBytes {
+                logical: 104_857_600,
+                on_disk: 15_728_640
+            })
+        );
+        assert_eq!(
+            parse_du("     Total   Exclusive  Set shared  Filename\n"),
+            None
+        );
+        assert_eq!(parse_du(""), None);
     }
 }

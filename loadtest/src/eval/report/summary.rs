@@ -10,7 +10,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use serde::Serialize;
 
-use crate::eval::results::{CrashRecord, PlanCounts, Report, RunResult, TaskResult};
+use crate::eval::results::{CrashRecord, PlanCounts, Report, RunResult, StoredBytes, TaskResult};
 
 /// The fault-free reference without checkpoints.
 pub const OFF: &str = "off";
@@ -166,6 +166,9 @@ pub struct BytesRow {
     pub bytes_per_task: Option<f64>,
     /// `1 - per_task / full-every-turn's per_task` in percent, over the densities both ran.
     pub reduction_vs_full_pct: Option<f64>,
+    /// Process images and manifests at the runs' ends, logical and on disk after
+    /// deduplication, summed over the runs that measured them.
+    pub meta_stored: Option<StoredBytes>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize)]
@@ -672,6 +675,13 @@ fn bytes_row(
             .and_then(|(a, b)| ratio(a, b))
             .map(|r| (1.0 - r) * 100.0)
     };
+    let meta_stored = runs
+        .iter()
+        .filter_map(|r| r.meta_stored)
+        .reduce(|a, b| StoredBytes {
+            logical: a.logical + b.logical,
+            on_disk: a.on_disk + b.on_disk,
+        });
     BytesRow {
         suite: suite.cloned(),
         method: method.to_owned(),
@@ -679,6 +689,7 @@ fn bytes_row(
         task_instances,
         bytes_per_task: ratio(bytes as f64, task_instances as f64),
         reduction_vs_full_pct,
+        meta_stored,
     }
 }
 

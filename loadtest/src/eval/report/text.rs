@@ -170,7 +170,11 @@ pub fn render(s: &Summary) -> String {
     // Methods with checkpoints as rows, bytes per task instance per suite as columns.
     let mut headers: Vec<String> = vec!["method".to_owned()];
     headers.extend(s.suites.iter().map(|c| format!(">{c}")));
-    headers.extend([">total".to_owned(), ">vs full-every-turn".to_owned()]);
+    headers.extend([
+        ">total".to_owned(),
+        ">vs full-every-turn".to_owned(),
+        ">images on disk".to_owned(),
+    ]);
     let mut t = TextTable::new(&headers.iter().map(String::as_str).collect::<Vec<_>>());
     for m in &s.methods {
         let rows: Vec<_> = s.bytes.iter().filter(|r| &r.method == m).collect();
@@ -189,9 +193,17 @@ pub fn render(s: &Summary) -> String {
                 .and_then(|r| r.reduction_vs_full_pct)
                 .map_or_else(|| NONE.to_owned(), |p| format!("{p:.1}% less")),
         );
+        cells.push(total.and_then(|r| r.meta_stored).map_or_else(
+            || NONE.to_owned(),
+            |m| format!("{} of {}", bytes(m.on_disk as f64), bytes(m.logical as f64)),
+        ));
         t.row(cells);
     }
-    section(&mut out, "Checkpoint bytes per task instance", &t);
+    section(
+        &mut out,
+        "Checkpoint bytes per task instance (images on disk: each sandbox's process images and manifests before its removal, deduplicated, of their written size)",
+        &t,
+    );
 
     let mut t = TextTable::new(&[
         "suite", "method", ">turns", ">skip", ">fs", ">full", ">failed",
