@@ -70,7 +70,7 @@ pub fn plan(seed: u64, instance: usize, turns: usize, count: usize) -> Vec<Crash
         .map(|s| CrashPoint {
             turn: s / MOMENTS.len() + 1,
             when: MOMENTS[s % MOMENTS.len()],
-            kind: if splitmix(&mut state) % 2 == 0 {
+            kind: if splitmix(&mut state).is_multiple_of(2) {
                 Kind::Processes
             } else {
                 Kind::Container

@@ -410,7 +410,7 @@ impl Cell<'_> {
                 method,
                 crashes: self.args.crashes,
                 seed: self.args.seed,
-                model: self.model.clone(),
+                model: *self.model,
                 time_scale: self.args.time_scale,
                 label: format!("e{}{}{n}", std::process::id() % 10_000, method.tag()),
                 placement: self.args.placement,
