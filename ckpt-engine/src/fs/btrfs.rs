@@ -70,6 +70,9 @@ pub struct BtrfsBackend {
     sealer: Option<Sealer>,
 }
 
+/// The identity of a base image subvolume an index was computed on: device, ctime (s, ns).
+type ImageStamp = (u64, i64, i64);
+
 /// State shared with background hashing jobs.
 struct Inner {
     snapshots: PathBuf,
@@ -83,7 +86,7 @@ struct Inner {
     /// the identity of the subvolume they were computed on (device, ctime): an image is
     /// immutable, so its index serves every sandbox made from it; a rebuilt image at the same
     /// path is a new subvolume and is hashed again.
-    image_indexes: Mutex<HashMap<PathBuf, ((u64, i64, i64), Arc<TreeIndex>)>>,
+    image_indexes: Mutex<HashMap<PathBuf, (ImageStamp, Arc<TreeIndex>)>>,
     /// Deferred hashing jobs by snapshot id.
     jobs: Mutex<HashMap<String, Job>>,
     /// Signalled whenever a job finishes.
