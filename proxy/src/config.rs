@@ -194,7 +194,10 @@ pub struct TranscriptConfig {
     /// Default 1000.
     pub sync_interval_ms: Option<u64>,
     /// Records queued for the writer before new requests wait for it (backpressure: records
-    /// are never dropped; a request waits before its body is read). Default 4096.
+    /// are never dropped; a request waits before its body is read). A backstop: the byte bound
+    /// below is the one meant to act (with 4096 records, the former default, a writer stall
+    /// in a benchmark at 1000 concurrent streams made 1000 requests wait 53 ms on average).
+    /// Default 65536.
     pub queue_capacity: Option<usize>,
     /// Encoded record bytes queued for the writer before new requests wait for it: bounds the
     /// memory a slow disk can cost (plus the records of requests already in flight). Default
@@ -521,7 +524,7 @@ impl Config {
             rotated_files: tc.rotated_files.unwrap_or(2),
             max_body_bytes: tc.max_body_bytes.unwrap_or(8 * 1024 * 1024),
             sync_interval: ms(tc.sync_interval_ms, 1000),
-            queue_capacity: tc.queue_capacity.unwrap_or(4096),
+            queue_capacity: tc.queue_capacity.unwrap_or(65_536),
             max_queue_bytes: tc.max_queue_bytes.unwrap_or(64 * 1024 * 1024),
         };
         if transcript.max_file_bytes < 4096 {

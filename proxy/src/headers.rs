@@ -17,7 +17,11 @@ const HOP_BY_HOP: &[HeaderName] = &[
 /// Removes hop-by-hop headers, including those named in `Connection`, plus `keep-alive` and
 /// `proxy-connection`. Everything else is left exactly as it was (order and case of values).
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    // Fast path: most requests have no `Connection` header.
+    // Fast path: one pass over the names (cheap comparisons) instead of nine hashed removals
+    // per message; most requests and responses carry no hop-by-hop header at all.
+    if !headers.keys().any(is_hop_by_hop) {
+        return;
+    }
     if let Some(conn) = headers.get(header::CONNECTION) {
         let named: Vec<HeaderName> = conn
             .to_str()
@@ -34,6 +38,10 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     }
     headers.remove("keep-alive");
     headers.remove("proxy-connection");
+}
+
+fn is_hop_by_hop(name: &HeaderName) -> bool {
+    HOP_BY_HOP.contains(name) || name == "keep-alive" || name == "proxy-connection"
 }
 
 /// Placeholder written instead of a secret header value.

@@ -752,7 +752,8 @@ impl Writer {
         line: &[u8],
         sync: bool,
     ) -> Result<(), TranscriptError> {
-        let path = transcript_path(&self.settings.dir, sandbox);
+        // The path is built only when a file is opened or an error is reported (not per line).
+        let path = |dir: &Path| transcript_path(dir, sandbox);
         let needs_rotation = self
             .files
             .get(sandbox)
@@ -773,10 +774,10 @@ impl Writer {
             let file = OpenOptions::new()
                 .create(true)
                 .append(true)
-                .open(&path)
+                .open(path(&self.settings.dir))
                 .map_err(|source| TranscriptError::Io {
                     op: "open",
-                    path: path.clone(),
+                    path: path(&self.settings.dir),
                     source,
                 })?;
             let size = file.metadata().map(|m| m.len()).unwrap_or(0);
@@ -801,7 +802,7 @@ impl Writer {
             .write_all(line)
             .map_err(|source| TranscriptError::Io {
                 op: "write",
-                path: path.clone(),
+                path: path(&self.settings.dir),
                 source,
             })?;
         f.size += line.len() as u64;
