@@ -50,11 +50,16 @@ pub struct Args {
     #[arg(long, value_delimiter = ',', default_value = "1,64,1000")]
     pub concurrency: Vec<usize>,
     /// Paths to compare (`direct` is always included: the others are measured against it).
+    /// `crab-baseline` is a second crab binary (`--crab-baseline`), e.g. the build before a
+    /// change, measured interleaved with the others in the same run.
     #[arg(long, value_delimiter = ',', default_value = "direct,crab,nginx")]
     pub paths: Vec<String>,
     /// The crab binary (default: $CRAB_BIN, else `crab` next to this binary).
     #[arg(long, env = "CRAB_BIN")]
     pub crab: Option<PathBuf>,
+    /// The crab binary of the `crab-baseline` path (added to `--paths` when given).
+    #[arg(long)]
+    pub crab_baseline: Option<PathBuf>,
     /// Directory for `proxy-bench.json` (created).
     #[arg(long)]
     pub out: Option<PathBuf>,
@@ -108,10 +113,11 @@ pub fn run(args: Args) -> anyhow::Result<()> {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "lowercase")]
+#[serde(rename_all = "kebab-case")]
 enum PathKind {
     Direct,
     Crab,
+    CrabBaseline,
     Nginx,
 }
 
@@ -120,6 +126,7 @@ impl PathKind {
         match self {
             PathKind::Direct => "direct",
             PathKind::Crab => "crab",
+            PathKind::CrabBaseline => "crab-baseline",
             PathKind::Nginx => "nginx",
         }
     }
@@ -487,6 +494,9 @@ struct CrabSelfReport {
     added_p99_le_us: Option<f64>,
     added_p999_le_us: Option<f64>,
     transcript_dropped: Option<f64>,
+    /// Requests that waited for the transcript writer (backpressure), and their total wait.
+    transcript_queue_waits: Option<f64>,
+    transcript_queue_wait_seconds: Option<f64>,
 }
 
 /// Parses the Prometheus text of crab's `/metrics` (pure).
@@ -510,6 +520,10 @@ fn crab_self_report(metrics: &str) -> CrabSelfReport {
             r.requests = v.trim().parse::<f64>().unwrap_or(0.0) as u64;
         } else if let Some(v) = line.strip_prefix("crab_transcript_dropped_total ") {
             r.transcript_dropped = v.trim().parse().ok();
+        } else if let Some(v) = line.strip_prefix("crab_transcript_queue_wait_seconds_count ") {
+            r.transcript_queue_waits = v.trim().parse().ok();
+        } else if let Some(v) = line.strip_prefix("crab_transcript_queue_wait_seconds_sum ") {
+            r.transcript_queue_wait_seconds = v.trim().parse().ok();
         }
     }
     buckets.sort_by(|a, b| a.0.total_cmp(&b.0));
@@ -533,6 +547,7 @@ struct Report {
     command: String,
     crab_self_reported: Option<CrabSelfReport>,
     crab_binary: Option<String>,
+    crab_baseline_binary: Option<String>,
     machine: Machine,
     latency: Vec<LatencyRow>,
     stream_ttfb: Vec<LatencyRow>,
@@ -570,8 +585,13 @@ async fn run_async(args: Args) -> anyhow::Result<()> {
         pid: None,
     }];
     let mut crab: Option<CrabProcess> = None;
+    let mut baseline: Option<CrabProcess> = None;
     let mut nginx: Option<NginxProcess> = None;
-    for p in &args.paths {
+    let mut paths = args.paths.clone();
+    if args.crab_baseline.is_some() && !paths.iter().any(|p| p == "crab-baseline") {
+        paths.push("crab-baseline".into());
+    }
+    for p in &paths {
         match p.as_str() {
             "direct" => {}
             "crab" => {
@@ -585,6 +605,24 @@ async fn run_async(args: Args) -> anyhow::Result<()> {
                 });
                 crab = Some(c);
             }
+            "crab-baseline" => {
+                let bin = args
+                    .crab_baseline
+                    .as_deref()
+                    .context("the crab-baseline path needs --crab-baseline BIN")?;
+                let c = CrabProcess::spawn(
+                    bin,
+                    &fake.base_url(),
+                    &tmp.path().join("crab-baseline-state"),
+                )
+                .await?;
+                targets.push(Target {
+                    kind: PathKind::CrabBaseline,
+                    base: c.base_url(),
+                    pid: Some((c.guard.pid(), false)),
+                });
+                baseline = Some(c);
+            }
             "nginx" => {
                 let n = NginxProcess::spawn(fake.addr(), &tmp.path().join("nginx")).await?;
                 targets.push(Target {
@@ -594,7 +632,7 @@ async fn run_async(args: Args) -> anyhow::Result<()> {
                 });
                 nginx = Some(n);
             }
-            other => bail!("unknown path {other:?} (direct, crab, nginx)"),
+            other => bail!("unknown path {other:?} (direct, crab, crab-baseline, nginx)"),
         }
     }
     for p in &args.phases {
@@ -655,7 +693,7 @@ async fn run_async(args: Args) -> anyhow::Result<()> {
             false,
             &mut cpu_total,
         ));
-        check_alive(&mut crab, &mut nginx)?;
+        check_alive(&mut crab, &mut baseline, &mut nginx)?;
     }
     for c in [1usize, 64].into_iter().filter(|_| phase("ttfb")) {
         let count = (args.requests / 5).max(c);
@@ -677,7 +715,7 @@ async fn run_async(args: Args) -> anyhow::Result<()> {
             true,
             &mut cpu_total,
         ));
-        check_alive(&mut crab, &mut nginx)?;
+        check_alive(&mut crab, &mut baseline, &mut nginx)?;
     }
     let paced = Spec::chat(
         true,
@@ -700,7 +738,7 @@ async fn run_async(args: Args) -> anyhow::Result<()> {
             )
             .await?;
         chunking = chunk_rows(&bench, &cells, &args, &mut cpu_total);
-        check_alive(&mut crab, &mut nginx)?;
+        check_alive(&mut crab, &mut baseline, &mut nginx)?;
     }
 
     let mut throughput = Vec::new();
@@ -744,7 +782,7 @@ async fn run_async(args: Args) -> anyhow::Result<()> {
                     proxy_cpu_us_per_request: per_request_cpu(kind_path, cell),
                 });
             }
-            check_alive(&mut crab, &mut nginx)?;
+            check_alive(&mut crab, &mut baseline, &mut nginx)?;
         }
     }
     bench.progress.finish_and_clear();
@@ -775,6 +813,7 @@ async fn run_async(args: Args) -> anyhow::Result<()> {
     let report = Report {
         command: std::env::args().collect::<Vec<_>>().join(" "),
         crab_binary: crab.as_ref().map(|c| c.binary.display().to_string()),
+        crab_baseline_binary: baseline.as_ref().map(|c| c.binary.display().to_string()),
         crab_self_reported,
         machine: Machine {
             cores,
@@ -808,7 +847,7 @@ async fn run_async(args: Args) -> anyhow::Result<()> {
             .with_context(|| format!("writing {}", path.display()))?;
         println!("\nJSON report: {}", path.display());
     }
-    if let Some(mut c) = crab {
+    for mut c in [crab, baseline].into_iter().flatten() {
         c.guard.stop(Duration::from_secs(5));
     }
     drop(nginx);
@@ -818,9 +857,10 @@ async fn run_async(args: Args) -> anyhow::Result<()> {
 
 fn check_alive(
     crab: &mut Option<CrabProcess>,
+    baseline: &mut Option<CrabProcess>,
     nginx: &mut Option<NginxProcess>,
 ) -> anyhow::Result<()> {
-    if let Some(c) = crab {
+    for c in [crab, baseline].into_iter().flatten() {
         if let Some(status) = c.guard.try_exited() {
             bail!(
                 "crab died during the benchmark ({status}); log:\n{}",
@@ -916,7 +956,7 @@ fn print_report(r: &Report) {
     );
     println!("\nNon-streaming latency (µs; added = path percentile − direct percentile)");
     println!(
-        "{:<16} {:<7} {:>7} {:>5} {:>8} {:>8} {:>8} {:>8} | {:>8} {:>8} {:>8} {:>8} {:>9}",
+        "{:<16} {:<13} {:>7} {:>5} {:>8} {:>8} {:>8} {:>8} | {:>8} {:>8} {:>8} {:>8} {:>9}",
         "phase",
         "path",
         "n",
@@ -940,7 +980,7 @@ fn print_report(r: &Report) {
         }
         let (l, a) = (&row.latency, &row.added);
         println!(
-            "{:<16} {:<7} {:>7} {:>5} {:>8.0} {:>8.0} {:>8.0} {:>8.0} | {:>8.0} {:>8.0} {:>8.0} {:>8.0} {:>9}",
+            "{:<16} {:<13} {:>7} {:>5} {:>8.0} {:>8.0} {:>8.0} {:>8.0} | {:>8.0} {:>8.0} {:>8.0} {:>8.0} {:>9}",
             row.phase,
             row.path.name(),
             row.count,
@@ -965,7 +1005,7 @@ fn print_report(r: &Report) {
         );
     }
     println!(
-        "{:<7} {:>7} {:>5} {:>10} {:>10} {:>14} {:>9} {:>9} {:>9} {:>9}",
+        "{:<13} {:>7} {:>5} {:>10} {:>10} {:>14} {:>9} {:>9} {:>9} {:>9}",
         "path",
         "streams",
         "err",
@@ -979,7 +1019,7 @@ fn print_report(r: &Report) {
     );
     for c in &r.chunking {
         println!(
-            "{:<7} {:>7} {:>5} {:>10} {:>10} {:>14} {:>9.0} {:>9.0} {:>9.0} {:>9.0}",
+            "{:<13} {:>7} {:>5} {:>10} {:>10} {:>14} {:>9.0} {:>9.0} {:>9.0} {:>9.0}",
             c.path.name(),
             c.streams,
             c.errors,
@@ -994,12 +1034,12 @@ fn print_report(r: &Report) {
     }
     println!("\nThroughput");
     println!(
-        "{:<9} {:>6} {:<7} {:>9} {:>6} {:>10} {:>8} {:>9} {:>10}",
+        "{:<9} {:>6} {:<13} {:>9} {:>6} {:>10} {:>8} {:>9} {:>10}",
         "kind", "conc", "path", "done", "err", "per sec", "vs dir", "cpu s", "cpu µs/rq"
     );
     for t in &r.throughput {
         println!(
-            "{:<9} {:>6} {:<7} {:>9} {:>6} {:>10.0} {:>7.0}% {:>9.2} {:>10}",
+            "{:<9} {:>6} {:<13} {:>9} {:>6} {:>10.0} {:>7.0}% {:>9.2} {:>10}",
             t.kind,
             t.concurrency,
             t.path.name(),
@@ -1016,7 +1056,7 @@ fn print_report(r: &Report) {
     println!("\nProxy resources over the whole run");
     for res in &r.resources {
         println!(
-            "{:<7} CPU {:.2} s, peak RSS {:.1} MiB",
+            "{:<13} CPU {:.2} s, peak RSS {:.1} MiB",
             res.path.name(),
             res.cpu_seconds_total,
             res.peak_rss_mib
@@ -1025,7 +1065,7 @@ fn print_report(r: &Report) {
     if let Some(c) = &r.crab_self_reported {
         let f = |v: Option<f64>| v.map(|v| format!("≤{v:.0}")).unwrap_or_else(|| "-".into());
         println!(
-            "crab /metrics added latency over {} requests (bucket bounds, µs): p50 {} p90 {} p99 {} p99.9 {}; transcript records dropped: {}",
+            "crab /metrics added latency over {} requests (bucket bounds, µs): p50 {} p90 {} p99 {} p99.9 {}; transcript records dropped: {}; requests that waited for the transcript writer: {} ({} s in all)",
             c.requests,
             f(c.added_p50_le_us),
             f(c.added_p90_le_us),
@@ -1033,6 +1073,12 @@ fn print_report(r: &Report) {
             f(c.added_p999_le_us),
             c.transcript_dropped
                 .map(|v| v.to_string())
+                .unwrap_or_else(|| "-".into()),
+            c.transcript_queue_waits
+                .map(|v| v.to_string())
+                .unwrap_or_else(|| "-".into()),
+            c.transcript_queue_wait_seconds
+                .map(|v| format!("{v:.3}"))
                 .unwrap_or_else(|| "-".into())
         );
     }
@@ -1065,12 +1111,16 @@ mod tests {
             crab_added_latency_seconds_bucket{le=\"0.00002\"} 95\n\
             crab_added_latency_seconds_bucket{le=\"0.00004\"} 100\n\
             crab_added_latency_seconds_bucket{le=\"+Inf\"} 100\n\
-            crab_transcript_dropped_total 3\n";
+            crab_transcript_dropped_total 3\n\
+            crab_transcript_queue_wait_seconds_sum 0.25\n\
+            crab_transcript_queue_wait_seconds_count 7\n";
         let r = crab_self_report(text);
         assert_eq!(r.requests, 100);
         assert!((r.added_p50_le_us.unwrap() - 20.0).abs() < 1e-6);
         assert!((r.added_p99_le_us.unwrap() - 40.0).abs() < 1e-6);
         assert_eq!(r.transcript_dropped, Some(3.0));
+        assert_eq!(r.transcript_queue_waits, Some(7.0));
+        assert_eq!(r.transcript_queue_wait_seconds, Some(0.25));
     }
 
     /// Added percentiles are differences of percentiles.
