@@ -145,6 +145,8 @@ pub fn build_client(config: &Config, tls: rustls::ClientConfig) -> UpstreamClien
         .enable_all_versions()
         .wrap_connector(http);
     Client::builder(TokioExecutor::new())
+        // Requests are small and sent whole: one copied buffer, one `write` (see the server).
+        .http1_writev(false)
         .pool_idle_timeout(config.timeouts.pool_idle)
         .pool_timer(hyper_util::rt::TokioTimer::new())
         .timer(hyper_util::rt::TokioTimer::new())

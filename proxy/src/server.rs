@@ -265,7 +265,10 @@ fn connection_builder(config: &Config) -> auto::Builder<TokioExecutor> {
     b.http1()
         .timer(TokioTimer::new())
         .header_read_timeout(config.timeouts.client_header)
-        .auto_date_header(false);
+        .auto_date_header(false)
+        // LLM heads and chunks are small: copying them into one buffer and `write`-ing it
+        // costs less than a `writev` of head, chunk-size line, data and CRLF.
+        .writev(false);
     b.http2()
         .timer(TokioTimer::new())
         .auto_date_header(false)
