@@ -16,6 +16,13 @@
 //!   tree commits under a newer generation) and `R.ctransid == S.ctransid`.
 //!
 //! When any of these fails (or the ioctl is unavailable), the caller hashes the tree instead.
+//!
+//! What the proof does not re-check is that the manifest's recorded hash is `S`'s hash: that
+//! was established when the hash was computed from `S` itself (before the manifest was
+//! published, or by the deferred-hash sealer), and the manifest is checksummed; a manifest
+//! whose hash was rewritten together with its checksum would restore `S` (the checkpointed
+//! tree) without complaint, where a re-hash would have refused. `crab verify` recomputes the
+//! hash from `S` and compares it with the manifest.
 //! Measured on this kernel: snapshotting `S` moves `S.generation` but not `S.ctransid`;
 //! renaming `R` changes none of `R`'s values.
 
