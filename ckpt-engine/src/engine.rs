@@ -217,7 +217,8 @@ pub struct RestoreReport {
     pub fs_us: u64,
     /// Time to verify the tree hashes, µs.
     pub verify_us: u64,
-    /// How the restored trees were verified (the last tree's way when there are several).
+    /// How the restored trees were verified (container sandboxes have one tree; directory
+    /// sandboxes' trees are always hashed).
     #[serde(default)]
     pub verified_by: VerifiedBy,
     /// Time to start the sandbox again (or to restore its processes), µs.
@@ -387,7 +388,6 @@ impl Engine {
         Ok(engine)
     }
 
-    /// Replaces the filesystem backend (e.g. the content-addressed one).
     /// Waits for the background deduplication of the process images published so far and
     /// returns the totals over the engine's lifetime.
     pub fn settle_image_dedupe(&self) -> crate::process::image_dedupe::DedupeTotals {
@@ -395,6 +395,7 @@ impl Engine {
         self.image_dedupe.totals()
     }
 
+    /// Replaces the filesystem backend (e.g. the content-addressed one).
     pub fn with_backend(mut self, backend: Arc<dyn FsBackend>) -> Self {
         self.backend = backend;
         self
