@@ -1039,6 +1039,7 @@ impl Engine {
 
     /// Removes everything of `name` that exists; tolerant of partial leftovers.
     fn destroy(&self, name: &str) -> Result<(), EngineError> {
+        self.image_dedupe.forget(name);
         let rec = self.record(name).ok();
         let _lock = if self.meta_dir(name).exists() {
             Some(self.lock(name)?)

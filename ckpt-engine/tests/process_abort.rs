@@ -42,6 +42,21 @@ fn dumping_criu(init: u32) -> Option<u32> {
         })
 }
 
+/// A lab with one sandbox running the counter server (first answer checked), or `None` when
+/// the prerequisites are missing (the test is then skipped, as `process_prerequisites` says).
+fn counter_sandbox(test: &str) -> Option<(Lab, String)> {
+    if !process_prerequisites(test) {
+        return None;
+    }
+    let lab = Lab::open(4 * GIB);
+    let name = unique("");
+    lab.engine().create(&name, None).expect("create");
+    lab.sh(&name, "mkfifo /req");
+    lab.spawn(&name, COUNTER_SERVER);
+    assert_eq!(count(&lab, &name), 1);
+    Some((lab, name))
+}
+
 /// Waits up to `timeout` for no process mentioning `needle` to be alive; returns the rest.
 fn leftovers_after(needle: &str, timeout: Duration) -> Vec<String> {
     let deadline = Instant::now() + timeout;
@@ -59,15 +74,9 @@ fn leftovers_after(needle: &str, timeout: Duration) -> Vec<String> {
 /// `operation_timeout_secs`, and then nothing of it survives and the sandbox serves again.
 #[test]
 fn a_hung_criu_is_ended_and_the_sandbox_runs_on() {
-    if !process_prerequisites("a_hung_criu_is_ended_and_the_sandbox_runs_on") {
+    let Some((lab, name)) = counter_sandbox("a_hung_criu_is_ended_and_the_sandbox_runs_on") else {
         return;
-    }
-    let lab = Lab::open(4 * GIB);
-    let name = unique("");
-    lab.engine().create(&name, None).expect("create");
-    lab.sh(&name, "mkfifo /req");
-    lab.spawn(&name, COUNTER_SERVER);
-    assert_eq!(count(&lab, &name), 1);
+    };
 
     let timeout_secs = 3;
     let impatient = lab.backend_with(|c| c.operation_timeout_secs = timeout_secs);
@@ -235,15 +244,11 @@ fn sandbox_killed_under_a_dump_leaves_no_criu() {
 /// the init. The dump must end at once (not at the operation timeout), with no CRIU left.
 #[test]
 fn init_killed_while_criu_holds_the_tree_ends_the_dump_at_once() {
-    if !process_prerequisites("init_killed_while_criu_holds_the_tree_ends_the_dump_at_once") {
+    let Some((lab, name)) =
+        counter_sandbox("init_killed_while_criu_holds_the_tree_ends_the_dump_at_once")
+    else {
         return;
-    }
-    let lab = Lab::open(4 * GIB);
-    let name = unique("");
-    lab.engine().create(&name, None).expect("create");
-    lab.sh(&name, "mkfifo /req");
-    lab.spawn(&name, COUNTER_SERVER);
-    assert_eq!(count(&lab, &name), 1);
+    };
     let good = lab
         .full_checkpoint(&name)
         .unwrap_or_else(|f| panic!("checkpoint: {}", f.error));

@@ -42,19 +42,25 @@ impl BlockIndex {
     pub fn build(files: &[PathBuf]) -> std::io::Result<Self> {
         let mut index = BlockIndex::default();
         let mut buf = vec![0u8; BLOCK as usize];
-        for (i, path) in files.iter().enumerate() {
+        for path in files {
+            let file = index.add_file(path);
             let mut f = File::open(path)?;
             let mut offset = 0u64;
             while read_block(&mut f, &mut buf)? {
-                index
-                    .blocks
-                    .entry(block_key(&buf))
-                    .or_insert((i as u32, offset));
+                index.insert(block_key(&buf), file, offset);
                 offset += BLOCK;
             }
-            index.files.push(path.clone());
         }
         Ok(index)
+    }
+
+    fn add_file(&mut self, path: &Path) -> u32 {
+        self.files.push(path.to_path_buf());
+        (self.files.len() - 1) as u32
+    }
+
+    fn insert(&mut self, key: [u8; 16], file: u32, offset: u64) {
+        self.blocks.entry(key).or_insert((file, offset));
     }
 
     /// Blocks indexed.
@@ -175,17 +181,26 @@ pub struct DedupeStats {
     pub shared: u64,
 }
 
-/// Shares every block of `path` found in `index` with the indexed copy.
-pub fn dedupe_file(index: &BlockIndex, path: &Path) -> std::io::Result<DedupeStats> {
+/// Shares every block of `path` found in `index` with the indexed copy, and adds `path`'s
+/// blocks to `next` (the index the following image is deduplicated against, built from the
+/// hashes this pass computes anyway).
+pub fn dedupe_file(
+    index: &BlockIndex,
+    path: &Path,
+    next: &mut BlockIndex,
+) -> std::io::Result<DedupeStats> {
     let mut f = File::open(path)?;
     let bytes = f.metadata()?.len();
+    let file = next.add_file(path);
     let mut matches = Vec::new();
     let mut buf = vec![0u8; BLOCK as usize];
     let mut offset = 0u64;
     while read_block(&mut f, &mut buf)? {
-        if let Some(&at) = index.blocks.get(&block_key(&buf)) {
+        let key = block_key(&buf);
+        if let Some(&at) = index.blocks.get(&key) {
             matches.push((offset, at));
         }
+        next.insert(key, file, offset);
         offset += BLOCK;
     }
     let mut opened: HashMap<u32, File> = HashMap::new();

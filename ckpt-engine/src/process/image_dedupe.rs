@@ -4,7 +4,8 @@
 //! kernel, so no incremental CRIU dumps), although most of it is usually what the previous
 //! image already holds: an agent's interpreter, a service's heap. After an image is published,
 //! a background job shares the 4 KiB blocks of its page files (`pages-*.img`) that the previous
-//! image's page files hold ([`crate::fs::dedupe`], kernel-verified, contents never change), so
+//! image's page files hold (their block index is kept from the job that deduplicated them, so
+//! each image is hashed once) ([`crate::fs::dedupe`], kernel-verified, contents never change), so
 //! an image takes the space of what changed. The checkpoint itself does not wait for it.
 //!
 //! Invariants: a job only ever reads images and shares identical blocks, so an image being
@@ -12,8 +13,9 @@
 //! fails quietly); [`ImageDedupe::wait`] joins every job (the engine calls it before it
 //! unmounts the pool, which open files would keep busy).
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 
 use serde::Serialize;
@@ -37,8 +39,14 @@ pub struct DedupeTotals {
 #[derive(Debug, Default)]
 pub struct ImageDedupe {
     jobs: Mutex<Vec<JoinHandle<()>>>,
-    totals: std::sync::Arc<Mutex<DedupeTotals>>,
+    totals: Arc<Mutex<DedupeTotals>>,
+    /// Per sandbox, the newest deduplicated image and its block index: the next image is
+    /// compared with it without hashing it again.
+    latest: Arc<Mutex<Latest>>,
 }
+
+/// Sandbox → (its newest deduplicated image, that image's block index).
+type Latest = HashMap<String, (PathBuf, Arc<BlockIndex>)>;
 
 /// The page files of a published image, sorted.
 pub fn pages_files(image: &Path) -> std::io::Result<Vec<PathBuf>> {
@@ -55,27 +63,50 @@ pub fn pages_files(image: &Path) -> std::io::Result<Vec<PathBuf>> {
     Ok(files)
 }
 
-/// Shares the blocks of `new`'s page files that `previous`'s page files hold.
-pub fn dedupe_image(previous: &Path, new: &Path) -> std::io::Result<DedupeStats> {
-    let index = BlockIndex::build(&pages_files(previous)?)?;
+/// Shares the blocks of `new`'s page files that `previous` (the index of the previous image's
+/// page files) holds; returns what it did and the index of `new`.
+pub fn dedupe_image(
+    previous: &BlockIndex,
+    new: &Path,
+) -> std::io::Result<(DedupeStats, BlockIndex)> {
+    let mut next = BlockIndex::default();
     let mut total = DedupeStats::default();
     for f in pages_files(new)? {
-        let s = dedupe_file(&index, &f)?;
+        let s = dedupe_file(previous, &f, &mut next)?;
         total.bytes += s.bytes;
         total.shared += s.shared;
     }
-    Ok(total)
+    Ok((total, next))
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl ImageDedupe {
     /// Starts deduplicating image `new` of `sandbox` against `previous` in the background.
     pub fn spawn(&self, sandbox: String, previous: PathBuf, new: PathBuf) {
-        let totals = std::sync::Arc::clone(&self.totals);
+        let totals = Arc::clone(&self.totals);
+        let latest = Arc::clone(&self.latest);
         let job = std::thread::Builder::new()
             .name("crab-image-dedupe".into())
             .spawn(move || {
-                let result = dedupe_image(&previous, &new);
-                let mut t = totals.lock().unwrap_or_else(|p| p.into_inner());
+                let cached = lock(&latest)
+                    .get(&sandbox)
+                    .filter(|(image, _)| *image == previous)
+                    .map(|(_, index)| Arc::clone(index));
+                let result = match cached {
+                    Some(index) => Ok(index),
+                    None => pages_files(&previous)
+                        .and_then(|f| BlockIndex::build(&f))
+                        .map(Arc::new),
+                }
+                .and_then(|index| dedupe_image(&index, &new));
+                let result = result.map(|(stats, index)| {
+                    lock(&latest).insert(sandbox.clone(), (new.clone(), Arc::new(index)));
+                    stats
+                });
+                let mut t = lock(&totals);
                 match result {
                     Ok(s) => {
                         t.images += 1;
@@ -89,7 +120,7 @@ impl ImageDedupe {
                     }
                 }
             });
-        let mut jobs = self.jobs.lock().unwrap_or_else(|p| p.into_inner());
+        let mut jobs = lock(&self.jobs);
         jobs.retain(|j| !j.is_finished());
         match job {
             Ok(j) => jobs.push(j),
@@ -97,9 +128,14 @@ impl ImageDedupe {
         }
     }
 
+    /// Drops what is kept for `sandbox` (removed).
+    pub fn forget(&self, sandbox: &str) {
+        lock(&self.latest).remove(sandbox);
+    }
+
     /// Waits for every job started so far.
     pub fn wait(&self) {
-        let jobs = std::mem::take(&mut *self.jobs.lock().unwrap_or_else(|p| p.into_inner()));
+        let jobs = std::mem::take(&mut *lock(&self.jobs));
         for j in jobs {
             let _ = j.join();
         }
@@ -107,6 +143,6 @@ impl ImageDedupe {
 
     /// Totals of the finished jobs.
     pub fn totals(&self) -> DedupeTotals {
-        *self.totals.lock().unwrap_or_else(|p| p.into_inner())
+        *lock(&self.totals)
     }
 }

@@ -523,11 +523,12 @@ fn keep_artifacts(state: &Path, dest: &Path) {
 
 /// Logical and on-disk bytes of the files under `dir` (`btrfs filesystem du -s --raw`: total,
 /// and exclusive plus shared, each shared extent once), `None` when it cannot say.
-fn disk_usage(dir: &Path) -> Option<StoredBytes> {
-    let out = std::process::Command::new("btrfs")
+async fn disk_usage(dir: &Path) -> Option<StoredBytes> {
+    let out = tokio::process::Command::new("btrfs")
         .args(["filesystem", "du", "-s", "--raw"])
         .arg(dir)
         .output()
+        .await
         .ok()?;
     if !out.status.success() {
         return None;
@@ -671,7 +672,7 @@ impl WorkerCtx {
             // Crab deduplicates a process image in the background right after its checkpoint;
             // by now (the transcript and points were read) the last one is normally done.
             let meta = self.state_dir.join("engine").join("pool").join("meta");
-            out.stored = disk_usage(&meta.join(&sandbox));
+            out.stored = disk_usage(&meta.join(&sandbox)).await;
         }
         let _ = self
             .crab

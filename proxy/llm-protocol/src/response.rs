@@ -437,7 +437,36 @@ impl ResponseObserver {
     /// (not a JSON object, an error shape, a usage object the typed struct rejects, ...): the
     /// caller then takes the `Value` path, which gives the same result where both apply.
     fn chat_chunk_fast(&mut self, data: &str) -> bool {
-        let Some(v) = parse_object::<ChatView>(data.as_bytes()) else {
+        self.chat_view_fast(data.as_bytes(), |this, ci, choice| {
+            if let Some(delta) = choice.delta.object() {
+                let text = [
+                    &delta.content,
+                    &delta.reasoning_content,
+                    &delta.reasoning,
+                    &delta.refusal,
+                ]
+                .iter()
+                .any(|s| s.get().is_some_and(|s| !s.is_empty()));
+                let tools = this.chat_tool_calls_view(ci, delta, false);
+                if text || tools {
+                    this.obs.content_seen = true;
+                }
+            }
+            if choice.finish_reason.get().is_some_and(|r| !r.is_empty()) {
+                this.set_finish_str(choice.finish_reason.get());
+                this.obs.terminal_seen = true;
+            }
+        })
+    }
+
+    /// What a Chat chunk and a whole Chat body share: parse the typed view (false when the
+    /// fast path does not apply), ids and model, `each` choice with its index, usage.
+    fn chat_view_fast(
+        &mut self,
+        bytes: &[u8],
+        mut each: impl FnMut(&mut Self, u64, &ChoiceView<'_>),
+    ) -> bool {
+        let Some(v) = parse_object::<ChatView>(bytes) else {
             return false;
         };
         if v.is_error() {
@@ -448,25 +477,7 @@ impl ResponseObserver {
             let Some(choice) = choice.object() else {
                 continue;
             };
-            let ci = choice.index.0.unwrap_or(ci as u64);
-            if let Some(delta) = choice.delta.object() {
-                let text = [
-                    &delta.content,
-                    &delta.reasoning_content,
-                    &delta.reasoning,
-                    &delta.refusal,
-                ]
-                .iter()
-                .any(|s| s.get().is_some_and(|s| !s.is_empty()));
-                let tools = self.chat_tool_calls_view(ci, delta, false);
-                if text || tools {
-                    self.obs.content_seen = true;
-                }
-            }
-            if choice.finish_reason.get().is_some_and(|r| !r.is_empty()) {
-                self.set_finish_str(choice.finish_reason.get());
-                self.obs.terminal_seen = true;
-            }
+            each(self, choice.index.0.unwrap_or(ci as u64), choice);
         }
         if let Some(u) = v.usage.object() {
             self.obs.usage = Some(chat_usage_typed(u));
@@ -487,27 +498,12 @@ impl ResponseObserver {
 
     /// A whole Chat Completions body through the typed view (see [`Self::chat_chunk_fast`]).
     fn chat_body_fast(&mut self, body: &[u8]) -> bool {
-        let Some(v) = parse_object::<ChatView>(body) else {
-            return false;
-        };
-        if v.is_error() {
-            return false;
-        }
-        self.set_ids_str(v.id.get(), v.model.get());
-        for (ci, choice) in v.choices.0.iter().enumerate() {
-            let Some(choice) = choice.object() else {
-                continue;
-            };
-            let ci = choice.index.0.unwrap_or(ci as u64);
+        self.chat_view_fast(body, |this, ci, choice| {
             if let Some(m) = choice.message.object() {
-                self.chat_tool_calls_view(ci, m, true);
+                this.chat_tool_calls_view(ci, m, true);
             }
-            self.set_finish_str(choice.finish_reason.get());
-        }
-        if let Some(u) = v.usage.object() {
-            self.obs.usage = Some(chat_usage_typed(u));
-        }
-        true
+            this.set_finish_str(choice.finish_reason.get());
+        })
     }
 
     /// [`Self::chat_tool_calls`] on the typed view.
