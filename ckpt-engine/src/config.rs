@@ -60,6 +60,9 @@ pub struct EngineConfig {
     pub deferred_tree_hash: bool,
     /// Process checkpoints (CRIU through `runc checkpoint`): the `[engine.process]` table.
     pub process: EngineProcessConfig,
+    /// Write-behind of the btrfs pool while sandboxes run, so a checkpoint only flushes what
+    /// was written since the last pass: the `[engine.writeback]` table.
+    pub writeback: crate::fs::writeback::WritebackConfig,
 }
 
 /// Process-checkpoint settings of the engine. runc and its state root are the engine's own
@@ -177,6 +180,7 @@ impl Default for EngineConfig {
             restore_verify: RestoreVerify::default(),
             deferred_tree_hash: false,
             process: EngineProcessConfig::default(),
+            writeback: Default::default(),
         }
     }
 }
@@ -198,6 +202,9 @@ mod tests {
         assert_eq!(c.process.hook_timeout_secs, 5);
         assert_eq!(c.process.operation_timeout_secs, 600);
         assert!(serde_json::from_str::<EngineConfig>(r#"{"process": {"runc": "x"}}"#).is_err());
+        let c: EngineConfig = toml_like(r#"{"writeback": {"threshold_bytes": 0}}"#);
+        assert_eq!(c.writeback.threshold_bytes, 0);
+        assert_eq!(c.writeback.interval_ms, 5);
     }
 
     fn toml_like(s: &str) -> EngineConfig {

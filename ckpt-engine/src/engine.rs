@@ -281,6 +281,8 @@ pub struct Engine {
     process: Result<ProcessBackend, String>,
     /// Background deduplication of new process images against the previous ones.
     image_dedupe: crate::process::image_dedupe::ImageDedupe,
+    /// Write-behind of the pool (btrfs backend; `None` when off or unavailable).
+    writeback: Option<crate::fs::writeback::Writeback>,
 }
 
 /// Describes each named sandbox with `info`, leaving out those gone meanwhile (`SandboxNotFound`);
@@ -369,7 +371,12 @@ impl Engine {
             backend,
             process,
             image_dedupe: Default::default(),
+            writeback: None,
         };
+        if engine.cfg.fs_backend == crate::config::FsBackendKind::Btrfs {
+            engine.writeback =
+                crate::fs::writeback::Writeback::start(engine.pool.root(), &engine.cfg.writeback);
+        }
         if engine.cfg.deferred_tree_hash
             && engine.cfg.fs_backend == crate::config::FsBackendKind::Btrfs
         {
@@ -393,6 +400,11 @@ impl Engine {
     pub fn settle_image_dedupe(&self) -> crate::process::image_dedupe::DedupeTotals {
         self.image_dedupe.wait();
         self.image_dedupe.totals()
+    }
+
+    /// What write-behind of the pool has done so far; `None` when it is off or unavailable.
+    pub fn writeback_stats(&self) -> Option<crate::fs::writeback::WritebackStats> {
+        self.writeback.as_ref().map(|w| w.stats())
     }
 
     /// Replaces the filesystem backend (e.g. the content-addressed one).
@@ -1954,7 +1966,13 @@ impl Engine {
         let expected = self.expected_hash(&snap.snapshot)?;
         let why_not = match self.backend.restored_clone_proof(&snap.snapshot, path) {
             Ok(()) => return Ok((expected, VerifiedBy::CloneProvenance)),
-            Err(why_not) => why_not,
+            Err(crate::fs::NoProof::SnapshotModified(reason)) => {
+                return Err(EngineError::Fs(crate::fs::FsError::Corrupt {
+                    id: snap.snapshot.id.clone(),
+                    reason: format!("{reason}: it no longer holds point {point}"),
+                }));
+            }
+            Err(crate::fs::NoProof::Unproven(why_not)) => why_not,
         };
         tracing::debug!(sandbox = name, point, reason = %why_not, "restored tree hashed: no clone proof");
         let actual = self.backend.restored_tree_hash(name, path)?;
@@ -1993,7 +2011,9 @@ impl Engine {
     }
 
     /// Removes every sandbox and unmounts a loop-file pool (explicit teardown).
-    pub fn teardown(self) -> Result<(), EngineError> {
+    pub fn teardown(mut self) -> Result<(), EngineError> {
+        // Its passes hold the pool open.
+        drop(self.writeback.take());
         self.image_dedupe.wait();
         for name in self.names()? {
             self.destroy(&name)?;

@@ -1,7 +1,9 @@
 //! How a restore is verified (`restore_verify = "provenance"`, the default): a restored tree
 //! that is provably an unmodified clone of the checkpoint's read-only snapshot is not read
-//! again, and a snapshot changed after its creation — even with its read-only flag set back —
-//! falls back to hashing and fails verification. Real runc sandboxes on a real loop btrfs pool.
+//! again, and a snapshot changed after its creation — even with its read-only flag set back
+//! and not synced — is refused as corrupt, by restore and by verify. Both with the tree hash
+//! computed before publication and with deferred hashing (where the hash could have been
+//! computed from the changed tree). Real runc sandboxes on a real loop btrfs pool.
 //! Run as root: `CRAB_TEST_STRICT=1 cargo test -p ckpt-engine --test engine_restore_verify`.
 
 mod common;
@@ -10,7 +12,7 @@ use std::path::Path;
 
 use ckpt_engine::EngineError;
 use ckpt_engine::engine::VerifiedBy;
-use ckpt_engine::fs::ChangeHint;
+use ckpt_engine::fs::{ChangeHint, FsError};
 use ckpt_engine::manifest::CheckpointKind;
 use common::{TestEngine, file, prerequisites, sh, unique};
 
@@ -31,7 +33,19 @@ fn restores_are_proven_clones_and_a_tampered_snapshot_is_caught() {
     if !prerequisites("restores_are_proven_clones_and_a_tampered_snapshot_is_caught") {
         return;
     }
-    let t = TestEngine::open(1024 * MIB);
+    run(false);
+}
+
+#[test]
+fn with_deferred_hashing_a_tampered_snapshot_is_caught() {
+    if !prerequisites("with_deferred_hashing_a_tampered_snapshot_is_caught") {
+        return;
+    }
+    run(true);
+}
+
+fn run(deferred: bool) {
+    let t = TestEngine::open_with(1024 * MIB, |c| c.deferred_tree_hash = deferred);
     let e = t.engine();
     let name = unique("");
     e.create(&name, None).expect("create sandbox");
@@ -39,17 +53,19 @@ fn restores_are_proven_clones_and_a_tampered_snapshot_is_caught() {
     let p1 = e
         .checkpoint(&name, CheckpointKind::Fs, &ChangeHint::Unknown)
         .expect("checkpoint");
+    assert_eq!(p1.fs[0].snapshot.tree_hash.is_empty(), deferred);
     sh(e, &name, "echo two > /data && rm -r /d");
+    // The hash of the checkpointed tree, recomputed from its snapshot.
+    let v = e.verify(&name, Some(&p1.id)).expect("verify");
+    assert!(v.ok, "verify recomputes the snapshot's hash");
+    let hash = v.trees[0].2.clone();
 
     // Twice: snapshotting the checkpoint for the first restore must not void the proof.
     for round in 1..=2 {
         let r = e.restore(&name, Some(&p1.id)).expect("restore");
         assert_eq!(r.verified_by, VerifiedBy::CloneProvenance, "round {round}");
         assert_eq!(r.trees.len(), 1);
-        assert_eq!(
-            r.trees[0].1, p1.fs[0].snapshot.tree_hash,
-            "the manifest's hash"
-        );
+        assert_eq!(r.trees[0].1, hash, "the snapshot's hash");
         assert_eq!(file(e, &name, "/data").as_deref(), Some("one"));
         assert_eq!(file(e, &name, "/d/f").as_deref(), Some("x"));
         eprintln!(
@@ -65,7 +81,7 @@ fn restores_are_proven_clones_and_a_tampered_snapshot_is_caught() {
     );
 
     // Tamper with the read-only snapshot and set the flag back, without a sync: the restore
-    // must notice (the snapshot's ctransid moves past its creation) and hash, and fail.
+    // must notice (the snapshot's ctransid moves past its creation) and refuse it.
     let snap = e
         .pool()
         .snapshots_dir()
@@ -74,9 +90,21 @@ fn restores_are_proven_clones_and_a_tampered_snapshot_is_caught() {
     set_readonly(&snap, false);
     std::fs::write(snap.join("data"), "evil\n").expect("tamper");
     set_readonly(&snap, true);
-    match e.restore(&name, Some(&p1.id)) {
-        Err(EngineError::VerifyFailed { point, .. }) => assert_eq!(point, p1.id),
-        other => panic!("a tampered snapshot must fail verification, got {other:?}"),
-    }
+    let tampered = |what: &str, r: Result<String, EngineError>| match r {
+        Err(EngineError::Fs(FsError::Corrupt { id, reason })) => {
+            assert_eq!(id, p1.fs[0].snapshot.id, "{what}");
+            assert!(
+                reason.contains("changed after it was created"),
+                "{what}: {reason}"
+            );
+        }
+        other => panic!("{what} of a tampered snapshot must fail, got {other:?}"),
+    };
+    tampered("restore", e.restore(&name, Some(&p1.id)).map(|r| r.point));
+    tampered(
+        "verify",
+        e.verify(&name, Some(&p1.id)).map(|v| format!("{v:?}")),
+    );
+
     e.remove(&name).expect("rm");
 }

@@ -50,8 +50,9 @@ use std::time::Instant;
 use super::provenance;
 use super::send_stream::{self, SendSummary};
 use super::tree_hash::{Dirty, HashStats, TreeIndex, hash_tree, tree_hash};
+use super::writeback;
 use super::{
-    FsBackend, FsError, FsSnapshotRef, Sealer, Settled, SnapshotOutcome, SnapshotRequest,
+    FsBackend, FsError, FsSnapshotRef, NoProof, Sealer, Settled, SnapshotOutcome, SnapshotRequest,
     tree_cache, validate_id,
 };
 use crate::config::RestoreVerify;
@@ -91,8 +92,8 @@ struct Inner {
     jobs: Mutex<HashMap<String, Job>>,
     /// Signalled whenever a job finishes.
     job_done: Condvar,
-    /// The pool's `/sys/fs/btrfs/<uuid>/allocation/data` (found on first use).
-    data_space: OnceLock<Option<PathBuf>>,
+    /// The pool's data space counters (found on first use).
+    data_space: OnceLock<Option<writeback::DataSpace>>,
 }
 
 /// A deferred hashing job.
@@ -422,29 +423,11 @@ impl Inner {
     /// This shortens the frozen time, not the checkpoint. Returns how long it took, `None`
     /// when skipped. Best effort: on any failure the snapshot flushes by itself.
     fn preflush(&self, source: &Path) -> Option<std::time::Duration> {
-        let counter = self.data_space.get_or_init(|| {
-            // `btrfs filesystem show` wants the mount point: try the ancestors (once).
-            let uuid = self.snapshots.ancestors().find_map(|dir| {
-                let out = sys::run(
-                    "btrfs",
-                    &["filesystem".as_ref(), "show".as_ref(), dir.as_os_str()],
-                )
-                .ok()?;
-                fs_uuid(&String::from_utf8_lossy(&out.stdout))
-            })?;
-            let path = PathBuf::from(format!("/sys/fs/btrfs/{uuid}/allocation/data"));
-            path.exists().then_some(path)
-        });
-        let dir = counter.as_ref()?;
-        let read = |name: &str| -> Option<u64> {
-            std::fs::read_to_string(dir.join(name))
-                .ok()?
-                .trim()
-                .parse()
-                .ok()
-        };
+        let space = self
+            .data_space
+            .get_or_init(|| writeback::DataSpace::of(&self.snapshots));
         // Reserved for dirty data not yet allocated, plus allocated but not yet written.
-        let pending = read("bytes_may_use")? + read("bytes_reserved")?;
+        let pending = space.as_ref()?.pending()?;
         if pending < PREFLUSH_BYTES {
             return None;
         }
@@ -650,6 +633,14 @@ impl FsBackend for BtrfsBackend {
                 reason: "snapshot subvolume is not read-only".to_string(),
             });
         }
+        if let Ok(info) = provenance::subvol_info(&path)
+            && provenance::snapshot_state(&info) == provenance::SnapshotState::Modified
+        {
+            return Err(FsError::Corrupt {
+                id: snapshot.id.clone(),
+                reason: "the snapshot changed after it was created".to_string(),
+            });
+        }
         tree_hash(&path)
     }
 
@@ -729,11 +720,22 @@ impl FsBackend for BtrfsBackend {
         Ok(hash_tree(root, latest.as_deref(), &Dirty::All)?.0.tree_hash)
     }
 
-    fn restored_clone_proof(&self, snapshot: &FsSnapshotRef, root: &Path) -> Result<(), String> {
+    fn restored_clone_proof(&self, snapshot: &FsSnapshotRef, root: &Path) -> Result<(), NoProof> {
+        let src = self
+            .inner
+            .path_of(snapshot)
+            .map_err(|e| NoProof::Unproven(e.to_string()))?;
         if self.restore_verify != RestoreVerify::Provenance {
-            return Err("restore_verify is not \"provenance\"".to_string());
+            // A snapshot modified after its creation is refused in every mode.
+            return match provenance::subvol_info(&src).map(|s| provenance::snapshot_state(&s)) {
+                Ok(provenance::SnapshotState::Modified) => Err(NoProof::SnapshotModified(
+                    "the snapshot changed after it was created".to_string(),
+                )),
+                _ => Err(NoProof::Unproven(
+                    "restore_verify is not \"provenance\"".to_string(),
+                )),
+            };
         }
-        let src = self.inner.path_of(snapshot).map_err(|e| e.to_string())?;
         provenance::prove_clone(&src, root)
     }
 
@@ -752,31 +754,5 @@ impl FsBackend for BtrfsBackend {
         }
         ids.sort();
         Ok(ids)
-    }
-}
-
-/// The filesystem UUID in `btrfs filesystem show` output (`... uuid: <uuid>`).
-fn fs_uuid(show: &str) -> Option<String> {
-    let rest = &show[show.find("uuid: ")? + "uuid: ".len()..];
-    let uuid: String = rest
-        .chars()
-        .take_while(|c| c.is_ascii_hexdigit() || *c == '-')
-        .collect();
-    (uuid.len() == 36).then_some(uuid)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn uuid_of_filesystem_show() {
-        let out = "Label: none  uuid: 52570e29-59cc-491b-9ab6-0e50ab4d09a4\n\tTotal devices 1 FS bytes used 1.00GiB\n";
-        assert_eq!(
-            fs_uuid(out).as_deref(),
-            Some("52570e29-59cc-491b-9ab6-0e50ab4d09a4")
-        );
-        assert_eq!(fs_uuid("Label: none  uuid: ../../etc"), None);
-        assert_eq!(fs_uuid("nothing"), None);
     }
 }

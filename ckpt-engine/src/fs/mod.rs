@@ -27,6 +27,7 @@ pub mod provenance;
 pub mod send_stream;
 pub mod tree_cache;
 pub mod tree_hash;
+pub mod writeback;
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -201,11 +202,32 @@ pub trait FsBackend: Send + Sync {
 
     /// Whether `root`, right after [`FsBackend::restore`] of `snapshot`, is proven to hold
     /// exactly the snapshot's tree without reading it (btrfs: an unmodified clone of the
-    /// unmodified read-only snapshot, see [`provenance`]). `Err` says why not; the caller then
-    /// hashes the tree. The default proves nothing.
-    fn restored_clone_proof(&self, snapshot: &FsSnapshotRef, root: &Path) -> Result<(), String> {
+    /// unmodified read-only snapshot, see [`provenance`]). On [`NoProof::Unproven`] the caller
+    /// hashes the tree; on [`NoProof::SnapshotModified`] it refuses the restore. The default
+    /// proves nothing.
+    fn restored_clone_proof(&self, snapshot: &FsSnapshotRef, root: &Path) -> Result<(), NoProof> {
         let _ = (snapshot, root);
-        Err("the backend has no clone provenance".to_string())
+        Err(NoProof::Unproven(
+            "the backend has no clone provenance".to_string(),
+        ))
+    }
+}
+
+/// Why a restored tree was not proven to hold its snapshot's tree.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NoProof {
+    /// No proof (another backend or mode, a tree that is not a clean clone): hash the tree.
+    Unproven(String),
+    /// The checkpoint's snapshot was modified after it was created: it no longer holds what
+    /// was checkpointed, whatever its recorded hash says.
+    SnapshotModified(String),
+}
+
+impl std::fmt::Display for NoProof {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            NoProof::Unproven(why) | NoProof::SnapshotModified(why) => f.write_str(why),
+        }
     }
 }
 

@@ -29,6 +29,8 @@
 use std::os::fd::AsRawFd;
 use std::path::Path;
 
+use super::NoProof;
+
 /// `struct btrfs_ioctl_timespec`.
 #[repr(C)]
 #[derive(Clone, Copy)]
@@ -105,14 +107,35 @@ pub fn subvol_info(path: &Path) -> std::io::Result<SubvolInfo> {
     })
 }
 
+/// What the subvolume metadata says of a checkpoint's snapshot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SnapshotState {
+    /// Read-only and unchanged since its creation.
+    Intact,
+    /// Unchanged since its creation, but writable now.
+    Writable,
+    /// Changed after its creation: it no longer holds the checkpointed tree.
+    Modified,
+}
+
+/// The state of a checkpoint's snapshot (see the module docs).
+pub fn snapshot_state(snapshot: &SubvolInfo) -> SnapshotState {
+    if snapshot.ctransid > snapshot.otransid {
+        SnapshotState::Modified
+    } else if !snapshot.readonly {
+        SnapshotState::Writable
+    } else {
+        SnapshotState::Intact
+    }
+}
+
 /// Why `restored` cannot be proven an unmodified clone of `snapshot` (see the module docs);
 /// `Ok(())` when it is.
 pub fn check_clone(snapshot: &SubvolInfo, restored: &SubvolInfo) -> Result<(), &'static str> {
-    if !snapshot.readonly {
-        return Err("the snapshot is not read-only");
-    }
-    if snapshot.ctransid > snapshot.otransid {
-        return Err("the snapshot changed after it was created");
+    match snapshot_state(snapshot) {
+        SnapshotState::Intact => {}
+        SnapshotState::Writable => return Err("the snapshot is not read-only"),
+        SnapshotState::Modified => return Err("the snapshot changed after it was created"),
     }
     if snapshot.uuid == [0; 16] || restored.parent_uuid != snapshot.uuid {
         return Err("the restored tree is not a snapshot of the checkpoint");
@@ -124,10 +147,19 @@ pub fn check_clone(snapshot: &SubvolInfo, restored: &SubvolInfo) -> Result<(), &
 }
 
 /// Proves `restored` an unmodified clone of `snapshot`, reading both subvolumes' metadata.
-pub fn prove_clone(snapshot: &Path, restored: &Path) -> Result<(), String> {
-    let s = subvol_info(snapshot).map_err(|e| format!("{}: {e}", snapshot.display()))?;
-    let r = subvol_info(restored).map_err(|e| format!("{}: {e}", restored.display()))?;
-    check_clone(&s, &r).map_err(str::to_owned)
+/// A snapshot modified after its creation is [`NoProof::SnapshotModified`]: whatever hash was
+/// recorded, it may have been computed from the modified tree (deferred hashing).
+pub fn prove_clone(snapshot: &Path, restored: &Path) -> Result<(), NoProof> {
+    let unproven =
+        |path: &Path, e: std::io::Error| NoProof::Unproven(format!("{}: {e}", path.display()));
+    let s = subvol_info(snapshot).map_err(|e| unproven(snapshot, e))?;
+    if snapshot_state(&s) == SnapshotState::Modified {
+        return Err(NoProof::SnapshotModified(
+            "the snapshot changed after it was created".to_string(),
+        ));
+    }
+    let r = subvol_info(restored).map_err(|e| unproven(restored, e))?;
+    check_clone(&s, &r).map_err(|why| NoProof::Unproven(why.to_string()))
 }
 
 #[cfg(test)]
@@ -197,5 +229,13 @@ mod tests {
         assert!(check_clone(&s, &later).is_err());
         let no_uuid = SubvolInfo { uuid: [0; 16], ..s };
         assert!(check_clone(&no_uuid, &clone_of(&no_uuid)).is_err());
+        assert_eq!(snapshot_state(&s), SnapshotState::Intact);
+        assert_eq!(snapshot_state(&writable), SnapshotState::Writable);
+        assert_eq!(snapshot_state(&tampered), SnapshotState::Modified);
+        let tampered_writable = SubvolInfo {
+            readonly: false,
+            ..tampered
+        };
+        assert_eq!(snapshot_state(&tampered_writable), SnapshotState::Modified);
     }
 }

@@ -84,8 +84,14 @@ pub struct TestEngine {
 
 impl TestEngine {
     pub fn open(pool_size: u64) -> Self {
+        Self::open_with(pool_size, |_| {})
+    }
+
+    /// Like [`TestEngine::open`], with `adjust` applied to the test config first.
+    pub fn open_with(pool_size: u64, adjust: impl FnOnce(&mut EngineConfig)) -> Self {
         clean_leftovers();
-        let cfg = config(pool_size);
+        let mut cfg = config(pool_size);
+        adjust(&mut cfg);
         let state_dir = cfg.state_dir.clone();
         let engine = Engine::open(cfg).expect("open engine");
         TestEngine {
@@ -107,12 +113,17 @@ impl TestEngine {
 
 impl Drop for TestEngine {
     fn drop(&mut self) {
-        if let Some(engine) = self.engine.take() {
-            if let Err(e) = engine.teardown() {
-                eprintln!("teardown failed: {e}");
-            }
-        }
+        let failed = self
+            .engine
+            .take()
+            .and_then(|engine| engine.teardown().err());
         teardown_state_dir(&self.state_dir);
+        // A teardown that fails leaves mounts or sandboxes behind: that fails the test (unless
+        // it is already failing).
+        if let Some(e) = failed {
+            eprintln!("teardown failed: {e}");
+            assert!(std::thread::panicking(), "engine teardown failed: {e}");
+        }
     }
 }
 

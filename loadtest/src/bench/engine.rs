@@ -3,7 +3,8 @@
 //! Scenarios (each on its own busybox sandbox):
 //! - `edit`: append one line to one file, then an FS checkpoint;
 //! - `install`: 2,000 new small files (a package install), then an FS checkpoint;
-//! - `build`: a 100 MB build output rewritten, then an FS checkpoint;
+//! - `build`: a 100 MB build output rewritten, then an FS checkpoint; also run with the pool's
+//!   write-behind off (`[engine.writeback]`, on its own pool) for comparison;
 //! - `restore`: in-place restore of a sandbox holding 200 MB (1,000 files of 200 KB), with
 //!   verification against the manifest, in both verification modes;
 //! - `cas trajectory`: the content-addressed backend over the 30-turn edit-heavy trajectory
@@ -197,7 +198,14 @@ fn fs_scenarios(engine: &Engine, n: usize, tag: &str, suffix: &str) -> anyhow::R
         "2,000 new files",
     )?);
     eprintln!("install{suffix} done");
-    out.push(checkpoint_scenario(
+    out.push(build_scenario(engine, n, tag, suffix)?);
+    Ok(out)
+}
+
+/// The build scenario; its note says how many write-behind passes ran during it.
+fn build_scenario(engine: &Engine, n: usize, tag: &str, suffix: &str) -> anyhow::Result<Stats> {
+    let before = engine.writeback_stats();
+    let mut s = checkpoint_scenario(
         engine,
         &format!("build{tag}"),
         &format!("build{suffix}"),
@@ -205,8 +213,46 @@ fn fs_scenarios(engine: &Engine, n: usize, tag: &str, suffix: &str) -> anyhow::R
         "mkdir -p /out",
         |_| "dd if=/dev/urandom of=/out/build.bin bs=1M count=100 2>/dev/null".to_string(),
         "100 MB file rewritten",
-    )?);
+    )?;
+    if let (Some(a), Some(b)) = (before, engine.writeback_stats()) {
+        s.note.push_str(&format!(
+            "; {} write-behind passes ({:.0} MB)",
+            b.flushes - a.flushes,
+            (b.flushed_bytes - a.flushed_bytes) as f64 / 1e6
+        ));
+    } else {
+        s.note.push_str("; write-behind off");
+    }
     eprintln!("build{suffix} done");
+    Ok(s)
+}
+
+/// The build scenario without write-behind, side by side with the runs above: on its own pool
+/// (write-behind is per pool), hash computed before publication and deferred.
+fn build_without_writeback(cfg: &EngineConfig, n: usize) -> anyhow::Result<Vec<Stats>> {
+    let mut c = cfg.clone();
+    c.state_dir = cfg.state_dir.with_extension("no-writeback");
+    c.writeback.threshold_bytes = 0;
+    let engine = Engine::open(c.clone())?;
+    let result = (|| -> anyhow::Result<Vec<Stats>> {
+        engine.build_image("busybox", false)?;
+        let mut out = vec![build_scenario(&engine, n, "-nowb", " (no write-behind)")?];
+        let e = Engine::open(c.clone())?;
+        let backend =
+            BtrfsBackend::new(e.pool(), c.restore_verify).with_deferred_hash(e.manifest_sealer());
+        let e = e.with_backend(Arc::new(backend));
+        out.push(build_scenario(
+            &e,
+            n,
+            "-deferred-nowb",
+            " (deferred, no write-behind)",
+        )?);
+        Ok(out)
+    })();
+    let teardown = engine.teardown();
+    let _ = std::fs::remove_dir_all(&c.state_dir);
+    let out = result?;
+    teardown?;
     Ok(out)
 }
 
@@ -508,6 +554,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             let e = e.with_backend(Arc::new(backend));
             fs_scenarios(&e, args.iterations, "-deferred", " (deferred hash)")
         });
+    let no_writeback = result
+        .as_ref()
+        .ok()
+        .map(|()| build_without_writeback(&cfg, args.iterations));
     // The same restore hashing the restored tree (reusing checkpoint-time content hashes, then
     // re-reading every file), each on another engine instance.
     let rehash_results: Vec<anyhow::Result<Stats>> = [
@@ -554,6 +604,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     result?;
     if let Some(d) = deferred_result {
         results.extend(d?);
+    }
+    if let Some(r) = no_writeback {
+        results.extend(r?);
     }
     for r in rehash_results {
         results.push(r?);
