@@ -16,6 +16,7 @@
 //!   body ended.
 //! - [`sandbox`]: sandbox ids and resolution (path prefix, header, source address, default).
 //! - [`headers`]: hop-by-hop stripping, redaction.
+//! - [`jsonw`]: the transcript's JSON writer (strings escaped exactly like `serde_json`).
 //! - [`error`]: the proxy's own errors (side + retryable) in OpenAI / Anthropic error shapes.
 //! - [`transcript`]: the durable, redacted, rotated per-sandbox JSONL log (writer thread).
 //! - [`admin`]: the extensible admin router; [`metrics`]: Prometheus metrics; [`tls`]: rustls.
@@ -46,6 +47,7 @@ pub mod engine_api;
 pub mod error;
 pub mod forward;
 pub mod headers;
+pub mod jsonw;
 pub mod metrics;
 pub mod sandbox;
 pub mod server;

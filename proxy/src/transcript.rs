@@ -203,127 +203,117 @@ pub struct TranscriptRecord {
     pub analysis: Option<serde_json::Value>,
 }
 
-/// Serializes an exchange as one record line (the same JSON shape as [`TranscriptRecord`])
-/// without copying its strings and bodies: the writer thread runs this for every request.
+/// Writes an exchange as one record line: the JSON shape of [`TranscriptRecord`], byte for
+/// byte what `serde_json` writes for it, without copying its strings and bodies. Hand-written
+/// (see [`crate::jsonw`]) because this runs for every request and is mostly body escaping;
+/// the small nested objects (error, timings, analysis) still go through `serde_json`.
 fn encode_record(x: &Exchange, redact: &[HeaderName], max_body: u64, line: &mut Vec<u8>) {
+    use crate::jsonw::{boolean, opt_string, opt_uint, string, uint};
     let req_limit = (max_body as usize).min(x.request_body.len());
-    let response_body: &[u8] = x.response.as_ref().map_or(&[], |r| &r.body);
-    let record = RecordRef {
-        v: FORMAT_VERSION,
-        id: x.id,
-        sandbox: x.sandbox.as_str(),
-        started_unix_ms: x.started_unix_ms,
-        upstream: &x.upstream,
-        api: x.api,
-        class: x.class,
-        turn: x.turn,
-        tracker_request_id: x.tracker_request_id,
-        request: RequestRef {
-            method: x.method.as_str(),
-            path: &x.path,
-            headers: HeadersRef(&x.request_headers, redact),
-            body_digest: x
-                .request_digest
-                .unwrap_or_else(|| blake3::hash(&x.request_body)),
-            body_len: x.request_body.len() as u64,
-            body: BodyRef::new(&x.request_body[..req_limit]),
-            body_truncated: req_limit < x.request_body.len(),
-        },
-        response: x.response.as_ref().map(|r| ResponseRef {
-            status: r.status,
-            headers: HeadersRef(&r.headers, redact),
-            body_len: r.body_len,
-            body: BodyRef::new(response_body),
-            body_truncated: r.truncated,
-        }),
-        error: x.error.as_ref(),
-        timings: &x.timings,
-        end: x.end,
-        analysis: x.analysis.as_ref(),
-    };
     line.clear();
+    line.extend_from_slice(b"{\"v\":");
+    uint(line, u64::from(FORMAT_VERSION));
+    line.extend_from_slice(b",\"id\":");
+    uint(line, x.id);
+    line.extend_from_slice(b",\"sandbox\":");
+    string(line, x.sandbox.as_str());
+    line.extend_from_slice(b",\"started_unix_ms\":");
+    uint(line, x.started_unix_ms);
+    line.extend_from_slice(b",\"upstream\":");
+    string(line, &x.upstream);
+    line.extend_from_slice(b",\"api\":");
+    string(line, x.api);
+    line.extend_from_slice(b",\"class\":");
+    opt_string(line, x.class);
+    line.extend_from_slice(b",\"turn\":");
+    opt_uint(line, x.turn);
+    line.extend_from_slice(b",\"tracker_request_id\":");
+    opt_uint(line, x.tracker_request_id);
+    line.extend_from_slice(b",\"request\":{\"method\":");
+    string(line, x.method.as_str());
+    line.extend_from_slice(b",\"path\":");
+    string(line, &x.path);
+    line.extend_from_slice(b",\"headers\":");
+    write_headers(line, &x.request_headers, redact);
+    line.extend_from_slice(b",\"body_digest\":\"");
+    let digest = x
+        .request_digest
+        .unwrap_or_else(|| blake3::hash(&x.request_body));
+    line.extend_from_slice(digest.to_hex().as_bytes());
+    line.extend_from_slice(b"\",\"body_len\":");
+    uint(line, x.request_body.len() as u64);
+    line.extend_from_slice(b",\"body\":");
+    write_body(line, &x.request_body[..req_limit]);
+    line.extend_from_slice(b",\"body_truncated\":");
+    boolean(line, req_limit < x.request_body.len());
+    line.extend_from_slice(b"},\"response\":");
+    match &x.response {
+        Some(r) => {
+            line.extend_from_slice(b"{\"status\":");
+            uint(line, u64::from(r.status));
+            line.extend_from_slice(b",\"headers\":");
+            write_headers(line, &r.headers, redact);
+            line.extend_from_slice(b",\"body_len\":");
+            uint(line, r.body_len);
+            line.extend_from_slice(b",\"body\":");
+            write_body(line, &r.body);
+            line.extend_from_slice(b",\"body_truncated\":");
+            boolean(line, r.truncated);
+            line.push(b'}');
+        }
+        None => line.extend_from_slice(b"null"),
+    }
     // Serializing plain data into a Vec cannot fail.
-    let _ = serde_json::to_writer(&mut *line, &record);
-    line.push(b'\n');
-}
-
-#[derive(Serialize)]
-struct RecordRef<'a> {
-    v: u32,
-    id: u64,
-    sandbox: &'a str,
-    started_unix_ms: u64,
-    upstream: &'a str,
-    api: &'a str,
-    class: Option<&'a str>,
-    turn: Option<u64>,
-    tracker_request_id: Option<u64>,
-    request: RequestRef<'a>,
-    response: Option<ResponseRef<'a>>,
-    error: Option<&'a ErrorRecord>,
-    timings: &'a Timings,
-    end: Option<&'a str>,
-    analysis: Option<&'a llm_protocol::ResponseSummary>,
-}
-
-#[derive(Serialize)]
-struct RequestRef<'a> {
-    method: &'a str,
-    path: &'a str,
-    headers: HeadersRef<'a>,
-    #[serde(serialize_with = "ser_hash")]
-    body_digest: blake3::Hash,
-    body_len: u64,
-    body: BodyRef<'a>,
-    body_truncated: bool,
-}
-
-fn ser_hash<S: serde::Serializer>(h: &blake3::Hash, s: S) -> Result<S::Ok, S::Error> {
-    s.serialize_str(h.to_hex().as_str())
-}
-
-#[derive(Serialize)]
-struct ResponseRef<'a> {
-    status: u16,
-    headers: HeadersRef<'a>,
-    body_len: u64,
-    body: BodyRef<'a>,
-    body_truncated: bool,
+    line.extend_from_slice(b",\"error\":");
+    let _ = serde_json::to_writer(&mut *line, &x.error);
+    line.extend_from_slice(b",\"timings\":");
+    let _ = serde_json::to_writer(&mut *line, &x.timings);
+    line.extend_from_slice(b",\"end\":");
+    opt_string(line, x.end);
+    line.extend_from_slice(b",\"analysis\":");
+    let _ = serde_json::to_writer(&mut *line, &x.analysis);
+    line.extend_from_slice(b"}\n");
 }
 
 /// Headers as `[[name, value], ...]` with secret values replaced.
-struct HeadersRef<'a>(&'a HeaderMap, &'a [HeaderName]);
-
-impl Serialize for HeadersRef<'_> {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        use serde::ser::SerializeSeq;
-        let mut seq = s.serialize_seq(Some(self.0.len()))?;
-        for (name, value) in self.0 {
-            let v = if self.1.contains(name) {
-                std::borrow::Cow::Borrowed(crate::headers::REDACTED)
-            } else {
-                String::from_utf8_lossy(value.as_bytes())
-            };
-            seq.serialize_element(&(name.as_str(), v))?;
+fn write_headers(line: &mut Vec<u8>, headers: &HeaderMap, redact: &[HeaderName]) {
+    line.push(b'[');
+    for (i, (name, value)) in headers.iter().enumerate() {
+        if i > 0 {
+            line.push(b',');
         }
-        seq.end()
+        line.push(b'[');
+        crate::jsonw::string(line, name.as_str());
+        line.push(b',');
+        if redact.contains(name) {
+            crate::jsonw::string(line, crate::headers::REDACTED);
+        } else {
+            match std::str::from_utf8(value.as_bytes()) {
+                Ok(v) => crate::jsonw::string(line, v),
+                Err(_) => crate::jsonw::string(line, &String::from_utf8_lossy(value.as_bytes())),
+            }
+        }
+        line.push(b']');
     }
+    line.push(b']');
 }
 
-#[derive(Serialize)]
-#[serde(rename_all = "snake_case")]
-enum BodyRef<'a> {
-    Text(&'a str),
-    Base64(String),
-}
-
-impl<'a> BodyRef<'a> {
-    fn new(bytes: &'a [u8]) -> Self {
-        match std::str::from_utf8(bytes) {
-            Ok(s) => BodyRef::Text(s),
-            Err(_) => BodyRef::Base64(base64::engine::general_purpose::STANDARD.encode(bytes)),
+/// A body as [`BodyText`]: `{"text":...}` when it is UTF-8, else `{"base64":...}`.
+fn write_body(line: &mut Vec<u8>, bytes: &[u8]) {
+    match std::str::from_utf8(bytes) {
+        Ok(s) => {
+            line.extend_from_slice(b"{\"text\":");
+            crate::jsonw::string(line, s);
+        }
+        Err(_) => {
+            line.extend_from_slice(b"{\"base64\":");
+            crate::jsonw::string(
+                line,
+                &base64::engine::general_purpose::STANDARD.encode(bytes),
+            );
         }
     }
+    line.push(b'}');
 }
 
 /// The path of a sandbox's current transcript file.
@@ -897,6 +887,172 @@ mod tests {
             sync_interval: Duration::from_millis(50),
             queue_capacity: 1024,
             max_queue_bytes: 1 << 20,
+        }
+    }
+
+    // ---- the `serde_json` reference encoding ----
+
+    /// The former `serde_json` encoder: the reference the hand-written one must match.
+    fn serde_encode_record(x: &Exchange, redact: &[HeaderName], max_body: u64, line: &mut Vec<u8>) {
+        let req_limit = (max_body as usize).min(x.request_body.len());
+        let response_body: &[u8] = x.response.as_ref().map_or(&[], |r| &r.body);
+        let record = RecordRef {
+            v: FORMAT_VERSION,
+            id: x.id,
+            sandbox: x.sandbox.as_str(),
+            started_unix_ms: x.started_unix_ms,
+            upstream: &x.upstream,
+            api: x.api,
+            class: x.class,
+            turn: x.turn,
+            tracker_request_id: x.tracker_request_id,
+            request: RequestRef {
+                method: x.method.as_str(),
+                path: &x.path,
+                headers: HeadersRef(&x.request_headers, redact),
+                body_digest: x
+                    .request_digest
+                    .unwrap_or_else(|| blake3::hash(&x.request_body)),
+                body_len: x.request_body.len() as u64,
+                body: BodyRef::new(&x.request_body[..req_limit]),
+                body_truncated: req_limit < x.request_body.len(),
+            },
+            response: x.response.as_ref().map(|r| ResponseRef {
+                status: r.status,
+                headers: HeadersRef(&r.headers, redact),
+                body_len: r.body_len,
+                body: BodyRef::new(response_body),
+                body_truncated: r.truncated,
+            }),
+            error: x.error.as_ref(),
+            timings: &x.timings,
+            end: x.end,
+            analysis: x.analysis.as_ref(),
+        };
+        line.clear();
+        // Serializing plain data into a Vec cannot fail.
+        let _ = serde_json::to_writer(&mut *line, &record);
+        line.push(b'\n');
+    }
+
+    #[derive(Serialize)]
+    struct RecordRef<'a> {
+        v: u32,
+        id: u64,
+        sandbox: &'a str,
+        started_unix_ms: u64,
+        upstream: &'a str,
+        api: &'a str,
+        class: Option<&'a str>,
+        turn: Option<u64>,
+        tracker_request_id: Option<u64>,
+        request: RequestRef<'a>,
+        response: Option<ResponseRef<'a>>,
+        error: Option<&'a ErrorRecord>,
+        timings: &'a Timings,
+        end: Option<&'a str>,
+        analysis: Option<&'a llm_protocol::ResponseSummary>,
+    }
+
+    #[derive(Serialize)]
+    struct RequestRef<'a> {
+        method: &'a str,
+        path: &'a str,
+        headers: HeadersRef<'a>,
+        #[serde(serialize_with = "ser_hash")]
+        body_digest: blake3::Hash,
+        body_len: u64,
+        body: BodyRef<'a>,
+        body_truncated: bool,
+    }
+
+    fn ser_hash<S: serde::Serializer>(h: &blake3::Hash, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(h.to_hex().as_str())
+    }
+
+    #[derive(Serialize)]
+    struct ResponseRef<'a> {
+        status: u16,
+        headers: HeadersRef<'a>,
+        body_len: u64,
+        body: BodyRef<'a>,
+        body_truncated: bool,
+    }
+
+    /// Headers as `[[name, value], ...]` with secret values replaced.
+    struct HeadersRef<'a>(&'a HeaderMap, &'a [HeaderName]);
+
+    impl Serialize for HeadersRef<'_> {
+        fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+            use serde::ser::SerializeSeq;
+            let mut seq = s.serialize_seq(Some(self.0.len()))?;
+            for (name, value) in self.0 {
+                let v = if self.1.contains(name) {
+                    std::borrow::Cow::Borrowed(crate::headers::REDACTED)
+                } else {
+                    String::from_utf8_lossy(value.as_bytes())
+                };
+                seq.serialize_element(&(name.as_str(), v))?;
+            }
+            seq.end()
+        }
+    }
+
+    #[derive(Serialize)]
+    #[serde(rename_all = "snake_case")]
+    enum BodyRef<'a> {
+        Text(&'a str),
+        Base64(String),
+    }
+
+    impl<'a> BodyRef<'a> {
+        fn new(bytes: &'a [u8]) -> Self {
+            match std::str::from_utf8(bytes) {
+                Ok(s) => BodyRef::Text(s),
+                Err(_) => BodyRef::Base64(base64::engine::general_purpose::STANDARD.encode(bytes)),
+            }
+        }
+    }
+
+    /// The hand-written encoder writes exactly the bytes `serde_json` wrote: text and binary
+    /// bodies, escapes, redaction, a truncated body, absent and present optional parts.
+    #[test]
+    fn hand_written_lines_match_serde_json() {
+        let redact: Vec<HeaderName> = crate::config::ALWAYS_REDACTED
+            .iter()
+            .map(|n| HeaderName::from_static(n))
+            .collect();
+        let mut full = exchange(7, b"{\"m\":\"a\\\"b\\n\x01\xc3\xa9\"}\r\n\t");
+        full.analysis = Some(
+            llm_protocol::ResponseObserver::new(llm_protocol::ApiKind::ChatCompletions, 200, false)
+                .finish(llm_protocol::StreamEnd::Cut),
+        );
+        full.timings.first_byte_us = Some(12);
+        full.timings.gate_wait_us = Some(3);
+        full.request_headers
+            .insert("x-bin", http::HeaderValue::from_bytes(b"a\xffb").unwrap());
+        let mut bare = exchange(u64::MAX, b"\xfe\xff");
+        bare.response = None;
+        bare.class = None;
+        bare.turn = None;
+        bare.end = None;
+        bare.error = Some(ErrorRecord {
+            side: "upstream".into(),
+            code: "unreachable".into(),
+            message: "connection \"refused\"".into(),
+        });
+        bare.request_digest = Some(blake3::hash(b"other"));
+        for (x, max_body) in [(&full, 1024), (&full, 5), (&bare, 1024)] {
+            let (mut ours, mut theirs) = (Vec::new(), Vec::new());
+            encode_record(x, &redact, max_body, &mut ours);
+            serde_encode_record(x, &redact, max_body, &mut theirs);
+            assert_eq!(
+                String::from_utf8_lossy(&ours),
+                String::from_utf8_lossy(&theirs)
+            );
+            let line = std::str::from_utf8(&ours).unwrap();
+            let rec: TranscriptRecord = serde_json::from_str(line.trim_end()).unwrap();
+            assert_eq!(rec.id, x.id);
         }
     }
 

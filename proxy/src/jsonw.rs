@@ -1,0 +1,219 @@
+//! A minimal JSON writer for the transcript's record lines: strings, integers and literals
+//! appended to a `Vec<u8>`, byte for byte what `serde_json` writes for the same values.
+//!
+//! Why not `serde_json` for everything: record lines are mostly bodies, and LLM bodies are JSON
+//! themselves, so a body is a string with a quote every few bytes. `serde_json` copies each
+//! run between two escapes with its own `write_all` (a `memcpy` call per few bytes); this
+//! writer scans and copies eight bytes at a time and escapes in place.
+//!
+//! Invariant: [`string`] escapes exactly what `serde_json` escapes (`"`, `\`, control bytes
+//! as `\b \t \n \f \r` or `\u00XX`; nothing else, not `/`, not non-ASCII), so a line is
+//! identical to the one `serde_json` would write (tested in `transcript`).
+
+/// The escape of each byte: 0 = none, `u` = `\u00XX`, else the character after the `\`.
+static ESCAPE: [u8; 256] = {
+    let mut t = [0u8; 256];
+    let mut i = 0;
+    while i < 0x20 {
+        t[i] = b'u';
+        i += 1;
+    }
+    t[0x08] = b'b';
+    t[0x09] = b't';
+    t[0x0a] = b'n';
+    t[0x0c] = b'f';
+    t[0x0d] = b'r';
+    t[b'"' as usize] = b'"';
+    t[b'\\' as usize] = b'\\';
+    t
+};
+
+const HEX: &[u8; 16] = b"0123456789abcdef";
+
+/// Appends `s` as a JSON string (quoted, escaped).
+pub fn string(out: &mut Vec<u8>, s: &str) {
+    out.push(b'"');
+    let mut src = s.as_bytes();
+    while !src.is_empty() {
+        // Write through an index into a zeroed tail instead of `push`ing (a `push` reloads
+        // the vector's length and capacity for every byte). Twice the input fits any number
+        // of `\"` and `\\` escapes; a rare `\u00XX` may need another round.
+        let start = out.len();
+        out.resize(start + 2 * src.len() + ROOM, 0);
+        let (read, written) = escape_into(src, &mut out[start..]);
+        out.truncate(start + written);
+        src = &src[read..];
+    }
+    out.push(b'"');
+}
+
+/// Room an escape step may need past the current output position: an 8-byte word copy, or
+/// a 6-byte `\u00XX` escape after up to 7 copied bytes.
+const ROOM: usize = 16;
+
+/// Escapes `src` into `dst` until either runs out (`dst` keeps [`ROOM`] bytes of slack);
+/// returns the bytes read and written. Eight bytes at a time: a word without any byte to
+/// escape is copied whole; otherwise the bytes before the first escape are kept and that
+/// byte is escaped.
+fn escape_into(src: &[u8], dst: &mut [u8]) -> (usize, usize) {
+    let (mut i, mut n) = (0, 0);
+    while n + ROOM <= dst.len() && i < src.len() {
+        if i + 8 <= src.len() {
+            let mut word = [0u8; 8];
+            word.copy_from_slice(&src[i..i + 8]);
+            dst[n..n + 8].copy_from_slice(&word);
+            let mask = needs_escape(u64::from_le_bytes(word));
+            if mask == 0 {
+                i += 8;
+                n += 8;
+                continue;
+            }
+            // The lowest flagged byte is exact (see `needs_escape`): the copied bytes before
+            // it stand, the rest are overwritten.
+            let pos = (mask.trailing_zeros() / 8) as usize;
+            i += pos;
+            n += pos;
+        } else if ESCAPE[src[i] as usize] == 0 {
+            dst[n] = src[i];
+            i += 1;
+            n += 1;
+            continue;
+        }
+        n += escape_byte(src[i], &mut dst[n..]);
+        i += 1;
+    }
+    (i, n)
+}
+
+/// Writes the escape of `b` (a byte that needs one) at the start of `dst`; returns its length.
+fn escape_byte(b: u8, dst: &mut [u8]) -> usize {
+    let e = ESCAPE[b as usize];
+    if e == b'u' {
+        dst[..6].copy_from_slice(&[
+            b'\\',
+            b'u',
+            b'0',
+            b'0',
+            HEX[(b >> 4) as usize],
+            HEX[(b & 0xf) as usize],
+        ]);
+        6
+    } else {
+        dst[0] = b'\\';
+        dst[1] = e;
+        2
+    }
+}
+
+/// A word's bytes that need an escape (below 0x20, `"`, `\`), flagged by their high bit.
+/// Borrows of the subtractions can flag bytes above a flagged one too, never below: the
+/// lowest flagged byte is always exact.
+fn needs_escape(w: u64) -> u64 {
+    const ONES: u64 = 0x0101_0101_0101_0101;
+    const HIGH: u64 = 0x8080_8080_8080_8080;
+    let zero = |v: u64| v.wrapping_sub(ONES) & !v;
+    let control = w.wrapping_sub(ONES * 0x20) & !w;
+    (control | zero(w ^ (ONES * b'"' as u64)) | zero(w ^ (ONES * b'\\' as u64))) & HIGH
+}
+
+/// Appends an unsigned integer.
+pub fn uint(out: &mut Vec<u8>, mut n: u64) {
+    let mut buf = [0u8; 20];
+    let mut i = buf.len();
+    loop {
+        i -= 1;
+        buf[i] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    out.extend_from_slice(&buf[i..]);
+}
+
+/// Appends an optional unsigned integer (`null` when absent).
+pub fn opt_uint(out: &mut Vec<u8>, n: Option<u64>) {
+    match n {
+        Some(n) => uint(out, n),
+        None => out.extend_from_slice(b"null"),
+    }
+}
+
+/// Appends an optional string (`null` when absent).
+pub fn opt_string(out: &mut Vec<u8>, s: Option<&str>) {
+    match s {
+        Some(s) => string(out, s),
+        None => out.extend_from_slice(b"null"),
+    }
+}
+
+/// Appends `true` or `false`.
+pub fn boolean(out: &mut Vec<u8>, b: bool) {
+    out.extend_from_slice(if b { b"true" } else { b"false" });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn serde(s: &str) -> Vec<u8> {
+        serde_json::to_vec(s).unwrap()
+    }
+
+    #[test]
+    fn strings_match_serde_json_for_every_byte() {
+        let mut all = String::new();
+        for c in 0u8..0x80 {
+            all.push(c as char);
+        }
+        all.push_str("é€😀 {\"a\":\"b\\c\"}\n/");
+        for s in [
+            "",
+            "plain",
+            all.as_str(),
+            "\u{7f}",
+            "\"\"\"",
+            "\\\\",
+            "\u{1f}x",
+        ] {
+            let mut out = Vec::new();
+            string(&mut out, s);
+            assert_eq!(out, serde(s), "{s:?}");
+        }
+    }
+
+    /// Every position of every escape class, in strings of every length around the word size.
+    #[test]
+    fn escapes_at_every_offset_match_serde_json() {
+        for len in 0..40 {
+            for pos in 0..len {
+                for special in ["\"", "\\", "\n", "\u{1}", "\u{1f}", "é", "\u{7f}"] {
+                    let mut s: String = (0..len).map(|i| (b'a' + (i % 26) as u8) as char).collect();
+                    s.replace_range(pos..pos + 1, special);
+                    let mut out = vec![b'x'];
+                    string(&mut out, &s);
+                    assert_eq!(out[1..], serde(&s)[..], "{s:?}");
+                }
+            }
+        }
+        let dense = "\u{1}".repeat(5000) + &"\"".repeat(5000);
+        let mut out = Vec::new();
+        string(&mut out, &dense);
+        assert_eq!(out, serde(&dense));
+    }
+
+    #[test]
+    fn integers_match_serde_json() {
+        for n in [0u64, 1, 9, 10, 99, 100, 12345, u64::MAX - 1, u64::MAX] {
+            let mut out = Vec::new();
+            uint(&mut out, n);
+            assert_eq!(out, serde_json::to_vec(&n).unwrap());
+        }
+        let mut out = Vec::new();
+        opt_uint(&mut out, None);
+        opt_string(&mut out, None);
+        boolean(&mut out, true);
+        boolean(&mut out, false);
+        assert_eq!(out, b"nullnulltruefalse");
+    }
+}
