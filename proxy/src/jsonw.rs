@@ -34,6 +34,12 @@ const HEX: &[u8; 16] = b"0123456789abcdef";
 pub fn string(out: &mut Vec<u8>, s: &str) {
     out.push(b'"');
     let mut src = s.as_bytes();
+    // Short strings (names, header values) rarely need an escape: one scan, one copy.
+    if src.len() <= 64 && !src.iter().any(|&b| ESCAPE[b as usize] != 0) {
+        out.extend_from_slice(src);
+        out.push(b'"');
+        return;
+    }
     while !src.is_empty() {
         // Write through an index into a zeroed tail instead of `push`ing (a `push` reloads
         // the vector's length and capacity for every byte). Twice the input fits any number
