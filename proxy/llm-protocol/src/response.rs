@@ -480,7 +480,7 @@ impl ResponseObserver {
             each(self, choice.index.0.unwrap_or(ci as u64), choice);
         }
         if let Some(u) = v.usage.object() {
-            self.obs.usage = Some(chat_usage_typed(u));
+            self.obs.usage = Some(chat_usage_view(u));
         }
         true
     }
@@ -873,6 +873,36 @@ fn chat_usage_typed(t: &async_openai::types::chat::CompletionUsage) -> Usage {
     }
 }
 
+/// The Chat usage fields the fast path reads, read like the `Value` path's lenient fallback
+/// in `chat_usage`. That path takes `CompletionUsage` when it parses, whose numbers are then
+/// the same as the fallback's, so this gives the same answer for every input, without
+/// building `CompletionUsage`'s nested detail structs (a third of a whole-body parse).
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+struct UsageView {
+    prompt_tokens: U64,
+    completion_tokens: U64,
+    prompt_tokens_details: Obj<CachedTokensView>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+struct CachedTokensView {
+    cached_tokens: U64,
+}
+
+fn chat_usage_view(u: &UsageView) -> Usage {
+    Usage {
+        input_tokens: u.prompt_tokens.0.unwrap_or(0),
+        output_tokens: u.completion_tokens.0.unwrap_or(0),
+        cached_input_tokens: u
+            .prompt_tokens_details
+            .object()
+            .and_then(|d| d.cached_tokens.0),
+        cache_creation_input_tokens: None,
+    }
+}
+
 /// The fields of a Chat Completions body or stream chunk the observer reads (everything else
 /// is skipped unparsed). See `lenient.rs` for how each field type reads.
 #[derive(Debug, Default, Deserialize)]
@@ -887,7 +917,7 @@ struct ChatView<'a> {
     kind: Str<'a>,
     #[serde(borrow)]
     choices: List<ChoiceView<'a>>,
-    usage: Obj<async_openai::types::chat::CompletionUsage>,
+    usage: Obj<UsageView>,
 }
 
 impl ChatView<'_> {
@@ -1084,6 +1114,11 @@ mod tests {
             r#"{"choices":[{"delta":{"function_call":{"name":"f"},"refusal":"no"}}]}"#,
             r#"{"usage":{"prompt_tokens":1,"completion_tokens":2,"total_tokens":3,"prompt_tokens_details":{"cached_tokens":1}}}"#,
             r#"{"usage":{"prompt_tokens":99999999999,"completion_tokens":2,"total_tokens":3}}"#,
+            r#"{"usage":{"prompt_tokens":"1","completion_tokens":2.0,"prompt_tokens_details":[1]}}"#,
+            r#"{"usage":{"completion_tokens":2,"prompt_tokens_details":{"cached_tokens":-1}}}"#,
+            r#"{"usage":{"prompt_tokens":1,"completion_tokens":2,"total_tokens":3,"prompt_tokens_details":null,"completion_tokens_details":{"reasoning_tokens":"x"}}}"#,
+            r#"{"usage":{"prompt_tokens":1,"prompt_tokens":2,"completion_tokens":2,"total_tokens":3}}"#,
+            r#"{"usage":[1],"choices":[]}"#,
             r#"{"error":{"message":"boom"}}"#,
             r#"{"error":"boom"}"#,
             r#"{"error":3,"id":"a"}"#,
