@@ -267,12 +267,99 @@ fn encode_record(x: &Exchange, redact: &[HeaderName], max_body: u64, line: &mut 
     line.extend_from_slice(b",\"error\":");
     let _ = serde_json::to_writer(&mut *line, &x.error);
     line.extend_from_slice(b",\"timings\":");
-    let _ = serde_json::to_writer(&mut *line, &x.timings);
+    write_timings(line, &x.timings);
     line.extend_from_slice(b",\"end\":");
     opt_string(line, x.end);
     line.extend_from_slice(b",\"analysis\":");
-    let _ = serde_json::to_writer(&mut *line, &x.analysis);
+    match &x.analysis {
+        Some(a) => write_analysis(line, a),
+        None => line.extend_from_slice(b"null"),
+    }
     line.extend_from_slice(b"}\n");
+}
+
+/// [`Timings`] as `serde_json` writes it (`gate_wait_us` only when set).
+fn write_timings(line: &mut Vec<u8>, t: &Timings) {
+    use crate::jsonw::opt_uint;
+    line.extend_from_slice(b"{\"upstream_sent_us\":");
+    opt_uint(line, t.upstream_sent_us);
+    line.extend_from_slice(b",\"response_head_us\":");
+    opt_uint(line, t.response_head_us);
+    line.extend_from_slice(b",\"first_byte_us\":");
+    opt_uint(line, t.first_byte_us);
+    line.extend_from_slice(b",\"first_content_us\":");
+    opt_uint(line, t.first_content_us);
+    line.extend_from_slice(b",\"end_us\":");
+    opt_uint(line, t.end_us);
+    if let Some(g) = t.gate_wait_us {
+        line.extend_from_slice(b",\"gate_wait_us\":");
+        crate::jsonw::uint(line, g);
+    }
+    line.push(b'}');
+}
+
+/// A [`llm_protocol::ResponseSummary`] as its `serde` derive writes it (field order, optional
+/// fields skipped when absent, snake_case end). `hand_written_lines_match_serde_json` holds
+/// the two together.
+fn write_analysis(line: &mut Vec<u8>, a: &llm_protocol::ResponseSummary) {
+    use crate::jsonw::{boolean, opt_string, opt_uint, string, uint};
+    line.extend_from_slice(b"{\"status\":");
+    uint(line, u64::from(a.status));
+    line.extend_from_slice(b",\"model\":");
+    opt_string(line, a.model.as_deref());
+    line.extend_from_slice(b",\"response_id\":");
+    opt_string(line, a.response_id.as_deref());
+    line.extend_from_slice(b",\"tool_calls\":[");
+    for (i, t) in a.tool_calls.iter().enumerate() {
+        if i > 0 {
+            line.push(b',');
+        }
+        line.extend_from_slice(b"{\"id\":");
+        opt_string(line, t.id.as_deref());
+        line.extend_from_slice(b",\"name\":");
+        string(line, &t.name);
+        line.push(b'}');
+    }
+    line.extend_from_slice(b"],\"finish_reason\":");
+    opt_string(line, a.finish_reason.as_deref());
+    line.extend_from_slice(b",\"usage\":");
+    match &a.usage {
+        Some(u) => {
+            line.extend_from_slice(b"{\"input_tokens\":");
+            uint(line, u.input_tokens);
+            line.extend_from_slice(b",\"output_tokens\":");
+            uint(line, u.output_tokens);
+            if u.cached_input_tokens.is_some() {
+                line.extend_from_slice(b",\"cached_input_tokens\":");
+                opt_uint(line, u.cached_input_tokens);
+            }
+            if u.cache_creation_input_tokens.is_some() {
+                line.extend_from_slice(b",\"cache_creation_input_tokens\":");
+                opt_uint(line, u.cache_creation_input_tokens);
+            }
+            line.push(b'}');
+        }
+        None => line.extend_from_slice(b"null"),
+    }
+    line.extend_from_slice(b",\"in_band_error\":");
+    opt_string(line, a.in_band_error.as_deref());
+    line.extend_from_slice(b",\"end\":");
+    string(
+        line,
+        match a.end {
+            llm_protocol::StreamEnd::Completed => "completed",
+            llm_protocol::StreamEnd::UpstreamError => "upstream_error",
+            llm_protocol::StreamEnd::Cut => "cut",
+            llm_protocol::StreamEnd::ClientCancelled => "client_cancelled",
+        },
+    );
+    line.extend_from_slice(b",\"content_seen\":");
+    boolean(line, a.content_seen);
+    if let Some(e) = &a.analysis_error {
+        line.extend_from_slice(b",\"analysis_error\":");
+        string(line, e);
+    }
+    line.push(b'}');
 }
 
 /// Headers as `[[name, value], ...]` with secret values replaced.
@@ -1031,6 +1118,44 @@ mod tests {
         full.timings.gate_wait_us = Some(3);
         full.request_headers
             .insert("x-bin", http::HeaderValue::from_bytes(b"a\xffb").unwrap());
+        let mut rich = exchange(8, b"{}");
+        rich.analysis = Some(llm_protocol::ResponseSummary {
+            status: 529,
+            model: Some("m\"1".into()),
+            response_id: Some("r".into()),
+            tool_calls: vec![
+                llm_protocol::ToolCallSummary {
+                    id: Some("t1".into()),
+                    name: "bash".into(),
+                },
+                llm_protocol::ToolCallSummary {
+                    id: None,
+                    name: "\u{e9}dit".into(),
+                },
+            ],
+            finish_reason: Some("tool_calls".into()),
+            usage: Some(llm_protocol::Usage {
+                input_tokens: 3,
+                output_tokens: u64::MAX,
+                cached_input_tokens: Some(0),
+                cache_creation_input_tokens: Some(9),
+            }),
+            in_band_error: Some("over\nloaded".into()),
+            end: llm_protocol::StreamEnd::ClientCancelled,
+            content_seen: true,
+            analysis_error: Some("sse line too long".into()),
+        });
+        let mut partial_usage = exchange(9, b"");
+        partial_usage.analysis = Some(llm_protocol::ResponseSummary {
+            usage: Some(llm_protocol::Usage {
+                input_tokens: 1,
+                output_tokens: 2,
+                cached_input_tokens: None,
+                cache_creation_input_tokens: Some(4),
+            }),
+            end: llm_protocol::StreamEnd::UpstreamError,
+            ..rich.analysis.clone().unwrap()
+        });
         let mut bare = exchange(u64::MAX, b"\xfe\xff");
         bare.response = None;
         bare.class = None;
@@ -1042,7 +1167,13 @@ mod tests {
             message: "connection \"refused\"".into(),
         });
         bare.request_digest = Some(blake3::hash(b"other"));
-        for (x, max_body) in [(&full, 1024), (&full, 5), (&bare, 1024)] {
+        for (x, max_body) in [
+            (&full, 1024),
+            (&full, 5),
+            (&bare, 1024),
+            (&rich, 1024),
+            (&partial_usage, 1024),
+        ] {
             let (mut ours, mut theirs) = (Vec::new(), Vec::new());
             encode_record(x, &redact, max_body, &mut ours);
             serde_encode_record(x, &redact, max_body, &mut theirs);
