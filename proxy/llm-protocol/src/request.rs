@@ -87,9 +87,10 @@ pub fn summarize_request(api: ApiKind, body: &[u8]) -> Result<RequestSummary, Pr
     }
     // serde_json's recursion limit (128) turns absurd nesting into an error, not a stack
     // overflow; everything below walks the already-bounded value.
-    let value: Value = serde_json::from_slice(body).map_err(|e| ProtocolError::NotJson {
-        reason: e.to_string(),
-    })?;
+    let value: Value =
+        crate::lenient::from_json_bytes(body).map_err(|e| ProtocolError::NotJson {
+            reason: e.to_string(),
+        })?;
     let obj = value.as_object().ok_or(ProtocolError::NotAnObject)?;
 
     let model = obj.get("model").and_then(Value::as_str).map(str::to_owned);

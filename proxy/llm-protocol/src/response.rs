@@ -236,7 +236,7 @@ impl ResponseObserver {
                     self.max_body
                 ));
             } else if !self.body.is_empty() && !self.whole_body_fast() {
-                match serde_json::from_slice::<Value>(&self.body) {
+                match crate::lenient::from_json_bytes::<Value>(&self.body) {
                     Ok(v) => self.on_whole_body(&v),
                     Err(e) => {
                         if self.status >= 400 {
