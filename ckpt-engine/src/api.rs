@@ -287,14 +287,15 @@ pub fn dispatch(engine: &Engine, request: EngineRequest) -> Result<EngineRespons
             name,
             kind,
             changes,
-        } => EngineResponse::Point(engine.checkpoint(
-            &name,
-            kind,
-            &changes.unwrap_or(ChangeHint::Unknown),
-        )?),
+        } => {
+            // The point is published (durable) when `checkpoint` returns; the answer waits for
+            // its deferred tree hash and bytes changed too, so that it is complete.
+            let p = engine.checkpoint(&name, kind, &changes.unwrap_or(ChangeHint::Unknown))?;
+            EngineResponse::Point(engine.settle_point(p)?)
+        }
         R::Checkpoints { name } => {
             engine.record(&name)?;
-            EngineResponse::Points(engine.points(&name)?)
+            EngineResponse::Points(engine.settled_points(&name)?)
         }
         R::Restore { name, to } => EngineResponse::Restored(engine.restore(&name, to.as_deref())?),
         R::Fork {

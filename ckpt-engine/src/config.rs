@@ -53,10 +53,11 @@ pub struct EngineConfig {
     /// Default `provenance`.
     pub restore_verify: RestoreVerify,
     /// btrfs backend: publish a filesystem point as soon as its read-only snapshot exists and
-    /// compute its tree hash right after, off the checkpoint's critical path (restore, fork and
-    /// verify wait for it or compute it; a restarted engine records missing hashes). Faster
-    /// checkpoints of large turns; the trade-off is that corruption of a read-only snapshot in
-    /// the milliseconds before its hash exists would go unnoticed. Default false.
+    /// compute its tree hash (and bytes changed) right after, off the checkpoint's critical
+    /// path: restore, fork, verify and the `checkpoints` listing wait for it or compute it; a
+    /// restarted engine records missing hashes. A snapshot changed after its creation, before
+    /// or after its hash was computed, is refused at restore (its transaction ids show it).
+    /// Default true; false computes the hash before the point is published.
     pub deferred_tree_hash: bool,
     /// Process checkpoints (CRIU through `runc checkpoint`): the `[engine.process]` table.
     pub process: EngineProcessConfig,
@@ -178,7 +179,7 @@ impl Default for EngineConfig {
             network_base: std::net::Ipv4Addr::new(10, 231, 0, 0),
             retention: RetentionConfig::default(),
             restore_verify: RestoreVerify::default(),
-            deferred_tree_hash: false,
+            deferred_tree_hash: true,
             process: EngineProcessConfig::default(),
             writeback: Default::default(),
         }

@@ -1621,7 +1621,11 @@ impl Engine {
             }
         }
         if let Some(rootfs) = self.rootfs_path(name).parent() {
-            for leftover in ["rootfs.crab-restore", "rootfs.crab-old"] {
+            for leftover in [
+                "rootfs.crab-staged",
+                "rootfs.crab-restore",
+                "rootfs.crab-old",
+            ] {
                 let p = rootfs.join(leftover);
                 if p.exists() {
                     pool::delete_subvolume(&p)?;
@@ -1637,25 +1641,22 @@ impl Engine {
         Ok(())
     }
 
-    /// Restores `name` in place to point `to` (default newest): stops the sandbox, puts each
-    /// tree back, verifies its tree hash against the manifest, then — when the point has a
-    /// process image (its own or carried forward) — restores the processes with CRIU and checks
-    /// they run, else starts the sandbox afresh. On a verification or process-restore failure
-    /// the sandbox stays stopped and the error says why.
+    /// Restores `name` in place to point `to` (default newest). Each tree of the point is first
+    /// staged next to the live one and verified against the manifest's tree hash while the
+    /// sandbox still runs (backends that restore in place only do that after stopping it);
+    /// then the sandbox is stopped, the staged trees are swapped in, and — when the point has a
+    /// process image (its own or carried forward) — its processes are restored with CRIU and
+    /// checked, else the sandbox starts afresh. A tree that fails verification before the stop
+    /// leaves the sandbox untouched and running; a failure after it (an in-place tree, the
+    /// process restore) leaves the sandbox stopped. The error says why.
     pub fn restore(&self, name: &str, to: Option<&str>) -> Result<RestoreReport, EngineError> {
         let start = Instant::now();
         self.record(name)?;
         let _lock = self.lock(name)?;
         let mut rec = self.record(name)?;
         let point = self.point(name, to)?;
-        let t = Instant::now();
-        self.stop(&rec)?;
-        let stop_us = us(t.elapsed());
         let trees = self.trees(&rec);
-        let mut fs_us = 0;
-        let mut verify_us = 0;
-        let mut verified = Vec::new();
-        let mut verified_by = VerifiedBy::TreeHash;
+        let mut snaps = Vec::new();
         for (tree, path) in &trees {
             let snap = point.fs.iter().find(|t| &t.tree == tree).ok_or_else(|| {
                 EngineError::PointNotFound {
@@ -1663,14 +1664,69 @@ impl Engine {
                     id: format!("{} (no snapshot of {tree})", point.id),
                 }
             })?;
+            snaps.push((tree, path, snap));
+        }
+        let mut fs_us = 0;
+        let mut verify_us = 0;
+        let mut verified = Vec::new();
+        let mut verified_by = VerifiedBy::TreeHash;
+        // Stage and verify while the sandbox runs.
+        let mut staged: Vec<Option<PathBuf>> = Vec::new();
+        let discard = |staged: &[Option<PathBuf>]| {
+            for s in staged.iter().flatten() {
+                if let Err(e) = self.backend.discard(s) {
+                    tracing::warn!(sandbox = name, path = %s.display(), error = %e, "staged tree left behind");
+                }
+            }
+        };
+        for (tree, path, snap) in &snaps {
             let t = Instant::now();
-            self.backend.restore(&snap.snapshot, path)?;
+            let s = match self.backend.stage_restore(&snap.snapshot, path) {
+                Ok(s) => s,
+                Err(e) => {
+                    discard(&staged);
+                    return Err(e.into());
+                }
+            };
             fs_us += us(t.elapsed());
+            if let Some(s) = &s {
+                let t = Instant::now();
+                let checked = self.verify_restored(name, &point.id, snap, s);
+                verify_us += us(t.elapsed());
+                match checked {
+                    Ok((actual, by)) => {
+                        verified_by = by;
+                        verified.push(((*tree).clone(), actual));
+                    }
+                    Err(e) => {
+                        staged.push(Some(s.clone()));
+                        discard(&staged);
+                        return Err(e);
+                    }
+                }
+            }
+            staged.push(s);
+        }
+        let t = Instant::now();
+        if let Err(e) = self.stop(&rec) {
+            discard(&staged);
+            return Err(e);
+        }
+        let stop_us = us(t.elapsed());
+        for ((tree, path, snap), s) in snaps.iter().zip(&staged) {
             let t = Instant::now();
-            let (actual, by) = self.verify_restored(name, &point.id, snap, path)?;
-            verify_us += us(t.elapsed());
-            verified_by = by;
-            verified.push((tree.clone(), actual));
+            match s {
+                Some(s) => self.backend.swap_in(s, path)?,
+                None => self.backend.restore(&snap.snapshot, path)?,
+            }
+            fs_us += us(t.elapsed());
+            if s.is_none() {
+                let t = Instant::now();
+                let (actual, by) = self.verify_restored(name, &point.id, snap, path)?;
+                verify_us += us(t.elapsed());
+                verified_by = by;
+                verified.push(((*tree).clone(), actual));
+            }
         }
         let t = Instant::now();
         let mut processes = 0;
@@ -1938,7 +1994,7 @@ impl Engine {
         let point = self.point(name, id)?;
         let mut trees = Vec::new();
         for t in &point.fs {
-            let expected = self.expected_hash(&t.snapshot)?;
+            let expected = self.settled_hash(&t.snapshot)?;
             let actual = self.backend.verify(&t.snapshot)?;
             trees.push((t.tree.clone(), expected, actual));
         }
@@ -1963,7 +2019,7 @@ impl Engine {
         snap: &crate::manifest::TreeSnapshot,
         path: &Path,
     ) -> Result<(String, VerifiedBy), EngineError> {
-        let expected = self.expected_hash(&snap.snapshot)?;
+        let expected = self.settled_hash(&snap.snapshot)?;
         let why_not = match self.backend.restored_clone_proof(&snap.snapshot, path) {
             Ok(()) => return Ok((expected, VerifiedBy::CloneProvenance)),
             Err(crate::fs::NoProof::SnapshotModified(reason)) => {
@@ -1988,7 +2044,34 @@ impl Engine {
         Ok((actual, VerifiedBy::TreeHash))
     }
 
-    fn expected_hash(&self, snapshot: &crate::fs::FsSnapshotRef) -> Result<String, EngineError> {
+    /// `point` with the tree hash and bytes changed of each snapshot whose hash is still being
+    /// computed (deferred hashing) filled in, waiting for them.
+    pub fn settle_point(&self, mut point: RecoveryPoint) -> Result<RecoveryPoint, EngineError> {
+        for t in &mut point.fs {
+            if !t.snapshot.tree_hash.is_empty() {
+                continue;
+            }
+            if let Some(s) = self.backend.settle(&t.snapshot, true)? {
+                t.snapshot.tree_hash = s.tree_hash;
+                if let Some(b) = s.bytes_changed {
+                    t.bytes_changed = b;
+                }
+            }
+        }
+        Ok(point)
+    }
+
+    /// The published points of `name`, oldest first, each settled ([`Engine::settle_point`]).
+    pub fn settled_points(&self, name: &str) -> Result<Vec<RecoveryPoint>, EngineError> {
+        self.points(name)?
+            .into_iter()
+            .map(|p| self.settle_point(p))
+            .collect()
+    }
+
+    /// The tree hash `snapshot` is verified against: the recorded one, else (deferred hashing)
+    /// the one being computed, waiting for it.
+    pub fn settled_hash(&self, snapshot: &crate::fs::FsSnapshotRef) -> Result<String, EngineError> {
         match self.backend.settle(snapshot, true)? {
             Some(s) => Ok(s.tree_hash),
             None => Err(EngineError::Fs(crate::fs::FsError::Corrupt {

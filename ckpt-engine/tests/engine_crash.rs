@@ -163,6 +163,8 @@ fn full_disk_fails_cleanly_and_keeps_earlier_points() {
     let p1 = e
         .checkpoint(&name, CheckpointKind::Fs, &ChangeHint::Unknown)
         .unwrap();
+    // As listed once its deferred hash is recorded.
+    let p1 = e.settle_point(p1).unwrap();
     let fill = e
         .exec(
             &name,

@@ -149,7 +149,8 @@ fn cli_fork_of_fs_point_starts_fresh_and_failed_copy_leaves_nothing() {
     let third = format!("{name}-fork-3");
     assert!(r.stdout.contains(&third), "{}", r.stdout);
 
-    // Tamper with the point's snapshot: the fork fails verification and leaves nothing.
+    // Tamper with the point's snapshot: the fork is refused (the snapshot changed after its
+    // creation) and leaves nothing.
     let snap = e
         .pool()
         .snapshots_dir()
@@ -166,7 +167,12 @@ fn cli_fork_of_fs_point_starts_fresh_and_failed_copy_leaves_nothing() {
     let bad = format!("{name}-bad");
     let r = run(&["fork", &name, "--name", &bad, "--json"]);
     assert_eq!(r.exit_code, 1);
-    assert!(r.stdout.contains("verify_failed"), "{}", r.stdout);
+    assert!(r.stdout.contains("\"corrupt\""), "{}", r.stdout);
+    assert!(
+        r.stdout.contains("changed after it was created"),
+        "{}",
+        r.stdout
+    );
     assert!(!e.pool().root().join("meta").join(&bad).exists());
     assert!(!e.pool().sandboxes_dir().join(&bad).exists());
     assert!(!e.cgroup(&bad).path().exists());

@@ -1,7 +1,8 @@
 //! How a restore is verified (`restore_verify = "provenance"`, the default): a restored tree
 //! that is provably an unmodified clone of the checkpoint's read-only snapshot is not read
 //! again, and a snapshot changed after its creation — even with its read-only flag set back
-//! and not synced — is refused as corrupt, by restore and by verify. Both with the tree hash
+//! and not synced — is refused as corrupt, by restore (before the sandbox is stopped: it runs
+//! on untouched) and by verify. Both with the tree hash
 //! computed before publication and with deferred hashing (where the hash could have been
 //! computed from the changed tree). Real runc sandboxes on a real loop btrfs pool.
 //! Run as root: `CRAB_TEST_STRICT=1 cargo test -p ckpt-engine --test engine_restore_verify`.
@@ -105,6 +106,12 @@ fn run(deferred: bool) {
         "verify",
         e.verify(&name, Some(&p1.id)).map(|v| format!("{v:?}")),
     );
+    // The restore was refused before the sandbox was stopped: it runs on, untouched, and the
+    // staged tree is gone.
+    assert_eq!(file(e, &name, "/data").as_deref(), Some("three"));
+    assert_eq!(sh(e, &name, "echo alive").trim(), "alive");
+    let staged = e.rootfs_path(&name).with_file_name("rootfs.crab-staged");
+    assert!(!staged.exists(), "{} left behind", staged.display());
 
     e.remove(&name).expect("rm");
 }

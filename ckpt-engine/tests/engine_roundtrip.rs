@@ -61,6 +61,8 @@ fn checkpoint_mutate_restore_verify_byte_for_byte() {
     let p1 = e
         .checkpoint(&name, CheckpointKind::Fs, &ChangeHint::Unknown)
         .expect("checkpoint 1");
+    // Deferred hashing (the default): the hash and bytes changed follow publication.
+    let p1 = e.settle_point(p1).expect("settle 1");
     assert_eq!(p1.id, "cp-000001");
     assert!(p1.frozen_us > 0);
 
@@ -79,6 +81,7 @@ fn checkpoint_mutate_restore_verify_byte_for_byte() {
     let p2 = e
         .checkpoint(&name, CheckpointKind::Full, &ChangeHint::Unknown)
         .expect("checkpoint 2");
+    let p2 = e.settle_point(p2).expect("settle 2");
     assert_eq!(p2.parent.as_deref(), Some("cp-000001"));
     assert!(
         p2.process.is_some() || p2.note.is_some(),
@@ -191,6 +194,8 @@ fn crafted_manifests_are_rejected() {
     let good = e
         .checkpoint(&name, CheckpointKind::Fs, &ChangeHint::Unknown)
         .unwrap();
+    // As listed once its deferred hash is recorded.
+    let good = e.settle_point(good).unwrap();
     let op = e
         .checkpoint(&other, CheckpointKind::Fs, &ChangeHint::Unknown)
         .unwrap();

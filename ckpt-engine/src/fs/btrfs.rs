@@ -20,24 +20,27 @@
 //! recorded hash would not match the snapshot, and the restore check (which walks the restored
 //! tree) and [`FsBackend::verify`] (which rehashes everything) fail loudly.
 //!
-//! By default the hash is computed before the manifest is published, so a published point
-//! always carries it. The time that takes is dominated by the kernel's diff (`btrfs send`: ~45
-//! ms for 2,000 new files) and by reading new file contents (~40 ms for 100 MB), not by the walk.
+//! With `deferred_tree_hash = false` the hash is computed before the manifest is published,
+//! so a published point always carries it. The time that takes is dominated by the kernel's
+//! diff (`btrfs send`: ~45 ms for 2,000 new files) and by reading new file contents (~40 ms for
+//! 100 MB), not by the walk.
 //!
-//! Deferred hashing ([`BtrfsBackend::with_deferred_hash`]) publishes the point as soon as the
-//! read-only snapshot exists (durable: creating a snapshot commits a btrfs transaction, and the
-//! manifest is fsynced) with an empty tree hash; a background job per snapshot (in snapshot
-//! order, each reusing its parent's index) computes the same hash and the engine's sealer
-//! records it in the manifest. The invariants hold because the hash is, in both modes, computed
-//! from the same immutable read-only snapshot: [`FsBackend::settle`] gives restores, forks and
-//! `verify` the job's result (waiting for it), or, when none is held (the engine stopped
-//! before the job finished, or another process asks), hashes the read-only snapshot now; on
-//! open the engine records such hashes. A restore is therefore always verified against the
-//! snapshot's hash. What deferral gives up: corruption of a read-only snapshot in the
-//! milliseconds between its creation and its hash (btrfs refuses writes to it, and checksums
-//! its data) would be taken as its contents.
+//! Deferred hashing (the default, [`BtrfsBackend::with_deferred_hash`]) publishes the point as
+//! soon as the read-only snapshot exists (durable: creating a snapshot commits a btrfs
+//! transaction, and the manifest is fsynced) with an empty tree hash; a background job per
+//! snapshot (in snapshot order, each reusing its parent's index) computes the same hash and the
+//! engine's sealer records it in the manifest. The invariants hold because the hash is, in both
+//! modes, computed from the same immutable read-only snapshot: [`FsBackend::settle`] gives
+//! restores, forks and `verify` the job's result (waiting for it), or, when none is held (the
+//! engine stopped before the job finished, or another process asks), hashes the read-only
+//! snapshot now; on open the engine records such hashes. A restore is therefore always verified
+//! against the snapshot's hash. A snapshot changed after its creation (by someone clearing its
+//! read-only flag) may have been hashed changed; such a snapshot is refused at restore and by
+//! `verify`, from its transaction ids ([`provenance::snapshot_state`]), whenever the change
+//! happened.
 //!
-//! Restore = a writable snapshot of the checkpoint next to the target, then swapped in by rename.
+//! Restore = a writable snapshot of the checkpoint next to the target (`<target>.crab-staged`,
+//! made and verified while the sandbox still runs), then swapped in by rename.
 //! With `restore_verify = "provenance"` the restored tree is verified without reading it:
 //! [`provenance`] proves it an unmodified clone of the read-only snapshot the recorded hash was
 //! computed from; when that proof fails the tree is hashed as with `cached`.
@@ -186,7 +189,35 @@ impl BtrfsBackend {
     }
 }
 
+/// `<target>.<suffix>`, next to `target` (same filesystem, so a rename moves it in).
+fn sibling(target: &Path, suffix: &str) -> Result<PathBuf, FsError> {
+    let name = target.file_name().ok_or_else(|| FsError::InvalidId {
+        id: target.display().to_string(),
+        reason: "restore target has no file name",
+    })?;
+    let mut staged = name.to_os_string();
+    staged.push(".");
+    staged.push(suffix);
+    Ok(target.with_file_name(staged))
+}
+
 impl BtrfsBackend {
+    /// A writable snapshot of `snapshot` at `<target>.crab-staged` (O(1): a clone).
+    fn stage(&self, snapshot: &FsSnapshotRef, target: &Path) -> Result<PathBuf, FsError> {
+        let src = self.inner.path_of(snapshot)?;
+        if !pool::is_subvolume(&src) {
+            return Err(FsError::NotFound {
+                id: snapshot.id.clone(),
+                path: src,
+            });
+        }
+        let staged = sibling(target, "crab-staged")?;
+        // A leftover of an interrupted restore.
+        pool::delete_subvolume(&staged)?;
+        pool::snapshot_subvolume(&src, &staged, false)?;
+        Ok(staged)
+    }
+
     /// Starts the deferred hashing job of the fresh snapshot `dest`; false if no thread could
     /// be started (the caller then hashes synchronously).
     fn spawn_hash_job(
@@ -589,34 +620,31 @@ impl FsBackend for BtrfsBackend {
     }
 
     fn restore(&self, snapshot: &FsSnapshotRef, target: &Path) -> Result<(), FsError> {
-        let src = self.inner.path_of(snapshot)?;
-        if !pool::is_subvolume(&src) {
-            return Err(FsError::NotFound {
-                id: snapshot.id.clone(),
-                path: src,
-            });
-        }
-        let name = target
-            .file_name()
-            .ok_or_else(|| FsError::InvalidId {
-                id: target.display().to_string(),
-                reason: "restore target has no file name",
-            })?
-            .to_string_lossy()
-            .into_owned();
-        let parent = target.parent().unwrap_or(Path::new("/"));
-        let fresh = parent.join(format!("{name}.crab-restore"));
-        let old = parent.join(format!("{name}.crab-old"));
-        // Leftovers of an interrupted restore.
-        pool::delete_subvolume(&fresh)?;
+        let staged = self.stage(snapshot, target)?;
+        self.swap_in(&staged, target)
+    }
+
+    fn stage_restore(
+        &self,
+        snapshot: &FsSnapshotRef,
+        target: &Path,
+    ) -> Result<Option<PathBuf>, FsError> {
+        self.stage(snapshot, target).map(Some)
+    }
+
+    fn swap_in(&self, staged: &Path, target: &Path) -> Result<(), FsError> {
+        let old = sibling(target, "crab-old")?;
+        // A leftover of an interrupted swap.
         pool::delete_subvolume(&old)?;
-        pool::snapshot_subvolume(&src, &fresh, false)?;
         if std::fs::symlink_metadata(target).is_ok() {
             std::fs::rename(target, &old).map_err(|e| FsError::io("move old tree", target, e))?;
         }
-        std::fs::rename(&fresh, target).map_err(|e| FsError::io("swap in tree", target, e))?;
-        pool::delete_subvolume(&old)?;
-        Ok(())
+        std::fs::rename(staged, target).map_err(|e| FsError::io("swap in tree", target, e))?;
+        pool::delete_subvolume(&old)
+    }
+
+    fn discard(&self, staged: &Path) -> Result<(), FsError> {
+        pool::delete_subvolume(staged)
     }
 
     fn verify(&self, snapshot: &FsSnapshotRef) -> Result<String, FsError> {

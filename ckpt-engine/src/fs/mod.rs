@@ -148,6 +148,34 @@ pub trait FsBackend: Send + Sync {
     /// guarantees nothing runs in `target` during the call and verifies the result afterwards.
     fn restore(&self, snapshot: &FsSnapshotRef, target: &Path) -> Result<(), FsError>;
 
+    /// Restores the snapshot's tree next to `target` without touching `target` (while the
+    /// sandbox may still run), so it can be verified before it replaces `target` with
+    /// [`FsBackend::swap_in`] (or is dropped with [`FsBackend::discard`]). `Ok(None)`: the
+    /// backend restores in place only ([`FsBackend::restore`]). The default stages nothing.
+    fn stage_restore(
+        &self,
+        snapshot: &FsSnapshotRef,
+        target: &Path,
+    ) -> Result<Option<PathBuf>, FsError> {
+        let _ = (snapshot, target);
+        Ok(None)
+    }
+
+    /// Puts the tree staged at `staged` in `target`'s place; the replaced tree is deleted.
+    fn swap_in(&self, staged: &Path, target: &Path) -> Result<(), FsError> {
+        let _ = (staged, target);
+        Err(FsError::InvalidId {
+            id: staged.display().to_string(),
+            reason: "this backend stages no restores",
+        })
+    }
+
+    /// Deletes a staged tree that will not be swapped in.
+    fn discard(&self, staged: &Path) -> Result<(), FsError> {
+        let _ = staged;
+        Ok(())
+    }
+
     /// Recomputes the tree hash of the stored snapshot (not trusting recorded values).
     fn verify(&self, snapshot: &FsSnapshotRef) -> Result<String, FsError>;
 

@@ -204,7 +204,7 @@ impl Lab {
             .expect("restore filesystem");
         assert_eq!(
             e.backend().tree_hash_of(&rootfs).unwrap(),
-            snap.tree_hash,
+            e.settled_hash(snap).expect("the snapshot's hash"),
             "filesystem verified"
         );
         let n = self.next();
@@ -238,7 +238,8 @@ impl Lab {
             .expect("fork filesystem");
         assert_eq!(
             e.backend().tree_hash_of(&rootfs).unwrap(),
-            cp.frozen.snapshot.tree_hash
+            e.settled_hash(&cp.frozen.snapshot)
+                .expect("the snapshot's hash")
         );
         let original: serde_json::Value =
             serde_json::from_slice(&std::fs::read(self.bundle(name).join("config.json")).unwrap())

@@ -30,8 +30,7 @@ use anyhow::Context;
 use ckpt_engine::config::RestoreVerify;
 use ckpt_engine::engine::VerifiedBy;
 use ckpt_engine::fs::ChangeHint;
-use ckpt_engine::fs::btrfs::BtrfsBackend;
-use ckpt_engine::manifest::{CheckpointKind, RecoveryPoint};
+use ckpt_engine::manifest::CheckpointKind;
 use ckpt_engine::scheduler::{CheckpointJob, EngineExecutor};
 use ckpt_engine::scheduler::{Scheduler, SchedulerConfig, SubmitRequest};
 use ckpt_engine::{Engine, EngineConfig};
@@ -119,20 +118,6 @@ fn sh(engine: &Engine, name: &str, script: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The point as its manifest says once every tree hash is recorded (deferred hashing records
-/// them after publication).
-fn recorded(engine: &Engine, name: &str, id: &str) -> anyhow::Result<RecoveryPoint> {
-    let deadline = Instant::now() + std::time::Duration::from_secs(60);
-    loop {
-        let p = engine.point(name, Some(id))?;
-        if p.fs.iter().all(|t| !t.snapshot.tree_hash.is_empty()) {
-            return Ok(p);
-        }
-        anyhow::ensure!(Instant::now() < deadline, "{id}: tree hash never recorded");
-        std::thread::sleep(std::time::Duration::from_millis(10));
-    }
-}
-
 fn checkpoint_scenario(
     engine: &Engine,
     scenario: &str,
@@ -159,7 +144,7 @@ fn checkpoint_scenario(
     // Retention may have dropped the oldest points; the retained ones are checked.
     let retained: Vec<String> = engine.points(&name)?.into_iter().map(|p| p.id).collect();
     for id in ids.iter().filter(|id| retained.contains(id)) {
-        let p = recorded(engine, &name, id)?;
+        let p = engine.settle_point(engine.point(&name, Some(id))?)?;
         changed.push(p.fs.iter().map(|t| t.bytes_changed).sum::<u64>() as f64 / 1e6);
         let v = engine.verify(&name, Some(id))?;
         anyhow::ensure!(
@@ -237,10 +222,10 @@ fn build_without_writeback(cfg: &EngineConfig, n: usize) -> anyhow::Result<Vec<S
     let result = (|| -> anyhow::Result<Vec<Stats>> {
         engine.build_image("busybox", false)?;
         let mut out = vec![build_scenario(&engine, n, "-nowb", " (no write-behind)")?];
-        let e = Engine::open(c.clone())?;
-        let backend =
-            BtrfsBackend::new(e.pool(), c.restore_verify).with_deferred_hash(e.manifest_sealer());
-        let e = e.with_backend(Arc::new(backend));
+        let e = Engine::open(EngineConfig {
+            deferred_tree_hash: true,
+            ..c.clone()
+        })?;
         out.push(build_scenario(
             &e,
             n,
@@ -521,10 +506,13 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let state_dir = args.state_dir.clone().unwrap_or_else(|| {
         std::env::temp_dir().join(format!("crab-bench-engine-{}", std::process::id()))
     });
+    // The first engine computes tree hashes before publishing; the deferred rows (the default
+    // configuration) run on a second instance.
     let mut cfg = EngineConfig {
         state_dir: state_dir.clone(),
         pool_size_bytes: args.pool_size,
         cgroup_parent: "crab-bench".into(),
+        deferred_tree_hash: false,
         ..EngineConfig::default()
     };
     if !std::path::Path::new("/sys/fs/cgroup/unified/cgroup.procs").exists() {
@@ -548,10 +536,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         .map(|()| -> anyhow::Result<Vec<Stats>> {
             // The same scenarios with the tree hash computed after publication, on a second
             // engine instance.
-            let e = Engine::open(cfg.clone())?;
-            let backend = BtrfsBackend::new(e.pool(), cfg.restore_verify)
-                .with_deferred_hash(e.manifest_sealer());
-            let e = e.with_backend(Arc::new(backend));
+            let e = Engine::open(EngineConfig {
+                deferred_tree_hash: true,
+                ..cfg.clone()
+            })?;
             fs_scenarios(&e, args.iterations, "-deferred", " (deferred hash)")
         });
     let no_writeback = result

@@ -169,7 +169,8 @@ impl Bench {
             .backend()
             .restore(&cp.frozen.snapshot, &rootfs)?;
         anyhow::ensure!(
-            self.engine.backend().tree_hash_of(&rootfs)? == cp.frozen.snapshot.tree_hash,
+            self.engine.backend().tree_hash_of(&rootfs)?
+                == self.engine.settled_hash(&cp.frozen.snapshot)?,
             "filesystem verification failed"
         );
         self.process.restore(&RestoreRequest {
