@@ -228,7 +228,7 @@ fn system_field(
 /// Chain the item digests, seeded with the system prompt (see the module header).
 fn thread_key(conv: &Items<'_>, previous_response_id: Option<String>) -> ThreadKey {
     let mut prev: blake3::Hash = {
-        let mut h = blake3::Hasher::new();
+        let mut h = crate::canonical::Hasher::new();
         h.update(b"crab-thread-seed");
         if let Some(s) = &conv.system {
             h.update(s.as_bytes());
@@ -258,7 +258,7 @@ fn thread_key(conv: &Items<'_>, previous_response_id: Option<String>) -> ThreadK
                 )
             }
         };
-        let mut h = blake3::Hasher::new();
+        let mut h = crate::canonical::Hasher::new();
         h.update(prev.as_bytes());
         h.update(item_hash.as_bytes());
         prev = h.finalize();
