@@ -180,6 +180,23 @@ pub fn class_label(class: Option<RequestClass>) -> &'static str {
     }
 }
 
+/// The slot of a request class in the metrics' per-class handles (`< CLASS_SLOTS`), in the
+/// order of [`class_label`].
+fn class_slot(class: Option<RequestClass>) -> usize {
+    match class {
+        None => 0,
+        Some(RequestClass::MainLoop) => 1,
+        Some(RequestClass::Retry) => 2,
+        Some(RequestClass::SideCall(kind)) => match kind {
+            SideKind::TokenCount => 3,
+            SideKind::TitleGeneration => 4,
+            SideKind::Summarization => 5,
+            SideKind::SubConversation => 6,
+            SideKind::Other => 7,
+        },
+    }
+}
+
 /// The API's label and its slot in the metrics' per-API handles.
 fn api_slot(api: ApiKind) -> ApiSlot {
     let slot = match api {
@@ -481,14 +498,13 @@ fn complete(shared: &Shared, f: Finished) {
             count_turn_events(m, &st.ctx.sandbox, &events);
         }
     }
-    m.requests
-        .get_or_create(&RequestLabels {
-            api,
-            class: class_label(st.ctx.class),
-            status: st.status,
-        })
-        .inc();
     let slot = api_slot(st.ctx.api);
+    m.count_request(
+        slot,
+        class_slot(st.ctx.class),
+        class_label(st.ctx.class),
+        st.status,
+    );
     m.response_bytes_for(slot).inc_by(st.bytes);
     m.stream_end_for(slot, end_slot(final_end), end_label(final_end))
         .inc();
@@ -1299,6 +1315,27 @@ mod tests {
             coordinator,
         );
         (Arc::new(shared), dir)
+    }
+
+    /// Every class has its own slot below `CLASS_SLOTS`.
+    #[test]
+    fn class_slots_are_distinct() {
+        use llm_protocol::SideKind as K;
+        let classes = [
+            None,
+            Some(RequestClass::MainLoop),
+            Some(RequestClass::Retry),
+            Some(RequestClass::SideCall(K::TokenCount)),
+            Some(RequestClass::SideCall(K::TitleGeneration)),
+            Some(RequestClass::SideCall(K::Summarization)),
+            Some(RequestClass::SideCall(K::SubConversation)),
+            Some(RequestClass::SideCall(K::Other)),
+        ];
+        let mut slots: Vec<usize> = classes.iter().map(|c| class_slot(*c)).collect();
+        slots.sort_unstable();
+        slots.dedup();
+        assert_eq!(slots.len(), classes.len());
+        assert!(slots.iter().all(|s| *s < crate::metrics::CLASS_SLOTS));
     }
 
     /// A completion is applied after the flush (deferred), but a request that arrives before

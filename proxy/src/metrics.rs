@@ -2,7 +2,8 @@
 //!
 //! The per-API series the forwarding path touches on every request are resolved once, on
 //! first use, and kept as handles ([`Metrics::request_bytes_for`] and friends): a `Family`
-//! lookup hashes the labels and takes a lock each time. A series still appears in `/metrics`
+//! lookup hashes the labels and takes a lock each time. `crab_requests_total` keeps handles
+//! for status 200 only ([`Metrics::count_request`]). A series still appears in `/metrics`
 //! only once it was used.
 
 use std::sync::OnceLock;
@@ -66,11 +67,14 @@ pub struct Metrics {
     response_bytes_by_api: [OnceLock<Counter>; API_SLOTS],
     ttft_by_api: [OnceLock<Histogram>; API_SLOTS],
     stream_ends_by_api: [[OnceLock<Counter>; END_SLOTS]; API_SLOTS],
+    requests_ok_by_api: [[OnceLock<Counter>; CLASS_SLOTS]; API_SLOTS],
 }
 
 /// Distinct API labels (see `forward::api_label`) and stream-end labels.
 pub const API_SLOTS: usize = 5;
 pub const END_SLOTS: usize = 4;
+/// Distinct request class labels (see `forward::class_label`).
+pub const CLASS_SLOTS: usize = 8;
 
 /// An API label with its slot in the per-API handle arrays (`slot < API_SLOTS`).
 #[derive(Debug, Clone, Copy)]
@@ -121,6 +125,26 @@ impl Metrics {
 }
 
 impl Metrics {
+    /// Counts one request in `crab_requests_total{api,class,status}`: through a kept handle
+    /// for status 200 (nearly every request), a `Family` lookup for the others.
+    /// `class_slot < CLASS_SLOTS` numbers the class labels.
+    pub fn count_request(&self, api: ApiSlot, class_slot: usize, class: &'static str, status: u16) {
+        let labels = || RequestLabels {
+            api: api.label,
+            class,
+            status,
+        };
+        if status == 200 {
+            self.requests_ok_by_api[api.slot % API_SLOTS][class_slot % CLASS_SLOTS]
+                .get_or_init(|| self.requests.get_or_create(&labels()).clone())
+                .inc();
+        } else {
+            self.requests.get_or_create(&labels()).inc();
+        }
+    }
+}
+
+impl Metrics {
     /// Creates the metrics and registers them in `registry` under the `crab` prefix.
     pub fn new(registry: &mut Registry) -> Self {
         let m = Self {
@@ -142,6 +166,7 @@ impl Metrics {
             response_bytes_by_api: Default::default(),
             ttft_by_api: Default::default(),
             stream_ends_by_api: Default::default(),
+            requests_ok_by_api: Default::default(),
         };
         let r = registry.sub_registry_with_prefix("crab");
         r.register(
@@ -215,4 +240,34 @@ pub fn encode(registry: &Registry) -> String {
     // Writing into a String cannot fail.
     let _ = prometheus_client::encoding::text::encode(&mut out, registry);
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The kept status-200 handle and the `Family` lookup count into the same series.
+    #[test]
+    fn count_request_counts_the_labelled_series() {
+        let mut registry = Registry::default();
+        let m = Metrics::new(&mut registry);
+        let api = ApiSlot {
+            slot: 0,
+            label: "chat_completions",
+        };
+        m.count_request(api, 1, "main_loop", 200);
+        m.count_request(api, 1, "main_loop", 200);
+        m.count_request(api, 1, "main_loop", 500);
+        let get = |status| {
+            m.requests
+                .get_or_create(&RequestLabels {
+                    api: "chat_completions",
+                    class: "main_loop",
+                    status,
+                })
+                .get()
+        };
+        assert_eq!((get(200), get(500)), (2, 1));
+        assert!(encode(&registry).contains("status=\"200\"} 2"));
+    }
 }
