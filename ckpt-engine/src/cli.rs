@@ -396,7 +396,7 @@ pub fn render(response: &EngineResponse, json: bool) -> Rendered {
         EngineResponse::Restored(r) => {
             let _ = writeln!(
                 out,
-                "{} restored to {} (verified by {}) in {}: stop {}, fs {}, verify {}, start {}",
+                "{} restored to {} (verified by {}) in {} (down {}): stop {}, fs {}, verify {}, start {}",
                 r.sandbox,
                 r.point,
                 match r.verified_by {
@@ -404,6 +404,7 @@ pub fn render(response: &EngineResponse, json: bool) -> Rendered {
                     crate::engine::VerifiedBy::TreeHash => "tree hash",
                 },
                 ms(r.total_us),
+                ms(r.downtime_us),
                 ms(r.stop_us),
                 ms(r.fs_us),
                 ms(r.verify_us),

@@ -223,6 +223,10 @@ pub struct RestoreReport {
     pub verified_by: VerifiedBy,
     /// Time to start the sandbox again (or to restore its processes), µs.
     pub start_us: u64,
+    /// From the stop to the start's end: how long the sandbox ran nothing, µs (staged trees
+    /// are made and verified before the stop).
+    #[serde(default)]
+    pub downtime_us: u64,
     /// The process image restored (its id), `None` when the sandbox started afresh.
     #[serde(default)]
     pub process_image: Option<String>,
@@ -1708,6 +1712,7 @@ impl Engine {
             staged.push(s);
         }
         let t = Instant::now();
+        let down = t;
         if let Err(e) = self.stop(&rec) {
             discard(&staged);
             return Err(e);
@@ -1758,6 +1763,7 @@ impl Engine {
             verify_us,
             verified_by,
             start_us,
+            downtime_us: us(down.elapsed()),
             process_image,
             processes,
             total_us: us(start.elapsed()),

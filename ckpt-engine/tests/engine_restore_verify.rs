@@ -67,6 +67,13 @@ fn run(deferred: bool) {
         assert_eq!(r.verified_by, VerifiedBy::CloneProvenance, "round {round}");
         assert_eq!(r.trees.len(), 1);
         assert_eq!(r.trees[0].1, hash, "the snapshot's hash");
+        // Staged and verified before the stop: not part of the downtime.
+        assert!(
+            r.downtime_us > 0 && r.downtime_us < r.total_us,
+            "down {} µs of {} µs",
+            r.downtime_us,
+            r.total_us
+        );
         assert_eq!(file(e, &name, "/data").as_deref(), Some("one"));
         assert_eq!(file(e, &name, "/d/f").as_deref(), Some("x"));
         eprintln!(

@@ -252,8 +252,14 @@ fn restore_scenario(engine: &Engine, restores: usize, mode: &str) -> anyhow::Res
          i=0; while [ $i -lt 1000 ]; do cat /seed > f$i; echo $i >> f$i; i=$((i+1)); done",
     )?;
     let p = engine.checkpoint(&name, CheckpointKind::Fs, &ChangeHint::Unknown)?;
-    let (mut lat, mut verify, mut stop, mut fs, mut start) =
-        (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let (mut lat, mut verify, mut stop, mut fs, mut start, mut down) = (
+        Vec::new(),
+        Vec::new(),
+        Vec::new(),
+        Vec::new(),
+        Vec::new(),
+        Vec::new(),
+    );
     let mut by_provenance = 0;
     for i in 0..restores {
         sh(
@@ -267,6 +273,7 @@ fn restore_scenario(engine: &Engine, restores: usize, mode: &str) -> anyhow::Res
         stop.push(r.stop_us as f64 / 1000.0);
         fs.push(r.fs_us as f64 / 1000.0);
         start.push(r.start_us as f64 / 1000.0);
+        down.push(r.downtime_us as f64 / 1000.0);
         by_provenance += usize::from(r.verified_by == VerifiedBy::CloneProvenance);
     }
     engine.remove(&name)?;
@@ -282,11 +289,12 @@ fn restore_scenario(engine: &Engine, restores: usize, mode: &str) -> anyhow::Res
         percentile(&v, 0.5)
     };
     s.note = format!(
-        "p50 phases: stop container {:.1} ms, fs swap {:.1} ms, verify {:.1} ms, start container + network {:.1} ms; {by_provenance}/{restores} verified by clone provenance",
+        "p50 phases: stop container {:.1} ms, fs stage + swap {:.1} ms, verify {:.1} ms, start container + network {:.1} ms; down {:.1} ms; {by_provenance}/{restores} verified by clone provenance",
         p50(stop),
         p50(fs),
         p50(verify),
-        p50(start)
+        p50(start),
+        p50(down)
     );
     s.changed_mb_p50 = 200.0;
     Ok(s)
