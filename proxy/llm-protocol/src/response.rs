@@ -310,7 +310,8 @@ impl ResponseObserver {
         }
         if self.fast_paths
             && self.api == ApiKind::ChatCompletions
-            && self.chat_chunk_fast(data_trim)
+            && (name != Some("error") && self.chat_chunk_changes_nothing(data_trim)
+                || self.chat_chunk_fast(data_trim))
         {
             return;
         }
@@ -457,6 +458,82 @@ impl ResponseObserver {
                 this.obs.terminal_seen = true;
             }
         })
+    }
+
+    /// The fast path before the fast path: once content was seen and the response id and
+    /// model are known, most Chat chunks only carry more content, which changes nothing here.
+    /// Such a chunk is recognised from its text without parsing it, conservatively: no
+    /// backslash (so every key and string is written literally and the text between two
+    /// quotes is exactly one string), none of the strings `tool_calls`, `function_call`,
+    /// `usage`, `error`, `type` (as key or value), every `finish_reason` followed by `:null`,
+    /// every `model` followed by `:` and the current model. Whatever such a chunk holds, both
+    /// parsing paths would leave the observation as it is (malformed JSON included: it is
+    /// ignored unless the event is named `error`, which the caller excludes); any doubt
+    /// means a parse. The fast/slow equivalence test runs every fixture and mutation through it.
+    fn chat_chunk_changes_nothing(&self, data: &str) -> bool {
+        #[derive(PartialEq)]
+        enum After {
+            Nothing,
+            FinishReason,
+            ModelKey,
+            ModelValue,
+        }
+        if !self.obs.content_seen || self.obs.response_id.is_none() {
+            return false;
+        }
+        let Some(model) = self.obs.model.as_deref() else {
+            return false;
+        };
+        let mut after = After::Nothing;
+        // Segment `i` of the text split at quotes: odd ones are strings (keys or values), even
+        // ones what lies between them. Returns false to give up.
+        let mut segment = |i: usize, seg: &str| -> bool {
+            if i % 2 == 1 {
+                if after == After::ModelValue {
+                    after = After::Nothing;
+                    return seg == model;
+                }
+                after = match seg {
+                    "tool_calls" | "function_call" | "usage" | "error" | "type" => return false,
+                    "finish_reason" => After::FinishReason,
+                    "model" => After::ModelKey,
+                    _ => After::Nothing,
+                };
+            } else if i > 0 {
+                match after {
+                    After::FinishReason if !seg.starts_with(":null") => return false,
+                    After::ModelKey if seg != ":" => return false,
+                    After::ModelKey => {
+                        after = After::ModelValue;
+                        return true;
+                    }
+                    After::ModelValue => return false,
+                    _ => {}
+                }
+                after = After::Nothing;
+            }
+            true
+        };
+        // One pass over the bytes (the strings are short: a search per quote costs more).
+        let (mut i, mut start) = (0, 0);
+        for (pos, &b) in data.as_bytes().iter().enumerate() {
+            if b == b'\\' {
+                return false;
+            }
+            if b == b'"' {
+                if !segment(i, &data[start..pos]) {
+                    return false;
+                }
+                i += 1;
+                start = pos + 1;
+            }
+        }
+        if !segment(i, &data[start..]) {
+            return false;
+        }
+        let segments = i + 1;
+        // An odd number of segments: every string is closed.
+        segments % 2 == 1 && after == After::Nothing
     }
 
     /// What a Chat chunk and a whole Chat body share: parse the typed view (false when the
@@ -1133,6 +1210,47 @@ mod tests {
             same_with_and_without_fast_paths(200, false, &[o.as_bytes()], o);
             same_with_and_without_fast_paths(500, false, &[o.as_bytes()], o);
         }
+    }
+
+    /// Chunks after the first content, where the text-only check may skip the parse: every
+    /// shape that does change the observation must still be seen (same summary as the
+    /// `Value` walk, which never skips).
+    #[test]
+    fn content_chunks_skipped_unparsed_change_nothing() {
+        let prime = r#"data: {"id":"c1","model":"m","choices":[{"index":0,"delta":{"content":"a"},"finish_reason":null}]}"#;
+        let tricky: &[&str] = &[
+            r#"{"id":"c1","model":"m","choices":[{"index":0,"delta":{"content":"b"},"finish_reason":null}]}"#,
+            r#"{"id":"c2","model":"m2","choices":[{"delta":{"content":"b"},"finish_reason":null}]}"#,
+            r#"{"id":"c1","model":"m","choices":[{"delta":{"content":"b"},"finish_reason": "stop"}]}"#,
+            r#"{"id":"c1","model":"m","choices":[{"delta":{"content":"b"},"finish_reason":"length"}]}"#,
+            r#"{"id":"c1","model":"m","choices":[{"delta":{},"finish_reason":""}]}"#,
+            r#"{"id":"c1","model":"m","choices":[],"usage":{"prompt_tokens":1,"completion_tokens":2}}"#,
+            r#"{"id":"c1","model":"m","choices":[{"delta":{"tool_calls":[{"index":0,"id":"t","function":{"name":"f"}}]}}]}"#,
+            r#"{"id":"c1","model":"m","choices":[{"delta":{"function_call":{"name":"f"}}}]}"#,
+            r#"{"error":{"message":"boom"}}"#,
+            r#"{"type":"error","message":"m"}"#,
+            r#"{"id":"c1","model":"m","choices":[{"delta":{"content":"model"}}]}"#,
+            r#"{"id":"c1","model" : "x","choices":[]}"#,
+            r#"{"id":"c1","model":"m","model":"n","choices":[]}"#,
+            r#"{"id":"c1","choices":[{"delta":{"model":"m"}}],"model":"z"}"#,
+            r#"{"id":"c1","model":"m","choices":[{"delta":{"content":"\u0041"},"fin\u0069sh_reason":"stop"}]}"#,
+            r#"{"id":"c1","model":"m","choices":[{"delta":{"content":"x"}}],"x":"unterminated}"#,
+            r#"{"id":"c1","model":"m","choices":[{"delta":{"content":"x"}}]"#,
+            r#"[{"model":"m"}]"#,
+        ];
+        for t in tricky {
+            let event = format!("data: {t}\n\n");
+            let named = format!("event: error\ndata: {t}\n\n");
+            for e in [&event, &named] {
+                let chunks: Vec<&[u8]> = vec![prime.as_bytes(), b"\n\n", e.as_bytes()];
+                same_with_and_without_fast_paths(200, true, &chunks, t);
+            }
+        }
+        // And the skip does apply to a plain content chunk (the point of it).
+        let mut o = ResponseObserver::new(ApiKind::ChatCompletions, 200, true);
+        o.observe(format!("{prime}\n\n").as_bytes());
+        assert!(o.chat_chunk_changes_nothing(tricky[0]));
+        assert!(!o.chat_chunk_changes_nothing(tricky[1]));
     }
 
     fn feed(api: ApiKind, status: u16, sse: bool, chunks: &[&str]) -> (Vec<bool>, ResponseSummary) {
