@@ -74,6 +74,11 @@ impl EngineHost {
         });
     }
 
+    /// The engine if it has been opened.
+    pub fn opened(&self) -> Option<Arc<Engine>> {
+        self.engine.get().cloned()
+    }
+
     /// The engine, opened on first use (a failed open is retried by the next request).
     pub async fn engine(&self) -> Result<Arc<Engine>, ApiError> {
         self.engine
@@ -184,5 +189,45 @@ mod tests {
         assert_eq!(status_of("invalid"), StatusCode::BAD_REQUEST);
         assert_eq!(status_of("no_space"), StatusCode::INSUFFICIENT_STORAGE);
         assert_eq!(status_of("whatever"), StatusCode::INTERNAL_SERVER_ERROR);
+    }
+}
+
+/// The engine's own counters, read at each scrape (`crab_writeback_*`: what write-behind of the
+/// pool has done). Nothing is reported before the engine is opened.
+#[derive(Debug)]
+pub struct EngineCollector(pub Arc<EngineHost>);
+
+impl prometheus_client::collector::Collector for EngineCollector {
+    fn encode(
+        &self,
+        mut encoder: prometheus_client::encoding::DescriptorEncoder,
+    ) -> Result<(), std::fmt::Error> {
+        use prometheus_client::encoding::EncodeMetric;
+        use prometheus_client::metrics::counter::ConstCounter;
+        let Some(stats) = self.0.opened().and_then(|e| e.writeback_stats()) else {
+            return Ok(());
+        };
+        let counters: [(&str, &str, ConstCounter<f64>); 3] = [
+            (
+                "crab_writeback_passes",
+                "Write-behind passes over the checkpoint pool (syncfs at the unwritten-data threshold)",
+                ConstCounter::new(stats.flushes as f64),
+            ),
+            (
+                "crab_writeback_bytes",
+                "Unwritten bytes the write-behind passes found when they started",
+                ConstCounter::new(stats.flushed_bytes as f64),
+            ),
+            (
+                "crab_writeback_seconds",
+                "Time spent in write-behind passes",
+                ConstCounter::new(stats.flush_us as f64 / 1e6),
+            ),
+        ];
+        for (name, help, counter) in counters {
+            let metric = encoder.encode_descriptor(name, help, None, counter.metric_type())?;
+            counter.encode(metric)?;
+        }
+        Ok(())
     }
 }

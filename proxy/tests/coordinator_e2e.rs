@@ -469,7 +469,7 @@ async fn fake_llm() -> fake_llm::FakeLlmHandle {
     .unwrap()
 }
 
-async fn metric(d: &Daemon, prefix: &str) -> f64 {
+async fn metrics_text(d: &Daemon) -> String {
     let req = http::Request::get(format!("http://{}/metrics", d.admin))
         .body(Full::new(Bytes::new()))
         .unwrap();
@@ -482,7 +482,12 @@ async fn metric(d: &Daemon, prefix: &str) -> f64 {
         .await
         .unwrap()
         .to_bytes();
-    String::from_utf8_lossy(&body)
+    String::from_utf8_lossy(&body).into_owned()
+}
+
+async fn metric(d: &Daemon, prefix: &str) -> f64 {
+    metrics_text(d)
+        .await
         .lines()
         .filter(|l| l.starts_with(prefix))
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
@@ -628,6 +633,20 @@ async fn restore_by_turn_replays_rollback_and_fork_branches() {
     )
     .await;
     assert_eq!(proven, 2.0, "restores counted by verification");
+    assert_eq!(
+        metric(&d, "crab_restore_downtime_seconds_count").await,
+        2.0,
+        "the downtime of each restore"
+    );
+    // The engine's own counters are exported once it is open.
+    let text = metrics_text(&d).await;
+    for name in [
+        "crab_writeback_passes_total",
+        "crab_writeback_bytes_total",
+        "crab_writeback_seconds_total",
+    ] {
+        assert!(text.contains(name), "{name} missing from /metrics");
+    }
     let upstream_before = llm.requests().len();
     let url = format!("http://{}/sandbox/{name}/v1/chat/completions", d.proxy);
     for (i, (body, reply)) in run.exchanges.iter().take(5).enumerate() {

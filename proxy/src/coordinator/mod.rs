@@ -143,6 +143,8 @@ pub struct CoordinatorMetrics {
     pub restores: Family<RestoreLabels, Counter>,
     /// In-place restore time (stop, filesystem, verification, processes).
     pub restore_seconds: Histogram,
+    /// Of which the sandbox ran nothing (stop to start; staging and verification come before).
+    pub restore_downtime_seconds: Histogram,
 }
 
 impl CoordinatorMetrics {
@@ -156,6 +158,7 @@ impl CoordinatorMetrics {
             replayed: Counter::default(),
             restores: Family::default(),
             restore_seconds: Histogram::new(exponential_buckets(0.001, 2.0, 16)),
+            restore_downtime_seconds: Histogram::new(exponential_buckets(0.001, 2.0, 16)),
         };
         let r = registry.sub_registry_with_prefix("crab");
         r.register(
@@ -198,6 +201,11 @@ impl CoordinatorMetrics {
             "In-place restore time: stop, filesystem, verification, processes",
             m.restore_seconds.clone(),
         );
+        r.register(
+            "restore_downtime_seconds",
+            "Part of an in-place restore the sandbox ran nothing: stop, swap, start",
+            m.restore_downtime_seconds.clone(),
+        );
         m
     }
 
@@ -207,6 +215,8 @@ impl CoordinatorMetrics {
         let labels = match report {
             Some(r) => {
                 self.restore_seconds.observe(r.total_us as f64 / 1e6);
+                self.restore_downtime_seconds
+                    .observe(r.downtime_us as f64 / 1e6);
                 RestoreLabels {
                     verified_by: match r.verified_by {
                         VerifiedBy::CloneProvenance => "clone-provenance",
@@ -378,10 +388,10 @@ impl Coordinator {
         transcript_dir: PathBuf,
         registry: &mut Registry,
     ) -> Arc<Self> {
-        Arc::new(Coordinator {
+        let c = Arc::new(Coordinator {
             replay: Replay::new(transcript_dir, cfg.replay_cache_bytes),
             cfg,
-            engine,
+            engine: engine.clone(),
             inspector: OnceCell::new(),
             scheduler: OnceCell::new(),
             sandboxes: Mutex::new(HashMap::new()),
@@ -389,7 +399,9 @@ impl Coordinator {
             watched: AtomicUsize::new(0),
             journal: Journal::new(state_dir.join("coordinator")),
             metrics: CoordinatorMetrics::new(registry),
-        })
+        });
+        registry.register_collector(Box::new(crate::engine_api::EngineCollector(engine)));
+        c
     }
 
     /// The replay state.
