@@ -377,7 +377,11 @@ impl Engine {
             image_dedupe: Default::default(),
             writeback: None,
         };
-        if engine.cfg.fs_backend == crate::config::FsBackendKind::Btrfs {
+        // On a btrfs shared with other workloads only when asked: passes cover the whole
+        // filesystem.
+        if engine.cfg.fs_backend == crate::config::FsBackendKind::Btrfs
+            && (engine.pool.image().is_some() || engine.cfg.writeback.on_shared_btrfs)
+        {
             engine.writeback =
                 crate::fs::writeback::Writeback::start(engine.pool.root(), &engine.cfg.writeback);
         }

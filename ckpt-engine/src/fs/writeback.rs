@@ -18,6 +18,10 @@
 //! checkpoint anyway; it commits a btrfs transaction (at most one per `threshold` bytes
 //! written). A snapshot that starts while a pass is running waits for it in the kernel.
 //!
+//! The counters and `syncfs` are per filesystem, so write-behind runs by default only on Crab's
+//! own loop-file pool; on a btrfs filesystem shared with other workloads it is opt-in
+//! ([`WritebackConfig::on_shared_btrfs`]).
+//!
 //! The decision ([`Pacer`]) is pure; the thread and the counters are the I/O edge.
 
 use std::fs::File;
@@ -46,6 +50,10 @@ pub struct WritebackConfig {
     /// Polling interval while the pool holds unwritten data, milliseconds (ten times longer
     /// while it holds none). Default 5.
     pub interval_ms: u64,
+    /// Also run when the state directory is on an existing btrfs filesystem rather than Crab's
+    /// own loop-file pool. The counters and `syncfs` cover the whole filesystem, so other
+    /// workloads on it would be written back too. Default false.
+    pub on_shared_btrfs: bool,
 }
 
 impl Default for WritebackConfig {
@@ -53,6 +61,7 @@ impl Default for WritebackConfig {
         WritebackConfig {
             threshold_bytes: 16 << 20,
             interval_ms: 5,
+            on_shared_btrfs: false,
         }
     }
 }
@@ -284,6 +293,7 @@ mod tests {
         let c: WritebackConfig = serde_json::from_str("{}").unwrap();
         assert_eq!(c, WritebackConfig::default());
         assert_eq!(c.threshold_bytes, 16 << 20);
+        assert!(!c.on_shared_btrfs);
         assert!(serde_json::from_str::<WritebackConfig>(r#"{"threshold": 1}"#).is_err());
     }
 }
