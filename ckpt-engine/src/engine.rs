@@ -1628,15 +1628,17 @@ impl Engine {
                 }
             }
         }
-        if let Some(rootfs) = self.rootfs_path(name).parent() {
-            for leftover in [
-                "rootfs.crab-staged",
-                "rootfs.crab-restore",
-                "rootfs.crab-old",
-            ] {
-                let p = rootfs.join(leftover);
-                if p.exists() {
-                    pool::delete_subvolume(&p)?;
+        // Trees of interrupted restores next to each live tree.
+        if let Ok(rec) = self.record(name) {
+            for (_, path) in self.trees(&rec) {
+                for suffix in ["crab-staged", "crab-restore", "crab-old"] {
+                    let mut leftover = path.file_name().unwrap_or_default().to_os_string();
+                    leftover.push(".");
+                    leftover.push(suffix);
+                    let p = path.with_file_name(leftover);
+                    if path.file_name().is_some() && p.exists() {
+                        pool::delete_subvolume(&p)?;
+                    }
                 }
             }
         }
@@ -1722,11 +1724,15 @@ impl Engine {
             return Err(e);
         }
         let stop_us = us(t.elapsed());
-        for ((tree, path, snap), s) in snaps.iter().zip(&staged) {
+        for (i, ((tree, path, snap), s)) in snaps.iter().zip(&staged).enumerate() {
             let t = Instant::now();
-            match s {
-                Some(s) => self.backend.swap_in(s, path)?,
-                None => self.backend.restore(&snap.snapshot, path)?,
+            let put = match s {
+                Some(s) => self.backend.swap_in(s, path),
+                None => self.backend.restore(&snap.snapshot, path),
+            };
+            if let Err(e) = put {
+                discard(&staged[i..]);
+                return Err(e.into());
             }
             fs_us += us(t.elapsed());
             if s.is_none() {

@@ -639,7 +639,13 @@ impl FsBackend for BtrfsBackend {
         if std::fs::symlink_metadata(target).is_ok() {
             std::fs::rename(target, &old).map_err(|e| FsError::io("move old tree", target, e))?;
         }
-        std::fs::rename(staged, target).map_err(|e| FsError::io("swap in tree", target, e))?;
+        if let Err(e) = std::fs::rename(staged, target) {
+            // Put the live tree back where it was.
+            if std::fs::symlink_metadata(&old).is_ok() {
+                let _ = std::fs::rename(&old, target);
+            }
+            return Err(FsError::io("swap in tree", target, e));
+        }
         pool::delete_subvolume(&old)
     }
 
