@@ -354,9 +354,15 @@ impl Engine {
         })?;
         let pool = BtrfsPool::open(&cfg.state_dir, cfg.pool_size_bytes)?;
         let runc = Runc::new(runc_bin, cfg.state_dir.join("runc"));
+        let btrfs = cfg.fs_backend == crate::config::FsBackendKind::Btrfs;
         let backend: Arc<dyn FsBackend> = match cfg.fs_backend {
             crate::config::FsBackendKind::Btrfs => {
-                Arc::new(BtrfsBackend::new(&pool, cfg.restore_verify))
+                let b = BtrfsBackend::new(&pool, cfg.restore_verify);
+                Arc::new(if cfg.deferred_tree_hash {
+                    b.with_deferred_hash(sealer_for(meta_root_of(&pool)))
+                } else {
+                    b
+                })
             }
             crate::config::FsBackendKind::Cas => {
                 let dir = cfg
@@ -368,31 +374,20 @@ impl Engine {
         };
         let process = ProcessBackend::new(cfg.process.backend_config(runc.bin(), runc.root()))
             .map_err(|e| e.to_string());
-        let mut engine = Engine {
+        // On a btrfs shared with other workloads only when asked: passes cover the whole
+        // filesystem.
+        let writeback = (btrfs && (pool.image().is_some() || cfg.writeback.on_shared_btrfs))
+            .then(|| crate::fs::writeback::Writeback::start(pool.root(), &cfg.writeback))
+            .flatten();
+        let engine = Engine {
             cfg,
             pool,
             runc,
             backend,
             process,
             image_dedupe: Default::default(),
-            writeback: None,
+            writeback,
         };
-        // On a btrfs shared with other workloads only when asked: passes cover the whole
-        // filesystem.
-        if engine.cfg.fs_backend == crate::config::FsBackendKind::Btrfs
-            && (engine.pool.image().is_some() || engine.cfg.writeback.on_shared_btrfs)
-        {
-            engine.writeback =
-                crate::fs::writeback::Writeback::start(engine.pool.root(), &engine.cfg.writeback);
-        }
-        if engine.cfg.deferred_tree_hash
-            && engine.cfg.fs_backend == crate::config::FsBackendKind::Btrfs
-        {
-            engine.backend = Arc::new(
-                BtrfsBackend::new(&engine.pool, engine.cfg.restore_verify)
-                    .with_deferred_hash(engine.manifest_sealer()),
-            );
-        }
         let meta = engine.meta_root();
         std::fs::create_dir_all(&meta).map_err(io_err("create meta dir", &meta))?;
         for name in engine.names()? {
@@ -442,7 +437,7 @@ impl Engine {
     }
 
     fn meta_root(&self) -> PathBuf {
-        self.pool.root().join("meta")
+        meta_root_of(&self.pool)
     }
 
     fn meta_dir(&self, name: &str) -> PathBuf {
@@ -1628,18 +1623,9 @@ impl Engine {
                 }
             }
         }
-        // Trees of interrupted restores next to each live tree.
         if let Ok(rec) = self.record(name) {
             for (_, path) in self.trees(&rec) {
-                for suffix in ["crab-staged", "crab-restore", "crab-old"] {
-                    let mut leftover = path.file_name().unwrap_or_default().to_os_string();
-                    leftover.push(".");
-                    leftover.push(suffix);
-                    let p = path.with_file_name(leftover);
-                    if path.file_name().is_some() && p.exists() {
-                        pool::delete_subvolume(&p)?;
-                    }
-                }
+                self.backend.clean_restore_leftovers(&path)?;
             }
         }
         // Image directories of dumps killed before publication.
@@ -1680,8 +1666,14 @@ impl Engine {
         let mut verify_us = 0;
         let mut verified = Vec::new();
         let mut verified_by = VerifiedBy::TreeHash;
-        // Stage and verify while the sandbox runs.
-        let mut staged: Vec<Option<PathBuf>> = Vec::new();
+        let mut check = |tree: &String, snap, path: &Path| -> Result<(), EngineError> {
+            let t = Instant::now();
+            let (actual, by) = self.verify_restored(name, &point.id, snap, path)?;
+            verify_us += us(t.elapsed());
+            verified_by = by;
+            verified.push((tree.clone(), actual));
+            Ok(())
+        };
         let discard = |staged: &[Option<PathBuf>]| {
             for s in staged.iter().flatten() {
                 if let Err(e) = self.backend.discard(s) {
@@ -1689,58 +1681,33 @@ impl Engine {
                 }
             }
         };
+        // Stage and verify while the sandbox runs.
+        let mut staged: Vec<Option<PathBuf>> = Vec::new();
         for (tree, path, snap) in &snaps {
             let t = Instant::now();
-            let s = match self.backend.stage_restore(&snap.snapshot, path) {
-                Ok(s) => s,
-                Err(e) => {
-                    discard(&staged);
-                    return Err(e.into());
-                }
-            };
+            let s = self
+                .backend
+                .stage_restore(&snap.snapshot, path)
+                .inspect_err(|_| discard(&staged))?;
             fs_us += us(t.elapsed());
-            if let Some(s) = &s {
-                let t = Instant::now();
-                let checked = self.verify_restored(name, &point.id, snap, s);
-                verify_us += us(t.elapsed());
-                match checked {
-                    Ok((actual, by)) => {
-                        verified_by = by;
-                        verified.push(((*tree).clone(), actual));
-                    }
-                    Err(e) => {
-                        staged.push(Some(s.clone()));
-                        discard(&staged);
-                        return Err(e);
-                    }
-                }
+            staged.push(s.clone());
+            if let Some(s) = s {
+                check(tree, snap, &s).inspect_err(|_| discard(&staged))?;
             }
-            staged.push(s);
         }
-        let t = Instant::now();
-        let down = t;
-        if let Err(e) = self.stop(&rec) {
-            discard(&staged);
-            return Err(e);
-        }
-        let stop_us = us(t.elapsed());
+        let down = Instant::now();
+        self.stop(&rec).inspect_err(|_| discard(&staged))?;
+        let stop_us = us(down.elapsed());
         for (i, ((tree, path, snap), s)) in snaps.iter().zip(&staged).enumerate() {
             let t = Instant::now();
-            let put = match s {
+            match s {
                 Some(s) => self.backend.swap_in(s, path),
                 None => self.backend.restore(&snap.snapshot, path),
-            };
-            if let Err(e) = put {
-                discard(&staged[i..]);
-                return Err(e.into());
             }
+            .inspect_err(|_| discard(&staged[i..]))?;
             fs_us += us(t.elapsed());
             if s.is_none() {
-                let t = Instant::now();
-                let (actual, by) = self.verify_restored(name, &point.id, snap, path)?;
-                verify_us += us(t.elapsed());
-                verified_by = by;
-                verified.push(((*tree).clone(), actual));
+                check(tree, snap, path)?;
             }
         }
         let t = Instant::now();
@@ -2101,12 +2068,7 @@ impl Engine {
     /// tree hash and bytes changed in the manifest that references the snapshot, under the
     /// sandbox's lock (a point dropped meanwhile is left alone).
     pub fn manifest_sealer(&self) -> crate::fs::Sealer {
-        let meta = self.meta_root();
-        std::sync::Arc::new(move |snapshot: &crate::fs::FsSnapshotRef, bytes: u64| {
-            if let Err(e) = seal_manifest(&meta, snapshot, Some(bytes)) {
-                tracing::warn!(snapshot = %snapshot.id, error = %e, "could not record the deferred tree hash");
-            }
-        })
+        sealer_for(self.meta_root())
     }
 
     /// Removes every sandbox and unmounts a loop-file pool (explicit teardown).
@@ -2117,9 +2079,25 @@ impl Engine {
         for name in self.names()? {
             self.destroy(&name)?;
         }
+        // Deferred hash jobs record their result in the pool after they are done.
+        self.backend.wait_background();
         self.pool.unmount()?;
         Ok(())
     }
+}
+
+/// Where the sandboxes' records and recovery points live in `pool`.
+fn meta_root_of(pool: &BtrfsPool) -> PathBuf {
+    pool.root().join("meta")
+}
+
+/// The sealer recording deferred tree hashes in the manifests under `meta`.
+fn sealer_for(meta: PathBuf) -> crate::fs::Sealer {
+    std::sync::Arc::new(move |snapshot: &crate::fs::FsSnapshotRef, bytes: u64| {
+        if let Err(e) = seal_manifest(&meta, snapshot, Some(bytes)) {
+            tracing::warn!(snapshot = %snapshot.id, error = %e, "could not record the deferred tree hash");
+        }
+    })
 }
 
 /// The process tracing `pid` (`TracerPid` of its status), if any.

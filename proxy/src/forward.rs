@@ -164,24 +164,25 @@ pub fn api_label(api: ApiKind) -> &'static str {
     }
 }
 
+/// Metric / transcript labels of the request classes, by [`class_slot`].
+const CLASS_LABELS: [&str; crate::metrics::CLASS_SLOTS] = [
+    "none",
+    "main_loop",
+    "retry",
+    "side_token_count",
+    "side_title_generation",
+    "side_summarization",
+    "side_sub_conversation",
+    "side_other",
+];
+
 /// Metric / transcript label of a request class.
 pub fn class_label(class: Option<RequestClass>) -> &'static str {
-    match class {
-        None => "none",
-        Some(RequestClass::MainLoop) => "main_loop",
-        Some(RequestClass::Retry) => "retry",
-        Some(RequestClass::SideCall(kind)) => match kind {
-            SideKind::TokenCount => "side_token_count",
-            SideKind::TitleGeneration => "side_title_generation",
-            SideKind::Summarization => "side_summarization",
-            SideKind::SubConversation => "side_sub_conversation",
-            SideKind::Other => "side_other",
-        },
-    }
+    CLASS_LABELS[class_slot(class)]
 }
 
-/// The slot of a request class in the metrics' per-class handles (`< CLASS_SLOTS`), in the
-/// order of [`class_label`].
+/// The slot of a request class: its label in [`CLASS_LABELS`] and its handles in the metrics
+/// (`< CLASS_SLOTS`).
 fn class_slot(class: Option<RequestClass>) -> usize {
     match class {
         None => 0,

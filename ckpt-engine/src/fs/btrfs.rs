@@ -95,6 +95,10 @@ struct Inner {
     jobs: Mutex<HashMap<String, Job>>,
     /// Signalled whenever a job finishes.
     job_done: Condvar,
+    /// Job threads not yet ended (a job records its hash with the sealer after it is done).
+    job_threads: Mutex<usize>,
+    /// Signalled whenever a job thread ends.
+    job_thread_ended: Condvar,
     /// The pool's data space counters (found on first use).
     data_space: OnceLock<Option<writeback::DataSpace>>,
 }
@@ -137,6 +141,8 @@ impl BtrfsBackend {
                 last: Mutex::new(HashMap::new()),
                 image_indexes: Mutex::new(HashMap::new()),
                 jobs: Mutex::new(HashMap::new()),
+                job_threads: Mutex::new(0),
+                job_thread_ended: Condvar::new(),
                 job_done: Condvar::new(),
                 data_space: OnceLock::new(),
             }),
@@ -189,6 +195,12 @@ impl BtrfsBackend {
     }
 }
 
+/// Suffix of a restore's staged tree, and of the replaced tree during the swap.
+const STAGED: &str = "crab-staged";
+const OLD: &str = "crab-old";
+/// What earlier versions named the staged tree.
+const LEGACY_STAGED: &str = "crab-restore";
+
 /// `<target>.<suffix>`, next to `target` (same filesystem, so a rename moves it in).
 fn sibling(target: &Path, suffix: &str) -> Result<PathBuf, FsError> {
     let name = target.file_name().ok_or_else(|| FsError::InvalidId {
@@ -211,7 +223,7 @@ impl BtrfsBackend {
                 path: src,
             });
         }
-        let staged = sibling(target, "crab-staged")?;
+        let staged = sibling(target, STAGED)?;
         // A leftover of an interrupted restore.
         pool::delete_subvolume(&staged)?;
         pool::snapshot_subvolume(&src, &staged, false)?;
@@ -284,7 +296,13 @@ impl BtrfsBackend {
                     tracing::warn!(snapshot = %snapshot.id, error = %e, "deferred tree hash failed")
                 }
             }
+            inner.thread_ended();
         };
+        *self
+            .inner
+            .job_threads
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) += 1;
         match std::thread::Builder::new()
             .name("crab-tree-hash".into())
             .spawn(job)
@@ -292,6 +310,7 @@ impl BtrfsBackend {
             Ok(_) => true,
             Err(e) => {
                 tracing::warn!(error = %e, "no thread for deferred hashing: hashing now");
+                self.inner.thread_ended();
                 self.inner
                     .jobs
                     .lock()
@@ -304,6 +323,11 @@ impl BtrfsBackend {
 }
 
 impl Inner {
+    fn thread_ended(&self) {
+        *self.job_threads.lock().unwrap_or_else(|p| p.into_inner()) -= 1;
+        self.job_thread_ended.notify_all();
+    }
+
     /// Where snapshot `id` of `sandbox` lives. Ids have the form `<sandbox>.<checkpoint>`.
     fn path_of(&self, snapshot: &FsSnapshotRef) -> Result<PathBuf, FsError> {
         let sandbox = Self::sandbox_of(snapshot)?;
@@ -463,8 +487,7 @@ impl Inner {
             return None;
         }
         let t = Instant::now();
-        let dir = std::fs::File::open(source).ok()?;
-        if let Err(e) = nix::unistd::syncfs(std::os::fd::AsRawFd::as_raw_fd(&dir)) {
+        if let Err(e) = writeback::syncfs(source) {
             tracing::debug!(source = %source.display(), error = %e, "syncfs before snapshot failed");
         }
         Some(t.elapsed())
@@ -633,7 +656,7 @@ impl FsBackend for BtrfsBackend {
     }
 
     fn swap_in(&self, staged: &Path, target: &Path) -> Result<(), FsError> {
-        let old = sibling(target, "crab-old")?;
+        let old = sibling(target, OLD)?;
         // A leftover of an interrupted swap.
         pool::delete_subvolume(&old)?;
         if std::fs::symlink_metadata(target).is_ok() {
@@ -653,6 +676,28 @@ impl FsBackend for BtrfsBackend {
         pool::delete_subvolume(staged)
     }
 
+    fn wait_background(&self) {
+        let mut n = self
+            .inner
+            .job_threads
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        while *n > 0 {
+            n = self
+                .inner
+                .job_thread_ended
+                .wait(n)
+                .unwrap_or_else(|p| p.into_inner());
+        }
+    }
+
+    fn clean_restore_leftovers(&self, target: &Path) -> Result<(), FsError> {
+        for suffix in [STAGED, OLD, LEGACY_STAGED] {
+            pool::delete_subvolume(&sibling(target, suffix)?)?;
+        }
+        Ok(())
+    }
+
     fn verify(&self, snapshot: &FsSnapshotRef) -> Result<String, FsError> {
         let path = self.inner.path_of(snapshot)?;
         if !pool::is_subvolume(&path) {
@@ -667,12 +712,10 @@ impl FsBackend for BtrfsBackend {
                 reason: "snapshot subvolume is not read-only".to_string(),
             });
         }
-        if let Ok(info) = provenance::subvol_info(&path)
-            && provenance::snapshot_state(&info) == provenance::SnapshotState::Modified
-        {
+        if provenance::is_modified(&path) {
             return Err(FsError::Corrupt {
                 id: snapshot.id.clone(),
-                reason: "the snapshot changed after it was created".to_string(),
+                reason: provenance::MODIFIED.to_string(),
             });
         }
         tree_hash(&path)
@@ -759,18 +802,16 @@ impl FsBackend for BtrfsBackend {
             .inner
             .path_of(snapshot)
             .map_err(|e| NoProof::Unproven(e.to_string()))?;
-        if self.restore_verify != RestoreVerify::Provenance {
-            // A snapshot modified after its creation is refused in every mode.
-            return match provenance::subvol_info(&src).map(|s| provenance::snapshot_state(&s)) {
-                Ok(provenance::SnapshotState::Modified) => Err(NoProof::SnapshotModified(
-                    "the snapshot changed after it was created".to_string(),
-                )),
-                _ => Err(NoProof::Unproven(
-                    "restore_verify is not \"provenance\"".to_string(),
-                )),
-            };
+        // A snapshot modified after its creation is refused in every mode.
+        if provenance::is_modified(&src) {
+            return Err(NoProof::SnapshotModified(provenance::MODIFIED.to_string()));
         }
-        provenance::prove_clone(&src, root)
+        if self.restore_verify != RestoreVerify::Provenance {
+            return Err(NoProof::Unproven(
+                "restore_verify is not \"provenance\"".to_string(),
+            ));
+        }
+        provenance::prove_clone(&src, root).map_err(NoProof::Unproven)
     }
 
     fn list(&self, sandbox_id: &str) -> Result<Vec<String>, FsError> {

@@ -176,6 +176,17 @@ pub trait FsBackend: Send + Sync {
         Ok(())
     }
 
+    /// Waits until the backend's background work (e.g. deferred hashing and its manifest
+    /// updates) has ended, so nothing holds the pool open. The default has none.
+    fn wait_background(&self) {}
+
+    /// Deletes what a restore of `target` interrupted by a crash left next to it (staged or
+    /// replaced trees). The default leaves nothing behind.
+    fn clean_restore_leftovers(&self, target: &Path) -> Result<(), FsError> {
+        let _ = target;
+        Ok(())
+    }
+
     /// Recomputes the tree hash of the stored snapshot (not trusting recorded values).
     fn verify(&self, snapshot: &FsSnapshotRef) -> Result<String, FsError>;
 

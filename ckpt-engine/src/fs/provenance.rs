@@ -29,8 +29,6 @@
 use std::os::fd::AsRawFd;
 use std::path::Path;
 
-use super::NoProof;
-
 /// `struct btrfs_ioctl_timespec`.
 #[repr(C)]
 #[derive(Clone, Copy)]
@@ -135,7 +133,7 @@ pub fn check_clone(snapshot: &SubvolInfo, restored: &SubvolInfo) -> Result<(), &
     match snapshot_state(snapshot) {
         SnapshotState::Intact => {}
         SnapshotState::Writable => return Err("the snapshot is not read-only"),
-        SnapshotState::Modified => return Err("the snapshot changed after it was created"),
+        SnapshotState::Modified => return Err(MODIFIED),
     }
     if snapshot.uuid == [0; 16] || restored.parent_uuid != snapshot.uuid {
         return Err("the restored tree is not a snapshot of the checkpoint");
@@ -147,19 +145,21 @@ pub fn check_clone(snapshot: &SubvolInfo, restored: &SubvolInfo) -> Result<(), &
 }
 
 /// Proves `restored` an unmodified clone of `snapshot`, reading both subvolumes' metadata.
-/// A snapshot modified after its creation is [`NoProof::SnapshotModified`]: whatever hash was
-/// recorded, it may have been computed from the modified tree (deferred hashing).
-pub fn prove_clone(snapshot: &Path, restored: &Path) -> Result<(), NoProof> {
-    let unproven =
-        |path: &Path, e: std::io::Error| NoProof::Unproven(format!("{}: {e}", path.display()));
-    let s = subvol_info(snapshot).map_err(|e| unproven(snapshot, e))?;
-    if snapshot_state(&s) == SnapshotState::Modified {
-        return Err(NoProof::SnapshotModified(
-            "the snapshot changed after it was created".to_string(),
-        ));
-    }
-    let r = subvol_info(restored).map_err(|e| unproven(restored, e))?;
-    check_clone(&s, &r).map_err(|why| NoProof::Unproven(why.to_string()))
+/// Proves `restored` an unmodified clone of `snapshot`, reading both subvolumes' metadata.
+pub fn prove_clone(snapshot: &Path, restored: &Path) -> Result<(), String> {
+    let s = subvol_info(snapshot).map_err(|e| format!("{}: {e}", snapshot.display()))?;
+    let r = subvol_info(restored).map_err(|e| format!("{}: {e}", restored.display()))?;
+    check_clone(&s, &r).map_err(str::to_owned)
+}
+
+/// Why a snapshot changed after its creation is refused: whatever hash was recorded, it may
+/// have been computed from the changed tree (deferred hashing).
+pub const MODIFIED: &str = "the snapshot changed after it was created";
+
+/// Whether the snapshot at `path` provably changed after its creation (false when its
+/// metadata cannot be read: the caller's other checks apply).
+pub fn is_modified(path: &Path) -> bool {
+    subvol_info(path).is_ok_and(|s| snapshot_state(&s) == SnapshotState::Modified)
 }
 
 #[cfg(test)]

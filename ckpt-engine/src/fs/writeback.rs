@@ -149,6 +149,12 @@ pub fn fs_uuid(show: &str) -> Option<String> {
     (uuid.len() == 36).then_some(uuid)
 }
 
+/// Writes back (and commits) the whole filesystem holding `dir`.
+pub fn syncfs(dir: &Path) -> std::io::Result<()> {
+    let dir = File::open(dir)?;
+    nix::unistd::syncfs(dir.as_raw_fd()).map_err(std::io::Error::from)
+}
+
 /// What the write-behind thread has done so far.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
 pub struct WritebackStats {
@@ -230,13 +236,8 @@ fn run(space: &DataSpace, root: &Path, pacer: &Pacer, stopped: &mpsc::Receiver<(
                 let t = Instant::now();
                 // Opened per pass (passes are rare), so that the pool is not held open between
                 // them and can be unmounted.
-                match File::open(root) {
-                    Ok(dir) => {
-                        if let Err(e) = nix::unistd::syncfs(dir.as_raw_fd()) {
-                            tracing::debug!(error = %e, "write-behind syncfs failed");
-                        }
-                    }
-                    Err(e) => tracing::debug!(error = %e, "write-behind: cannot open the pool"),
+                if let Err(e) = syncfs(root) {
+                    tracing::debug!(error = %e, "write-behind syncfs failed");
                 }
                 let us = t.elapsed().as_micros() as u64;
                 c.flushes.fetch_add(1, Ordering::Relaxed);

@@ -594,34 +594,28 @@ async fn run_async(args: Args) -> anyhow::Result<()> {
     for p in &paths {
         match p.as_str() {
             "direct" => {}
-            "crab" => {
-                let bin = procs::find_crab(args.crab.as_deref())?;
-                let c = CrabProcess::spawn(&bin, &fake.base_url(), &tmp.path().join("crab-state"))
-                    .await?;
+            "crab" | "crab-baseline" => {
+                let (bin, kind, slot) = if p == "crab" {
+                    (
+                        procs::find_crab(args.crab.as_deref())?,
+                        PathKind::Crab,
+                        &mut crab,
+                    )
+                } else {
+                    let bin = args
+                        .crab_baseline
+                        .clone()
+                        .context("the crab-baseline path needs --crab-baseline BIN")?;
+                    (bin, PathKind::CrabBaseline, &mut baseline)
+                };
+                let state = tmp.path().join(format!("{p}-state"));
+                let c = CrabProcess::spawn(&bin, &fake.base_url(), &state).await?;
                 targets.push(Target {
-                    kind: PathKind::Crab,
+                    kind,
                     base: c.base_url(),
                     pid: Some((c.guard.pid(), false)),
                 });
-                crab = Some(c);
-            }
-            "crab-baseline" => {
-                let bin = args
-                    .crab_baseline
-                    .as_deref()
-                    .context("the crab-baseline path needs --crab-baseline BIN")?;
-                let c = CrabProcess::spawn(
-                    bin,
-                    &fake.base_url(),
-                    &tmp.path().join("crab-baseline-state"),
-                )
-                .await?;
-                targets.push(Target {
-                    kind: PathKind::CrabBaseline,
-                    base: c.base_url(),
-                    pid: Some((c.guard.pid(), false)),
-                });
-                baseline = Some(c);
+                *slot = Some(c);
             }
             "nginx" => {
                 let n = NginxProcess::spawn(fake.addr(), &tmp.path().join("nginx")).await?;
