@@ -85,6 +85,9 @@ pub struct FileConfig {
     pub listen: Option<String>,
     /// Admin listener address (metrics, health, admin API). Default `127.0.0.1:9090`.
     pub admin: Option<String>,
+    /// Proxy worker threads, each with its own event loop, listening socket (`SO_REUSEPORT`)
+    /// and upstream connection pool. Default 0: one per CPU.
+    pub workers: Option<usize>,
     /// State directory (transcripts). Default `/var/lib/crab`.
     pub state_dir: Option<PathBuf>,
     /// Default upstream base URL; the request path is appended. No default.
@@ -229,6 +232,7 @@ impl FileConfig {
 pub struct Overrides {
     pub listen: Option<String>,
     pub admin: Option<String>,
+    pub workers: Option<usize>,
     pub state_dir: Option<PathBuf>,
     pub upstream: Option<String>,
     pub default_sandbox: Option<String>,
@@ -351,6 +355,8 @@ pub struct TlsFiles {
 pub struct Config {
     pub listen: SocketAddr,
     pub admin: SocketAddr,
+    /// Proxy worker threads (resolved: at least 1).
+    pub workers: usize,
     pub state_dir: PathBuf,
     /// Default upstream (used when no route prefix matches).
     pub upstream: Option<UpstreamUrl>,
@@ -409,6 +415,10 @@ impl Config {
                 .or(file.admin.as_deref())
                 .unwrap_or(DEFAULT_ADMIN),
         )?;
+        let workers = match over.workers.or(file.workers).unwrap_or(0) {
+            0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+            n => n,
+        };
         let state_dir = over
             .state_dir
             .or(file.state_dir)
@@ -554,6 +564,7 @@ impl Config {
             coordinator,
             listen,
             admin,
+            workers,
             state_dir,
             upstream,
             routes,
@@ -792,6 +803,7 @@ sandbox = "net"
         let full = FileConfig {
             listen: Some(String::new()),
             admin: Some(String::new()),
+            workers: Some(0),
             state_dir: Some(PathBuf::new()),
             upstream: Some(String::new()),
             routes: vec![RouteConfig {

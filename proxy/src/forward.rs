@@ -1,5 +1,6 @@
 //! The forwarding path: one request in, one request upstream, the response streamed back
-//! through a [`TapBody`] whose [`ResponseTap`] feeds the protocol observer, the turn tracker,
+//! through a [`Gather`] (frames received together leave together) and a [`TapBody`] whose
+//! [`ResponseTap`] feeds the protocol observer, the turn tracker,
 //! metrics and the transcript.
 //!
 //! Order of work per request (everything before "send" is the proxy's added latency):
@@ -36,6 +37,7 @@ use crate::config::Config;
 use crate::coordinator::Coordinator;
 use crate::coordinator::replay::{Lookup, ReplayKey};
 use crate::error::{ErrorShape, ProxyError};
+use crate::gather::Gather;
 use crate::metrics::{ApiSlot, ErrorLabels, Metrics, RequestLabels, SandboxLabels};
 use crate::sandbox::{self, SANDBOX_HEADER, SandboxId};
 use crate::tap::{BodyEnd, Tap, TapBody, TapBodyError};
@@ -91,7 +93,6 @@ pub struct Shared {
     pub config: Config,
     /// Turn ends → checkpoints, the response gate, replay.
     pub coordinator: Arc<Coordinator>,
-    pub client: UpstreamClient,
     pub tracker: parking_lot::Mutex<TurnTracker>,
     pub metrics: Metrics,
     pub registry: Registry,
@@ -102,10 +103,9 @@ pub struct Shared {
 }
 
 impl Shared {
-    /// Builds the shared state (upstream client, metrics, tracker) around a started transcript.
+    /// Builds the shared state (metrics, tracker) around a started transcript.
     pub fn new(
         config: Config,
-        client: UpstreamClient,
         metrics: Metrics,
         registry: Registry,
         transcript: Transcript,
@@ -114,7 +114,6 @@ impl Shared {
         Self {
             config,
             coordinator,
-            client,
             tracker: parking_lot::Mutex::new(TurnTracker::new()),
             metrics,
             registry,
@@ -133,7 +132,8 @@ impl Shared {
     }
 }
 
-/// Builds the pooled upstream client (HTTP and HTTPS, ALPN h2/http1.1).
+/// Builds a pooled upstream client (HTTP and HTTPS, ALPN h2/http1.1). Each proxy worker has
+/// its own: its connections live on the worker's event loop, next to the requests using them.
 pub fn build_client(config: &Config, tls: rustls::ClientConfig) -> UpstreamClient {
     let mut http = HttpConnector::new();
     http.enforce_http(false);
@@ -236,7 +236,7 @@ pin_project_lite::pin_project! {
     #[project = ProxyBodyProj]
     pub enum ProxyBody {
         /// A forwarded upstream body.
-        Tapped { #[pin] body: TapBody<Incoming, ResponseTap> },
+        Tapped { #[pin] body: TapBody<Gather<Incoming>, ResponseTap> },
         /// A body the proxy produced itself.
         Local { #[pin] body: Full<Bytes> },
     }
@@ -299,7 +299,10 @@ struct ExchangeCtx {
     request_digest: Option<blake3::Hash>,
     started: Instant,
     upstream_sent: Option<Instant>,
+    /// fsync the transcript after this record: it ends a turn of a sandbox under checkpointing.
     sync: bool,
+    /// The sandbox is under checkpointing (its turn boundaries make the transcript durable).
+    watched: bool,
     span: Span,
 }
 
@@ -495,7 +498,7 @@ fn complete(shared: &Shared, f: Finished) {
             shared.clock.micros(at),
         );
         if !events.is_empty() {
-            st.ctx.sync = true;
+            st.ctx.sync = st.ctx.watched;
             count_turn_events(m, &st.ctx.sandbox, &events);
         }
     }
@@ -591,6 +594,7 @@ fn count_turn_events(m: &Metrics, sandbox: &SandboxId, events: &[TurnEvent]) {
 /// Handles one proxied request. Never fails: errors become responses in the API's shape.
 pub async fn handle(
     shared: Arc<Shared>,
+    client: Arc<UpstreamClient>,
     peer: Option<SocketAddr>,
     local: Option<SocketAddr>,
     req: Request<Incoming>,
@@ -607,12 +611,14 @@ pub async fn handle(
         class = field::Empty,
         turn = field::Empty,
     );
-    let fut = handle_inner(shared, peer, local, req, started, id, span.clone());
+    let fut = handle_inner(shared, client, peer, local, req, started, id, span.clone());
     Ok(fut.instrument(span).await)
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn handle_inner(
     shared: Arc<Shared>,
+    client: Arc<UpstreamClient>,
     peer: Option<SocketAddr>,
     local: Option<SocketAddr>,
     req: Request<Incoming>,
@@ -755,6 +761,7 @@ async fn handle_inner(
         id: None,
     };
     let mut sync = false;
+    let mut watched = false;
     let mut request_digest = None;
     // A panicking parser (a bug, not bad input) must not cost the agent its request: the
     // request is then forwarded untracked.
@@ -823,7 +830,7 @@ async fn handle_inner(
         Completions::settle(&shared);
         let at = shared.clock.micros(Instant::now());
         let watch = shared.coordinator.on_request(sandbox.as_str());
-        let watched = watch.is_some();
+        watched = watch.is_some();
         let rewind = watch.flatten();
         let (disposition, tracker_state) = {
             let mut tracker = shared.tracker.lock();
@@ -865,12 +872,15 @@ async fn handle_inner(
         turn = disposition.turn;
         guard.id = Some(disposition.request_id);
         if !disposition.events.is_empty() {
-            sync = disposition
-                .events
-                .iter()
-                .any(|e| matches!(e, TurnEvent::TurnEnded(_)));
+            // A sandbox under checkpointing: the previous turn's records become durable now,
+            // not when this one ends (a restore to that turn replays them). Other traffic is
+            // synced every `sync_interval`, like any log.
+            sync = watched
+                && disposition
+                    .events
+                    .iter()
+                    .any(|e| matches!(e, TurnEvent::TurnEnded(_)));
             if sync {
-                // The previous turn's records become durable now, not when this one ends.
                 shared.transcript.sync_sandbox(&sandbox);
             }
             count_turn_events(&shared.metrics, &sandbox, &disposition.events);
@@ -908,13 +918,14 @@ async fn handle_inner(
         started,
         upstream_sent: None,
         sync,
+        watched,
         span: span.clone(),
     };
 
     let sent = Instant::now();
     ctx.upstream_sent = Some(sent);
     let idle = config.timeouts.upstream_idle;
-    let result = tokio::time::timeout(idle, shared.client.request(out)).await;
+    let result = tokio::time::timeout(idle, client.request(out)).await;
     let head_in = Instant::now();
     let resp = match result {
         Ok(Ok(r)) => r,
@@ -1027,7 +1038,7 @@ fn tapped(
             capture,
         }),
     };
-    let body = TapBody::new(rbody, tap, Some(idle), head_in);
+    let body = TapBody::new(Gather::new(rbody), tap, Some(idle), head_in);
     Response::from_parts(rparts, ProxyBody::Tapped { body })
 }
 
@@ -1295,8 +1306,6 @@ mod tests {
     fn shared() -> (Arc<Shared>, tempfile::TempDir) {
         let dir = tempfile::tempdir().unwrap();
         let config = Config::for_upstream("http://127.0.0.1:1", dir.path()).unwrap();
-        let tls = crate::tls::client_config(None).unwrap();
-        let client = build_client(&config, tls);
         let mut registry = Registry::default();
         let metrics = Metrics::new(&mut registry);
         let engine = crate::engine_api::EngineHost::new(config.engine.clone());
@@ -1309,7 +1318,6 @@ mod tests {
         );
         let shared = Shared::new(
             config,
-            client,
             metrics,
             registry,
             Transcript::disabled(),
@@ -1374,6 +1382,7 @@ mod tests {
                     started: now,
                     upstream_sent: Some(now),
                     sync: false,
+                    watched: false,
                     span: Span::none(),
                 },
                 observer: Some(observer),

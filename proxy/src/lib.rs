@@ -13,7 +13,8 @@
 //!   completion queue that applies a finished response to the tracker, metrics and transcript
 //!   after the client's last bytes were flushed.
 //! - [`tap`]: the `http_body::Body` wrapper that copies frames to an observer and reports how a
-//!   body ended.
+//!   body ended; [`gather`]: the wrapper that hands on together the frames already received,
+//!   so they leave in one `write`.
 //! - [`sandbox`]: sandbox ids and resolution (path prefix, header, source address, default).
 //! - [`headers`]: hop-by-hop stripping, redaction.
 //! - [`jsonw`]: the transcript's JSON writer (strings escaped exactly like `serde_json`).
@@ -29,7 +30,8 @@
 //! Invariants:
 //! - Bytes between client and upstream are never altered or reordered; only hop-by-hop
 //!   headers, `Host` and Crab's own `X-Crab-Sandbox` header / `/sandbox/<id>` prefix are
-//!   removed. Each upstream frame is handed on as it arrives; analysis sees a copy afterwards.
+//!   removed. Each upstream frame is handed on as it arrives (frames that arrived together
+//!   leave together); analysis sees a copy afterwards.
 //! - No lock is held across an `.await`; the forwarding path does no blocking I/O (the
 //!   transcript is written by its own thread).
 //! - The turn tracker sees a response's end before the same client's next request (pending
@@ -46,6 +48,7 @@ pub mod coordinator;
 pub mod engine_api;
 pub mod error;
 pub mod forward;
+pub mod gather;
 pub mod headers;
 pub mod jsonw;
 pub mod metrics;

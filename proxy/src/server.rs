@@ -2,13 +2,19 @@
 //! listeners and a shutdown future, so tests run the whole proxy in-process on port 0).
 //!
 //! The proxy listener speaks HTTP/1.1 and h2c (or, with TLS, both via ALPN); the admin listener
-//! serves the [`AdminRouter`]. On shutdown both stop accepting, open connections are asked to
+//! serves the [`AdminRouter`]. Proxy connections are served by `workers` threads, each running
+//! its own single-threaded event loop with its own upstream connection pool: the acceptor
+//! hands each new connection to the worker with the fewest open ones, and everything a request
+//! does on the wire (client socket, upstream socket, the body chunks between them) then stays
+//! on one thread. Admin requests and the coordinator's turn-end work run on the runtime that
+//! called [`Server::run`]. On shutdown both stop accepting, open connections are asked to
 //! finish (in-flight streams keep flowing) for up to `timeouts.shutdown_grace`, then anything
 //! left is dropped, and the transcript is flushed.
 
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use http::{Method, StatusCode};
@@ -19,7 +25,7 @@ use hyper_util::server::graceful::GracefulShutdown;
 use prometheus_client::registry::Registry;
 use serde::Serialize;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 use tokio_rustls::TlsAcceptor;
 use tracing::{debug, info, warn};
 
@@ -50,6 +56,12 @@ pub enum ServeError {
     /// The transcript could not be started.
     #[error(transparent)]
     Transcript(#[from] TranscriptError),
+    /// A proxy worker thread or its event loop could not be started.
+    #[error("cannot start a proxy worker: {source}")]
+    Worker {
+        #[source]
+        source: std::io::Error,
+    },
     /// Reading a listener's local address failed.
     #[error("cannot read the local address of the {what} listener: {source}")]
     LocalAddr {
@@ -120,11 +132,13 @@ pub struct Server {
     shared: Arc<Shared>,
     admin: AdminRouter,
     tls: Option<TlsAcceptor>,
+    /// Upstream TLS settings; each proxy worker builds its own client from them.
+    client_tls: rustls::ClientConfig,
 }
 
 impl Server {
-    /// Builds the upstream client, metrics, tracker and transcript writer, and the standard
-    /// admin routes.
+    /// Builds the metrics, tracker, coordinator and transcript writer, and the standard admin
+    /// routes.
     pub fn new(config: Config) -> Result<Self, ServeError> {
         let client_tls = crate::tls::client_config(config.extra_ca_file.as_deref())?;
         let tls = match &config.tls {
@@ -141,7 +155,6 @@ impl Server {
             config.redact_headers.clone(),
             MetricHooks(metrics.transcript_write_errors.clone()),
         )?;
-        let client = forward::build_client(&config, client_tls);
         let engine = EngineHost::new(config.engine.clone());
         let coordinator = Coordinator::new(
             config.coordinator.clone(),
@@ -153,7 +166,6 @@ impl Server {
         engine.set_coordinator(Arc::downgrade(&coordinator));
         let shared = Arc::new(Shared::new(
             config,
-            client,
             metrics,
             registry,
             transcript,
@@ -162,7 +174,12 @@ impl Server {
         let mut admin = standard_routes(AdminRouter::new(), shared.clone());
         engine.register(&mut admin);
         crate::coordinator::admin::register(&mut admin, shared.clone());
-        Ok(Self { shared, admin, tls })
+        Ok(Self {
+            shared,
+            admin,
+            tls,
+            client_tls,
+        })
     }
 
     /// The shared state (tracker, metrics, config).
@@ -182,7 +199,12 @@ impl Server {
         shutdown: impl Future<Output = ()>,
     ) -> Result<(), ServeError> {
         let (proxy_addr, admin_addr) = listeners.local_addrs()?;
-        let Server { shared, admin, tls } = self;
+        let Server {
+            shared,
+            admin,
+            tls,
+            client_tls,
+        } = self;
         let admin = Arc::new(admin);
         let grace = shared.config.timeouts.shutdown_grace;
         let (stop_tx, stop_rx) = watch::channel(false);
@@ -195,13 +217,20 @@ impl Server {
                 warn!(%sandbox, error = %e, "cannot restore the turn tracker state");
             }
         }
-        let proxy_task = tokio::spawn(accept_proxy(
-            listeners.proxy,
-            shared.clone(),
-            tls,
-            stop_rx.clone(),
-            hard_rx.clone(),
-        ));
+        let mut workers = Vec::with_capacity(shared.config.workers);
+        let mut threads = Vec::with_capacity(shared.config.workers);
+        for i in 0..shared.config.workers {
+            let (worker, thread) = Worker::spawn(
+                i,
+                shared.clone(),
+                client_tls.clone(),
+                tls.clone(),
+                hard_rx.clone(),
+            )?;
+            workers.push(worker);
+            threads.push(thread);
+        }
+        let proxy_task = tokio::spawn(accept_proxy(listeners.proxy, workers, stop_rx.clone()));
         let admin_task = tokio::spawn(accept_admin(
             listeners.admin,
             admin,
@@ -209,7 +238,7 @@ impl Server {
             stop_rx,
             hard_rx,
         ));
-        info!(%proxy_addr, %admin_addr, "crab proxy serving");
+        info!(%proxy_addr, %admin_addr, workers = threads.len(), "crab proxy serving");
 
         shutdown.await;
         info!(
@@ -217,20 +246,82 @@ impl Server {
             "shutting down: draining open streams"
         );
         let _ = stop_tx.send(true);
+        // A worker thread ends once the acceptor is gone and its connections are finished.
+        let mut joined = tokio::task::spawn_blocking(move || {
+            for t in threads {
+                let _ = t.join();
+            }
+        });
         let drained = tokio::time::timeout(grace, async {
             let _ = proxy_task.await;
+            let _ = (&mut joined).await;
             let _ = admin_task.await;
         })
         .await;
         if drained.is_err() {
             warn!("shutdown grace period over: dropping the remaining connections");
             let _ = hard_tx.send(true);
+            let _ = joined.await;
         }
         // Apply any response completions still queued, then make the transcript durable.
         shared.settle_completions();
         shared.transcript.shutdown().await;
         info!("crab proxy stopped");
         Ok(())
+    }
+}
+
+/// A proxy worker: one OS thread running its own single-threaded event loop, with its own
+/// upstream client. The acceptor hands it connections; each connection, its requests and
+/// their upstream exchanges then stay on that thread (no cross-thread wake-ups per request,
+/// the costly part of a proxy's work on few cores).
+struct Worker {
+    conns: mpsc::UnboundedSender<(std::net::TcpStream, SocketAddr)>,
+    /// Connections handed to the worker and not yet finished.
+    open: Arc<AtomicUsize>,
+}
+
+impl Worker {
+    fn spawn(
+        index: usize,
+        shared: Arc<Shared>,
+        client_tls: rustls::ClientConfig,
+        tls: Option<TlsAcceptor>,
+        hard: watch::Receiver<bool>,
+    ) -> Result<(Self, std::thread::JoinHandle<()>), ServeError> {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|source| ServeError::Worker { source })?;
+        let (tx, rx) = mpsc::unbounded_channel();
+        let open = Arc::new(AtomicUsize::new(0));
+        let load = open.clone();
+        let thread = std::thread::Builder::new()
+            .name(format!("crab-proxy-{index}"))
+            .spawn(move || {
+                rt.block_on(async move {
+                    let anchor = tokio::spawn(keep_timer_armed());
+                    let client = Arc::new(forward::build_client(&shared.config, client_tls));
+                    serve_connections(rx, shared, client, tls, hard, load).await;
+                    anchor.abort();
+                });
+            })
+            .map_err(|source| ServeError::Worker { source })?;
+        Ok((Self { conns: tx, open }, thread))
+    }
+}
+
+/// How far ahead [`keep_timer_armed`]'s timer is always due.
+const TIMER_ANCHOR: Duration = Duration::from_secs(1);
+
+/// Keeps a timer pending on this thread's runtime that is always due sooner than the
+/// per-request timeouts (header read, upstream idle: seconds to minutes). Tokio wakes its I/O
+/// driver (an `eventfd` write, then an extra `epoll_wait`) whenever a new timer is due before
+/// every pending one; with this anchor a request's timeouts never are, which saves a system
+/// call and a wake-up per request at the cost of one per second.
+async fn keep_timer_armed() {
+    loop {
+        tokio::time::sleep(TIMER_ANCHOR).await;
     }
 }
 
@@ -281,15 +372,14 @@ async fn stopped(rx: &mut watch::Receiver<bool>) {
     let _ = rx.wait_for(|s| *s).await;
 }
 
+/// Accepts proxy connections and hands each to the worker with the fewest open connections
+/// (a worker whose thread is gone is skipped).
 async fn accept_proxy(
     listener: TcpListener,
-    shared: Arc<Shared>,
-    tls: Option<TlsAcceptor>,
+    workers: Vec<Worker>,
     mut stop: watch::Receiver<bool>,
-    hard: watch::Receiver<bool>,
 ) {
-    let builder = Arc::new(connection_builder(&shared.config));
-    let graceful = GracefulShutdown::new();
+    let mut order: Vec<usize> = (0..workers.len()).collect();
     loop {
         let (stream, peer) = tokio::select! {
             _ = stopped(&mut stop) => break,
@@ -304,16 +394,70 @@ async fn accept_proxy(
             },
         };
         let _ = stream.set_nodelay(true);
+        let mut stream = match stream.into_std() {
+            Ok(s) => s,
+            Err(e) => {
+                debug!(%peer, error = %e, "cannot hand over a connection");
+                continue;
+            }
+        };
+        order.sort_by_key(|&i| workers[i].open.load(Ordering::Relaxed));
+        let mut taken = false;
+        for &i in &order {
+            let w = &workers[i];
+            w.open.fetch_add(1, Ordering::Relaxed);
+            match w.conns.send((stream, peer)) {
+                Ok(()) => {
+                    taken = true;
+                    break;
+                }
+                Err(mpsc::error::SendError((s, _))) => {
+                    w.open.fetch_sub(1, Ordering::Relaxed);
+                    stream = s;
+                }
+            }
+        }
+        if !taken {
+            warn!(%peer, "no proxy worker left: connection dropped");
+        }
+    }
+    // Dropping `workers` closes their queues: each finishes its connections and ends.
+}
+
+/// A worker's loop: serves the connections the acceptor hands it until the acceptor is gone,
+/// then waits for them to finish (or for the hard stop).
+async fn serve_connections(
+    mut conns: mpsc::UnboundedReceiver<(std::net::TcpStream, SocketAddr)>,
+    shared: Arc<Shared>,
+    client: Arc<forward::UpstreamClient>,
+    tls: Option<TlsAcceptor>,
+    hard: watch::Receiver<bool>,
+    open: Arc<AtomicUsize>,
+) {
+    let builder = Arc::new(connection_builder(&shared.config));
+    let graceful = GracefulShutdown::new();
+    while let Some((stream, peer)) = conns.recv().await {
+        let stream = match TcpStream::from_std(stream) {
+            Ok(s) => s,
+            Err(e) => {
+                open.fetch_sub(1, Ordering::Relaxed);
+                warn!(%peer, error = %e, "cannot register a connection");
+                continue;
+            }
+        };
         let shared = shared.clone();
+        let client = client.clone();
         let builder = builder.clone();
         let watcher = graceful.watcher();
         let mut hard = hard.clone();
         let tls = tls.clone();
+        let open = open.clone();
         let tls_timeout = shared.config.timeouts.tls_handshake;
         tokio::spawn(async move {
             let local = stream.local_addr().ok();
-            let service =
-                service_fn(move |req| forward::handle(shared.clone(), Some(peer), local, req));
+            let service = service_fn(move |req| {
+                forward::handle(shared.clone(), client.clone(), Some(peer), local, req)
+            });
             let handshake = shared_handshake(&tls, stream, tls_timeout);
             let serve = async {
                 match handshake.await {
@@ -336,9 +480,9 @@ async fn accept_proxy(
                 _ = serve => {}
                 _ = stopped(&mut hard) => {}
             }
+            open.fetch_sub(1, Ordering::Relaxed);
         });
     }
-    drop(listener);
     graceful.shutdown().await;
 }
 

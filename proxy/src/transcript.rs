@@ -6,7 +6,8 @@
 //! where the exchange was built keeps its many small allocations (header maps, body chunks)
 //! from being freed on another thread, which costs glibc's allocator lock round trips. One
 //! dedicated OS thread owns the files: it appends the lines to `<dir>/<sandbox>.jsonl`, flushes
-//! after each batch, fsyncs at turn boundaries and at least every `sync_interval`, and rotates a
+//! after each batch, fsyncs at the turn boundaries of sandboxes under checkpointing (a restore to a
+//! turn replays its records) and at least every `sync_interval`, and rotates a
 //! file that would exceed `max_file_bytes` (`<sandbox>.1.jsonl` is the newest rotated file; at
 //! most `rotated_files` are kept). After a small batch the writer lingers [`WRITER_LINGER`]
 //! before it looks for more, so under load one wake-up serves many records instead of one each.

@@ -24,6 +24,10 @@ pub struct ServeArgs {
     /// Admin API / metrics listener address [default: 127.0.0.1:9090].
     #[arg(long, env = "CRAB_ADMIN", value_name = "ADDR")]
     pub admin: Option<String>,
+    /// Proxy worker threads, each with its own event loop, listening socket and upstream
+    /// connections [default: 0 = one per CPU].
+    #[arg(long, env = "CRAB_WORKERS", value_name = "N")]
+    pub workers: Option<usize>,
     /// State directory (transcripts) [default: /var/lib/crab].
     #[arg(long, env = "CRAB_STATE_DIR", value_name = "DIR")]
     pub state_dir: Option<PathBuf>,
@@ -64,6 +68,7 @@ impl ServeArgs {
         let over = Overrides {
             listen: self.listen.clone(),
             admin: self.admin.clone(),
+            workers: self.workers,
             state_dir: self.state_dir.clone(),
             upstream: self.upstream.clone(),
             default_sandbox: self.default_sandbox.clone(),

@@ -295,6 +295,10 @@ pub struct Coordinator {
     journal: Journal,
     replay: Replay,
     pub metrics: CoordinatorMetrics,
+    /// The runtime turn-end work runs on (the one the coordinator was built on), not the proxy
+    /// worker whose request ended the turn: checkpoint orchestration never queues behind
+    /// forwarding, and forwarding never behind it.
+    runtime: Option<tokio::runtime::Handle>,
 }
 
 impl std::fmt::Debug for Coordinator {
@@ -399,6 +403,7 @@ impl Coordinator {
             watched: AtomicUsize::new(0),
             journal: Journal::new(state_dir.join("coordinator")),
             metrics: CoordinatorMetrics::new(registry),
+            runtime: tokio::runtime::Handle::try_current().ok(),
         });
         registry.register_collector(Box::new(crate::engine_api::EngineCollector(engine)));
         c
@@ -746,10 +751,14 @@ impl Coordinator {
         };
         let this = self.clone();
         let sandbox = sandbox.to_owned();
-        tokio::spawn(async move {
+        let job = async move {
             this.run_turn_end(sandbox, turn, history, tracker_state, sender)
                 .await;
-        });
+        };
+        match &self.runtime {
+            Some(rt) => drop(rt.spawn(job)),
+            None => drop(tokio::spawn(job)),
+        }
     }
 
     /// A sandbox without a valid point gets a full "turn 0" checkpoint at once, so a crash

@@ -443,7 +443,16 @@ pub fn api_cases() -> Vec<(&'static str, &'static str, serde_json::Value, bool)>
 }
 
 /// Bytes recorded per connection.
-pub type ConnLog = Arc<parking_lot::Mutex<Vec<Arc<parking_lot::Mutex<Vec<u8>>>>>>;
+pub type ConnLog = Arc<parking_lot::Mutex<Vec<Arc<parking_lot::Mutex<ConnRecord>>>>>;
+
+/// The upstream→proxy bytes of one connection, and where each read began in them, with a
+/// sequence number shared by every connection (so responses on different upstream
+/// connections — the proxy's workers each have their own — can be put in arrival order).
+#[derive(Default)]
+pub struct ConnRecord {
+    pub bytes: Vec<u8>,
+    pub reads: Vec<(usize, u64)>,
+}
 
 /// A TCP relay in front of an upstream that records every byte the upstream sends back, so a
 /// test can compare what the client received with what the upstream really sent.
@@ -460,13 +469,15 @@ impl RecordingRelay {
         let addr = listener.local_addr().unwrap();
         let recorded: ConnLog = Arc::default();
         let rec = recorded.clone();
+        let seq = Arc::new(std::sync::atomic::AtomicU64::new(0));
         let task = tokio::spawn(async move {
             loop {
                 let Ok((down, _)) = listener.accept().await else {
                     return;
                 };
-                let conn_rec: Arc<parking_lot::Mutex<Vec<u8>>> = Arc::default();
+                let conn_rec: Arc<parking_lot::Mutex<ConnRecord>> = Arc::default();
                 rec.lock().push(conn_rec.clone());
+                let seq = seq.clone();
                 tokio::spawn(async move {
                     let Ok(up) = TcpStream::connect(upstream).await else {
                         return;
@@ -483,7 +494,14 @@ impl RecordingRelay {
                             match ur.read(&mut buf).await {
                                 Ok(0) | Err(_) => break,
                                 Ok(n) => {
-                                    conn_rec.lock().extend_from_slice(&buf[..n]);
+                                    {
+                                        let mut r = conn_rec.lock();
+                                        let at = r.bytes.len();
+                                        let s =
+                                            seq.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                                        r.reads.push((at, s));
+                                        r.bytes.extend_from_slice(&buf[..n]);
+                                    }
                                     if dw.write_all(&buf[..n]).await.is_err() {
                                         break;
                                     }
@@ -507,18 +525,27 @@ impl RecordingRelay {
         format!("http://{}", self.addr)
     }
 
-    /// Every complete HTTP/1.1 response the upstream sent, in order per connection.
+    /// Every complete HTTP/1.1 response the upstream sent, in the order their first bytes
+    /// arrived (across connections).
     pub fn responses(&self) -> Vec<RawResponse> {
         let mut out = Vec::new();
         for conn in self.recorded.lock().iter() {
-            let bytes = conn.lock().clone();
-            let mut rest = &bytes[..];
-            while let Some((r, used)) = parse_response(rest) {
-                out.push(r);
-                rest = &rest[used..];
+            let rec = conn.lock();
+            let mut at = 0;
+            while let Some((r, used)) = parse_response(&rec.bytes[at..]) {
+                // The read that holds the response's first byte.
+                let seq = rec
+                    .reads
+                    .iter()
+                    .take_while(|(start, _)| *start <= at)
+                    .last()
+                    .map_or(0, |(_, s)| *s);
+                out.push((seq, at, r));
+                at += used;
             }
         }
-        out
+        out.sort_by_key(|(seq, at, _)| (*seq, *at));
+        out.into_iter().map(|(_, _, r)| r).collect()
     }
 }
 

@@ -1,0 +1,371 @@
+//! [`Gather`]: an `http_body::Body` wrapper that hands on together the frames its inner body
+//! already has, so the connection writing them makes one `write` for them instead of one each.
+//!
+//! Why: the upstream connection's task decodes the chunks of a stream from what it read and
+//! passes them to the response body one at a time (hyper's body channel holds one frame). The
+//! frames of an LLM stream often arrive in one read (several SSE events in one TCP segment);
+//! forwarding each as soon as it is taken costs a `send` per frame, plus a wake-up of the
+//! reader on the other side each time. A reverse proxy like nginx writes whatever it has read
+//! in one go; this does the same.
+//!
+//! How: after taking a frame, the wrapper yields (wakes itself, answers pending), which lets
+//! the producing task run and pass on its next frame if it has one; it keeps taking frames this
+//! way while they come, and answers with the held frames, in order, once the inner body was
+//! pending on [`QUIET_POLLS`] polls in a row or ended, or [`MAX_HELD_FRAMES`] /
+//! [`MAX_HELD_BYTES`] are held. It never waits for data that has not arrived: a frame that is
+//! alone is handed on after two passes of the event loop (microseconds, no timer), so streams
+//! are still forwarded chunk by chunk as their chunks arrive. Frames, their order and their
+//! bytes are unchanged.
+
+use std::collections::VecDeque;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use bytes::Buf;
+use http_body::{Body, Frame, SizeHint};
+
+/// Frames held at most before they are handed on.
+pub const MAX_HELD_FRAMES: usize = 32;
+/// Data bytes held at most before they are handed on.
+pub const MAX_HELD_BYTES: usize = 64 * 1024;
+/// Polls in a row that must find the inner body pending before held frames are handed on.
+/// Two, because a writer may poll again within the same run of its task (hyper's connection
+/// re-checks a pending body once after a flush), before the producer had its turn; the second
+/// pending answer comes from a later run, after the producer's.
+const QUIET_POLLS: u8 = 2;
+
+pin_project_lite::pin_project! {
+    /// See the module documentation.
+    pub struct Gather<B: Body> {
+        #[pin]
+        inner: B,
+        held: VecDeque<Frame<B::Data>>,
+        held_bytes: usize,
+        // Handing on the held frames (set when the inner body has nothing more right now).
+        releasing: bool,
+        // Polls in a row that found the inner body pending while frames were held.
+        quiet: u8,
+        // How the inner body ended (`Some(None)`: normally), returned after the held frames.
+        end: Option<Option<B::Error>>,
+    }
+}
+
+impl<B: Body> Gather<B> {
+    /// Wraps `inner`.
+    pub fn new(inner: B) -> Self {
+        Self {
+            inner,
+            held: VecDeque::new(),
+            held_bytes: 0,
+            releasing: false,
+            quiet: 0,
+            end: None,
+        }
+    }
+}
+
+impl<B: Body> Body for Gather<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<B::Data>, B::Error>>> {
+        let mut this = self.project();
+        loop {
+            if *this.releasing {
+                if let Some(f) = this.held.pop_front() {
+                    if let Some(d) = f.data_ref() {
+                        *this.held_bytes -= d.remaining();
+                    }
+                    return Poll::Ready(Some(Ok(f)));
+                }
+                *this.releasing = false;
+            }
+            if let Some(end) = this.end.take() {
+                // Keep answering "ended" if polled again.
+                let again = match &end {
+                    None => Some(None),
+                    Some(_) => None,
+                };
+                *this.end = again;
+                return Poll::Ready(end.map(Err));
+            }
+            match this.inner.as_mut().poll_frame(cx) {
+                Poll::Ready(Some(Ok(f))) => {
+                    *this.quiet = 0;
+                    if let Some(d) = f.data_ref() {
+                        *this.held_bytes += d.remaining();
+                    }
+                    this.held.push_back(f);
+                    if this.held.len() >= MAX_HELD_FRAMES || *this.held_bytes >= MAX_HELD_BYTES {
+                        *this.releasing = true;
+                        continue;
+                    }
+                    // Let the producer pass on what it already has, then look again.
+                    cx.waker().wake_by_ref();
+                    return Poll::Pending;
+                }
+                Poll::Ready(Some(Err(e))) => {
+                    *this.end = Some(Some(e));
+                    *this.releasing = true;
+                }
+                Poll::Ready(None) => {
+                    *this.end = Some(None);
+                    *this.releasing = true;
+                }
+                Poll::Pending => {
+                    if this.held.is_empty() {
+                        return Poll::Pending;
+                    }
+                    *this.quiet += 1;
+                    if *this.quiet < QUIET_POLLS {
+                        cx.waker().wake_by_ref();
+                        return Poll::Pending;
+                    }
+                    *this.releasing = true;
+                }
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.held.is_empty()
+            && match &self.end {
+                Some(None) => true,
+                Some(Some(_)) => false,
+                None => self.inner.is_end_stream(),
+            }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        let held = self.held_bytes as u64;
+        let inner = self.inner.size_hint();
+        let mut hint = SizeHint::new();
+        hint.set_lower(inner.lower().saturating_add(held));
+        if let Some(upper) = inner.upper() {
+            hint.set_upper(upper.saturating_add(held));
+        }
+        hint
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::Bytes;
+    use http_body_util::BodyExt;
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::task::Wake;
+
+    /// A scripted body: each step is a frame, an error, or "pending" (which wakes at once).
+    struct Script {
+        steps: VecDeque<Step>,
+    }
+
+    enum Step {
+        Data(&'static str),
+        Pending,
+        Fail,
+    }
+
+    impl Body for Script {
+        type Data = Bytes;
+        type Error = &'static str;
+        fn poll_frame(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+        ) -> Poll<Option<Result<Frame<Bytes>, &'static str>>> {
+            match self.steps.pop_front() {
+                None => Poll::Ready(None),
+                Some(Step::Data(s)) => Poll::Ready(Some(Ok(Frame::data(Bytes::from(s))))),
+                Some(Step::Fail) => Poll::Ready(Some(Err("cut"))),
+                Some(Step::Pending) => {
+                    cx.waker().wake_by_ref();
+                    Poll::Pending
+                }
+            }
+        }
+    }
+
+    struct Count(AtomicUsize);
+    impl Wake for Count {
+        fn wake(self: Arc<Self>) {
+            self.0.fetch_add(1, Ordering::Relaxed);
+        }
+        fn wake_by_ref(self: &Arc<Self>) {
+            self.0.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Polls like a connection writing the body: frames until pending; each run of ready
+    /// frames is one "write". Returns the writes.
+    fn writes(steps: Vec<Step>) -> (Vec<Vec<String>>, Option<&'static str>) {
+        let waker_state = Arc::new(Count(AtomicUsize::new(0)));
+        let waker = std::task::Waker::from(waker_state.clone());
+        let mut cx = Context::from_waker(&waker);
+        let mut body = Box::pin(Gather::new(Script {
+            steps: steps.into(),
+        }));
+        let mut out = Vec::new();
+        let mut batch = Vec::new();
+        for _ in 0..1000 {
+            match body.as_mut().poll_frame(&mut cx) {
+                Poll::Ready(Some(Ok(f))) => {
+                    batch.push(String::from_utf8(f.into_data().unwrap().to_vec()).unwrap())
+                }
+                Poll::Ready(Some(Err(e))) => {
+                    if !batch.is_empty() {
+                        out.push(std::mem::take(&mut batch));
+                    }
+                    return (out, Some(e));
+                }
+                Poll::Ready(None) => {
+                    if !batch.is_empty() {
+                        out.push(batch);
+                    }
+                    assert!(body.is_end_stream());
+                    return (out, None);
+                }
+                Poll::Pending => {
+                    // Every pending answer was woken (nothing is left hanging).
+                    assert!(waker_state.0.swap(0, Ordering::Relaxed) > 0);
+                    if !batch.is_empty() {
+                        out.push(std::mem::take(&mut batch));
+                    }
+                }
+            }
+        }
+        panic!("the body never ended");
+    }
+
+    #[test]
+    fn frames_ready_together_are_handed_on_together() {
+        use Step::*;
+        let (w, err) = writes(vec![
+            Data("a"),
+            Data("b"),
+            Data("c"),
+            Pending,
+            Pending,
+            Data("d"),
+        ]);
+        assert_eq!(w, vec![vec!["a", "b", "c"], vec!["d"]]);
+        assert_eq!(err, None);
+    }
+
+    #[test]
+    fn a_writer_polling_again_before_the_producer_ran_does_not_split_a_batch() {
+        use Step::*;
+        // Each single `Pending` is a writer's second poll within the same run of its task.
+        let (w, _) = writes(vec![Data("a"), Pending, Data("b"), Pending, Data("c")]);
+        assert_eq!(w, vec![vec!["a", "b", "c"]]);
+    }
+
+    #[test]
+    fn a_lone_frame_is_not_held_for_more() {
+        use Step::*;
+        let (w, _) = writes(vec![
+            Data("a"),
+            Pending,
+            Pending,
+            Data("b"),
+            Pending,
+            Pending,
+            Data("c"),
+        ]);
+        assert_eq!(w, vec![vec!["a"], vec!["b"], vec!["c"]]);
+    }
+
+    #[test]
+    fn an_error_comes_after_the_frames_before_it() {
+        use Step::*;
+        let (w, err) = writes(vec![Data("a"), Data("b"), Fail, Data("never")]);
+        assert_eq!(w, vec![vec!["a", "b"]]);
+        assert_eq!(err, Some("cut"));
+    }
+
+    #[test]
+    fn at_most_max_held_frames_are_held() {
+        let steps = (0..MAX_HELD_FRAMES + 5).map(|_| Step::Data("x")).collect();
+        let (w, _) = writes(steps);
+        let sizes: Vec<usize> = w.iter().map(Vec::len).collect();
+        assert_eq!(sizes, vec![MAX_HELD_FRAMES, 5]);
+    }
+
+    #[tokio::test]
+    async fn bytes_and_order_are_unchanged() {
+        use Step::*;
+        let body = Gather::new(Script {
+            steps: vec![Data("he"), Pending, Data("ll"), Data("o")].into(),
+        });
+        let all = body.collect().await.unwrap().to_bytes();
+        assert_eq!(&all[..], b"hello");
+    }
+}
+
+#[cfg(test)]
+mod wire_tests {
+    use super::*;
+    use bytes::Bytes;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// The proxy's upstream client on a single-threaded runtime (like a proxy worker), reading
+    /// a chunked response whose first four chunks arrive in one segment: the gathered body
+    /// hands them on in one run of ready frames to a consumer task, and the chunk sent later
+    /// on its own.
+    #[tokio::test(flavor = "current_thread")]
+    async fn chunks_read_together_come_out_together() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            let (mut s, _) = listener.accept().await.unwrap();
+            let mut buf = vec![0u8; 4096];
+            let _ = s.read(&mut buf).await.unwrap();
+            let mut out = b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n".to_vec();
+            for c in ["a", "bb", "ccc", "dddd"] {
+                out.extend_from_slice(format!("{:x}\r\n{c}\r\n", c.len()).as_bytes());
+            }
+            s.write_all(&out).await.unwrap();
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            s.write_all(b"1\r\ne\r\n0\r\n\r\n").await.unwrap();
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        });
+        let dir = tempfile::tempdir().unwrap();
+        let config = crate::config::Config::for_upstream("http://127.0.0.1:1", dir.path()).unwrap();
+        let client =
+            crate::forward::build_client(&config, crate::tls::client_config(None).unwrap());
+        let req = http::Request::get(format!("http://{addr}/"))
+            .body(http_body_util::Full::new(Bytes::new()))
+            .unwrap();
+        let resp = client.request(req).await.unwrap();
+        // The consumer is a spawned task, like a server connection writing the body.
+        tokio::spawn(async move {
+            let mut body = std::pin::pin!(Gather::new(resp.into_body()));
+            let mut runs: Vec<Vec<String>> = Vec::new();
+            let mut run = Vec::new();
+            loop {
+                let polled = std::future::poll_fn(|cx| match body.as_mut().poll_frame(cx) {
+                    Poll::Pending if !run.is_empty() => Poll::Ready(None),
+                    Poll::Pending => Poll::Pending,
+                    Poll::Ready(x) => Poll::Ready(Some(x)),
+                })
+                .await;
+                match polled {
+                    None => runs.push(std::mem::take(&mut run)),
+                    Some(None) => break,
+                    Some(Some(f)) => run
+                        .push(String::from_utf8(f.unwrap().into_data().unwrap().to_vec()).unwrap()),
+                }
+            }
+            if !run.is_empty() {
+                runs.push(run);
+            }
+            assert_eq!(runs, vec![vec!["a", "bb", "ccc", "dddd"], vec!["e"]]);
+        })
+        .await
+        .unwrap();
+    }
+}
