@@ -99,7 +99,12 @@ impl<B: Body> Body for Gather<B> {
                         *this.held_bytes += d.remaining();
                     }
                     this.held.push_back(f);
-                    if this.held.len() >= MAX_HELD_FRAMES || *this.held_bytes >= MAX_HELD_BYTES {
+                    // The last frame (e.g. of a body of known length) or enough held: nothing
+                    // to wait for.
+                    if this.inner.is_end_stream()
+                        || this.held.len() >= MAX_HELD_FRAMES
+                        || *this.held_bytes >= MAX_HELD_BYTES
+                    {
                         *this.releasing = true;
                         continue;
                     }
@@ -293,6 +298,19 @@ mod tests {
         let (w, _) = writes(steps);
         let sizes: Vec<usize> = w.iter().map(Vec::len).collect();
         assert_eq!(sizes, vec![MAX_HELD_FRAMES, 5]);
+    }
+
+    #[test]
+    fn the_last_frame_of_a_body_is_handed_on_without_a_yield() {
+        let waker = std::task::Waker::noop();
+        let mut cx = Context::from_waker(waker);
+        let mut body = Box::pin(Gather::new(http_body_util::Full::new(Bytes::from("all"))));
+        match body.as_mut().poll_frame(&mut cx) {
+            Poll::Ready(Some(Ok(f))) => assert_eq!(f.into_data().unwrap(), "all"),
+            _ => panic!("the whole body was there: expected it at once"),
+        }
+        assert!(body.is_end_stream());
+        assert!(matches!(body.as_mut().poll_frame(&mut cx), Poll::Ready(None)));
     }
 
     #[tokio::test]
