@@ -310,7 +310,10 @@ mod tests {
             _ => panic!("the whole body was there: expected it at once"),
         }
         assert!(body.is_end_stream());
-        assert!(matches!(body.as_mut().poll_frame(&mut cx), Poll::Ready(None)));
+        assert!(matches!(
+            body.as_mut().poll_frame(&mut cx),
+            Poll::Ready(None)
+        ));
     }
 
     #[tokio::test]
