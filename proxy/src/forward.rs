@@ -948,6 +948,14 @@ async fn handle_inner(
 
     let (response, head_in) = match gate {
         None => {
+            // The head leaves with the first chunks when they came with it (one `write`); the
+            // fill never waits for data that has not arrived, and its time is not crab's.
+            let (parts, body) = resp.into_parts();
+            let mut body = Gather::new(body);
+            let filling = Instant::now();
+            Pin::new(&mut body).fill().await;
+            let head_in = head_in + filling.elapsed();
+            let resp = Response::from_parts(parts, body);
             let r = tapped(
                 &shared, ctx, &mut guard, resp, api, capture, head_in, None, idle,
             );
@@ -992,7 +1000,7 @@ fn tapped(
     shared: &Arc<Shared>,
     mut ctx: ExchangeCtx,
     guard: &mut InFlightGuard,
-    resp: Response<Incoming>,
+    resp: Response<Gather<Incoming>>,
     api: ApiKind,
     capture: bool,
     head_in: Instant,
@@ -1038,7 +1046,7 @@ fn tapped(
             capture,
         }),
     };
-    let body = TapBody::new(Gather::new(rbody), tap, Some(idle), head_in);
+    let body = TapBody::new(rbody, tap, Some(idle), head_in);
     Response::from_parts(rparts, ProxyBody::Tapped { body })
 }
 
@@ -1075,7 +1083,7 @@ impl Held {
             &shared,
             ctx,
             &mut guard,
-            resp,
+            resp.map(Gather::new),
             api,
             capture,
             head_in,

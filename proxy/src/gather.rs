@@ -19,7 +19,7 @@
 
 use std::collections::VecDeque;
 use std::pin::Pin;
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, ready};
 
 use bytes::Buf;
 use http_body::{Body, Frame, SizeHint};
@@ -64,16 +64,84 @@ impl<B: Body> Gather<B> {
     }
 }
 
+impl<B: Body> Gather<B> {
+    /// Takes the frames the inner body already has, the way [`Body::poll_frame`] does, and
+    /// stops before handing any on: ready when the held frames are to be handed on (or the
+    /// inner body ended). With nothing held and the inner body pending, waits for a frame if
+    /// `wait_for_first`, else is ready at once.
+    fn poll_gather(self: Pin<&mut Self>, cx: &mut Context<'_>, wait_for_first: bool) -> Poll<()> {
+        let mut this = self.project();
+        if *this.releasing || this.end.is_some() {
+            return Poll::Ready(());
+        }
+        match this.inner.as_mut().poll_frame(cx) {
+            Poll::Ready(Some(Ok(f))) => {
+                *this.quiet = 0;
+                if let Some(d) = f.data_ref() {
+                    *this.held_bytes += d.remaining();
+                }
+                this.held.push_back(f);
+                // The last frame (e.g. of a body of known length) or enough held: nothing to
+                // wait for.
+                if this.inner.is_end_stream()
+                    || this.held.len() >= MAX_HELD_FRAMES
+                    || *this.held_bytes >= MAX_HELD_BYTES
+                {
+                    *this.releasing = true;
+                    return Poll::Ready(());
+                }
+                // Let the producer pass on what it already has, then look again.
+                cx.waker().wake_by_ref();
+                Poll::Pending
+            }
+            Poll::Ready(Some(Err(e))) => {
+                *this.end = Some(Some(e));
+                *this.releasing = true;
+                Poll::Ready(())
+            }
+            Poll::Ready(None) => {
+                *this.end = Some(None);
+                *this.releasing = true;
+                Poll::Ready(())
+            }
+            Poll::Pending if this.held.is_empty() => {
+                if wait_for_first {
+                    Poll::Pending
+                } else {
+                    Poll::Ready(())
+                }
+            }
+            Poll::Pending => {
+                *this.quiet += 1;
+                if *this.quiet < QUIET_POLLS {
+                    cx.waker().wake_by_ref();
+                    return Poll::Pending;
+                }
+                *this.releasing = true;
+                Poll::Ready(())
+            }
+        }
+    }
+
+    /// Takes the frames the inner body already has (none if it has none right now: this never
+    /// waits for data that has not arrived), to be handed on with the first poll. A proxy calls
+    /// it before it returns the response head, so the head leaves with the first chunks when
+    /// they came together.
+    pub async fn fill(mut self: Pin<&mut Self>) {
+        std::future::poll_fn(|cx| self.as_mut().poll_gather(cx, false)).await
+    }
+}
+
 impl<B: Body> Body for Gather<B> {
     type Data = B::Data;
     type Error = B::Error;
 
     fn poll_frame(
-        self: Pin<&mut Self>,
+        mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<B::Data>, B::Error>>> {
-        let mut this = self.project();
         loop {
+            let this = self.as_mut().project();
             if *this.releasing {
                 if let Some(f) = this.held.pop_front() {
                     if let Some(d) = f.data_ref() {
@@ -92,46 +160,7 @@ impl<B: Body> Body for Gather<B> {
                 *this.end = again;
                 return Poll::Ready(end.map(Err));
             }
-            match this.inner.as_mut().poll_frame(cx) {
-                Poll::Ready(Some(Ok(f))) => {
-                    *this.quiet = 0;
-                    if let Some(d) = f.data_ref() {
-                        *this.held_bytes += d.remaining();
-                    }
-                    this.held.push_back(f);
-                    // The last frame (e.g. of a body of known length) or enough held: nothing
-                    // to wait for.
-                    if this.inner.is_end_stream()
-                        || this.held.len() >= MAX_HELD_FRAMES
-                        || *this.held_bytes >= MAX_HELD_BYTES
-                    {
-                        *this.releasing = true;
-                        continue;
-                    }
-                    // Let the producer pass on what it already has, then look again.
-                    cx.waker().wake_by_ref();
-                    return Poll::Pending;
-                }
-                Poll::Ready(Some(Err(e))) => {
-                    *this.end = Some(Some(e));
-                    *this.releasing = true;
-                }
-                Poll::Ready(None) => {
-                    *this.end = Some(None);
-                    *this.releasing = true;
-                }
-                Poll::Pending => {
-                    if this.held.is_empty() {
-                        return Poll::Pending;
-                    }
-                    *this.quiet += 1;
-                    if *this.quiet < QUIET_POLLS {
-                        cx.waker().wake_by_ref();
-                        return Poll::Pending;
-                    }
-                    *this.releasing = true;
-                }
-            }
+            ready!(self.as_mut().poll_gather(cx, true));
         }
     }
 
@@ -314,6 +343,25 @@ mod tests {
             body.as_mut().poll_frame(&mut cx),
             Poll::Ready(None)
         ));
+    }
+
+    #[tokio::test]
+    async fn fill_takes_what_is_there_and_never_waits_for_more() {
+        use Step::*;
+        // Nothing there yet: the head is not held back.
+        let mut empty = Gather::new(Script {
+            steps: vec![Pending, Data("late")].into(),
+        });
+        Pin::new(&mut empty).fill().await;
+        assert!(empty.held.is_empty());
+        // Two frames there: both held, handed on first, in order, then the rest.
+        let mut two = Gather::new(Script {
+            steps: vec![Data("a"), Data("b"), Pending, Pending, Data("c")].into(),
+        });
+        Pin::new(&mut two).fill().await;
+        assert_eq!(two.held.len(), 2);
+        let all = two.collect().await.unwrap().to_bytes();
+        assert_eq!(&all[..], b"abc");
     }
 
     #[tokio::test]
