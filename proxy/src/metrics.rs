@@ -43,6 +43,12 @@ pub struct ErrorLabels {
     pub code: &'static str,
 }
 
+/// Labels of `crab_proxy_worker_connections`.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct WorkerLabels {
+    pub worker: u32,
+}
+
 /// Labels of `crab_turns_total`.
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct SandboxLabels {
@@ -55,6 +61,8 @@ pub struct Metrics {
     pub request_bytes: Family<ApiLabels, Counter>,
     pub response_bytes: Family<ApiLabels, Counter>,
     pub active_streams: Gauge,
+    /// Open client connections per proxy worker (the acceptor's balancing input).
+    pub worker_connections: Family<WorkerLabels, Gauge>,
     pub ttft_seconds: Family<ApiLabels, Histogram>,
     pub added_latency_seconds: Histogram,
     pub stream_ends: Family<EndLabels, Counter>,
@@ -152,6 +160,7 @@ impl Metrics {
             request_bytes: Family::default(),
             response_bytes: Family::default(),
             active_streams: Gauge::default(),
+            worker_connections: Family::default(),
             ttft_seconds: Family::new_with_constructor(|| {
                 Histogram::new(exponential_buckets(0.001, 2.0, 19))
             }),
@@ -188,6 +197,11 @@ impl Metrics {
             "active_streams",
             "Responses currently being forwarded",
             m.active_streams.clone(),
+        );
+        r.register(
+            "proxy_worker_connections",
+            "Open client connections per proxy worker thread",
+            m.worker_connections.clone(),
         );
         r.register(
             "ttft_seconds",

@@ -14,7 +14,6 @@
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use http::{Method, StatusCode};
@@ -22,6 +21,7 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
+use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 use serde::Serialize;
 use tokio::net::{TcpListener, TcpStream};
@@ -34,7 +34,7 @@ use crate::config::Config;
 use crate::coordinator::Coordinator;
 use crate::engine_api::EngineHost;
 use crate::forward::{self, Shared};
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, WorkerLabels};
 use crate::sandbox::SandboxId;
 use crate::tls::TlsError;
 use crate::transcript::{Transcript, TranscriptError, WriterHooks};
@@ -277,8 +277,9 @@ impl Server {
 /// the costly part of a proxy's work on few cores).
 struct Worker {
     conns: mpsc::UnboundedSender<(std::net::TcpStream, SocketAddr)>,
-    /// Connections handed to the worker and not yet finished.
-    open: Arc<AtomicUsize>,
+    /// Connections handed to the worker and not yet finished
+    /// (`crab_proxy_worker_connections{worker}`).
+    open: Gauge,
 }
 
 impl Worker {
@@ -294,7 +295,13 @@ impl Worker {
             .build()
             .map_err(|source| ServeError::Worker { source })?;
         let (tx, rx) = mpsc::unbounded_channel();
-        let open = Arc::new(AtomicUsize::new(0));
+        let open = shared
+            .metrics
+            .worker_connections
+            .get_or_create(&WorkerLabels {
+                worker: index as u32,
+            })
+            .clone();
         let load = open.clone();
         let thread = std::thread::Builder::new()
             .name(format!("crab-proxy-{index}"))
@@ -401,18 +408,18 @@ async fn accept_proxy(
                 continue;
             }
         };
-        order.sort_by_key(|&i| workers[i].open.load(Ordering::Relaxed));
+        order.sort_by_key(|&i| workers[i].open.get());
         let mut taken = false;
         for &i in &order {
             let w = &workers[i];
-            w.open.fetch_add(1, Ordering::Relaxed);
+            w.open.inc();
             match w.conns.send((stream, peer)) {
                 Ok(()) => {
                     taken = true;
                     break;
                 }
                 Err(mpsc::error::SendError((s, _))) => {
-                    w.open.fetch_sub(1, Ordering::Relaxed);
+                    w.open.dec();
                     stream = s;
                 }
             }
@@ -432,7 +439,7 @@ async fn serve_connections(
     client: Arc<forward::UpstreamClient>,
     tls: Option<TlsAcceptor>,
     hard: watch::Receiver<bool>,
-    open: Arc<AtomicUsize>,
+    open: Gauge,
 ) {
     let builder = Arc::new(connection_builder(&shared.config));
     let graceful = GracefulShutdown::new();
@@ -440,7 +447,7 @@ async fn serve_connections(
         let stream = match TcpStream::from_std(stream) {
             Ok(s) => s,
             Err(e) => {
-                open.fetch_sub(1, Ordering::Relaxed);
+                open.dec();
                 warn!(%peer, error = %e, "cannot register a connection");
                 continue;
             }
@@ -480,7 +487,7 @@ async fn serve_connections(
                 _ = serve => {}
                 _ = stopped(&mut hard) => {}
             }
-            open.fetch_sub(1, Ordering::Relaxed);
+            open.dec();
         });
     }
     graceful.shutdown().await;
