@@ -85,8 +85,8 @@ pub struct FileConfig {
     pub listen: Option<String>,
     /// Admin listener address (metrics, health, admin API). Default `127.0.0.1:9090`.
     pub admin: Option<String>,
-    /// Proxy worker threads, each with its own event loop, listening socket (`SO_REUSEPORT`)
-    /// and upstream connection pool. Default 0: one per CPU.
+    /// Proxy worker threads, each with its own event loop and upstream connection pool; new
+    /// connections go to the worker with the fewest open ones. Default 0: one per CPU.
     pub workers: Option<usize>,
     /// State directory (transcripts). Default `/var/lib/crab`.
     pub state_dir: Option<PathBuf>,

@@ -458,9 +458,10 @@ async fn serve_connections(
         let watcher = graceful.watcher();
         let mut hard = hard.clone();
         let tls = tls.clone();
-        let open = open.clone();
+        let open = OpenConnection(open.clone());
         let tls_timeout = shared.config.timeouts.tls_handshake;
         tokio::spawn(async move {
+            let _open = open;
             let local = stream.local_addr().ok();
             let service = service_fn(move |req| {
                 forward::handle(shared.clone(), client.clone(), Some(peer), local, req)
@@ -487,10 +488,18 @@ async fn serve_connections(
                 _ = serve => {}
                 _ = stopped(&mut hard) => {}
             }
-            open.dec();
         });
     }
     graceful.shutdown().await;
+}
+
+/// Counts a connection in its worker's gauge until dropped (however its task ends).
+struct OpenConnection(Gauge);
+
+impl Drop for OpenConnection {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
 }
 
 enum Io {

@@ -24,8 +24,8 @@ pub struct ServeArgs {
     /// Admin API / metrics listener address [default: 127.0.0.1:9090].
     #[arg(long, env = "CRAB_ADMIN", value_name = "ADDR")]
     pub admin: Option<String>,
-    /// Proxy worker threads, each with its own event loop, listening socket and upstream
-    /// connections [default: 0 = one per CPU].
+    /// Proxy worker threads, each with its own event loop and upstream connections
+    /// [default: 0 = one per CPU].
     #[arg(long, env = "CRAB_WORKERS", value_name = "N")]
     pub workers: Option<usize>,
     /// State directory (transcripts) [default: /var/lib/crab].
