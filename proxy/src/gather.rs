@@ -62,9 +62,7 @@ impl<B: Body> Gather<B> {
             end: None,
         }
     }
-}
 
-impl<B: Body> Gather<B> {
     /// Takes the frames the inner body already has, the way [`Body::poll_frame`] does, and
     /// stops before handing any on: ready when the held frames are to be handed on (or the
     /// inner body ended). With nothing held and the inner body pending, waits for a frame if
