@@ -946,16 +946,15 @@ async fn handle_inner(
         }
     };
 
+    // The head leaves with the first chunks when they came with it (one `write`); the fill
+    // never waits for data that has not arrived, and its time is not crab's.
+    let mut resp = resp.map(Gather::new);
+    let filling = Instant::now();
+    Pin::new(resp.body_mut()).fill().await;
+    let head_in = head_in + filling.elapsed();
+
     let (response, head_in) = match gate {
         None => {
-            // The head leaves with the first chunks when they came with it (one `write`); the
-            // fill never waits for data that has not arrived, and its time is not crab's.
-            let (parts, body) = resp.into_parts();
-            let mut body = Gather::new(body);
-            let filling = Instant::now();
-            Pin::new(&mut body).fill().await;
-            let head_in = head_in + filling.elapsed();
-            let resp = Response::from_parts(parts, body);
             let r = tapped(
                 &shared, ctx, &mut guard, resp, api, capture, head_in, None, idle,
             );
@@ -1056,7 +1055,7 @@ struct Held {
     barrier: crate::coordinator::gate::Barrier,
     ctx: ExchangeCtx,
     guard: InFlightGuard,
-    resp: Response<Incoming>,
+    resp: Response<Gather<Incoming>>,
     api: ApiKind,
     capture: bool,
     head_in: Instant,
@@ -1083,7 +1082,7 @@ impl Held {
             &shared,
             ctx,
             &mut guard,
-            resp.map(Gather::new),
+            resp,
             api,
             capture,
             head_in,

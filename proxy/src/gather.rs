@@ -149,14 +149,14 @@ impl<B: Body> Body for Gather<B> {
                 }
                 *this.releasing = false;
             }
-            if let Some(end) = this.end.take() {
-                // Keep answering "ended" if polled again.
-                let again = match &end {
-                    None => Some(None),
-                    Some(_) => None,
-                };
-                *this.end = again;
-                return Poll::Ready(end.map(Err));
+            match this.end.take() {
+                Some(None) => {
+                    // Ended: keep answering so if polled again.
+                    *this.end = Some(None);
+                    return Poll::Ready(None);
+                }
+                Some(Some(e)) => return Poll::Ready(Some(Err(e))),
+                None => {}
             }
             ready!(self.as_mut().poll_gather(cx, true));
         }
