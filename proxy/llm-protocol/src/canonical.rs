@@ -19,11 +19,29 @@
 
 use serde_json::Value;
 
-/// A `blake3::Hasher` fed through a small buffer. Canonical hashing feeds many tiny pieces
-/// (a tag byte, a length, a key), and each `blake3` update costs far more than copying a few
-/// bytes; the digest is the same whatever the pieces (blake3 hashes the concatenation).
+/// A canonical digest: 128 bits of XXH3. Threading only compares digests for equality
+/// (does this request extend that conversation?), so a fast non-cryptographic hash is
+/// enough; blake3 fed piece by piece cannot use its wide SIMD paths and cost more than the
+/// JSON parse on large requests (an agent's request grows by every file it read).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Digest(u128);
+
+impl Digest {
+    pub(crate) fn to_bytes(self) -> [u8; 16] {
+        self.0.to_le_bytes()
+    }
+
+    /// 32 lowercase hex digits.
+    pub(crate) fn to_hex(self) -> String {
+        format!("{:032x}", self.0)
+    }
+}
+
+/// An XXH3 hasher fed through a small buffer. Canonical hashing feeds many tiny pieces (a
+/// tag byte, a length, a key), and each streaming update costs more than copying a few
+/// bytes; the digest is the same whatever the pieces (it covers the concatenation).
 pub(crate) struct Hasher {
-    inner: blake3::Hasher,
+    inner: xxhash_rust::xxh3::Xxh3,
     buf: [u8; Self::BUF],
     len: usize,
 }
@@ -33,7 +51,7 @@ impl Hasher {
 
     pub(crate) fn new() -> Self {
         Self {
-            inner: blake3::Hasher::new(),
+            inner: xxhash_rust::xxh3::Xxh3::new(),
             buf: [0; Self::BUF],
             len: 0,
         }
@@ -53,10 +71,10 @@ impl Hasher {
         self
     }
 
-    pub(crate) fn finalize(&mut self) -> blake3::Hash {
+    pub(crate) fn finalize(&mut self) -> Digest {
         self.inner.update(&self.buf[..self.len]);
         self.len = 0;
-        self.inner.finalize()
+        Digest(self.inner.digest128())
     }
 }
 
@@ -152,11 +170,7 @@ fn hash_object_normalised(
 /// Hash one message / input item. `text_part_type` is the part type a string `content` is
 /// equivalent to (`"text"` for chat and Anthropic, `"input_text"`/`"output_text"` for
 /// Responses). Missing `type` on a Responses item with a `role` is treated as `"message"`.
-pub(crate) fn hash_item(
-    value: &Value,
-    text_part_type: &str,
-    default_type: Option<&str>,
-) -> blake3::Hash {
+pub(crate) fn hash_item(value: &Value, text_part_type: &str, default_type: Option<&str>) -> Digest {
     let mut hasher = Hasher::new();
     match value {
         Value::Object(map) => {
@@ -181,7 +195,7 @@ pub(crate) fn hash_user_text_item(
     text: &str,
     text_part_type: &str,
     default_type: Option<&str>,
-) -> blake3::Hash {
+) -> Digest {
     let mut hasher = Hasher::new();
     hasher.update(b"{");
     hasher.update(&(2 + u64::from(default_type.is_some())).to_le_bytes());
@@ -198,7 +212,7 @@ pub(crate) fn hash_user_text_item(
 
 /// [`hash_system`] of the list of `contents` (a missing one is `null`): the leading system
 /// messages of a Chat request, hashed without copying their text.
-pub(crate) fn hash_system_list(contents: &[Option<&Value>]) -> blake3::Hash {
+pub(crate) fn hash_system_list(contents: &[Option<&Value>]) -> Digest {
     let mut hasher = Hasher::new();
     hasher.update(b"system");
     hasher.update(b"[");
@@ -210,7 +224,7 @@ pub(crate) fn hash_system_list(contents: &[Option<&Value>]) -> blake3::Hash {
 }
 
 /// Hash a system prompt (string or list of blocks) in canonical form.
-pub(crate) fn hash_system(value: &Value) -> blake3::Hash {
+pub(crate) fn hash_system(value: &Value) -> Digest {
     let mut hasher = Hasher::new();
     hasher.update(b"system");
     match value {
@@ -225,7 +239,7 @@ mod tests {
     use super::*;
     use serde_json::json;
 
-    fn h(v: &Value) -> blake3::Hash {
+    fn h(v: &Value) -> Digest {
         let mut hasher = Hasher::new();
         hash_value(&mut hasher, v);
         hasher.finalize()
@@ -236,7 +250,7 @@ mod tests {
         value: &Value,
         text_part_type: &str,
         default_type: Option<&str>,
-    ) -> blake3::Hash {
+    ) -> Digest {
         let mut hasher = Hasher::new();
         match value {
             Value::Object(map) => {
@@ -323,9 +337,9 @@ mod tests {
         );
     }
 
-    /// The buffered hasher gives blake3's digest of the concatenation, across buffer sizes.
+    /// The buffered hasher gives XXH3-128 of the concatenation, across buffer sizes.
     #[test]
-    fn buffered_hasher_is_blake3_of_the_concatenation() {
+    fn buffered_hasher_is_xxh3_of_the_concatenation() {
         let pieces: Vec<Vec<u8>> = (0..300usize)
             .map(|i| vec![(i % 251) as u8; (i * 37) % 1500])
             .collect();
@@ -335,8 +349,9 @@ mod tests {
             h.update(p);
             all.extend_from_slice(p);
         }
-        assert_eq!(h.finalize(), blake3::hash(&all));
-        assert_eq!(Hasher::new().finalize(), blake3::hash(b""));
+        let xxh3 = |b: &[u8]| Digest(xxhash_rust::xxh3::xxh3_128(b));
+        assert_eq!(h.finalize(), xxh3(&all));
+        assert_eq!(Hasher::new().finalize(), xxh3(b""));
     }
 
     #[test]

@@ -20,7 +20,7 @@ use serde_json::Value;
 
 use crate::ProtocolError;
 use crate::api::ApiKind;
-use crate::canonical::{hash_item, hash_system, hash_system_list, hash_user_text_item};
+use crate::canonical::{Digest, hash_item, hash_system, hash_system_list, hash_user_text_item};
 use crate::turns::SideKind;
 
 /// What one request says, as far as turn tracking and the transcript care.
@@ -198,7 +198,7 @@ pub fn summarize_request(api: ApiKind, body: &[u8]) -> Result<RequestSummary, Pr
 
 /// The conversation part of a request, whatever the API.
 struct Items<'a> {
-    system: Option<blake3::Hash>,
+    system: Option<Digest>,
     items: Vec<&'a Value>,
     /// The content part type a plain-string `content` stands for.
     text_part: &'static str,
@@ -211,7 +211,7 @@ fn system_field(
     obj: &serde_json::Map<String, Value>,
     field: &'static str,
     texts: &mut PromptTexts,
-) -> Result<Option<blake3::Hash>, ProtocolError> {
+) -> Result<Option<Digest>, ProtocolError> {
     match obj.get(field) {
         None | Some(Value::Null) => Ok(None),
         Some(s @ (Value::String(_) | Value::Array(_))) => {
@@ -227,11 +227,11 @@ fn system_field(
 
 /// Chain the item digests, seeded with the system prompt (see the module header).
 fn thread_key(conv: &Items<'_>, previous_response_id: Option<String>) -> ThreadKey {
-    let mut prev: blake3::Hash = {
+    let mut prev: Digest = {
         let mut h = crate::canonical::Hasher::new();
         h.update(b"crab-thread-seed");
         if let Some(s) = &conv.system {
-            h.update(s.as_bytes());
+            h.update(&s.to_bytes());
         }
         h.finalize()
     };
@@ -259,14 +259,14 @@ fn thread_key(conv: &Items<'_>, previous_response_id: Option<String>) -> ThreadK
             }
         };
         let mut h = crate::canonical::Hasher::new();
-        h.update(prev.as_bytes());
-        h.update(item_hash.as_bytes());
+        h.update(&prev.to_bytes());
+        h.update(&item_hash.to_bytes());
         prev = h.finalize();
-        prefix_digests.push(prev.to_hex().to_string());
+        prefix_digests.push(prev.to_hex());
     }
     ThreadKey {
         prefix_digests,
-        system_digest: conv.system.map(|s| s.to_hex().to_string()),
+        system_digest: conv.system.map(Digest::to_hex),
         previous_response_id,
         conversation_id: None,
     }
