@@ -295,7 +295,8 @@ struct ExchangeCtx {
     upstream: Arc<str>,
     request_headers: Option<HeaderMap>,
     request_body: Bytes,
-    /// blake3 of the request body, when the request summary computed it.
+    /// blake3 of the request body, when the request summary computed it (it then parsed
+    /// the body as JSON).
     request_digest: Option<blake3::Hash>,
     started: Instant,
     upstream_sent: Option<Instant>,
@@ -552,6 +553,7 @@ fn complete(shared: &Shared, f: Finished) {
             tracker_request_id: st.ctx.tracker_id.map(|r| r.0),
             request_headers: st.ctx.request_headers.take().unwrap_or_default(),
             request_body: std::mem::take(&mut st.ctx.request_body),
+            request_body_json: st.ctx.request_digest.is_some(),
             response: Some(ResponseCapture {
                 status: st.status,
                 headers: st.response_headers.take().unwrap_or_default(),
@@ -804,6 +806,7 @@ async fn handle_inner(
                         tracker_request_id: None,
                         request_headers: parts.headers.clone(),
                         request_body: body.clone(),
+                        request_body_json: false,
                         response: None,
                         error: Some(ErrorRecord {
                             side: err.side().as_str().to_owned(),
@@ -1282,6 +1285,7 @@ fn upstream_failure(
             tracker_request_id: ctx.tracker_id.map(|r| r.0),
             request_headers: ctx.request_headers.take().unwrap_or_default(),
             request_body: std::mem::take(&mut ctx.request_body),
+            request_body_json: ctx.request_digest.is_some(),
             response: None,
             error: Some(ErrorRecord {
                 side: err.side().as_str().to_owned(),

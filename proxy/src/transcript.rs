@@ -27,7 +27,10 @@
 //!
 //! Each line is a [`TranscriptRecord`] (format version [`FORMAT_VERSION`]). `request.body_digest`
 //! is the blake3 hex of the exact request body, so a replay cache can answer an identical
-//! request with the recorded response.
+//! request with the recorded response. A body is recorded exactly ([`BodyText`]): a request
+//! body the request summary parsed as JSON is written as that JSON, byte for byte (an agent's
+//! request is its whole conversation, often 100 KB and more; escaping it into a string was
+//! most of the cost of recording it), other UTF-8 bodies as a string, anything else as base64.
 
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
@@ -49,7 +52,7 @@ use crate::config::TranscriptSettings;
 use crate::sandbox::SandboxId;
 
 /// Version of the line format.
-pub const FORMAT_VERSION: u32 = 1;
+pub const FORMAT_VERSION: u32 = 2;
 /// Files kept open at once (a daemon may serve thousands of sandboxes).
 const MAX_OPEN_FILES: usize = 256;
 /// How long the writer waits after a batch before taking the next one (records and turn-boundary
@@ -94,6 +97,8 @@ pub struct Exchange {
     pub tracker_request_id: Option<u64>,
     pub request_headers: HeaderMap,
     pub request_body: Bytes,
+    /// `request_body` parsed as JSON (the request summary read it): recorded as that JSON.
+    pub request_body_json: bool,
     pub response: Option<ResponseCapture>,
     pub error: Option<ErrorRecord>,
     pub timings: Timings,
@@ -144,12 +149,14 @@ pub struct Timings {
     pub gate_wait_us: Option<u64>,
 }
 
-/// A body as written: UTF-8 text when it is, base64 otherwise.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+/// A body as written: a JSON body (format 2, requests) as that JSON, verbatim; other UTF-8
+/// text as a string; anything else as base64.
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum BodyText {
     Text(String),
     Base64(String),
+    Json(Box<serde_json::value::RawValue>),
 }
 
 impl BodyText {
@@ -158,6 +165,20 @@ impl BodyText {
         match self {
             BodyText::Text(s) => Some(s.as_bytes().to_vec()),
             BodyText::Base64(b) => base64::engine::general_purpose::STANDARD.decode(b).ok(),
+            BodyText::Json(raw) => Some(raw.get().as_bytes().to_vec()),
+        }
+    }
+}
+
+/// Bodies are equal when they are written the same way with the same bytes.
+impl PartialEq for BodyText {
+    fn eq(&self, other: &Self) -> bool {
+        match (self, other) {
+            (BodyText::Text(a), BodyText::Text(b)) | (BodyText::Base64(a), BodyText::Base64(b)) => {
+                a == b
+            }
+            (BodyText::Json(a), BodyText::Json(b)) => a.get() == b.get(),
+            _ => false,
         }
     }
 }
@@ -244,7 +265,13 @@ fn encode_record(x: &Exchange, redact: &[HeaderName], max_body: u64, line: &mut 
     line.extend_from_slice(b"\",\"body_len\":");
     uint(line, x.request_body.len() as u64);
     line.extend_from_slice(b",\"body\":");
-    write_body(line, &x.request_body[..req_limit]);
+    if x.request_body_json && req_limit == x.request_body.len() && json_fits_line(&x.request_body) {
+        line.extend_from_slice(b"{\"json\":");
+        line.extend_from_slice(&x.request_body);
+        line.push(b'}');
+    } else {
+        write_body(line, &x.request_body[..req_limit]);
+    }
     line.extend_from_slice(b",\"body_truncated\":");
     boolean(line, req_limit < x.request_body.len());
     line.extend_from_slice(b"},\"response\":");
@@ -402,6 +429,12 @@ fn write_body(line: &mut Vec<u8>, bytes: &[u8]) {
         }
     }
     line.push(b'}');
+}
+
+/// Whether JSON text can be written into a record line as it is: it has no line break (JSON
+/// strings cannot hold one; whitespace between tokens can).
+fn json_fits_line(json: &[u8]) -> bool {
+    memchr::memchr2(b'\n', b'\r', json).is_none()
 }
 
 /// The path of a sandbox's current transcript file.
@@ -1002,7 +1035,16 @@ mod tests {
                     .request_digest
                     .unwrap_or_else(|| blake3::hash(&x.request_body)),
                 body_len: x.request_body.len() as u64,
-                body: BodyRef::new(&x.request_body[..req_limit]),
+                body: if x.request_body_json
+                    && req_limit == x.request_body.len()
+                    && json_fits_line(&x.request_body)
+                {
+                    BodyRef::Json(
+                        serde_json::from_slice(&x.request_body).expect("a JSON request body"),
+                    )
+                } else {
+                    BodyRef::new(&x.request_body[..req_limit])
+                },
                 body_truncated: req_limit < x.request_body.len(),
             },
             response: x.response.as_ref().map(|r| ResponseRef {
@@ -1091,6 +1133,7 @@ mod tests {
     enum BodyRef<'a> {
         Text(&'a str),
         Base64(String),
+        Json(&'a serde_json::value::RawValue),
     }
 
     impl<'a> BodyRef<'a> {
@@ -1168,12 +1211,19 @@ mod tests {
             message: "connection \"refused\"".into(),
         });
         bare.request_digest = Some(blake3::hash(b"other"));
+        let mut json = exchange(10, JSON_BODY);
+        json.request_body_json = true;
+        let mut pretty = exchange(11, b"{\n  \"model\": \"m\"\r\n}");
+        pretty.request_body_json = true;
         for (x, max_body) in [
             (&full, 1024),
             (&full, 5),
             (&bare, 1024),
             (&rich, 1024),
             (&partial_usage, 1024),
+            (&json, 1024),
+            (&json, 5),
+            (&pretty, 1024),
         ] {
             let (mut ours, mut theirs) = (Vec::new(), Vec::new());
             encode_record(x, &redact, max_body, &mut ours);
@@ -1186,6 +1236,40 @@ mod tests {
             let rec: TranscriptRecord = serde_json::from_str(line.trim_end()).unwrap();
             assert_eq!(rec.id, x.id);
         }
+    }
+
+    /// Compact JSON with escapes, non-ASCII text and spaces between tokens.
+    const JSON_BODY: &[u8] =
+        "{\"model\":\"m\",\"messages\":[{\"role\":\"user\",\"content\":\"a\\\"b\\u00e9 é\\n\"}], \"n\" : 1 }"
+            .as_bytes();
+
+    /// A JSON request body is recorded as that JSON and decodes to the exact bytes; a
+    /// truncated one, or one with a line break, is recorded as text.
+    #[test]
+    fn json_request_bodies_are_recorded_verbatim() {
+        let redact = [];
+        let record = |x: &Exchange, max_body: u64| {
+            let mut line = Vec::new();
+            encode_record(x, &redact, max_body, &mut line);
+            assert_eq!(line.iter().filter(|&&b| b == b'\n').count(), 1, "one line");
+            let rec: TranscriptRecord =
+                serde_json::from_slice(&line).expect("a record line parses");
+            rec.request.body
+        };
+        let mut json = exchange(1, JSON_BODY);
+        json.request_body_json = true;
+        let body = record(&json, 1 << 20);
+        assert!(matches!(body, BodyText::Json(_)), "{body:?}");
+        assert_eq!(body.decode().unwrap(), JSON_BODY);
+        assert!(matches!(record(&json, 10), BodyText::Text(t) if t.as_bytes() == &JSON_BODY[..10]));
+        let mut pretty = exchange(2, b"{\n\"model\": \"m\"\n}");
+        pretty.request_body_json = true;
+        assert!(matches!(record(&pretty, 1 << 20), BodyText::Text(_)));
+        // Not known to be JSON (the summary did not parse it): text, even if it looks like JSON.
+        assert!(matches!(
+            record(&exchange(3, JSON_BODY), 1 << 20),
+            BodyText::Text(_)
+        ));
     }
 
     fn exchange(id: u64, body: &'static [u8]) -> Exchange {
@@ -1207,6 +1291,7 @@ mod tests {
             tracker_request_id: Some(id),
             request_headers: h,
             request_body: Bytes::from_static(body),
+            request_body_json: false,
             response: Some(ResponseCapture {
                 status: 200,
                 headers: rh,
