@@ -4,6 +4,8 @@
 //! Phases (each path runs every phase; rounds rotate the path order so drift — other load on
 //! the machine, thermal state — affects all paths alike):
 //! 1. non-streaming latency at concurrency 1 and 64 → added p50/p90/p99/p99.9 vs direct;
+//!    and, at concurrency 1, agent-sized requests (`--large-kb`: a coding agent's request
+//!    carries its whole conversation, tens to hundreds of KB, and crab reads it to track turns);
 //! 2. streams: time to first body byte at concurrency 1 and 64 → added TTFB;
 //! 3. paced streams (chunk-delay fault): inter-chunk gaps and the count of separate arrivals
 //!    (proves chunks are forwarded one by one, not buffered);
@@ -68,14 +70,18 @@ pub struct Args {
     pub chunk_delay_ms: u64,
     #[arg(long, default_value_t = 20)]
     pub paced_chunks: usize,
-    /// Phases to run (`latency`, `ttfb`, `paced`, `throughput`); fewer phases make a quick run
-    /// or isolate one workload for a profiler.
+    /// Phases to run (`latency`, `large`, `ttfb`, `paced`, `throughput`); fewer phases make a
+    /// quick run or isolate one workload for a profiler.
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "latency,ttfb,paced,throughput"
+        default_value = "latency,large,ttfb,paced,throughput"
     )]
     pub phases: Vec<String>,
+    /// Body size of the `large` phase's requests (KB): a coding agent's conversation after
+    /// some steps (Codex sends ~40 KB at its first step, growing with every file it reads).
+    #[arg(long, default_value_t = 128)]
+    pub large_kb: usize,
     /// Workloads of the throughput phase (`requests`, `streams`).
     #[arg(long, value_delimiter = ',', default_value = "requests,streams")]
     pub kinds: Vec<String>,
@@ -165,6 +171,36 @@ impl Spec {
             headers: fault
                 .map(|f| vec![(fake_llm::FAULT_HEADER, f)])
                 .unwrap_or_default(),
+        }
+    }
+
+    /// A non-streaming chat request the size of a coding agent's after some steps: a system
+    /// prompt, then tool calls and their results (source text full of quotes and newlines,
+    /// which is what makes JSON expensive to read) until the body reaches `kb` KB.
+    fn agent(kb: usize) -> Spec {
+        let code: String = (0..40)
+            .map(|i| format!("    let value_{i} = lookup(\"key-{i}\", &table)?; // line {i}\n"))
+            .collect();
+        let mut messages = vec![json!({ "role": "system",
+            "content": "You are a coding agent working in a sandbox. ".repeat(150) })];
+        messages.push(json!({ "role": "user", "content": "Fix the failing test in src/lib.rs." }));
+        let mut step = 0;
+        while serde_json::to_vec(&messages).map_or(0, |v| v.len()) < kb * 1024 {
+            let id = format!("call_{step}");
+            messages.push(json!({ "role": "assistant", "content": null, "tool_calls": [{
+                "id": id, "type": "function",
+                "function": { "name": "bash", "arguments": format!("{{\"cmd\": \"sed -n {step},+40p src/lib.rs\"}}") } }] }));
+            messages.push(json!({ "role": "tool", "tool_call_id": id, "content": code }));
+            step += 1;
+        }
+        let body = json!({ "model": "fake-model", "stream": false, "messages": messages,
+            "tools": [{ "type": "function", "function": { "name": "bash",
+                "description": "Run a shell command in the sandbox.",
+                "parameters": { "type": "object", "properties": { "cmd": { "type": "string" } } } } }] });
+        Spec {
+            path: "/v1/chat/completions",
+            body: Bytes::from(body.to_string()),
+            headers: Vec::new(),
         }
     }
 
@@ -630,8 +666,11 @@ async fn run_async(args: Args) -> anyhow::Result<()> {
         }
     }
     for p in &args.phases {
-        if !matches!(p.as_str(), "latency" | "ttfb" | "paced" | "throughput") {
-            bail!("unknown phase {p:?} (latency, ttfb, paced, throughput)");
+        if !matches!(
+            p.as_str(),
+            "latency" | "large" | "ttfb" | "paced" | "throughput"
+        ) {
+            bail!("unknown phase {p:?} (latency, large, ttfb, paced, throughput)");
         }
     }
     for k in &args.kinds {
@@ -648,8 +687,10 @@ async fn run_async(args: Args) -> anyhow::Result<()> {
         .iter()
         .filter(|k| phase("throughput") && matches!(k.as_str(), "requests" | "streams"))
         .count();
-    let round_phases =
-        2 * u64::from(phase("latency")) + 2 * u64::from(phase("ttfb")) + u64::from(phase("paced"));
+    let round_phases = 2 * u64::from(phase("latency"))
+        + u64::from(phase("large"))
+        + 2 * u64::from(phase("ttfb"))
+        + u64::from(phase("paced"));
     let total_steps = n
         * (rounds as u64 * round_phases + (args.concurrency.len() * kind_count * tp_rounds) as u64);
     let progress = ProgressBar::new(total_steps);
@@ -683,6 +724,28 @@ async fn run_async(args: Args) -> anyhow::Result<()> {
             &bench,
             &format!("nonstream-c{c}"),
             c,
+            &cells,
+            false,
+            &mut cpu_total,
+        ));
+        check_alive(&mut crab, &mut baseline, &mut nginx)?;
+    }
+    if phase("large") {
+        let large = Spec::agent(args.large_kb);
+        let cells = bench
+            .phase(
+                &format!("latency {} KB c=1", large.body.len() / 1024),
+                &large,
+                1,
+                Stop::Count((args.requests / 10).max(50)),
+                None,
+                rounds,
+            )
+            .await?;
+        latency.extend(latency_rows(
+            &bench,
+            &format!("nonstream-{}k-c1", large.body.len() / 1024),
+            1,
             &cells,
             false,
             &mut cpu_total,
