@@ -321,16 +321,19 @@ pub fn steps(api: AgentApi, items: &[Value]) -> Vec<Vec<String>> {
 pub fn kept_conversation(transcript: &str, api: AgentApi) -> (Option<Vec<Value>>, usize) {
     let mut best: Option<Vec<Value>> = None;
     let mut records = 0;
-    for v in transcript
+    for mut v in transcript
         .lines()
         .filter_map(|l| serde_json::from_str::<Value>(l).ok())
     {
         records += 1;
-        let Some(text) = v["request"]["body"]["text"].as_str() else {
-            continue;
-        };
-        let Ok(body) = serde_json::from_str::<Value>(text) else {
-            continue;
+        // A JSON body is recorded as that JSON (transcript format 2), other text as a string.
+        let recorded = &mut v["request"]["body"];
+        let body = match recorded["json"].take() {
+            Value::Null => match recorded["text"].as_str().map(serde_json::from_str::<Value>) {
+                Some(Ok(body)) => body,
+                _ => continue,
+            },
+            body => body,
         };
         if let Some(items) = items_of(api, &body)
             && best.as_ref().is_none_or(|b| items.len() > b.len())
@@ -732,15 +735,20 @@ mod tests {
             json!({"request": {"body": {"text": json!({"messages": items}).to_string()}}})
                 .to_string()
         };
+        let rec_json = |items: &[Value]| {
+            json!({"request": {"body": {"json": {"messages": items}}}}).to_string()
+        };
         let text = format!(
             "{}\n{}\n{}\ntorn",
-            rec(&chat[..3]),
+            rec_json(&chat[..3]),
             rec(&chat),
-            rec(&chat[..1])
+            rec_json(&chat[..1])
         );
         let (items, n) = kept_conversation(&text, AgentApi::Chat);
         assert_eq!(items.unwrap().len(), 4);
         assert_eq!(n, 3);
+        let text = format!("{}\n{}", rec(&chat[..1]), rec_json(&chat[..2]));
+        assert_eq!(kept_conversation(&text, AgentApi::Chat).0.unwrap().len(), 2);
         assert_eq!(kept_conversation("", AgentApi::Chat), (None, 0));
     }
 }
