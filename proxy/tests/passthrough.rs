@@ -136,6 +136,17 @@ async fn tool_call_streams_pass_through() {
         );
         let recs = proxy.transcript(&sb).await;
         assert_eq!(recs.len(), 1);
+        // The request body is recorded as the JSON it is, and reads back byte for byte.
+        assert!(
+            matches!(recs[0].request.body, proxy::transcript::BodyText::Json(_)),
+            "{path}: {:?}",
+            recs[0].request.body
+        );
+        assert_eq!(
+            recs[0].request.body.decode().unwrap(),
+            serde_json::to_vec(body).unwrap(),
+            "{path}"
+        );
         let analysis = recs[0].analysis.as_ref().expect("analysed");
         assert_eq!(
             analysis["tool_calls"][0]["name"], "bash",
