@@ -40,6 +40,7 @@ mod lenient;
 pub mod request;
 pub mod response;
 pub mod sse;
+mod swar;
 pub mod turns;
 
 pub use api::{ApiKind, classify};

@@ -278,19 +278,13 @@ impl SseDecoder {
 /// The position of the first `\n` or `\r`, eight bytes at a time (an event stream is mostly
 /// long `data:` lines; a byte-by-byte search was the decoder's main cost).
 fn line_end(bytes: &[u8]) -> Option<usize> {
-    const ONES: u64 = 0x0101_0101_0101_0101;
-    const HIGH: u64 = 0x8080_8080_8080_8080;
-    // Flags zero bytes by their high bit; a borrow can flag bytes above a zero byte, never
-    // below one, so the lowest flag is exact.
-    let zero = |v: u64| v.wrapping_sub(ONES) & !v & HIGH;
+    use crate::swar::{eq_mask, first, word};
     let mut i = 0;
     while i + 8 <= bytes.len() {
-        let mut word = [0u8; 8];
-        word.copy_from_slice(&bytes[i..i + 8]);
-        let w = u64::from_le_bytes(word);
-        let m = zero(w ^ (ONES * u64::from(b'\n'))) | zero(w ^ (ONES * u64::from(b'\r')));
+        let w = word(bytes, i);
+        let m = eq_mask(w, b'\n') | eq_mask(w, b'\r');
         if m != 0 {
-            return Some(i + (m.trailing_zeros() / 8) as usize);
+            return Some(i + first(m));
         }
         i += 8;
     }
