@@ -307,6 +307,13 @@ struct ExchangeCtx {
     span: Span,
 }
 
+impl ExchangeCtx {
+    /// The request body parsed as JSON (the request summary computed its digest).
+    fn request_body_json(&self) -> bool {
+        self.request_digest.is_some()
+    }
+}
+
 /// Ends the tracker's in-flight request if the handler is dropped before a response body
 /// takes over (client went away while the upstream was still thinking).
 struct InFlightGuard {
@@ -553,7 +560,7 @@ fn complete(shared: &Shared, f: Finished) {
             tracker_request_id: st.ctx.tracker_id.map(|r| r.0),
             request_headers: st.ctx.request_headers.take().unwrap_or_default(),
             request_body: std::mem::take(&mut st.ctx.request_body),
-            request_body_json: st.ctx.request_digest.is_some(),
+            request_body_json: st.ctx.request_body_json(),
             response: Some(ResponseCapture {
                 status: st.status,
                 headers: st.response_headers.take().unwrap_or_default(),
@@ -1285,7 +1292,7 @@ fn upstream_failure(
             tracker_request_id: ctx.tracker_id.map(|r| r.0),
             request_headers: ctx.request_headers.take().unwrap_or_default(),
             request_body: std::mem::take(&mut ctx.request_body),
-            request_body_json: ctx.request_digest.is_some(),
+            request_body_json: ctx.request_body_json(),
             response: None,
             error: Some(ErrorRecord {
                 side: err.side().as_str().to_owned(),

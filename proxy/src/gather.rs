@@ -15,8 +15,8 @@
 //!
 //! How: after taking a frame, the wrapper yields (wakes itself, answers pending), which lets
 //! the producing task run and pass on its next frame if it has one; it keeps taking frames this
-//! way while they come, and answers with the held frames, in order (data frames merged), once the inner body was
-//! pending on [`QUIET_POLLS`] polls in a row or ended, or [`MAX_HELD_FRAMES`] /
+//! way while they come, and answers with the held frames, in order (data frames merged), once
+//! the inner body was pending on [`QUIET_POLLS`] polls in a row or ended, or [`MAX_HELD_FRAMES`] /
 //! [`MAX_HELD_BYTES`] are held. It never waits for data that has not arrived: a frame that is
 //! alone is handed on after two passes of the event loop (microseconds, no timer), so streams
 //! are still forwarded chunk by chunk as their chunks arrive.

@@ -265,7 +265,7 @@ fn encode_record(x: &Exchange, redact: &[HeaderName], max_body: u64, line: &mut 
     line.extend_from_slice(b"\",\"body_len\":");
     uint(line, x.request_body.len() as u64);
     line.extend_from_slice(b",\"body\":");
-    if x.request_body_json && req_limit == x.request_body.len() && json_fits_line(&x.request_body) {
+    if recorded_as_json(x, req_limit) {
         line.extend_from_slice(b"{\"json\":");
         line.extend_from_slice(&x.request_body);
         line.push(b'}');
@@ -431,10 +431,13 @@ fn write_body(line: &mut Vec<u8>, bytes: &[u8]) {
     line.push(b'}');
 }
 
-/// Whether JSON text can be written into a record line as it is: it has no line break (JSON
-/// strings cannot hold one; whitespace between tokens can).
-fn json_fits_line(json: &[u8]) -> bool {
-    memchr::memchr2(b'\n', b'\r', json).is_none()
+/// Whether the request body is written as the JSON it is: it parsed as JSON, is recorded
+/// whole (`req_limit`: the bytes recorded), and has no line break (JSON strings cannot hold
+/// one; whitespace between tokens can), which would split the record line.
+fn recorded_as_json(x: &Exchange, req_limit: usize) -> bool {
+    x.request_body_json
+        && req_limit == x.request_body.len()
+        && memchr::memchr2(b'\n', b'\r', &x.request_body).is_none()
 }
 
 /// The path of a sandbox's current transcript file.
@@ -1035,10 +1038,7 @@ mod tests {
                     .request_digest
                     .unwrap_or_else(|| blake3::hash(&x.request_body)),
                 body_len: x.request_body.len() as u64,
-                body: if x.request_body_json
-                    && req_limit == x.request_body.len()
-                    && json_fits_line(&x.request_body)
-                {
+                body: if recorded_as_json(x, req_limit) {
                     BodyRef::Json(
                         serde_json::from_slice(&x.request_body).expect("a JSON request body"),
                     )
@@ -1240,7 +1240,7 @@ mod tests {
 
     /// Compact JSON with escapes, non-ASCII text and spaces between tokens.
     const JSON_BODY: &[u8] =
-        "{\"model\":\"m\",\"messages\":[{\"role\":\"user\",\"content\":\"a\\\"b\\u00e9 é\\n\"}], \"n\" : 1 }"
+        r#"{"model":"m","messages":[{"role":"user","content":"a\"b\u00e9 é\n"}], "n" : 1 }"#
             .as_bytes();
 
     /// A JSON request body is recorded as that JSON and decodes to the exact bytes; a
