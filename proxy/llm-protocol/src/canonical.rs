@@ -27,13 +27,39 @@ use serde_json::Value;
 pub(crate) struct Digest(u128);
 
 impl Digest {
-    pub(crate) fn to_bytes(self) -> [u8; 16] {
-        self.0.to_le_bytes()
+    /// The start of a conversation's digest chain: derived from its system prompt, so that the
+    /// same first message under another system prompt (a title request) starts another chain.
+    pub(crate) fn seed(system: Option<Digest>) -> Digest {
+        const TAG: &[u8; 16] = b"crab-thread-seed";
+        let mut input = [0u8; 32];
+        input[..16].copy_from_slice(TAG);
+        let len = match system {
+            Some(s) => {
+                input[16..].copy_from_slice(&s.0.to_le_bytes());
+                32
+            }
+            None => 16,
+        };
+        Digest(xxhash_rust::xxh3::xxh3_128(&input[..len]))
     }
 
-    /// 32 lowercase hex digits.
+    /// The chain's next link: this digest followed by `item`'s.
+    pub(crate) fn chain(self, item: Digest) -> Digest {
+        let mut input = [0u8; 32];
+        input[..16].copy_from_slice(&self.0.to_le_bytes());
+        input[16..].copy_from_slice(&item.0.to_le_bytes());
+        Digest(xxhash_rust::xxh3::xxh3_128(&input))
+    }
+
+    /// 32 lowercase hex digits, most significant first.
     pub(crate) fn to_hex(self) -> String {
-        format!("{:032x}", self.0)
+        const HEX: &[u8; 16] = b"0123456789abcdef";
+        let mut hex = String::with_capacity(32);
+        for b in self.0.to_be_bytes() {
+            hex.push(char::from(HEX[usize::from(b >> 4)]));
+            hex.push(char::from(HEX[usize::from(b & 0xf)]));
+        }
+        hex
     }
 }
 
@@ -352,6 +378,18 @@ mod tests {
         let xxh3 = |b: &[u8]| Digest(xxhash_rust::xxh3::xxh3_128(b));
         assert_eq!(h.finalize(), xxh3(&all));
         assert_eq!(Hasher::new().finalize(), xxh3(b""));
+    }
+
+    #[test]
+    fn digests_print_as_32_hex_digits() {
+        assert_eq!(
+            Digest(0x0123_4567_89ab_cdef_fedc_ba98_7654_3210).to_hex(),
+            "0123456789abcdeffedcba9876543210"
+        );
+        assert_eq!(Digest(1).to_hex(), format!("{:032x}", 1));
+        let (a, b) = (Digest::seed(None), Digest::seed(Some(Digest(7))));
+        assert_ne!(a, b);
+        assert_ne!(a.chain(b), b.chain(a));
     }
 
     #[test]

@@ -178,8 +178,9 @@ pub fn summarize_request(api: ApiKind, body: &[u8]) -> Result<RequestSummary, Pr
         Some(Value::Object(o)) => o.get("id").and_then(Value::as_str).map(str::to_owned),
         _ => None,
     };
-    let side_hint = texts.hint(!tools.is_empty());
-    let compaction_prompt = texts.compaction_prompt();
+    let user = texts.user_lowercase();
+    let side_hint = texts.hint(!tools.is_empty(), &user);
+    let compaction_prompt = PromptTexts::compaction_prompt(&user);
     let mut thread = thread_key(&conv, previous_response_id);
     thread.conversation_id = conversation_id;
     Ok(RequestSummary {
@@ -227,14 +228,7 @@ fn system_field(
 
 /// Chain the item digests, seeded with the system prompt (see the module header).
 fn thread_key(conv: &Items<'_>, previous_response_id: Option<String>) -> ThreadKey {
-    let mut prev: Digest = {
-        let mut h = crate::canonical::Hasher::new();
-        h.update(b"crab-thread-seed");
-        if let Some(s) = &conv.system {
-            h.update(&s.to_bytes());
-        }
-        h.finalize()
-    };
+    let mut prev = Digest::seed(conv.system);
     let default_type = conv.responses.then_some("message");
     let mut prefix_digests = Vec::with_capacity(conv.items.len());
     for item in &conv.items {
@@ -258,10 +252,7 @@ fn thread_key(conv: &Items<'_>, previous_response_id: Option<String>) -> ThreadK
                 )
             }
         };
-        let mut h = crate::canonical::Hasher::new();
-        h.update(&prev.to_bytes());
-        h.update(&item_hash.to_bytes());
-        prev = h.finalize();
+        prev = prev.chain(item_hash);
         prefix_digests.push(prev.to_hex());
     }
     ThreadKey {
@@ -374,17 +365,22 @@ impl PromptTexts {
         }
     }
 
-    /// The final user message asks to summarise the conversation (a compaction request).
-    fn compaction_prompt(&self) -> bool {
-        let user = self
-            .last_user
+    /// The start of the final user message, lowercased: what the wording checks read.
+    fn user_lowercase(&self) -> String {
+        self.last_user
             .as_deref()
             .map(|u| truncate(u, 400).to_lowercase())
-            .unwrap_or_default();
+            .unwrap_or_default()
+    }
+
+    /// The final user message (`user`: [`Self::user_lowercase`]) asks to summarise the
+    /// conversation (a compaction request).
+    fn compaction_prompt(user: &str) -> bool {
         SUMMARY_USER.iter().any(|p| user.contains(p))
     }
 
-    /// Side-call hints from the wording (see `turns.rs` for how they are used):
+    /// Side-call hints from the wording (`user`: [`Self::user_lowercase`]; see `turns.rs` for
+    /// how they are used):
     /// - title generation: a short system prompt, or the start of the final user message,
     ///   asking for a title; only for requests *without tools* (title calls never carry tools;
     ///   an agent whose task mentions titles does);
@@ -393,17 +389,12 @@ impl PromptTexts {
     ///   only sets `compaction_prompt`, which counts on the main history alone);
     /// - other (a probe): the output cap is at most [`PROBE_MAX_OUTPUT_TOKENS`] (Claude Code's
     ///   `max_tokens: 1` quota check, cache warm-ups).
-    fn hint(&self, has_tools: bool) -> Option<SideKind> {
+    fn hint(&self, has_tools: bool, user: &str) -> Option<SideKind> {
         let system = if self.system_len <= SHORT_SYSTEM_PROMPT {
             self.system.to_lowercase()
         } else {
             String::new()
         };
-        let user = self
-            .last_user
-            .as_deref()
-            .map(|u| truncate(u, 400).to_lowercase())
-            .unwrap_or_default();
         const SUMMARY_SYSTEM: &[&str] = &["summarize", "summarise", "summary", "compact"];
         const TITLE_SYSTEM: &[&str] = &[
             "title generator",
@@ -432,7 +423,7 @@ impl PromptTexts {
                 || system.contains("history"));
         // Only tool-less requests: a short agent system prompt that says "summarize your
         // changes at the end of the conversation" must not make the main loop a side call.
-        if !has_tools && (summary_system || self.compaction_prompt()) {
+        if !has_tools && (summary_system || Self::compaction_prompt(user)) {
             return Some(SideKind::Summarization);
         }
         if !has_tools
