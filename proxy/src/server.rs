@@ -444,10 +444,11 @@ async fn serve_connections(
     let builder = Arc::new(connection_builder(&shared.config));
     let graceful = GracefulShutdown::new();
     while let Some((stream, peer)) = conns.recv().await {
+        // Counted until dropped, whether the connection is served or refused here.
+        let open = OpenConnection(open.clone());
         let stream = match TcpStream::from_std(stream) {
             Ok(s) => s,
             Err(e) => {
-                open.dec();
                 warn!(%peer, error = %e, "cannot register a connection");
                 continue;
             }
@@ -458,7 +459,6 @@ async fn serve_connections(
         let watcher = graceful.watcher();
         let mut hard = hard.clone();
         let tls = tls.clone();
-        let open = OpenConnection(open.clone());
         let tls_timeout = shared.config.timeouts.tls_handshake;
         tokio::spawn(async move {
             let _open = open;

@@ -31,16 +31,10 @@ impl Digest {
     /// same first message under another system prompt (a title request) starts another chain.
     pub(crate) fn seed(system: Option<Digest>) -> Digest {
         const TAG: &[u8; 16] = b"crab-thread-seed";
-        let mut input = [0u8; 32];
-        input[..16].copy_from_slice(TAG);
-        let len = match system {
-            Some(s) => {
-                input[16..].copy_from_slice(&s.0.to_le_bytes());
-                32
-            }
-            None => 16,
-        };
-        Digest(xxhash_rust::xxh3::xxh3_128(&input[..len]))
+        match system {
+            Some(s) => Digest(u128::from_le_bytes(*TAG)).chain(s),
+            None => Digest(xxhash_rust::xxh3::xxh3_128(TAG)),
+        }
     }
 
     /// The chain's next link: this digest followed by `item`'s.
