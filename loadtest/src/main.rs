@@ -8,7 +8,8 @@
 //! Module map: `fake_cmd` (fake-llm server CLI), `bench` (benchmarks), `demo` (scripted agent
 //! conversation through crab), `eval` (the evaluation harness), `stack` (a crab daemon on a
 //! fresh pool, as harness runs use it), `client` (hyper client helpers), `procs` (child
-//! processes: crab, nginx; /proc stats).
+//! processes: crab, nginx, hyper-peer; /proc stats). Binary `hyper-peer` (`src/bin`): the bare
+//! hyper proxy the proxy benchmark compares crab with.
 //! Invariants: only 127.0.0.1 traffic; every child process is killed on exit (Drop guards).
 #![forbid(unsafe_code)]
 

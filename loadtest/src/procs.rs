@@ -1,4 +1,5 @@
-//! Child processes the harness drives (the real `crab` binary, nginx) and their /proc stats.
+//! Child processes the harness drives (the real `crab` binary, nginx, `hyper-peer`) and their
+//! /proc stats.
 //!
 //! Every child is owned by a guard that terminates it (SIGTERM, then SIGKILL) on drop, so an
 //! early error or a panic never leaves a daemon behind.
@@ -192,8 +193,10 @@ impl CrabProcess {
     }
 }
 
-/// A running nginx configured as a plain streaming reverse proxy.
-pub struct NginxProcess {
+/// A peer proxy of the proxy benchmark, listening on `listen`: nginx, or `hyper-peer` (crab's
+/// HTTP stack without crab's work).
+pub struct PeerProcess {
+    pub name: &'static str,
     pub guard: ChildGuard,
     pub listen: SocketAddr,
 }
@@ -201,10 +204,10 @@ pub struct NginxProcess {
 /// nginx's binary (Debian's nginx-light).
 pub const NGINX_BIN: &str = "/usr/sbin/nginx";
 
-impl NginxProcess {
+impl PeerProcess {
     /// Writes `dir/nginx.conf` proxying to `upstream` (host:port) and starts nginx in the
     /// foreground as our child; waits until it accepts connections.
-    pub async fn spawn(upstream: SocketAddr, dir: &Path) -> anyhow::Result<NginxProcess> {
+    pub async fn nginx(upstream: SocketAddr, dir: &Path) -> anyhow::Result<PeerProcess> {
         if !Path::new(NGINX_BIN).is_file() {
             bail!("{NGINX_BIN} not found: install the Debian package nginx-light");
         }
@@ -249,35 +252,77 @@ http {{
         );
         let conf_path = dir.join("nginx.conf");
         fs::write(&conf_path, conf)?;
-        let log = dir.join("logs/stderr.log");
-        let logf = fs::File::create(&log)?;
-        let child = Command::new(NGINX_BIN)
-            .arg("-p")
+        let mut cmd = Command::new(NGINX_BIN);
+        cmd.arg("-p")
             .arg(dir)
             .arg("-c")
             .arg(&conf_path)
-            .args(["-g", "daemon off;"])
+            .args(["-g", "daemon off;"]);
+        Self::start(
+            "nginx",
+            cmd,
+            listen,
+            &dir.join("logs/stderr.log"),
+            &[dir.join("logs/error.log")],
+        )
+        .await
+    }
+
+    /// Starts `hyper-peer` (built next to this binary) in front of `upstream` (a base URL).
+    pub async fn hyper(upstream: &str, dir: &Path) -> anyhow::Result<PeerProcess> {
+        let bin = std::env::current_exe()?.with_file_name("hyper-peer");
+        if !bin.is_file() {
+            bail!(
+                "{} not found: build it with `cargo build --release -p loadtest`",
+                bin.display()
+            );
+        }
+        fs::create_dir_all(dir)?;
+        let listen: SocketAddr = format!("127.0.0.1:{}", free_port()?).parse()?;
+        let mut cmd = Command::new(bin);
+        cmd.arg("--listen")
+            .arg(listen.to_string())
+            .arg("--upstream")
+            .arg(upstream);
+        Self::start("hyper-peer", cmd, listen, &dir.join("stderr.log"), &[]).await
+    }
+
+    /// Spawns `cmd` (output to `log`) and waits until it accepts connections on `listen`.
+    async fn start(
+        name: &'static str,
+        mut cmd: Command,
+        listen: SocketAddr,
+        log: &Path,
+        more_logs: &[PathBuf],
+    ) -> anyhow::Result<PeerProcess> {
+        let logf = fs::File::create(log)?;
+        let child = cmd
             .stdin(Stdio::null())
             .stdout(logf.try_clone()?)
             .stderr(logf)
             .spawn()
-            .context("spawning nginx")?;
-        let mut guard = ChildGuard::new("nginx", child);
+            .with_context(|| format!("spawning {name}"))?;
+        let mut guard = ChildGuard::new(name, child);
         let deadline = Instant::now() + Duration::from_secs(10);
         while tokio::net::TcpStream::connect(listen).await.is_err() {
             if let Some(status) = guard.try_exited() {
+                let more: Vec<String> = more_logs.iter().map(|l| tail(l, 20)).collect();
                 bail!(
-                    "nginx exited ({status}):\n{}\n{}",
-                    tail(&log, 20),
-                    tail(&dir.join("logs/error.log"), 20)
+                    "{name} exited ({status}):\n{}\n{}",
+                    tail(log, 20),
+                    more.join("\n")
                 );
             }
             if Instant::now() > deadline {
-                bail!("nginx did not listen on {listen} within 10 s");
+                bail!("{name} did not listen on {listen} within 10 s");
             }
             tokio::time::sleep(Duration::from_millis(30)).await;
         }
-        Ok(NginxProcess { guard, listen })
+        Ok(PeerProcess {
+            name,
+            guard,
+            listen,
+        })
     }
 
     pub fn base_url(&self) -> String {

@@ -1,5 +1,5 @@
 //! End to end with the real binaries: the demo through `crab`, a smoke-sized `bench proxy`
-//! (direct, crab, nginx), and the `fake-llm` server CLI.
+//! (direct, crab, nginx, hyper-peer), and the `fake-llm` server CLI.
 
 mod common;
 
@@ -101,7 +101,7 @@ fn bench_proxy_smoke() {
             .unwrap();
     for section in ["latency", "stream_ttfb", "chunking", "throughput"] {
         let rows = report[section].as_array().unwrap();
-        for path in ["direct", "crab", "nginx"] {
+        for path in ["direct", "crab", "nginx", "hyper"] {
             assert!(
                 rows.iter().any(|r| r["path"] == path),
                 "{section} lacks {path}"

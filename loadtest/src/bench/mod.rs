@@ -13,7 +13,7 @@ pub mod proxy;
 #[derive(clap::Subcommand, Debug)]
 pub enum BenchCommand {
     /// The proxy's added latency, streaming behaviour, throughput, CPU and memory, side by
-    /// side with direct access and nginx.
+    /// side with direct access, nginx and crab's bare HTTP stack (`hyper-peer`).
     Proxy(proxy::Args),
     /// The inspector's overhead.
     Inspector(inspector::Args),

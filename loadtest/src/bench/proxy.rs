@@ -1,5 +1,5 @@
-//! `loadtest bench proxy`: direct vs `crab` vs nginx, side by side in one run against one
-//! in-process fake upstream.
+//! `loadtest bench proxy`: direct vs `crab` vs nginx vs `hyper-peer` (crab's HTTP stack without
+//! crab's work), side by side in one run against one in-process fake upstream.
 //!
 //! Phases (each path runs every phase; rounds rotate the path order so drift — other load on
 //! the machine, thermal state — affects all paths alike):
@@ -10,7 +10,7 @@
 //! 3. paced streams (chunk-delay fault): inter-chunk gaps and the count of separate arrivals
 //!    (proves chunks are forwarded one by one, not buffered);
 //! 4. throughput (requests/s and streams/s) at each `--concurrency` level;
-//!    crab's and nginx's CPU time per phase and peak RSS.
+//!    each proxy's CPU time per phase and peak RSS.
 //!
 //! The load generator and the fake share this process; all three compete for the same cores,
 //! so the report includes the core count, load average and the generator's own CPU time.
@@ -33,7 +33,7 @@ use serde_json::json;
 
 use crate::{
     client::{HttpClient, new_client, timed},
-    procs::{self, CrabProcess, NginxProcess, ProcStats, proc_stats},
+    procs::{self, CrabProcess, PeerProcess, ProcStats, proc_stats},
 };
 
 /// Options of the proxy benchmark.
@@ -53,8 +53,9 @@ pub struct Args {
     pub concurrency: Vec<usize>,
     /// Paths to compare (`direct` is always included: the others are measured against it).
     /// `crab-baseline` is a second crab binary (`--crab-baseline`), e.g. the build before a
-    /// change, measured interleaved with the others in the same run.
-    #[arg(long, value_delimiter = ',', default_value = "direct,crab,nginx")]
+    /// change, measured interleaved with the others in the same run. `hyper` is `hyper-peer`,
+    /// crab's HTTP stack without crab's work: what crab would cost if it did nothing.
+    #[arg(long, value_delimiter = ',', default_value = "direct,crab,nginx,hyper")]
     pub paths: Vec<String>,
     /// The crab binary (default: $CRAB_BIN, else `crab` next to this binary).
     #[arg(long, env = "CRAB_BIN")]
@@ -125,6 +126,7 @@ enum PathKind {
     Crab,
     CrabBaseline,
     Nginx,
+    Hyper,
 }
 
 impl PathKind {
@@ -134,6 +136,7 @@ impl PathKind {
             PathKind::Crab => "crab",
             PathKind::CrabBaseline => "crab-baseline",
             PathKind::Nginx => "nginx",
+            PathKind::Hyper => "hyper",
         }
     }
 }
@@ -622,7 +625,7 @@ async fn run_async(args: Args) -> anyhow::Result<()> {
     }];
     let mut crab: Option<CrabProcess> = None;
     let mut baseline: Option<CrabProcess> = None;
-    let mut nginx: Option<NginxProcess> = None;
+    let mut peers: Vec<PeerProcess> = Vec::new();
     let mut paths = args.paths.clone();
     if args.crab_baseline.is_some() && !paths.iter().any(|p| p == "crab-baseline") {
         paths.push("crab-baseline".into());
@@ -653,16 +656,29 @@ async fn run_async(args: Args) -> anyhow::Result<()> {
                 });
                 *slot = Some(c);
             }
-            "nginx" => {
-                let n = NginxProcess::spawn(fake.addr(), &tmp.path().join("nginx")).await?;
+            "nginx" | "hyper" => {
+                let (peer, kind) = if p == "nginx" {
+                    let dir = tmp.path().join("nginx");
+                    (
+                        PeerProcess::nginx(fake.addr(), &dir).await?,
+                        PathKind::Nginx,
+                    )
+                } else {
+                    let dir = tmp.path().join("hyper");
+                    (
+                        PeerProcess::hyper(&fake.base_url(), &dir).await?,
+                        PathKind::Hyper,
+                    )
+                };
                 targets.push(Target {
-                    kind: PathKind::Nginx,
-                    base: n.base_url(),
-                    pid: Some((n.guard.pid(), true)),
+                    kind,
+                    base: peer.base_url(),
+                    // nginx's workers are its children.
+                    pid: Some((peer.guard.pid(), kind == PathKind::Nginx)),
                 });
-                nginx = Some(n);
+                peers.push(peer);
             }
-            other => bail!("unknown path {other:?} (direct, crab, crab-baseline, nginx)"),
+            other => bail!("unknown path {other:?} (direct, crab, crab-baseline, nginx, hyper)"),
         }
     }
     for p in &args.phases {
@@ -728,7 +744,7 @@ async fn run_async(args: Args) -> anyhow::Result<()> {
             false,
             &mut cpu_total,
         ));
-        check_alive(&mut crab, &mut baseline, &mut nginx)?;
+        check_alive(&mut crab, &mut baseline, &mut peers)?;
     }
     if phase("large") {
         let large = Spec::agent(args.large_kb);
@@ -750,7 +766,7 @@ async fn run_async(args: Args) -> anyhow::Result<()> {
             false,
             &mut cpu_total,
         ));
-        check_alive(&mut crab, &mut baseline, &mut nginx)?;
+        check_alive(&mut crab, &mut baseline, &mut peers)?;
     }
     for c in [1usize, 64].into_iter().filter(|_| phase("ttfb")) {
         let count = (args.requests / 5).max(c);
@@ -772,7 +788,7 @@ async fn run_async(args: Args) -> anyhow::Result<()> {
             true,
             &mut cpu_total,
         ));
-        check_alive(&mut crab, &mut baseline, &mut nginx)?;
+        check_alive(&mut crab, &mut baseline, &mut peers)?;
     }
     let paced = Spec::chat(
         true,
@@ -795,7 +811,7 @@ async fn run_async(args: Args) -> anyhow::Result<()> {
             )
             .await?;
         chunking = chunk_rows(&bench, &cells, &args, &mut cpu_total);
-        check_alive(&mut crab, &mut baseline, &mut nginx)?;
+        check_alive(&mut crab, &mut baseline, &mut peers)?;
     }
 
     let mut throughput = Vec::new();
@@ -839,7 +855,7 @@ async fn run_async(args: Args) -> anyhow::Result<()> {
                     proxy_cpu_us_per_request: per_request_cpu(kind_path, cell),
                 });
             }
-            check_alive(&mut crab, &mut baseline, &mut nginx)?;
+            check_alive(&mut crab, &mut baseline, &mut peers)?;
         }
     }
     bench.progress.finish_and_clear();
@@ -894,6 +910,7 @@ async fn run_async(args: Args) -> anyhow::Result<()> {
              differences there can be negative; crab's /metrics histogram is its own processing time"
                 .into(),
             "nginx: worker_processes auto, proxy_buffering off, proxy_request_buffering off, HTTP/1.1 upstream keepalive".into(),
+            "hyper: hyper-peer, crab's HTTP stack (hyper server and pooled client, one event loop per CPU, mimalloc) without crab's work".into(),
         ],
     };
     print_report(&report);
@@ -907,7 +924,7 @@ async fn run_async(args: Args) -> anyhow::Result<()> {
     for mut c in [crab, baseline].into_iter().flatten() {
         c.guard.stop(Duration::from_secs(5));
     }
-    drop(nginx);
+    drop(peers);
     fake.shutdown().await;
     Ok(())
 }
@@ -915,7 +932,7 @@ async fn run_async(args: Args) -> anyhow::Result<()> {
 fn check_alive(
     crab: &mut Option<CrabProcess>,
     baseline: &mut Option<CrabProcess>,
-    nginx: &mut Option<NginxProcess>,
+    peers: &mut [PeerProcess],
 ) -> anyhow::Result<()> {
     for c in [crab, baseline].into_iter().flatten() {
         if let Some(status) = c.guard.try_exited() {
@@ -925,9 +942,9 @@ fn check_alive(
             );
         }
     }
-    if let Some(n) = nginx {
-        if let Some(status) = n.guard.try_exited() {
-            bail!("nginx died during the benchmark ({status})");
+    for p in peers {
+        if let Some(status) = p.guard.try_exited() {
+            bail!("{} died during the benchmark ({status})", p.name);
         }
     }
     Ok(())
