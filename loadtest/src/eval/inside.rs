@@ -317,23 +317,19 @@ pub fn steps(api: AgentApi, items: &[Value]) -> Vec<Vec<String>> {
 
 /// The longest conversation crab's transcript holds for the sandbox (the request bodies of
 /// `api`, whatever their answer: the model answers a resent request the same), and how many
-/// records the transcript has.
+/// records the transcript has. Read with crab's own reader, which rebuilds the bodies recorded
+/// as deltas (transcript format 3).
 pub fn kept_conversation(transcript: &str, api: AgentApi) -> (Option<Vec<Value>>, usize) {
+    let records = proxy::transcript::parse_records(transcript);
     let mut best: Option<Vec<Value>> = None;
-    let mut records = 0;
-    for mut v in transcript
-        .lines()
-        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-    {
-        records += 1;
-        // A JSON body is recorded as that JSON (transcript format 2), other text as a string.
-        let recorded = &mut v["request"]["body"];
-        let body = match recorded["json"].take() {
-            Value::Null => match recorded["text"].as_str().map(serde_json::from_str::<Value>) {
-                Some(Ok(body)) => body,
-                _ => continue,
-            },
-            body => body,
+    for r in &records {
+        let Some(body) = r
+            .request
+            .body
+            .decode()
+            .and_then(|b| serde_json::from_slice::<Value>(&b).ok())
+        else {
+            continue;
         };
         if let Some(items) = items_of(api, &body)
             && best.as_ref().is_none_or(|b| items.len() > b.len())
@@ -341,7 +337,7 @@ pub fn kept_conversation(transcript: &str, api: AgentApi) -> (Option<Vec<Value>>
             best = Some(items.clone());
         }
     }
-    (best, records)
+    (best, records.len())
 }
 
 /// Runs the instance: create and set up the sandbox, start the agent, inject the crashes at
@@ -731,13 +727,15 @@ mod tests {
             vec![vec!["a".to_owned(), "b".to_owned()], vec!["c".to_owned()]]
         );
         // The longest request body wins, whatever the order of the records.
-        let rec = |items: &[Value]| {
-            json!({"request": {"body": {"text": json!({"messages": items}).to_string()}}})
-                .to_string()
+        let record = |body: Value| {
+            json!({"v": 3, "id": 1, "sandbox": "s", "started_unix_ms": 0, "upstream": "u",
+                "api": "chat_completions", "timings": {},
+                "request": {"method": "POST", "path": "/", "headers": [], "body_digest": "",
+                    "body_len": 0, "body": body, "body_truncated": false}})
+            .to_string()
         };
-        let rec_json = |items: &[Value]| {
-            json!({"request": {"body": {"json": {"messages": items}}}}).to_string()
-        };
+        let rec = |items: &[Value]| record(json!({"text": json!({"messages": items}).to_string()}));
+        let rec_json = |items: &[Value]| record(json!({"json": {"messages": items}}));
         let text = format!(
             "{}\n{}\n{}\ntorn",
             rec_json(&chat[..3]),

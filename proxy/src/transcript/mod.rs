@@ -31,10 +31,17 @@
 //! body the request summary parsed as JSON is written as that JSON, byte for byte (an agent's
 //! request is its whole conversation, often 100 KB and more; escaping it into a string was
 //! most of the cost of recording it), other UTF-8 bodies as a string, anything else as base64.
+//! A JSON request body that mostly repeats one of the last [`delta::BASES`] bodies of the same
+//! file (an agent re-sends its conversation with every request) is written as a
+//! [`delta::Delta`] against it (format 3): the writer chooses it, so a base is always earlier
+//! in the same file; [`read_records`] rebuilds such bodies and checks them against their
+//! digest. The writer keeps those last bodies' lines per open file (at most
+//! `BASES × MAX_OPEN_FILES` lines, in practice a few request bodies per active sandbox).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::fs::{File, OpenOptions};
 use std::io::{BufWriter, Write};
+use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -51,8 +58,10 @@ use tokio::sync::oneshot;
 use crate::config::TranscriptSettings;
 use crate::sandbox::SandboxId;
 
+pub mod delta;
+
 /// Version of the line format.
-pub const FORMAT_VERSION: u32 = 2;
+pub const FORMAT_VERSION: u32 = 3;
 /// Files kept open at once (a daemon may serve thousands of sandboxes).
 const MAX_OPEN_FILES: usize = 256;
 /// How long the writer waits after a batch before taking the next one (records and turn-boundary
@@ -150,22 +159,26 @@ pub struct Timings {
 }
 
 /// A body as written: a JSON body (format 2, requests) as that JSON, verbatim; other UTF-8
-/// text as a string; anything else as base64.
+/// text as a string; anything else as base64; a JSON request body as a difference from an
+/// earlier one of the same file (format 3, see [`delta`]).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum BodyText {
     Text(String),
     Base64(String),
     Json(Box<serde_json::value::RawValue>),
+    Delta(delta::Delta),
 }
 
 impl BodyText {
-    /// The exact bytes.
+    /// The exact bytes; None for base64 that does not decode and for a delta (its base is in
+    /// another record: [`read_records`] rebuilds the deltas it can).
     pub fn decode(&self) -> Option<Vec<u8>> {
         match self {
             BodyText::Text(s) => Some(s.as_bytes().to_vec()),
             BodyText::Base64(b) => base64::engine::general_purpose::STANDARD.decode(b).ok(),
             BodyText::Json(raw) => Some(raw.get().as_bytes().to_vec()),
+            BodyText::Delta(_) => None,
         }
     }
 }
@@ -178,6 +191,7 @@ impl PartialEq for BodyText {
                 a == b
             }
             (BodyText::Json(a), BodyText::Json(b)) => a.get() == b.get(),
+            (BodyText::Delta(a), BodyText::Delta(b)) => a == b,
             _ => false,
         }
     }
@@ -225,11 +239,22 @@ pub struct TranscriptRecord {
     pub analysis: Option<serde_json::Value>,
 }
 
+/// How a JSON request body is wrapped in its record: `{"json":<body>}`.
+const JSON_OPEN: &[u8] = b"{\"json\":";
+const JSON_CLOSE: &[u8] = b"}";
+
 /// Writes an exchange as one record line: the JSON shape of [`TranscriptRecord`], byte for
 /// byte what `serde_json` writes for it, without copying its strings and bodies. Hand-written
 /// (see [`crate::jsonw`]) because this runs for every request and is mostly body escaping;
 /// the small nested objects (error, timings, analysis) still go through `serde_json`.
-fn encode_record(x: &Exchange, redact: &[HeaderName], max_body: u64, line: &mut Vec<u8>) {
+/// Returns where the request body sits in the line when it is written as JSON (the writer may
+/// replace it with a delta).
+fn encode_record(
+    x: &Exchange,
+    redact: &[HeaderName],
+    max_body: u64,
+    line: &mut Vec<u8>,
+) -> Option<Range<usize>> {
     use crate::jsonw::{boolean, opt_string, opt_uint, string, uint};
     let req_limit = (max_body as usize).min(x.request_body.len());
     line.clear();
@@ -265,10 +290,13 @@ fn encode_record(x: &Exchange, redact: &[HeaderName], max_body: u64, line: &mut 
     line.extend_from_slice(b"\",\"body_len\":");
     uint(line, x.request_body.len() as u64);
     line.extend_from_slice(b",\"body\":");
+    let mut json_body = None;
     if recorded_as_json(x, req_limit) {
-        line.extend_from_slice(b"{\"json\":");
+        line.extend_from_slice(JSON_OPEN);
+        let start = line.len();
         line.extend_from_slice(&x.request_body);
-        line.push(b'}');
+        json_body = Some(start..line.len());
+        line.extend_from_slice(JSON_CLOSE);
     } else {
         write_body(line, &x.request_body[..req_limit]);
     }
@@ -304,6 +332,7 @@ fn encode_record(x: &Exchange, redact: &[HeaderName], max_body: u64, line: &mut 
         None => line.extend_from_slice(b"null"),
     }
     line.extend_from_slice(b"}\n");
+    json_body
 }
 
 /// [`Timings`] as `serde_json` writes it (`gate_wait_us` only when set).
@@ -449,17 +478,52 @@ fn rotated_path(dir: &Path, sandbox: &str, n: u32) -> PathBuf {
     dir.join(format!("{sandbox}.{n}.jsonl"))
 }
 
-/// Reads every record of a transcript file (tests, tools, replay).
+/// Reads every record of a transcript file (tests, tools, replay); see [`parse_records`].
 pub fn read_records(path: &Path) -> Result<Vec<TranscriptRecord>, TranscriptError> {
     let text = std::fs::read_to_string(path).map_err(|source| TranscriptError::Io {
         op: "read",
         path: path.to_owned(),
         source,
     })?;
-    Ok(text
+    Ok(parse_records(&text))
+}
+
+/// The records of one transcript file's text (torn or foreign lines skipped), with request
+/// bodies recorded as deltas rebuilt from their base and checked against their digest. A
+/// delta whose base is missing (a file cut short) or that does not rebuild its body stays a
+/// delta: its body is unknown, never wrong.
+pub fn parse_records(text: &str) -> Vec<TranscriptRecord> {
+    // The writer's bases are the last `BASES` JSON bodies of the file; keep a few more.
+    let mut recent: VecDeque<(u64, Box<serde_json::value::RawValue>)> = VecDeque::new();
+    let mut records: Vec<TranscriptRecord> = text
         .lines()
         .filter_map(|l| serde_json::from_str(l).ok())
-        .collect())
+        .collect();
+    for r in &mut records {
+        let req = &mut r.request;
+        if let BodyText::Delta(d) = &req.body {
+            let rebuilt = recent
+                .iter()
+                .find(|(id, _)| *id == d.base)
+                .and_then(|(_, base)| delta::apply(base.get().as_bytes(), d))
+                .filter(|b| {
+                    b.len() as u64 == req.body_len
+                        && blake3::hash(b).to_hex().as_str() == req.body_digest
+                })
+                .and_then(|b| String::from_utf8(b).ok())
+                .and_then(|b| serde_json::value::RawValue::from_string(b).ok());
+            if let Some(raw) = rebuilt {
+                req.body = BodyText::Json(raw);
+            }
+        }
+        if let BodyText::Json(raw) = &req.body {
+            if recent.len() == 2 * delta::BASES {
+                recent.pop_front();
+            }
+            recent.push_back((r.id, raw.clone()));
+        }
+    }
+    records
 }
 
 enum Msg {
@@ -468,6 +532,9 @@ enum Msg {
         sandbox: SandboxId,
         line: Vec<u8>,
         sync: bool,
+        /// The record's id and where its request body sits when written as JSON.
+        id: u64,
+        json_body: Option<Range<usize>>,
     },
     /// A turn-boundary sync was requested (see [`Queue::syncs`]): look at the pending syncs.
     Wake,
@@ -656,7 +723,8 @@ impl Transcript {
                 .map(|r| r.body.len().min(r.body_len as usize))
                 .unwrap_or(0);
         let mut line = Vec::with_capacity(body_bytes + 1024);
-        encode_record(&x, &self.redact, self.max_body_bytes, &mut line);
+        let json_body = encode_record(&x, &self.redact, self.max_body_bytes, &mut line);
+        let id = x.id;
         let sandbox = x.sandbox.clone();
         let sync = x.sync;
         // The exchange's buffers are freed here, on the thread that allocated them.
@@ -670,6 +738,8 @@ impl Transcript {
             sandbox,
             line,
             sync,
+            id,
+            json_body,
         };
         if tx.send(msg).is_err() {
             q.bytes.fetch_sub(size, Ordering::SeqCst);
@@ -755,6 +825,55 @@ struct OpenFile {
     size: u64,
     dirty: bool,
     needs_sync: bool,
+    /// The last JSON request bodies written to this file (record id, its line, the body's
+    /// place in it): the bases of the next body's delta. A rotated or reopened file starts
+    /// without, so a base is always earlier in the same file.
+    bases: VecDeque<(u64, Vec<u8>, Range<usize>)>,
+}
+
+/// A record line on the writer's side.
+struct Line {
+    line: Vec<u8>,
+    id: u64,
+    /// Where the request body sits in `line` when it is written as JSON.
+    json_body: Option<Range<usize>>,
+}
+
+/// Writes a record: as encoded, or with its JSON request body as a delta against one of the
+/// file's `bases` when that saves enough (see [`delta`]). Returns the bytes written.
+fn write_record(
+    out: &mut impl Write,
+    rec: &Line,
+    bases: &VecDeque<(u64, Vec<u8>, Range<usize>)>,
+) -> std::io::Result<u64> {
+    let line = &rec.line;
+    let chosen = rec.json_body.as_ref().and_then(|at| {
+        // The body was parsed as JSON, so it is UTF-8.
+        let body = std::str::from_utf8(&line[at.clone()]).ok()?;
+        let bases = bases.iter().map(|(id, l, b)| (*id, &l[b.clone()]));
+        let (base, prefix, suffix) = delta::choose(bases, body)?;
+        Some((at, body, base, prefix, suffix))
+    });
+    let Some((at, body, base, prefix, suffix)) = chosen else {
+        out.write_all(line)?;
+        return Ok(line.len() as u64);
+    };
+    let mut d = Vec::with_capacity(body.len() - prefix - suffix + 96);
+    d.extend_from_slice(b"{\"delta\":{\"base\":");
+    crate::jsonw::uint(&mut d, base);
+    d.extend_from_slice(b",\"prefix\":");
+    crate::jsonw::uint(&mut d, prefix as u64);
+    d.extend_from_slice(b",\"suffix\":");
+    crate::jsonw::uint(&mut d, suffix as u64);
+    d.extend_from_slice(b",\"text\":");
+    crate::jsonw::string(&mut d, &body[prefix..body.len() - suffix]);
+    d.extend_from_slice(b"}}");
+    let head = &line[..at.start - JSON_OPEN.len()];
+    let tail = &line[at.end + JSON_CLOSE.len()..];
+    out.write_all(head)?;
+    out.write_all(&d)?;
+    out.write_all(tail)?;
+    Ok((head.len() + d.len() + tail.len()) as u64)
 }
 
 struct Writer {
@@ -797,13 +916,20 @@ impl Writer {
                         sandbox,
                         line,
                         sync,
+                        id,
+                        json_body,
                     } => {
-                        if let Err(e) = self.write_line(sandbox.as_str(), &line, sync) {
+                        bytes += line.len() as u64;
+                        let record = Line {
+                            line,
+                            id,
+                            json_body,
+                        };
+                        if let Err(e) = self.write_line(sandbox.as_str(), record, sync) {
                             self.hooks.write_error(&e);
                         }
                         taken += 1;
                         lines += 1;
-                        bytes += line.len() as u64;
                         records += 1;
                     }
                     Msg::Wake => {}
@@ -860,12 +986,8 @@ impl Writer {
         });
     }
 
-    fn write_line(
-        &mut self,
-        sandbox: &str,
-        line: &[u8],
-        sync: bool,
-    ) -> Result<(), TranscriptError> {
+    fn write_line(&mut self, sandbox: &str, rec: Line, sync: bool) -> Result<(), TranscriptError> {
+        let line = &rec.line;
         // The path is built only when a file is opened or an error is reported (not per line).
         let path = |dir: &Path| transcript_path(dir, sandbox);
         let needs_rotation = self
@@ -902,26 +1024,32 @@ impl Writer {
                     size,
                     dirty: false,
                     needs_sync: false,
+                    bases: VecDeque::new(),
                 },
             );
             if size > 0 && size + line.len() as u64 > self.settings.max_file_bytes {
                 // An existing file from an earlier run is already full.
                 self.files.remove(sandbox);
                 self.rotate(sandbox)?;
-                return self.write_line(sandbox, line, sync);
+                return self.write_line(sandbox, rec, sync);
             }
         }
         let f = self.files.get_mut(sandbox).expect("inserted above");
-        f.out
-            .write_all(line)
-            .map_err(|source| TranscriptError::Io {
+        let written =
+            write_record(&mut f.out, &rec, &f.bases).map_err(|source| TranscriptError::Io {
                 op: "write",
                 path: path(&self.settings.dir),
                 source,
             })?;
-        f.size += line.len() as u64;
+        f.size += written;
         f.dirty = true;
         f.needs_sync |= sync;
+        if let Some(body) = rec.json_body {
+            if f.bases.len() == delta::BASES {
+                f.bases.pop_front();
+            }
+            f.bases.push_back((rec.id, rec.line, body));
+        }
         Ok(())
     }
 
@@ -993,6 +1121,7 @@ impl Writer {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
 
     struct NoHooks;
     impl WriterHooks for NoHooks {
@@ -1470,5 +1599,120 @@ mod tests {
         // The newest record is in the current file.
         let recs = read_records(&transcript_path(dir.path(), "sb")).unwrap();
         assert_eq!(recs.last().unwrap().id, 99);
+    }
+
+    /// A growing conversation: each request body is the previous one with a message added
+    /// (a side call now and then), like an agent's. Bodies are written as deltas, read back
+    /// byte for byte, and the file grows with what each request adds, not with its size. A
+    /// rotated file starts with a whole body; a delta whose base is gone stays unknown.
+    #[tokio::test]
+    async fn growing_conversations_are_recorded_as_deltas_and_read_back_exactly() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = settings(dir.path(), 64 << 20, 2);
+        s.max_body_bytes = 1 << 20;
+        let t = Transcript::start(&s, Vec::new(), NoHooks).unwrap();
+        let mut messages: Vec<serde_json::Value> = Vec::new();
+        let mut sent: Vec<(u64, Vec<u8>)> = Vec::new();
+        for i in 0..40u64 {
+            messages.push(json!({"role": "tool", "content": format!("output {i}: caf\u{e9} \"quoted\"\n").repeat(20)}));
+            let body = if i % 7 == 3 {
+                json!({"model": "m", "messages": [{"role": "user", "content": "title?"}]})
+            } else {
+                json!({"model": "m", "messages": messages, "tools": [{"type": "function"}], "stream": true})
+            };
+            let body = serde_json::to_vec(&body).unwrap();
+            let mut x = exchange(i, b"");
+            x.request_body = Bytes::from(body.clone());
+            x.request_body_json = true;
+            assert!(t.record(x));
+            sent.push((i, body));
+        }
+        t.flush().await;
+        drop(t);
+        let path = transcript_path(dir.path(), "sb");
+        let text = std::fs::read_to_string(&path).unwrap();
+        let deltas = text
+            .lines()
+            .filter(|l| l.contains("\"delta\":{\"base\":"))
+            .count();
+        assert!(deltas >= 30, "{deltas} deltas");
+        let whole: usize = sent.iter().map(|(_, b)| b.len()).sum();
+        assert!(
+            text.len() * 5 < whole,
+            "file {} bytes for {whole} bytes of bodies",
+            text.len()
+        );
+        let recs = read_records(&path).unwrap();
+        assert_eq!(recs.len(), sent.len());
+        for (r, (id, body)) in recs.iter().zip(&sent) {
+            assert_eq!(r.id, *id);
+            assert_eq!(
+                r.request.body.decode().as_deref(),
+                Some(body.as_slice()),
+                "record {id}"
+            );
+        }
+        // The file's first record has no base: it is whole.
+        assert!(matches!(recs[0].request.body, BodyText::Json(_)));
+
+        // A delta whose base is not in the file (cut short, or edited) stays unknown.
+        let later: Vec<&str> = text.lines().skip(1).collect();
+        let cut = parse_records(&later.join("\n"));
+        assert!(matches!(cut[0].request.body, BodyText::Delta(_)));
+        assert_eq!(cut[0].request.body.decode(), None);
+        // A delta that rebuilds other bytes than its digest says is refused.
+        let forged = text.replacen("output 1: ", "output X: ", 1);
+        let forged = parse_records(&forged);
+        assert!(
+            forged
+                .iter()
+                .skip(1)
+                .any(|r| r.request.body.decode().is_none())
+        );
+        assert!(forged.iter().all(|r| {
+            r.request
+                .body
+                .decode()
+                .is_none_or(|b| blake3::hash(&b).to_hex().as_str() == r.request.body_digest)
+        }));
+    }
+
+    #[tokio::test]
+    async fn a_rotated_file_starts_with_a_whole_body() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = settings(dir.path(), 16 << 10, 2);
+        s.max_body_bytes = 1 << 20;
+        let t = Transcript::start(&s, Vec::new(), NoHooks).unwrap();
+        let mut conv = String::from("x");
+        let mut sent = Vec::new();
+        for i in 0..60u64 {
+            conv.push_str(&format!(" step {i}"));
+            let body =
+                serde_json::to_vec(&json!({"messages": [conv.clone(), "y".repeat(3000)]})).unwrap();
+            let mut x = exchange(i, b"");
+            x.request_body = Bytes::from(body.clone());
+            x.request_body_json = true;
+            assert!(t.record(x));
+            sent.push(body);
+        }
+        t.flush().await;
+        drop(t);
+        let mut read = Vec::new();
+        for f in ["sb.2.jsonl", "sb.1.jsonl", "sb.jsonl"] {
+            let recs = read_records(&dir.path().join(f)).unwrap();
+            assert!(matches!(recs[0].request.body, BodyText::Json(_)), "{f}");
+            read.extend(recs);
+        }
+        assert!(
+            read.len() > 3 && read.len() < sent.len(),
+            "{} records kept",
+            read.len()
+        );
+        for r in &read {
+            assert_eq!(
+                r.request.body.decode().as_deref(),
+                Some(sent[r.id as usize].as_slice())
+            );
+        }
     }
 }
