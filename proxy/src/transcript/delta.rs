@@ -10,8 +10,8 @@
 //! text in between. A Codex session's requests shrink to the ~500 bytes each step adds.
 //!
 //! Invariants: [`apply`] rebuilds exactly the body [`choose`] was given, or returns None (a
-//! delta that does not fit its base); the text in between is valid UTF-8 (the cuts fall on
-//! character boundaries of the body, which is JSON and so UTF-8).
+//! delta that does not fit its base); the cuts fall on character boundaries of the body
+//! (which is JSON, so UTF-8: a byte starts a character unless it is `10xxxxxx`).
 
 use serde::{Deserialize, Serialize};
 
@@ -32,38 +32,46 @@ pub struct Delta {
     pub text: String,
 }
 
-/// The best delta of `body` against the `bases` (record id, body), if one saves
-/// [`MIN_SAVING`] bytes: (base id, prefix length, suffix length), the cuts on character
-/// boundaries of `body`.
+/// The best delta of `body` (UTF-8) against the `bases` (record id, body), newest last, if
+/// one saves [`MIN_SAVING`] bytes: (base id, prefix length, suffix length), the cuts on
+/// character boundaries of `body`. The newest base is tried first; a base that leaves
+/// nothing in between ends the search.
 pub fn choose<'a>(
-    bases: impl IntoIterator<Item = (u64, &'a [u8])>,
-    body: &str,
+    bases: impl DoubleEndedIterator<Item = (u64, &'a [u8])>,
+    body: &[u8],
 ) -> Option<(u64, usize, usize)> {
-    bases
-        .into_iter()
-        .map(|(id, base)| {
-            let (prefix, suffix) = split(base, body);
-            (id, prefix, suffix)
-        })
-        .min_by_key(|&(_, prefix, suffix)| body.len() - prefix - suffix)
-        .filter(|&(_, prefix, suffix)| prefix + suffix >= MIN_SAVING)
+    let mut best: Option<(u64, usize, usize)> = None;
+    for (id, base) in bases.rev() {
+        let (prefix, suffix) = split(base, body);
+        if best.is_none_or(|(_, p, s)| prefix + suffix > p + s) {
+            best = Some((id, prefix, suffix));
+        }
+        if prefix + suffix == body.len() {
+            break;
+        }
+    }
+    best.filter(|&(_, prefix, suffix)| prefix + suffix >= MIN_SAVING)
+}
+
+/// Whether `at` is a character boundary of the UTF-8 text `text`.
+fn boundary(text: &[u8], at: usize) -> bool {
+    text.get(at).is_none_or(|&b| b & 0xc0 != 0x80)
 }
 
 /// The bytes `body` shares with the start and (after that) the end of `base`, cut back to
 /// character boundaries of `body`.
-fn split(base: &[u8], body: &str) -> (usize, usize) {
-    let bytes = body.as_bytes();
-    let mut prefix = common_prefix(base, bytes);
-    while !body.is_char_boundary(prefix) {
+fn split(base: &[u8], body: &[u8]) -> (usize, usize) {
+    let mut prefix = common_prefix(base, body);
+    while !boundary(body, prefix) {
         prefix -= 1;
     }
-    let room = (base.len() - prefix).min(bytes.len() - prefix);
+    let room = (base.len() - prefix).min(body.len() - prefix);
     let mut end =
-        bytes.len() - common_suffix(&base[base.len() - room..], &bytes[bytes.len() - room..]);
-    while !body.is_char_boundary(end) {
+        body.len() - common_suffix(&base[base.len() - room..], &body[body.len() - room..]);
+    while !boundary(body, end) {
         end += 1;
     }
-    (prefix, bytes.len() - end)
+    (prefix, body.len() - end)
 }
 
 /// Rebuilds a body from its base; None if the delta does not fit the base.
@@ -117,7 +125,10 @@ mod tests {
     use super::*;
 
     fn delta_of(bases: &[(u64, &str)], body: &str) -> Option<Delta> {
-        let (base, prefix, suffix) = choose(bases.iter().map(|(id, b)| (*id, b.as_bytes())), body)?;
+        let (base, prefix, suffix) = choose(
+            bases.iter().map(|(id, b)| (*id, b.as_bytes())),
+            body.as_bytes(),
+        )?;
         Some(Delta {
             base,
             prefix: prefix as u64,

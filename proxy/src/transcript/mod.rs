@@ -848,17 +848,18 @@ fn write_record(
 ) -> std::io::Result<u64> {
     let line = &rec.line;
     let chosen = rec.json_body.as_ref().and_then(|at| {
-        // The body was parsed as JSON, so it is UTF-8.
-        let body = std::str::from_utf8(&line[at.clone()]).ok()?;
+        let body = &line[at.clone()];
         let bases = bases.iter().map(|(id, l, b)| (*id, &l[b.clone()]));
         let (base, prefix, suffix) = delta::choose(bases, body)?;
-        Some((at, body, base, prefix, suffix))
+        // The body parsed as JSON, so it is UTF-8 and the cuts fall between characters.
+        let text = std::str::from_utf8(&body[prefix..body.len() - suffix]).ok()?;
+        Some((at, text, base, prefix, suffix))
     });
-    let Some((at, body, base, prefix, suffix)) = chosen else {
+    let Some((at, text, base, prefix, suffix)) = chosen else {
         out.write_all(line)?;
         return Ok(line.len() as u64);
     };
-    let mut d = Vec::with_capacity(body.len() - prefix - suffix + 96);
+    let mut d = Vec::with_capacity(text.len() + 96);
     d.extend_from_slice(b"{\"delta\":{\"base\":");
     crate::jsonw::uint(&mut d, base);
     d.extend_from_slice(b",\"prefix\":");
@@ -866,7 +867,7 @@ fn write_record(
     d.extend_from_slice(b",\"suffix\":");
     crate::jsonw::uint(&mut d, suffix as u64);
     d.extend_from_slice(b",\"text\":");
-    crate::jsonw::string(&mut d, &body[prefix..body.len() - suffix]);
+    crate::jsonw::string(&mut d, text);
     d.extend_from_slice(b"}}");
     let head = &line[..at.start - JSON_OPEN.len()];
     let tail = &line[at.end + JSON_CLOSE.len()..];
