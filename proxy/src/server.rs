@@ -583,11 +583,12 @@ pub struct SandboxInfo {
 
 /// Registers the proxy's own admin routes:
 /// `GET /healthz`, `GET /metrics`, `GET /api/sandboxes`,
-/// `GET /api/sandboxes/{id}/turns`.
+/// `GET /api/sandboxes/{id}/turns`, `GET /api/sandboxes/{id}/transcript`.
 pub fn standard_routes(router: AdminRouter, shared: Arc<Shared>) -> AdminRouter {
     let s_metrics = shared.clone();
     let s_sandboxes = shared.clone();
     let s_turns = shared.clone();
+    let s_transcript = shared.clone();
     let s_health = shared;
     router
         .route(Method::GET, "/healthz", move |_req: AdminRequest| {
@@ -647,6 +648,37 @@ pub fn standard_routes(router: AdminRouter, shared: Arc<Shared>) -> AdminRouter 
                         Err(id) => error_response(
                             StatusCode::BAD_REQUEST,
                             &format!("invalid sandbox id {id:?}"),
+                        ),
+                    }
+                }
+            },
+        )
+        .route(
+            Method::GET,
+            "/api/sandboxes/{id}/transcript",
+            move |req: AdminRequest| {
+                let id = req.param("id").unwrap_or_default().to_owned();
+                let shared = s_transcript.clone();
+                async move {
+                    let Some(id) = SandboxId::new(&id) else {
+                        return error_response(
+                            StatusCode::BAD_REQUEST,
+                            &format!("invalid sandbox id {id:?}"),
+                        );
+                    };
+                    // Every exchange finished so far is on disk, then read (bodies rebuilt).
+                    shared.settle_completions();
+                    shared.transcript.flush().await;
+                    let dir = shared.config.transcript.dir.clone();
+                    let read = tokio::task::spawn_blocking(move || {
+                        crate::transcript::read_sandbox_records(&dir, id.as_str())
+                    })
+                    .await;
+                    match read {
+                        Ok(records) => json_response(StatusCode::OK, &records),
+                        Err(e) => error_response(
+                            StatusCode::INTERNAL_SERVER_ERROR,
+                            &format!("reading the transcript failed: {e}"),
                         ),
                     }
                 }

@@ -188,6 +188,49 @@ async fn opencode_style_title_generation_does_not_cut_turns() {
     let list: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(list, json!([{"id": "oc", "turns": 3, "open_turn": 3}]));
 
+    // The transcript through the CLI: the same records, request bodies whole (the growing
+    // conversation's later bodies are written as deltas of the earlier ones).
+    let on_disk = std::fs::read_to_string(proxy.state.path().join("transcripts/oc.jsonl")).unwrap();
+    assert!(on_disk.contains("\"delta\":{\"base\":"), "{on_disk}");
+    let out = crab()
+        .args([
+            "transcript",
+            "oc",
+            "--admin",
+            &proxy.admin.to_string(),
+            "--json",
+        ])
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let listed: Vec<proxy::transcript::TranscriptRecord> =
+        serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(listed, recs);
+    assert!(listed.iter().all(|r| r.request.body.decode().is_some()));
+    let out = crab()
+        .args(["transcript", "oc", "--admin", &proxy.admin.to_string()])
+        .output()
+        .await
+        .unwrap();
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        table.contains("REQ_BYTES")
+            && table.contains("side_title_generation")
+            && table.lines().count() == 5,
+        "{table}"
+    );
+    let out = crab()
+        .args(["transcript", "../oc", "--admin", &proxy.admin.to_string()])
+        .output()
+        .await
+        .unwrap();
+    assert!(!out.status.success());
+
     let m = proxy.metrics().await;
     assert!(m.contains("crab_turns_total{sandbox=\"oc\"} 3"), "{m}");
     assert!(

@@ -47,6 +47,8 @@ pub enum Command {
     Turns(turns::TurnsArgs),
     /// List the sandboxes the daemon has seen.
     Sandboxes(turns::SandboxesArgs),
+    /// Print a sandbox's transcript (every request/response, secrets redacted).
+    Transcript(turns::TranscriptArgs),
     /// Run a command in a fresh watched cgroup and print what Crab would checkpoint.
     Inspect(inspector_bpf::cli::InspectArgs),
     /// Manage the daemon's sandboxes (create, exec, list, rm).
@@ -187,27 +189,12 @@ pub fn run(cli: Cli) -> i32 {
                 }
             }
         }
-        Command::Turns(args) => {
-            init_tracing(&quiet(&cli.log), false);
-            let json = args.out.json;
-            match runtime().and_then(|rt| rt.block_on(turns::run_turns(args))) {
-                Ok(()) => 0,
-                Err(e) => {
-                    report_error(json, &e);
-                    1
-                }
-            }
-        }
+        Command::Turns(args) => client_command(&cli.log, args.out.json, turns::run_turns(args)),
         Command::Sandboxes(args) => {
-            init_tracing(&quiet(&cli.log), false);
-            let json = args.out.json;
-            match runtime().and_then(|rt| rt.block_on(turns::run_sandboxes(args))) {
-                Ok(()) => 0,
-                Err(e) => {
-                    report_error(json, &e);
-                    1
-                }
-            }
+            client_command(&cli.log, args.out.json, turns::run_sandboxes(args))
+        }
+        Command::Transcript(args) => {
+            client_command(&cli.log, args.out.json, turns::run_transcript(args))
         }
         Command::Sandbox(a) => {
             engine_command(&cli.log, a.daemon, EngineCommand::Sandbox(a.command))

@@ -1,5 +1,5 @@
-//! `crab turns <sandbox>` and `crab sandboxes`: read the daemon's turn tracker through the
-//! admin API.
+//! `crab turns <sandbox>`, `crab sandboxes` and `crab transcript <sandbox>`: read the
+//! daemon's turn tracker and transcripts through the admin API.
 
 use clap::Args;
 use llm_protocol::TurnRecord;
@@ -7,10 +7,22 @@ use llm_protocol::TurnRecord;
 use super::{DaemonArgs, OutputArgs, emit};
 use crate::sandbox::is_valid_sandbox_id;
 use crate::server::SandboxInfo;
+use crate::transcript::TranscriptRecord;
 
 /// Arguments of `crab turns`.
 #[derive(Debug, Clone, Args)]
 pub struct TurnsArgs {
+    /// The sandbox id.
+    pub sandbox: String,
+    #[command(flatten)]
+    pub daemon: DaemonArgs,
+    #[command(flatten)]
+    pub out: OutputArgs,
+}
+
+/// Arguments of `crab transcript`.
+#[derive(Debug, Clone, Args)]
+pub struct TranscriptArgs {
     /// The sandbox id.
     pub sandbox: String,
     #[command(flatten)]
@@ -86,6 +98,54 @@ pub async fn run_turns(args: TurnsArgs) -> anyhow::Result<()> {
         .get_json(&format!("/api/sandboxes/{}/turns", args.sandbox))
         .await?;
     emit(args.out, &turns, |t| render_turns(&args.sandbox, t));
+    Ok(())
+}
+
+/// The human table of a transcript: one line per exchange.
+pub fn render_transcript(sandbox: &str, records: &[TranscriptRecord]) -> String {
+    use std::fmt::Write;
+    if records.is_empty() {
+        return format!("no transcript records for sandbox {sandbox}\n");
+    }
+    let mut s = format!(
+        "{:>8}  {:>5}  {:<22}  {:<20}  {:>6}  {:>10}  {:>10}  END\n",
+        "ID", "TURN", "CLASS", "API", "STATUS", "REQ_BYTES", "RESP_BYTES"
+    );
+    for r in records {
+        let status = match (&r.response, &r.error) {
+            (Some(resp), _) => resp.status.to_string(),
+            (None, Some(e)) => e.code.clone(),
+            (None, None) => "-".to_owned(),
+        };
+        let _ = writeln!(
+            s,
+            "{:>8}  {:>5}  {:<22}  {:<20}  {:>6}  {:>10}  {:>10}  {}",
+            r.id,
+            r.turn.map_or_else(|| "-".to_owned(), |t| t.to_string()),
+            r.class.as_deref().unwrap_or("-"),
+            r.api,
+            status,
+            r.request.body_len,
+            r.response
+                .as_ref()
+                .map_or_else(|| "-".to_owned(), |resp| resp.body_len.to_string()),
+            r.end.as_deref().unwrap_or("-"),
+        );
+    }
+    s
+}
+
+/// Runs `crab transcript`: every record of the sandbox's transcript (rotated files first),
+/// request bodies recorded as deltas rebuilt (`--json`: the records themselves).
+pub async fn run_transcript(args: TranscriptArgs) -> anyhow::Result<()> {
+    if !is_valid_sandbox_id(&args.sandbox) {
+        anyhow::bail!("invalid sandbox id {:?}", args.sandbox);
+    }
+    let client = args.daemon.client()?;
+    let records: Vec<TranscriptRecord> = client
+        .get_json(&format!("/api/sandboxes/{}/transcript", args.sandbox))
+        .await?;
+    emit(args.out, &records, |r| render_transcript(&args.sandbox, r));
     Ok(())
 }
 

@@ -439,7 +439,7 @@ fn copy_transcript_prefix(
     to: &str,
     upto: u64,
 ) -> std::io::Result<()> {
-    let records = super::replay::load_records(dir, from);
+    let records = crate::transcript::read_sandbox_records(dir, from);
     std::fs::create_dir_all(dir)?;
     let path = transcript_path(dir, to);
     let tmp = path.with_extension("jsonl.tmp");

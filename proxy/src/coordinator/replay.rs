@@ -9,16 +9,15 @@
 //!
 //! Storage: the transcript files on disk are the durable source; the parsed replies of armed
 //! sandboxes live in a `moka` cache bounded by bytes, rebuilt from disk if evicted. Pure parts
-//! ([`ReplaySet::build`]) are unit-tested; [`load_records`] is the only I/O.
+//! ([`ReplaySet::build`]) are unit-tested; `read_sandbox_records` is the only I/O.
 
 use std::collections::HashMap;
-use std::path::Path;
 use std::sync::Arc;
 
 use bytes::Bytes;
 use parking_lot::Mutex;
 
-use crate::transcript::{TranscriptRecord, read_records, transcript_path};
+use crate::transcript::{TranscriptRecord, read_sandbox_records};
 
 /// A recorded reply.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -100,24 +99,6 @@ impl ReplaySet {
     }
 }
 
-/// Every record of a sandbox's transcript, oldest first (rotated files, then the current one).
-pub fn load_records(dir: &Path, sandbox: &str) -> Vec<TranscriptRecord> {
-    let mut files = Vec::new();
-    for n in (1..=64u32).rev() {
-        let p = dir.join(format!("{sandbox}.{n}.jsonl"));
-        if p.exists() {
-            files.push(p);
-        }
-    }
-    files.push(transcript_path(dir, sandbox));
-    files
-        .iter()
-        .filter_map(|p| read_records(p).ok())
-        .flatten()
-        .filter(|r| r.sandbox == sandbox)
-        .collect()
-}
-
 /// Replay state of one armed sandbox.
 #[derive(Debug)]
 struct Armed {
@@ -171,7 +152,7 @@ impl Replay {
     /// the transcript). Returns how many replies are available.
     pub fn arm(&self, sandbox: &str, upto_turn: u64) -> usize {
         let set = Arc::new(ReplaySet::build(
-            load_records(&self.dir, sandbox),
+            read_sandbox_records(&self.dir, sandbox),
             upto_turn,
         ));
         let n = set.len();
@@ -208,7 +189,10 @@ impl Replay {
             }
         };
         let set = self.cache.get_with(sandbox.to_owned(), || {
-            Arc::new(ReplaySet::build(load_records(&self.dir, sandbox), upto))
+            Arc::new(ReplaySet::build(
+                read_sandbox_records(&self.dir, sandbox),
+                upto,
+            ))
         });
         let mut a = self.armed.lock();
         let Some(state) = a.get_mut(sandbox) else {

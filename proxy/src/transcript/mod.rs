@@ -478,6 +478,25 @@ fn rotated_path(dir: &Path, sandbox: &str, n: u32) -> PathBuf {
     dir.join(format!("{sandbox}.{n}.jsonl"))
 }
 
+/// Every record of a sandbox's transcript, oldest first (rotated files, then the current
+/// one); files that cannot be read are skipped.
+pub fn read_sandbox_records(dir: &Path, sandbox: &str) -> Vec<TranscriptRecord> {
+    let mut files = Vec::new();
+    for n in (1..=64u32).rev() {
+        let p = rotated_path(dir, sandbox, n);
+        if p.exists() {
+            files.push(p);
+        }
+    }
+    files.push(transcript_path(dir, sandbox));
+    files
+        .iter()
+        .filter_map(|p| read_records(p).ok())
+        .flatten()
+        .filter(|r| r.sandbox == sandbox)
+        .collect()
+}
+
 /// Reads every record of a transcript file (tests, tools, replay); see [`parse_records`].
 pub fn read_records(path: &Path) -> Result<Vec<TranscriptRecord>, TranscriptError> {
     let text = std::fs::read_to_string(path).map_err(|source| TranscriptError::Io {
