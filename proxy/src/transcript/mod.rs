@@ -35,8 +35,7 @@
 //! file (an agent re-sends its conversation with every request) is written as a
 //! [`delta::Delta`] against it (format 3): the writer chooses it, so a base is always earlier
 //! in the same file; [`read_records`] rebuilds such bodies and checks them against their
-//! digest. The writer keeps those last bodies' lines per open file (at most
-//! `BASES × MAX_OPEN_FILES` lines, in practice a few request bodies per active sandbox).
+//! digest. The writer keeps those last bodies per open file, 64 MiB at most in all.
 
 use std::collections::{HashMap, VecDeque};
 use std::fs::{File, OpenOptions};
@@ -689,6 +688,7 @@ impl Transcript {
         let writer = Writer {
             queue: t.queue.clone(),
             settings: settings.clone(),
+            bases_held: Arc::default(),
             files: HashMap::new(),
             hooks: Box::new(hooks),
         };
@@ -844,10 +844,53 @@ struct OpenFile {
     size: u64,
     dirty: bool,
     needs_sync: bool,
-    /// The last JSON request bodies written to this file (record id, its line, the body's
-    /// place in it): the bases of the next body's delta. A rotated or reopened file starts
-    /// without, so a base is always earlier in the same file.
-    bases: VecDeque<(u64, Vec<u8>, Range<usize>)>,
+    /// The bases of the next body's delta. A rotated or reopened file starts without, so a
+    /// base is always earlier in the same file.
+    bases: Bases,
+}
+
+/// Bytes the writer keeps as delta bases, over every open file.
+const BASES_BUDGET: usize = 64 << 20;
+
+/// The last JSON request bodies written to one file (record id, body), oldest first.
+struct Bases {
+    bodies: VecDeque<(u64, Vec<u8>)>,
+    /// Bytes held by the bases of every file together (bounded by [`BASES_BUDGET`]).
+    held: Arc<AtomicU64>,
+}
+
+impl Bases {
+    fn new(held: Arc<AtomicU64>) -> Self {
+        Self {
+            bodies: VecDeque::new(),
+            held,
+        }
+    }
+
+    /// Keeps `body` (record `id`) as the newest base; the oldest go beyond [`delta::BASES`],
+    /// and while the writer's budget is exceeded (then this file keeps none).
+    fn push(&mut self, id: u64, body: &[u8]) {
+        self.bodies.push_back((id, body.to_vec()));
+        self.held.fetch_add(body.len() as u64, Ordering::Relaxed);
+        while self.bodies.len() > delta::BASES
+            || (!self.bodies.is_empty() && self.held.load(Ordering::Relaxed) > BASES_BUDGET as u64)
+        {
+            if let Some((_, b)) = self.bodies.pop_front() {
+                self.held.fetch_sub(b.len() as u64, Ordering::Relaxed);
+            }
+        }
+    }
+
+    fn iter(&self) -> impl DoubleEndedIterator<Item = (u64, &[u8])> {
+        self.bodies.iter().map(|(id, b)| (*id, b.as_slice()))
+    }
+}
+
+impl Drop for Bases {
+    fn drop(&mut self) {
+        let n: usize = self.bodies.iter().map(|(_, b)| b.len()).sum();
+        self.held.fetch_sub(n as u64, Ordering::Relaxed);
+    }
 }
 
 /// A record line on the writer's side.
@@ -860,16 +903,11 @@ struct Line {
 
 /// Writes a record: as encoded, or with its JSON request body as a delta against one of the
 /// file's `bases` when that saves enough (see [`delta`]). Returns the bytes written.
-fn write_record(
-    out: &mut impl Write,
-    rec: &Line,
-    bases: &VecDeque<(u64, Vec<u8>, Range<usize>)>,
-) -> std::io::Result<u64> {
+fn write_record(out: &mut impl Write, rec: &Line, bases: &Bases) -> std::io::Result<u64> {
     let line = &rec.line;
     let chosen = rec.json_body.as_ref().and_then(|at| {
         let body = &line[at.clone()];
-        let bases = bases.iter().map(|(id, l, b)| (*id, &l[b.clone()]));
-        let (base, prefix, suffix) = delta::choose(bases, body)?;
+        let (base, prefix, suffix) = delta::choose(bases.iter(), body)?;
         // The body parsed as JSON, so it is UTF-8 and the cuts fall between characters.
         let text = std::str::from_utf8(&body[prefix..body.len() - suffix]).ok()?;
         Some((at, text, base, prefix, suffix))
@@ -899,6 +937,8 @@ fn write_record(
 struct Writer {
     queue: Arc<Queue>,
     settings: TranscriptSettings,
+    /// Bytes held as delta bases by the open files.
+    bases_held: Arc<AtomicU64>,
     files: HashMap<String, OpenFile>,
     hooks: Box<dyn WriterHooks>,
 }
@@ -1044,7 +1084,7 @@ impl Writer {
                     size,
                     dirty: false,
                     needs_sync: false,
-                    bases: VecDeque::new(),
+                    bases: Bases::new(self.bases_held.clone()),
                 },
             );
             if size > 0 && size + line.len() as u64 > self.settings.max_file_bytes {
@@ -1065,10 +1105,7 @@ impl Writer {
         f.dirty = true;
         f.needs_sync |= sync;
         if let Some(body) = rec.json_body {
-            if f.bases.len() == delta::BASES {
-                f.bases.pop_front();
-            }
-            f.bases.push_back((rec.id, rec.line, body));
+            f.bases.push(rec.id, &rec.line[body]);
         }
         Ok(())
     }
@@ -1734,5 +1771,27 @@ mod tests {
                 Some(sent[r.id as usize].as_slice())
             );
         }
+    }
+
+    #[test]
+    fn delta_bases_are_bounded_per_file_and_in_all() {
+        let held = Arc::new(AtomicU64::new(0));
+        let mut a = Bases::new(held.clone());
+        let mut b = Bases::new(held.clone());
+        for id in 0..10 {
+            a.push(id, &[b'a'; 100]);
+        }
+        assert_eq!(
+            a.iter().map(|(id, _)| id).collect::<Vec<_>>(),
+            vec![6, 7, 8, 9]
+        );
+        b.push(1, &[b'b'; 50]);
+        assert_eq!(held.load(Ordering::Relaxed), 450);
+        // A body past the writer's budget is not kept, and the file's older bases go first.
+        b.push(2, &vec![b'c'; BASES_BUDGET]);
+        assert_eq!(b.iter().count(), 0);
+        assert_eq!(held.load(Ordering::Relaxed), 400);
+        drop(a);
+        assert_eq!(held.load(Ordering::Relaxed), 0);
     }
 }
