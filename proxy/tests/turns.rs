@@ -52,6 +52,22 @@ fn crab() -> tokio::process::Command {
     tokio::process::Command::new(env!("CARGO_BIN_EXE_crab"))
 }
 
+/// Runs `crab ARGS --admin ADMIN`; returns its stdout, asserting that it succeeded.
+async fn crab_ok(admin: std::net::SocketAddr, args: &[&str]) -> Vec<u8> {
+    let out = crab()
+        .args(args)
+        .args(["--admin", &admin.to_string()])
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "crab {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out.stdout
+}
+
 /// opencode-style: the title request races the first agent request; then two tool turns.
 /// Expect 3 turns, the title call counted as a side call of turn 1, tool-execution intervals
 /// covering the simulated tool runs, and the same data from `crab turns --json`.
@@ -157,17 +173,8 @@ async fn opencode_style_title_generation_does_not_cut_turns() {
     );
 
     // Same data through the CLI.
-    let out = crab()
-        .args(["turns", "oc", "--admin", &proxy.admin.to_string(), "--json"])
-        .output()
-        .await
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let cli: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let cli: Value =
+        serde_json::from_slice(&crab_ok(proxy.admin, &["turns", "oc", "--json"]).await).unwrap();
     assert_eq!(cli.as_array().unwrap(), &turns);
     let out = crab()
         .args(["turns", "oc"])
@@ -180,44 +187,20 @@ async fn opencode_style_title_generation_does_not_cut_turns() {
         table.contains("TURN") && table.contains("big-model") && table.lines().count() == 4,
         "{table}"
     );
-    let out = crab()
-        .args(["sandboxes", "--admin", &proxy.admin.to_string(), "--json"])
-        .output()
-        .await
-        .unwrap();
-    let list: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let list: Value =
+        serde_json::from_slice(&crab_ok(proxy.admin, &["sandboxes", "--json"]).await).unwrap();
     assert_eq!(list, json!([{"id": "oc", "turns": 3, "open_turn": 3}]));
 
     // The transcript through the CLI: the same records, request bodies whole (the growing
     // conversation's later bodies are written as deltas of the earlier ones).
     let on_disk = std::fs::read_to_string(proxy.state.path().join("transcripts/oc.jsonl")).unwrap();
     assert!(on_disk.contains("\"delta\":{\"base\":"), "{on_disk}");
-    let out = crab()
-        .args([
-            "transcript",
-            "oc",
-            "--admin",
-            &proxy.admin.to_string(),
-            "--json",
-        ])
-        .output()
-        .await
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
     let listed: Vec<proxy::transcript::TranscriptRecord> =
-        serde_json::from_slice(&out.stdout).unwrap();
+        serde_json::from_slice(&crab_ok(proxy.admin, &["transcript", "oc", "--json"]).await)
+            .unwrap();
     assert_eq!(listed, recs);
     assert!(listed.iter().all(|r| r.request.body.decode().is_some()));
-    let out = crab()
-        .args(["transcript", "oc", "--admin", &proxy.admin.to_string()])
-        .output()
-        .await
-        .unwrap();
-    let table = String::from_utf8_lossy(&out.stdout);
+    let table = String::from_utf8(crab_ok(proxy.admin, &["transcript", "oc"]).await).unwrap();
     assert!(
         table.contains("REQ_BYTES")
             && table.contains("side_title_generation")
