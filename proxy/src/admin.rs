@@ -41,6 +41,14 @@ impl AdminRequest {
         self.params.get(name).map(String::as_str)
     }
 
+    /// A query parameter (`?name=value&...`; not percent-decoded: values are plain).
+    pub fn query_param(&self, name: &str) -> Option<&str> {
+        self.query
+            .as_deref()?
+            .split('&')
+            .find_map(|kv| kv.strip_prefix(name)?.strip_prefix('='))
+    }
+
     /// The body as JSON, or a 400 response explaining why not.
     pub fn json<T: DeserializeOwned>(&self) -> Result<T, Box<AdminResponse>> {
         serde_json::from_slice(&self.body).map_err(|e| {
@@ -250,6 +258,23 @@ impl AdminRouter {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn query_parameters_are_found_by_exact_name() {
+        let req = |q: Option<&str>| AdminRequest {
+            method: Method::GET,
+            path: "/x".into(),
+            query: q.map(str::to_owned),
+            params: HashMap::new(),
+            headers: http::HeaderMap::new(),
+            body: Bytes::new(),
+        };
+        let r = req(Some("lastly=1&last=20&x"));
+        assert_eq!(r.query_param("last"), Some("20"));
+        assert_eq!(r.query_param("x"), None);
+        assert_eq!(r.query_param("lastly"), Some("1"));
+        assert_eq!(req(None).query_param("last"), None);
+    }
 
     #[tokio::test]
     async fn routes_match_with_params() {

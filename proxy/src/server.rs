@@ -583,7 +583,7 @@ pub struct SandboxInfo {
 
 /// Registers the proxy's own admin routes:
 /// `GET /healthz`, `GET /metrics`, `GET /api/sandboxes`,
-/// `GET /api/sandboxes/{id}/turns`, `GET /api/sandboxes/{id}/transcript`.
+/// `GET /api/sandboxes/{id}/turns`, `GET /api/sandboxes/{id}/transcript[?last=N]`.
 pub fn standard_routes(router: AdminRouter, shared: Arc<Shared>) -> AdminRouter {
     let s_metrics = shared.clone();
     let s_sandboxes = shared.clone();
@@ -658,6 +658,7 @@ pub fn standard_routes(router: AdminRouter, shared: Arc<Shared>) -> AdminRouter 
             "/api/sandboxes/{id}/transcript",
             move |req: AdminRequest| {
                 let id = req.param("id").unwrap_or_default().to_owned();
+                let last = req.query_param("last").map(str::parse::<usize>);
                 let shared = s_transcript.clone();
                 async move {
                     let Some(id) = SandboxId::new(&id) else {
@@ -666,12 +667,30 @@ pub fn standard_routes(router: AdminRouter, shared: Arc<Shared>) -> AdminRouter 
                             &format!("invalid sandbox id {id:?}"),
                         );
                     };
+                    let last = match last {
+                        None => None,
+                        Some(Ok(n)) => Some(n),
+                        Some(Err(_)) => {
+                            return error_response(
+                                StatusCode::BAD_REQUEST,
+                                "`last` must be a number of records",
+                            );
+                        }
+                    };
                     // Every exchange finished so far is on disk, then read (bodies rebuilt).
                     shared.settle_completions();
                     shared.transcript.flush().await;
                     let dir = shared.config.transcript.dir.clone();
                     let read = tokio::task::spawn_blocking(move || {
-                        crate::transcript::read_sandbox_records(&dir, id.as_str())
+                        let mut records = crate::transcript::read_sandbox_records(
+                            &dir,
+                            id.as_str(),
+                            crate::transcript::Bodies::Rebuilt,
+                        );
+                        if let Some(n) = last {
+                            records.drain(..records.len().saturating_sub(n));
+                        }
+                        records
                     })
                     .await;
                     match read {

@@ -200,6 +200,11 @@ async fn opencode_style_title_generation_does_not_cut_turns() {
             .unwrap();
     assert_eq!(listed, recs);
     assert!(listed.iter().all(|r| r.request.body.decode().is_some()));
+    let last: Vec<proxy::transcript::TranscriptRecord> = serde_json::from_slice(
+        &crab_ok(proxy.admin, &["transcript", "oc", "--last", "2", "--json"]).await,
+    )
+    .unwrap();
+    assert_eq!(last, recs[recs.len() - 2..]);
     let table = String::from_utf8(crab_ok(proxy.admin, &["transcript", "oc"]).await).unwrap();
     assert!(
         table.contains("REQ_BYTES")

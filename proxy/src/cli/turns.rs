@@ -25,6 +25,9 @@ pub struct TurnsArgs {
 pub struct TranscriptArgs {
     /// The sandbox id.
     pub sandbox: String,
+    /// Only the last N records (a long session's bodies rebuilt whole add up).
+    #[arg(long, value_name = "N")]
+    pub last: Option<usize>,
     #[command(flatten)]
     pub daemon: DaemonArgs,
     #[command(flatten)]
@@ -142,8 +145,9 @@ pub async fn run_transcript(args: TranscriptArgs) -> anyhow::Result<()> {
         anyhow::bail!("invalid sandbox id {:?}", args.sandbox);
     }
     let client = args.daemon.client()?;
+    let last = args.last.map(|n| format!("?last={n}")).unwrap_or_default();
     let records: Vec<TranscriptRecord> = client
-        .get_json(&format!("/api/sandboxes/{}/transcript", args.sandbox))
+        .get_json(&format!("/api/sandboxes/{}/transcript{last}", args.sandbox))
         .await?;
     emit(args.out, &records, |r| render_transcript(&args.sandbox, r));
     Ok(())

@@ -439,7 +439,9 @@ fn copy_transcript_prefix(
     to: &str,
     upto: u64,
 ) -> std::io::Result<()> {
-    let records = crate::transcript::read_sandbox_records(dir, from);
+    // The copy holds whole bodies: its file starts without the bases of any delta.
+    let records =
+        crate::transcript::read_sandbox_records(dir, from, crate::transcript::Bodies::Rebuilt);
     std::fs::create_dir_all(dir)?;
     let path = transcript_path(dir, to);
     let tmp = path.with_extension("jsonl.tmp");

@@ -17,7 +17,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use parking_lot::Mutex;
 
-use crate::transcript::{TranscriptRecord, read_sandbox_records};
+use crate::transcript::{Bodies, TranscriptRecord, read_sandbox_records};
 
 /// A recorded reply.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -152,7 +152,7 @@ impl Replay {
     /// the transcript). Returns how many replies are available.
     pub fn arm(&self, sandbox: &str, upto_turn: u64) -> usize {
         let set = Arc::new(ReplaySet::build(
-            read_sandbox_records(&self.dir, sandbox),
+            read_sandbox_records(&self.dir, sandbox, Bodies::AsWritten),
             upto_turn,
         ));
         let n = set.len();
@@ -190,7 +190,7 @@ impl Replay {
         };
         let set = self.cache.get_with(sandbox.to_owned(), || {
             Arc::new(ReplaySet::build(
-                read_sandbox_records(&self.dir, sandbox),
+                read_sandbox_records(&self.dir, sandbox, Bodies::AsWritten),
                 upto,
             ))
         });

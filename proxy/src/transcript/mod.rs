@@ -477,9 +477,19 @@ fn rotated_path(dir: &Path, sandbox: &str, n: u32) -> PathBuf {
     dir.join(format!("{sandbox}.{n}.jsonl"))
 }
 
+/// How a reader takes the request bodies written as deltas.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Bodies {
+    /// Rebuilt from their base and checked against their digest (tools, forks).
+    Rebuilt,
+    /// Left as written (readers that use only the responses, like replay: no body is
+    /// rebuilt, so a long session costs what its file holds).
+    AsWritten,
+}
+
 /// Every record of a sandbox's transcript, oldest first (rotated files, then the current
 /// one); files that cannot be read are skipped.
-pub fn read_sandbox_records(dir: &Path, sandbox: &str) -> Vec<TranscriptRecord> {
+pub fn read_sandbox_records(dir: &Path, sandbox: &str, bodies: Bodies) -> Vec<TranscriptRecord> {
     let mut files = Vec::new();
     for n in (1..=64u32).rev() {
         let p = rotated_path(dir, sandbox, n);
@@ -490,13 +500,16 @@ pub fn read_sandbox_records(dir: &Path, sandbox: &str) -> Vec<TranscriptRecord> 
     files.push(transcript_path(dir, sandbox));
     files
         .iter()
-        .filter_map(|p| read_records(p).ok())
-        .flatten()
+        .filter_map(|p| std::fs::read_to_string(p).ok())
+        .flat_map(|text| match bodies {
+            Bodies::Rebuilt => parse_records(&text),
+            Bodies::AsWritten => parse_lines(&text),
+        })
         .filter(|r| r.sandbox == sandbox)
         .collect()
 }
 
-/// Reads every record of a transcript file (tests, tools, replay); see [`parse_records`].
+/// Reads every record of a transcript file, bodies rebuilt (see [`parse_records`]).
 pub fn read_records(path: &Path) -> Result<Vec<TranscriptRecord>, TranscriptError> {
     let text = std::fs::read_to_string(path).map_err(|source| TranscriptError::Io {
         op: "read",
@@ -506,6 +519,13 @@ pub fn read_records(path: &Path) -> Result<Vec<TranscriptRecord>, TranscriptErro
     Ok(parse_records(&text))
 }
 
+/// The records of one transcript file's text as written (torn or foreign lines skipped).
+fn parse_lines(text: &str) -> Vec<TranscriptRecord> {
+    text.lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect()
+}
+
 /// The records of one transcript file's text (torn or foreign lines skipped), with request
 /// bodies recorded as deltas rebuilt from their base and checked against their digest. A
 /// delta whose base is missing (a file cut short) or that does not rebuild its body stays a
@@ -513,10 +533,7 @@ pub fn read_records(path: &Path) -> Result<Vec<TranscriptRecord>, TranscriptErro
 pub fn parse_records(text: &str) -> Vec<TranscriptRecord> {
     // The writer's bases are the last `BASES` JSON bodies of the file; keep a few more.
     let mut recent: VecDeque<(u64, Box<serde_json::value::RawValue>)> = VecDeque::new();
-    let mut records: Vec<TranscriptRecord> = text
-        .lines()
-        .filter_map(|l| serde_json::from_str(l).ok())
-        .collect();
+    let mut records = parse_lines(text);
     for r in &mut records {
         let req = &mut r.request;
         if let BodyText::Delta(d) = &req.body {
