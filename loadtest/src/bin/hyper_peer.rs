@@ -1,6 +1,6 @@
 //! `hyper-peer`: the bare reverse proxy built from crab's own HTTP stack (hyper's HTTP/1 server
-//! and pooled client, one single-threaded tokio runtime per worker, mimalloc) with none of
-//! crab's work: no request summary, turn tracking, response analysis, transcript or metrics.
+//! and pooled client with crab's settings, one single-threaded tokio runtime per worker,
+//! mimalloc) with none of crab's work: no request summary, turn tracking, response analysis, transcript or metrics.
 //! `loadtest bench proxy --paths ...,hyper` runs it side by side with crab and nginx, so every
 //! run shows how much of crab's cost is the stack and how much is crab.
 //!
@@ -13,6 +13,7 @@
 
 use std::net::{SocketAddr, TcpListener};
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
 use clap::Parser;
@@ -21,7 +22,7 @@ use hyper::body::Incoming;
 use hyper::{Request, Response};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::sync::mpsc;
 
 #[global_allocator]
@@ -106,7 +107,13 @@ fn worker(mut conns: mpsc::UnboundedReceiver<std::net::TcpStream>, upstream: Arc
                 let service = hyper::service::service_fn(move |req| {
                     forward(client.clone(), upstream.clone(), req)
                 });
+                // crab's server settings (`proxy/src/server.rs`): no Date header, one copied
+                // buffer per write instead of `writev`, a header read timeout.
                 let _ = hyper::server::conn::http1::Builder::new()
+                    .timer(TokioTimer::new())
+                    .header_read_timeout(Duration::from_secs(30))
+                    .auto_date_header(false)
+                    .writev(false)
                     .serve_connection(TokioIo::new(stream), service)
                     .await;
             });
