@@ -1,8 +1,9 @@
 //! `hyper-peer`: the bare reverse proxy built from crab's own HTTP stack (hyper's HTTP/1 server
 //! and pooled client with crab's settings, one single-threaded tokio runtime per worker,
-//! mimalloc) with none of crab's work: no request summary, turn tracking, response analysis, transcript or metrics.
-//! `loadtest bench proxy --paths ...,hyper` runs it side by side with crab and nginx, so every
-//! run shows how much of crab's cost is the stack and how much is crab.
+//! mimalloc) with none of crab's work: no request summary, turn tracking, response analysis,
+//! transcript or metrics. `loadtest bench proxy --paths ...,hyper` runs it side by side with
+//! crab and nginx, so every run shows how much of crab's cost is the stack and how much is
+//! crab.
 //!
 //! Like crab it reads the whole request body before forwarding and streams the response body;
 //! like crab's workers, each worker owns its upstream connections and a connection stays on
