@@ -910,7 +910,7 @@ async fn run_async(args: Args) -> anyhow::Result<()> {
              differences there can be negative; crab's /metrics histogram is its own processing time"
                 .into(),
             "nginx: worker_processes auto, proxy_buffering off, proxy_request_buffering off, HTTP/1.1 upstream keepalive".into(),
-            "hyper: hyper-peer, crab's HTTP stack (hyper server and pooled client, one event loop per CPU, mimalloc) without crab's work".into(),
+            "hyper: hyper-peer, crab's HTTP stack with crab's settings (hyper server and pooled client, one event loop per CPU, mimalloc) without crab's work".into(),
         ],
     };
     print_report(&report);

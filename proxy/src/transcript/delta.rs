@@ -22,6 +22,13 @@ pub const BASES: usize = 4;
 /// A delta is used only when it saves at least this many bytes over the whole body.
 const MIN_SAVING: usize = 256;
 
+/// Whether a body of `len` bytes can take part in a delta: a shorter one can neither save
+/// [`MIN_SAVING`] bytes nor share that many with a later body, so the writer neither compares
+/// nor keeps it, and readers need not keep it either.
+pub fn worth_a_delta(len: usize) -> bool {
+    len >= MIN_SAVING
+}
+
 /// A body as the bytes of an earlier body (`base`, a record id of the same file) around new
 /// text: `base[..prefix] + text + base[base.len() - suffix..]`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -40,6 +47,9 @@ pub fn choose<'a>(
     bases: impl DoubleEndedIterator<Item = (u64, &'a [u8])>,
     body: &[u8],
 ) -> Option<(u64, usize, usize)> {
+    if !worth_a_delta(body.len()) {
+        return None;
+    }
     let mut best: Option<(u64, usize, usize)> = None;
     for (id, base) in bases.rev() {
         let (prefix, suffix) = split(base, body);
@@ -65,9 +75,7 @@ fn split(base: &[u8], body: &[u8]) -> (usize, usize) {
     while !boundary(body, prefix) {
         prefix -= 1;
     }
-    let room = (base.len() - prefix).min(body.len() - prefix);
-    let mut end =
-        body.len() - common_suffix(&base[base.len() - room..], &body[body.len() - room..]);
+    let mut end = body.len() - common_suffix(&base[prefix..], &body[prefix..]);
     while !boundary(body, end) {
         end += 1;
     }
@@ -103,7 +111,7 @@ fn common_prefix(a: &[u8], b: &[u8]) -> usize {
         .count()
 }
 
-/// Length of the common suffix of two slices of the same length.
+/// Length of the common suffix (the slices are aligned at their ends).
 fn common_suffix(a: &[u8], b: &[u8]) -> usize {
     const BLOCK: usize = 4096;
     let n = a.len().min(b.len());

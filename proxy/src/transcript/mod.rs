@@ -531,16 +531,23 @@ fn parse_lines(text: &str) -> Vec<TranscriptRecord> {
 /// delta whose base is missing (a file cut short) or that does not rebuild its body stays a
 /// delta: its body is unknown, never wrong.
 pub fn parse_records(text: &str) -> Vec<TranscriptRecord> {
-    // The writer's bases are the last `BASES` JSON bodies of the file; keep a few more.
-    let mut recent: VecDeque<(u64, Box<serde_json::value::RawValue>)> = VecDeque::new();
     let mut records = parse_lines(text);
-    for r in &mut records {
+    // The writer's bases are among the last `BASES` bodies that can be bases; keep a few more
+    // (record id, index in `records`).
+    let mut recent: VecDeque<(u64, usize)> = VecDeque::new();
+    for i in 0..records.len() {
+        let (done, rest) = records.split_at_mut(i);
+        let r = &mut rest[0];
         let req = &mut r.request;
         if let BodyText::Delta(d) = &req.body {
+            let base = |j: usize| match &done[j].request.body {
+                BodyText::Json(raw) => Some(raw.get().as_bytes()),
+                _ => None,
+            };
             let rebuilt = recent
                 .iter()
                 .find(|(id, _)| *id == d.base)
-                .and_then(|(_, base)| delta::apply(base.get().as_bytes(), d))
+                .and_then(|&(_, j)| delta::apply(base(j)?, d))
                 .filter(|b| {
                     b.len() as u64 == req.body_len
                         && blake3::hash(b).to_hex().as_str() == req.body_digest
@@ -551,11 +558,13 @@ pub fn parse_records(text: &str) -> Vec<TranscriptRecord> {
                 req.body = BodyText::Json(raw);
             }
         }
-        if let BodyText::Json(raw) = &req.body {
+        if let BodyText::Json(raw) = &req.body
+            && delta::worth_a_delta(raw.get().len())
+        {
             if recent.len() == 2 * delta::BASES {
                 recent.pop_front();
             }
-            recent.push_back((r.id, raw.clone()));
+            recent.push_back((r.id, i));
         }
     }
     records
@@ -565,11 +574,8 @@ enum Msg {
     /// One encoded record line of a sandbox, and whether to fsync after it (a turn boundary).
     Line {
         sandbox: SandboxId,
-        line: Vec<u8>,
+        record: Line,
         sync: bool,
-        /// The record's id and where its request body sits when written as JSON.
-        id: u64,
-        json_body: Option<Range<usize>>,
     },
     /// A turn-boundary sync was requested (see [`Queue::syncs`]): look at the pending syncs.
     Wake,
@@ -772,10 +778,12 @@ impl Transcript {
         q.enqueued.fetch_add(1, Ordering::SeqCst);
         let msg = Msg::Line {
             sandbox,
-            line,
+            record: Line {
+                line,
+                id,
+                json_body,
+            },
             sync,
-            id,
-            json_body,
         };
         if tx.send(msg).is_err() {
             q.bytes.fetch_sub(size, Ordering::SeqCst);
@@ -869,7 +877,8 @@ struct OpenFile {
 /// Bytes the writer keeps as delta bases, over every open file.
 const BASES_BUDGET: usize = 64 << 20;
 
-/// The last JSON request bodies written to one file (record id, body), oldest first.
+/// The last JSON request bodies written to one file that can serve as bases (record id,
+/// body), oldest first.
 struct Bases {
     bodies: VecDeque<(u64, Vec<u8>)>,
     /// Bytes held by the bases of every file together (bounded by [`BASES_BUDGET`]).
@@ -884,9 +893,13 @@ impl Bases {
         }
     }
 
-    /// Keeps `body` (record `id`) as the newest base; the oldest go beyond [`delta::BASES`],
-    /// and while the writer's budget is exceeded (then this file keeps none).
+    /// Keeps `body` (record `id`) as the newest base, unless it is too short to be one
+    /// ([`delta::worth_a_delta`]); the oldest go beyond [`delta::BASES`], and while the
+    /// writer's budget is exceeded (then this file keeps none).
     fn push(&mut self, id: u64, body: &[u8]) {
+        if !delta::worth_a_delta(body.len()) {
+            return;
+        }
         self.bodies.push_back((id, body.to_vec()));
         self.held.fetch_add(body.len() as u64, Ordering::Relaxed);
         while self.bodies.len() > delta::BASES
@@ -991,17 +1004,10 @@ impl Writer {
                 match m {
                     Msg::Line {
                         sandbox,
-                        line,
+                        record,
                         sync,
-                        id,
-                        json_body,
                     } => {
-                        bytes += line.len() as u64;
-                        let record = Line {
-                            line,
-                            id,
-                            json_body,
-                        };
+                        bytes += record.line.len() as u64;
                         if let Err(e) = self.write_line(sandbox.as_str(), record, sync) {
                             self.hooks.write_error(&e);
                         }
@@ -1796,18 +1802,21 @@ mod tests {
         let mut a = Bases::new(held.clone());
         let mut b = Bases::new(held.clone());
         for id in 0..10 {
-            a.push(id, &[b'a'; 100]);
+            a.push(id, &[b'a'; 1000]);
         }
         assert_eq!(
             a.iter().map(|(id, _)| id).collect::<Vec<_>>(),
             vec![6, 7, 8, 9]
         );
-        b.push(1, &[b'b'; 50]);
-        assert_eq!(held.load(Ordering::Relaxed), 450);
+        b.push(1, &[b'b'; 500]);
+        assert_eq!(held.load(Ordering::Relaxed), 4500);
+        // A body too short to serve as a base is not kept.
+        b.push(3, &[b'd'; 10]);
+        assert_eq!(b.iter().map(|(id, _)| id).collect::<Vec<_>>(), vec![1]);
         // A body past the writer's budget is not kept, and the file's older bases go first.
         b.push(2, &vec![b'c'; BASES_BUDGET]);
         assert_eq!(b.iter().count(), 0);
-        assert_eq!(held.load(Ordering::Relaxed), 400);
+        assert_eq!(held.load(Ordering::Relaxed), 4000);
         drop(a);
         assert_eq!(held.load(Ordering::Relaxed), 0);
     }
