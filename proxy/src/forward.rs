@@ -40,6 +40,7 @@ use crate::error::{ErrorShape, ProxyError};
 use crate::gather::Gather;
 use crate::metrics::{ApiSlot, ErrorLabels, Metrics, RequestLabels, SandboxLabels};
 use crate::sandbox::{self, SANDBOX_HEADER, SandboxId};
+use crate::summaries::Summaries;
 use crate::tap::{BodyEnd, Tap, TapBody, TapBodyError};
 use crate::transcript::{ErrorRecord, Exchange, ResponseCapture, Timings, Transcript};
 
@@ -94,6 +95,8 @@ pub struct Shared {
     /// Turn ends → checkpoints, the response gate, replay.
     pub coordinator: Arc<Coordinator>,
     pub tracker: parking_lot::Mutex<TurnTracker>,
+    /// Request summaries, with a memo per sandbox.
+    pub summaries: Summaries,
     pub metrics: Metrics,
     pub registry: Registry,
     pub transcript: Transcript,
@@ -115,6 +118,7 @@ impl Shared {
             config,
             coordinator,
             tracker: parking_lot::Mutex::new(TurnTracker::new()),
+            summaries: Summaries::default(),
             metrics,
             registry,
             transcript,
@@ -295,9 +299,8 @@ struct ExchangeCtx {
     upstream: Arc<str>,
     request_headers: Option<HeaderMap>,
     request_body: Bytes,
-    /// blake3 of the request body, when the request summary computed it (it then parsed
-    /// the body as JSON).
-    request_digest: Option<blake3::Hash>,
+    /// The request summary read the body: it is JSON.
+    request_body_json: bool,
     started: Instant,
     upstream_sent: Option<Instant>,
     /// fsync the transcript after this record: it ends a turn of a sandbox under checkpointing.
@@ -305,13 +308,6 @@ struct ExchangeCtx {
     /// The sandbox is under checkpointing (its turn boundaries make the transcript durable).
     watched: bool,
     span: Span,
-}
-
-impl ExchangeCtx {
-    /// The request body parsed as JSON (the request summary computed its digest).
-    fn request_body_json(&self) -> bool {
-        self.request_digest.is_some()
-    }
 }
 
 /// Ends the tracker's in-flight request if the handler is dropped before a response body
@@ -560,7 +556,7 @@ fn complete(shared: &Shared, f: Finished) {
             tracker_request_id: st.ctx.tracker_id.map(|r| r.0),
             request_headers: st.ctx.request_headers.take().unwrap_or_default(),
             request_body: std::mem::take(&mut st.ctx.request_body),
-            request_body_json: st.ctx.request_body_json(),
+            request_body_json: st.ctx.request_body_json,
             response: Some(ResponseCapture {
                 status: st.status,
                 headers: st.response_headers.take().unwrap_or_default(),
@@ -569,7 +565,6 @@ fn complete(shared: &Shared, f: Finished) {
                 truncated: st.truncated,
             }),
             error: None,
-            request_digest: st.ctx.request_digest,
             timings: Timings {
                 upstream_sent_us: st.ctx.upstream_sent.map(rel),
                 response_head_us: Some(rel(st.response_head_at)),
@@ -771,12 +766,12 @@ async fn handle_inner(
     };
     let mut sync = false;
     let mut watched = false;
-    let mut request_digest = None;
+    let mut request_body_json = false;
     // A panicking parser (a bug, not bad input) must not cost the agent its request: the
     // request is then forwarded untracked.
     let parsed = api.is_llm().then(|| {
         std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            llm_protocol::summarize_request(api, &body)
+            shared.summaries.summarize(sandbox.as_str(), api, &body)
         }))
     });
     let parsed = match parsed {
@@ -824,7 +819,6 @@ async fn handle_inner(
                             end_us: Some(started.elapsed().as_micros() as u64),
                             ..Timings::default()
                         },
-                        request_digest: None,
                         end: None,
                         analysis: None,
                         sync: false,
@@ -836,7 +830,7 @@ async fn handle_inner(
                 return local_error(&shared, err, shape);
             }
         };
-        request_digest = blake3::Hash::from_hex(&summary.body_digest).ok();
+        request_body_json = true;
         Completions::settle(&shared);
         let at = shared.clock.micros(Instant::now());
         let watch = shared.coordinator.on_request(sandbox.as_str());
@@ -924,7 +918,7 @@ async fn handle_inner(
         upstream: upstream_name.clone(),
         request_headers,
         request_body: if capture { body } else { Bytes::new() },
-        request_digest,
+        request_body_json,
         started,
         upstream_sent: None,
         sync,
@@ -1292,14 +1286,13 @@ fn upstream_failure(
             tracker_request_id: ctx.tracker_id.map(|r| r.0),
             request_headers: ctx.request_headers.take().unwrap_or_default(),
             request_body: std::mem::take(&mut ctx.request_body),
-            request_body_json: ctx.request_body_json(),
+            request_body_json: ctx.request_body_json,
             response: None,
             error: Some(ErrorRecord {
                 side: err.side().as_str().to_owned(),
                 code: err.code().to_owned(),
                 message: err.message(),
             }),
-            request_digest: ctx.request_digest,
             timings: Timings {
                 upstream_sent_us: ctx.upstream_sent.map(rel),
                 end_us: Some(rel(now)),
@@ -1396,7 +1389,7 @@ mod tests {
                     upstream: "http://u".into(),
                     request_headers: None,
                     request_body: Bytes::new(),
-                    request_digest: None,
+                    request_body_json: false,
                     started: now,
                     upstream_sent: Some(now),
                     sync: false,

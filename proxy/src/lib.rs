@@ -12,6 +12,7 @@
 //! - [`forward`]: the per-request forwarding path, the response tap, and the ordered
 //!   completion queue that applies a finished response to the tracker, metrics and transcript
 //!   after the client's last bytes were flushed.
+//! - [`summaries`]: request summaries with a memo per sandbox (only new messages parsed).
 //! - [`tap`]: the `http_body::Body` wrapper that copies frames to an observer and reports how a
 //!   body ended; [`gather`]: the wrapper that hands on together the frames already received,
 //!   so they leave in one `write`.
@@ -54,6 +55,7 @@ pub mod jsonw;
 pub mod metrics;
 pub mod sandbox;
 pub mod server;
+pub mod summaries;
 pub mod tap;
 pub mod tls;
 pub mod transcript;

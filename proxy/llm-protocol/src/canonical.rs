@@ -27,6 +27,16 @@ use serde_json::Value;
 pub(crate) struct Digest(u128);
 
 impl Digest {
+    #[cfg(test)]
+    pub(crate) fn from_raw(n: u128) -> Digest {
+        Digest(n)
+    }
+
+    /// The digest of raw bytes.
+    pub(crate) fn of_bytes(bytes: &[u8]) -> Digest {
+        Digest(xxhash_rust::xxh3::xxh3_128(bytes))
+    }
+
     /// The start of a conversation's digest chain: derived from its system prompt, so that the
     /// same first message under another system prompt (a title request) starts another chain.
     pub(crate) fn seed(system: Option<Digest>) -> Digest {

@@ -227,19 +227,32 @@ fn odd_shapes_inside_lists_are_tolerated() {
     assert_eq!(s.tools, vec!["tool_search"]);
 }
 
-/// Absurd nesting is an error from the parser's recursion limit, not a stack overflow.
+/// Absurd nesting in a field the summary reads is an error from the parser's recursion
+/// limit, not a stack overflow; in a field it does not read, it is skipped without recursion.
 #[test]
 fn deep_nesting_is_an_error_not_a_crash() {
     for depth in [200usize, 100_000] {
-        let mut body = b"{\"messages\":[{\"role\":\"user\",\"content\":".to_vec();
-        body.extend(std::iter::repeat_n(b'[', depth));
-        body.extend(std::iter::repeat_n(b']', depth));
-        body.extend(b"}]}");
+        let nested = |field: &str| {
+            let mut body = format!("{{\"{field}\":[{{\"role\":\"user\",\"content\":").into_bytes();
+            body.extend(std::iter::repeat_n(b'[', depth));
+            body.extend(std::iter::repeat_n(b']', depth));
+            body.extend(b"}]}");
+            body
+        };
         for api in APIS {
+            let read = if api == ApiKind::Responses {
+                "input"
+            } else {
+                "messages"
+            };
             assert!(matches!(
-                summarize_request(api, &body),
+                summarize_request(api, &nested(read)),
                 Err(ProtocolError::NotJson { .. })
             ));
+            let mut unread = nested("metadata");
+            unread.pop();
+            unread.extend(br#","messages":[],"input":[]}"#);
+            assert_eq!(summarize_request(api, &unread).unwrap().message_count, 0);
         }
         // The same nesting inside an SSE event or a JSON response body is just not analysed.
         let mut event = b"data: {\"choices\":".to_vec();

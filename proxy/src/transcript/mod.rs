@@ -110,9 +110,6 @@ pub struct Exchange {
     pub response: Option<ResponseCapture>,
     pub error: Option<ErrorRecord>,
     pub timings: Timings,
-    /// blake3 of `request_body`, when the caller already computed it (the request summary
-    /// does): saves hashing the body twice.
-    pub request_digest: Option<blake3::Hash>,
     /// How the response body ended (`completed`, `cut`, ...), if a body was forwarded.
     pub end: Option<&'static str>,
     /// The protocol analysis of the response, if any.
@@ -282,10 +279,7 @@ fn encode_record(
     line.extend_from_slice(b",\"headers\":");
     write_headers(line, &x.request_headers, redact);
     line.extend_from_slice(b",\"body_digest\":\"");
-    let digest = x
-        .request_digest
-        .unwrap_or_else(|| blake3::hash(&x.request_body));
-    line.extend_from_slice(digest.to_hex().as_bytes());
+    line.extend_from_slice(blake3::hash(&x.request_body).to_hex().as_bytes());
     line.extend_from_slice(b"\",\"body_len\":");
     uint(line, x.request_body.len() as u64);
     line.extend_from_slice(b",\"body\":");
@@ -759,12 +753,13 @@ impl Transcript {
         let Some(tx) = &self.tx else {
             return true;
         };
-        let body_bytes = x.request_body.len()
-            + x.response
-                .as_ref()
-                .map(|r| r.body.len().min(r.body_len as usize))
-                .unwrap_or(0);
-        let mut line = Vec::with_capacity(body_bytes + 1024);
+        // Room for the request body as it is and the response body escaped (a quarter more:
+        // `jsonw::string`'s first round), so the line is not copied to grow.
+        let response = x
+            .response
+            .as_ref()
+            .map_or(0, |r| r.body.len().min(r.body_len as usize));
+        let mut line = Vec::with_capacity(x.request_body.len() + response + response / 4 + 4096);
         let json_body = encode_record(&x, &self.redact, self.max_body_bytes, &mut line);
         let id = x.id;
         let sandbox = x.sandbox.clone();
@@ -1243,9 +1238,7 @@ mod tests {
                 method: x.method.as_str(),
                 path: &x.path,
                 headers: HeadersRef(&x.request_headers, redact),
-                body_digest: x
-                    .request_digest
-                    .unwrap_or_else(|| blake3::hash(&x.request_body)),
+                body_digest: blake3::hash(&x.request_body),
                 body_len: x.request_body.len() as u64,
                 body: if recorded_as_json(x, req_limit) {
                     BodyRef::Json(
@@ -1419,7 +1412,6 @@ mod tests {
             code: "unreachable".into(),
             message: "connection \"refused\"".into(),
         });
-        bare.request_digest = Some(blake3::hash(b"other"));
         let mut json = exchange(10, JSON_BODY);
         json.request_body_json = true;
         let mut pretty = exchange(11, b"{\n  \"model\": \"m\"\r\n}");
@@ -1510,7 +1502,6 @@ mod tests {
             }),
             error: None,
             timings: Timings::default(),
-            request_digest: None,
             end: Some("completed"),
             analysis: None,
             sync: true,

@@ -1,10 +1,16 @@
 //! Request summaries: what the turn tracker and the transcript need to know about one request.
 //!
-//! Parsing is lenient on purpose: the body is walked as a `serde_json::Value`, so unknown
-//! fields, new tool types (`custom`, `namespace`, `web_search`, `tool_search`, ...) and new
-//! content shapes never make a request "invalid" here. Only what the API itself requires is
-//! checked (a JSON object; `messages` a list for Chat and Anthropic; `input`, when present, a
-//! string or a list for Responses; `tools`, when present, a list).
+//! Parsing is lenient on purpose: each field read is walked as a `serde_json::Value`, so
+//! unknown fields, new tool types (`custom`, `namespace`, `web_search`, `tool_search`, ...)
+//! and new content shapes never make a request "invalid" here. Only what the API itself
+//! requires is checked (a JSON object; `messages` a list for Chat and Anthropic; `input`, when
+//! present, a string or a list for Responses; `tools`, when present, a list).
+//!
+//! Cost: the body is read once without being built (`parts.rs`: the fields read, each message
+//! as a raw slice); a message becomes a `Value` only when the sandbox's [`SummaryCache`] has
+//! not seen its bytes (`memo.rs`), so a step of an agent parses the messages it added, not the
+//! whole conversation again. Fields not read are not parsed (nesting there is skipped
+//! without recursion, not limited).
 //!
 //! Thread digests: every message (Chat, Anthropic) or input item (Responses) is hashed in a
 //! canonical form (see `canonical.rs`), and the digests are chained:
@@ -15,13 +21,20 @@
 //! prompt keeps a side call that re-sends the user's first message under another system prompt
 //! (title generation) from looking like a prefix of the main conversation.
 
+mod memo;
+mod parts;
+
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
+use serde_json::value::RawValue;
 
 use crate::ProtocolError;
 use crate::api::ApiKind;
 use crate::canonical::{Digest, hash_item, hash_system, hash_system_list, hash_user_text_item};
 use crate::turns::SideKind;
+pub use memo::SummaryCache;
+use memo::{Ctx, ItemMemo, Role, SystemMemo};
+use parts::{Items, Top};
 
 /// What one request says, as far as turn tracking and the transcript care.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -38,7 +51,9 @@ pub struct RequestSummary {
     /// Names of the tools offered (the `type` for built-in tools without a name), in request
     /// order.
     pub tools: Vec<String>,
-    /// blake3 hex of the exact body bytes: an identical re-send (retry) has the same digest.
+    /// Digest of the exact body bytes (XXH3-128, 32 hex digits): an identical re-send (a
+    /// retry) has the same digest. Only compared within one process's tracking; durable
+    /// records (the transcript) keep their own blake3.
     pub body_digest: String,
     /// What the turn tracker threads conversations with.
     pub thread: ThreadKey,
@@ -82,112 +97,112 @@ impl RequestSummary {
 /// Errors: the body is not JSON, not an object, or misses/mistypes what the API requires.
 /// `ApiKind::Other` is an error too (nothing to summarise).
 pub fn summarize_request(api: ApiKind, body: &[u8]) -> Result<RequestSummary, ProtocolError> {
+    summarize_request_with(api, body, &mut SummaryCache::default())
+}
+
+/// [`summarize_request`], parsing only the messages `memo` has not seen: pass the same memo
+/// for the requests of one sandbox (see [`SummaryCache`]). The summary is the same with any
+/// memo.
+pub fn summarize_request_with(
+    api: ApiKind,
+    body: &[u8],
+    memo: &mut SummaryCache,
+) -> Result<RequestSummary, ProtocolError> {
     if api == ApiKind::Other {
         return Err(ProtocolError::UnsupportedApi);
     }
-    // serde_json's recursion limit (128) turns absurd nesting into an error, not a stack
-    // overflow; everything below walks the already-bounded value.
-    let value: Value =
-        crate::lenient::from_json_bytes(body).map_err(|e| ProtocolError::NotJson {
-            reason: e.to_string(),
-        })?;
-    let obj = value.as_object().ok_or(ProtocolError::NotAnObject)?;
+    // Only the fields read below are parsed; the parser skips the others (nesting included,
+    // without recursion) and checks that the whole body is JSON.
+    let top: Top<'_> = crate::lenient::from_json_bytes(body).map_err(|e| top_error(body, e))?;
 
-    let model = obj.get("model").and_then(Value::as_str).map(str::to_owned);
-    let stream = obj.get("stream").and_then(Value::as_bool).unwrap_or(false);
-    let body_digest = blake3::hash(body).to_hex().to_string();
-    let tools = tool_names(obj.get("tools"))?;
-    let max_output_tokens = ["max_tokens", "max_completion_tokens", "max_output_tokens"]
-        .iter()
-        .find_map(|k| obj.get(*k).and_then(Value::as_u64));
+    let model = scalar(top.model)?.and_then(|v| v.as_str().map(str::to_owned));
+    let stream = scalar(top.stream)?.and_then(|v| v.as_bool()) == Some(true);
+    let mut max_output_tokens = None;
+    for raw in top.max_tokens {
+        if let Some(n) = scalar(raw)?.and_then(|v| v.as_u64()) {
+            max_output_tokens = Some(n);
+            break;
+        }
+    }
+    let body_digest = Digest::of_bytes(body).to_hex();
+    let functions = top.functions.filter(|_| api == ApiKind::ChatCompletions);
+    let tools = tools(memo, top.tools, functions)?;
 
     let mut texts = PromptTexts {
         max_output_tokens,
         ..PromptTexts::default()
     };
-    let mut tools = tools;
-    let conv = match api {
+    let (system, items) = match api {
         ApiKind::ChatCompletions => {
-            let messages = required_array(obj, "messages")?;
+            let list = required_list(&top.messages, "messages")?;
+            let items = items(memo, Ctx::Message, list)?;
             // Chat has no system field: the leading system/developer messages are the prompt.
-            let leading_system: Vec<&Value> = messages
+            let leading = items
                 .iter()
-                .take_while(|m| matches!(role(m), Some("system" | "developer")))
-                .collect();
-            let system = (!leading_system.is_empty()).then(|| {
-                for m in &leading_system {
-                    texts.add_system(m.get("content"));
-                }
-                let contents: Vec<Option<&Value>> =
-                    leading_system.iter().map(|m| m.get("content")).collect();
-                hash_system_list(&contents)
-            });
-            tools.extend(tool_names(obj.get("functions"))?);
-            texts.last_user = final_user_text(messages);
-            Items {
-                system,
-                items: messages.iter().collect(),
-                text_part: "text",
-                responses: false,
-            }
+                .take_while(|(_, m)| matches!(m.role, Role::System | Role::Developer))
+                .count();
+            let system = (leading > 0)
+                .then(|| chat_system(memo, &list[..leading], &mut texts))
+                .transpose()?;
+            texts.last_user = final_user_text(memo, list, &items)?;
+            (system, items)
         }
         ApiKind::AnthropicMessages | ApiKind::AnthropicCountTokens => {
-            let messages = required_array(obj, "messages")?;
-            let system = system_field(obj, "system", &mut texts)?;
-            texts.last_user = final_user_text(messages);
-            Items {
-                system,
-                items: messages.iter().collect(),
-                text_part: "text",
-                responses: false,
-            }
+            let list = required_list(&top.messages, "messages")?;
+            let system = system_field(memo, top.system, "system", &mut texts)?;
+            let items = items(memo, Ctx::Message, list)?;
+            texts.last_user = final_user_text(memo, list, &items)?;
+            (system, items)
         }
         ApiKind::Responses => {
-            let system = system_field(obj, "instructions", &mut texts)?;
-            let items: Vec<&Value> = match obj.get("input") {
-                None | Some(Value::Null) => Vec::new(),
-                Some(s @ Value::String(_)) => vec![s],
-                Some(Value::Array(items)) => items.iter().collect(),
-                Some(_) => {
+            let system = system_field(memo, top.instructions, "instructions", &mut texts)?;
+            let items = match &top.input {
+                Items::Absent => Vec::new(),
+                // A string input is one user message.
+                Items::Text(s) => {
+                    texts.last_user = Some(truncate(s, HINT_TEXT_LIMIT).to_owned());
+                    let digest = hash_user_text_item(s, "input_text", Some("message"));
+                    vec![(
+                        0,
+                        ItemMemo {
+                            digest,
+                            role: Role::None,
+                        },
+                    )]
+                }
+                Items::List(list) => {
+                    let items = items(memo, Ctx::ResponsesItem, list)?;
+                    texts.last_user = final_user_text(memo, list, &items)?;
+                    items
+                }
+                Items::Other => {
                     return Err(ProtocolError::WrongType {
                         field: "input",
                         expected: "a string or a list",
                     });
                 }
             };
-            texts.last_user = match obj.get("input") {
-                Some(Value::String(s)) => Some(truncate(s, HINT_TEXT_LIMIT).to_owned()),
-                Some(Value::Array(items)) => final_user_text(items),
-                _ => None,
-            };
-            Items {
-                system,
-                items,
-                text_part: "input_text",
-                responses: true,
-            }
+            (system, items)
         }
         ApiKind::Other => return Err(ProtocolError::UnsupportedApi),
     };
-    let previous_response_id = obj
-        .get("previous_response_id")
-        .and_then(Value::as_str)
-        .map(str::to_owned);
-    let conversation_id = match obj.get("conversation") {
-        Some(Value::String(id)) => Some(id.clone()),
+    let previous_response_id =
+        scalar(top.previous_response_id)?.and_then(|v| v.as_str().map(str::to_owned));
+    let conversation_id = match scalar(top.conversation)? {
+        Some(Value::String(id)) => Some(id),
         Some(Value::Object(o)) => o.get("id").and_then(Value::as_str).map(str::to_owned),
         _ => None,
     };
     let user = texts.user_lowercase();
     let side_hint = texts.hint(!tools.is_empty(), &user);
     let compaction_prompt = PromptTexts::compaction_prompt(&user);
-    let mut thread = thread_key(&conv, previous_response_id);
+    let mut thread = thread_key(system, &items, previous_response_id);
     thread.conversation_id = conversation_id;
     Ok(RequestSummary {
         api,
         model,
         stream,
-        message_count: conv.items.len(),
+        message_count: items.len(),
         tools,
         body_digest,
         thread,
@@ -197,83 +212,213 @@ pub fn summarize_request(api: ApiKind, body: &[u8]) -> Result<RequestSummary, Pr
     })
 }
 
-/// The conversation part of a request, whatever the API.
-struct Items<'a> {
-    system: Option<Digest>,
-    items: Vec<&'a Value>,
-    /// The content part type a plain-string `content` stands for.
-    text_part: &'static str,
-    /// Responses input items (typed items; a string item is a user message).
-    responses: bool,
+/// Why the body's top level could not be read: not JSON, or JSON but not an object.
+fn top_error(body: &[u8], e: serde_json::Error) -> ProtocolError {
+    let first = body.iter().find(|b| !b.is_ascii_whitespace());
+    if first != Some(&b'{')
+        && crate::lenient::from_json_bytes::<serde::de::IgnoredAny>(body).is_ok()
+    {
+        return ProtocolError::NotAnObject;
+    }
+    ProtocolError::NotJson {
+        reason: e.to_string(),
+    }
+}
+
+/// A raw JSON slice as a `Value` (errors only past the parser's recursion limit).
+fn parse(raw: &str) -> Result<Value, ProtocolError> {
+    serde_json::from_str(raw).map_err(|e| ProtocolError::NotJson {
+        reason: e.to_string(),
+    })
+}
+
+fn scalar(raw: Option<&RawValue>) -> Result<Option<Value>, ProtocolError> {
+    raw.map(|r| parse(r.get())).transpose()
+}
+
+fn required_list<'i, 'a>(
+    items: &'i Items<'a>,
+    field: &'static str,
+) -> Result<&'i [&'a RawValue], ProtocolError> {
+    match items {
+        Items::List(list) => Ok(list),
+        Items::Absent => Err(ProtocolError::MissingField { field }),
+        Items::Text(_) | Items::Other => Err(ProtocolError::WrongType {
+            field,
+            expected: "a list",
+        }),
+    }
+}
+
+/// Each message's memo key and digest, parsing those `memo` has not seen.
+fn items(
+    memo: &mut SummaryCache,
+    ctx: Ctx,
+    list: &[&RawValue],
+) -> Result<Vec<(memo::Key, ItemMemo)>, ProtocolError> {
+    let mut out = Vec::with_capacity(list.len());
+    for raw in list {
+        let key = memo.key(ctx, raw.get());
+        let m = match memo.item(key) {
+            Some(m) => m,
+            None => {
+                let m = item_memo(ctx, &parse(raw.get())?);
+                memo.put_item(key, m);
+                m
+            }
+        };
+        out.push((key, m));
+    }
+    Ok(out)
+}
+
+/// What summarising one parsed message gives: its canonical digest and role.
+fn item_memo(ctx: Ctx, item: &Value) -> ItemMemo {
+    let responses = matches!(ctx, Ctx::ResponsesItem);
+    let (text_part, default_type) = if responses {
+        ("input_text", Some("message"))
+    } else {
+        ("text", None)
+    };
+    let digest = match item {
+        // A bare string item is a user message.
+        Value::String(s) => hash_user_text_item(s, text_part, default_type),
+        _ => {
+            let part = match (responses, role(item)) {
+                (true, Some("assistant")) => "output_text",
+                _ => text_part,
+            };
+            // A Responses item with a role and no type is a message.
+            let default_type = default_type.filter(|_| item.get("role").is_some());
+            hash_item(item, part, default_type)
+        }
+    };
+    ItemMemo {
+        digest,
+        role: Role::of(role(item)),
+    }
+}
+
+/// The text of the final message (first `HINT_TEXT_LIMIT` bytes) if it is a user message.
+/// Only the final one: a title or compaction instruction is always appended last, while an
+/// earlier user message is the agent's task, whose wording must not make it a side call.
+fn final_user_text(
+    memo: &mut SummaryCache,
+    list: &[&RawValue],
+    items: &[(memo::Key, ItemMemo)],
+) -> Result<Option<String>, ProtocolError> {
+    let (Some(raw), Some((key, m))) = (list.last(), items.last()) else {
+        return Ok(None);
+    };
+    if m.role != Role::User {
+        return Ok(None);
+    }
+    if let Some(text) = memo.user_text(*key) {
+        return Ok(Some(text.to_owned()));
+    }
+    let Some(content) = parse(raw.get())?.get_mut("content").map(Value::take) else {
+        return Ok(None);
+    };
+    let mut text = String::new();
+    collect_text(&content, &mut text, HINT_TEXT_LIMIT);
+    memo.put_user_text(*key, text.clone());
+    Ok(Some(text))
+}
+
+/// The leading system messages of a Chat request: the prompt's digest and texts.
+fn chat_system(
+    memo: &mut SummaryCache,
+    leading: &[&RawValue],
+    texts: &mut PromptTexts,
+) -> Result<Digest, ProtocolError> {
+    let key = memo.key_of_parts(Ctx::ChatSystem, leading.iter().map(|r| Some(r.get())));
+    if let Some(m) = memo.system(key) {
+        return Ok(texts.use_system(m));
+    }
+    let messages = leading
+        .iter()
+        .map(|r| parse(r.get()))
+        .collect::<Result<Vec<_>, _>>()?;
+    let mut t = PromptTexts::default();
+    for m in &messages {
+        t.add_system(m.get("content"));
+    }
+    let contents: Vec<Option<&Value>> = messages.iter().map(|m| m.get("content")).collect();
+    let m = SystemMemo {
+        digest: hash_system_list(&contents),
+        text: t.system,
+        len: t.system_len,
+    };
+    Ok(texts.use_system(memo.put_system(key, m)))
 }
 
 /// A `system` (Anthropic) or `instructions` (Responses) field: a string or a list of blocks.
 fn system_field(
-    obj: &serde_json::Map<String, Value>,
+    memo: &mut SummaryCache,
+    raw: Option<&RawValue>,
     field: &'static str,
     texts: &mut PromptTexts,
 ) -> Result<Option<Digest>, ProtocolError> {
-    match obj.get(field) {
-        None | Some(Value::Null) => Ok(None),
-        Some(s @ (Value::String(_) | Value::Array(_))) => {
-            texts.add_system(Some(s));
-            Ok(Some(hash_system(s)))
-        }
-        Some(_) => Err(ProtocolError::WrongType {
+    let Some(raw) = raw else { return Ok(None) };
+    let key = memo.key(Ctx::SystemField, raw.get());
+    if let Some(m) = memo.system(key) {
+        return Ok(Some(texts.use_system(m)));
+    }
+    let value = parse(raw.get())?;
+    if !matches!(value, Value::String(_) | Value::Array(_)) {
+        return Err(ProtocolError::WrongType {
             field,
             expected: "a string or a list",
-        }),
+        });
     }
+    let mut t = PromptTexts::default();
+    t.add_system(Some(&value));
+    let m = SystemMemo {
+        digest: hash_system(&value),
+        text: t.system,
+        len: t.system_len,
+    };
+    Ok(Some(texts.use_system(memo.put_system(key, m))))
+}
+
+/// The names of the tools offered (`functions`: Chat's legacy list, when present).
+fn tools(
+    memo: &mut SummaryCache,
+    tools: Option<&RawValue>,
+    functions: Option<&RawValue>,
+) -> Result<Vec<String>, ProtocolError> {
+    if tools.is_none() && functions.is_none() {
+        return Ok(Vec::new());
+    }
+    let key = memo.key_of_parts(Ctx::Tools, [tools, functions].map(|r| r.map(RawValue::get)));
+    if let Some(names) = memo.tools(key) {
+        return Ok(names.to_vec());
+    }
+    let mut names = tool_names(scalar(tools)?.as_ref())?;
+    names.extend(tool_names(scalar(functions)?.as_ref())?);
+    memo.put_tools(key, names.clone());
+    Ok(names)
 }
 
 /// Chain the item digests, seeded with the system prompt (see the module header).
-fn thread_key(conv: &Items<'_>, previous_response_id: Option<String>) -> ThreadKey {
-    let mut prev = Digest::seed(conv.system);
-    let default_type = conv.responses.then_some("message");
-    let mut prefix_digests = Vec::with_capacity(conv.items.len());
-    for item in &conv.items {
-        let item_hash = match item {
-            // A bare string input item is a user message.
-            Value::String(s) => hash_user_text_item(s, conv.text_part, default_type),
-            _ => {
-                let is_responses_message = conv.responses && item.get("role").is_some();
-                let part = match (conv.responses, role(item)) {
-                    (true, Some("assistant")) => "output_text",
-                    _ => conv.text_part,
-                };
-                hash_item(
-                    item,
-                    part,
-                    if is_responses_message {
-                        default_type
-                    } else {
-                        None
-                    },
-                )
-            }
-        };
-        prev = prev.chain(item_hash);
-        prefix_digests.push(prev.to_hex());
-    }
+fn thread_key(
+    system: Option<Digest>,
+    items: &[(memo::Key, ItemMemo)],
+    previous_response_id: Option<String>,
+) -> ThreadKey {
+    let mut prev = Digest::seed(system);
+    let prefix_digests = items
+        .iter()
+        .map(|(_, m)| {
+            prev = prev.chain(m.digest);
+            prev.to_hex()
+        })
+        .collect();
     ThreadKey {
         prefix_digests,
-        system_digest: conv.system.map(Digest::to_hex),
+        system_digest: system.map(Digest::to_hex),
         previous_response_id,
         conversation_id: None,
-    }
-}
-
-fn required_array<'a>(
-    obj: &'a serde_json::Map<String, Value>,
-    field: &'static str,
-) -> Result<&'a Vec<Value>, ProtocolError> {
-    match obj.get(field) {
-        Some(Value::Array(a)) => Ok(a),
-        None | Some(Value::Null) => Err(ProtocolError::MissingField { field }),
-        Some(_) => Err(ProtocolError::WrongType {
-            field,
-            expected: "a list",
-        }),
     }
 }
 
@@ -365,6 +510,13 @@ impl PromptTexts {
         }
     }
 
+    /// Takes the system prompt's texts from its memo; returns its digest.
+    fn use_system(&mut self, memo: &SystemMemo) -> Digest {
+        self.system.clone_from(&memo.text);
+        self.system_len = memo.len;
+        memo.digest
+    }
+
     /// The start of the final user message, lowercased: what the wording checks read.
     fn user_lowercase(&self) -> String {
         self.last_user
@@ -440,16 +592,6 @@ impl PromptTexts {
         }
         None
     }
-}
-
-/// The text of the final message (first `HINT_TEXT_LIMIT` bytes) if it is a user message.
-/// Only the final one: a title or compaction instruction is always appended last, while an
-/// earlier user message is the agent's task, whose wording must not make it a side call.
-fn final_user_text(messages: &[Value]) -> Option<String> {
-    let m = messages.last().filter(|m| role(m) == Some("user"))?;
-    let mut text = String::new();
-    collect_text(m.get("content")?, &mut text, HINT_TEXT_LIMIT);
-    Some(text)
 }
 
 /// Append the text of a content value (string, or parts with `text`) up to `limit` bytes.
@@ -541,12 +683,18 @@ mod tests {
     }
 
     #[test]
-    fn body_digest_is_blake3_of_exact_bytes() {
+    fn body_digest_covers_the_exact_bytes() {
         let a = br#"{"messages":[{"role":"user","content":"x"}]}"#;
         let b = br#"{"messages": [{"role":"user","content":"x"}]}"#;
         let sa = summarize_request(ApiKind::ChatCompletions, a).unwrap();
         let sb = summarize_request(ApiKind::ChatCompletions, b).unwrap();
-        assert_eq!(sa.body_digest, blake3::hash(a).to_hex().to_string());
+        assert_eq!(sa.body_digest.len(), 32);
+        assert_eq!(
+            sa.body_digest,
+            summarize_request(ApiKind::ChatCompletions, a)
+                .unwrap()
+                .body_digest
+        );
         assert_ne!(sa.body_digest, sb.body_digest);
         // ... but the same conversation.
         assert_eq!(sa.thread, sb.thread);
@@ -741,5 +889,120 @@ mod tests {
         assert_eq!(v["api"], "responses");
         let back: RequestSummary = serde_json::from_value(v).unwrap();
         assert_eq!(back, s);
+    }
+
+    fn fixture_requests() -> Vec<Vec<u8>> {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+        let mut files: Vec<_> = std::fs::read_dir(&dir)
+            .unwrap()
+            .flatten()
+            .filter(|e| e.path().is_dir())
+            .flat_map(|d| std::fs::read_dir(d.path()).unwrap().flatten())
+            .map(|e| e.path())
+            .filter(|p| p.to_string_lossy().ends_with("-request.json"))
+            .collect();
+        files.sort();
+        assert!(files.len() >= 30, "{files:?}");
+        files.iter().map(|f| std::fs::read(f).unwrap()).collect()
+    }
+
+    /// Each top-level field of `body` replaced by every JSON type and removed, and each
+    /// conversation cut short: shapes the memo must read as a fresh parse does.
+    fn variants(body: &[u8]) -> Vec<Vec<u8>> {
+        let v: Value = serde_json::from_slice(body).unwrap();
+        let mut out = vec![body.to_vec()];
+        let Value::Object(o) = v else { return out };
+        let mut add = |o: serde_json::Map<String, Value>| {
+            out.push(serde_json::to_vec(&o).unwrap());
+            out.push(serde_json::to_vec_pretty(&o).unwrap());
+        };
+        for k in o.keys() {
+            for other in [
+                Value::Null,
+                json!(1),
+                json!("title for this conversation"),
+                json!([]),
+                json!({"id": "x"}),
+                json!(["s", {"role": "user", "content": [{"text": "hi"}]}]),
+            ] {
+                let mut c = o.clone();
+                c.insert(k.clone(), other);
+                add(c);
+            }
+            let mut c = o.clone();
+            c.remove(k);
+            add(c);
+        }
+        for list in ["messages", "input"] {
+            if let Some(Value::Array(items)) = o.get(list) {
+                for n in 0..items.len() {
+                    let mut c = o.clone();
+                    c.insert(list.into(), Value::Array(items[..n].to_vec()));
+                    add(c);
+                }
+            }
+        }
+        out
+    }
+
+    fn same(a: &Result<RequestSummary, ProtocolError>, b: &Result<RequestSummary, ProtocolError>) {
+        match (a, b) {
+            (Err(ProtocolError::NotJson { .. }), Err(ProtocolError::NotJson { .. })) => {}
+            _ => assert_eq!(a, b),
+        }
+    }
+
+    /// A memo used across thousands of requests (every recorded agent request and its
+    /// variants, each API) gives exactly the summaries of a fresh parse. (Checked once, when
+    /// the memo was introduced, against the former whole-`Value` implementation too.)
+    #[test]
+    fn a_memo_changes_no_summary() {
+        let mut bodies: Vec<Vec<u8>> = fixture_requests()
+            .iter()
+            .flat_map(|b| variants(b))
+            .collect();
+        bodies.push(
+            br#"{"a":1,"a":2,"messages":[],"messages":[{"role":"user","content":"hi"}]}"#.to_vec(),
+        );
+        bodies.push(br#"{"messages":[{"role":"system","content":"s"},{"role":"developer"},{"role":"user","content":["a",{"text":"b"}]}],"stream":1,"max_tokens":-1,"max_output_tokens":3}"#.to_vec());
+        bodies.push(b"[1]".to_vec());
+        bodies.push(b"{\"messages\":[".to_vec());
+        for api in [
+            ApiKind::ChatCompletions,
+            ApiKind::Responses,
+            ApiKind::AnthropicMessages,
+            ApiKind::AnthropicCountTokens,
+        ] {
+            let mut memo = SummaryCache::default();
+            for b in &bodies {
+                same(
+                    &summarize_request(api, b),
+                    &summarize_request_with(api, b, &mut memo),
+                );
+            }
+            assert!(!memo.is_empty());
+        }
+    }
+
+    /// A growing conversation parses each message once: the memo gains exactly the messages
+    /// each step adds, and a retry adds nothing.
+    #[test]
+    fn a_growing_conversation_parses_only_new_messages() {
+        let mut memo = SummaryCache::default();
+        let mut messages = vec![json!({"role": "system", "content": "agent"})];
+        for step in 0..20 {
+            messages.push(json!({"role": "user", "content": format!("step {step}")}));
+            messages.push(json!({"role": "assistant", "content": format!("done {step}")}));
+            let body = serde_json::to_vec(&json!({"model": "m", "messages": messages})).unwrap();
+            let before = memo.len();
+            let s = summarize_request_with(ApiKind::ChatCompletions, &body, &mut memo).unwrap();
+            assert_eq!(memo.len(), before + if step == 0 { 3 } else { 2 });
+            assert_eq!(
+                s,
+                summarize_request(ApiKind::ChatCompletions, &body).unwrap()
+            );
+            summarize_request_with(ApiKind::ChatCompletions, &body, &mut memo).unwrap();
+            assert_eq!(memo.len(), before + if step == 0 { 3 } else { 2 });
+        }
     }
 }
