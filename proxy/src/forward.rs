@@ -132,7 +132,7 @@ impl Shared {
 impl Shared {
     /// Applies every response completion queued so far (tests, shutdown).
     pub fn settle_completions(&self) {
-        Completions::settle(self);
+        Completions::settle_all(self);
     }
 }
 
@@ -421,15 +421,28 @@ struct Finished {
     at: Instant,
 }
 
+/// A completion the turn tracker has seen, waiting for the rest of its bookkeeping.
+struct Tracked {
+    f: Finished,
+    summary: Option<ResponseSummary>,
+    final_end: StreamEnd,
+}
+
 /// Response completions, applied in order by a short-lived task right after the connection
-/// task has flushed the response. A new request first applies every completion submitted
-/// before it arrived, so the turn tracker always sees "response ended" before the client's next
-/// request even when the client is faster than the completion task.
+/// task has flushed the response, in two steps: tracking (the response analysis and the turn
+/// tracker), then the rest (metrics, log, transcript record). A new request first tracks every
+/// completion submitted before it arrived, so the turn tracker always sees "response ended"
+/// before the client's next request even when the client is faster than the completion task;
+/// the rest stays with the task, which runs while the request waits for its upstream.
 #[derive(Default)]
 pub struct Completions {
     queue: parking_lot::Mutex<std::collections::VecDeque<Finished>>,
+    tracked: parking_lot::Mutex<std::collections::VecDeque<Tracked>>,
     apply: parking_lot::Mutex<()>,
+    /// Completions not tracked yet.
     pending: std::sync::atomic::AtomicUsize,
+    /// Completions tracked whose bookkeeping is not done yet.
+    unrecorded: std::sync::atomic::AtomicUsize,
 }
 
 impl Completions {
@@ -453,45 +466,79 @@ impl Completions {
         }
     }
 
-    /// Applies every queued completion (in submission order).
+    /// Applies every queued completion, both steps (in submission order).
     fn drain(shared: &Shared) {
         let c = &shared.completions;
         let _apply = c.apply.lock();
+        Completions::track_all(shared);
         loop {
-            let Some(f) = c.queue.lock().pop_front() else {
+            let Some(t) = c.tracked.lock().pop_front() else {
                 return;
             };
-            // A bug in the analysis of one response must not stall every later request.
-            let done =
-                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| complete(shared, f)));
-            c.pending.fetch_sub(1, Ordering::AcqRel);
+            let done = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| record(shared, t)));
+            c.unrecorded.fetch_sub(1, Ordering::AcqRel);
             if done.is_err() {
                 tracing::error!("response bookkeeping panicked; the response was forwarded intact");
             }
         }
     }
 
-    /// Called before a request is tracked: applies completions that are still pending.
+    /// The tracking step of every queued completion (the caller holds `apply`).
+    fn track_all(shared: &Shared) {
+        let c = &shared.completions;
+        loop {
+            let Some(f) = c.queue.lock().pop_front() else {
+                return;
+            };
+            // A bug in the analysis of one response must not stall every later request.
+            let tracked =
+                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| track(shared, f)));
+            c.pending.fetch_sub(1, Ordering::AcqRel);
+            match tracked {
+                Ok(t) => {
+                    c.unrecorded.fetch_add(1, Ordering::AcqRel);
+                    c.tracked.lock().push_back(t);
+                }
+                Err(_) => {
+                    tracing::error!(
+                        "response analysis panicked; the response was forwarded intact"
+                    );
+                }
+            }
+        }
+    }
+
+    /// Called before a request is tracked: tracks completions that are still pending (their
+    /// other bookkeeping stays with the completion task).
     fn settle(shared: &Shared) {
         if shared.completions.pending.load(Ordering::Acquire) > 0 {
+            let _apply = shared.completions.apply.lock();
+            Completions::track_all(shared);
+        }
+    }
+
+    /// Finishes every completion submitted so far, both steps (tests, admin reads, shutdown,
+    /// and before a sandbox's transcript is made durable).
+    fn settle_all(shared: &Shared) {
+        let c = &shared.completions;
+        if c.pending.load(Ordering::Acquire) > 0 || c.unrecorded.load(Ordering::Acquire) > 0 {
             Completions::drain(shared);
         }
     }
 }
 
-/// The bookkeeping of one finished response: analysis, tracker, metrics, log, transcript.
-fn complete(shared: &Shared, f: Finished) {
-    let Finished { st, end, at } = f;
-    let mut st = st;
+/// The first step of a finished response's bookkeeping: its analysis and the turn tracker.
+fn track(shared: &Shared, f: Finished) -> Tracked {
+    let mut f = f;
+    let st = &mut f.st;
     let m = &shared.metrics;
-    let transport_end = match end {
+    let transport_end = match f.end {
         BodyEnd::Completed => StreamEnd::Completed,
         BodyEnd::Cut | BodyEnd::IdleTimeout => StreamEnd::Cut,
         BodyEnd::ClientCancelled => StreamEnd::ClientCancelled,
     };
     let summary: Option<ResponseSummary> = st.observer.take().map(|o| o.finish(transport_end));
     let final_end = summary.as_ref().map(|s| s.end).unwrap_or(transport_end);
-    let api = api_label(st.ctx.api);
     if let (Some(id), Some(s)) = (st.ctx.tracker_id, summary.as_ref()) {
         let fc = st.first_content_at.map(|t| shared.clock.micros(t));
         let events = shared.tracker.lock().on_response_end(
@@ -499,13 +546,30 @@ fn complete(shared: &Shared, f: Finished) {
             id,
             s,
             fc,
-            shared.clock.micros(at),
+            shared.clock.micros(f.at),
         );
         if !events.is_empty() {
             st.ctx.sync = st.ctx.watched;
             count_turn_events(m, &st.ctx.sandbox, &events);
         }
     }
+    Tracked {
+        f,
+        summary,
+        final_end,
+    }
+}
+
+/// The rest of a finished response's bookkeeping: metrics, log, transcript.
+fn record(shared: &Shared, t: Tracked) {
+    let Tracked {
+        f: Finished { st, end, at },
+        summary,
+        final_end,
+    } = t;
+    let mut st = st;
+    let m = &shared.metrics;
+    let api = api_label(st.ctx.api);
     let slot = api_slot(st.ctx.api);
     m.count_request(
         slot,
@@ -885,6 +949,8 @@ async fn handle_inner(
                     .iter()
                     .any(|e| matches!(e, TurnEvent::TurnEnded(_)));
             if sync {
+                // The turn's last records first.
+                Completions::settle_all(&shared);
                 shared.transcript.sync_sandbox(&sandbox);
             }
             count_turn_events(&shared.metrics, &sandbox, &disposition.events);
@@ -1170,6 +1236,12 @@ async fn read_body(mut body: Incoming, limit: u64, idle: Duration) -> Result<Byt
     let mut first: Option<Bytes> = None;
     let mut buf: Option<BytesMut> = None;
     let mut total: u64 = 0;
+    // The declared length (within the limit) sizes the buffer once: no copies to grow.
+    let declared = body
+        .size_hint()
+        .exact()
+        .filter(|n| *n <= limit)
+        .unwrap_or(0) as usize;
     loop {
         let frame = match tokio::time::timeout(idle, body.frame()).await {
             Err(_) => {
@@ -1196,7 +1268,7 @@ async fn read_body(mut body: Incoming, limit: u64, idle: Duration) -> Result<Byt
         match (&mut first, &mut buf) {
             (None, None) => first = Some(data),
             (Some(f), None) => {
-                let mut b = BytesMut::with_capacity(f.len() + data.len());
+                let mut b = BytesMut::with_capacity(declared.max(f.len() + data.len()));
                 b.extend_from_slice(f);
                 b.extend_from_slice(&data);
                 first = None;
@@ -1416,14 +1488,17 @@ mod tests {
             tap.on_end(BodyEnd::Completed, now);
             // Deferred: the completion task has not run yet (current-thread runtime, no yield).
             assert!(shared.tracker.lock().turns("sb")[0].llm_wait.end.is_none());
-            // The next request settles it first.
+            // The next request tracks it first; the rest of the bookkeeping (metrics,
+            // transcript) stays with the completion task, off the request's path.
             Completions::settle(&shared);
             let turns = shared.tracker.lock().turns("sb");
             assert!(turns[0].llm_wait.end.is_some());
             assert_eq!(turns[0].tool_calls, vec!["bash".to_owned()]);
-            // The spawned task finds nothing left to do.
-            tokio::task::yield_now().await;
             assert_eq!(shared.completions.pending.load(Ordering::Acquire), 0);
+            assert_eq!(shared.completions.unrecorded.load(Ordering::Acquire), 1);
+            // The spawned task does the rest.
+            tokio::task::yield_now().await;
+            assert_eq!(shared.completions.unrecorded.load(Ordering::Acquire), 0);
             assert_eq!(shared.metrics.active_streams.get(), 0);
         });
     }

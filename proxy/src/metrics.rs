@@ -164,7 +164,15 @@ impl Metrics {
             ttft_seconds: Family::new_with_constructor(|| {
                 Histogram::new(exponential_buckets(0.001, 2.0, 19))
             }),
-            added_latency_seconds: Histogram::new(exponential_buckets(0.000_005, 2.0, 17)),
+            // Fine below a millisecond (the target is 100 µs), coarse above.
+            added_latency_seconds: Histogram::new(
+                [
+                    5, 10, 20, 30, 40, 50, 60, 70, 80, 90, 100, 125, 150, 200, 250, 300, 400, 500,
+                    750, 1_000, 2_000, 5_000, 10_000, 20_000, 50_000, 100_000, 200_000, 500_000,
+                ]
+                .into_iter()
+                .map(|us| f64::from(us) / 1e6),
+            ),
             stream_ends: Family::default(),
             proxy_errors: Family::default(),
             turns: Family::default(),

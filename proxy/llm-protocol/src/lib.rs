@@ -44,7 +44,7 @@ mod swar;
 pub mod turns;
 
 pub use api::{ApiKind, classify};
-pub use request::{RequestSummary, ThreadKey, summarize_request};
+pub use request::{RequestSummary, ThreadKey, common_prefix, summarize_request};
 pub use response::{
     ChunkObservation, ResponseObserver, ResponseSummary, StreamEnd, ToolCallSummary, Usage,
 };

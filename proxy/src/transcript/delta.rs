@@ -13,6 +13,7 @@
 //! delta that does not fit its base); the cuts fall on character boundaries of the body
 //! (which is JSON, so UTF-8: a byte starts a character unless it is `10xxxxxx`).
 
+use llm_protocol::common_prefix;
 use serde::{Deserialize, Serialize};
 
 /// How many earlier bodies of a file a new body is compared with (a main-loop request often
@@ -94,21 +95,6 @@ pub fn apply(base: &[u8], d: &Delta) -> Option<Vec<u8>> {
     out.extend_from_slice(d.text.as_bytes());
     out.extend_from_slice(&base[base.len() - suffix..]);
     Some(out)
-}
-
-/// Length of the common prefix: 4 KiB blocks compared whole (`memcmp`), then bytes.
-fn common_prefix(a: &[u8], b: &[u8]) -> usize {
-    const BLOCK: usize = 4096;
-    let n = a.len().min(b.len());
-    let mut i = 0;
-    while i + BLOCK <= n && a[i..i + BLOCK] == b[i..i + BLOCK] {
-        i += BLOCK;
-    }
-    i + a[i..n]
-        .iter()
-        .zip(&b[i..n])
-        .take_while(|(x, y)| x == y)
-        .count()
 }
 
 /// Length of the common suffix (the slices are aligned at their ends).

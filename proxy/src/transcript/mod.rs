@@ -40,7 +40,6 @@
 use std::collections::{HashMap, VecDeque};
 use std::fs::{File, OpenOptions};
 use std::io::{BufWriter, Write};
-use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -243,14 +242,15 @@ const JSON_CLOSE: &[u8] = b"}";
 /// byte what `serde_json` writes for it, without copying its strings and bodies. Hand-written
 /// (see [`crate::jsonw`]) because this runs for every request and is mostly body escaping;
 /// the small nested objects (error, timings, analysis) still go through `serde_json`.
-/// Returns where the request body sits in the line when it is written as JSON (the writer may
-/// replace it with a delta).
+/// A request body written as the JSON it is is left out of `line`: the returned position is
+/// where it goes (the writer writes it there, or a delta in its place, without the body
+/// having been copied).
 fn encode_record(
     x: &Exchange,
     redact: &[HeaderName],
     max_body: u64,
     line: &mut Vec<u8>,
-) -> Option<Range<usize>> {
+) -> Option<usize> {
     use crate::jsonw::{boolean, opt_string, opt_uint, string, uint};
     let req_limit = (max_body as usize).min(x.request_body.len());
     line.clear();
@@ -286,9 +286,7 @@ fn encode_record(
     let mut json_body = None;
     if recorded_as_json(x, req_limit) {
         line.extend_from_slice(JSON_OPEN);
-        let start = line.len();
-        line.extend_from_slice(&x.request_body);
-        json_body = Some(start..line.len());
+        json_body = Some(line.len());
         line.extend_from_slice(JSON_CLOSE);
     } else {
         write_body(line, &x.request_body[..req_limit]);
@@ -753,20 +751,23 @@ impl Transcript {
         let Some(tx) = &self.tx else {
             return true;
         };
-        // Room for the request body as it is and the response body escaped (a quarter more:
-        // `jsonw::string`'s first round), so the line is not copied to grow.
+        // Room for the bodies escaped (a quarter more: `jsonw::string`'s first round), so the
+        // line is not copied to grow.
         let response = x
             .response
             .as_ref()
             .map_or(0, |r| r.body.len().min(r.body_len as usize));
-        let mut line = Vec::with_capacity(x.request_body.len() + response + response / 4 + 4096);
-        let json_body = encode_record(&x, &self.redact, self.max_body_bytes, &mut line);
+        let request = (self.max_body_bytes as usize).min(x.request_body.len());
+        let bodies = request + response;
+        let mut line = Vec::with_capacity(bodies + bodies / 4 + 4096);
+        let json_body = encode_record(&x, &self.redact, self.max_body_bytes, &mut line)
+            .map(|at| (at, x.request_body.clone()));
         let id = x.id;
         let sandbox = x.sandbox.clone();
         let sync = x.sync;
         // The exchange's buffers are freed here, on the thread that allocated them.
         drop(x);
-        let size = line.len() as u64;
+        let size = (line.len() + json_body.as_ref().map_or(0, |(_, b)| b.len())) as u64;
         let q = &self.queue;
         q.bytes.fetch_add(size, Ordering::SeqCst);
         q.records.fetch_add(1, Ordering::SeqCst);
@@ -875,7 +876,7 @@ const BASES_BUDGET: usize = 64 << 20;
 /// The last JSON request bodies written to one file that can serve as bases (record id,
 /// body), oldest first.
 struct Bases {
-    bodies: VecDeque<(u64, Vec<u8>)>,
+    bodies: VecDeque<(u64, Bytes)>,
     /// Bytes held by the bases of every file together (bounded by [`BASES_BUDGET`]).
     held: Arc<AtomicU64>,
 }
@@ -891,12 +892,12 @@ impl Bases {
     /// Keeps `body` (record `id`) as the newest base, unless it is too short to be one
     /// ([`delta::worth_a_delta`]); the oldest go beyond [`delta::BASES`], and while the
     /// writer's budget is exceeded (then this file keeps none).
-    fn push(&mut self, id: u64, body: &[u8]) {
+    fn push(&mut self, id: u64, body: Bytes) {
         if !delta::worth_a_delta(body.len()) {
             return;
         }
-        self.bodies.push_back((id, body.to_vec()));
         self.held.fetch_add(body.len() as u64, Ordering::Relaxed);
+        self.bodies.push_back((id, body));
         while self.bodies.len() > delta::BASES
             || (!self.bodies.is_empty() && self.held.load(Ordering::Relaxed) > BASES_BUDGET as u64)
         {
@@ -907,7 +908,7 @@ impl Bases {
     }
 
     fn iter(&self) -> impl DoubleEndedIterator<Item = (u64, &[u8])> {
-        self.bodies.iter().map(|(id, b)| (*id, b.as_slice()))
+        self.bodies.iter().map(|(id, b)| (*id, &b[..]))
     }
 }
 
@@ -922,24 +923,36 @@ impl Drop for Bases {
 struct Line {
     line: Vec<u8>,
     id: u64,
-    /// Where the request body sits in `line` when it is written as JSON.
-    json_body: Option<Range<usize>>,
+    /// A request body written as JSON, and where in `line` it goes.
+    json_body: Option<(usize, Bytes)>,
+}
+
+impl Line {
+    /// The record's length, body included.
+    fn len(&self) -> usize {
+        self.line.len() + self.json_body.as_ref().map_or(0, |(_, b)| b.len())
+    }
 }
 
 /// Writes a record: as encoded, or with its JSON request body as a delta against one of the
 /// file's `bases` when that saves enough (see [`delta`]). Returns the bytes written.
 fn write_record(out: &mut impl Write, rec: &Line, bases: &Bases) -> std::io::Result<u64> {
     let line = &rec.line;
-    let chosen = rec.json_body.as_ref().and_then(|at| {
-        let body = &line[at.clone()];
-        let (base, prefix, suffix) = delta::choose(bases.iter(), body)?;
-        // The body parsed as JSON, so it is UTF-8 and the cuts fall between characters.
-        let text = std::str::from_utf8(&body[prefix..body.len() - suffix]).ok()?;
-        Some((at, text, base, prefix, suffix))
-    });
-    let Some((at, text, base, prefix, suffix)) = chosen else {
+    let Some((at, body)) = &rec.json_body else {
         out.write_all(line)?;
         return Ok(line.len() as u64);
+    };
+    let at = *at;
+    let chosen = delta::choose(bases.iter(), body).and_then(|(base, prefix, suffix)| {
+        // The body parsed as JSON, so it is UTF-8 and the cuts fall between characters.
+        let text = std::str::from_utf8(&body[prefix..body.len() - suffix]).ok()?;
+        Some((text, base, prefix, suffix))
+    });
+    let Some((text, base, prefix, suffix)) = chosen else {
+        out.write_all(&line[..at])?;
+        out.write_all(body)?;
+        out.write_all(&line[at..])?;
+        return Ok(rec.len() as u64);
     };
     let mut d = Vec::with_capacity(text.len() + 96);
     d.extend_from_slice(b"{\"delta\":{\"base\":");
@@ -951,8 +964,8 @@ fn write_record(out: &mut impl Write, rec: &Line, bases: &Bases) -> std::io::Res
     d.extend_from_slice(b",\"text\":");
     crate::jsonw::string(&mut d, text);
     d.extend_from_slice(b"}}");
-    let head = &line[..at.start - JSON_OPEN.len()];
-    let tail = &line[at.end + JSON_CLOSE.len()..];
+    let head = &line[..at - JSON_OPEN.len()];
+    let tail = &line[at + JSON_CLOSE.len()..];
     out.write_all(head)?;
     out.write_all(&d)?;
     out.write_all(tail)?;
@@ -1002,7 +1015,7 @@ impl Writer {
                         record,
                         sync,
                     } => {
-                        bytes += record.line.len() as u64;
+                        bytes += record.len() as u64;
                         if let Err(e) = self.write_line(sandbox.as_str(), record, sync) {
                             self.hooks.write_error(&e);
                         }
@@ -1065,13 +1078,13 @@ impl Writer {
     }
 
     fn write_line(&mut self, sandbox: &str, rec: Line, sync: bool) -> Result<(), TranscriptError> {
-        let line = &rec.line;
+        let len = rec.len() as u64;
         // The path is built only when a file is opened or an error is reported (not per line).
         let path = |dir: &Path| transcript_path(dir, sandbox);
         let needs_rotation = self
             .files
             .get(sandbox)
-            .map(|f| f.size > 0 && f.size + line.len() as u64 > self.settings.max_file_bytes)
+            .map(|f| f.size > 0 && f.size + len > self.settings.max_file_bytes)
             .unwrap_or(false);
         if needs_rotation {
             if let Some(mut f) = self.files.remove(sandbox) {
@@ -1105,7 +1118,7 @@ impl Writer {
                     bases: Bases::new(self.bases_held.clone()),
                 },
             );
-            if size > 0 && size + line.len() as u64 > self.settings.max_file_bytes {
+            if size > 0 && size + len > self.settings.max_file_bytes {
                 // An existing file from an earlier run is already full.
                 self.files.remove(sandbox);
                 self.rotate(sandbox)?;
@@ -1122,8 +1135,8 @@ impl Writer {
         f.size += written;
         f.dirty = true;
         f.needs_sync |= sync;
-        if let Some(body) = rec.json_body {
-            f.bases.push(rec.id, &rec.line[body]);
+        if let Some((_, body)) = rec.json_body {
+            f.bases.push(rec.id, body);
         }
         Ok(())
     }
@@ -1221,6 +1234,13 @@ mod tests {
     // ---- the `serde_json` reference encoding ----
 
     /// The former `serde_json` encoder: the reference the hand-written one must match.
+    /// The whole line: [`encode_record`]'s, with the JSON body where it goes.
+    fn encode_whole(x: &Exchange, redact: &[HeaderName], max_body: u64, line: &mut Vec<u8>) {
+        if let Some(at) = encode_record(x, redact, max_body, line) {
+            line.splice(at..at, x.request_body.iter().copied());
+        }
+    }
+
     fn serde_encode_record(x: &Exchange, redact: &[HeaderName], max_body: u64, line: &mut Vec<u8>) {
         let req_limit = (max_body as usize).min(x.request_body.len());
         let response_body: &[u8] = x.response.as_ref().map_or(&[], |r| &r.body);
@@ -1427,7 +1447,7 @@ mod tests {
             (&pretty, 1024),
         ] {
             let (mut ours, mut theirs) = (Vec::new(), Vec::new());
-            encode_record(x, &redact, max_body, &mut ours);
+            encode_whole(x, &redact, max_body, &mut ours);
             serde_encode_record(x, &redact, max_body, &mut theirs);
             assert_eq!(
                 String::from_utf8_lossy(&ours),
@@ -1451,7 +1471,7 @@ mod tests {
         let redact = [];
         let record = |x: &Exchange, max_body: u64| {
             let mut line = Vec::new();
-            encode_record(x, &redact, max_body, &mut line);
+            encode_whole(x, &redact, max_body, &mut line);
             assert_eq!(line.iter().filter(|&&b| b == b'\n').count(), 1, "one line");
             let rec: TranscriptRecord =
                 serde_json::from_slice(&line).expect("a record line parses");
@@ -1793,19 +1813,19 @@ mod tests {
         let mut a = Bases::new(held.clone());
         let mut b = Bases::new(held.clone());
         for id in 0..10 {
-            a.push(id, &[b'a'; 1000]);
+            a.push(id, Bytes::from(vec![b'a'; 1000]));
         }
         assert_eq!(
             a.iter().map(|(id, _)| id).collect::<Vec<_>>(),
             vec![6, 7, 8, 9]
         );
-        b.push(1, &[b'b'; 500]);
+        b.push(1, Bytes::from(vec![b'b'; 500]));
         assert_eq!(held.load(Ordering::Relaxed), 4500);
         // A body too short to serve as a base is not kept.
-        b.push(3, &[b'd'; 10]);
+        b.push(3, Bytes::from(vec![b'd'; 10]));
         assert_eq!(b.iter().map(|(id, _)| id).collect::<Vec<_>>(), vec![1]);
         // A body past the writer's budget is not kept, and the file's older bases go first.
-        b.push(2, &vec![b'c'; BASES_BUDGET]);
+        b.push(2, Bytes::from(vec![b'c'; BASES_BUDGET]));
         assert_eq!(b.iter().count(), 0);
         assert_eq!(held.load(Ordering::Relaxed), 4000);
         drop(a);

@@ -12,11 +12,13 @@
 //! pure function of the raw bytes, so a hit gives what parsing would give; a forged
 //! collision would need the seed. Memory is bounded: two generations of at most
 //! [`SummaryCache::GENERATION`] messages each; a message seen in the older generation moves
-//! to the newer one, and when the newer one is full the older one is dropped.
+//! to the newer one, and when the newer one is full the older one is dropped. The previous body
+//! is kept too (see `parts.rs`): [`SummaryCache::weight`] tells the caller what it holds.
 
 use std::collections::HashMap;
 use std::hash::{BuildHasher, Hasher};
 
+use super::parts::Layout;
 use crate::canonical::Digest;
 
 /// A message's role, as far as summaries care.
@@ -89,6 +91,9 @@ pub struct SummaryCache {
     /// The text of the newest user message parsed (the final user message of the request
     /// that brought it, which the side-call hints read).
     user_text: Option<(Key, String)>,
+    /// Where the parts of the previous body were (a body that continues it is read from
+    /// where they differ).
+    pub(super) layout: Layout,
 }
 
 impl Default for SummaryCache {
@@ -112,12 +117,18 @@ impl SummaryCache {
             system: None,
             tools: None,
             user_text: None,
+            layout: Layout::default(),
         }
     }
 
     /// Messages remembered.
     pub fn len(&self) -> usize {
         self.newer.len() + self.older.len()
+    }
+
+    /// Bytes held, roughly (the previous body and the messages' digests).
+    pub fn weight(&self) -> usize {
+        self.layout.bytes() + self.len() * 64
     }
 
     /// Whether nothing is remembered.

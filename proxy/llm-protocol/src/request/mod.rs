@@ -26,7 +26,6 @@ mod parts;
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
-use serde_json::value::RawValue;
 
 use crate::ProtocolError;
 use crate::api::ApiKind;
@@ -34,7 +33,8 @@ use crate::canonical::{Digest, hash_item, hash_system, hash_system_list, hash_us
 use crate::turns::SideKind;
 pub use memo::SummaryCache;
 use memo::{Ctx, ItemMemo, Role, SystemMemo};
-use parts::{Items, Top};
+pub use parts::common_prefix;
+use parts::{Field, Items, Top};
 
 /// What one request says, as far as turn tracking and the transcript care.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -112,21 +112,47 @@ pub fn summarize_request_with(
         return Err(ProtocolError::UnsupportedApi);
     }
     // Only the fields read below are parsed; the parser skips the others (nesting included,
-    // without recursion) and checks that the whole body is JSON.
-    let top: Top<'_> = crate::lenient::from_json_bytes(body).map_err(|e| top_error(body, e))?;
+    // without recursion) and checks that the whole body is JSON. A body that continues the
+    // sandbox's previous one is read from where they differ.
+    let text = std::str::from_utf8(body).ok();
+    let input = api == ApiKind::Responses;
+    let top: Top<'_> = match text.and_then(|t| memo.layout.resume(t, input)) {
+        Some(read) => read,
+        None => crate::lenient::from_json_bytes(body),
+    }
+    .map_err(|e| top_error(body, e))?;
+    let summary = summarize_top(api, body, &top, memo)?;
+    if let Some(text) = text {
+        memo.layout.remember(text, &top, input);
+    }
+    Ok(summary)
+}
 
-    let model = scalar(top.model)?.and_then(|v| v.as_str().map(str::to_owned));
-    let stream = scalar(top.stream)?.and_then(|v| v.as_bool()) == Some(true);
+/// The summary of a body whose top level `top` was read.
+fn summarize_top(
+    api: ApiKind,
+    body: &[u8],
+    top: &Top<'_>,
+    memo: &mut SummaryCache,
+) -> Result<RequestSummary, ProtocolError> {
+    let model = scalar(top.get(Field::Model))?.and_then(|v| v.as_str().map(str::to_owned));
+    let stream = scalar(top.get(Field::Stream))?.and_then(|v| v.as_bool()) == Some(true);
     let mut max_output_tokens = None;
-    for raw in top.max_tokens {
-        if let Some(n) = scalar(raw)?.and_then(|v| v.as_u64()) {
+    for f in [
+        Field::MaxTokens,
+        Field::MaxCompletionTokens,
+        Field::MaxOutputTokens,
+    ] {
+        if let Some(n) = scalar(top.get(f))?.and_then(|v| v.as_u64()) {
             max_output_tokens = Some(n);
             break;
         }
     }
     let body_digest = Digest::of_bytes(body).to_hex();
-    let functions = top.functions.filter(|_| api == ApiKind::ChatCompletions);
-    let tools = tools(memo, top.tools, functions)?;
+    let functions = top
+        .get(Field::Functions)
+        .filter(|_| api == ApiKind::ChatCompletions);
+    let tools = tools(memo, top.get(Field::Tools), functions)?;
 
     let mut texts = PromptTexts {
         max_output_tokens,
@@ -149,13 +175,18 @@ pub fn summarize_request_with(
         }
         ApiKind::AnthropicMessages | ApiKind::AnthropicCountTokens => {
             let list = required_list(&top.messages, "messages")?;
-            let system = system_field(memo, top.system, "system", &mut texts)?;
+            let system = system_field(memo, top.get(Field::System), "system", &mut texts)?;
             let items = items(memo, Ctx::Message, list)?;
             texts.last_user = final_user_text(memo, list, &items)?;
             (system, items)
         }
         ApiKind::Responses => {
-            let system = system_field(memo, top.instructions, "instructions", &mut texts)?;
+            let system = system_field(
+                memo,
+                top.get(Field::Instructions),
+                "instructions",
+                &mut texts,
+            )?;
             let items = match &top.input {
                 Items::Absent => Vec::new(),
                 // A string input is one user message.
@@ -187,8 +218,8 @@ pub fn summarize_request_with(
         ApiKind::Other => return Err(ProtocolError::UnsupportedApi),
     };
     let previous_response_id =
-        scalar(top.previous_response_id)?.and_then(|v| v.as_str().map(str::to_owned));
-    let conversation_id = match scalar(top.conversation)? {
+        scalar(top.get(Field::PreviousResponseId))?.and_then(|v| v.as_str().map(str::to_owned));
+    let conversation_id = match scalar(top.get(Field::Conversation))? {
         Some(Value::String(id)) => Some(id),
         Some(Value::Object(o)) => o.get("id").and_then(Value::as_str).map(str::to_owned),
         _ => None,
@@ -232,14 +263,14 @@ fn parse(raw: &str) -> Result<Value, ProtocolError> {
     })
 }
 
-fn scalar(raw: Option<&RawValue>) -> Result<Option<Value>, ProtocolError> {
-    raw.map(|r| parse(r.get())).transpose()
+fn scalar(raw: Option<&str>) -> Result<Option<Value>, ProtocolError> {
+    raw.map(parse).transpose()
 }
 
 fn required_list<'i, 'a>(
     items: &'i Items<'a>,
     field: &'static str,
-) -> Result<&'i [&'a RawValue], ProtocolError> {
+) -> Result<&'i [&'a str], ProtocolError> {
     match items {
         Items::List(list) => Ok(list),
         Items::Absent => Err(ProtocolError::MissingField { field }),
@@ -254,15 +285,15 @@ fn required_list<'i, 'a>(
 fn items(
     memo: &mut SummaryCache,
     ctx: Ctx,
-    list: &[&RawValue],
+    list: &[&str],
 ) -> Result<Vec<(memo::Key, ItemMemo)>, ProtocolError> {
     let mut out = Vec::with_capacity(list.len());
     for raw in list {
-        let key = memo.key(ctx, raw.get());
+        let key = memo.key(ctx, raw);
         let m = match memo.item(key) {
             Some(m) => m,
             None => {
-                let m = item_memo(ctx, &parse(raw.get())?);
+                let m = item_memo(ctx, &parse(raw)?);
                 memo.put_item(key, m);
                 m
             }
@@ -304,7 +335,7 @@ fn item_memo(ctx: Ctx, item: &Value) -> ItemMemo {
 /// earlier user message is the agent's task, whose wording must not make it a side call.
 fn final_user_text(
     memo: &mut SummaryCache,
-    list: &[&RawValue],
+    list: &[&str],
     items: &[(memo::Key, ItemMemo)],
 ) -> Result<Option<String>, ProtocolError> {
     let (Some(raw), Some((key, m))) = (list.last(), items.last()) else {
@@ -316,7 +347,7 @@ fn final_user_text(
     if let Some(text) = memo.user_text(*key) {
         return Ok(Some(text.to_owned()));
     }
-    let Some(content) = parse(raw.get())?.get_mut("content").map(Value::take) else {
+    let Some(content) = parse(raw)?.get_mut("content").map(Value::take) else {
         return Ok(None);
     };
     let mut text = String::new();
@@ -328,16 +359,16 @@ fn final_user_text(
 /// The leading system messages of a Chat request: the prompt's digest and texts.
 fn chat_system(
     memo: &mut SummaryCache,
-    leading: &[&RawValue],
+    leading: &[&str],
     texts: &mut PromptTexts,
 ) -> Result<Digest, ProtocolError> {
-    let key = memo.key_of_parts(Ctx::ChatSystem, leading.iter().map(|r| Some(r.get())));
+    let key = memo.key_of_parts(Ctx::ChatSystem, leading.iter().map(|r| Some(*r)));
     if let Some(m) = memo.system(key) {
         return Ok(texts.use_system(m));
     }
     let messages = leading
         .iter()
-        .map(|r| parse(r.get()))
+        .map(|r| parse(r))
         .collect::<Result<Vec<_>, _>>()?;
     let mut t = PromptTexts::default();
     for m in &messages {
@@ -355,16 +386,16 @@ fn chat_system(
 /// A `system` (Anthropic) or `instructions` (Responses) field: a string or a list of blocks.
 fn system_field(
     memo: &mut SummaryCache,
-    raw: Option<&RawValue>,
+    raw: Option<&str>,
     field: &'static str,
     texts: &mut PromptTexts,
 ) -> Result<Option<Digest>, ProtocolError> {
     let Some(raw) = raw else { return Ok(None) };
-    let key = memo.key(Ctx::SystemField, raw.get());
+    let key = memo.key(Ctx::SystemField, raw);
     if let Some(m) = memo.system(key) {
         return Ok(Some(texts.use_system(m)));
     }
-    let value = parse(raw.get())?;
+    let value = parse(raw)?;
     if !matches!(value, Value::String(_) | Value::Array(_)) {
         return Err(ProtocolError::WrongType {
             field,
@@ -384,13 +415,13 @@ fn system_field(
 /// The names of the tools offered (`functions`: Chat's legacy list, when present).
 fn tools(
     memo: &mut SummaryCache,
-    tools: Option<&RawValue>,
-    functions: Option<&RawValue>,
+    tools: Option<&str>,
+    functions: Option<&str>,
 ) -> Result<Vec<String>, ProtocolError> {
     if tools.is_none() && functions.is_none() {
         return Ok(Vec::new());
     }
-    let key = memo.key_of_parts(Ctx::Tools, [tools, functions].map(|r| r.map(RawValue::get)));
+    let key = memo.key_of_parts(Ctx::Tools, [tools, functions]);
     if let Some(names) = memo.tools(key) {
         return Ok(names.to_vec());
     }
@@ -984,6 +1015,53 @@ mod tests {
         }
     }
 
+    /// A body read as the continuation of the previous one (the memo's layout) is read as a
+    /// whole read reads it, whatever was changed after the common part: bytes replaced by
+    /// JSON's structural characters, inserted, or the body cut short.
+    #[test]
+    fn a_body_changed_anywhere_reads_as_when_read_whole() {
+        let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = move |n: usize| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            (seed % n as u64) as usize
+        };
+        let specials = b",]}[{\":\\ 1nx";
+        let mut resumed = 0;
+        for body in fixture_requests() {
+            for _ in 0..40 {
+                let mut changed = body.clone();
+                let at = next(body.len());
+                match next(3) {
+                    0 => changed[at] = specials[next(specials.len())],
+                    1 => changed.insert(at, specials[next(specials.len())]),
+                    _ => changed.truncate(at),
+                }
+                for api in [
+                    ApiKind::ChatCompletions,
+                    ApiKind::Responses,
+                    ApiKind::AnthropicMessages,
+                ] {
+                    let mut memo = SummaryCache::default();
+                    let _ = summarize_request_with(api, &body, &mut memo);
+                    if let Ok(text) = std::str::from_utf8(&changed) {
+                        resumed += usize::from(
+                            memo.layout
+                                .resume(text, api == ApiKind::Responses)
+                                .is_some(),
+                        );
+                    }
+                    same(
+                        &summarize_request(api, &changed),
+                        &summarize_request_with(api, &changed, &mut memo),
+                    );
+                }
+            }
+        }
+        assert!(resumed > 500, "{resumed}");
+    }
+
     /// A growing conversation parses each message once: the memo gains exactly the messages
     /// each step adds, and a retry adds nothing.
     #[test]
@@ -995,6 +1073,9 @@ mod tests {
             messages.push(json!({"role": "assistant", "content": format!("done {step}")}));
             let body = serde_json::to_vec(&json!({"model": "m", "messages": messages})).unwrap();
             let before = memo.len();
+            // Every step after the first is read from where it differs from the one before.
+            let text = std::str::from_utf8(&body).unwrap();
+            assert_eq!(memo.layout.resume(text, false).is_some(), step > 0);
             let s = summarize_request_with(ApiKind::ChatCompletions, &body, &mut memo).unwrap();
             assert_eq!(memo.len(), before + if step == 0 { 3 } else { 2 });
             assert_eq!(

@@ -2,15 +2,22 @@
 //!
 //! A request body is mostly its conversation: an agent re-sends every message with every
 //! step. [`Top`] reads the body's top-level object once, keeping the fields a summary looks
-//! at as borrowed raw JSON slices and the conversation (`messages` / `input`) as one raw slice
-//! per item; everything else is skipped by the parser without being built. The caller parses
-//! the slices it needs into `serde_json::Value`s, so every field is read exactly as a `Value`
-//! walk of the whole body reads it:
+//! at as raw JSON text and the conversation (`messages` / `input`) as one raw slice per item;
+//! everything else is skipped by the parser without being built. The caller parses the slices
+//! it needs into `serde_json::Value`s, so every field is read exactly as a `Value` walk of the
+//! whole body reads it:
 //! - a key given twice counts with its last value (as `serde_json::Map` keeps it);
 //! - `null` is the same as absent for every field read here.
+//!
+//! [`Layout`] goes further: it remembers where things were in the sandbox's previous body. A
+//! body that starts with the same bytes as that one, up to the end of some of its messages,
+//! is in the same parser state there (inside the conversation, after that message), so only
+//! the rest is read ([`Layout::resume`]): an agent's step reads what it added, not the whole
+//! conversation again.
 
 use std::borrow::Cow;
 use std::fmt;
+use std::ops::Range;
 
 use serde::de::{Deserialize, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
 use serde_json::value::RawValue;
@@ -23,69 +30,78 @@ pub(super) enum Items<'a> {
     Absent,
     /// A string (a Responses `input` given as one user text).
     Text(Cow<'a, str>),
-    /// A list: each element's raw JSON.
-    List(Vec<&'a RawValue>),
+    /// A list: each element's raw JSON text.
+    List(Vec<&'a str>),
     /// A number, a boolean or an object.
     Other,
 }
 
-/// The fields of a request body a summary reads.
-#[derive(Debug, Default)]
-pub(super) struct Top<'a> {
-    pub model: Option<&'a RawValue>,
-    pub stream: Option<&'a RawValue>,
-    /// `max_tokens`, `max_completion_tokens`, `max_output_tokens`, in that order.
-    pub max_tokens: [Option<&'a RawValue>; 3],
-    pub tools: Option<&'a RawValue>,
-    pub functions: Option<&'a RawValue>,
-    pub system: Option<&'a RawValue>,
-    pub instructions: Option<&'a RawValue>,
-    pub previous_response_id: Option<&'a RawValue>,
-    pub conversation: Option<&'a RawValue>,
-    pub messages: Items<'a>,
-    pub input: Items<'a>,
-}
-
-enum Field {
+/// The scalar-or-small fields a summary reads, by index into [`Top::fields`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Field {
     Model,
     Stream,
-    MaxTokens(usize),
+    MaxTokens,
+    MaxCompletionTokens,
+    MaxOutputTokens,
     Tools,
     Functions,
     System,
     Instructions,
     PreviousResponseId,
     Conversation,
+}
+
+const FIELDS: usize = 11;
+
+/// The fields of a request body a summary reads, as raw JSON text (`null` is `None`).
+#[derive(Debug, Default)]
+pub(super) struct Top<'a> {
+    pub fields: [Option<&'a str>; FIELDS],
+    pub messages: Items<'a>,
+    pub input: Items<'a>,
+    /// No field read here appeared twice: positions describe the body exactly.
+    clean: bool,
+}
+
+impl<'a> Top<'a> {
+    pub(super) fn get(&self, f: Field) -> Option<&'a str> {
+        self.fields[f as usize]
+    }
+}
+
+enum Key {
+    Field(Field),
     Messages,
     Input,
     Other,
 }
 
-impl<'de> Deserialize<'de> for Field {
+impl<'de> Deserialize<'de> for Key {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         struct V;
         impl Visitor<'_> for V {
-            type Value = Field;
+            type Value = Key;
             fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
                 f.write_str("an object key")
             }
-            fn visit_str<E>(self, key: &str) -> Result<Field, E> {
-                Ok(match key {
+            fn visit_str<E>(self, key: &str) -> Result<Key, E> {
+                Ok(Key::Field(match key {
                     "model" => Field::Model,
                     "stream" => Field::Stream,
-                    "max_tokens" => Field::MaxTokens(0),
-                    "max_completion_tokens" => Field::MaxTokens(1),
-                    "max_output_tokens" => Field::MaxTokens(2),
+                    "max_tokens" => Field::MaxTokens,
+                    "max_completion_tokens" => Field::MaxCompletionTokens,
+                    "max_output_tokens" => Field::MaxOutputTokens,
                     "tools" => Field::Tools,
                     "functions" => Field::Functions,
                     "system" => Field::System,
                     "instructions" => Field::Instructions,
                     "previous_response_id" => Field::PreviousResponseId,
                     "conversation" => Field::Conversation,
-                    "messages" => Field::Messages,
-                    "input" => Field::Input,
-                    _ => Field::Other,
-                })
+                    "messages" => return Ok(Key::Messages),
+                    "input" => return Ok(Key::Input),
+                    _ => return Ok(Key::Other),
+                }))
             }
         }
         d.deserialize_identifier(V)
@@ -101,33 +117,34 @@ impl<'de: 'a, 'a> Deserialize<'de> for Top<'a> {
                 f.write_str("a json object")
             }
             fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Top<'de>, A::Error> {
-                let mut top = Top::default();
-                while let Some(field) = map.next_key::<Field>()? {
-                    // `Option`: a `null` value reads as `None`, as if absent.
-                    let slot = match field {
-                        Field::Messages => {
+                let mut top = Top {
+                    clean: true,
+                    ..Top::default()
+                };
+                let mut seen = [false; FIELDS + 2];
+                while let Some(key) = map.next_key::<Key>()? {
+                    let i = match key {
+                        Key::Field(f) => {
+                            // `Option`: a `null` value reads as `None`, as if absent.
+                            top.fields[f as usize] = map
+                                .next_value::<Option<&'de RawValue>>()?
+                                .map(RawValue::get);
+                            f as usize
+                        }
+                        Key::Messages => {
                             top.messages = map.next_value()?;
-                            continue;
+                            FIELDS
                         }
-                        Field::Input => {
+                        Key::Input => {
                             top.input = map.next_value()?;
-                            continue;
+                            FIELDS + 1
                         }
-                        Field::Other => {
+                        Key::Other => {
                             map.next_value::<IgnoredAny>()?;
                             continue;
                         }
-                        Field::Model => &mut top.model,
-                        Field::Stream => &mut top.stream,
-                        Field::MaxTokens(i) => &mut top.max_tokens[i],
-                        Field::Tools => &mut top.tools,
-                        Field::Functions => &mut top.functions,
-                        Field::System => &mut top.system,
-                        Field::Instructions => &mut top.instructions,
-                        Field::PreviousResponseId => &mut top.previous_response_id,
-                        Field::Conversation => &mut top.conversation,
                     };
-                    *slot = map.next_value::<Option<&'de RawValue>>()?;
+                    top.clean &= !std::mem::replace(&mut seen[i], true);
                 }
                 Ok(top)
             }
@@ -147,7 +164,7 @@ impl<'de: 'a, 'a> Deserialize<'de> for Items<'a> {
             fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Items<'de>, A::Error> {
                 let mut items = Vec::with_capacity(seq.size_hint().unwrap_or(16));
                 while let Some(item) = seq.next_element::<&'de RawValue>()? {
-                    items.push(item);
+                    items.push(item.get());
                 }
                 Ok(Items::List(items))
             }
@@ -184,6 +201,194 @@ impl<'de: 'a, 'a> Deserialize<'de> for Items<'a> {
     }
 }
 
+/// Where `part` (a slice of `whole`) starts in `whole`.
+fn offset(whole: &str, part: &str) -> usize {
+    part.as_ptr() as usize - whole.as_ptr() as usize
+}
+
+/// Length of the common prefix of two byte strings: 4 KiB blocks compared whole (`memcmp`),
+/// then bytes.
+pub fn common_prefix(a: &[u8], b: &[u8]) -> usize {
+    const BLOCK: usize = 4096;
+    let n = a.len().min(b.len());
+    let mut i = 0;
+    while i + BLOCK <= n && a[i..i + BLOCK] == b[i..i + BLOCK] {
+        i += BLOCK;
+    }
+    i + a[i..n]
+        .iter()
+        .zip(&b[i..n])
+        .take_while(|(x, y)| x == y)
+        .count()
+}
+
+/// Where a body's parts were: the body, its conversation's items, and the fields read
+/// before the conversation. Kept only for a body whose read fields each appeared once and
+/// whose conversation is a non-empty list and the only conversation field.
+#[derive(Debug, Default)]
+pub(super) struct Layout {
+    body: String,
+    /// `true`: the conversation is `input` (Responses); else `messages`.
+    input: bool,
+    items: Vec<Range<usize>>,
+    before: Vec<(Field, Range<usize>)>,
+}
+
+impl Layout {
+    /// Bytes held.
+    pub(super) fn bytes(&self) -> usize {
+        self.body.capacity() + self.items.capacity() * 16 + self.before.capacity() * 24
+    }
+
+    /// Remembers `top`, read from `text`, with `input` telling which field is the
+    /// conversation; forgets the previous body when `top` cannot be resumed from.
+    pub(super) fn remember(&mut self, text: &str, top: &Top<'_>, input: bool) {
+        self.items.clear();
+        self.before.clear();
+        let (conv, other) = if input {
+            (&top.input, &top.messages)
+        } else {
+            (&top.messages, &top.input)
+        };
+        let Items::List(items) = conv else { return };
+        if !top.clean || items.is_empty() || !matches!(other, Items::Absent) {
+            return;
+        }
+        let start = offset(text, items[0]);
+        self.items.extend(
+            items
+                .iter()
+                .map(|i| offset(text, i)..offset(text, i) + i.len()),
+        );
+        for (i, f) in top.fields.iter().enumerate() {
+            if let Some(f) = f
+                && offset(text, f) < start
+            {
+                self.before
+                    .push((FIELD_LIST[i], offset(text, f)..offset(text, f) + f.len()));
+            }
+        }
+        self.input = input;
+        self.body.clear();
+        self.body.push_str(text);
+    }
+
+    /// Reads `text` as the remembered body continued: the fields before the conversation and
+    /// its first items where they were, the rest read from where they end. `None` when `text`
+    /// does not start like the remembered body up to the end of an item, or when the rest is
+    /// not what a resumed read can take (a conversation field again); the caller then reads
+    /// the whole body. Invalid JSON after the common part is an error, as for a whole read.
+    pub(super) fn resume<'a>(
+        &self,
+        text: &'a str,
+        input: bool,
+    ) -> Option<Result<Top<'a>, serde_json::Error>> {
+        if self.items.is_empty() || input != self.input {
+            return None;
+        }
+        let same = common_prefix(self.body.as_bytes(), text.as_bytes());
+        // Items wholly in the common part, and the fields before them.
+        let kept = self.items.partition_point(|r| r.end <= same);
+        if kept == 0 || self.before.iter().any(|(_, r)| r.end > same) {
+            return None;
+        }
+        let end = self.items[kept - 1].end;
+        // The rest: `, item, ... ]` then `, "key": value, ... }` or `}`. Read as a list of
+        // the remaining items, then as an object of the remaining fields.
+        let rest = text[end..].trim_start_matches(JSON_SPACE);
+        let after_sep = match rest.as_bytes().first() {
+            Some(b',') => &rest[1..],
+            Some(b']') => rest,
+            _ => return Some(Err(serde::de::Error::custom("expected `,` or `]`"))),
+        };
+        let mut list = String::with_capacity(after_sep.len() + 1);
+        list.push('[');
+        list.push_str(after_sep);
+        let mut stream = serde_json::Deserializer::from_str(&list).into_iter::<Vec<&RawValue>>();
+        let new_items = match stream.next()? {
+            Ok(v) => v,
+            Err(e) => return Some(Err(e)),
+        };
+        let list_end = stream.byte_offset();
+        // Positions in `list` map back to `text` by a fixed shift.
+        let shift = |s: &str| offset(text, after_sep) + offset(&list, s) - 1;
+        let tail = list[list_end..].trim_start_matches(JSON_SPACE);
+        let mut top = Top {
+            clean: true,
+            ..Top::default()
+        };
+        match tail.as_bytes().first() {
+            Some(b'}') => {
+                if !tail[1..].trim_start_matches(JSON_SPACE).is_empty() {
+                    return Some(Err(serde::de::Error::custom("trailing characters")));
+                }
+            }
+            Some(b',') => {
+                let mut object = String::with_capacity(tail.len());
+                object.push('{');
+                object.push_str(&tail[1..]);
+                let rest: Top<'_> = match serde_json::from_str(&object) {
+                    Ok(t) => t,
+                    Err(e) => return Some(Err(e)),
+                };
+                if !matches!(rest.messages, Items::Absent) || !matches!(rest.input, Items::Absent) {
+                    return None;
+                }
+                // `object` is `tail` with its comma replaced by a brace: same positions.
+                let base = shift(tail);
+                for (i, f) in rest.fields.iter().enumerate() {
+                    top.fields[i] = f.map(|f| {
+                        let at = base + offset(&object, f);
+                        &text[at..at + f.len()]
+                    });
+                }
+                top.clean = rest.clean;
+            }
+            _ => return Some(Err(serde::de::Error::custom("expected `,` or `}`"))),
+        }
+        for (f, r) in &self.before {
+            // A field read again after the conversation counts with its last value.
+            let slot = &mut top.fields[*f as usize];
+            if slot.is_none() {
+                *slot = Some(&text[r.clone()]);
+            } else {
+                top.clean = false;
+            }
+        }
+        let mut items: Vec<&'a str> = self.items[..kept]
+            .iter()
+            .map(|r| &text[r.clone()])
+            .collect();
+        items.extend(new_items.iter().map(|i| {
+            let at = shift(i.get());
+            &text[at..at + i.get().len()]
+        }));
+        if input {
+            top.input = Items::List(items);
+        } else {
+            top.messages = Items::List(items);
+        }
+        Some(Ok(top))
+    }
+}
+
+/// JSON's whitespace (not Unicode's).
+const JSON_SPACE: [char; 4] = [' ', '\t', '\n', '\r'];
+
+const FIELD_LIST: [Field; FIELDS] = [
+    Field::Model,
+    Field::Stream,
+    Field::MaxTokens,
+    Field::MaxCompletionTokens,
+    Field::MaxOutputTokens,
+    Field::Tools,
+    Field::Functions,
+    Field::System,
+    Field::Instructions,
+    Field::PreviousResponseId,
+    Field::Conversation,
+];
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -198,37 +403,98 @@ mod tests {
             r#"{"model":"m","x":{"deep":[1,2,{"y":null}]},"stream":true,"max_output_tokens":5,
                "messages":[{"role":"user","content":"a\"b"}, "s", 3],"tools":[{"name":"t"}]}"#,
         );
-        assert_eq!(t.model.unwrap().get(), r#""m""#);
-        assert_eq!(t.stream.unwrap().get(), "true");
-        assert!(t.max_tokens[0].is_none());
-        assert_eq!(t.max_tokens[2].unwrap().get(), "5");
-        assert_eq!(t.tools.unwrap().get(), r#"[{"name":"t"}]"#);
+        assert_eq!(t.get(Field::Model), Some(r#""m""#));
+        assert_eq!(t.get(Field::Stream), Some("true"));
+        assert!(t.get(Field::MaxTokens).is_none());
+        assert_eq!(t.get(Field::MaxOutputTokens), Some("5"));
+        assert_eq!(t.get(Field::Tools), Some(r#"[{"name":"t"}]"#));
         let Items::List(items) = t.messages else {
             panic!("{:?}", t.messages)
         };
-        let raw: Vec<&str> = items.iter().map(|i| i.get()).collect();
-        assert_eq!(raw, [r#"{"role":"user","content":"a\"b"}"#, r#""s""#, "3"]);
+        assert_eq!(
+            items,
+            [r#"{"role":"user","content":"a\"b"}"#, r#""s""#, "3"]
+        );
         assert!(matches!(t.input, Items::Absent));
+        assert!(t.clean);
     }
 
     #[test]
     fn the_last_of_a_repeated_key_counts_and_null_is_absent() {
         let t = top(r#"{"model":"a","model":"b","messages":[1],"messages":null,"system":null}"#);
-        assert_eq!(t.model.unwrap().get(), r#""b""#);
+        assert_eq!(t.get(Field::Model), Some(r#""b""#));
         assert!(matches!(t.messages, Items::Absent));
-        assert!(t.system.is_none());
+        assert!(t.get(Field::System).is_none());
+        assert!(!t.clean);
         let t = top(r#"{"input":"hi \u00e9","messages":{"a":1}}"#);
         assert!(matches!(t.input, Items::Text(ref s) if s == "hi é"));
         assert!(matches!(t.messages, Items::Other));
         // An escaped key is the same key.
         let t = top(r#"{"mod\u0065l":"m"}"#);
-        assert_eq!(t.model.unwrap().get(), r#""m""#);
+        assert_eq!(t.get(Field::Model), Some(r#""m""#));
     }
 
     #[test]
     fn not_an_object_or_not_json_is_an_error() {
         for text in ["[1]", "1", "\"s\"", "{\"model\":", "{} x", ""] {
             assert!(serde_json::from_str::<Top<'_>>(text).is_err(), "{text}");
+        }
+    }
+
+    fn fields(t: &Top<'_>) -> Vec<Option<String>> {
+        t.fields.iter().map(|f| f.map(str::to_owned)).collect()
+    }
+
+    fn items(t: &Items<'_>) -> Vec<String> {
+        match t {
+            Items::List(l) => l.iter().map(|s| (*s).to_owned()).collect(),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    /// A resumed read gives what a whole read gives, for bodies that continue the remembered
+    /// one in every way an agent's next request does, and a few that do not.
+    #[test]
+    fn a_resumed_read_equals_a_whole_read() {
+        let first = r#"{"model":"m","system":"s","messages":[{"role":"user","content":"a"}, {"role":"assistant","content":"b"}],"tools":[{"name":"t"}],"stream":true}"#;
+        let mut layout = Layout::default();
+        layout.remember(first, &top(first), false);
+        let nexts = [
+            // One more message, same tail.
+            r#"{"model":"m","system":"s","messages":[{"role":"user","content":"a"}, {"role":"assistant","content":"b"},{"role":"user","content":"c"}],"tools":[{"name":"t"}],"stream":true}"#,
+            // The same body (a retry).
+            first,
+            // The last message changed, fewer fields after, spaces.
+            r#"{"model":"m","system":"s","messages":[{"role":"user","content":"a"}, {"role":"assistant","content":"B"} ] , "stream" : false }"#,
+            // A field read before the conversation given again after it.
+            r#"{"model":"m","system":"s","messages":[{"role":"user","content":"a"}],"model":"n"}"#,
+            // The conversation ends where the remembered one had more.
+            r#"{"model":"m","system":"s","messages":[{"role":"user","content":"a"}]}"#,
+        ];
+        for next in nexts {
+            let resumed = layout.resume(next, false).expect(next).expect(next);
+            let whole = top(next);
+            assert_eq!(fields(&resumed), fields(&whole), "{next}");
+            assert_eq!(items(&resumed.messages), items(&whole.messages), "{next}");
+            assert_eq!(resumed.clean, whole.clean, "{next}");
+        }
+        // Not resumable: another start, another field, a conversation field again.
+        for next in [
+            r#"{"model":"x","system":"s","messages":[]}"#,
+            r#"{"model":"m","system":"s","messages":[{"role":"user","content":"a"}],"input":[]}"#,
+        ] {
+            assert!(layout.resume(next, false).is_none(), "{next}");
+        }
+        assert!(layout.resume(first, true).is_none());
+        // Broken JSON after the common part is an error.
+        for next in [
+            r#"{"model":"m","system":"s","messages":[{"role":"user","content":"a"}, {"role":"#,
+            r#"{"model":"m","system":"s","messages":[{"role":"user","content":"a"}]"#,
+            r#"{"model":"m","system":"s","messages":[{"role":"user","content":"a"}]} x"#,
+            r#"{"model":"m","system":"s","messages":[{"role":"user","content":"a"}] x"#,
+        ] {
+            assert!(layout.resume(next, false).expect(next).is_err(), "{next}");
+            assert!(serde_json::from_str::<Top<'_>>(next).is_err(), "{next}");
         }
     }
 }
