@@ -896,6 +896,14 @@ impl Bases {
         if !delta::worth_a_delta(body.len()) {
             return;
         }
+        // A body that arrived in one read may be a slice of the connection's read buffer,
+        // which a kept `Bytes` would keep whole: small ones are copied out. Large ones are the
+        // whole of their buffer (or were gathered into one of their own size).
+        let body = if body.len() < 64 * 1024 {
+            Bytes::copy_from_slice(&body)
+        } else {
+            body
+        };
         self.held.fetch_add(body.len() as u64, Ordering::Relaxed);
         self.bodies.push_back((id, body));
         while self.bodies.len() > delta::BASES

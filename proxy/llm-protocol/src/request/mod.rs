@@ -7,10 +7,11 @@
 //! present, a string or a list for Responses; `tools`, when present, a list).
 //!
 //! Cost: the body is read once without being built (`parts.rs`: the fields read, each message
-//! as a raw slice); a message becomes a `Value` only when the sandbox's [`SummaryCache`] has
-//! not seen its bytes (`memo.rs`), so a step of an agent parses the messages it added, not the
-//! whole conversation again. Fields not read are not parsed (nesting there is skipped
-//! without recursion, not limited).
+//! as a raw slice), and only from where it differs from the sandbox's previous body when it
+//! continues that one (`parts.rs`, `Layout`); a message becomes a `Value` only when the
+//! sandbox's [`SummaryCache`] has not seen its bytes (`memo.rs`). So a step of an agent reads
+//! the messages it added, not the whole conversation again. Fields not read are not parsed
+//! (nesting there is skipped without recursion, not limited).
 //!
 //! Thread digests: every message (Chat, Anthropic) or input item (Responses) is hashed in a
 //! canonical form (see `canonical.rs`), and the digests are chained:
@@ -97,32 +98,46 @@ impl RequestSummary {
 /// Errors: the body is not JSON, not an object, or misses/mistypes what the API requires.
 /// `ApiKind::Other` is an error too (nothing to summarise).
 pub fn summarize_request(api: ApiKind, body: &[u8]) -> Result<RequestSummary, ProtocolError> {
-    summarize_request_with(api, body, &mut SummaryCache::default())
+    summarize(api, body, &mut SummaryCache::default(), false)
 }
 
-/// [`summarize_request`], parsing only the messages `memo` has not seen: pass the same memo
-/// for the requests of one sandbox (see [`SummaryCache`]). The summary is the same with any
-/// memo.
+/// [`summarize_request`], parsing only the messages `memo` has not seen and reading a body
+/// that continues the previous one from where they differ: pass the same memo for the
+/// requests of one sandbox (see [`SummaryCache`]). The summary is the same with any memo.
 pub fn summarize_request_with(
     api: ApiKind,
     body: &[u8],
     memo: &mut SummaryCache,
+) -> Result<RequestSummary, ProtocolError> {
+    summarize(api, body, memo, true)
+}
+
+/// `remember`: keep the body's layout in `memo` for the next body.
+fn summarize(
+    api: ApiKind,
+    body: &[u8],
+    memo: &mut SummaryCache,
+    remember: bool,
 ) -> Result<RequestSummary, ProtocolError> {
     if api == ApiKind::Other {
         return Err(ProtocolError::UnsupportedApi);
     }
     // Only the fields read below are parsed; the parser skips the others (nesting included,
     // without recursion) and checks that the whole body is JSON. A body that continues the
-    // sandbox's previous one is read from where they differ.
+    // sandbox's previous one is read from where they differ. (Valid UTF-8, the usual case, is
+    // read as a `str`: serde_json then does not validate each string again.)
     let text = std::str::from_utf8(body).ok();
     let input = api == ApiKind::Responses;
-    let top: Top<'_> = match text.and_then(|t| memo.layout.resume(t, input)) {
-        Some(read) => read,
-        None => crate::lenient::from_json_bytes(body),
+    let top: Top<'_> = match text {
+        Some(t) => match memo.layout.resume(t, input) {
+            Some(top) => Ok(top),
+            None => serde_json::from_str(t),
+        },
+        None => serde_json::from_slice(body),
     }
     .map_err(|e| top_error(body, e))?;
     let summary = summarize_top(api, body, &top, memo)?;
-    if let Some(text) = text {
+    if remember && let Some(text) = text {
         memo.layout.remember(text, &top, input);
     }
     Ok(summary)

@@ -276,13 +276,9 @@ impl Layout {
     /// Reads `text` as the remembered body continued: the fields before the conversation and
     /// its first items where they were, the rest read from where they end. `None` when `text`
     /// does not start like the remembered body up to the end of an item, or when the rest is
-    /// not what a resumed read can take (a conversation field again); the caller then reads
-    /// the whole body. Invalid JSON after the common part is an error, as for a whole read.
-    pub(super) fn resume<'a>(
-        &self,
-        text: &'a str,
-        input: bool,
-    ) -> Option<Result<Top<'a>, serde_json::Error>> {
+    /// not what a resumed read takes (a conversation field again, anything that does not
+    /// parse); the caller then reads the whole body, which also tells why it is not JSON.
+    pub(super) fn resume<'a>(&self, text: &'a str, input: bool) -> Option<Top<'a>> {
         if self.items.is_empty() || input != self.input {
             return None;
         }
@@ -295,20 +291,18 @@ impl Layout {
         let end = self.items[kept - 1].end;
         // The rest: `, item, ... ]` then `, "key": value, ... }` or `}`. Read as a list of
         // the remaining items, then as an object of the remaining fields.
+        // (A number item can go on past the common part: then the rest starts with a digit.)
         let rest = text[end..].trim_start_matches(JSON_SPACE);
         let after_sep = match rest.as_bytes().first() {
-            Some(b',') => &rest[1..],
+            Some(b',') if !rest[1..].trim_start_matches(JSON_SPACE).starts_with(']') => &rest[1..],
             Some(b']') => rest,
-            _ => return Some(Err(serde::de::Error::custom("expected `,` or `]`"))),
+            _ => return None,
         };
         let mut list = String::with_capacity(after_sep.len() + 1);
         list.push('[');
         list.push_str(after_sep);
         let mut stream = serde_json::Deserializer::from_str(&list).into_iter::<Vec<&RawValue>>();
-        let new_items = match stream.next()? {
-            Ok(v) => v,
-            Err(e) => return Some(Err(e)),
-        };
+        let new_items = stream.next()?.ok()?;
         let list_end = stream.byte_offset();
         // Positions in `list` map back to `text` by a fixed shift.
         let shift = |s: &str| offset(text, after_sep) + offset(&list, s) - 1;
@@ -318,19 +312,12 @@ impl Layout {
             ..Top::default()
         };
         match tail.as_bytes().first() {
-            Some(b'}') => {
-                if !tail[1..].trim_start_matches(JSON_SPACE).is_empty() {
-                    return Some(Err(serde::de::Error::custom("trailing characters")));
-                }
-            }
-            Some(b',') => {
+            Some(b'}') if tail[1..].trim_start_matches(JSON_SPACE).is_empty() => {}
+            Some(b',') if !tail[1..].trim_start_matches(JSON_SPACE).starts_with('}') => {
                 let mut object = String::with_capacity(tail.len());
                 object.push('{');
                 object.push_str(&tail[1..]);
-                let rest: Top<'_> = match serde_json::from_str(&object) {
-                    Ok(t) => t,
-                    Err(e) => return Some(Err(e)),
-                };
+                let rest: Top<'_> = serde_json::from_str(&object).ok()?;
                 if !matches!(rest.messages, Items::Absent) || !matches!(rest.input, Items::Absent) {
                     return None;
                 }
@@ -344,7 +331,7 @@ impl Layout {
                 }
                 top.clean = rest.clean;
             }
-            _ => return Some(Err(serde::de::Error::custom("expected `,` or `}`"))),
+            _ => return None,
         }
         for (f, r) in &self.before {
             // A field read again after the conversation counts with its last value.
@@ -368,7 +355,7 @@ impl Layout {
         } else {
             top.messages = Items::List(items);
         }
-        Some(Ok(top))
+        Some(top)
     }
 }
 
@@ -472,7 +459,7 @@ mod tests {
             r#"{"model":"m","system":"s","messages":[{"role":"user","content":"a"}]}"#,
         ];
         for next in nexts {
-            let resumed = layout.resume(next, false).expect(next).expect(next);
+            let resumed = layout.resume(next, false).expect(next);
             let whole = top(next);
             assert_eq!(fields(&resumed), fields(&whole), "{next}");
             assert_eq!(items(&resumed.messages), items(&whole.messages), "{next}");
@@ -486,15 +473,27 @@ mod tests {
             assert!(layout.resume(next, false).is_none(), "{next}");
         }
         assert!(layout.resume(first, true).is_none());
-        // Broken JSON after the common part is an error.
+        // Broken JSON after the common part is left to a whole read (which refuses it),
+        // trailing commas included.
         for next in [
             r#"{"model":"m","system":"s","messages":[{"role":"user","content":"a"}, {"role":"#,
             r#"{"model":"m","system":"s","messages":[{"role":"user","content":"a"}]"#,
             r#"{"model":"m","system":"s","messages":[{"role":"user","content":"a"}]} x"#,
             r#"{"model":"m","system":"s","messages":[{"role":"user","content":"a"}] x"#,
+            r#"{"model":"m","system":"s","messages":[{"role":"user","content":"a"}, ]}"#,
+            r#"{"model":"m","system":"s","messages":[{"role":"user","content":"a"}], }"#,
         ] {
-            assert!(layout.resume(next, false).expect(next).is_err(), "{next}");
+            assert!(layout.resume(next, false).is_none(), "{next}");
             assert!(serde_json::from_str::<Top<'_>>(next).is_err(), "{next}");
         }
+        // A number item that goes on past the common part is read whole.
+        let numbers = r#"{"messages":[1, 2]}"#;
+        layout.remember(numbers, &top(numbers), false);
+        assert!(layout.resume(r#"{"messages":[1, 23]}"#, false).is_none());
+        let next = r#"{"messages":[1, 2, 3]}"#;
+        assert_eq!(
+            items(&layout.resume(next, false).unwrap().messages),
+            ["1", "2", "3"]
+        );
     }
 }
