@@ -3,7 +3,7 @@
 //! An agent re-sends its whole conversation at every step; `llm_protocol`'s
 //! [`SummaryCache`] lets a summary parse only the messages the sandbox has not sent before.
 //! This module keeps one memo per sandbox, in a `moka` cache bounded by the bytes the memos
-//! hold (each holds its sandbox's previous request body) and by idle time. A summary never
+//! hold (each holds its sandbox's last two request bodies) and by idle time. A summary never
 //! waits for another: when the sandbox's memo is busy (two requests of one sandbox at once),
 //! it is made without one, with the same result.
 

@@ -12,13 +12,14 @@
 //! pure function of the raw bytes, so a hit gives what parsing would give; a forged
 //! collision would need the seed. Memory is bounded: two generations of at most
 //! [`SummaryCache::GENERATION`] messages each; a message seen in the older generation moves
-//! to the newer one, and when the newer one is full the older one is dropped. The previous body
-//! is kept too (see `parts.rs`): [`SummaryCache::weight`] tells the caller what it holds.
+//! to the newer one, and when the newer one is full the older one is dropped. The last two
+//! distinct bodies are kept too (see `parts.rs`): [`SummaryCache::weight`] tells the caller what
+//! it holds.
 
 use std::collections::HashMap;
 use std::hash::{BuildHasher, Hasher};
 
-use super::parts::Layout;
+use super::parts::{Layout, Top};
 use crate::canonical::Digest;
 
 /// A message's role, as far as summaries care.
@@ -91,9 +92,13 @@ pub struct SummaryCache {
     /// The text of the newest user message parsed (the final user message of the request
     /// that brought it, which the side-call hints read).
     user_text: Option<(Key, String)>,
-    /// Where the parts of the previous body were (a body that continues it is read from
-    /// where they differ).
-    pub(super) layout: Layout,
+    /// Where the parts of the last two distinct bodies were (a body that continues one is read
+    /// from where they differ): two, so that a side call between two steps of the main loop
+    /// (a title, a quota probe) does not make the next step read whole.
+    layouts: [Layout; 2],
+    /// When each layout was last used ([`Self::tick`]).
+    used: [u64; 2],
+    tick: u64,
 }
 
 impl Default for SummaryCache {
@@ -117,7 +122,9 @@ impl SummaryCache {
             system: None,
             tools: None,
             user_text: None,
-            layout: Layout::default(),
+            layouts: [Layout::default(), Layout::default()],
+            used: [0; 2],
+            tick: 0,
         }
     }
 
@@ -126,9 +133,9 @@ impl SummaryCache {
         self.newer.len() + self.older.len()
     }
 
-    /// Bytes held, roughly (the previous body and the messages' digests).
+    /// Bytes held, roughly (the remembered bodies and the messages' digests).
     pub fn weight(&self) -> usize {
-        self.layout.bytes() + self.len() * 64
+        self.layouts.iter().map(Layout::bytes).sum::<usize>() + self.len() * 64
     }
 
     /// Whether nothing is remembered.
@@ -158,6 +165,24 @@ impl SummaryCache {
             }
         }
         h.digest128()
+    }
+
+    /// `text` read as the continuation of a remembered body (the most recently used first),
+    /// and which one; see [`Layout::resume`].
+    pub(super) fn resume<'a>(&self, text: &'a str, input: bool) -> Option<(usize, Top<'a>)> {
+        let newest = usize::from(self.used[1] > self.used[0]);
+        [newest, 1 - newest]
+            .into_iter()
+            .find_map(|i| self.layouts[i].resume(text, input).map(|top| (i, top)))
+    }
+
+    /// Remembers the layout of `text` (read as `top`) in place of the one it was resumed from
+    /// (`from`), else of the least recently used one.
+    pub(super) fn remember(&mut self, from: Option<usize>, text: &str, top: &Top<'_>, input: bool) {
+        let i = from.unwrap_or(usize::from(self.used[1] < self.used[0]));
+        self.tick += 1;
+        self.used[i] = self.tick;
+        self.layouts[i].remember(text, top, input);
     }
 
     pub(super) fn item(&mut self, key: Key) -> Option<ItemMemo> {

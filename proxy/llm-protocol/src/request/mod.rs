@@ -7,8 +7,8 @@
 //! present, a string or a list for Responses; `tools`, when present, a list).
 //!
 //! Cost: the body is read once without being built (`parts.rs`: the fields read, each message
-//! as a raw slice), and only from where it differs from the sandbox's previous body when it
-//! continues that one (`parts.rs`, `Layout`); a message becomes a `Value` only when the
+//! as a raw slice), and only from where it differs from one of the sandbox's last bodies when
+//! it continues that one (`parts.rs`, `Layout`); a message becomes a `Value` only when the
 //! sandbox's [`SummaryCache`] has not seen its bytes (`memo.rs`). So a step of an agent reads
 //! the messages it added, not the whole conversation again. Fields not read are not parsed
 //! (nesting there is skipped without recursion, not limited).
@@ -102,7 +102,7 @@ pub fn summarize_request(api: ApiKind, body: &[u8]) -> Result<RequestSummary, Pr
 }
 
 /// [`summarize_request`], parsing only the messages `memo` has not seen and reading a body
-/// that continues the previous one from where they differ: pass the same memo for the
+/// that continues a recent one from where they differ: pass the same memo for the
 /// requests of one sandbox (see [`SummaryCache`]). The summary is the same with any memo.
 pub fn summarize_request_with(
     api: ApiKind,
@@ -123,22 +123,22 @@ fn summarize(
         return Err(ProtocolError::UnsupportedApi);
     }
     // Only the fields read below are parsed; the parser skips the others (nesting included,
-    // without recursion) and checks that the whole body is JSON. A body that continues the
-    // sandbox's previous one is read from where they differ. (Valid UTF-8, the usual case, is
+    // without recursion) and checks that the whole body is JSON. A body that continues one of
+    // the sandbox's recent ones is read from where they differ. (Valid UTF-8, the usual case, is
     // read as a `str`: serde_json then does not validate each string again.)
     let text = std::str::from_utf8(body).ok();
     let input = api == ApiKind::Responses;
-    let top: Top<'_> = match text {
-        Some(t) => match memo.layout.resume(t, input) {
-            Some(top) => Ok(top),
-            None => serde_json::from_str(t),
+    let (from, top) = match text {
+        Some(t) => match memo.resume(t, input) {
+            Some((from, top)) => (Some(from), Ok(top)),
+            None => (None, serde_json::from_str(t)),
         },
-        None => serde_json::from_slice(body),
-    }
-    .map_err(|e| top_error(body, e))?;
+        None => (None, serde_json::from_slice(body)),
+    };
+    let top: Top<'_> = top.map_err(|e| top_error(body, e))?;
     let summary = summarize_top(api, body, &top, memo)?;
     if remember && let Some(text) = text {
-        memo.layout.remember(text, &top, input);
+        memo.remember(from, text, &top, input);
     }
     Ok(summary)
 }
@@ -1061,11 +1061,8 @@ mod tests {
                     let mut memo = SummaryCache::default();
                     let _ = summarize_request_with(api, &body, &mut memo);
                     if let Ok(text) = std::str::from_utf8(&changed) {
-                        resumed += usize::from(
-                            memo.layout
-                                .resume(text, api == ApiKind::Responses)
-                                .is_some(),
-                        );
+                        resumed +=
+                            usize::from(memo.resume(text, api == ApiKind::Responses).is_some());
                     }
                     same(
                         &summarize_request(api, &changed),
@@ -1075,6 +1072,40 @@ mod tests {
             }
         }
         assert!(resumed > 500, "{resumed}");
+    }
+
+    /// A side call between two steps of the main loop (another conversation) does not make
+    /// the next step read whole: the main loop's layout is still remembered.
+    #[test]
+    fn a_side_call_between_steps_keeps_the_main_layout() {
+        let mut memo = SummaryCache::default();
+        let main = |n: usize| {
+            let messages: Vec<Value> = (0..n)
+                .map(|i| json!({"role": if i % 2 == 0 { "user" } else { "assistant" }, "content": format!("m{i}")}))
+                .collect();
+            serde_json::to_vec(
+                &json!({"model": "big", "messages": messages, "tools": [{"name": "bash"}]}),
+            )
+            .unwrap()
+        };
+        let side = |k: usize| {
+            serde_json::to_vec(&json!({"model": "small", "max_tokens": 1, "messages": [{"role": "user", "content": format!("title {k}")}]})).unwrap()
+        };
+        let resumed = |memo: &SummaryCache, body: &[u8]| {
+            memo.resume(std::str::from_utf8(body).unwrap(), false)
+                .is_some()
+        };
+        summarize_request_with(ApiKind::AnthropicMessages, &main(2), &mut memo).unwrap();
+        for step in 1..6 {
+            assert!(!resumed(&memo, &side(step)));
+            summarize_request_with(ApiKind::AnthropicMessages, &side(step), &mut memo).unwrap();
+            let body = main(2 + 2 * step);
+            assert!(resumed(&memo, &body), "step {step}");
+            assert_eq!(
+                summarize_request_with(ApiKind::AnthropicMessages, &body, &mut memo).unwrap(),
+                summarize_request(ApiKind::AnthropicMessages, &body).unwrap()
+            );
+        }
     }
 
     /// A growing conversation parses each message once: the memo gains exactly the messages
@@ -1090,7 +1121,7 @@ mod tests {
             let before = memo.len();
             // Every step after the first is read from where it differs from the one before.
             let text = std::str::from_utf8(&body).unwrap();
-            assert_eq!(memo.layout.resume(text, false).is_some(), step > 0);
+            assert_eq!(memo.resume(text, false).is_some(), step > 0);
             let s = summarize_request_with(ApiKind::ChatCompletions, &body, &mut memo).unwrap();
             assert_eq!(memo.len(), before + if step == 0 { 3 } else { 2 });
             assert_eq!(

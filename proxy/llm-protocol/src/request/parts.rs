@@ -9,7 +9,7 @@
 //! - a key given twice counts with its last value (as `serde_json::Map` keeps it);
 //! - `null` is the same as absent for every field read here.
 //!
-//! [`Layout`] goes further: it remembers where things were in the sandbox's previous body. A
+//! [`Layout`] goes further: it remembers where things were in one of the sandbox's bodies. A
 //! body that starts with the same bytes as that one, up to the end of some of its messages,
 //! is in the same parser state there (inside the conversation, after that message), so only
 //! the rest is read ([`Layout::resume`]): an agent's step reads what it added, not the whole
