@@ -5,11 +5,12 @@
 //! messages of a request were in the previous one, byte for byte. [`SummaryCache`] keeps, per
 //! raw message, what summarising it gave (its canonical digest and role); a request then
 //! parses only the messages it has not seen. The same goes for the system prompt and the tool
-//! list, which rarely change within a session.
+//! list, which rarely change within a session (the last two of each are kept: a side call's
+//! differ from the main loop's).
 //!
 //! Keys are XXH3-128 of the raw bytes under a seed drawn per cache (per process and sandbox),
-//! and of what they are read as (a message's digest depends on the API it was sent to). The memo is a
-//! pure function of the raw bytes, so a hit gives what parsing would give; a forged
+//! and of what they are read as (a message's digest depends on the API it was sent to). The
+//! memo is a pure function of the raw bytes, so a hit gives what parsing would give; a forged
 //! collision would need the seed. Memory is bounded: two generations of at most
 //! [`SummaryCache::GENERATION`] messages each; a message seen in the older generation moves
 //! to the newer one, and when the newer one is full the older one is dropped. The last two
@@ -81,14 +82,39 @@ pub(super) enum Ctx {
 /// A key: the hash of raw JSON bytes under the cache's seed.
 pub(super) type Key = u128;
 
+/// The last two values put, by key.
+#[derive(Debug)]
+struct Recent<T>([Option<(Key, T)>; 2]);
+
+impl<T> Default for Recent<T> {
+    fn default() -> Self {
+        Recent([None, None])
+    }
+}
+
+impl<T> Recent<T> {
+    fn get(&self, key: Key) -> Option<&T> {
+        self.0
+            .iter()
+            .flatten()
+            .find(|(k, _)| *k == key)
+            .map(|(_, v)| v)
+    }
+
+    fn put(&mut self, key: Key, value: T) -> &T {
+        self.0[1] = self.0[0].take();
+        &self.0[0].insert((key, value)).1
+    }
+}
+
 /// Per-sandbox memo of request summaries; see the module header. `Default` draws a new seed.
 #[derive(Debug)]
 pub struct SummaryCache {
     seed: u64,
     newer: HashMap<Key, ItemMemo>,
     older: HashMap<Key, ItemMemo>,
-    system: Option<(Key, SystemMemo)>,
-    tools: Option<(Key, Vec<String>)>,
+    system: Recent<SystemMemo>,
+    tools: Recent<Vec<String>>,
     /// The text of the newest user message parsed (the final user message of the request
     /// that brought it, which the side-call hints read).
     user_text: Option<(Key, String)>,
@@ -119,8 +145,8 @@ impl SummaryCache {
             seed,
             newer: HashMap::new(),
             older: HashMap::new(),
-            system: None,
-            tools: None,
+            system: Recent::default(),
+            tools: Recent::default(),
             user_text: None,
             layouts: [Layout::default(), Layout::default()],
             used: [0; 2],
@@ -202,25 +228,19 @@ impl SummaryCache {
     }
 
     pub(super) fn system(&self, key: Key) -> Option<&SystemMemo> {
-        self.system
-            .as_ref()
-            .filter(|(k, _)| *k == key)
-            .map(|(_, m)| m)
+        self.system.get(key)
     }
 
     pub(super) fn put_system(&mut self, key: Key, memo: SystemMemo) -> &SystemMemo {
-        &self.system.insert((key, memo)).1
+        self.system.put(key, memo)
     }
 
     pub(super) fn tools(&self, key: Key) -> Option<&[String]> {
-        self.tools
-            .as_ref()
-            .filter(|(k, _)| *k == key)
-            .map(|(_, t)| t.as_slice())
+        self.tools.get(key).map(Vec::as_slice)
     }
 
     pub(super) fn put_tools(&mut self, key: Key, tools: Vec<String>) {
-        self.tools = Some((key, tools));
+        self.tools.put(key, tools);
     }
 
     pub(super) fn user_text(&self, key: Key) -> Option<&str> {
@@ -265,6 +285,18 @@ mod tests {
         assert_eq!(c.item(0), Some(memo(0)));
         assert_eq!(c.item(1), None);
         assert!(c.len() <= 2 * SummaryCache::GENERATION);
+    }
+
+    #[test]
+    fn the_last_two_system_prompts_are_kept() {
+        let mut r = Recent::default();
+        r.put(1, "main");
+        r.put(2, "side");
+        assert_eq!(r.get(1), Some(&"main"));
+        assert_eq!(r.get(2), Some(&"side"));
+        r.put(3, "other");
+        assert_eq!(r.get(1), None);
+        assert_eq!(r.get(2), Some(&"side"));
     }
 
     #[test]
