@@ -44,6 +44,49 @@ fn main() {
         );
     }
 
+    // Each recorded agent session in its order (side calls included), as the proxy sees it:
+    // one memo for the session's sandbox, against none.
+    for agent in ["claude-code", "codex", "opencode", "aider", "mini-swe-agent"] {
+        let scenario: serde_json::Value =
+            serde_json::from_slice(&read(&format!("{agent}/scenario.json"))).unwrap();
+        let requests: Vec<(ApiKind, Vec<u8>)> = scenario["steps"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|s| s.get("send").is_some())
+            .map(|s| {
+                let path = s["path"].as_str().unwrap();
+                let api = llm_protocol::classify("POST", path);
+                (api, read(&format!("{agent}/{}", s["body"].as_str().unwrap())))
+            })
+            .filter(|(api, _)| api.is_llm())
+            .collect();
+        let bytes: usize = requests.iter().map(|(_, b)| b.len()).sum();
+        let rounds = 200;
+        let time = |memo: bool| {
+            let t = Instant::now();
+            for _ in 0..rounds {
+                let mut cache = SummaryCache::default();
+                for (api, body) in &requests {
+                    let s = if memo {
+                        summarize_request_with(*api, body, &mut cache)
+                    } else {
+                        summarize_request(*api, body)
+                    };
+                    std::hint::black_box(s.unwrap());
+                }
+            }
+            t.elapsed().as_secs_f64() * 1e6 / f64::from(rounds) / requests.len() as f64
+        };
+        println!(
+            "session {agent}: {} requests, {} KB: {:.1} us/request without a memo, {:.1} with the sandbox's memo",
+            requests.len(),
+            bytes / 1024,
+            time(false),
+            time(true)
+        );
+    }
+
     // Response observation, one SSE event per chunk (the common forwarding granularity).
     for (file, api) in [
         ("codex/02-r1-response.sse", ApiKind::Responses),
