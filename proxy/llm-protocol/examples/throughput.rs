@@ -46,7 +46,13 @@ fn main() {
 
     // Each recorded agent session in its order (side calls included), as the proxy sees it:
     // one memo for the session's sandbox, against none.
-    for agent in ["claude-code", "codex", "opencode", "aider", "mini-swe-agent"] {
+    for agent in [
+        "claude-code",
+        "codex",
+        "opencode",
+        "aider",
+        "mini-swe-agent",
+    ] {
         let scenario: serde_json::Value =
             serde_json::from_slice(&read(&format!("{agent}/scenario.json"))).unwrap();
         let requests: Vec<(ApiKind, Vec<u8>)> = scenario["steps"]
@@ -57,7 +63,10 @@ fn main() {
             .map(|s| {
                 let path = s["path"].as_str().unwrap();
                 let api = llm_protocol::classify("POST", path);
-                (api, read(&format!("{agent}/{}", s["body"].as_str().unwrap())))
+                (
+                    api,
+                    read(&format!("{agent}/{}", s["body"].as_str().unwrap())),
+                )
             })
             .filter(|(api, _)| api.is_llm())
             .collect();

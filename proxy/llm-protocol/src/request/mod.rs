@@ -1011,6 +1011,11 @@ mod tests {
             br#"{"a":1,"a":2,"messages":[],"messages":[{"role":"user","content":"hi"}]}"#.to_vec(),
         );
         bodies.push(br#"{"messages":[{"role":"system","content":"s"},{"role":"developer"},{"role":"user","content":["a",{"text":"b"}]}],"stream":1,"max_tokens":-1,"max_output_tokens":3}"#.to_vec());
+        // A conversation key again after a remembered body's conversation.
+        bodies.push(br#"{"messages":[{"role":"user","content":"hi"}]}"#.to_vec());
+        bodies.push(br#"{"messages":[{"role":"user","content":"hi"}],"messages":null}"#.to_vec());
+        bodies.push(br#"{"input":[{"role":"user","content":"hi"}]}"#.to_vec());
+        bodies.push(br#"{"input":[{"role":"user","content":"hi"}],"input":null}"#.to_vec());
         bodies.push(b"[1]".to_vec());
         bodies.push(b"{\"messages\":[".to_vec());
         for api in [

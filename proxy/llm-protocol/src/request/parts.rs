@@ -62,6 +62,8 @@ pub(super) struct Top<'a> {
     pub input: Items<'a>,
     /// No field read here appeared twice: positions describe the body exactly.
     clean: bool,
+    /// The body has a `messages` or an `input` key (even `null`).
+    conversation_key: bool,
 }
 
 impl<'a> Top<'a> {
@@ -133,10 +135,12 @@ impl<'de: 'a, 'a> Deserialize<'de> for Top<'a> {
                         }
                         Key::Messages => {
                             top.messages = map.next_value()?;
+                            top.conversation_key = true;
                             FIELDS
                         }
                         Key::Input => {
                             top.input = map.next_value()?;
+                            top.conversation_key = true;
                             FIELDS + 1
                         }
                         Key::Other => {
@@ -318,7 +322,8 @@ impl Layout {
                 object.push('{');
                 object.push_str(&tail[1..]);
                 let rest: Top<'_> = serde_json::from_str(&object).ok()?;
-                if !matches!(rest.messages, Items::Absent) || !matches!(rest.input, Items::Absent) {
+                // A conversation key again, even `null`, would replace the conversation.
+                if rest.conversation_key {
                     return None;
                 }
                 // `object` is `tail` with its comma replaced by a brace: same positions.
@@ -469,6 +474,8 @@ mod tests {
         for next in [
             r#"{"model":"x","system":"s","messages":[]}"#,
             r#"{"model":"m","system":"s","messages":[{"role":"user","content":"a"}],"input":[]}"#,
+            r#"{"model":"m","system":"s","messages":[{"role":"user","content":"a"}],"messages":null}"#,
+            r#"{"model":"m","system":"s","messages":[{"role":"user","content":"a"}],"input":null}"#,
         ] {
             assert!(layout.resume(next, false).is_none(), "{next}");
         }
