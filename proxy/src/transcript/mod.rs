@@ -751,13 +751,19 @@ impl Transcript {
         let Some(tx) = &self.tx else {
             return true;
         };
-        // Room for the bodies escaped (a quarter more: `jsonw::string`'s first round), so the
-        // line is not copied to grow.
+        // Room for the bodies written into the line, escaped (a quarter more: `jsonw::string`'s
+        // first round), so the line is not copied to grow. A JSON request body is not written
+        // into it (the writer gets it as it is).
         let response = x
             .response
             .as_ref()
             .map_or(0, |r| r.body.len().min(r.body_len as usize));
-        let request = (self.max_body_bytes as usize).min(x.request_body.len());
+        let req_limit = (self.max_body_bytes as usize).min(x.request_body.len());
+        let request = if recorded_as_json(&x, req_limit) {
+            0
+        } else {
+            req_limit
+        };
         let bodies = request + response;
         let mut line = Vec::with_capacity(bodies + bodies / 4 + 4096);
         let json_body = encode_record(&x, &self.redact, self.max_body_bytes, &mut line)

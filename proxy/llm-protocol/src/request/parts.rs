@@ -235,7 +235,8 @@ pub(super) struct Layout {
     /// `true`: the conversation is `input` (Responses); else `messages`.
     input: bool,
     items: Vec<Range<usize>>,
-    before: Vec<(Field, Range<usize>)>,
+    /// Index into [`Top::fields`], and where the value was.
+    before: Vec<(usize, Range<usize>)>,
 }
 
 impl Layout {
@@ -269,7 +270,7 @@ impl Layout {
                 && offset(text, f) < start
             {
                 self.before
-                    .push((FIELD_LIST[i], offset(text, f)..offset(text, f) + f.len()));
+                    .push((i, offset(text, f)..offset(text, f) + f.len()));
             }
         }
         self.input = input;
@@ -340,7 +341,7 @@ impl Layout {
         }
         for (f, r) in &self.before {
             // A field read again after the conversation counts with its last value.
-            let slot = &mut top.fields[*f as usize];
+            let slot = &mut top.fields[*f];
             if slot.is_none() {
                 *slot = Some(&text[r.clone()]);
             } else {
@@ -366,20 +367,6 @@ impl Layout {
 
 /// JSON's whitespace (not Unicode's).
 const JSON_SPACE: [char; 4] = [' ', '\t', '\n', '\r'];
-
-const FIELD_LIST: [Field; FIELDS] = [
-    Field::Model,
-    Field::Stream,
-    Field::MaxTokens,
-    Field::MaxCompletionTokens,
-    Field::MaxOutputTokens,
-    Field::Tools,
-    Field::Functions,
-    Field::System,
-    Field::Instructions,
-    Field::PreviousResponseId,
-    Field::Conversation,
-];
 
 #[cfg(test)]
 mod tests {
