@@ -23,14 +23,24 @@ use process_support::{GIB, Lab, process_prerequisites};
 const SERVER: &str = "n=0; exec 3<>/req; while read -r id <&3; do n=$((n+1)); \
     echo \"$id $n\" > /resp.tmp && mv /resp.tmp /resp; done";
 
+/// Sends request `req` to the sandbox's server and returns its count. The FIFO is opened
+/// read-write, which never blocks: with the server gone, a write-only open would wait for a
+/// reader forever; this way the wait ends after 3 s and the failure lists the sandbox's
+/// processes.
 fn ask(lab: &Lab, id: &str, req: u64) -> u64 {
     let script = format!(
-        "echo {req} > /req; i=0; while [ $i -lt 300 ]; do \
+        "exec 4<>/req; echo {req} >&4; i=0; while [ $i -lt 300 ]; do \
          set -- $(cat /resp 2>/dev/null); [ \"$1\" = {req} ] && echo $2 && exit 0; \
          i=$((i+1)); usleep 10000; done; exit 1"
     );
     let (code, out) = lab.sh_in(id, &script);
-    assert_eq!(code, 0, "server in {id} does not answer (frozen or dead?)");
+    if code != 0 {
+        let (_, ps) = lab.sh_in(
+            id,
+            "for p in /proc/[0-9]*; do echo \"${p#/proc/} $(tr '\\0' ' ' < $p/cmdline)\"; done",
+        );
+        panic!("server in {id} does not answer request {req} (frozen or dead?); processes:\n{ps}");
+    }
     out.trim().parse().unwrap()
 }
 
