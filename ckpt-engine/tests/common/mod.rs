@@ -212,10 +212,12 @@ pub const COUNTER_SERVER: &str = "n=0; exec 3<>/req; while read -r id <&3; do n=
 static REQUEST: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
 
 /// A shell script that sends the counter server the next request id and prints its answer.
+/// The FIFO is opened read-write, which never blocks: a write-only open would wait forever
+/// for a reader if the server were gone; this way the script fails after 2 s.
 pub fn counter_query() -> String {
     let req = REQUEST.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
     format!(
-        "echo {req} > /req; i=0; while [ $i -lt 200 ]; do \
+        "exec 4<>/req; echo {req} >&4; i=0; while [ $i -lt 200 ]; do \
          set -- $(cat /resp 2>/dev/null); [ \"$1\" = {req} ] && echo $2 && exit 0; \
          i=$((i+1)); usleep 10000; done; exit 1"
     )
