@@ -2,15 +2,17 @@
 //!
 //! Subcommands: `fake-llm` (serve the fake LLM), `bench proxy|inspector|engine|process|e2e`
 //! (benchmarks), `demo` (the proxy in front of the fake with scripted agents), `run` (the
-//! evaluation: task suites, co-located sandboxes, crash injection, recovery methods) and
-//! `report` (its report rendered again).
+//! evaluation: task suites, co-located sandboxes, crash injection, recovery methods),
+//! `report` (its report rendered again) and `clean` (what killed runs left behind).
 //!
 //! Module map: `fake_cmd` (fake-llm server CLI), `bench` (benchmarks), `demo` (scripted agent
 //! conversation through crab), `eval` (the evaluation harness), `stack` (a crab daemon on a
 //! fresh pool, as harness runs use it), `client` (hyper client helpers), `procs` (child
-//! processes: crab, nginx, hyper-peer; /proc stats). Binary `hyper-peer` (`src/bin`): the bare
+//! processes: crab, nginx, hyper-peer; /proc stats), `interrupt` (clean-up on Ctrl-C and
+//! SIGTERM). Binary `hyper-peer` (`src/bin`): the bare
 //! hyper proxy the proxy benchmark compares crab with.
-//! Invariants: only 127.0.0.1 traffic; every child process is killed on exit (Drop guards).
+//! Invariants: only 127.0.0.1 traffic; every child process is killed on exit (Drop guards),
+//! and on an interrupt (`interrupt`).
 #![forbid(unsafe_code)]
 
 use clap::{Parser, Subcommand};
@@ -20,6 +22,7 @@ mod client;
 mod demo;
 mod eval;
 mod fake_cmd;
+mod interrupt;
 mod procs;
 mod stack;
 
@@ -43,6 +46,14 @@ enum Command {
     /// Renders a finished evaluation's report.html again from its report.json and prints its
     /// summary.
     Report(eval::report::ReportArgs),
+    /// Removes what killed runs left under a state root (their crab daemon, sandboxes, btrfs
+    /// pool and directory). Runs of a live harness are left alone; every run does this
+    /// itself before it starts.
+    Clean {
+        /// The runs' state root (`run --state-root`, `bench e2e --state-root`).
+        #[arg(long)]
+        state_root: Option<std::path::PathBuf>,
+    },
     /// Benchmarks.
     Bench {
         #[command(subcommand)]
@@ -58,11 +69,18 @@ fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
+    // `fake-llm` ends gracefully on Ctrl-C by itself; everything else cleans up on a signal.
+    if !matches!(cli.command, Command::FakeLlm(_)) {
+        interrupt::install()?;
+    }
     match cli.command {
         // Benchmarks dispatch synchronously; each builds a runtime if it needs one.
         Command::Bench { command } => bench::run(command),
         Command::Run(args) => eval::runner::run(args),
         Command::Report(args) => eval::report::run_report(args),
+        Command::Clean { state_root } => {
+            stack::clean(&state_root.unwrap_or_else(std::env::temp_dir))
+        }
         Command::FakeLlm(args) => runtime()?.block_on(fake_cmd::run(args)),
         Command::Demo(args) => runtime()?.block_on(demo::run(args)),
     }

@@ -60,17 +60,29 @@ pub fn find_crab(explicit: Option<&Path>) -> anyhow::Result<PathBuf> {
         })
 }
 
-/// A child process killed on drop.
+/// A child process killed on drop, and on an interrupt of the harness ([`crate::interrupt`]).
 pub struct ChildGuard {
     name: String,
     child: Option<Child>,
+    on_interrupt: crate::interrupt::Cleanup,
 }
 
 impl ChildGuard {
     pub fn new(name: &str, child: Child) -> ChildGuard {
+        let pid = child.id();
+        let on_interrupt = match start_time(pid) {
+            Some(start) => {
+                crate::interrupt::on_interrupt(format!("{name} (pid {pid})"), move || {
+                    terminate(pid, start, Duration::from_secs(3))
+                })
+            }
+            // Already gone: nothing to end.
+            None => crate::interrupt::on_interrupt(name, || {}),
+        };
         ChildGuard {
             name: name.to_string(),
             child: Some(child),
+            on_interrupt,
         }
     }
 
@@ -87,6 +99,7 @@ impl ChildGuard {
 
     /// SIGTERM, wait up to `grace`, then SIGKILL. Returns the exit status if it exited.
     pub fn stop(&mut self, grace: Duration) -> Option<std::process::ExitStatus> {
+        self.on_interrupt.disarm();
         let mut child = self.child.take()?;
         let _ = nix::sys::signal::kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM);
         let deadline = Instant::now() + grace;
@@ -105,6 +118,38 @@ impl ChildGuard {
 impl Drop for ChildGuard {
     fn drop(&mut self) {
         self.stop(Duration::from_secs(3));
+    }
+}
+
+/// Start time of process `pid` (clock ticks after boot, field 22 of `/proc/<pid>/stat`);
+/// `None` when it is gone or a zombie. With the pid it names one process across pid reuse.
+pub fn start_time(pid: u32) -> Option<u64> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) may hold spaces and parentheses: fields after its last `)`.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    let mut fields = rest.split_whitespace();
+    if fields.next()? == "Z" {
+        return None;
+    }
+    fields.nth(18)?.parse().ok()
+}
+
+/// Ends process `pid` if it is still the one started at `start`: SIGTERM, up to `grace` to
+/// exit, then SIGKILL. For processes this one does not wait for (an interrupt's clean-up, a
+/// helper left by a killed run).
+pub fn terminate(pid: u32, start: u64, grace: Duration) {
+    let alive = || start_time(pid) == Some(start);
+    if !alive() {
+        return;
+    }
+    let target = Pid::from_raw(pid as i32);
+    let _ = nix::sys::signal::kill(target, Signal::SIGTERM);
+    let deadline = Instant::now() + grace;
+    while alive() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    if alive() {
+        let _ = nix::sys::signal::kill(target, Signal::SIGKILL);
     }
 }
 

@@ -8,7 +8,8 @@
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::path::Path;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -178,16 +179,36 @@ pub fn parse_journal(text: &str) -> Vec<TurnEnd> {
     by_turn.into_values().collect()
 }
 
-/// A run's state directory, crab and engine pool; `Drop` cleans everything up.
+/// A run's state directory, crab and engine pool; `Drop` cleans everything up, and so does an
+/// interrupt of the harness ([`crate::interrupt`]). A run whose harness was killed outright
+/// (SIGKILL, a reboot's worth of nothing) is cleaned up by the next run under the same root
+/// ([`sweep_abandoned`]), found by the marker file [`RUN_MARKER`].
 pub struct RunGuard {
     dir: Option<tempfile::TempDir>,
     crab: Option<ChildGuard>,
-    pub engine: ckpt_engine::EngineConfig,
+    engine: ckpt_engine::EngineConfig,
+    on_interrupt: crate::interrupt::Cleanup,
+}
+
+/// The marker file of a run's state directory: who runs it, its helpers, its engine.
+pub const RUN_MARKER: &str = "run.json";
+
+/// What [`RUN_MARKER`] holds.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct RunMarker {
+    /// The harness process (pid, start time).
+    owner: (u32, u64),
+    /// Helper daemons of the run (the `crab` daemon): (pid, start time).
+    #[serde(default)]
+    helpers: Vec<(u32, u64)>,
+    engine: ckpt_engine::EngineConfig,
 }
 
 impl RunGuard {
     /// A fresh state directory `<root>/crab-<label>-XXXX` with the engine's config in it.
+    /// Leftovers of killed runs under `root` are removed first.
     pub fn new(root: &Path, label: &str) -> anyhow::Result<RunGuard> {
+        report_sweep(sweep_abandoned(root));
         let dir = tempfile::Builder::new()
             .prefix(&format!("crab-{label}-"))
             .tempdir_in(root)
@@ -198,11 +219,73 @@ impl RunGuard {
             retention: ckpt_engine::config::RetentionConfig { keep_last: 1000 },
             ..Default::default()
         };
+        let me = std::process::id();
+        let marker = RunMarker {
+            owner: (me, crate::procs::start_time(me).unwrap_or(0)),
+            helpers: Vec::new(),
+            engine: engine.clone(),
+        };
+        std::fs::write(dir.path().join(RUN_MARKER), serde_json::to_vec(&marker)?)?;
         Ok(RunGuard {
+            on_interrupt: Self::register(&engine, dir.path()),
             dir: Some(dir),
             crab: None,
             engine,
         })
+    }
+
+    fn register(engine: &ckpt_engine::EngineConfig, dir: &Path) -> crate::interrupt::Cleanup {
+        let (engine, dir) = (engine.clone(), dir.to_path_buf());
+        crate::interrupt::on_interrupt(
+            format!("sandboxes and pool of {}", dir.display()),
+            move || {
+                if let Err(e) = remove_run(&engine, &dir) {
+                    eprintln!("  {e}");
+                }
+            },
+        )
+    }
+
+    /// The engine's config.
+    pub fn engine(&self) -> &ckpt_engine::EngineConfig {
+        &self.engine
+    }
+
+    /// Turns the sandboxes' network on or off (before crab starts): the marker and the
+    /// interrupt's clean-up follow.
+    pub fn set_network(&mut self, on: bool) -> anyhow::Result<()> {
+        self.engine.network = on;
+        self.rewrite_marker()?;
+        self.on_interrupt.disarm();
+        self.on_interrupt = Self::register(&self.engine, self.path());
+        Ok(())
+    }
+
+    /// Makes `crab` the run's daemon (stopped first on clean-up; in the marker for a sweep).
+    fn set_crab(&mut self, crab: ChildGuard) -> anyhow::Result<()> {
+        self.crab = Some(crab);
+        self.rewrite_marker()
+    }
+
+    fn rewrite_marker(&self) -> anyhow::Result<()> {
+        let me = std::process::id();
+        let helpers = self
+            .crab
+            .as_ref()
+            .map(ChildGuard::pid)
+            .and_then(|pid| Some((pid, crate::procs::start_time(pid)?)))
+            .into_iter()
+            .collect();
+        let marker = RunMarker {
+            owner: (me, crate::procs::start_time(me).unwrap_or(0)),
+            helpers,
+            engine: self.engine.clone(),
+        };
+        let path = self.path().join(RUN_MARKER);
+        let tmp = path.with_extension("json.tmp");
+        std::fs::write(&tmp, serde_json::to_vec(&marker)?)?;
+        std::fs::rename(&tmp, &path)?;
+        Ok(())
     }
 
     /// The running crab's PID, if started.
@@ -219,32 +302,133 @@ impl RunGuard {
     /// Stops crab, destroys every sandbox of the run's engine and unmounts its pool, removes
     /// the directory. Idempotent; returns what failed.
     pub fn cleanup(&mut self) -> Option<String> {
+        self.on_interrupt.disarm();
         if let Some(mut c) = self.crab.take() {
             c.stop(Duration::from_secs(10));
         }
-        let mut err = None;
-        if self.engine.state_dir.exists() {
-            let r = ckpt_engine::Engine::open(self.engine.clone()).and_then(|e| e.teardown());
-            if let Err(e) = r {
-                // E.g. the pool went read-only (the host's disk filled up): kill the
-                // containers and unmount the pool by hand.
-                eprintln!(
-                    "cleanup: tearing down the engine in {}: {e}; forcing",
-                    self.engine.state_dir.display()
-                );
-                err = force_teardown(&self.engine.state_dir).err();
+        let dir = self.dir.take()?;
+        match remove_run(&self.engine, dir.path()) {
+            Ok(()) => {
+                let _ = dir.close();
+                None
+            }
+            Err(e) => {
+                // Keep it for inspection (the pool may still be mounted).
+                let _ = dir.keep();
+                Some(e)
             }
         }
-        if err.is_none()
-            && let Some(d) = self.dir.take()
-        {
-            let _ = d.close();
-        } else if let Some(d) = self.dir.take() {
-            // Keep it for inspection (the pool may still be mounted).
-            let _ = d.keep();
-        }
-        err
     }
+}
+
+/// Destroys the sandboxes of the run in `dir` (engine `engine`), unmounts its pool and removes
+/// `dir`. If the engine cannot tear down (e.g. the pool went read-only because the host's disk
+/// filled up), kills the containers and unmounts the pool by hand; `dir` is kept then.
+fn remove_run(engine: &ckpt_engine::EngineConfig, dir: &Path) -> Result<(), String> {
+    if engine.state_dir.exists() {
+        let r = ckpt_engine::Engine::open(engine.clone()).and_then(|e| e.teardown());
+        if let Err(e) = r {
+            eprintln!(
+                "cleanup: tearing down the engine in {}: {e}; forcing",
+                engine.state_dir.display()
+            );
+            force_teardown(&engine.state_dir)?;
+        }
+    }
+    std::fs::remove_dir_all(dir).map_err(|e| format!("removing {}: {e}", dir.display()))
+}
+
+/// Prints what [`sweep_abandoned`] did; returns how many runs it could not remove.
+fn report_sweep(swept: Vec<(PathBuf, Result<(), String>)>) -> usize {
+    let mut failed = 0;
+    for (dir, result) in swept {
+        match result {
+            Ok(()) => eprintln!("removed the leftovers of a killed run: {}", dir.display()),
+            Err(e) => {
+                failed += 1;
+                eprintln!(
+                    "could not remove the leftovers of a killed run in {}: {e}",
+                    dir.display()
+                );
+            }
+        }
+    }
+    failed
+}
+
+/// `loadtest clean`: [`sweep_abandoned`] under `root`, reported.
+pub fn clean(root: &Path) -> anyhow::Result<()> {
+    let failed = report_sweep(sweep_abandoned(root));
+    ensure!(failed == 0, "{failed} killed run(s) could not be removed");
+    Ok(())
+}
+
+/// Removes the runs under `root` whose harness is gone (killed without cleaning up): their
+/// crab daemon is ended, their sandboxes destroyed, their pool unmounted, their directory
+/// removed. Runs of a live harness, and directories without a readable [`RUN_MARKER`], are
+/// left alone. Returns each removed (or failed) run's directory.
+pub fn sweep_abandoned(root: &Path) -> Vec<(PathBuf, Result<(), String>)> {
+    let mut out = Vec::new();
+    let Ok(entries) = std::fs::read_dir(root) else {
+        return out;
+    };
+    for e in entries.flatten() {
+        let dir = e.path();
+        if !e.file_name().to_string_lossy().starts_with("crab-") || !dir.is_dir() {
+            continue;
+        }
+        // Only what this user made and nobody else could have written: the marker names
+        // processes to end and a pool to tear down.
+        let own = |p: &Path| {
+            std::fs::symlink_metadata(p)
+                .is_ok_and(|m| m.uid() == nix::unistd::geteuid().as_raw() && m.mode() & 0o022 == 0)
+        };
+        if !own(&dir) || !own(&dir.join(RUN_MARKER)) {
+            continue;
+        }
+        let Some(marker) = std::fs::read(dir.join(RUN_MARKER))
+            .ok()
+            .and_then(|b| serde_json::from_slice::<RunMarker>(&b).ok())
+        else {
+            continue;
+        };
+        let (pid, start) = marker.owner;
+        if crate::procs::start_time(pid) == Some(start) {
+            continue;
+        }
+        for (pid, start) in marker.helpers {
+            crate::procs::terminate(pid, start, Duration::from_secs(10));
+        }
+        // The marker's engine must be this run's: a crafted marker must not make the sweep
+        // tear down another directory's pool.
+        let result = if marker.engine.state_dir.starts_with(&dir) {
+            remove_run(&marker.engine, &dir)
+        } else {
+            Err(format!(
+                "{RUN_MARKER} names an engine outside the run ({})",
+                marker.engine.state_dir.display()
+            ))
+        };
+        out.push((dir, result));
+    }
+    out
+}
+
+/// Registers, for an interrupt of the harness, the forced teardown of the engine in
+/// `state_dir` (benchmarks that run an engine in-process): its containers deleted, its pool
+/// unmounted, and `state_dir` removed when `remove`.
+pub fn teardown_on_interrupt(state_dir: &Path, remove: bool) -> crate::interrupt::Cleanup {
+    let dir = state_dir.to_path_buf();
+    crate::interrupt::on_interrupt(
+        format!("sandboxes and pool of {}", dir.display()),
+        move || match force_teardown(&dir) {
+            Ok(()) if remove => {
+                let _ = std::fs::remove_dir_all(&dir);
+            }
+            Ok(()) => {}
+            Err(e) => eprintln!("  {e}"),
+        },
+    )
 }
 
 /// The engine's teardown without the engine: `runc delete --force` of every container in its
@@ -418,7 +602,7 @@ pub async fn start_crab(
         .stderr(logf)
         .spawn()
         .with_context(|| format!("spawning {}", binary.display()))?;
-    run.crab = Some(ChildGuard::new("crab", child));
+    run.set_crab(ChildGuard::new("crab", child))?;
     let crab = Crab {
         proxy,
         admin,
@@ -447,5 +631,68 @@ pub async fn start_crab(
             tail(&log, 20)
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write_marker(dir: &Path, owner: (u32, u64), helpers: Vec<(u32, u64)>, state_dir: PathBuf) {
+        std::fs::create_dir_all(dir).unwrap();
+        let marker = RunMarker {
+            owner,
+            helpers,
+            engine: ckpt_engine::EngineConfig {
+                state_dir,
+                ..Default::default()
+            },
+        };
+        std::fs::write(dir.join(RUN_MARKER), serde_json::to_vec(&marker).unwrap()).unwrap();
+    }
+
+    /// A run whose harness is gone is removed with its helper daemon; a live harness's run,
+    /// a directory without a marker and a marker naming an engine elsewhere are not.
+    #[test]
+    fn sweep_removes_only_runs_of_gone_harnesses() {
+        let root = tempfile::tempdir().unwrap();
+        let mut gone = Command::new("true").spawn().unwrap();
+        let dead = (gone.id(), 1);
+        gone.wait().unwrap();
+        let mut helper = Command::new("sleep").arg("60").spawn().unwrap();
+        let helper_id = (helper.id(), crate::procs::start_time(helper.id()).unwrap());
+        let me = std::process::id();
+        let alive = (me, crate::procs::start_time(me).unwrap());
+
+        let killed = root.path().join("crab-killed-1");
+        write_marker(&killed, dead, vec![helper_id], killed.join("engine"));
+        std::fs::write(killed.join("crab.log"), "x").unwrap();
+        let live = root.path().join("crab-live-1");
+        write_marker(&live, alive, vec![], live.join("engine"));
+        let unmarked = root.path().join("crab-unmarked-1");
+        std::fs::create_dir_all(&unmarked).unwrap();
+        let elsewhere = root.path().join("crab-elsewhere-1");
+        write_marker(
+            &elsewhere,
+            dead,
+            vec![],
+            root.path().join("crab-live-1/engine"),
+        );
+        let other = root.path().join("other-1");
+        write_marker(&other, dead, vec![], other.join("engine"));
+
+        let mut swept = sweep_abandoned(root.path());
+        swept.sort_by(|a, b| a.0.cmp(&b.0));
+        assert_eq!(swept.len(), 2, "{swept:?}");
+        assert_eq!(swept[0].0, elsewhere);
+        assert!(swept[0].1.as_ref().unwrap_err().contains("outside the run"));
+        assert_eq!(swept[1], (killed.clone(), Ok(())));
+        assert!(!killed.exists());
+        // The helper was ended (SIGTERM): reap it.
+        let status = helper.wait().unwrap();
+        assert!(!status.success());
+        for kept in [&live, &unmarked, &elsewhere, &other] {
+            assert!(kept.exists(), "{}", kept.display());
+        }
     }
 }

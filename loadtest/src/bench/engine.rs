@@ -526,6 +526,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     if !std::path::Path::new("/sys/fs/cgroup/unified/cgroup.procs").exists() {
         cfg.cgroup_root = "/sys/fs/cgroup".into();
     }
+    let _interrupt = crate::stack::teardown_on_interrupt(&state_dir, temp && !args.keep);
     let engine =
         Arc::new(Engine::open(cfg.clone()).context("open engine (needs root, runc, btrfs)")?);
     let mut results = Vec::new();

@@ -358,6 +358,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         cgroup_parent: "crab-bench".into(),
         ..EngineConfig::default()
     };
+    let _interrupt = crate::stack::teardown_on_interrupt(&state_dir, temp);
     let engine = Engine::open(cfg).context("open engine")?;
     let process = ProcessBackend::new(ProcessConfig {
         runc: engine.runc().bin().display().to_string(),

@@ -359,9 +359,9 @@ impl Cell<'_> {
         let n = self.sandboxes;
         let count = n.max(self.tasks.len());
         // Agents inside sandboxes reach crab over the sandboxes' network.
-        run.engine.network = (0..count).any(|j| self.args.placement.inside(j));
+        run.set_network((0..count).any(|j| self.args.placement.inside(j)))?;
         // The evaluation image in the run's pool (unpacked from the machine's cache).
-        let engine_cfg = workload::image_config(&run.engine);
+        let engine_cfg = workload::image_config(run.engine());
         tokio::task::block_in_place(|| -> anyhow::Result<()> {
             let engine = ckpt_engine::Engine::open(engine_cfg.clone())?;
             ckpt_engine::image::build_image_cached(
