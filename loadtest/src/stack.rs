@@ -181,7 +181,7 @@ pub fn parse_journal(text: &str) -> Vec<TurnEnd> {
 
 /// A run's state directory, crab and engine pool; `Drop` cleans everything up, and so does an
 /// interrupt of the harness ([`crate::interrupt`]). A run whose harness was killed outright
-/// (SIGKILL, a reboot's worth of nothing) is cleaned up by the next run under the same root
+/// (SIGKILL, the OOM killer) is cleaned up by the next run under the same root
 /// ([`sweep_abandoned`]), found by the marker file [`RUN_MARKER`].
 pub struct RunGuard {
     dir: Option<tempfile::TempDir>,
@@ -219,19 +219,14 @@ impl RunGuard {
             retention: ckpt_engine::config::RetentionConfig { keep_last: 1000 },
             ..Default::default()
         };
-        let me = std::process::id();
-        let marker = RunMarker {
-            owner: (me, crate::procs::start_time(me).unwrap_or(0)),
-            helpers: Vec::new(),
-            engine: engine.clone(),
-        };
-        std::fs::write(dir.path().join(RUN_MARKER), serde_json::to_vec(&marker)?)?;
-        Ok(RunGuard {
+        let run = RunGuard {
             on_interrupt: Self::register(&engine, dir.path()),
             dir: Some(dir),
             crab: None,
             engine,
-        })
+        };
+        run.rewrite_marker()?;
+        Ok(run)
     }
 
     fn register(engine: &ckpt_engine::EngineConfig, dir: &Path) -> crate::interrupt::Cleanup {
@@ -267,6 +262,7 @@ impl RunGuard {
         self.rewrite_marker()
     }
 
+    /// Writes [`RUN_MARKER`] (atomically: a sweep never reads half of it).
     fn rewrite_marker(&self) -> anyhow::Result<()> {
         let me = std::process::id();
         let helpers = self

@@ -218,6 +218,7 @@ fn build_without_writeback(cfg: &EngineConfig, n: usize) -> anyhow::Result<Vec<S
     let mut c = cfg.clone();
     c.state_dir = cfg.state_dir.with_extension("no-writeback");
     c.writeback.threshold_bytes = 0;
+    let _interrupt = crate::stack::teardown_on_interrupt(&c.state_dir, true);
     let engine = Engine::open(c.clone())?;
     let result = (|| -> anyhow::Result<Vec<Stats>> {
         engine.build_image("busybox", false)?;
