@@ -28,6 +28,11 @@ const SERVER: &str = "n=0; exec 3<>/req; while read -r id <&3; do n=$((n+1)); \
 /// reader forever; this way the wait ends after 3 s and the failure lists the sandbox's
 /// processes.
 fn ask(lab: &Lab, id: &str, req: u64) -> u64 {
+    ask_or_explain(lab, id, req, "")
+}
+
+/// [`ask`], with `context` added to the failure's message.
+fn ask_or_explain(lab: &Lab, id: &str, req: u64, context: &str) -> u64 {
     let script = format!(
         "exec 4<>/req; echo {req} >&4; i=0; while [ $i -lt 300 ]; do \
          set -- $(cat /resp 2>/dev/null); [ \"$1\" = {req} ] && echo $2 && exit 0; \
@@ -39,9 +44,29 @@ fn ask(lab: &Lab, id: &str, req: u64) -> u64 {
             id,
             "for p in /proc/[0-9]*; do echo \"${p#/proc/} $(tr '\\0' ' ' < $p/cmdline)\"; done",
         );
-        panic!("server in {id} does not answer request {req} (frozen or dead?); processes:\n{ps}");
+        panic!(
+            "server in {id} does not answer request {req} (frozen or dead?); processes:\n{ps}\n{context}"
+        );
     }
     out.trim().parse().unwrap()
+}
+
+/// The last lines of CRIU's log of each unpublished (`.partial`) dump in `images`.
+fn partial_dump_logs(images: &std::path::Path) -> String {
+    let mut out = String::new();
+    for e in std::fs::read_dir(images).into_iter().flatten().flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if !name.ends_with(".partial") {
+            continue;
+        }
+        let log = std::fs::read_to_string(e.path().join("work/dump.log")).unwrap_or_default();
+        let lines: Vec<&str> = log.lines().collect();
+        out += &format!(
+            "CRIU log of the killed dump {name} (last 40 lines):\n{}\n",
+            lines[lines.len().saturating_sub(40)..].join("\n")
+        );
+    }
+    out
 }
 
 /// Helper run in a child process by `kill_9_during_dumps_keeps_previous_point_restorable`:
@@ -165,6 +190,8 @@ fn kill_9_during_dumps_keeps_previous_point_restorable() {
         lab.process
             .ensure_running(&name)
             .expect("sandbox runs again");
+        // What CRIU did in the killed dump, for the failure message if the sandbox is hurt.
+        let logs = partial_dump_logs(&lab.images);
         let swept = sweep_partials(&lab.images).unwrap();
         let mut published = 0;
         for e in std::fs::read_dir(&lab.images).unwrap().flatten() {
@@ -178,7 +205,7 @@ fn kill_9_during_dumps_keeps_previous_point_restorable() {
         req += 1;
         served += 1;
         assert_eq!(
-            ask(&lab, &name, req),
+            ask_or_explain(&lab, &name, req, &logs),
             served,
             "sandbox alive and not frozen"
         );
