@@ -198,17 +198,42 @@ pub const RUN_MARKER: &str = "run.json";
 struct RunMarker {
     /// The harness process (pid, start time).
     owner: (u32, u64),
-    /// Helper daemons of the run (the `crab` daemon): (pid, start time).
+    /// Helper daemons of the run (crab, nginx, hyper-peer): (pid, start time).
     #[serde(default)]
     helpers: Vec<(u32, u64)>,
-    engine: ckpt_engine::EngineConfig,
+    /// The run's engine, if it has one (its sandboxes and pool are torn down).
+    engine: Option<ckpt_engine::EngineConfig>,
+}
+
+/// Marks `dir` (a `crab-*` directory under a state root) as this harness's, with its helper
+/// daemons `helpers` and its `engine`, so that a later [`sweep_abandoned`] removes it all if
+/// this harness is killed. Written atomically: a sweep never reads half of it.
+pub fn write_marker(
+    dir: &Path,
+    helpers: &[u32],
+    engine: Option<&ckpt_engine::EngineConfig>,
+) -> anyhow::Result<()> {
+    let me = std::process::id();
+    let marker = RunMarker {
+        owner: (me, crate::procs::start_time(me).unwrap_or(0)),
+        helpers: helpers
+            .iter()
+            .filter_map(|&pid| Some((pid, crate::procs::start_time(pid)?)))
+            .collect(),
+        engine: engine.cloned(),
+    };
+    let path = dir.join(RUN_MARKER);
+    let tmp = path.with_extension("json.tmp");
+    std::fs::write(&tmp, serde_json::to_vec(&marker)?)?;
+    std::fs::rename(&tmp, &path)?;
+    Ok(())
 }
 
 impl RunGuard {
     /// A fresh state directory `<root>/crab-<label>-XXXX` with the engine's config in it.
     /// Leftovers of killed runs under `root` are removed first.
     pub fn new(root: &Path, label: &str) -> anyhow::Result<RunGuard> {
-        report_sweep(sweep_abandoned(root));
+        sweep_and_report(root);
         let dir = tempfile::Builder::new()
             .prefix(&format!("crab-{label}-"))
             .tempdir_in(root)
@@ -262,26 +287,14 @@ impl RunGuard {
         self.rewrite_marker()
     }
 
-    /// Writes [`RUN_MARKER`] (atomically: a sweep never reads half of it).
     fn rewrite_marker(&self) -> anyhow::Result<()> {
-        let me = std::process::id();
-        let helpers = self
+        let crab: Vec<u32> = self
             .crab
             .as_ref()
             .map(ChildGuard::pid)
-            .and_then(|pid| Some((pid, crate::procs::start_time(pid)?)))
             .into_iter()
             .collect();
-        let marker = RunMarker {
-            owner: (me, crate::procs::start_time(me).unwrap_or(0)),
-            helpers,
-            engine: self.engine.clone(),
-        };
-        let path = self.path().join(RUN_MARKER);
-        let tmp = path.with_extension("json.tmp");
-        std::fs::write(&tmp, serde_json::to_vec(&marker)?)?;
-        std::fs::rename(&tmp, &path)?;
-        Ok(())
+        write_marker(self.path(), &crab, Some(&self.engine))
     }
 
     /// The running crab's PID, if started.
@@ -334,10 +347,11 @@ fn remove_run(engine: &ckpt_engine::EngineConfig, dir: &Path) -> Result<(), Stri
     std::fs::remove_dir_all(dir).map_err(|e| format!("removing {}: {e}", dir.display()))
 }
 
-/// Prints what [`sweep_abandoned`] did; returns how many runs it could not remove.
-fn report_sweep(swept: Vec<(PathBuf, Result<(), String>)>) -> usize {
+/// [`sweep_abandoned`] under `root`, each removal (or failure) printed; returns how many runs
+/// could not be removed.
+pub fn sweep_and_report(root: &Path) -> usize {
     let mut failed = 0;
-    for (dir, result) in swept {
+    for (dir, result) in sweep_abandoned(root) {
         match result {
             Ok(()) => eprintln!("removed the leftovers of a killed run: {}", dir.display()),
             Err(e) => {
@@ -354,7 +368,7 @@ fn report_sweep(swept: Vec<(PathBuf, Result<(), String>)>) -> usize {
 
 /// `loadtest clean`: [`sweep_abandoned`] under `root`, reported.
 pub fn clean(root: &Path) -> anyhow::Result<()> {
-    let failed = report_sweep(sweep_abandoned(root));
+    let failed = sweep_and_report(root);
     ensure!(failed == 0, "{failed} killed run(s) could not be removed");
     Ok(())
 }
@@ -397,13 +411,14 @@ pub fn sweep_abandoned(root: &Path) -> Vec<(PathBuf, Result<(), String>)> {
         }
         // The marker's engine must be this run's: a crafted marker must not make the sweep
         // tear down another directory's pool.
-        let result = if marker.engine.state_dir.starts_with(&dir) {
-            remove_run(&marker.engine, &dir)
-        } else {
-            Err(format!(
+        let result = match &marker.engine {
+            Some(engine) if engine.state_dir.starts_with(&dir) => remove_run(engine, &dir),
+            Some(engine) => Err(format!(
                 "{RUN_MARKER} names an engine outside the run ({})",
-                marker.engine.state_dir.display()
-            ))
+                engine.state_dir.display()
+            )),
+            None => std::fs::remove_dir_all(&dir)
+                .map_err(|e| format!("removing {}: {e}", dir.display())),
         };
         out.push((dir, result));
     }
@@ -634,15 +649,15 @@ pub async fn start_crab(
 mod tests {
     use super::*;
 
-    fn write_marker(dir: &Path, owner: (u32, u64), helpers: Vec<(u32, u64)>, state_dir: PathBuf) {
+    fn marker(dir: &Path, owner: (u32, u64), helpers: Vec<(u32, u64)>, state_dir: Option<PathBuf>) {
         std::fs::create_dir_all(dir).unwrap();
         let marker = RunMarker {
             owner,
             helpers,
-            engine: ckpt_engine::EngineConfig {
+            engine: state_dir.map(|state_dir| ckpt_engine::EngineConfig {
                 state_dir,
                 ..Default::default()
-            },
+            }),
         };
         std::fs::write(dir.join(RUN_MARKER), serde_json::to_vec(&marker).unwrap()).unwrap();
     }
@@ -661,29 +676,33 @@ mod tests {
         let alive = (me, crate::procs::start_time(me).unwrap());
 
         let killed = root.path().join("crab-killed-1");
-        write_marker(&killed, dead, vec![helper_id], killed.join("engine"));
+        marker(&killed, dead, vec![helper_id], Some(killed.join("engine")));
         std::fs::write(killed.join("crab.log"), "x").unwrap();
         let live = root.path().join("crab-live-1");
-        write_marker(&live, alive, vec![], live.join("engine"));
+        marker(&live, alive, vec![], Some(live.join("engine")));
         let unmarked = root.path().join("crab-unmarked-1");
         std::fs::create_dir_all(&unmarked).unwrap();
         let elsewhere = root.path().join("crab-elsewhere-1");
-        write_marker(
+        marker(
             &elsewhere,
             dead,
             vec![],
-            root.path().join("crab-live-1/engine"),
+            Some(root.path().join("crab-live-1/engine")),
         );
         let other = root.path().join("other-1");
-        write_marker(&other, dead, vec![], other.join("engine"));
+        marker(&other, dead, vec![], Some(other.join("engine")));
+        // A benchmark's directory: daemons, no engine.
+        let bench = root.path().join("crab-bench-1");
+        marker(&bench, dead, vec![], None);
 
         let mut swept = sweep_abandoned(root.path());
         swept.sort_by(|a, b| a.0.cmp(&b.0));
-        assert_eq!(swept.len(), 2, "{swept:?}");
-        assert_eq!(swept[0].0, elsewhere);
-        assert!(swept[0].1.as_ref().unwrap_err().contains("outside the run"));
-        assert_eq!(swept[1], (killed.clone(), Ok(())));
-        assert!(!killed.exists());
+        assert_eq!(swept.len(), 3, "{swept:?}");
+        assert_eq!(swept[0], (bench.clone(), Ok(())));
+        assert_eq!(swept[1].0, elsewhere);
+        assert!(swept[1].1.as_ref().unwrap_err().contains("outside the run"));
+        assert_eq!(swept[2], (killed.clone(), Ok(())));
+        assert!(!killed.exists() && !bench.exists());
         // The helper was ended (SIGTERM): reap it.
         let status = helper.wait().unwrap();
         assert!(!status.success());

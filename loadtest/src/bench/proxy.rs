@@ -616,6 +616,8 @@ async fn run_async(args: Args) -> anyhow::Result<()> {
     )
     .await
     .context("starting the fake upstream")?;
+    // Leftovers of killed benchmarks and runs (their crab, nginx, pools) would skew this one.
+    crate::stack::sweep_and_report(&std::env::temp_dir());
     let tmp = tempfile::Builder::new().prefix("crab-bench-").tempdir()?;
 
     let mut targets = vec![Target {
@@ -681,6 +683,12 @@ async fn run_async(args: Args) -> anyhow::Result<()> {
             other => bail!("unknown path {other:?} (direct, crab, crab-baseline, nginx, hyper)"),
         }
     }
+    // If this benchmark is killed, the next one (or `loadtest clean`) ends its daemons.
+    let helpers: Vec<u32> = targets
+        .iter()
+        .filter_map(|t| t.pid.map(|(pid, _)| pid))
+        .collect();
+    crate::stack::write_marker(tmp.path(), &helpers, None)?;
     for p in &args.phases {
         if !matches!(
             p.as_str(),
