@@ -7,11 +7,15 @@
 //! first (a run's daemon stops before its sandboxes are destroyed), on a helper thread, and
 //! exits with 128 + the signal's number; a second signal exits at once.
 //!
-//! A guard dropped normally deregisters its clean-up and does it itself. A guard dropped after
-//! an interrupt took its clean-up waits for the exit instead of racing the handler.
+//! A guard dropped normally deregisters its clean-up and does it itself, holding a [`Doing`]
+//! while it does: an interrupt meanwhile lets it finish before the process exits. Once
+//! interrupted, a guard that tries to deregister waits for the exit instead (its clean-up is
+//! the handler's). A guard that owns another (a run and its daemon) ends the inner one before
+//! it deregisters itself, so the two never wait for each other.
 
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
 
 type Job = Box<dyn FnOnce() + Send>;
 
@@ -23,7 +27,10 @@ struct Entry {
 
 static CLEANUPS: Mutex<Vec<Entry>> = Mutex::new(Vec::new());
 static NEXT_ID: AtomicU64 = AtomicU64::new(1);
+/// Set under the [`CLEANUPS`] lock.
 static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+/// Clean-ups deregistered and being done by their guards (changed under the lock).
+static IN_PROGRESS: AtomicUsize = AtomicUsize::new(0);
 
 /// A registered clean-up. Dropping it deregisters it without running it.
 #[must_use = "dropping the registration deregisters the clean-up at once"]
@@ -43,29 +50,42 @@ pub fn on_interrupt(what: impl Into<String>, job: impl FnOnce() + Send + 'static
 }
 
 impl Cleanup {
-    /// Deregisters the clean-up: the caller does it now. If an interrupt has taken it, the
-    /// handler is running it, and this waits for the process to exit.
-    pub fn disarm(&mut self) {
+    /// Deregisters the clean-up: the caller does it now, holding the returned [`Doing`] until
+    /// it is done. After an interrupt this waits for the process to exit instead (the handler
+    /// has the clean-up).
+    pub fn disarm(&mut self) -> Doing {
         if self.id == 0 {
-            return;
+            return Doing(false);
         }
         let mut list = lock();
-        let before = list.len();
-        list.retain(|e| e.id != self.id);
-        let was_registered = list.len() != before;
-        drop(list);
-        self.id = 0;
-        if !was_registered && INTERRUPTED.load(Ordering::Acquire) {
+        if INTERRUPTED.load(Ordering::Acquire) {
+            drop(list);
             loop {
                 std::thread::park();
             }
         }
+        list.retain(|e| e.id != self.id);
+        self.id = 0;
+        IN_PROGRESS.fetch_add(1, Ordering::AcqRel);
+        Doing(true)
     }
 }
 
 impl Drop for Cleanup {
     fn drop(&mut self) {
-        self.disarm();
+        drop(self.disarm());
+    }
+}
+
+/// A clean-up being done by its guard; an interrupt waits for it (up to a minute).
+#[must_use = "hold it while cleaning up"]
+pub struct Doing(bool);
+
+impl Drop for Doing {
+    fn drop(&mut self) {
+        if self.0 {
+            IN_PROGRESS.fetch_sub(1, Ordering::AcqRel);
+        }
     }
 }
 
@@ -74,11 +94,32 @@ fn lock() -> std::sync::MutexGuard<'static, Vec<Entry>> {
     CLEANUPS.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// Takes every registered clean-up, newest first.
+/// Takes every registered clean-up, newest first (without marking the process interrupted).
+#[cfg(test)]
 fn take_all() -> Vec<Entry> {
-    let mut list = std::mem::take(&mut *lock());
-    list.reverse();
-    list
+    newest_first(&mut lock())
+}
+
+/// Marks the process interrupted and takes every registered clean-up, newest first: from now
+/// on they are the handler's.
+fn interrupt() -> Vec<Entry> {
+    let mut list = lock();
+    INTERRUPTED.store(true, Ordering::Release);
+    newest_first(&mut list)
+}
+
+fn newest_first(list: &mut Vec<Entry>) -> Vec<Entry> {
+    let mut taken = std::mem::take(list);
+    taken.reverse();
+    taken
+}
+
+/// Waits until no guard is cleaning up by itself, or `limit` passes.
+fn wait_for_guards(limit: Duration) {
+    let deadline = Instant::now() + limit;
+    while IN_PROGRESS.load(Ordering::Acquire) > 0 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
 
 /// Runs `entries` in order; a panic in one is reported and the rest still run. Returns how
@@ -97,6 +138,7 @@ fn run_all(entries: Vec<Entry>) -> usize {
 
 /// Installs the handler for SIGINT, SIGTERM and SIGHUP (once per process, before the work).
 pub fn install() -> anyhow::Result<()> {
+    static SIGNALLED: AtomicBool = AtomicBool::new(false);
     use tokio::signal::unix::{SignalKind, signal};
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -119,13 +161,14 @@ pub fn install() -> anyhow::Result<()> {
                         _ = term.recv() => 143,
                         _ = hup.recv() => 129,
                     };
-                    if INTERRUPTED.swap(true, Ordering::AcqRel) {
+                    if SIGNALLED.swap(true, Ordering::AcqRel) {
                         eprintln!("\ninterrupted again: exiting without finishing the clean-up");
                         std::process::exit(code);
                     }
                     eprintln!("\ninterrupted: cleaning up (interrupt again to exit at once)");
                     std::thread::spawn(move || {
-                        let failed = run_all(take_all());
+                        let failed = run_all(interrupt());
+                        wait_for_guards(Duration::from_secs(60));
                         if failed > 0 {
                             eprintln!("{failed} clean-up(s) failed");
                         }
@@ -163,7 +206,10 @@ mod tests {
                 ran.fetch_add(1, Ordering::SeqCst);
             });
         }
-        second.disarm();
+        let doing = second.disarm();
+        assert!(doing.0, "a registered clean-up is now its guard's");
+        assert!(!second.disarm().0, "and only once");
+        drop(doing);
         let failed = run_all(take_all());
         assert_eq!(failed, 1);
         assert_eq!(*order.lock().unwrap(), [3, 1]);

@@ -99,7 +99,7 @@ impl ChildGuard {
 
     /// SIGTERM, wait up to `grace`, then SIGKILL. Returns the exit status if it exited.
     pub fn stop(&mut self, grace: Duration) -> Option<std::process::ExitStatus> {
-        self.on_interrupt.disarm();
+        let _doing = self.on_interrupt.disarm();
         let mut child = self.child.take()?;
         let _ = nix::sys::signal::kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM);
         let deadline = Instant::now() + grace;

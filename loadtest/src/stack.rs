@@ -276,7 +276,7 @@ impl RunGuard {
     pub fn set_network(&mut self, on: bool) -> anyhow::Result<()> {
         self.engine.network = on;
         self.rewrite_marker()?;
-        self.on_interrupt.disarm();
+        drop(self.on_interrupt.disarm());
         self.on_interrupt = Self::register(&self.engine, self.path());
         Ok(())
     }
@@ -311,10 +311,11 @@ impl RunGuard {
     /// Stops crab, destroys every sandbox of the run's engine and unmounts its pool, removes
     /// the directory. Idempotent; returns what failed.
     pub fn cleanup(&mut self) -> Option<String> {
-        self.on_interrupt.disarm();
+        // The daemon first: its guard deregisters by itself (see `crate::interrupt`).
         if let Some(mut c) = self.crab.take() {
             c.stop(Duration::from_secs(10));
         }
+        let _doing = self.on_interrupt.disarm();
         let dir = self.dir.take()?;
         match remove_run(&self.engine, dir.path()) {
             Ok(()) => {
