@@ -72,6 +72,8 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         fake.base_url()
     );
     let mut crab = CrabProcess::spawn(&crab_bin, &fake.base_url(), state.path()).await?;
+    // A killed demo's crab is ended by the next harness run (or `loadtest clean`).
+    crate::stack::write_marker(state.path(), &[crab.guard.pid()], None)?;
     println!(
         "▶ crab serve on {} (admin {}), state in {}",
         crab.listen,
@@ -97,6 +99,8 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     );
     crab.guard.stop(Duration::from_secs(5));
     if args.keep_state {
+        // Kept on purpose: no longer a leftover for a sweep to remove.
+        let _ = std::fs::remove_file(state.path().join(crate::stack::RUN_MARKER));
         let kept = state.keep();
         println!("▶ crab state kept in {}", kept.display());
     }
