@@ -69,20 +69,10 @@ pub struct ChildGuard {
 
 impl ChildGuard {
     pub fn new(name: &str, child: Child) -> ChildGuard {
-        let pid = child.id();
-        let on_interrupt = match start_time(pid) {
-            Some(start) => {
-                crate::interrupt::on_interrupt(format!("{name} (pid {pid})"), move || {
-                    terminate(pid, start, Duration::from_secs(3))
-                })
-            }
-            // Already gone: nothing to end.
-            None => crate::interrupt::on_interrupt(name, || {}),
-        };
         ChildGuard {
             name: name.to_string(),
+            on_interrupt: end_on_interrupt(name, child.id()),
             child: Some(child),
-            on_interrupt,
         }
     }
 
@@ -121,24 +111,26 @@ impl Drop for ChildGuard {
     }
 }
 
-/// Start time of process `pid` (clock ticks after boot, field 22 of `/proc/<pid>/stat`);
-/// `None` when it is gone or a zombie. With the pid it names one process across pid reuse.
-pub fn start_time(pid: u32) -> Option<u64> {
-    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // The command name (field 2) may hold spaces and parentheses: fields after its last `)`.
-    let rest = &stat[stat.rfind(')')? + 1..];
-    let mut fields = rest.split_whitespace();
-    if fields.next()? == "Z" {
-        return None;
-    }
-    fields.nth(18)?.parse().ok()
+pub use ckpt_engine::process::proctree::start_time;
+use ckpt_engine::process::proctree::still_alive;
+
+/// Registers the end of process `pid` (named `name`; [`terminate`], 3 s of grace) for an
+/// interrupt of the harness.
+pub fn end_on_interrupt(name: &str, pid: u32) -> crate::interrupt::Cleanup {
+    let start = start_time(pid);
+    crate::interrupt::on_interrupt(format!("{name} (pid {pid})"), move || {
+        // Gone already at registration: nothing to end.
+        if let Some(start) = start {
+            terminate(pid, start, Duration::from_secs(3));
+        }
+    })
 }
 
 /// Ends process `pid` if it is still the one started at `start`: SIGTERM, up to `grace` to
 /// exit, then SIGKILL. For processes this one does not wait for (an interrupt's clean-up, a
 /// helper left by a killed run).
 pub fn terminate(pid: u32, start: u64, grace: Duration) {
-    let alive = || start_time(pid) == Some(start);
+    let alive = || still_alive(pid, start);
     if !alive() {
         return;
     }

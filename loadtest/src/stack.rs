@@ -383,17 +383,17 @@ pub fn sweep_abandoned(root: &Path) -> Vec<(PathBuf, Result<(), String>)> {
     let Ok(entries) = std::fs::read_dir(root) else {
         return out;
     };
+    // Only what this user made and nobody else could have written: the marker names
+    // processes to end and a pool to tear down.
+    let own = |p: &Path| {
+        std::fs::symlink_metadata(p)
+            .is_ok_and(|m| m.uid() == nix::unistd::geteuid().as_raw() && m.mode() & 0o022 == 0)
+    };
     for e in entries.flatten() {
         let dir = e.path();
         if !e.file_name().to_string_lossy().starts_with("crab-") || !dir.is_dir() {
             continue;
         }
-        // Only what this user made and nobody else could have written: the marker names
-        // processes to end and a pool to tear down.
-        let own = |p: &Path| {
-            std::fs::symlink_metadata(p)
-                .is_ok_and(|m| m.uid() == nix::unistd::geteuid().as_raw() && m.mode() & 0o022 == 0)
-        };
         if !own(&dir) || !own(&dir.join(RUN_MARKER)) {
             continue;
         }
@@ -404,7 +404,7 @@ pub fn sweep_abandoned(root: &Path) -> Vec<(PathBuf, Result<(), String>)> {
             continue;
         };
         let (pid, start) = marker.owner;
-        if crate::procs::start_time(pid) == Some(start) {
+        if ckpt_engine::process::proctree::still_alive(pid, start) {
             continue;
         }
         for (pid, start) in marker.helpers {

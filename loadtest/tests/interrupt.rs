@@ -101,11 +101,7 @@ fn running_sandboxes(root: &Path) -> Option<(PathBuf, u32, Vec<u32>)> {
 
 /// Process `pid` exists and is not a zombie.
 fn alive(pid: u32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
-        s.rsplit(')')
-            .next()
-            .is_some_and(|r| !r.trim_start().starts_with('Z'))
-    })
+    ckpt_engine::process::proctree::start_time(pid).is_some()
 }
 
 fn mounts_under(root: &Path) -> Vec<String> {

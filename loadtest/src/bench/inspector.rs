@@ -15,7 +15,7 @@
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use anyhow::{Context, bail};
 use serde_json::{Value, json};
@@ -169,16 +169,11 @@ impl Turns {
             .with_context(|| format!("start {} inspect --turns", crab.display()))?;
         let stdin = child.stdin.take().context("stdin")?;
         let stdout = BufReader::new(child.stdout.take().context("stdout")?);
-        let pid = child.id();
-        let start = crate::procs::start_time(pid).unwrap_or(0);
         Ok(Self {
+            _on_interrupt: crate::procs::end_on_interrupt("crab inspect", child.id()),
             child,
             stdin,
             stdout,
-            _on_interrupt: crate::interrupt::on_interrupt(
-                format!("crab inspect (pid {pid})"),
-                move || crate::procs::terminate(pid, start, Duration::from_secs(3)),
-            ),
         })
     }
 

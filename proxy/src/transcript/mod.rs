@@ -755,18 +755,15 @@ impl Transcript {
             return true;
         };
         // Room for the bodies written into the line, escaped (a quarter more: `jsonw::string`'s
-        // first round), so the line is not copied to grow. A JSON request body is not written
-        // into it (the writer gets it as it is).
+        // first round), so the line is not copied to grow. A JSON request body is usually not
+        // written into it (the writer gets it as it is); the flag is enough for an estimate,
+        // `encode_record` makes the exact check (`recorded_as_json`, a scan of the body) once.
         let response = x
             .response
             .as_ref()
             .map_or(0, |r| r.body.len().min(r.body_len as usize));
         let req_limit = (self.max_body_bytes as usize).min(x.request_body.len());
-        let request = if recorded_as_json(&x, req_limit) {
-            0
-        } else {
-            req_limit
-        };
+        let request = if x.request_body_json { 0 } else { req_limit };
         let bodies = request + response;
         let mut line = Vec::with_capacity(bodies + bodies / 4 + 4096);
         let json_body = encode_record(&x, &self.redact, self.max_body_bytes, &mut line)
