@@ -25,6 +25,11 @@ pub enum EngineRequest {
         /// Base image (default from the config).
         #[serde(default)]
         image: Option<String>,
+        /// A `/bin/sh -c` script run in the new sandbox before it is returned (its
+        /// environment: a repository, a dataset); its effects are part of the sandbox's first
+        /// recovery point. On a non-zero exit the sandbox is removed (`setup_failed`).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        setup: Option<String>,
     },
     /// Create a directory sandbox (cgroup + declared btrfs directories).
     SandboxCreateDirectory {
@@ -167,8 +172,8 @@ pub enum EngineResponse {
 /// An error as the API reports it: a stable machine-readable code plus the message.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ApiError {
-    /// One of `not_found`, `exists`, `invalid`, `corrupt`, `verify_failed`, `no_space`,
-    /// `unsupported`, `unavailable`, `internal`.
+    /// One of `not_found`, `exists`, `invalid`, `setup_failed`, `corrupt`, `verify_failed`,
+    /// `no_space`, `unsupported`, `unavailable`, `internal`.
     pub code: String,
     /// Human-readable message.
     pub message: String,
@@ -184,6 +189,7 @@ impl EngineError {
             | EngineError::NoPoints { .. }
             | EngineError::Fs(FsError::NotFound { .. }) => "not_found",
             EngineError::SandboxExists { .. } => "exists",
+            EngineError::SetupFailed { .. } => "setup_failed",
             EngineError::InvalidName { .. }
             | EngineError::Adopt { .. }
             | EngineError::Fs(FsError::InvalidId { .. }) => "invalid",
@@ -260,9 +266,9 @@ pub fn fork_names(
 pub fn dispatch(engine: &Engine, request: EngineRequest) -> Result<EngineResponse, EngineError> {
     use EngineRequest as R;
     Ok(match request {
-        R::SandboxCreate { name, image } => {
-            EngineResponse::Sandbox(engine.create(&name, image.as_deref())?)
-        }
+        R::SandboxCreate { name, image, setup } => EngineResponse::Sandbox(
+            engine.create_with_setup(&name, image.as_deref(), setup.as_deref())?,
+        ),
         R::SandboxCreateDirectory { name, dirs } => {
             EngineResponse::Sandbox(engine.create_directory(&name, &dirs)?)
         }

@@ -56,8 +56,13 @@ pub enum SandboxCommand {
         #[arg(long)]
         image: Option<String>,
         /// Make a directory sandbox checkpointing these directories instead of a container.
-        #[arg(long = "dir", conflicts_with = "image")]
+        #[arg(long = "dir", conflicts_with_all = ["image", "setup"])]
         dirs: Vec<PathBuf>,
+        /// A shell script run in the new sandbox before it is returned (its environment: a
+        /// repository, a dataset): part of its first recovery point. The sandbox is removed
+        /// if the script fails.
+        #[arg(long)]
+        setup: Option<String>,
     },
     /// Run a command in a sandbox (exit code and output passed through).
     Exec {
@@ -185,12 +190,16 @@ impl EngineCommand {
     pub fn to_request(&self) -> EngineRequest {
         match self {
             EngineCommand::Sandbox(a) => match &a.command {
-                SandboxCommand::Create { name, image, dirs } if dirs.is_empty() => {
-                    EngineRequest::SandboxCreate {
-                        name: name.clone(),
-                        image: image.clone(),
-                    }
-                }
+                SandboxCommand::Create {
+                    name,
+                    image,
+                    dirs,
+                    setup,
+                } if dirs.is_empty() => EngineRequest::SandboxCreate {
+                    name: name.clone(),
+                    image: image.clone(),
+                    setup: setup.clone(),
+                },
                 SandboxCommand::Create { name, dirs, .. } => {
                     EngineRequest::SandboxCreateDirectory {
                         name: name.clone(),
@@ -500,7 +509,16 @@ mod tests {
             c.to_request(),
             EngineRequest::SandboxCreate {
                 name: "a".into(),
-                image: Some("deb".into())
+                image: Some("deb".into()),
+                setup: None,
+            }
+        );
+        assert_eq!(
+            parse(&["sandbox", "create", "a", "--setup", "mkdir /work"]).to_request(),
+            EngineRequest::SandboxCreate {
+                name: "a".into(),
+                image: None,
+                setup: Some("mkdir /work".into()),
             }
         );
         assert!(matches!(

@@ -121,6 +121,14 @@ pub enum EngineError {
         path: PathBuf,
         reason: String,
     },
+    /// A new sandbox's setup command failed; the sandbox was removed.
+    #[error("sandbox {name}: the setup exited with {exit_code} (sandbox removed): {output}")]
+    SetupFailed {
+        name: String,
+        exit_code: i32,
+        /// The end of its output (stdout, then stderr).
+        output: String,
+    },
 }
 
 fn io_err<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> EngineError + 'a {
@@ -129,6 +137,19 @@ fn io_err<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -
         path: path.to_path_buf(),
         source,
     }
+}
+
+/// The last [`OUTPUT_TAIL`] bytes of a command's stdout followed by its stderr (at a char
+/// boundary), trimmed.
+fn output_tail(stdout: &str, stderr: &str) -> String {
+    const OUTPUT_TAIL: usize = 2000;
+    let all = format!("{}\n{}", stdout.trim_end(), stderr.trim_end());
+    let all = all.trim();
+    let mut start = all.len().saturating_sub(OUTPUT_TAIL);
+    while !all.is_char_boundary(start) {
+        start += 1;
+    }
+    all[start..].to_owned()
 }
 
 /// What a sandbox is.
@@ -573,6 +594,45 @@ impl Engine {
     /// Creates and starts a container sandbox from `image` (default from the config; the
     /// busybox image is built on first use).
     pub fn create(&self, name: &str, image: Option<&str>) -> Result<SandboxInfo, EngineError> {
+        self.create_with_setup(name, image, None)
+    }
+
+    /// [`create`](Self::create), then runs `setup` (a `/bin/sh -c` script: the task's
+    /// environment, e.g. a repository or a dataset) in the new sandbox before returning it, so
+    /// the sandbox's first recovery point — the baseline a coordinator takes once it is created
+    /// — is the prepared environment, as an image holding it would be. A setup that fails
+    /// (non-zero exit) removes the sandbox again.
+    pub fn create_with_setup(
+        &self,
+        name: &str,
+        image: Option<&str>,
+        setup: Option<&str>,
+    ) -> Result<SandboxInfo, EngineError> {
+        let info = self.create_container(name, image)?;
+        let Some(script) = setup else {
+            return Ok(info);
+        };
+        let argv = ["/bin/sh".to_owned(), "-c".to_owned(), script.to_owned()];
+        let failed = match self.exec(name, &argv, false) {
+            Ok(out) if out.exit_code == 0 => return Ok(info),
+            Ok(out) => EngineError::SetupFailed {
+                name: name.to_owned(),
+                exit_code: out.exit_code,
+                output: output_tail(&out.stdout, &out.stderr),
+            },
+            Err(e) => e,
+        };
+        if let Err(e) = self.destroy(name) {
+            tracing::warn!(sandbox = %name, error = %e, "cannot remove the sandbox whose setup failed");
+        }
+        Err(failed)
+    }
+
+    fn create_container(
+        &self,
+        name: &str,
+        image: Option<&str>,
+    ) -> Result<SandboxInfo, EngineError> {
         validate_name(name)?;
         let image = image.unwrap_or(&self.cfg.default_image).to_string();
         let image_path = image::image_path(&self.pool, &image)?;

@@ -352,3 +352,75 @@ fn cli_commands_drive_the_engine() {
     let v: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
     assert_eq!(v["code"], "not_found");
 }
+
+/// `sandbox create --setup` prepares the sandbox before returning it (its first point holds the
+/// setup's files); a setup that fails answers `setup_failed` with its output and leaves no
+/// sandbox behind, so the same name can be created again.
+#[test]
+fn create_with_setup_prepares_the_sandbox_or_removes_it() {
+    use ckpt_engine::cli::{EngineCommand, run_local};
+    use clap::Parser;
+    #[derive(Parser)]
+    struct Cli {
+        #[command(subcommand)]
+        cmd: EngineCommand,
+    }
+    if !prerequisites("create_with_setup_prepares_the_sandbox_or_removes_it") {
+        return;
+    }
+    let t = TestEngine::open(GIB);
+    let e = t.engine();
+    let run = |args: &[&str]| {
+        let cli = Cli::try_parse_from(std::iter::once("crab").chain(args.iter().copied())).unwrap();
+        run_local(e, &cli.cmd)
+    };
+    let name = unique("");
+    let r = run(&[
+        "sandbox",
+        "create",
+        &name,
+        "--setup",
+        "mkdir -p /work && printf 'dataset\\n' > /work/env.txt",
+    ]);
+    assert_eq!(r.exit_code, 0, "{}", r.stderr);
+    assert_eq!(sh(e, &name, "cat /work/env.txt"), "dataset\n");
+    let p = e
+        .checkpoint(&name, CheckpointKind::Fs, &ChangeHint::Unknown)
+        .expect("checkpoint");
+    sh(e, &name, "rm /work/env.txt");
+    e.restore(&name, Some(&p.id)).expect("restore");
+    assert_eq!(sh(e, &name, "cat /work/env.txt"), "dataset\n");
+
+    let bad = unique("");
+    let r = run(&[
+        "sandbox",
+        "create",
+        &bad,
+        "--json",
+        "--setup",
+        "echo half-done > /half; echo broken-step >&2; exit 3",
+    ]);
+    assert_ne!(r.exit_code, 0);
+    let v: serde_json::Value = serde_json::from_str(&r.stdout)
+        .unwrap_or_else(|err| panic!("JSON error: {err}: {} {}", r.stdout, r.stderr));
+    assert_eq!(v["code"], "setup_failed", "{v}");
+    let msg = v["message"].as_str().unwrap_or_default();
+    assert!(
+        msg.contains("exited with 3") && msg.contains("broken-step"),
+        "{msg}"
+    );
+    assert!(
+        matches!(
+            e.info(&bad),
+            Err(ckpt_engine::EngineError::SandboxNotFound { .. })
+        ),
+        "a failed setup leaves no sandbox"
+    );
+    assert!(e.list().unwrap().iter().all(|s| s.name != bad));
+    // The name is free again.
+    let r = run(&["sandbox", "create", &bad, "--setup", "true"]);
+    assert_eq!(r.exit_code, 0, "{}", r.stderr);
+    for n in [&name, &bad] {
+        e.remove(n).expect("remove");
+    }
+}

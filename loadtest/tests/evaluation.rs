@@ -78,6 +78,9 @@ fn evaluation_recovers_every_crash_with_crab_and_reports() {
                 .sum();
             assert!(decided > 0, "{suite}: crab decided no turn end: {plans}");
             assert!(r["checkpoint_bytes"].as_u64().unwrap() > 0, "{suite}");
+            // The turn-0 points (the sandboxes as created with their setup, a full checkpoint
+            // each) are counted apart.
+            assert!(r["baseline_bytes"].as_u64().unwrap() > 0, "{suite}");
             assert!(r["crab_cpu_s"].as_f64().unwrap() > 0.0);
         } else {
             assert_eq!(r["checkpoint_bytes"], 0, "{suite}/{method}: policy off");

@@ -143,7 +143,7 @@ pub fn status_of(code: &str) -> StatusCode {
     match code {
         "not_found" => StatusCode::NOT_FOUND,
         "exists" => StatusCode::CONFLICT,
-        "invalid" => StatusCode::BAD_REQUEST,
+        "invalid" | "setup_failed" => StatusCode::BAD_REQUEST,
         "verify_failed" => StatusCode::CONFLICT,
         "no_space" => StatusCode::INSUFFICIENT_STORAGE,
         "unsupported" => StatusCode::UNPROCESSABLE_ENTITY,

@@ -61,7 +61,7 @@ struct Executed {
     command: String,
 }
 
-/// Creates the sandbox, runs the task's setup, then the agent loop; finally the checker,
+/// Creates the sandbox with the task's setup, then runs the agent loop; finally the checker,
 /// probes and digest.
 pub async fn run(inst: &Instance<'_>) -> anyhow::Result<Outcome> {
     let crab = inst.crab;
@@ -226,20 +226,15 @@ pub fn unix_ms() -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
-/// Creates the instance's sandbox from the evaluation image and runs the task's setup.
+/// Creates the instance's sandbox from the evaluation image with the task's setup run in it
+/// at creation: the task's environment, like a task image's, is the sandbox's starting point
+/// (its baseline recovery point, turn 0), not a change of the agent's first turn.
 pub async fn create(inst: &Instance<'_>) -> anyhow::Result<()> {
     inst.crab
-        .engine(
-            json!({"op": "sandbox_create", "name": inst.sandbox, "image": super::workload::IMAGE}),
-        )
+        .engine(json!({"op": "sandbox_create", "name": inst.sandbox,
+            "image": super::workload::IMAGE, "setup": inst.task.setup}))
         .await
         .with_context(|| format!("creating sandbox {}", inst.sandbox))?;
-    if let Some(setup) = &inst.task.setup {
-        let (code, out) = inst.crab.exec_status(&inst.sandbox, setup).await?;
-        if code != 0 {
-            bail!("{}: the task's setup failed ({code}): {out}", inst.sandbox);
-        }
-    }
     Ok(())
 }
 
@@ -289,19 +284,6 @@ async fn recover(
                 as usize;
             rec.restored_turn = Some(at);
             rec.recovery_ms = t0.elapsed().as_secs_f64() * 1000.0;
-            // Turn 0 is the sandbox as created, before the task's setup (which ran before
-            // the first request): set it up again.
-            if at == 0
-                && let Some(setup) = &inst.task.setup
-            {
-                let (code, out) = crab.exec_status(&inst.sandbox, setup).await?;
-                if code != 0 {
-                    bail!(
-                        "{}: the task's setup failed after a restore ({code}): {out}",
-                        inst.sandbox
-                    );
-                }
-            }
             let mut last = None;
             for e in executed.iter().filter(|e| e.turn > at) {
                 last = Some(run_tool(crab, &inst.sandbox, &e.command).await);

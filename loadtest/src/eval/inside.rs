@@ -12,12 +12,12 @@
 //! the agent finished is not injected. Recovery per method:
 //! - `crab`, `full-every-turn`: restore the newest point resolved before the crash; the agent
 //!   process comes back with it and retries its request (crab answers from replay). When the
-//!   point holds no agent (turn 0, before the setup; or a filesystem-only point) it is set up
-//!   and started again as below.
+//!   point holds no agent (turn 0, the sandbox as created with its setup; or a
+//!   filesystem-only point) it is started again as below.
 //! - `chat+fs`: the same restore (filesystem only); the agent is started again with the
 //!   conversation kept — the longest request crab's transcript recorded — after the harness
 //!   re-executed the commands of the turns after the restored one (as `agent.rs` does).
-//! - `chat-only`: the sandbox recreated from its image (plus setup), the agent started with the
+//! - `chat-only`: the sandbox recreated from its image (with its setup), the agent started with the
 //!   kept conversation. `restart`: recreated, the agent started from scratch.
 //!
 //! The agent sends nothing but its requests, whatever the policy: crab attributes its
@@ -538,9 +538,8 @@ async fn recover(
                 "the point holds no agent: starting it again"
             );
             if at == 0 {
-                // The sandbox as created, before the setup: set up and start over (the
-                // replies come from crab's replay).
-                setup(inst).await?;
+                // The sandbox as created (with its setup): start over (the replies come from
+                // crab's replay).
                 let (_, n) = kept();
                 return start_agent(
                     inst,
@@ -581,9 +580,6 @@ async fn recover(
                 at = r["turn"].as_u64().unwrap_or(steps.len() as u64) as usize;
                 rec.restored_turn = Some(at);
                 *info = self::info(crab, sandbox).await?;
-                if at == 0 {
-                    setup(inst).await?;
-                }
             }
             for cmd in steps.iter().skip(at).flatten() {
                 let _ = crab.exec_status(sandbox, cmd).await?;
@@ -630,20 +626,6 @@ async fn recover(
             .await
         }
     }
-}
-
-/// The task's setup again (after a restore to the sandbox as created).
-async fn setup(inst: &Instance<'_>) -> anyhow::Result<()> {
-    if let Some(setup) = &inst.task.setup {
-        let (code, out) = inst.crab.exec_status(&inst.sandbox, setup).await?;
-        if code != 0 {
-            bail!(
-                "{}: the task's setup failed after a restore ({code}): {out}",
-                inst.sandbox
-            );
-        }
-    }
-    Ok(())
 }
 
 #[cfg(test)]

@@ -79,9 +79,13 @@ pub struct RunResult {
     pub tasks: Vec<TaskResult>,
     /// Turn-end decisions of the whole run (crab's counters).
     pub plans: PlanCounts,
-    /// Bytes of every published recovery point of the run's sandboxes (filesystem send size
-    /// plus process images).
+    /// Bytes of the published recovery points of the run's turn ends (filesystem send size
+    /// plus process images), baselines excluded.
     pub checkpoint_bytes: u64,
+    /// Bytes of the baseline points (turn 0: each sandbox as created with its task's setup,
+    /// the same for every method that checkpoints), not in `checkpoint_bytes`.
+    #[serde(default)]
+    pub baseline_bytes: u64,
     /// Gate wait of every gated reply, ms (for CDFs).
     pub exposed_delay_ms: Vec<f64>,
     /// Duration of each turn-end checkpoint, ms, by plan (`fs`, `full`).

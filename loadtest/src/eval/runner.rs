@@ -485,6 +485,7 @@ impl Cell<'_> {
             result.plans.full += t.plans.full;
             result.plans.failed += t.plans.failed;
             result.checkpoint_bytes += r.bytes;
+            result.baseline_bytes += r.baseline_bytes;
             if let Some(st) = r.stored {
                 let m = result.meta_stored.get_or_insert_with(StoredBytes::default);
                 m.logical += st.logical;
@@ -579,6 +580,7 @@ struct InstanceResult {
     task: TaskResult,
     state: Option<FinalState>,
     bytes: u64,
+    baseline_bytes: u64,
     /// The sandbox's process images and manifests on disk right before its removal.
     stored: Option<StoredBytes>,
     exposed_ms: Vec<f64>,
@@ -626,6 +628,7 @@ impl WorkerCtx {
             task: TaskResult::default(),
             state: None,
             bytes: 0,
+            baseline_bytes: 0,
             stored: None,
             exposed_ms: Vec::new(),
             checkpoint_ms: Vec::new(),
@@ -654,11 +657,12 @@ impl WorkerCtx {
         }
         // What crab recorded for the sandbox, then its removal.
         match self.collect(&sandbox, res.requests).await {
-            Ok((plans, bytes, exposed, ckpt)) => {
-                res.plans = plans;
-                out.bytes = bytes;
-                out.exposed_ms = exposed;
-                out.checkpoint_ms = ckpt;
+            Ok(c) => {
+                res.plans = c.plans;
+                out.bytes = c.bytes;
+                out.baseline_bytes = c.baseline_bytes;
+                out.exposed_ms = c.exposed_ms;
+                out.checkpoint_ms = c.checkpoint_ms;
             }
             Err(e) => {
                 let prev = res.error.take();
@@ -683,12 +687,9 @@ impl WorkerCtx {
     }
 
     /// The sandbox's turn-end decisions and checkpoint durations (crab's journal, turn 0's
-    /// baseline excluded), its points' bytes, and the gate wait of its replies (transcript).
-    async fn collect(
-        &self,
-        sandbox: &str,
-        requests: usize,
-    ) -> anyhow::Result<(PlanCounts, u64, Vec<f64>, Vec<(String, f64)>)> {
+    /// baseline excluded), its points' bytes (the baseline's apart), and the gate wait of its
+    /// replies (transcript).
+    async fn collect(&self, sandbox: &str, requests: usize) -> anyhow::Result<Collected> {
         let transcript = self
             .state_dir
             .join("transcripts")
@@ -714,11 +715,17 @@ impl WorkerCtx {
         .unwrap_or_default();
         let mut plans = PlanCounts::default();
         let mut ckpt = Vec::new();
+        let mut baselines = std::collections::HashSet::new();
         for v in journal
             .lines()
             .filter_map(|l| serde_json::from_str::<Value>(l).ok())
         {
             if v["turn"].as_u64().unwrap_or(0) == 0 {
+                if v["plan"] != "skip"
+                    && let Some(p) = v["point"].as_str()
+                {
+                    baselines.insert(p.to_owned());
+                }
                 continue;
             }
             let plan = v["plan"].as_str().unwrap_or("?");
@@ -746,9 +753,35 @@ impl WorkerCtx {
         let dir = self.state_dir.join("points");
         let _ = std::fs::create_dir_all(&dir);
         let _ = std::fs::write(dir.join(format!("{sandbox}.json")), points.to_string());
-        let (fs, images) = point_bytes(points.as_array().map_or(&[], |v| v.as_slice()));
-        Ok((plans, fs + images, exposed, ckpt))
+        let (baseline, turns): (Vec<Value>, Vec<Value>) = points
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+            .into_iter()
+            .partition(|p| p["id"].as_str().is_some_and(|id| baselines.contains(id)));
+        let sum = |points: &[Value]| {
+            let (fs, images) = point_bytes(points);
+            fs + images
+        };
+        Ok(Collected {
+            plans,
+            bytes: sum(&turns),
+            baseline_bytes: sum(&baseline),
+            exposed_ms: exposed,
+            checkpoint_ms: ckpt,
+        })
     }
+}
+
+/// What crab recorded for one sandbox ([`WorkerCtx::collect`]).
+struct Collected {
+    plans: PlanCounts,
+    /// Bytes of the points of its turn ends.
+    bytes: u64,
+    /// Bytes of its baseline points (turn 0: the sandbox as created, with the task's setup).
+    baseline_bytes: u64,
+    exposed_ms: Vec<f64>,
+    checkpoint_ms: Vec<(String, f64)>,
 }
 
 #[cfg(test)]

@@ -2,8 +2,9 @@
 //!
 //! A task is one TOML file, `loadtest/workloads/<suite>/<name>.toml`, embedded in the binary
 //! ([`FILES`], checked against the directories by a unit test), holding the user's prompt, an
-//! optional `setup` script (the task's initial files, run once after the sandbox is created and
-//! again whenever a method recreates the sandbox from its image), the scripted trajectory (turns
+//! optional `setup` script (the task's initial files, run in the sandbox as it is created, before
+//! its baseline point, and again whenever a method recreates it: the task's environment, as a
+//! task image would hold it), the scripted trajectory (turns
 //! of `bash` tool calls, each run with `sh -c` in the sandbox), a `check` script (exit 0 = solved),
 //! optional `probes` (commands whose stdout must equal the fault-free run's: services' answers,
 //! in-memory state) and the filesystem paths whose state is compared ([`Task::digest_command`]).

@@ -477,8 +477,9 @@ fn time(out: &mut String, s: &Summary) {
 fn checkpoint_bytes(out: &mut String, s: &Summary) {
     let _ = writeln!(
         out,
-        "<h2>Checkpoint bytes</h2><p>Bytes of every published recovery point (filesystem send size plus \
-         process images). The reduction compares bytes per task instance with <code>full-every-turn</code> \
+        "<h2>Checkpoint bytes</h2><p>Bytes of the recovery points of the turn ends (filesystem send size plus \
+         process images). <em>Baselines</em>: the turn-0 points of the sandboxes as created with their \
+         task's setup, the same for every method that checkpoints, not counted. The reduction compares bytes per task instance with <code>full-every-turn</code> \
          over the suites and densities both ran. Published: up to 87% less. <em>Images on disk</em>: \
          what the sandboxes' process images and manifests take on disk before their removal (crab shares each \
          image's unchanged memory blocks with the previous image), of their written size.</p>"
@@ -486,7 +487,7 @@ fn checkpoint_bytes(out: &mut String, s: &Summary) {
     let cols = suite_cols(s);
     let mut headers: Vec<&str> = vec!["method"];
     headers.extend(cols.iter().map(|c| col_label(*c)));
-    headers.extend(["total", "vs full-every-turn", "images on disk"]);
+    headers.extend(["total", "baselines", "vs full-every-turn", "images on disk"]);
     let mut tb = Table::new(&headers);
     for m in &s.methods {
         let rows: Vec<_> = s.bytes.iter().filter(|r| &r.method == m).collect();
@@ -504,6 +505,10 @@ fn checkpoint_bytes(out: &mut String, s: &Summary) {
         cells.push(n(
             total.map_or_else(|| NONE.to_owned(), |r| bytes(r.bytes as f64))
         ));
+        cells.push(n(total.map_or_else(
+            || NONE.to_owned(),
+            |r| bytes(r.baseline_bytes as f64),
+        )));
         cells.push(n(total
             .and_then(|r| r.reduction_vs_full_pct)
             .map_or_else(|| NONE.to_owned(), |p| format!("{p:.1}% less"))));

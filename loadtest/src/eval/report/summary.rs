@@ -162,6 +162,8 @@ pub struct BytesRow {
     pub suite: Option<String>,
     pub method: String,
     pub bytes: u64,
+    /// Bytes of the baseline points (turn 0), not in `bytes`.
+    pub baseline_bytes: u64,
     pub task_instances: usize,
     pub bytes_per_task: Option<f64>,
     /// `1 - per_task / full-every-turn's per_task` in percent, over the densities both ran.
@@ -686,6 +688,7 @@ fn bytes_row(
         suite: suite.cloned(),
         method: method.to_owned(),
         bytes,
+        baseline_bytes: runs.iter().map(|r| r.baseline_bytes).sum(),
         task_instances,
         bytes_per_task: ratio(bytes as f64, task_instances as f64),
         reduction_vs_full_pct,

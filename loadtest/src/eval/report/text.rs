@@ -172,6 +172,7 @@ pub fn render(s: &Summary) -> String {
     headers.extend(s.suites.iter().map(|c| format!(">{c}")));
     headers.extend([
         ">total".to_owned(),
+        ">baselines".to_owned(),
         ">vs full-every-turn".to_owned(),
         ">images on disk".to_owned(),
     ]);
@@ -188,6 +189,7 @@ pub fn render(s: &Summary) -> String {
             cells.push(r.map_or_else(|| NONE.to_owned(), |r| opt_bytes(r.bytes_per_task)));
         }
         cells.push(total.map_or_else(|| NONE.to_owned(), |r| bytes(r.bytes as f64)));
+        cells.push(total.map_or_else(|| NONE.to_owned(), |r| bytes(r.baseline_bytes as f64)));
         cells.push(
             total
                 .and_then(|r| r.reduction_vs_full_pct)
@@ -201,7 +203,7 @@ pub fn render(s: &Summary) -> String {
     }
     section(
         &mut out,
-        "Checkpoint bytes per task instance (images on disk: each sandbox's process images and manifests before its removal, deduplicated, of their written size)",
+        "Checkpoint bytes per task instance of the turn ends (baselines: the turn-0 points of the sandboxes as created, not counted; images on disk: each sandbox's process images and manifests before its removal, deduplicated, of their written size)",
         &t,
     );
 
