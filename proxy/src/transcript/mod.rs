@@ -57,6 +57,7 @@ use crate::config::TranscriptSettings;
 use crate::sandbox::SandboxId;
 
 pub mod delta;
+mod digest;
 
 /// Version of the line format.
 pub const FORMAT_VERSION: u32 = 3;
@@ -241,19 +242,30 @@ pub struct TranscriptRecord {
 const JSON_OPEN: &[u8] = b"{\"json\":";
 const JSON_CLOSE: &[u8] = b"}";
 
+/// Hex digits of a body digest.
+const DIGEST_HEX: usize = 2 * blake3::OUT_LEN;
+
+/// Where a JSON request body and its digest go in an encoded record line.
+#[derive(Debug, Clone, Copy)]
+struct JsonAt {
+    body: usize,
+    digest: usize,
+}
+
 /// Writes an exchange as one record line: the JSON shape of [`TranscriptRecord`], byte for
 /// byte what `serde_json` writes for it, without copying its strings and bodies. Hand-written
 /// (see [`crate::jsonw`]) because this runs for every request and is mostly body escaping;
 /// the small nested objects (error, timings, analysis) still go through `serde_json`.
-/// A request body written as the JSON it is is left out of `line`: the returned position is
-/// where it goes (the writer writes it there, or a delta in its place, without the body
-/// having been copied).
+/// A request body written as the JSON it is is left out of `line`, and so is its digest: the
+/// returned positions are where they go (the writer writes the body there, or a delta in its
+/// place, without the body having been copied, and fills in the digest, hashing only what
+/// the body does not share with the earlier body it is written against: [`digest`]).
 fn encode_record(
     x: &Exchange,
     redact: &[HeaderName],
     max_body: u64,
     line: &mut Vec<u8>,
-) -> Option<usize> {
+) -> Option<JsonAt> {
     use crate::jsonw::{boolean, opt_string, opt_uint, string, uint};
     let req_limit = (max_body as usize).min(x.request_body.len());
     line.clear();
@@ -282,14 +294,23 @@ fn encode_record(
     line.extend_from_slice(b",\"headers\":");
     write_headers(line, &x.request_headers, redact);
     line.extend_from_slice(b",\"body_digest\":\"");
-    line.extend_from_slice(blake3::hash(&x.request_body).to_hex().as_bytes());
+    let as_json = recorded_as_json(x, req_limit);
+    let digest_at = line.len();
+    if as_json {
+        line.extend_from_slice(&[b'0'; DIGEST_HEX]);
+    } else {
+        line.extend_from_slice(blake3::hash(&x.request_body).to_hex().as_bytes());
+    }
     line.extend_from_slice(b"\",\"body_len\":");
     uint(line, x.request_body.len() as u64);
     line.extend_from_slice(b",\"body\":");
     let mut json_body = None;
-    if recorded_as_json(x, req_limit) {
+    if as_json {
         line.extend_from_slice(JSON_OPEN);
-        json_body = Some(line.len());
+        json_body = Some(JsonAt {
+            body: line.len(),
+            digest: digest_at,
+        });
         line.extend_from_slice(JSON_CLOSE);
     } else {
         write_body(line, &x.request_body[..req_limit]);
@@ -882,7 +903,8 @@ const BASES_BUDGET: usize = 64 << 20;
 /// The last JSON request bodies written to one file that can serve as bases (record id,
 /// body), oldest first.
 struct Bases {
-    bodies: VecDeque<(u64, Bytes)>,
+    /// (record id, body, its digest's block hashes).
+    bodies: VecDeque<(u64, Bytes, digest::Blocks)>,
     /// Bytes held by the bases of every file together (bounded by [`BASES_BUDGET`]).
     held: Arc<AtomicU64>,
 }
@@ -898,7 +920,7 @@ impl Bases {
     /// Keeps `body` (record `id`) as the newest base, unless it is too short to be one
     /// ([`delta::worth_a_delta`]); the oldest go beyond [`delta::BASES`], and while the
     /// writer's budget is exceeded (then this file keeps none).
-    fn push(&mut self, id: u64, body: Bytes) {
+    fn push(&mut self, id: u64, body: Bytes, blocks: digest::Blocks) {
         if !delta::worth_a_delta(body.len()) {
             return;
         }
@@ -911,24 +933,31 @@ impl Bases {
             body
         };
         self.held.fetch_add(body.len() as u64, Ordering::Relaxed);
-        self.bodies.push_back((id, body));
+        self.bodies.push_back((id, body, blocks));
         while self.bodies.len() > delta::BASES
             || (!self.bodies.is_empty() && self.held.load(Ordering::Relaxed) > BASES_BUDGET as u64)
         {
-            if let Some((_, b)) = self.bodies.pop_front() {
+            if let Some((_, b, _)) = self.bodies.pop_front() {
                 self.held.fetch_sub(b.len() as u64, Ordering::Relaxed);
             }
         }
     }
 
     fn iter(&self) -> impl DoubleEndedIterator<Item = (u64, &[u8])> {
-        self.bodies.iter().map(|(id, b)| (*id, &b[..]))
+        self.bodies.iter().map(|(id, b, _)| (*id, &b[..]))
+    }
+
+    fn blocks(&self, id: u64) -> Option<&digest::Blocks> {
+        self.bodies
+            .iter()
+            .find(|(i, _, _)| *i == id)
+            .map(|(_, _, blocks)| blocks)
     }
 }
 
 impl Drop for Bases {
     fn drop(&mut self) {
-        let n: usize = self.bodies.iter().map(|(_, b)| b.len()).sum();
+        let n: usize = self.bodies.iter().map(|(_, b, _)| b.len()).sum();
         self.held.fetch_sub(n as u64, Ordering::Relaxed);
     }
 }
@@ -937,8 +966,8 @@ impl Drop for Bases {
 struct Line {
     line: Vec<u8>,
     id: u64,
-    /// A request body written as JSON, and where in `line` it goes.
-    json_body: Option<(usize, Bytes)>,
+    /// A request body written as JSON, and where in `line` it and its digest go.
+    json_body: Option<(JsonAt, Bytes)>,
 }
 
 impl Line {
@@ -949,15 +978,25 @@ impl Line {
 }
 
 /// Writes a record: as encoded, or with its JSON request body as a delta against one of the
-/// file's `bases` when that saves enough (see [`delta`]). Returns the bytes written.
-fn write_record(out: &mut impl Write, rec: &Line, bases: &Bases) -> std::io::Result<u64> {
-    let line = &rec.line;
+/// file's `bases` when that saves enough (see [`delta`]), its digest filled in. Returns the
+/// bytes written, and for a JSON body the block hashes of its digest (kept with it as a base).
+fn write_record(
+    out: &mut impl Write,
+    rec: &mut Line,
+    bases: &Bases,
+) -> std::io::Result<(u64, Option<digest::Blocks>)> {
     let Some((at, body)) = &rec.json_body else {
-        out.write_all(line)?;
-        return Ok(line.len() as u64);
+        out.write_all(&rec.line)?;
+        return Ok((rec.line.len() as u64, None));
     };
-    let at = *at;
-    let chosen = delta::choose(bases.iter(), body).and_then(|(base, prefix, suffix)| {
+    let choice = delta::choose(bases.iter(), body);
+    let (hash, blocks) = digest::digest(
+        body,
+        choice.and_then(|(base, prefix, _)| Some((bases.blocks(base)?, prefix))),
+    );
+    rec.line[at.digest..at.digest + DIGEST_HEX].copy_from_slice(hash.to_hex().as_bytes());
+    let (line, at) = (&rec.line, at.body);
+    let chosen = choice.and_then(|(base, prefix, suffix)| {
         // The body parsed as JSON, so it is UTF-8 and the cuts fall between characters.
         let text = std::str::from_utf8(&body[prefix..body.len() - suffix]).ok()?;
         Some((text, base, prefix, suffix))
@@ -966,7 +1005,7 @@ fn write_record(out: &mut impl Write, rec: &Line, bases: &Bases) -> std::io::Res
         out.write_all(&line[..at])?;
         out.write_all(body)?;
         out.write_all(&line[at..])?;
-        return Ok(rec.len() as u64);
+        return Ok((rec.len() as u64, Some(blocks)));
     };
     let mut d = Vec::with_capacity(text.len() + 96);
     d.extend_from_slice(b"{\"delta\":{\"base\":");
@@ -983,7 +1022,7 @@ fn write_record(out: &mut impl Write, rec: &Line, bases: &Bases) -> std::io::Res
     out.write_all(head)?;
     out.write_all(&d)?;
     out.write_all(tail)?;
-    Ok((head.len() + d.len() + tail.len()) as u64)
+    Ok(((head.len() + d.len() + tail.len()) as u64, Some(blocks)))
 }
 
 struct Writer {
@@ -1091,7 +1130,12 @@ impl Writer {
         });
     }
 
-    fn write_line(&mut self, sandbox: &str, rec: Line, sync: bool) -> Result<(), TranscriptError> {
+    fn write_line(
+        &mut self,
+        sandbox: &str,
+        mut rec: Line,
+        sync: bool,
+    ) -> Result<(), TranscriptError> {
         let len = rec.len() as u64;
         // The path is built only when a file is opened or an error is reported (not per line).
         let path = |dir: &Path| transcript_path(dir, sandbox);
@@ -1140,8 +1184,8 @@ impl Writer {
             }
         }
         let f = self.files.get_mut(sandbox).expect("inserted above");
-        let written =
-            write_record(&mut f.out, &rec, &f.bases).map_err(|source| TranscriptError::Io {
+        let (written, blocks) =
+            write_record(&mut f.out, &mut rec, &f.bases).map_err(|source| TranscriptError::Io {
                 op: "write",
                 path: path(&self.settings.dir),
                 source,
@@ -1149,8 +1193,8 @@ impl Writer {
         f.size += written;
         f.dirty = true;
         f.needs_sync |= sync;
-        if let Some((_, body)) = rec.json_body {
-            f.bases.push(rec.id, body);
+        if let (Some((_, body)), Some(blocks)) = (rec.json_body, blocks) {
+            f.bases.push(rec.id, body, blocks);
         }
         Ok(())
     }
@@ -1251,7 +1295,9 @@ mod tests {
     /// The whole line: [`encode_record`]'s, with the JSON body where it goes.
     fn encode_whole(x: &Exchange, redact: &[HeaderName], max_body: u64, line: &mut Vec<u8>) {
         if let Some(at) = encode_record(x, redact, max_body, line) {
-            line.splice(at..at, x.request_body.iter().copied());
+            line[at.digest..at.digest + DIGEST_HEX]
+                .copy_from_slice(blake3::hash(&x.request_body).to_hex().as_bytes());
+            line.splice(at.body..at.body, x.request_body.iter().copied());
         }
     }
 
@@ -1719,7 +1765,7 @@ mod tests {
         let mut messages: Vec<serde_json::Value> = Vec::new();
         let mut sent: Vec<(u64, Vec<u8>)> = Vec::new();
         for i in 0..40u64 {
-            messages.push(json!({"role": "tool", "content": format!("output {i}: caf\u{e9} \"quoted\"\n").repeat(20)}));
+            messages.push(json!({"role": "tool", "content": format!("output {i}: caf\u{e9} \"quoted\"\n").repeat(60)}));
             let body = if i % 7 == 3 {
                 json!({"model": "m", "messages": [{"role": "user", "content": "title?"}]})
             } else {
@@ -1756,7 +1802,20 @@ mod tests {
                 Some(body.as_slice()),
                 "record {id}"
             );
+            // The digest the writer computed from the earlier body's block hashes (bodies
+            // grow past 32 KiB here) is BLAKE3's.
+            assert_eq!(
+                r.request.body_digest,
+                blake3::hash(body).to_hex().as_str(),
+                "record {id}"
+            );
         }
+        assert!(
+            sent.iter()
+                .filter(|(_, b)| b.len() > 2 * digest::BLOCK)
+                .count()
+                > 5
+        );
         // The file's first record has no base: it is whole.
         assert!(matches!(recs[0].request.body, BodyText::Json(_)));
 
@@ -1827,19 +1886,23 @@ mod tests {
         let mut a = Bases::new(held.clone());
         let mut b = Bases::new(held.clone());
         for id in 0..10 {
-            a.push(id, Bytes::from(vec![b'a'; 1000]));
+            a.push(id, Bytes::from(vec![b'a'; 1000]), digest::Blocks::default());
         }
         assert_eq!(
             a.iter().map(|(id, _)| id).collect::<Vec<_>>(),
             vec![6, 7, 8, 9]
         );
-        b.push(1, Bytes::from(vec![b'b'; 500]));
+        b.push(1, Bytes::from(vec![b'b'; 500]), digest::Blocks::default());
         assert_eq!(held.load(Ordering::Relaxed), 4500);
         // A body too short to serve as a base is not kept.
-        b.push(3, Bytes::from(vec![b'd'; 10]));
+        b.push(3, Bytes::from(vec![b'd'; 10]), digest::Blocks::default());
         assert_eq!(b.iter().map(|(id, _)| id).collect::<Vec<_>>(), vec![1]);
         // A body past the writer's budget is not kept, and the file's older bases go first.
-        b.push(2, Bytes::from(vec![b'c'; BASES_BUDGET]));
+        b.push(
+            2,
+            Bytes::from(vec![b'c'; BASES_BUDGET]),
+            digest::Blocks::default(),
+        );
         assert_eq!(b.iter().count(), 0);
         assert_eq!(held.load(Ordering::Relaxed), 4000);
         drop(a);
