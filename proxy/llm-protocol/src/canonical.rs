@@ -32,9 +32,15 @@ impl Digest {
         Digest(n)
     }
 
-    /// The digest of raw bytes.
+    /// The digest of raw bytes (what [`Self::of_stream`] gives for them).
     pub(crate) fn of_bytes(bytes: &[u8]) -> Digest {
         Digest(xxhash_rust::xxh3::xxh3_128(bytes))
+    }
+
+    /// The digest of the bytes streamed into `h` (made by `Xxh3::new()`): [`Self::of_bytes`]
+    /// of them.
+    pub(crate) fn of_stream(h: &xxhash_rust::xxh3::Xxh3) -> Digest {
+        Digest(h.digest128())
     }
 
     /// The start of a conversation's digest chain: derived from its system prompt, so that the

@@ -20,6 +20,7 @@
 use std::collections::HashMap;
 use std::hash::{BuildHasher, Hasher};
 
+use super::body_digest::Marks;
 use super::parts::{Layout, Top};
 use crate::canonical::Digest;
 
@@ -193,22 +194,36 @@ impl SummaryCache {
         h.digest128()
     }
 
-    /// `text` read as the continuation of a remembered body (the most recently used first),
-    /// and which one; see [`Layout::resume`].
-    pub(super) fn resume<'a>(&self, text: &'a str, input: bool) -> Option<(usize, Top<'a>)> {
+    /// `text` read as the continuation of a remembered body (the most recently used first):
+    /// which one, the length of the prefix they share, and the read; see [`Layout::resume`].
+    pub(super) fn resume<'a>(&self, text: &'a str, input: bool) -> Option<(usize, usize, Top<'a>)> {
         let newest = usize::from(self.used[1] > self.used[0]);
-        [newest, 1 - newest]
-            .into_iter()
-            .find_map(|i| self.layouts[i].resume(text, input).map(|top| (i, top)))
+        [newest, 1 - newest].into_iter().find_map(|i| {
+            self.layouts[i]
+                .resume(text, input)
+                .map(|(top, same)| (i, same, top))
+        })
     }
 
-    /// Remembers the layout of `text` (read as `top`) in place of the one it was resumed from
-    /// (`from`), else of the least recently used one.
-    pub(super) fn remember(&mut self, from: Option<usize>, text: &str, top: &Top<'_>, input: bool) {
+    /// The digest states of remembered body `i` ([`Self::resume`]'s index).
+    pub(super) fn marks(&self, i: usize) -> &Marks {
+        self.layouts[i].marks()
+    }
+
+    /// Remembers the layout of `text` (read as `top`, its digest's states `marks`) in place of
+    /// the one it was resumed from (`from`), else of the least recently used one.
+    pub(super) fn remember(
+        &mut self,
+        from: Option<usize>,
+        text: &str,
+        top: &Top<'_>,
+        input: bool,
+        marks: Marks,
+    ) {
         let i = from.unwrap_or(usize::from(self.used[1] < self.used[0]));
         self.tick += 1;
         self.used[i] = self.tick;
-        self.layouts[i].remember(text, top, input);
+        self.layouts[i].remember(text, top, input, marks);
     }
 
     pub(super) fn item(&mut self, key: Key) -> Option<ItemMemo> {

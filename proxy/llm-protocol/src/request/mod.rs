@@ -22,6 +22,7 @@
 //! prompt keeps a side call that re-sends the user's first message under another system prompt
 //! (title generation) from looking like a prefix of the main conversation.
 
+mod body_digest;
 mod memo;
 mod parts;
 
@@ -130,15 +131,17 @@ fn summarize(
     let input = api == ApiKind::Responses;
     let (from, top) = match text {
         Some(t) => match memo.resume(t, input) {
-            Some((from, top)) => (Some(from), Ok(top)),
+            Some((from, same, top)) => (Some((from, same)), Ok(top)),
             None => (None, serde_json::from_str(t)),
         },
         None => (None, serde_json::from_slice(body)),
     };
     let top: Top<'_> = top.map_err(|e| top_error(body, e))?;
-    let summary = summarize_top(api, body, &top, memo)?;
+    // The body's digest continues the resumed body's where they are the same.
+    let (digest, marks) = body_digest::digest(body, from.map(|(i, same)| (memo.marks(i), same)));
+    let summary = summarize_top(api, digest, &top, memo)?;
     if remember && let Some(text) = text {
-        memo.remember(from, text, &top, input);
+        memo.remember(from.map(|(i, _)| i), text, &top, input, marks);
     }
     Ok(summary)
 }
@@ -146,7 +149,7 @@ fn summarize(
 /// The summary of a body whose top level `top` was read.
 fn summarize_top(
     api: ApiKind,
-    body: &[u8],
+    digest: Digest,
     top: &Top<'_>,
     memo: &mut SummaryCache,
 ) -> Result<RequestSummary, ProtocolError> {
@@ -163,7 +166,7 @@ fn summarize_top(
             break;
         }
     }
-    let body_digest = Digest::of_bytes(body).to_hex();
+    let body_digest = digest.to_hex();
     let functions = top
         .get(Field::Functions)
         .filter(|_| api == ApiKind::ChatCompletions);

@@ -22,6 +22,8 @@ use std::ops::Range;
 use serde::de::{Deserialize, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
 use serde_json::value::RawValue;
 
+use super::body_digest::Marks;
+
 /// The conversation field (`messages`, `input`) as read from the body.
 #[derive(Debug, Default)]
 pub(super) enum Items<'a> {
@@ -232,6 +234,8 @@ pub fn common_prefix(a: &[u8], b: &[u8]) -> usize {
 #[derive(Debug, Default)]
 pub(super) struct Layout {
     body: String,
+    /// The hash states of `body`'s digest ([`super::body_digest`]).
+    marks: Marks,
     /// `true`: the conversation is `input` (Responses); else `messages`.
     input: bool,
     items: Vec<Range<usize>>,
@@ -242,12 +246,20 @@ pub(super) struct Layout {
 impl Layout {
     /// Bytes held.
     pub(super) fn bytes(&self) -> usize {
-        self.body.capacity() + self.items.capacity() * 16 + self.before.capacity() * 24
+        self.body.capacity()
+            + self.items.capacity() * 16
+            + self.before.capacity() * 24
+            + self.marks.bytes()
+    }
+
+    /// The hash states of the remembered body's digest.
+    pub(super) fn marks(&self) -> &Marks {
+        &self.marks
     }
 
     /// Remembers `top`, read from `text`, with `input` telling which field is the
     /// conversation; forgets the previous body when `top` cannot be resumed from.
-    pub(super) fn remember(&mut self, text: &str, top: &Top<'_>, input: bool) {
+    pub(super) fn remember(&mut self, text: &str, top: &Top<'_>, input: bool, marks: Marks) {
         self.items.clear();
         self.before.clear();
         let (conv, other) = if input {
@@ -276,6 +288,7 @@ impl Layout {
         self.input = input;
         self.body.clear();
         self.body.push_str(text);
+        self.marks = marks;
     }
 
     /// Reads `text` as the remembered body continued: the fields before the conversation and
@@ -283,7 +296,8 @@ impl Layout {
     /// does not start like the remembered body up to the end of an item, or when the rest is
     /// not what a resumed read takes (a conversation field again, anything that does not
     /// parse); the caller then reads the whole body, which also tells why it is not JSON.
-    pub(super) fn resume<'a>(&self, text: &'a str, input: bool) -> Option<Top<'a>> {
+    /// Also returns the length of the prefix `text` shares with the remembered body.
+    pub(super) fn resume<'a>(&self, text: &'a str, input: bool) -> Option<(Top<'a>, usize)> {
         if self.items.is_empty() || input != self.input {
             return None;
         }
@@ -361,7 +375,7 @@ impl Layout {
         } else {
             top.messages = Items::List(items);
         }
-        Some(top)
+        Some((top, same))
     }
 }
 
@@ -437,7 +451,7 @@ mod tests {
     fn a_resumed_read_equals_a_whole_read() {
         let first = r#"{"model":"m","system":"s","messages":[{"role":"user","content":"a"}, {"role":"assistant","content":"b"}],"tools":[{"name":"t"}],"stream":true}"#;
         let mut layout = Layout::default();
-        layout.remember(first, &top(first), false);
+        layout.remember(first, &top(first), false, Marks::default());
         let nexts = [
             // One more message, same tail.
             r#"{"model":"m","system":"s","messages":[{"role":"user","content":"a"}, {"role":"assistant","content":"b"},{"role":"user","content":"c"}],"tools":[{"name":"t"}],"stream":true}"#,
@@ -451,7 +465,11 @@ mod tests {
             r#"{"model":"m","system":"s","messages":[{"role":"user","content":"a"}]}"#,
         ];
         for next in nexts {
-            let resumed = layout.resume(next, false).expect(next);
+            let (resumed, same) = layout.resume(next, false).expect(next);
+            assert_eq!(
+                same,
+                crate::common_prefix(first.as_bytes(), next.as_bytes())
+            );
             let whole = top(next);
             assert_eq!(fields(&resumed), fields(&whole), "{next}");
             assert_eq!(items(&resumed.messages), items(&whole.messages), "{next}");
@@ -482,11 +500,11 @@ mod tests {
         }
         // A number item that goes on past the common part is read whole.
         let numbers = r#"{"messages":[1, 2]}"#;
-        layout.remember(numbers, &top(numbers), false);
+        layout.remember(numbers, &top(numbers), false, Marks::default());
         assert!(layout.resume(r#"{"messages":[1, 23]}"#, false).is_none());
         let next = r#"{"messages":[1, 2, 3]}"#;
         assert_eq!(
-            items(&layout.resume(next, false).unwrap().messages),
+            items(&layout.resume(next, false).unwrap().0.messages),
             ["1", "2", "3"]
         );
     }
