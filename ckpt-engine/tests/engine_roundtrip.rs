@@ -9,6 +9,19 @@ use common::{TestEngine, assert_reaches_host, prerequisites, sh, unique};
 
 const GIB: u64 = 1 << 30;
 
+/// Runs the `crab` engine subcommand `args` against `e` in-process, as the CLI would.
+fn run_cli(e: &ckpt_engine::Engine, args: &[&str]) -> ckpt_engine::cli::Rendered {
+    use ckpt_engine::cli::EngineCommand;
+    use clap::Parser;
+    #[derive(Parser)]
+    struct Cli {
+        #[command(subcommand)]
+        cmd: EngineCommand,
+    }
+    let cli = Cli::try_parse_from(std::iter::once("crab").chain(args.iter().copied())).unwrap();
+    ckpt_engine::cli::run_local(e, &cli.cmd)
+}
+
 /// Proves the core promise: a checkpoint taken before edits, deletes, a directory rename, hard
 /// link changes and a 100 MB append restores byte-for-byte (tree hash recomputed by the restore,
 /// plus spot checks through the running container), and each point verifies from its snapshot.
@@ -287,23 +300,13 @@ fn concurrent_checkpoints_are_serialised() {
 /// `dispatch` runs them, and rendering passes exit codes and output through (human and JSON).
 #[test]
 fn cli_commands_drive_the_engine() {
-    use ckpt_engine::cli::{EngineCommand, run_local};
-    use clap::Parser;
-    #[derive(Parser)]
-    struct Cli {
-        #[command(subcommand)]
-        cmd: EngineCommand,
-    }
     if !prerequisites("cli_commands_drive_the_engine") {
         return;
     }
     let t = TestEngine::open(GIB);
     let e = t.engine();
     let name = unique("");
-    let run = |args: &[&str]| {
-        let cli = Cli::try_parse_from(std::iter::once("crab").chain(args.iter().copied())).unwrap();
-        run_local(e, &cli.cmd)
-    };
+    let run = |args: &[&str]| run_cli(e, args);
     let r = run(&["sandbox", "create", &name]);
     assert_eq!(r.exit_code, 0, "{}", r.stderr);
     let r = run(&[
@@ -358,22 +361,12 @@ fn cli_commands_drive_the_engine() {
 /// sandbox behind, so the same name can be created again.
 #[test]
 fn create_with_setup_prepares_the_sandbox_or_removes_it() {
-    use ckpt_engine::cli::{EngineCommand, run_local};
-    use clap::Parser;
-    #[derive(Parser)]
-    struct Cli {
-        #[command(subcommand)]
-        cmd: EngineCommand,
-    }
     if !prerequisites("create_with_setup_prepares_the_sandbox_or_removes_it") {
         return;
     }
     let t = TestEngine::open(GIB);
     let e = t.engine();
-    let run = |args: &[&str]| {
-        let cli = Cli::try_parse_from(std::iter::once("crab").chain(args.iter().copied())).unwrap();
-        run_local(e, &cli.cmd)
-    };
+    let run = |args: &[&str]| run_cli(e, args);
     let name = unique("");
     let r = run(&[
         "sandbox",
