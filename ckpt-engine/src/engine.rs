@@ -139,8 +139,8 @@ fn io_err<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -
     }
 }
 
-/// The last [`OUTPUT_TAIL`] bytes of a command's stdout followed by its stderr (at a char
-/// boundary), trimmed.
+/// The last 2000 bytes of a command's stdout followed by its stderr (from a char boundary),
+/// trimmed.
 fn output_tail(stdout: &str, stderr: &str) -> String {
     const OUTPUT_TAIL: usize = 2000;
     let all = format!("{}\n{}", stdout.trim_end(), stderr.trim_end());
