@@ -109,7 +109,7 @@ pub fn parse_metrics(text: &str) -> (BTreeMap<(String, String), f64>, f64) {
 
 /// Bytes of a sandbox's published points (the `checkpoints` answer): filesystem bytes (btrfs
 /// send size since the parent) and the bytes of the process images each point dumped itself.
-pub fn point_bytes(points: &[Value]) -> (u64, u64) {
+pub fn point_bytes<'a>(points: impl IntoIterator<Item = &'a Value>) -> (u64, u64) {
     let mut fs = 0;
     let mut images = 0;
     for p in points {

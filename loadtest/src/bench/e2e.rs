@@ -355,7 +355,7 @@ async fn collect(crab: &Crab, state: &Path, name: &str) -> anyhow::Result<Sandbo
     let points = crab
         .engine(json!({"op": "checkpoints", "name": name}))
         .await?;
-    let (fs_bytes, image_bytes) = point_bytes(points.as_array().map_or(&[], |v| v.as_slice()));
+    let (fs_bytes, image_bytes) = point_bytes(points.as_array().into_iter().flatten());
     let check = crab.exec(name, CHECK).await.context("the task's checker")?;
     ensure!(
         check.trim() == CHECK_EXPECTED,

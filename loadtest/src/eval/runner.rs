@@ -753,20 +753,19 @@ impl WorkerCtx {
         let dir = self.state_dir.join("points");
         let _ = std::fs::create_dir_all(&dir);
         let _ = std::fs::write(dir.join(format!("{sandbox}.json")), points.to_string());
-        let (baseline, turns): (Vec<Value>, Vec<Value>) = points
+        let (baseline, turns): (Vec<&Value>, Vec<&Value>) = points
             .as_array()
-            .cloned()
-            .unwrap_or_default()
             .into_iter()
+            .flatten()
             .partition(|p| p["id"].as_str().is_some_and(|id| baselines.contains(id)));
-        let sum = |points: &[Value]| {
+        let sum = |points: Vec<&Value>| {
             let (fs, images) = point_bytes(points);
             fs + images
         };
         Ok(Collected {
             plans,
-            bytes: sum(&turns),
-            baseline_bytes: sum(&baseline),
+            bytes: sum(turns),
+            baseline_bytes: sum(baseline),
             exposed_ms: exposed,
             checkpoint_ms: ckpt,
         })

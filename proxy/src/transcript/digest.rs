@@ -20,10 +20,10 @@ use blake3::hazmat::{
 /// Bytes per reusable subtree: 16 chunks (a power of two, so aligned blocks are tree nodes).
 pub const BLOCK: usize = 16 * blake3::CHUNK_LEN;
 
-/// The chaining values of a body's aligned [`BLOCK`]-sized subtrees, by block index (`None`:
-/// not a node of that body's tree, e.g. a body of one or two blocks hashed whole).
+/// The chaining values of a body's whole aligned [`BLOCK`]-sized subtrees, in order (none for
+/// a body of one or two blocks, hashed whole).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Blocks(Vec<Option<ChainingValue>>);
+pub struct Blocks(Vec<ChainingValue>);
 
 /// `blake3::hash(body)`, and `body`'s [`Blocks`]. `earlier` is an earlier body's blocks with
 /// the length of the prefix `body` shares with that body: its blocks inside the prefix are
@@ -35,32 +35,33 @@ pub fn digest(body: &[u8], earlier: Option<(&Blocks, usize)>) -> (blake3::Hash, 
     let mut walk = Walk {
         body,
         earlier: earlier.map(|(b, prefix)| (b, prefix.min(body.len()))),
-        blocks: vec![None; body.len() / BLOCK],
+        blocks: Vec::with_capacity(body.len() / BLOCK),
     };
     let left = left_subtree_len(body.len() as u64) as usize;
     let l = walk.subtree(0, left);
     let r = walk.subtree(left, body.len() - left);
+    debug_assert_eq!(walk.blocks.len(), body.len() / BLOCK);
     (merge_subtrees_root(&l, &r, Mode::Hash), Blocks(walk.blocks))
 }
 
 struct Walk<'a> {
     body: &'a [u8],
     earlier: Option<(&'a Blocks, usize)>,
-    blocks: Vec<Option<ChainingValue>>,
+    /// The whole blocks' chaining values so far: the walk goes left to right, and every
+    /// aligned whole block is a node of BLAKE3's tree (its subtrees are powers of two).
+    blocks: Vec<ChainingValue>,
 }
 
 impl Walk<'_> {
     /// The chaining value of the non-root subtree of `len` bytes at `start`.
     fn subtree(&mut self, start: usize, len: usize) -> ChainingValue {
         if len == BLOCK && start.is_multiple_of(BLOCK) {
-            let i = start / BLOCK;
-            let reused = self.earlier.and_then(|(b, prefix)| {
-                (start + BLOCK <= prefix)
-                    .then(|| b.0.get(i).copied().flatten())
-                    .flatten()
-            });
+            let reused = self
+                .earlier
+                .filter(|&(_, prefix)| start + BLOCK <= prefix)
+                .and_then(|(b, _)| b.0.get(start / BLOCK).copied());
             let cv = reused.unwrap_or_else(|| self.hash(start, len));
-            self.blocks[i] = Some(cv);
+            self.blocks.push(cv);
             return cv;
         }
         if len <= BLOCK {
@@ -111,10 +112,7 @@ mod tests {
             let (h, blocks) = digest(&b, None);
             assert_eq!(h, blake3::hash(&b), "len {len}");
             if len > 2 * BLOCK {
-                assert!(
-                    blocks.0.iter().all(Option::is_some),
-                    "len {len}: {blocks:?}"
-                );
+                assert_eq!(blocks.0.len(), len / BLOCK, "len {len}");
             }
         }
     }
