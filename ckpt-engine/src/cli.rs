@@ -615,6 +615,7 @@ mod tests {
                 pages_written: 52,
                 criu_frozen_us: 1,
                 image_bytes: 4096,
+                written_bytes: Some(1024),
                 dump_wall_us: 2,
             }),
             fs: vec![TreeSnapshot {

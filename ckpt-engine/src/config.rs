@@ -83,10 +83,15 @@ pub struct EngineProcessConfig {
     /// Give CRIU a kernel-feature cache where `/run` is not a tmpfs (a read-only bind mount on
     /// `/run/criu.kdat`, gone at reboot). Default true.
     pub kdat_cache: bool,
-    /// After each full checkpoint, share the 4 KiB memory blocks its image has in common with
-    /// the sandbox's previous image (btrfs deduplication, kernel-verified, in the background),
-    /// so an image takes the space of what changed. Default true.
-    pub dedupe_images: bool,
+    /// Write each process image incrementally: CRIU dumps into `staging_dir` (memory) and only
+    /// the 4 KiB memory blocks the sandbox's previous image does not hold are written to the
+    /// store; the rest is shared with it (btrfs reflinks, byte-verified). Default true.
+    #[serde(alias = "dedupe_images")]
+    pub incremental_images: bool,
+    /// Where dumps are staged for `incremental_images` (a tmpfs); a dump goes to the store
+    /// directly when it has less room than the sandbox's resident memory plus 64 MiB.
+    /// Default `/dev/shm/crab-staging`.
+    pub staging_dir: std::path::PathBuf,
 }
 
 impl Default for EngineProcessConfig {
@@ -97,7 +102,8 @@ impl Default for EngineProcessConfig {
             hook_timeout_secs: d.hook_timeout_secs,
             operation_timeout_secs: d.operation_timeout_secs,
             kdat_cache: d.kdat_cache,
-            dedupe_images: true,
+            incremental_images: d.incremental_images,
+            staging_dir: d.staging_dir,
         }
     }
 }
@@ -116,6 +122,8 @@ impl EngineProcessConfig {
             hook_timeout_secs: self.hook_timeout_secs,
             operation_timeout_secs: self.operation_timeout_secs,
             kdat_cache: self.kdat_cache,
+            incremental_images: self.incremental_images,
+            staging_dir: self.staging_dir.clone(),
         }
     }
 }

@@ -304,8 +304,6 @@ pub struct Engine {
     backend: Arc<dyn FsBackend>,
     /// CRIU backend on this engine's runc state, or why there is none (no CRIU).
     process: Result<ProcessBackend, String>,
-    /// Background deduplication of new process images against the previous ones.
-    image_dedupe: crate::process::image_dedupe::ImageDedupe,
     /// Write-behind of the pool (btrfs backend; `None` when off or unavailable).
     writeback: Option<crate::fs::writeback::Writeback>,
 }
@@ -406,7 +404,6 @@ impl Engine {
             runc,
             backend,
             process,
-            image_dedupe: Default::default(),
             writeback,
         };
         let meta = engine.meta_root();
@@ -419,11 +416,10 @@ impl Engine {
         Ok(engine)
     }
 
-    /// Waits for the background deduplication of the process images published so far and
-    /// returns the totals over the engine's lifetime.
-    pub fn settle_image_dedupe(&self) -> crate::process::image_dedupe::DedupeTotals {
-        self.image_dedupe.wait();
-        self.image_dedupe.totals()
+    /// What writing process images incrementally has done over the engine's lifetime;
+    /// `None` without a process backend.
+    pub fn image_totals(&self) -> Option<crate::process::image_store::ImageTotals> {
+        self.process.as_ref().ok().map(ProcessBackend::image_totals)
     }
 
     /// What write-behind of the pool has done so far; `None` when it is off or unavailable.
@@ -1114,7 +1110,9 @@ impl Engine {
 
     /// Removes everything of `name` that exists; tolerant of partial leftovers.
     fn destroy(&self, name: &str) -> Result<(), EngineError> {
-        self.image_dedupe.forget(name);
+        if let Ok(b) = &self.process {
+            b.forget_images(name);
+        }
         let rec = self.record(name).ok();
         let _lock = if self.meta_dir(name).exists() {
             Some(self.lock(name)?)
@@ -1441,21 +1439,19 @@ impl Engine {
         let images = self.images_dir(&rec.name);
         std::fs::create_dir_all(&images).map_err(io_err("create images dir", &images))?;
         let dest = images.join(id);
+        let previous = parent
+            .and_then(|p| p.process.as_ref())
+            .map(|prev| images.join(&prev.id));
         let result = backend.checkpoint(
             &CheckpointRequest {
                 container_id: &rec.name,
                 dest: &dest,
+                previous: previous.as_deref(),
             },
             |_ctx| self.snapshot_trees(rec, id, parent, changes, point, true),
         );
         match result {
             Ok(cp) => {
-                if self.cfg.process.dedupe_images
-                    && let Some(prev) = parent.and_then(|p| p.process.as_ref())
-                {
-                    self.image_dedupe
-                        .spawn(rec.name.clone(), images.join(&prev.id), dest.clone());
-                }
                 point.frozen_us = cp.info.criu_stats.frozen_time_us;
                 point.process = Some(image_ref(id, &cp.info));
                 // What the image does not bring back (closed TCP connections).
@@ -2135,7 +2131,6 @@ impl Engine {
     pub fn teardown(mut self) -> Result<(), EngineError> {
         // Its passes hold the pool open.
         drop(self.writeback.take());
-        self.image_dedupe.wait();
         for name in self.names()? {
             self.destroy(&name)?;
         }
@@ -2245,6 +2240,7 @@ fn image_ref(id: &str, info: &ProcessImageInfo) -> ProcessImageRef {
         pages_written: info.criu_stats.pages_written,
         criu_frozen_us: info.criu_stats.frozen_time_us,
         image_bytes: info.image_bytes,
+        written_bytes: info.written_bytes,
         dump_wall_us: info.dump_wall_us,
     }
 }

@@ -107,6 +107,10 @@ pub struct ProcessImageRef {
     pub criu_frozen_us: u64,
     /// Bytes of the CRIU images.
     pub image_bytes: u64,
+    /// Of those, bytes the checkpoint wrote; the rest shares the blocks of the sandbox's
+    /// previous image (incremental images). Absent: all of them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub written_bytes: Option<u64>,
     /// Wall time of the whole `runc checkpoint`, microseconds.
     pub dump_wall_us: u64,
 }
@@ -454,6 +458,7 @@ mod tests {
             pages_written: 10,
             criu_frozen_us: 1,
             image_bytes: 4096,
+            written_bytes: None,
             dump_wall_us: 2,
         }
     }

@@ -100,6 +100,7 @@ fn crash_child_checkpoints_until_killed() {
             &CheckpointRequest {
                 container_id: &name,
                 dest: &images.join(format!("crash-{cid}")),
+                previous: None,
             },
             |_| -> Result<_, FsError> {
                 backend.snapshot(&SnapshotRequest {

@@ -9,6 +9,7 @@
 //! - [`tree_hash`]: the canonical Merkle hash of a directory tree recorded in btrfs manifests,
 //!   computed incrementally from the parent snapshot's per-directory index.
 //! - [`tree_cache`]: the checksummed on-disk form of that index, next to each snapshot.
+//! - [`reflink`]: writing a file as blocks shared with older files plus only what is new.
 //! - [`send_stream`]: the change set and changed bytes of an incremental `btrfs send` stream.
 //! - `cas` (store helper): the content-addressed backend on the `content-store` crate.
 //!
@@ -22,8 +23,8 @@
 
 pub mod btrfs;
 pub mod cas;
-pub mod dedupe;
 pub mod provenance;
+pub mod reflink;
 pub mod send_stream;
 pub mod tree_cache;
 pub mod tree_hash;

@@ -9,6 +9,7 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use serde::{Deserialize, Serialize};
@@ -16,6 +17,7 @@ use serde::{Deserialize, Serialize};
 use super::criu_log::{CriuFailure, CriuFailureKind, failure_from_log};
 use super::freeze::freezer_of;
 use super::hook::{HookEvent, Rendezvous};
+use super::image_store::{ImageStore, ImageTotals, Staging, Written, sweep_staging};
 use super::proctree::{RuncOperation, alive_and_well, start_time};
 use super::reaper::Reaper;
 use super::runc::{Runc, attach_pipe_stdio, log_tail};
@@ -94,6 +96,10 @@ pub struct ProcessImageInfo {
     pub criu_stats: CriuDumpStats,
     /// Bytes of the CRIU images.
     pub image_bytes: u64,
+    /// Of those, bytes written to the store; the rest shares the previous image's blocks.
+    /// Absent in images from before incremental images (all written).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub written_bytes: Option<u64>,
     /// Wall time of the whole `runc checkpoint`, microseconds.
     pub dump_wall_us: u64,
     /// Time spent in the caller's hook (the filesystem snapshot) while frozen, microseconds.
@@ -133,6 +139,9 @@ pub struct CheckpointRequest<'a> {
     pub container_id: &'a str,
     /// Final image directory (must not exist; its parent must).
     pub dest: &'a Path,
+    /// The sandbox's previous image directory, whose memory blocks the new image shares
+    /// where they are unchanged (with `incremental_images`).
+    pub previous: Option<&'a Path>,
 }
 
 /// What the caller's hook sees while the sandbox's tasks are stopped.
@@ -209,6 +218,8 @@ pub struct ProcessBackend {
     config: ProcessConfig,
     criu_version: String,
     reaper: Option<Reaper>,
+    /// Block indexes of the sandboxes' newest images (incremental images).
+    images: Arc<ImageStore>,
 }
 
 impl ProcessBackend {
@@ -237,7 +248,14 @@ impl ProcessBackend {
                 state => tracing::debug!(?state, "CRIU kernel-feature cache"),
             }
         }
+        if config.incremental_images {
+            let n = sweep_staging(&config.staging_dir);
+            if n > 0 {
+                tracing::info!(staged = n, "removed the staged dumps of a daemon that died");
+            }
+        }
         Ok(ProcessBackend {
+            images: Arc::default(),
             runc: Runc {
                 binary: runc,
                 root: config.runc_root.clone(),
@@ -258,6 +276,16 @@ impl ProcessBackend {
     /// The configured runc.
     pub fn runc(&self) -> &Runc {
         &self.runc
+    }
+
+    /// Totals of the images written incrementally.
+    pub fn image_totals(&self) -> ImageTotals {
+        self.images.totals()
+    }
+
+    /// Drops the block index kept for `container_id`'s newest image (the sandbox is removed).
+    pub fn forget_images(&self, container_id: &str) {
+        self.images.forget(container_id);
     }
 
     /// CRIU's version string (e.g. `4.1.1`).
@@ -327,15 +355,18 @@ impl ProcessBackend {
         let partial = partial_path(req.dest);
         remove_dir_if_exists(&partial)?;
         let init_pid = state.as_ref().map_or(0, |s| s.pid);
-        let result = self.dump_into(id, init_pid, &partial, while_frozen, frozen);
-        let info = match result {
-            Ok(info) => info,
+        let result = self.dump_into(id, init_pid, &partial, req.previous, while_frozen, frozen);
+        let (info, written) = match result {
+            Ok(r) => r,
             Err(e) => {
                 let _ = std::fs::remove_dir_all(&partial);
                 return Err(e);
             }
         };
         publish(&partial, req.dest)?;
+        if let Some(w) = written {
+            self.images.published(id, &req.dest.join(IMAGES), w);
+        }
         Ok((req.dest.to_path_buf(), info))
     }
 
@@ -344,9 +375,10 @@ impl ProcessBackend {
         id: &str,
         init_pid: u32,
         partial: &Path,
+        previous: Option<&Path>,
         while_frozen: F,
         frozen: &mut Option<T>,
-    ) -> Result<ProcessImageInfo, ProcessError>
+    ) -> Result<(ProcessImageInfo, Option<Written>), ProcessError>
     where
         F: FnOnce(&FrozenContext) -> Result<T, E>,
         E: Into<Box<dyn std::error::Error + Send + Sync>>,
@@ -356,6 +388,14 @@ impl ProcessBackend {
         for d in [&images, &work] {
             std::fs::create_dir_all(d).map_err(|e| ProcessError::io("create image dir", d, e))?;
         }
+        // CRIU writes into memory when the image is to be written incrementally (removed
+        // when this returns, on every path).
+        let staging = self
+            .config
+            .incremental_images
+            .then(|| Staging::create(&self.config.staging_dir, resident_bytes(init_pid)))
+            .flatten();
+        let dumped = staging.as_ref().map_or(images.as_path(), Staging::path);
         let hook_dir = partial.join("hook");
         let options: Vec<&str> = CRIU_OPTIONS
             .iter()
@@ -396,7 +436,7 @@ impl ProcessBackend {
             .arg("--leave-running")
             .args(RUNC_FLAGS)
             .arg("--image-path")
-            .arg(&images)
+            .arg(dumped)
             .arg("--work-path")
             .arg(&work)
             .arg(id)
@@ -530,7 +570,16 @@ impl ProcessBackend {
                 action: "post-dump",
             });
         }
-        drop_clock_values(&images)?;
+        drop_clock_values(dumped)?;
+        let written = match &staging {
+            Some(staged) => Some(
+                self.images
+                    .write(id, staged.path(), previous.map(|p| p.join(IMAGES)).as_deref(), &images)
+                    .map_err(|e| ProcessError::io("write the image", &images, e))?,
+            ),
+            None => None,
+        };
+        drop(staging);
         let stats_path = work.join("stats-dump");
         let stats_bytes =
             std::fs::read(&stats_path).map_err(|e| ProcessError::io("read", &stats_path, e))?;
@@ -549,6 +598,11 @@ impl ProcessBackend {
             processes,
             criu_stats,
             image_bytes: dir_bytes(&images),
+            written_bytes: Some(
+                written
+                    .as_ref()
+                    .map_or_else(|| dir_bytes(&images), |w| w.stats.written),
+            ),
             dump_wall_us,
             hook_us,
             closed_tcp,
@@ -559,7 +613,7 @@ impl ProcessBackend {
             reason: e.to_string(),
         })?;
         std::fs::write(&info_path, json).map_err(|e| ProcessError::io("write", &info_path, e))?;
-        Ok(info)
+        Ok((info, written))
     }
 
     /// Reads and checks a published image's `process.json`.
@@ -923,6 +977,21 @@ fn drop_clock_values(images: &Path) -> Result<(), ProcessError> {
     }
 }
 
+/// Resident memory of the process tree under host pid `init_pid` (shared pages counted once
+/// per process): an upper bound of what CRIU will dump.
+fn resident_bytes(init_pid: u32) -> u64 {
+    let page = nix::unistd::sysconf(nix::unistd::SysconfVar::PAGE_SIZE)
+        .ok()
+        .flatten()
+        .unwrap_or(4096) as u64;
+    read_tree_with_host_pids(Path::new("/proc"), init_pid)
+        .iter()
+        .filter_map(|(pid, _)| std::fs::read_to_string(format!("/proc/{pid}/statm")).ok())
+        .filter_map(|statm| statm.split_whitespace().nth(1)?.parse::<u64>().ok())
+        .map(|pages| pages * page)
+        .sum()
+}
+
 fn dir_bytes(dir: &Path) -> u64 {
     walkdir::WalkDir::new(dir)
         .into_iter()
@@ -1027,6 +1096,7 @@ mod tests {
             }],
             criu_stats: CriuDumpStats::default(),
             image_bytes: 5,
+            written_bytes: Some(3),
             dump_wall_us: 1,
             hook_us: 1,
             closed_tcp: Vec::new(),

@@ -23,8 +23,8 @@
 //! - [`reaper`]: child-subreaper setup and reaping of restored sandbox inits.
 //! - [`proctree`]: runc started as a process group leader; ending runc, CRIU and everything
 //!   they started when Crab gives up on an operation.
-//! - [`image_dedupe`]: sharing each new image's unchanged memory blocks with the previous
-//!   image, in the background.
+//! - [`image_store`]: incremental images — CRIU dumps into a staging tmpfs and only the memory
+//!   blocks the previous image does not hold are written to the store.
 //!
 //! Invariants:
 //! - An image directory is visible under its final name only when CRIU succeeded, the hook
@@ -47,7 +47,7 @@ pub mod criu_log;
 pub mod fork;
 pub mod freeze;
 pub mod hook;
-pub mod image_dedupe;
+pub mod image_store;
 pub mod kdat;
 pub mod proctree;
 pub mod reaper;
@@ -90,6 +90,14 @@ pub struct ProcessConfig {
     /// `/dev/shm/crab-criu-kdat` and bind-mounted read-only on `/run/criu.kdat` (gone at
     /// reboot, rewritten when the CRIU binary changes). Default true.
     pub kdat_cache: bool,
+    /// Write each image incrementally: CRIU dumps into `staging_dir` (a tmpfs) and only the
+    /// 4 KiB memory blocks the sandbox's previous image does not hold are written to the store;
+    /// the rest is shared with it (btrfs reflinks, byte-verified). Default true.
+    pub incremental_images: bool,
+    /// Where CRIU's dumps are staged when `incremental_images` is on; a dump is written into
+    /// the store directly when this filesystem has less room than the sandbox's resident
+    /// memory plus 64 MiB. Default `/dev/shm/crab-staging`.
+    pub staging_dir: PathBuf,
 }
 
 impl Default for ProcessConfig {
@@ -101,6 +109,8 @@ impl Default for ProcessConfig {
             hook_timeout_secs: 30,
             operation_timeout_secs: 600,
             kdat_cache: true,
+            incremental_images: true,
+            staging_dir: PathBuf::from("/dev/shm/crab-staging"),
         }
     }
 }

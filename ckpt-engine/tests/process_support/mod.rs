@@ -149,6 +149,7 @@ impl Lab {
             &CheckpointRequest {
                 container_id: name,
                 dest: &dest,
+                previous: None,
             },
             |ctx| -> Result<SnapshotOutcome, FsError> {
                 while_stopped(ctx);

@@ -125,6 +125,7 @@ impl Bench {
                 &CheckpointRequest {
                     container_id: name,
                     dest: &self.images.join(format!("{name}-{n}")),
+                    previous: None,
                 },
                 |_| -> Result<_, FsError> {
                     self.engine.backend().snapshot(&SnapshotRequest {

@@ -1,0 +1,271 @@
+//! Incremental process images: CRIU dumps into a staging directory in memory, and only what
+//! the sandbox's previous image does not hold is written to the image store.
+//!
+//! This kernel has no soft-dirty tracking, so CRIU cannot dump incrementally: every full
+//! checkpoint dumps all of the sandbox's memory (an inside agent's interpreter, a service's
+//! heap), most of it unchanged since the previous image. CRIU therefore writes its images into
+//! a tmpfs ([`Staging`]); [`ImageStore::write`] then builds the image in the store file by
+//! file, the page files (`pages-*.img`) 4 KiB block by block: a block the previous image holds
+//! with the same bytes is shared with it (btrfs reflink, [`crate::fs::reflink`]), the rest is
+//! written. Each image is a complete set of files CRIU restores as usual; no chain of images is
+//! ever read back, and deleting an old image frees only what no newer one shares.
+//!
+//! The block index of each sandbox's newest image is kept from the pass that wrote it, so an
+//! image is hashed once. An image whose previous one is not the newest written (after a
+//! restart of the daemon, or a restore to an older point) is indexed from disk first.
+//!
+//! Staging is skipped, and CRIU writes into the store directly, when the staging filesystem has
+//! less room than the sandbox's resident memory (plus a margin), or cannot be created.
+//!
+//! Invariants: a staging directory is named after the daemon's pid and removed when its dump
+//! ends, on every path; those of a daemon that died are swept when the next one starts
+//! ([`sweep_staging`]). Block sharing is byte-verified, so an image's contents are exactly
+//! CRIU's dump.
+
+use std::collections::HashMap;
+use std::ffi::OsString;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use serde::Serialize;
+
+use crate::fs::reflink::{BlockIndex, ShareStats, write_sharing};
+
+/// Room kept free in the staging filesystem beyond the sandbox's resident memory.
+const STAGING_MARGIN: u64 = 64 << 20;
+
+/// Totals over the daemon's lifetime.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct ImageTotals {
+    /// Images written.
+    pub images: u64,
+    /// Bytes of their files.
+    pub bytes: u64,
+    /// Of those, bytes written (the rest is shared with earlier images).
+    pub written: u64,
+}
+
+/// The block index of each sandbox's newest image, and totals.
+#[derive(Debug, Default)]
+pub struct ImageStore {
+    /// Sandbox → (its newest image's `images` directory, that directory's block index).
+    latest: Mutex<HashMap<String, (PathBuf, Arc<BlockIndex>)>>,
+    totals: Mutex<ImageTotals>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn is_pages(name: &OsString) -> bool {
+    name.to_str()
+        .is_some_and(|n| n.starts_with("pages-") && n.ends_with(".img"))
+}
+
+/// The names of the files in `dir`, sorted.
+fn file_names(dir: &Path) -> std::io::Result<Vec<OsString>> {
+    let mut names = Vec::new();
+    for entry in std::fs::read_dir(dir)? {
+        let entry = entry?;
+        if !entry.file_type()?.is_file() {
+            return Err(std::io::Error::other(format!(
+                "{} is not a regular file",
+                entry.path().display()
+            )));
+        }
+        names.push(entry.file_name());
+    }
+    names.sort();
+    Ok(names)
+}
+
+/// An image written into the store, not yet published.
+#[derive(Debug)]
+pub struct Written {
+    /// What writing it did.
+    pub stats: ShareStats,
+    /// The block index of its page files, for [`ImageStore::published`].
+    index: BlockIndex,
+}
+
+impl ImageStore {
+    /// Writes the image CRIU left in `staged` into `dest` (an empty directory in the store):
+    /// page files sharing every block that `previous` (the sandbox's previous image's `images`
+    /// directory) holds, other files copied.
+    pub fn write(
+        &self,
+        sandbox: &str,
+        staged: &Path,
+        previous: Option<&Path>,
+        dest: &Path,
+    ) -> std::io::Result<Written> {
+        let index = match previous {
+            None => Arc::new(BlockIndex::new(dest)),
+            Some(prev) => {
+                let cached = lock(&self.latest)
+                    .get(sandbox)
+                    .filter(|(dir, _)| dir == prev)
+                    .map(|(_, index)| Arc::clone(index));
+                match cached {
+                    Some(index) => index,
+                    None => {
+                        let pages: Vec<OsString> =
+                            file_names(prev)?.into_iter().filter(is_pages).collect();
+                        Arc::new(BlockIndex::build(prev, &pages)?)
+                    }
+                }
+            }
+        };
+        let mut next = BlockIndex::new(dest);
+        let mut stats = ShareStats::default();
+        for name in file_names(staged)? {
+            let (from, to) = (staged.join(&name), dest.join(&name));
+            if is_pages(&name) {
+                stats += write_sharing(&index, &from, &to, &mut next)?;
+            } else {
+                let n = std::fs::copy(&from, &to)?;
+                stats += ShareStats {
+                    bytes: n,
+                    written: n,
+                };
+            }
+        }
+        Ok(Written { stats, index: next })
+    }
+
+    /// Records that `written` was published as `images` (its final `images` directory): the
+    /// sandbox's next image is written against it.
+    pub fn published(&self, sandbox: &str, images: &Path, written: Written) {
+        let index = Arc::new(written.index.moved_to(images));
+        lock(&self.latest).insert(sandbox.to_string(), (images.to_path_buf(), index));
+        let mut t = lock(&self.totals);
+        t.images += 1;
+        t.bytes += written.stats.bytes;
+        t.written += written.stats.written;
+    }
+
+    /// Drops what is kept for `sandbox` (removed).
+    pub fn forget(&self, sandbox: &str) {
+        lock(&self.latest).remove(sandbox);
+    }
+
+    /// Totals so far.
+    pub fn totals(&self) -> ImageTotals {
+        *lock(&self.totals)
+    }
+}
+
+/// A staging directory for one dump, removed when dropped.
+#[derive(Debug)]
+pub struct Staging(tempfile::TempDir);
+
+impl Staging {
+    /// A new staging directory under `root` if its filesystem has room for `needed` bytes
+    /// plus a margin; `None` (with the reason logged) otherwise.
+    pub fn create(root: &Path, needed: u64) -> Option<Staging> {
+        let attempt = || -> std::io::Result<Option<Staging>> {
+            std::fs::create_dir_all(root)?;
+            let st = nix::sys::statvfs::statvfs(root).map_err(std::io::Error::from)?;
+            let available = st.blocks_available() as u64 * st.fragment_size() as u64;
+            if available < needed.saturating_add(STAGING_MARGIN) {
+                tracing::debug!(
+                    root = %root.display(), available, needed,
+                    "staging too small: CRIU writes the image into the store directly"
+                );
+                return Ok(None);
+            }
+            let dir = tempfile::Builder::new()
+                .prefix(&format!("{}-", std::process::id()))
+                .tempdir_in(root)?;
+            Ok(Some(Staging(dir)))
+        };
+        attempt().unwrap_or_else(|e| {
+            tracing::info!(
+                root = %root.display(), error = %e,
+                "no staging directory: CRIU writes the image into the store directly"
+            );
+            None
+        })
+    }
+
+    /// Its path.
+    pub fn path(&self) -> &Path {
+        self.0.path()
+    }
+}
+
+/// Removes the staging directories under `root` of daemons that are no longer running
+/// (named `<pid>-…`); returns how many.
+pub fn sweep_staging(root: &Path) -> usize {
+    let Ok(entries) = std::fs::read_dir(root) else {
+        return 0;
+    };
+    let mut n = 0;
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(pid) = name
+            .to_str()
+            .and_then(|n| n.split_once('-'))
+            .and_then(|(pid, _)| pid.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if !Path::new(&format!("/proc/{pid}")).exists()
+            && std::fs::remove_dir_all(entry.path()).is_ok()
+        {
+            n += 1;
+        }
+    }
+    n
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn images_are_written_whole_and_indexed_for_the_next() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (staged, first, second) = (
+            dir.path().join("staged"),
+            dir.path().join("first"),
+            dir.path().join("second"),
+        );
+        for d in [&staged, &first, &second] {
+            std::fs::create_dir_all(d).expect("mkdir");
+        }
+        let pages: Vec<u8> = (0..64u32).flat_map(|i| vec![i as u8; 4096]).collect();
+        std::fs::write(staged.join("pages-1.img"), &pages).expect("write");
+        std::fs::write(staged.join("core-1.img"), b"core").expect("write");
+        let store = ImageStore::default();
+        let w = store.write("s", &staged, None, &first).expect("first");
+        assert_eq!(w.stats.bytes, pages.len() as u64 + 4);
+        assert_eq!(w.stats.written, w.stats.bytes, "nothing to share with");
+        store.published("s", &first, w);
+        assert_eq!(std::fs::read(first.join("pages-1.img")).expect("read"), pages);
+        assert_eq!(std::fs::read(first.join("core-1.img")).expect("read"), b"core");
+
+        // The second image is written against the kept index of the first.
+        let w = store.write("s", &staged, Some(&first), &second).expect("second");
+        assert_eq!(std::fs::read(second.join("pages-1.img")).expect("read"), pages);
+        store.published("s", &second, w);
+        let t = store.totals();
+        assert_eq!((t.images, t.bytes), (2, 2 * (pages.len() as u64 + 4)));
+    }
+
+    #[test]
+    fn staging_of_dead_daemons_is_swept() {
+        let root = tempfile::tempdir().expect("tempdir");
+        let live = Staging::create(root.path(), 0).expect("staging");
+        // No such pid (above pid_max).
+        std::fs::create_dir_all(root.path().join("4194999-abc/x")).expect("mkdir");
+        std::fs::create_dir_all(root.path().join("not-a-pid")).expect("mkdir");
+        assert_eq!(sweep_staging(root.path()), 1);
+        assert!(live.path().exists(), "ours is kept");
+        assert!(root.path().join("not-a-pid").exists());
+        let path = live.path().to_path_buf();
+        drop(live);
+        assert!(!path.exists(), "removed when dropped");
+        assert!(Staging::create(root.path(), u64::MAX / 2).is_none(), "no room");
+    }
+}
