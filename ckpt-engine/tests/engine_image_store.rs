@@ -54,7 +54,10 @@ fn checksum(e: &Engine, name: &str) -> String {
 fn bytes(p: &RecoveryPoint) -> (u64, u64) {
     let image = p.process.as_ref().expect("image");
     assert_eq!(image.id, p.id, "the point's own image");
-    (image.image_bytes, image.written_bytes.expect("written bytes"))
+    (
+        image.image_bytes,
+        image.written_bytes.expect("written bytes"),
+    )
 }
 
 fn start_holder(e: &Engine, name: &str) -> String {
@@ -70,7 +73,11 @@ fn restore_and_check(e: &Engine, name: &str, p: &RecoveryPoint, sum: &str) {
     sh(e, name, "rm /ready");
     e.restore(name, Some(&p.id)).expect("restore");
     assert_eq!(file(e, name, "/ready").as_deref(), Some("ready"));
-    assert_eq!(checksum(e, name), sum, "the restored memory is the dumped one");
+    assert_eq!(
+        checksum(e, name),
+        sum,
+        "the restored memory is the dumped one"
+    );
 }
 
 #[test]
@@ -105,7 +112,10 @@ fn images_write_only_changed_memory_and_restore_exactly() {
     }
     let totals = e.image_totals().expect("process backend");
     assert_eq!(totals.images, 3, "{totals:?}");
-    assert_eq!(totals.written, [&p1, &p2, &p3].map(|p| bytes(p).1).iter().sum::<u64>());
+    assert_eq!(
+        totals.written,
+        [&p1, &p2, &p3].map(|p| bytes(p).1).iter().sum::<u64>()
+    );
 
     // A shared image restores with the same memory, and the next image is written against
     // the restored point's image (not the newest one, whose index is kept).

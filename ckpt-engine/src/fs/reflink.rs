@@ -25,15 +25,19 @@ use std::path::{Path, PathBuf};
 pub const BLOCK: u64 = 4096;
 /// Longest run verified and shared in one call.
 const MAX_RUN: u64 = 8 << 20;
-/// Bytes of the new file read at a time.
-const CHUNK: usize = 1 << 20;
+/// Bytes of the new file read (and runs planned) at a time.
+const CHUNK: usize = 4 << 20;
 
 /// Where each known block's contents live: `(file index, offset)` by XXH3-128, over files named
-/// relative to one directory (so an index survives the rename that publishes its directory).
+/// relative to one directory (so an index survives the rename that publishes its directory);
+/// and each file's block keys in order, so a match can follow the layout of the file it
+/// matched (many blocks alike, e.g. a large array of one value, otherwise all point at the
+/// first of them, and each would be shared on its own).
 #[derive(Debug, Default)]
 pub struct BlockIndex {
     dir: PathBuf,
     files: Vec<OsString>,
+    keys: Vec<Vec<u128>>,
     blocks: HashMap<u128, (u32, u64)>,
 }
 
@@ -81,11 +85,37 @@ impl BlockIndex {
 
     fn add_file(&mut self, name: &OsString) -> u32 {
         self.files.push(name.clone());
+        self.keys.push(Vec::new());
         (self.files.len() - 1) as u32
     }
 
+    /// Records the next block of `file` (blocks are added in order), at `offset`.
     fn insert(&mut self, key: u128, file: u32, offset: u64) {
+        self.keys[file as usize].push(key);
         self.blocks.entry(key).or_insert((file, offset));
+    }
+
+    /// Where a block with `key` is. Preferred, when they hold the same key: the block right
+    /// after `after` (the previous block's match), then `at` (the same place in the file of the
+    /// same name), so matches keep to the layout of the file they match.
+    fn find(
+        &self,
+        key: u128,
+        after: Option<(u32, u64)>,
+        at: Option<(u32, u64)>,
+    ) -> Option<(u32, u64)> {
+        let next = after.map(|(file, src)| (file, src + BLOCK));
+        for (file, offset) in next.into_iter().chain(at) {
+            if self.keys[file as usize].get((offset / BLOCK) as usize) == Some(&key) {
+                return Some((file, offset));
+            }
+        }
+        self.blocks.get(&key).copied()
+    }
+
+    /// The index of the file named `name`.
+    fn file_named(&self, name: &OsString) -> Option<u32> {
+        self.files.iter().position(|f| f == name).map(|i| i as u32)
     }
 
     fn path(&self, file: u32) -> PathBuf {
@@ -162,7 +192,13 @@ nix::ioctl_write_ptr!(ficlonerange, 0x94, 13, CloneRange);
 
 /// Makes `len` bytes at `dst_offset` of `dst` share the extents of `src` at `src_offset`.
 #[allow(unsafe_code)]
-fn clone_range(src: &File, src_offset: u64, dst: &File, dst_offset: u64, len: u64) -> nix::Result<()> {
+fn clone_range(
+    src: &File,
+    src_offset: u64,
+    dst: &File,
+    dst_offset: u64,
+    len: u64,
+) -> nix::Result<()> {
     let arg = CloneRange {
         src_fd: i64::from(src.as_raw_fd()),
         src_offset,
@@ -216,67 +252,77 @@ pub fn write_sharing(
     out.set_len(bytes)?;
     let name = dst.file_name().map(OsString::from).unwrap_or_default();
     let file = next.add_file(&name);
+    let namesake = index.file_named(&name);
+    let mut sources = Sources::new(index);
     let mut written = 0u64;
-    let mut matches = Vec::new();
     let mut buf = vec![0u8; CHUNK];
+    let mut old = Vec::new();
+    let mut matches = Vec::new();
     let mut offset = 0u64;
     loop {
         let n = read_full(&mut input, &mut buf)?;
-        // Literal bytes are written as contiguous spans; candidates are verified below.
-        let mut span: Option<(u64, usize)> = None;
-        for (i, block) in buf[..n].chunks(BLOCK as usize).enumerate() {
+        let data = &buf[..n];
+        matches.clear();
+        for (i, block) in data.chunks_exact(BLOCK as usize).enumerate() {
             let at = offset + (i as u64) * BLOCK;
-            let whole = block.len() == BLOCK as usize;
-            let candidate = whole
-                .then(|| block_key(block))
-                .inspect(|&key| next.insert(key, file, at))
-                .and_then(|key| index.blocks.get(&key).copied());
-            match candidate {
-                Some(found) => {
-                    matches.push((at, found));
-                    if let Some((s, len)) = span.take() {
-                        out.write_all_at(&buf[s as usize..s as usize + len], offset + s)?;
-                        written += len as u64;
-                    }
-                }
-                None => {
-                    let start = i * BLOCK as usize;
-                    match &mut span {
-                        Some((_, len)) => *len += block.len(),
-                        None => span = Some((start as u64, block.len())),
-                    }
-                }
+            let key = block_key(block);
+            next.insert(key, file, at);
+            let after = matches
+                .last()
+                .filter(|&&(dst, _)| dst + BLOCK == at)
+                .map(|&(_, m)| m);
+            if let Some(found) = index.find(key, after, namesake.map(|f| (f, at))) {
+                matches.push((at, found));
             }
         }
-        if let Some((s, len)) = span {
-            out.write_all_at(&buf[s as usize..s as usize + len], offset + s)?;
-            written += len as u64;
+        // Runs are shared once their bytes compared equal; everything between them is
+        // written as one span.
+        let mut done = offset;
+        for run in plan_runs(&matches, MAX_RUN) {
+            let new = &data[(run.dst - offset) as usize..(run.dst - offset + run.len) as usize];
+            old.resize(new.len(), 0);
+            let prev = sources.open(run.file)?;
+            let same = prev.read_exact_at(&mut old, run.src).is_ok() && old == new;
+            if same && clone_range(prev, run.src, &out, run.dst, run.len).is_ok() {
+                let gap = &data[(done - offset) as usize..(run.dst - offset) as usize];
+                out.write_all_at(gap, done)?;
+                written += gap.len() as u64;
+                done = run.dst + run.len;
+            }
         }
+        let rest = &data[(done - offset) as usize..];
+        out.write_all_at(rest, done)?;
+        written += rest.len() as u64;
         offset += n as u64;
         if n < buf.len() {
             break;
         }
     }
-    let mut opened: HashMap<u32, File> = HashMap::new();
-    let mut new_bytes = Vec::new();
-    let mut old_bytes = Vec::new();
-    for run in plan_runs(&matches, MAX_RUN) {
-        let prev = match opened.entry(run.file) {
-            std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
-            std::collections::hash_map::Entry::Vacant(e) => e.insert(File::open(index.path(run.file))?),
-        };
-        new_bytes.resize(run.len as usize, 0);
-        old_bytes.resize(run.len as usize, 0);
-        input.read_exact_at(&mut new_bytes, run.dst)?;
-        let same = prev.read_exact_at(&mut old_bytes, run.src).is_ok() && new_bytes == old_bytes;
-        let shared = same && clone_range(prev, run.src, &out, run.dst, run.len).is_ok();
-        if !shared {
-            // Bytes that only hashed alike, or sharing refused: the run is written.
-            out.write_all_at(&new_bytes, run.dst)?;
-            written += run.len;
+    Ok(ShareStats { bytes, written })
+}
+
+/// The indexed files, opened on first use.
+struct Sources<'a> {
+    index: &'a BlockIndex,
+    open: HashMap<u32, File>,
+}
+
+impl<'a> Sources<'a> {
+    fn new(index: &'a BlockIndex) -> Self {
+        Sources {
+            index,
+            open: HashMap::new(),
         }
     }
-    Ok(ShareStats { bytes, written })
+
+    fn open(&mut self, file: u32) -> std::io::Result<&File> {
+        match self.open.entry(file) {
+            std::collections::hash_map::Entry::Occupied(e) => Ok(e.into_mut()),
+            std::collections::hash_map::Entry::Vacant(e) => {
+                Ok(e.insert(File::open(self.index.path(file))?))
+            }
+        }
+    }
 }
 
 #[cfg(test)]
@@ -382,6 +428,57 @@ mod tests {
         }
         // The destination must not exist yet.
         assert!(write_sharing(&index, &staged, &dst, &mut next).is_err());
+    }
+
+    #[test]
+    fn alike_blocks_follow_the_layout_of_the_file_they_match() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        // Ten alike blocks, then two others.
+        let data = blocks(12, 0, |i| if i < 10 { 7 } else { i as u8 });
+        std::fs::write(dir.path().join("a"), &data).expect("write");
+        let index = BlockIndex::build(dir.path(), &["a".into()]).expect("index");
+        let alike = block_key(&data[..BLOCK as usize]);
+        assert_eq!(
+            index.find(alike, None, None),
+            Some((0, 0)),
+            "the first of them"
+        );
+        assert_eq!(
+            index.find(alike, Some((0, 4 * BLOCK)), None),
+            Some((0, 5 * BLOCK)),
+            "the one after the previous match"
+        );
+        assert_eq!(
+            index.find(alike, None, Some((0, 3 * BLOCK))),
+            Some((0, 3 * BLOCK)),
+            "the same place"
+        );
+        assert_eq!(
+            index.find(alike, Some((0, 9 * BLOCK)), Some((0, 7 * BLOCK))),
+            Some((0, 7 * BLOCK)),
+            "block 10 differs: the same place"
+        );
+        assert_eq!(
+            index.find(alike, Some((0, 9 * BLOCK)), Some((0, 11 * BLOCK))),
+            Some((0, 0)),
+            "neither holds it: the map"
+        );
+        assert_eq!(
+            index.find(alike, Some((0, 11 * BLOCK)), Some((0, 40 * BLOCK))),
+            Some((0, 0)),
+            "past the end"
+        );
+        let other = block_key(&data[10 * BLOCK as usize..11 * BLOCK as usize]);
+        assert_eq!(
+            index.find(other, Some((0, 9 * BLOCK)), None),
+            Some((0, 10 * BLOCK))
+        );
+        assert_eq!(
+            index.find(block_key(&[1; BLOCK as usize]), None, None),
+            None
+        );
+        assert_eq!(index.file_named(&"a".into()), Some(0));
+        assert_eq!(index.file_named(&"b".into()), None);
     }
 
     #[test]

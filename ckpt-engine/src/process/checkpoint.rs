@@ -363,7 +363,13 @@ impl ProcessBackend {
                 return Err(e);
             }
         };
+        let t = Instant::now();
         publish(&partial, req.dest)?;
+        tracing::debug!(
+            container = id,
+            publish_us = micros(t.elapsed()),
+            "image published"
+        );
         if let Some(w) = written {
             self.images.published(id, &req.dest.join(IMAGES), w);
         }
@@ -571,15 +577,28 @@ impl ProcessBackend {
             });
         }
         drop_clock_values(dumped)?;
+        let t = Instant::now();
         let written = match &staging {
             Some(staged) => Some(
                 self.images
-                    .write(id, staged.path(), previous.map(|p| p.join(IMAGES)).as_deref(), &images)
+                    .write(
+                        id,
+                        staged.path(),
+                        previous.map(|p| p.join(IMAGES)).as_deref(),
+                        &images,
+                    )
                     .map_err(|e| ProcessError::io("write the image", &images, e))?,
             ),
             None => None,
         };
         drop(staging);
+        tracing::debug!(
+            container = id,
+            dump_us = dump_wall_us,
+            write_us = micros(t.elapsed()),
+            written = written.as_ref().map(|w| w.stats.written),
+            "image dumped"
+        );
         let stats_path = work.join("stats-dump");
         let stats_bytes =
             std::fs::read(&stats_path).map_err(|e| ProcessError::io("read", &stats_path, e))?;

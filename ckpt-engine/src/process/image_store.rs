@@ -242,12 +242,23 @@ mod tests {
         assert_eq!(w.stats.bytes, pages.len() as u64 + 4);
         assert_eq!(w.stats.written, w.stats.bytes, "nothing to share with");
         store.published("s", &first, w);
-        assert_eq!(std::fs::read(first.join("pages-1.img")).expect("read"), pages);
-        assert_eq!(std::fs::read(first.join("core-1.img")).expect("read"), b"core");
+        assert_eq!(
+            std::fs::read(first.join("pages-1.img")).expect("read"),
+            pages
+        );
+        assert_eq!(
+            std::fs::read(first.join("core-1.img")).expect("read"),
+            b"core"
+        );
 
         // The second image is written against the kept index of the first.
-        let w = store.write("s", &staged, Some(&first), &second).expect("second");
-        assert_eq!(std::fs::read(second.join("pages-1.img")).expect("read"), pages);
+        let w = store
+            .write("s", &staged, Some(&first), &second)
+            .expect("second");
+        assert_eq!(
+            std::fs::read(second.join("pages-1.img")).expect("read"),
+            pages
+        );
         store.published("s", &second, w);
         let t = store.totals();
         assert_eq!((t.images, t.bytes), (2, 2 * (pages.len() as u64 + 4)));
@@ -266,6 +277,9 @@ mod tests {
         let path = live.path().to_path_buf();
         drop(live);
         assert!(!path.exists(), "removed when dropped");
-        assert!(Staging::create(root.path(), u64::MAX / 2).is_none(), "no room");
+        assert!(
+            Staging::create(root.path(), u64::MAX / 2).is_none(),
+            "no room"
+        );
     }
 }

@@ -4,11 +4,13 @@
 //! - `rss-<N>MB`: one process holding N MB of touched memory (an awk string);
 //! - `procs-<N>`: N sleeping processes.
 //!
-//! For each: full checkpoints (CRIU dump with `--leave-running` + the btrfs snapshot taken while
-//! the tasks are stopped) — wall latency p50/p95, CRIU's frozen time, image size; in-place
-//! restores after killing the sandbox (filesystem put back and verified, then `runc restore`
-//! with the pre-resume tree check); and, for the first scenario, forks into new sandboxes
-//! (latency per copy). Prints a table and JSON (also to `--out`).
+//! For each, side by side with incremental images (each written against the previous one, the
+//! default) and whole images (`incremental_images = false`): full checkpoints (CRIU dump with
+//! `--leave-running` + the btrfs snapshot taken while the tasks are stopped, image published)
+//! — wall latency p50/p95, CRIU's frozen time, image size and bytes written; in-place restores
+//! of the last image after killing the sandbox (filesystem put back and verified, then `runc
+//! restore` with the pre-resume tree check); and, for the first scenario, forks into new
+//! sandboxes (latency per copy). Prints a table and JSON (also to `--out`).
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -58,6 +60,8 @@ pub struct Args {
 #[derive(Debug, Serialize)]
 struct Row {
     scenario: String,
+    /// `incremental` or `whole` images.
+    images: &'static str,
     rss_mb: f64,
     processes: usize,
     checkpoints: usize,
@@ -66,6 +70,8 @@ struct Row {
     criu_frozen_p50_ms: f64,
     fs_snapshot_in_freeze_p50_ms: f64,
     image_mb: f64,
+    /// Bytes the last checkpoint wrote, MB.
+    written_mb: f64,
     restores: usize,
     restore_p50_ms: f64,
     restore_p95_ms: f64,
@@ -83,7 +89,10 @@ fn percentile(v: &[f64], p: f64) -> f64 {
 
 struct Bench {
     engine: Engine,
+    /// Incremental images (the default).
     process: ProcessBackend,
+    /// Whole images.
+    whole: ProcessBackend,
     images: PathBuf,
     seq: std::cell::Cell<u32>,
 }
@@ -115,17 +124,22 @@ impl Bench {
         Ok(())
     }
 
-    fn checkpoint(&self, name: &str) -> anyhow::Result<ProcessCheckpoint<SnapshotOutcome>> {
+    fn checkpoint(
+        &self,
+        process: &ProcessBackend,
+        name: &str,
+        previous: Option<&Path>,
+    ) -> anyhow::Result<ProcessCheckpoint<SnapshotOutcome>> {
         let n = self.seq.get() + 1;
         self.seq.set(n);
         let rootfs = self.engine.rootfs_path(name);
         let id = format!("b{n}");
-        self.process
+        process
             .checkpoint(
                 &CheckpointRequest {
                     container_id: name,
                     dest: &self.images.join(format!("{name}-{n}")),
-                    previous: None,
+                    previous,
                 },
                 |_| -> Result<_, FsError> {
                     self.engine.backend().snapshot(&SnapshotRequest {
@@ -160,10 +174,11 @@ impl Bench {
     /// Kill, filesystem back + verified, process tree back: returns the wall time.
     fn restore_in_place(
         &self,
+        process: &ProcessBackend,
         name: &str,
         cp: &ProcessCheckpoint<SnapshotOutcome>,
     ) -> anyhow::Result<f64> {
-        let _ = self.process.runc().delete_force(name);
+        let _ = process.runc().delete_force(name);
         let t = Instant::now();
         let rootfs = self.engine.rootfs_path(name);
         self.engine
@@ -174,7 +189,7 @@ impl Bench {
                 == self.engine.settled_hash(&cp.frozen.snapshot)?,
             "filesystem verification failed"
         );
-        self.process.restore(&RestoreRequest {
+        process.restore(&RestoreRequest {
             container_id: name,
             bundle: &self.bundle(name),
             image: &cp.dir,
@@ -252,7 +267,7 @@ impl Bench {
         ready: impl Fn(f64, usize) -> bool,
         args: &Args,
         forks: usize,
-    ) -> anyhow::Result<Row> {
+    ) -> anyhow::Result<Vec<Row>> {
         let name = format!("bench-{}-{label}", std::process::id());
         self.engine.create(&name, None)?;
         let result = self.scenario_inner(&name, label, workload, ready, args, forks);
@@ -268,7 +283,7 @@ impl Bench {
         ready: impl Fn(f64, usize) -> bool,
         args: &Args,
         forks: usize,
-    ) -> anyhow::Result<Row> {
+    ) -> anyhow::Result<Vec<Row>> {
         self.spawn(name, workload)?;
         let deadline = Instant::now() + Duration::from_secs(120);
         let (rss, procs) = loop {
@@ -287,35 +302,64 @@ impl Bench {
         } else {
             args.iterations
         };
-        let (mut lat, mut frozen, mut hook) = (Vec::new(), Vec::new(), Vec::new());
-        let mut image_mb = 0.0;
-        let mut last = None;
-        for _ in 0..iterations.max(1) {
-            let cp = self.checkpoint(name)?;
-            lat.push(cp.info.dump_wall_us as f64 / 1000.0);
-            frozen.push(cp.info.criu_stats.frozen_time_us as f64 / 1000.0);
-            hook.push(cp.info.hook_us as f64 / 1000.0);
-            image_mb = cp.info.image_bytes as f64 / 1e6;
-            if let Some(prev) = last.replace(cp) {
-                self.discard(&prev);
-            }
-        }
-        let cp = last.context("no checkpoint")?;
-        self.keep_log(args, &cp.dir.join("work").join("dump.log"), label, "dump");
-        let mut restores = Vec::new();
         let n_restores = if rss >= 900.0 {
             args.restores.min(2)
         } else {
             args.restores
         };
-        for _ in 0..n_restores {
-            restores.push(self.restore_in_place(name, &cp)?);
+        // Whole images first: the incremental series' last image is kept for the forks.
+        let mut rows = Vec::new();
+        let mut kept = None;
+        for (mode, process) in [("whole", &self.whole), ("incremental", &self.process)] {
+            let (mut lat, mut frozen, mut hook) = (Vec::new(), Vec::new(), Vec::new());
+            let (mut image_mb, mut written_mb) = (0.0, 0.0);
+            let mut last: Option<ProcessCheckpoint<SnapshotOutcome>> = None;
+            for _ in 0..iterations.max(1) {
+                let t = Instant::now();
+                let cp = self.checkpoint(process, name, last.as_ref().map(|c| c.dir.as_path()))?;
+                lat.push(t.elapsed().as_secs_f64() * 1000.0);
+                frozen.push(cp.info.criu_stats.frozen_time_us as f64 / 1000.0);
+                hook.push(cp.info.hook_us as f64 / 1000.0);
+                image_mb = cp.info.image_bytes as f64 / 1e6;
+                written_mb = cp.info.written_bytes.unwrap_or(cp.info.image_bytes) as f64 / 1e6;
+                if let Some(prev) = last.replace(cp) {
+                    self.discard(&prev);
+                }
+            }
+            let cp = last.context("no checkpoint")?;
+            let tag = format!("{label}-{mode}");
+            self.keep_log(args, &cp.dir.join("work").join("dump.log"), &tag, "dump");
+            let mut restores = Vec::new();
+            for _ in 0..n_restores {
+                restores.push(self.restore_in_place(process, name, &cp)?);
+            }
+            let restore_log = self
+                .images
+                .join(format!("restore-{name}"))
+                .join("restore.log");
+            self.keep_log(args, &restore_log, &tag, "restore");
+            rows.push(Row {
+                scenario: label.to_string(),
+                images: mode,
+                rss_mb: rss,
+                processes: procs,
+                checkpoints: lat.len(),
+                checkpoint_p50_ms: percentile(&lat, 0.5),
+                checkpoint_p95_ms: percentile(&lat, 0.95),
+                criu_frozen_p50_ms: percentile(&frozen, 0.5),
+                fs_snapshot_in_freeze_p50_ms: percentile(&hook, 0.5),
+                image_mb,
+                written_mb,
+                restores: restores.len(),
+                restore_p50_ms: percentile(&restores, 0.5),
+                restore_p95_ms: percentile(&restores, 0.95),
+                fork_per_copy_ms: Vec::new(),
+            });
+            if let Some(old) = kept.replace(cp) {
+                self.discard(&old);
+            }
         }
-        let restore_log = self
-            .images
-            .join(format!("restore-{name}"))
-            .join("restore.log");
-        self.keep_log(args, &restore_log, label, "restore");
+        let cp = kept.context("no checkpoint")?;
         let mut fork_ms = Vec::new();
         for i in 0..forks {
             let fork = format!("{name}-f{i}");
@@ -329,21 +373,10 @@ impl Bench {
             self.remove_fork(&format!("{name}-f{i}"));
         }
         self.discard(&cp);
-        Ok(Row {
-            scenario: label.to_string(),
-            rss_mb: rss,
-            processes: procs,
-            checkpoints: lat.len(),
-            checkpoint_p50_ms: percentile(&lat, 0.5),
-            checkpoint_p95_ms: percentile(&lat, 0.95),
-            criu_frozen_p50_ms: percentile(&frozen, 0.5),
-            fs_snapshot_in_freeze_p50_ms: percentile(&hook, 0.5),
-            image_mb,
-            restores: restores.len(),
-            restore_p50_ms: percentile(&restores, 0.5),
-            restore_p95_ms: percentile(&restores, 0.95),
-            fork_per_copy_ms: fork_ms,
-        })
+        if let Some(row) = rows.last_mut() {
+            row.fork_per_copy_ms = fork_ms;
+        }
+        Ok(rows)
     }
 }
 
@@ -361,16 +394,23 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     };
     let _interrupt = crate::stack::teardown_on_interrupt(&state_dir, temp);
     let engine = Engine::open(cfg).context("open engine")?;
-    let process = ProcessBackend::new(ProcessConfig {
+    let config = ProcessConfig {
         runc: engine.runc().bin().display().to_string(),
         runc_root: Some(engine.runc().root().to_path_buf()),
         ..ProcessConfig::default()
+    };
+    let process = ProcessBackend::new(config.clone())?;
+    let whole = ProcessBackend::new(ProcessConfig {
+        incremental_images: false,
+        ..config
     })?;
-    let images = state_dir.join("process-images");
+    // In the pool, as the engine keeps them: blocks are shared within one btrfs filesystem.
+    let images = engine.pool().root().join("bench-images");
     std::fs::create_dir_all(&images)?;
     let bench = Bench {
         engine,
         process,
+        whole,
         images,
         seq: std::cell::Cell::new(0),
     };
@@ -384,7 +424,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                 mb << 20
             );
             let want = mb as f64 * 0.9;
-            rows.push(bench.scenario(
+            rows.extend(bench.scenario(
                 &format!("rss-{mb}mb"),
                 &workload,
                 |rss, _| rss >= want,
@@ -392,27 +432,28 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                 forks,
             )?);
             forks = 0;
-            eprintln!("{:?}", rows.last());
+            eprintln!("{:?}", &rows[rows.len().saturating_sub(2)..]);
         }
         for &n in &args.procs {
             let workload =
                 format!("i=0; while [ $i -lt {n} ]; do sleep 3600 & i=$((i+1)); done; wait");
             // init + its sleep + the spawner shell + n sleeps
             let want = n as usize + 3;
-            rows.push(bench.scenario(
+            rows.extend(bench.scenario(
                 &format!("procs-{n}"),
                 &workload,
                 |_, p| p >= want,
                 &args,
                 0,
             )?);
-            eprintln!("{:?}", rows.last());
+            eprintln!("{:?}", &rows[rows.len().saturating_sub(2)..]);
         }
         Ok(())
     })();
     println!(
-        "{:<12} {:>8} {:>6} {:>9} {:>9} {:>10} {:>9} {:>9} {:>10} {:>10}  forks (ms/copy)",
+        "{:<12} {:<11} {:>8} {:>6} {:>9} {:>9} {:>10} {:>9} {:>9} {:>10} {:>10} {:>10}  forks (ms/copy)",
         "scenario",
+        "images",
         "rss MB",
         "procs",
         "ckpt p50",
@@ -420,13 +461,15 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         "frozen p50",
         "fs in frz",
         "image MB",
+        "written MB",
         "rest. p50",
         "rest. p95"
     );
     for r in &rows {
         println!(
-            "{:<12} {:>8.1} {:>6} {:>9.1} {:>9.1} {:>10.1} {:>9.1} {:>9.1} {:>10.1} {:>10.1}  {:?}",
+            "{:<12} {:<11} {:>8.1} {:>6} {:>9.1} {:>9.1} {:>10.1} {:>9.1} {:>9.1} {:>10.2} {:>10.1} {:>10.1}  {:?}",
             r.scenario,
+            r.images,
             r.rss_mb,
             r.processes,
             r.checkpoint_p50_ms,
@@ -434,6 +477,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             r.criu_frozen_p50_ms,
             r.fs_snapshot_in_freeze_p50_ms,
             r.image_mb,
+            r.written_mb,
             r.restore_p50_ms,
             r.restore_p95_ms,
             r.fork_per_copy_ms
