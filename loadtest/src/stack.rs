@@ -108,7 +108,8 @@ pub fn parse_metrics(text: &str) -> (BTreeMap<(String, String), f64>, f64) {
 }
 
 /// Bytes of a sandbox's published points (the `checkpoints` answer): filesystem bytes (btrfs
-/// send size since the parent) and the bytes of the process images each point dumped itself.
+/// send size since the parent) and the bytes written by the process images each point dumped
+/// itself (an incremental image: the memory its predecessor did not hold).
 pub fn point_bytes<'a>(points: impl IntoIterator<Item = &'a Value>) -> (u64, u64) {
     let mut fs = 0;
     let mut images = 0;
@@ -118,7 +119,11 @@ pub fn point_bytes<'a>(points: impl IntoIterator<Item = &'a Value>) -> (u64, u64
             .map(|t| t.iter().filter_map(|t| t["bytes_changed"].as_u64()).sum())
             .unwrap_or(0);
         if p["process"]["id"].is_string() && p["process"]["id"] == p["id"] {
-            images += p["process"]["image_bytes"].as_u64().unwrap_or(0);
+            let image = &p["process"];
+            images += image["written_bytes"]
+                .as_u64()
+                .or(image["image_bytes"].as_u64())
+                .unwrap_or(0);
         }
     }
     (fs, images)

@@ -18,8 +18,9 @@
 //! exposed delay (gate wait of every gated reply, from crab's transcripts) p50/p95/p99/max, and
 //! its breakdown by the plan of the checkpoint the reply waited for (joined with the
 //! coordinator's journal); skip/fs/full counts (crab's Prometheus counters); checkpoint bytes
-//! (every published point: the btrfs send size of its filesystem snapshots plus its own process
-//! image) and their ratio to `full-every-turn`.
+//! (every published point: the btrfs send size of its filesystem snapshots plus the bytes its own
+//! process image wrote; `full-every-turn` writes whole images, as a system without crab's
+//! selectivity would) and their ratio to `full-every-turn`.
 //!
 //! Fairness: every run gets a fresh crab, btrfs pool and fake LLM; the think time of agent i's
 //! turn t is drawn from a generator seeded by (`--seed`, i, t), so every policy sees exactly the
@@ -420,7 +421,13 @@ async fn run_inner(
         },
     )
     .await?;
-    let crab = start_crab(binary, run, &llm.base_url(), policy, "").await?;
+    // `full-every-turn` is the baseline without crab's selectivity: whole process images.
+    let images = if policy == "full-every-turn" {
+        "\n[engine.process]\nincremental_images = false\n"
+    } else {
+        ""
+    };
+    let crab = start_crab(binary, run, &llm.base_url(), policy, images).await?;
     let state = run.path().to_path_buf();
     let log = state.join("crab.log");
     let names: Vec<String> = (0..n)
@@ -851,7 +858,8 @@ mod tests {
         assert_eq!(timeouts, 1.0);
     }
 
-    /// A point's process image counts only for the point that dumped it.
+    /// A point's process image counts only for the point that dumped it, with the bytes it
+    /// wrote.
     #[test]
     fn sums_point_bytes() {
         let points = vec![
@@ -860,8 +868,11 @@ mod tests {
             json!({"id": "cp-000002", "fs": [{"bytes_changed": 10}, {"bytes_changed": 5}],
                    "process": {"id": "cp-000001", "image_bytes": 1000}}),
             json!({"id": "cp-000003", "fs": [], "process": null}),
+            // An incremental image counts the bytes it wrote.
+            json!({"id": "cp-000004", "fs": [],
+                   "process": {"id": "cp-000004", "image_bytes": 1000, "written_bytes": 30}}),
         ];
-        assert_eq!(point_bytes(&points), (115, 1000));
+        assert_eq!(point_bytes(&points), (115, 1030));
     }
 
     /// Replies map to turn ends in order, only when the journal has one entry per reply.

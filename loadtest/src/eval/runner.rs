@@ -114,9 +114,15 @@ impl Placement {
 /// crab's settings for evaluation runs: bounded engine operations and gate waits, so a
 /// checkpoint hanging on a sandbox killed under it fails instead of stalling the agent; the
 /// inside agent's own directory (its phase, log and config: bookkeeping, like a real agent's
-/// session logs) does not make a turn worth a checkpoint.
-const CRAB_CONFIG: &str = "\n[engine.process]\noperation_timeout_secs = 60\n\n[coordinator]\n\
-     gate_timeout_ms = 60000\nignore_paths = [\"/opt/crab-agent\"]\n";
+/// session logs) does not make a turn worth a checkpoint; whole or incremental process images
+/// as the method has them.
+fn crab_config(method: Method) -> String {
+    format!(
+        "\n[engine.process]\noperation_timeout_secs = 60\nincremental_images = {}\n\n\
+         [coordinator]\ngate_timeout_ms = 60000\nignore_paths = [\"/opt/crab-agent\"]\n",
+        method.incremental_images()
+    )
+}
 
 pub fn run(args: RunArgs) -> anyhow::Result<()> {
     for &n in &args.sandboxes {
@@ -395,7 +401,7 @@ impl Cell<'_> {
             run,
             &llm.base_url(),
             method.policy(),
-            CRAB_CONFIG,
+            &crab_config(method),
         )
         .await?;
         let crab_pid = run.crab_pid().unwrap_or(0);
