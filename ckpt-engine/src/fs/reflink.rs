@@ -281,7 +281,10 @@ pub fn write_sharing(
         for run in plan_runs(&matches, MAX_RUN) {
             let new = &data[(run.dst - offset) as usize..(run.dst - offset + run.len) as usize];
             old.resize(new.len(), 0);
-            let prev = sources.open(run.file)?;
+            // An indexed file that cannot be read (removed meanwhile) only costs sharing.
+            let Ok(prev) = sources.open(run.file) else {
+                continue;
+            };
             let same = prev.read_exact_at(&mut old, run.src).is_ok() && old == new;
             if same && clone_range(prev, run.src, &out, run.dst, run.len).is_ok() {
                 let gap = &data[(done - offset) as usize..(run.dst - offset) as usize];

@@ -79,6 +79,12 @@ fn file_names(dir: &Path) -> std::io::Result<Vec<OsString>> {
     Ok(names)
 }
 
+/// The block index of the page files of the image in `dir`.
+fn index_of(dir: &Path) -> std::io::Result<BlockIndex> {
+    let pages: Vec<OsString> = file_names(dir)?.into_iter().filter(is_pages).collect();
+    BlockIndex::build(dir, &pages)
+}
+
 /// An image written into the store, not yet published.
 #[derive(Debug)]
 pub struct Written {
@@ -108,11 +114,14 @@ impl ImageStore {
                     .map(|(_, index)| Arc::clone(index));
                 match cached {
                     Some(index) => index,
-                    None => {
-                        let pages: Vec<OsString> =
-                            file_names(prev)?.into_iter().filter(is_pages).collect();
-                        Arc::new(BlockIndex::build(prev, &pages)?)
-                    }
+                    // An unreadable previous image (removed meanwhile) only costs sharing.
+                    None => Arc::new(index_of(prev).unwrap_or_else(|e| {
+                        tracing::warn!(
+                            image = %prev.display(), error = %e,
+                            "previous image unreadable: the new one is written whole"
+                        );
+                        BlockIndex::new(prev)
+                    })),
                 }
             }
         };
