@@ -193,7 +193,8 @@ mod tests {
 }
 
 /// The engine's own counters, read at each scrape (`crab_writeback_*`: what write-behind of the
-/// pool has done). Nothing is reported before the engine is opened.
+/// pool has done; `crab_process_image*`: what writing process images incrementally has done).
+/// Nothing is reported before the engine is opened.
 #[derive(Debug)]
 pub struct EngineCollector(pub Arc<EngineHost>);
 
@@ -204,26 +205,48 @@ impl prometheus_client::collector::Collector for EngineCollector {
     ) -> Result<(), std::fmt::Error> {
         use prometheus_client::encoding::EncodeMetric;
         use prometheus_client::metrics::counter::ConstCounter;
-        let Some(stats) = self.0.opened().and_then(|e| e.writeback_stats()) else {
+        let Some(engine) = self.0.opened() else {
             return Ok(());
         };
-        let counters: [(&str, &str, ConstCounter<f64>); 3] = [
-            (
-                "crab_writeback_passes",
-                "Write-behind passes over the checkpoint pool (syncfs at the unwritten-data threshold)",
-                ConstCounter::new(stats.flushes as f64),
-            ),
-            (
-                "crab_writeback_bytes",
-                "Unwritten bytes the write-behind passes found when they started",
-                ConstCounter::new(stats.flushed_bytes as f64),
-            ),
-            (
-                "crab_writeback_seconds",
-                "Time spent in write-behind passes",
-                ConstCounter::new(stats.flush_us as f64 / 1e6),
-            ),
-        ];
+        let mut counters: Vec<(&str, &str, ConstCounter<f64>)> = Vec::new();
+        if let Some(stats) = engine.writeback_stats() {
+            counters.extend([
+                (
+                    "crab_writeback_passes",
+                    "Write-behind passes over the checkpoint pool (syncfs at the unwritten-data threshold)",
+                    ConstCounter::new(stats.flushes as f64),
+                ),
+                (
+                    "crab_writeback_bytes",
+                    "Unwritten bytes the write-behind passes found when they started",
+                    ConstCounter::new(stats.flushed_bytes as f64),
+                ),
+                (
+                    "crab_writeback_seconds",
+                    "Time spent in write-behind passes",
+                    ConstCounter::new(stats.flush_us as f64 / 1e6),
+                ),
+            ]);
+        }
+        if let Some(images) = engine.image_totals() {
+            counters.extend([
+                (
+                    "crab_process_images",
+                    "Process images written incrementally (staged, then only new memory blocks written)",
+                    ConstCounter::new(images.images as f64),
+                ),
+                (
+                    "crab_process_image_bytes",
+                    "Bytes of those images",
+                    ConstCounter::new(images.bytes as f64),
+                ),
+                (
+                    "crab_process_image_written_bytes",
+                    "Of those, bytes written; the rest shares the previous image's blocks",
+                    ConstCounter::new(images.written as f64),
+                ),
+            ]);
+        }
         for (name, help, counter) in counters {
             let metric = encoder.encode_descriptor(name, help, None, counter.metric_type())?;
             counter.encode(metric)?;

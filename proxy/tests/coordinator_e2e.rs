@@ -644,9 +644,20 @@ async fn restore_by_turn_replays_rollback_and_fork_branches() {
         "crab_writeback_passes_total",
         "crab_writeback_bytes_total",
         "crab_writeback_seconds_total",
+        "crab_process_images_total",
+        "crab_process_image_bytes_total",
+        "crab_process_image_written_bytes_total",
     ] {
         assert!(text.contains(name), "{name} missing from /metrics");
     }
+    let (images, written) = (
+        metric(&d, "crab_process_image_bytes_total").await,
+        metric(&d, "crab_process_image_written_bytes_total").await,
+    );
+    assert!(
+        metric(&d, "crab_process_images_total").await >= 1.0 && written <= images,
+        "process images: {written} of {images} bytes written"
+    );
     let upstream_before = llm.requests().len();
     let url = format!("http://{}/sandbox/{name}/v1/chat/completions", d.proxy);
     for (i, (body, reply)) in run.exchanges.iter().take(5).enumerate() {
