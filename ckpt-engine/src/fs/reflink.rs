@@ -219,13 +219,6 @@ pub struct ShareStats {
     pub written: u64,
 }
 
-impl ShareStats {
-    /// Bytes shared with indexed files.
-    pub fn shared(&self) -> u64 {
-        self.bytes - self.written
-    }
-}
-
 impl std::ops::AddAssign for ShareStats {
     fn add_assign(&mut self, o: Self) {
         self.bytes += o.bytes;

@@ -28,8 +28,9 @@
 //!
 //! Invariants:
 //! - An image directory is visible under its final name only when CRIU succeeded, the hook
-//!   succeeded and every file is fsynced (`<dest>.partial` is renamed last); leftovers of a
-//!   crash are `*.partial` and are removed by [`sweep_partials`].
+//!   succeeded and every file is durable (`<dest>.partial` is renamed last, after an fsync per
+//!   file or one `syncfs`); leftovers of a crash are `*.partial` and are removed by
+//!   [`sweep_partials`], staged dumps by [`image_store::sweep_staging`].
 //! - A failed dump never leaves the sandbox stopped: CRIU resumes the tasks on any error,
 //!   including a failed or abandoned hook; [`ProcessBackend::ensure_running`] thaws a cgroup
 //!   freezer that a killed CRIU left frozen.
