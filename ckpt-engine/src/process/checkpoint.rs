@@ -617,6 +617,7 @@ impl ProcessBackend {
             path: stats_path.clone(),
             reason: e.to_string(),
         })?;
+        let image_bytes = dir_bytes(&images);
         let info = ProcessImageInfo {
             format_version: IMAGE_FORMAT_VERSION,
             container_id: id.to_string(),
@@ -627,12 +628,8 @@ impl ProcessBackend {
                 .unwrap_or(0),
             processes,
             criu_stats,
-            image_bytes: dir_bytes(&images),
-            written_bytes: Some(
-                written
-                    .as_ref()
-                    .map_or_else(|| dir_bytes(&images), |w| w.stats.written),
-            ),
+            image_bytes,
+            written_bytes: Some(written.as_ref().map_or(image_bytes, |w| w.stats.written)),
             dump_wall_us,
             hook_us,
             closed_tcp,
@@ -1010,15 +1007,9 @@ fn drop_clock_values(images: &Path) -> Result<(), ProcessError> {
 /// Resident memory of the process tree under host pid `init_pid` (shared pages counted once
 /// per process): an upper bound of what CRIU will dump.
 fn resident_bytes(init_pid: u32) -> u64 {
-    let page = nix::unistd::sysconf(nix::unistd::SysconfVar::PAGE_SIZE)
-        .ok()
-        .flatten()
-        .unwrap_or(4096) as u64;
     read_tree_with_host_pids(Path::new("/proc"), init_pid)
         .iter()
-        .filter_map(|(pid, _)| std::fs::read_to_string(format!("/proc/{pid}/statm")).ok())
-        .filter_map(|statm| statm.split_whitespace().nth(1)?.parse::<u64>().ok())
-        .map(|pages| pages * page)
+        .map(|(_, p)| p.rss_kib * 1024)
         .sum()
 }
 
