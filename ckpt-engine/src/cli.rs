@@ -616,6 +616,7 @@ mod tests {
                 criu_frozen_us: 1,
                 image_bytes: 4096,
                 written_bytes: Some(1024),
+                disk_bytes: None,
                 dump_wall_us: 2,
             }),
             fs: vec![TreeSnapshot {

@@ -92,6 +92,10 @@ pub struct EngineProcessConfig {
     /// directly when it has less room than the sandbox's resident memory plus 64 MiB.
     /// Default `/dev/shm/crab-staging`.
     pub staging_dir: std::path::PathBuf,
+    /// How btrfs compresses the stored images (`none`, `zstd`, `lzo`, `zlib`): the pool's
+    /// `btrfs.compression` property on each image directory. Restores read them back
+    /// decompressed by the kernel. Default `zstd`.
+    pub image_compression: crate::process::image_store::ImageCompression,
 }
 
 impl Default for EngineProcessConfig {
@@ -104,6 +108,7 @@ impl Default for EngineProcessConfig {
             kdat_cache: d.kdat_cache,
             incremental_images: d.incremental_images,
             staging_dir: d.staging_dir,
+            image_compression: d.image_compression,
         }
     }
 }
@@ -124,6 +129,7 @@ impl EngineProcessConfig {
             kdat_cache: self.kdat_cache,
             incremental_images: self.incremental_images,
             staging_dir: self.staging_dir.clone(),
+            image_compression: self.image_compression,
         }
     }
 }

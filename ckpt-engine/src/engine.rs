@@ -2241,6 +2241,7 @@ fn image_ref(id: &str, info: &ProcessImageInfo) -> ProcessImageRef {
         criu_frozen_us: info.criu_stats.frozen_time_us,
         image_bytes: info.image_bytes,
         written_bytes: info.written_bytes,
+        disk_bytes: info.disk_bytes,
         dump_wall_us: info.dump_wall_us,
     }
 }

@@ -111,6 +111,10 @@ pub struct ProcessImageRef {
     /// previous image (incremental images). Absent: all of them.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub written_bytes: Option<u64>,
+    /// What the written bytes take on disk after btrfs compression. Absent where it could not
+    /// be measured.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disk_bytes: Option<u64>,
     /// Wall time of the whole `runc checkpoint`, microseconds.
     pub dump_wall_us: u64,
 }
@@ -459,6 +463,7 @@ mod tests {
             criu_frozen_us: 1,
             image_bytes: 4096,
             written_bytes: None,
+            disk_bytes: None,
             dump_wall_us: 2,
         }
     }

@@ -3,7 +3,9 @@
 //! sandbox's previous image does not hold. A process holds 16 MB of random data; three full
 //! checkpoints, a restore of the middle one whose memory is checked byte for byte (a checksum
 //! the restored process computes), a checkpoint after the restore; and the same with the option
-//! off. Real runc sandbox, real CRIU, real btrfs reflinks. Run as root:
+//! off. Images are stored zstd-compressed by default (`image_compression`), and each point
+//! records what its image takes on disk. Real runc sandbox, real CRIU, real btrfs reflinks
+//! and compression. Run as root:
 //! `CRAB_TEST_STRICT=1 cargo test -p ckpt-engine --test engine_image_store -- --nocapture`.
 
 mod common;
@@ -13,6 +15,7 @@ use std::time::{Duration, Instant};
 
 use ckpt_engine::fs::ChangeHint;
 use ckpt_engine::manifest::{CheckpointKind, RecoveryPoint};
+use ckpt_engine::process::image_store::ImageCompression;
 use ckpt_engine::{Engine, EngineConfig};
 use common::{TestEngine, file, sh, unique};
 use process_support::{GIB, process_prerequisites};
@@ -48,6 +51,14 @@ fn wait_for_file(e: &Engine, name: &str, path: &str) -> String {
 fn checksum(e: &Engine, name: &str) -> String {
     sh(e, name, "rm -f /sum; kill -USR1 $(cat /holder.pid)");
     wait_for_file(e, name, "/sum")
+}
+
+/// Bytes on disk of a point's own image (written bytes after btrfs compression).
+fn disk(p: &RecoveryPoint) -> u64 {
+    let image = p.process.as_ref().expect("image");
+    image
+        .disk_bytes
+        .expect("bytes on disk measured (btrfs, root)")
 }
 
 /// (image bytes, written bytes) of a point's own image.
@@ -98,17 +109,28 @@ fn images_write_only_changed_memory_and_restore_exactly() {
     let p2 = full(e, &name);
     let p3 = full(e, &name);
     let (image1, written1) = bytes(&p1);
-    eprintln!("p1: {written1} of {image1} bytes written");
+    let disk1 = disk(&p1);
+    eprintln!("p1: {written1} of {image1} bytes written, {disk1} on disk");
     assert!(image1 > 16_000_000, "the image holds the data: {image1}");
     assert_eq!(written1, image1, "nothing to share with");
+    // Base64 text of random bytes: zstd stores about 6 bits of each 8.
+    assert!(
+        disk1 * 100 < written1 * 85,
+        "compressed (zstd by default): {disk1} bytes on disk for {written1} written"
+    );
     for p in [&p2, &p3] {
         let (image, written) = bytes(p);
-        eprintln!("{}: {written} of {image} bytes written", p.id);
+        eprintln!(
+            "{}: {written} of {image} bytes written, {} on disk",
+            p.id,
+            disk(p)
+        );
         assert!(image > 16_000_000, "{image}");
         assert!(
             written * 10 < image,
             "under 10% of unchanged memory written: {written} of {image}"
         );
+        assert!(disk(p) <= written + 64 * 4096, "shared blocks take no room");
     }
     let totals = e.image_totals().expect("process backend");
     assert_eq!(totals.images, 3, "{totals:?}");
@@ -116,6 +138,7 @@ fn images_write_only_changed_memory_and_restore_exactly() {
         totals.written,
         [&p1, &p2, &p3].map(|p| bytes(p).1).iter().sum::<u64>()
     );
+    assert_eq!(totals.disk, [&p1, &p2, &p3].map(disk).iter().sum::<u64>());
 
     // A shared image restores with the same memory, and the next image is written against
     // the restored point's image (not the newest one, whose index is kept).
@@ -138,7 +161,10 @@ fn images_are_written_whole_with_the_option_off() {
     if !process_prerequisites("images_are_written_whole_with_the_option_off") {
         return;
     }
-    let t = TestEngine::open_with(2 * GIB, |c| c.process.incremental_images = false);
+    let t = TestEngine::open_with(2 * GIB, |c| {
+        c.process.incremental_images = false;
+        c.process.image_compression = ImageCompression::None;
+    });
     let e = t.engine();
     let name = unique("");
     let sum = start_holder(e, &name);
@@ -147,6 +173,12 @@ fn images_are_written_whole_with_the_option_off() {
     let (image, written) = bytes(&p2);
     assert!(image > 16_000_000, "{image}");
     assert_eq!(written, image, "every byte written");
+    let files = 64 * 4096;
+    assert!(
+        disk(&p2) + files >= image && disk(&p2) <= image + files,
+        "uncompressed: {} bytes on disk for {image}",
+        disk(&p2)
+    );
     assert_eq!(e.image_totals().expect("backend").images, 0);
     restore_and_check(e, &name, &p2, &sum);
     e.remove(&name).expect("rm");

@@ -108,8 +108,9 @@ pub fn parse_metrics(text: &str) -> (BTreeMap<(String, String), f64>, f64) {
 }
 
 /// Bytes of a sandbox's published points (the `checkpoints` answer): filesystem bytes (btrfs
-/// send size since the parent) and the bytes written by the process images each point dumped
-/// itself (an incremental image: the memory its predecessor did not hold).
+/// send size since the parent) and the bytes the process images each point dumped itself
+/// stored: what their written bytes take on disk (an incremental image writes the memory its
+/// predecessor did not hold; a compressed one stores it compressed), else the bytes written.
 pub fn point_bytes<'a>(points: impl IntoIterator<Item = &'a Value>) -> (u64, u64) {
     let mut fs = 0;
     let mut images = 0;
@@ -120,8 +121,9 @@ pub fn point_bytes<'a>(points: impl IntoIterator<Item = &'a Value>) -> (u64, u64
             .unwrap_or(0);
         if p["process"]["id"].is_string() && p["process"]["id"] == p["id"] {
             let image = &p["process"];
-            images += image["written_bytes"]
+            images += image["disk_bytes"]
                 .as_u64()
+                .or(image["written_bytes"].as_u64())
                 .or(image["image_bytes"].as_u64())
                 .unwrap_or(0);
         }

@@ -245,6 +245,11 @@ impl prometheus_client::collector::Collector for EngineCollector {
                     "Of those, bytes written; the rest shares the previous image's blocks",
                     ConstCounter::new(images.written as f64),
                 ),
+                (
+                    "crab_process_image_disk_bytes",
+                    "What the written bytes take on disk, after btrfs compression",
+                    ConstCounter::new(images.disk as f64),
+                ),
             ]);
         }
         for (name, help, counter) in counters {

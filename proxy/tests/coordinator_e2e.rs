@@ -647,6 +647,7 @@ async fn restore_by_turn_replays_rollback_and_fork_branches() {
         "crab_process_images_total",
         "crab_process_image_bytes_total",
         "crab_process_image_written_bytes_total",
+        "crab_process_image_disk_bytes_total",
     ] {
         assert!(text.contains(name), "{name} missing from /metrics");
     }
@@ -657,6 +658,11 @@ async fn restore_by_turn_replays_rollback_and_fork_branches() {
     assert!(
         metric(&d, "crab_process_images_total").await >= 1.0 && written <= images,
         "process images: {written} of {images} bytes written"
+    );
+    let disk = metric(&d, "crab_process_image_disk_bytes_total").await;
+    assert!(
+        disk > 0.0 && disk <= written + 4096.0 * 64.0,
+        "process images: {disk} bytes on disk for {written} written"
     );
     let upstream_before = llm.requests().len();
     let url = format!("http://{}/sandbox/{name}/v1/chat/completions", d.proxy);

@@ -10,6 +10,7 @@
 //!   computed incrementally from the parent snapshot's per-directory index.
 //! - [`tree_cache`]: the checksummed on-disk form of that index, next to each snapshot.
 //! - [`reflink`]: writing a file as blocks shared with older files plus only what is new.
+//! - [`extents`]: the bytes on disk (after btrfs compression) of what a file's ranges wrote.
 //! - [`send_stream`]: the change set and changed bytes of an incremental `btrfs send` stream.
 //! - `cas` (store helper): the content-addressed backend on the `content-store` crate.
 //!
@@ -23,6 +24,7 @@
 
 pub mod btrfs;
 pub mod cas;
+pub mod extents;
 pub mod provenance;
 pub mod reflink;
 pub mod send_stream;

@@ -17,6 +17,7 @@ use std::collections::HashMap;
 use std::ffi::OsString;
 use std::fs::File;
 use std::io::Read;
+use std::ops::Range;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
@@ -226,16 +227,27 @@ impl std::ops::AddAssign for ShareStats {
     }
 }
 
+/// Adds `r` to sorted, disjoint `ranges`, merged with the last one when they touch.
+fn push_range(ranges: &mut Vec<Range<u64>>, r: Range<u64>) {
+    if r.is_empty() {
+        return;
+    }
+    match ranges.last_mut() {
+        Some(last) if last.end == r.start => last.end = r.end,
+        _ => ranges.push(r),
+    }
+}
+
 /// Creates `dst` (which must not exist) with the contents of `src`: every whole block that
 /// `index` holds with the same bytes is shared with it, the rest is written. Adds `dst`'s
 /// blocks to `next` (an index over `dst`'s directory, for the following file), from the hashes
-/// this pass computes anyway.
+/// this pass computes anyway. Returns what it did and the byte ranges it wrote (sorted).
 pub fn write_sharing(
     index: &BlockIndex,
     src: &Path,
     dst: &Path,
     next: &mut BlockIndex,
-) -> std::io::Result<ShareStats> {
+) -> std::io::Result<(ShareStats, Vec<Range<u64>>)> {
     let mut input = File::open(src)?;
     let bytes = input.metadata()?.len();
     let out = std::fs::OpenOptions::new()
@@ -248,6 +260,7 @@ pub fn write_sharing(
     let namesake = index.file_named(&name);
     let mut sources = Sources::new(index);
     let mut written = 0u64;
+    let mut ranges = Vec::new();
     let mut buf = vec![0u8; CHUNK];
     let mut old = Vec::new();
     let mut matches = Vec::new();
@@ -283,18 +296,20 @@ pub fn write_sharing(
                 let gap = &data[(done - offset) as usize..(run.dst - offset) as usize];
                 out.write_all_at(gap, done)?;
                 written += gap.len() as u64;
+                push_range(&mut ranges, done..run.dst);
                 done = run.dst + run.len;
             }
         }
         let rest = &data[(done - offset) as usize..];
         out.write_all_at(rest, done)?;
         written += rest.len() as u64;
+        push_range(&mut ranges, done..done + rest.len() as u64);
         offset += n as u64;
         if n < buf.len() {
             break;
         }
     }
-    Ok(ShareStats { bytes, written })
+    Ok((ShareStats { bytes, written }, ranges))
 }
 
 /// The indexed files, opened on first use.
@@ -410,8 +425,18 @@ mod tests {
         std::fs::write(&staged, &data).expect("write");
         let mut next = BlockIndex::new(&new);
         let dst = new.join("pages-1.img");
-        let stats = write_sharing(&index, &staged, &dst, &mut next).expect("write_sharing");
+        let (stats, ranges) =
+            write_sharing(&index, &staged, &dst, &mut next).expect("write_sharing");
         assert_eq!(std::fs::read(&dst).expect("read"), data);
+        assert_eq!(
+            ranges.iter().map(|r| r.end - r.start).sum::<u64>(),
+            stats.written,
+            "{ranges:?}"
+        );
+        assert!(
+            ranges.windows(2).all(|w| w[0].end < w[1].start),
+            "{ranges:?}"
+        );
         assert_eq!(stats.bytes, data.len() as u64);
         // Blocks 0 and 1 repeat each other (one key), the tail is not indexed.
         assert_eq!(next.len(), 29);
@@ -419,6 +444,9 @@ mod tests {
         if stats.written < stats.bytes {
             // A filesystem that shares blocks (btrfs): only what is new was written.
             assert_eq!(stats.written, literal, "{stats:?}");
+            let b = |i: u64| i * BLOCK;
+            let tail = data.len() as u64;
+            assert_eq!(ranges, vec![0..b(2), b(7)..b(8), b(9)..b(10), b(30)..tail]);
         } else {
             assert_eq!(stats.written, stats.bytes, "{stats:?}");
         }

@@ -17,7 +17,7 @@ use serde::{Deserialize, Serialize};
 use super::criu_log::{CriuFailure, CriuFailureKind, failure_from_log};
 use super::freeze::freezer_of;
 use super::hook::{HookEvent, Rendezvous};
-use super::image_store::{ImageStore, ImageTotals, Staging, Written, sweep_staging};
+use super::image_store::{self, ImageStore, ImageTotals, Staging, Written, sweep_staging};
 use super::proctree::{RuncOperation, alive_and_well, start_time};
 use super::reaper::Reaper;
 use super::runc::{Runc, attach_pipe_stdio, log_tail};
@@ -101,6 +101,11 @@ pub struct ProcessImageInfo {
     /// Absent in images from before incremental images (all written).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub written_bytes: Option<u64>,
+    /// What the written bytes take on disk, after btrfs compression (`image_compression`).
+    /// Measured once the image is published, so the manifest records it and `process.json`
+    /// does not; absent where it cannot be measured (not btrfs, no CAP_SYS_ADMIN).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disk_bytes: Option<u64>,
     /// Wall time of the whole `runc checkpoint`, microseconds.
     pub dump_wall_us: u64,
     /// Time spent in the caller's hook (the filesystem snapshot) while frozen, microseconds.
@@ -361,7 +366,7 @@ impl ProcessBackend {
         remove_dir_if_exists(&partial)?;
         let init_pid = state.as_ref().map_or(0, |s| s.pid);
         let result = self.dump_into(id, init_pid, &partial, req.previous, while_frozen, frozen);
-        let (info, written) = match result {
+        let (mut info, written) = match result {
             Ok(r) => r,
             Err(e) => {
                 let _ = std::fs::remove_dir_all(&partial);
@@ -376,13 +381,18 @@ impl ProcessBackend {
             .and_then(DataSpace::pending);
         let own = info.written_bytes.unwrap_or(info.image_bytes);
         publish(&partial, req.dest, sync_whole_fs(pending, own))?;
+        let images = req.dest.join(IMAGES);
+        info.disk_bytes = image_store::disk_bytes(&images, written.as_ref())
+            .inspect_err(|e| tracing::debug!(error = %e, "bytes on disk of the image unknown"))
+            .ok();
         tracing::debug!(
             container = id,
             publish_us = micros(t.elapsed()),
+            disk_bytes = info.disk_bytes,
             "image published"
         );
         if let Some(w) = written {
-            self.images.published(id, &req.dest.join(IMAGES), w);
+            self.images.published(id, &images, w, info.disk_bytes);
         }
         Ok((req.dest.to_path_buf(), info))
     }
@@ -405,6 +415,7 @@ impl ProcessBackend {
         for d in [&images, &work] {
             std::fs::create_dir_all(d).map_err(|e| ProcessError::io("create image dir", d, e))?;
         }
+        self.config.image_compression.apply(&images);
         // CRIU writes into memory when the image is to be written incrementally (removed
         // when this returns, on every path).
         let staging = self
@@ -630,6 +641,7 @@ impl ProcessBackend {
             criu_stats,
             image_bytes,
             written_bytes: Some(written.as_ref().map_or(image_bytes, |w| w.stats.written)),
+            disk_bytes: None,
             dump_wall_us,
             hook_us,
             closed_tcp,
@@ -1156,6 +1168,7 @@ mod tests {
             criu_stats: CriuDumpStats::default(),
             image_bytes: 5,
             written_bytes: Some(3),
+            disk_bytes: None,
             dump_wall_us: 1,
             hook_us: 1,
             closed_tcp: Vec::new(),

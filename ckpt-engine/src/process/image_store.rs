@@ -29,7 +29,45 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use serde::Serialize;
 
+use crate::fs::extents;
 use crate::fs::reflink::{BlockIndex, ShareStats, write_sharing};
+
+/// How btrfs compresses the files of process images (the `btrfs.compression` property of
+/// each image's directory, inherited by the files CRIU and Crab create in it). A process's
+/// memory (heaps, interpreters) typically takes a third to a fifth of its size compressed;
+/// btrfs compresses at write-back and decompresses when a restore reads the image.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ImageCompression {
+    /// Stored as CRIU wrote them.
+    None,
+    /// zstd (btrfs's default level); the default.
+    #[default]
+    Zstd,
+    /// lzo: faster, compresses less.
+    Lzo,
+    /// zlib: slower, compresses about as well as zstd.
+    Zlib,
+}
+
+impl ImageCompression {
+    /// Sets the property on `dir` (a new, empty image directory). Where it cannot be set (not
+    /// btrfs) the image is stored uncompressed; that is logged, not an error.
+    pub fn apply(self, dir: &Path) {
+        let value: &[u8] = match self {
+            ImageCompression::None => return,
+            ImageCompression::Zstd => b"zstd",
+            ImageCompression::Lzo => b"lzo",
+            ImageCompression::Zlib => b"zlib",
+        };
+        if let Err(e) = xattr::set(dir, "btrfs.compression", value) {
+            tracing::debug!(
+                dir = %dir.display(), error = %e,
+                "images stored uncompressed (no btrfs compression property)"
+            );
+        }
+    }
+}
 
 /// Room kept free in the staging filesystem beyond the sandbox's resident memory.
 const STAGING_MARGIN: u64 = 64 << 20;
@@ -43,6 +81,8 @@ pub struct ImageTotals {
     pub bytes: u64,
     /// Of those, bytes written (the rest is shared with earlier images).
     pub written: u64,
+    /// What the written bytes take on disk (compressed), where it could be measured.
+    pub disk: u64,
 }
 
 /// The block index of each sandbox's newest image, and totals.
@@ -92,6 +132,29 @@ pub struct Written {
     pub stats: ShareStats,
     /// The block index of its page files, for [`ImageStore::published`].
     index: BlockIndex,
+    /// The byte ranges written, per file.
+    ranges: Vec<(OsString, Vec<std::ops::Range<u64>>)>,
+}
+
+/// Bytes on disk of what an image stored: its written ranges (`written`), or all its files
+/// (an image CRIU wrote into the store directly), after btrfs compression. `images` is where
+/// its files are now; their data must have been written back (the image is published).
+pub fn disk_bytes(images: &Path, written: Option<&Written>) -> std::io::Result<u64> {
+    let mut total = 0;
+    match written {
+        Some(w) => {
+            for (name, ranges) in &w.ranges {
+                total += extents::stored_bytes(&images.join(name), ranges)?;
+            }
+        }
+        None => {
+            for name in file_names(images)? {
+                let all = std::iter::once(0..u64::MAX).collect::<Vec<_>>();
+                total += extents::stored_bytes(&images.join(name), &all)?;
+            }
+        }
+    }
+    Ok(total)
 }
 
 impl ImageStore {
@@ -127,30 +190,39 @@ impl ImageStore {
         };
         let mut next = BlockIndex::new(dest);
         let mut stats = ShareStats::default();
+        let mut ranges = Vec::new();
         for name in file_names(staged)? {
             let (from, to) = (staged.join(&name), dest.join(&name));
             if is_pages(&name) {
-                stats += write_sharing(&index, &from, &to, &mut next)?;
+                let (s, r) = write_sharing(&index, &from, &to, &mut next)?;
+                stats += s;
+                ranges.push((name, r));
             } else {
                 let n = std::fs::copy(&from, &to)?;
                 stats += ShareStats {
                     bytes: n,
                     written: n,
                 };
+                ranges.push((name, std::iter::once(0..n).collect()));
             }
         }
-        Ok(Written { stats, index: next })
+        Ok(Written {
+            stats,
+            index: next,
+            ranges,
+        })
     }
 
-    /// Records that `written` was published as `images` (its final `images` directory): the
-    /// sandbox's next image is written against it.
-    pub fn published(&self, sandbox: &str, images: &Path, written: Written) {
+    /// Records that `written` was published as `images` (its final `images` directory), where
+    /// it takes `disk` bytes: the sandbox's next image is written against it.
+    pub fn published(&self, sandbox: &str, images: &Path, written: Written, disk: Option<u64>) {
         let index = Arc::new(written.index.moved_to(images));
         lock(&self.latest).insert(sandbox.to_string(), (images.to_path_buf(), index));
         let mut t = lock(&self.totals);
         t.images += 1;
         t.bytes += written.stats.bytes;
         t.written += written.stats.written;
+        t.disk += disk.unwrap_or(written.stats.written);
     }
 
     /// Drops what is kept for `sandbox` (removed).
@@ -250,7 +322,7 @@ mod tests {
         let w = store.write("s", &staged, None, &first).expect("first");
         assert_eq!(w.stats.bytes, pages.len() as u64 + 4);
         assert_eq!(w.stats.written, w.stats.bytes, "nothing to share with");
-        store.published("s", &first, w);
+        store.published("s", &first, w, None);
         assert_eq!(
             std::fs::read(first.join("pages-1.img")).expect("read"),
             pages
@@ -268,7 +340,7 @@ mod tests {
             std::fs::read(second.join("pages-1.img")).expect("read"),
             pages
         );
-        store.published("s", &second, w);
+        store.published("s", &second, w, None);
         let t = store.totals();
         assert_eq!((t.images, t.bytes), (2, 2 * (pages.len() as u64 + 4)));
     }

@@ -99,6 +99,8 @@ pub struct ProcessConfig {
     /// the store directly when this filesystem has less room than the sandbox's resident
     /// memory plus 64 MiB. Default `/dev/shm/crab-staging`.
     pub staging_dir: PathBuf,
+    /// How btrfs compresses the stored images. Default zstd.
+    pub image_compression: image_store::ImageCompression,
 }
 
 impl Default for ProcessConfig {
@@ -112,6 +114,7 @@ impl Default for ProcessConfig {
             kdat_cache: true,
             incremental_images: true,
             staging_dir: PathBuf::from("/dev/shm/crab-staging"),
+            image_compression: image_store::ImageCompression::Zstd,
         }
     }
 }

@@ -421,9 +421,10 @@ async fn run_inner(
         },
     )
     .await?;
-    // `full-every-turn` is the baseline without crab's selectivity: whole process images.
+    // `full-every-turn` is the baseline without crab's selectivity: whole, uncompressed process
+    // images.
     let images = if policy == "full-every-turn" {
-        "\n[engine.process]\nincremental_images = false\n"
+        "\n[engine.process]\nincremental_images = false\nimage_compression = \"none\"\n"
     } else {
         ""
     };
@@ -859,7 +860,7 @@ mod tests {
     }
 
     /// A point's process image counts only for the point that dumped it, with the bytes it
-    /// wrote.
+    /// stored.
     #[test]
     fn sums_point_bytes() {
         let points = vec![
@@ -871,8 +872,12 @@ mod tests {
             // An incremental image counts the bytes it wrote.
             json!({"id": "cp-000004", "fs": [],
                    "process": {"id": "cp-000004", "image_bytes": 1000, "written_bytes": 30}}),
+            // A compressed one what they take on disk.
+            json!({"id": "cp-000005", "fs": [],
+                   "process": {"id": "cp-000005", "image_bytes": 1000, "written_bytes": 30,
+                               "disk_bytes": 12}}),
         ];
-        assert_eq!(point_bytes(&points), (115, 1030));
+        assert_eq!(point_bytes(&points), (115, 1042));
     }
 
     /// Replies map to turn ends in order, only when the journal has one entry per reply.

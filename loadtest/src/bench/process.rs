@@ -1,13 +1,16 @@
 //! `loadtest bench process`: CRIU process checkpoints of real runc sandboxes.
 //!
 //! Scenarios (each on its own busybox sandbox of the engine):
-//! - `rss-<N>MB`: one process holding N MB of touched memory (an awk string);
+//! - `rss-<N>MB`: one process holding N MB of touched memory (an awk string of random hex
+//!   digits, about half its size compressed);
 //! - `procs-<N>`: N sleeping processes.
 //!
-//! For each, side by side with incremental images (each written against the previous one, the
-//! default) and whole images (`incremental_images = false`): full checkpoints (CRIU dump with
+//! For each, side by side: whole images (`incremental_images = false`, `image_compression =
+//! "none"`), incremental images (each written against the previous one) stored uncompressed,
+//! and incremental images stored zstd-compressed (the default): full checkpoints (CRIU dump with
 //! `--leave-running` + the btrfs snapshot taken while the tasks are stopped, image published)
-//! — wall latency p50/p95, CRIU's frozen time, image size and bytes written; in-place restores
+//! — wall latency p50/p95, CRIU's frozen time, image size, bytes written and what they take on
+//! disk (the first image of a series, written whole, and the last); in-place restores
 //! of the last image after killing the sandbox (filesystem put back and verified, then `runc
 //! restore` with the pre-resume tree check); and, for the first scenario, forks into new
 //! sandboxes (latency per copy). Prints a table and JSON (also to `--out`).
@@ -18,6 +21,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use ckpt_engine::fs::{ChangeHint, FsError, NoQuiesce, SnapshotOutcome, SnapshotRequest};
 use ckpt_engine::process::fork::{ForkOverrides, derive_fork_config};
+use ckpt_engine::process::image_store::ImageCompression;
 use ckpt_engine::process::{
     CheckpointRequest, ProcessBackend, ProcessCheckpoint, ProcessConfig, RestoreRequest,
 };
@@ -60,7 +64,7 @@ pub struct Args {
 #[derive(Debug, Serialize)]
 struct Row {
     scenario: String,
-    /// `incremental` or `whole` images.
+    /// `whole`, `incremental` or `compressed` (incremental, zstd) images.
     images: &'static str,
     rss_mb: f64,
     processes: usize,
@@ -72,6 +76,10 @@ struct Row {
     image_mb: f64,
     /// Bytes the last checkpoint wrote, MB.
     written_mb: f64,
+    /// What the first image of the series (written whole) takes on disk, MB.
+    first_disk_mb: f64,
+    /// What the last checkpoint's written bytes take on disk, MB.
+    disk_mb: f64,
     restores: usize,
     restore_p50_ms: f64,
     restore_p95_ms: f64,
@@ -89,9 +97,11 @@ fn percentile(v: &[f64], p: f64) -> f64 {
 
 struct Bench {
     engine: Engine,
-    /// Incremental images (the default).
+    /// Incremental, compressed images (the default).
     process: ProcessBackend,
-    /// Whole images.
+    /// Incremental images stored uncompressed.
+    uncompressed: ProcessBackend,
+    /// Whole, uncompressed images.
     whole: ProcessBackend,
     images: PathBuf,
     seq: std::cell::Cell<u32>,
@@ -310,9 +320,15 @@ impl Bench {
         // Whole images first: the incremental series' last image is kept for the forks.
         let mut rows = Vec::new();
         let mut kept = None;
-        for (mode, process) in [("whole", &self.whole), ("incremental", &self.process)] {
+        let modes = [
+            ("whole", &self.whole),
+            ("incremental", &self.uncompressed),
+            ("compressed", &self.process),
+        ];
+        for (mode, process) in modes {
             let (mut lat, mut frozen, mut hook) = (Vec::new(), Vec::new(), Vec::new());
-            let (mut image_mb, mut written_mb) = (0.0, 0.0);
+            let (mut image_mb, mut written_mb, mut disk_mb) = (0.0, 0.0, 0.0);
+            let mut first_disk_mb = None;
             let mut last: Option<ProcessCheckpoint<SnapshotOutcome>> = None;
             for _ in 0..iterations.max(1) {
                 let t = Instant::now();
@@ -322,6 +338,8 @@ impl Bench {
                 hook.push(cp.info.hook_us as f64 / 1000.0);
                 image_mb = cp.info.image_bytes as f64 / 1e6;
                 written_mb = cp.info.written_bytes.unwrap_or(cp.info.image_bytes) as f64 / 1e6;
+                disk_mb = cp.info.disk_bytes.map_or(f64::NAN, |b| b as f64 / 1e6);
+                first_disk_mb.get_or_insert(disk_mb);
                 if let Some(prev) = last.replace(cp) {
                     self.discard(&prev);
                 }
@@ -350,6 +368,8 @@ impl Bench {
                 fs_snapshot_in_freeze_p50_ms: percentile(&hook, 0.5),
                 image_mb,
                 written_mb,
+                first_disk_mb: first_disk_mb.unwrap_or(f64::NAN),
+                disk_mb,
                 restores: restores.len(),
                 restore_p50_ms: percentile(&restores, 0.5),
                 restore_p95_ms: percentile(&restores, 0.95),
@@ -400,8 +420,13 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         ..ProcessConfig::default()
     };
     let process = ProcessBackend::new(config.clone())?;
+    let uncompressed = ProcessBackend::new(ProcessConfig {
+        image_compression: ImageCompression::None,
+        ..config.clone()
+    })?;
     let whole = ProcessBackend::new(ProcessConfig {
         incremental_images: false,
+        image_compression: ImageCompression::None,
         ..config
     })?;
     // In the pool, as the engine keeps them: blocks are shared within one btrfs filesystem.
@@ -410,6 +435,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let bench = Bench {
         engine,
         process,
+        uncompressed,
         whole,
         images,
         seq: std::cell::Cell::new(0),
@@ -418,10 +444,15 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let mut forks = args.forks;
     let result = (|| -> anyhow::Result<()> {
         for &mb in &args.rss_mb {
-            // An awk string of `mb` MB of spaces: touched, non-zero pages CRIU must write.
+            // An awk string of `mb` MB: 256 KiB of random hex digits (about half their size
+            // compressed, as btrfs compresses each 128 KiB alone), repeated: touched, non-zero
+            // pages CRIU must write.
             let workload = format!(
-                "exec awk 'BEGIN {{ s = sprintf(\"%{}s\", \"\"); while (1) system(\"sleep 3600\") }}'",
-                mb << 20
+                "exec awk 'BEGIN {{ srand(1); for (i = 0; i < 256; i++) {{ t = \"\"; \
+                 for (j = 0; j < 256; j++) t = t sprintf(\"%04x\", int(rand() * 65536)); u = u t }} \
+                 s = u; while (length(s) < {n}) s = s s; s = substr(s, 1, {n}); \
+                 while (1) system(\"sleep 3600\") }}'",
+                n = mb << 20
             );
             let want = mb as f64 * 0.9;
             rows.extend(bench.scenario(
@@ -432,7 +463,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                 forks,
             )?);
             forks = 0;
-            eprintln!("{:?}", &rows[rows.len().saturating_sub(2)..]);
+            eprintln!("{:?}", &rows[rows.len().saturating_sub(3)..]);
         }
         for &n in &args.procs {
             let workload =
@@ -446,12 +477,12 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                 &args,
                 0,
             )?);
-            eprintln!("{:?}", &rows[rows.len().saturating_sub(2)..]);
+            eprintln!("{:?}", &rows[rows.len().saturating_sub(3)..]);
         }
         Ok(())
     })();
     println!(
-        "{:<12} {:<11} {:>8} {:>6} {:>9} {:>9} {:>10} {:>9} {:>9} {:>10} {:>10} {:>10}  forks (ms/copy)",
+        "{:<12} {:<11} {:>8} {:>6} {:>9} {:>9} {:>10} {:>9} {:>9} {:>10} {:>9} {:>9} {:>10} {:>10}  forks (ms/copy)",
         "scenario",
         "images",
         "rss MB",
@@ -462,12 +493,14 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         "fs in frz",
         "image MB",
         "written MB",
+        "disk 1st",
+        "disk MB",
         "rest. p50",
         "rest. p95"
     );
     for r in &rows {
         println!(
-            "{:<12} {:<11} {:>8.1} {:>6} {:>9.1} {:>9.1} {:>10.1} {:>9.1} {:>9.1} {:>10.2} {:>10.1} {:>10.1}  {:?}",
+            "{:<12} {:<11} {:>8.1} {:>6} {:>9.1} {:>9.1} {:>10.1} {:>9.1} {:>9.1} {:>10.2} {:>9.2} {:>9.3} {:>10.1} {:>10.1}  {:?}",
             r.scenario,
             r.images,
             r.rss_mb,
@@ -478,6 +511,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             r.fs_snapshot_in_freeze_p50_ms,
             r.image_mb,
             r.written_mb,
+            r.first_disk_mb,
+            r.disk_mb,
             r.restore_p50_ms,
             r.restore_p95_ms,
             r.fork_per_copy_ms

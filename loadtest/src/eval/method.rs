@@ -69,10 +69,11 @@ impl Method {
         }
     }
 
-    /// Whether crab writes process images incrementally (only the memory the previous image
-    /// lacks) in its runs. `full-every-turn` is the baseline of a checkpointing system without
-    /// crab's selectivity: whole CRIU images at every turn.
-    pub fn incremental_images(self) -> bool {
+    /// Whether crab stores process images compactly in its runs: incrementally (only the
+    /// memory the previous image lacks) and compressed. `full-every-turn` is the baseline of a
+    /// checkpointing system without crab's selectivity: whole CRIU images, as CRIU writes
+    /// them, at every turn.
+    pub fn compact_images(self) -> bool {
         self != Method::FullEveryTurn
     }
 
@@ -149,7 +150,7 @@ mod tests {
         assert!("nope".parse::<Method>().is_err());
         assert_eq!(Method::Crab.policy(), "selective");
         assert_eq!(Method::ChatOnly.policy(), "off");
-        assert!(Method::Crab.incremental_images() && !Method::FullEveryTurn.incremental_images());
+        assert!(Method::Crab.compact_images() && !Method::FullEveryTurn.compact_images());
         assert!(!Method::Off.injects_crashes() && Method::Restart.injects_crashes());
         assert_eq!(Method::ChatFs.recovery(), Recovery::RestorePoint);
     }

@@ -114,13 +114,15 @@ impl Placement {
 /// crab's settings for evaluation runs: bounded engine operations and gate waits, so a
 /// checkpoint hanging on a sandbox killed under it fails instead of stalling the agent; the
 /// inside agent's own directory (its phase, log and config: bookkeeping, like a real agent's
-/// session logs) does not make a turn worth a checkpoint; whole or incremental process images
-/// as the method has them.
+/// session logs) does not make a turn worth a checkpoint; whole, uncompressed or incremental,
+/// compressed process images as the method has them.
 fn crab_config(method: Method) -> String {
+    let compact = method.compact_images();
     format!(
-        "\n[engine.process]\noperation_timeout_secs = 60\nincremental_images = {}\n\n\
+        "\n[engine.process]\noperation_timeout_secs = 60\nincremental_images = {compact}\n\
+         image_compression = \"{}\"\n\n\
          [coordinator]\ngate_timeout_ms = 60000\nignore_paths = [\"/opt/crab-agent\"]\n",
-        method.incremental_images()
+        if compact { "zstd" } else { "none" }
     )
 }
 

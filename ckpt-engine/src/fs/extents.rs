@@ -1,0 +1,277 @@
+//! What part of a file takes room on disk, on btrfs: the extents a file's byte ranges were
+//! written to, with their size on disk (after compression), read from the subvolume's tree
+//! (`BTRFS_IOC_TREE_SEARCH_V2`, as `compsize` does; needs CAP_SYS_ADMIN).
+//!
+//! Used to count what a process image really stored: its written blocks, compressed by btrfs,
+//! without the blocks it shares with the image before it.
+//!
+//! Pure part: [`parse_items`] decodes the ioctl's result buffer and [`disk_bytes_within`] sums
+//! the extents that start inside a set of ranges (unit-tested); I/O part: [`stored_bytes`].
+
+use std::fs::File;
+use std::ops::Range;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::MetadataExt;
+
+/// The item type of a file's extents (`BTRFS_EXTENT_DATA_KEY`).
+const EXTENT_DATA_KEY: u32 = 108;
+/// `BTRFS_FILE_EXTENT_INLINE`: the data is inside the item.
+const INLINE: u8 = 0;
+/// Bytes of a file extent item before an inline extent's data.
+const INLINE_HEADER: usize = 21;
+/// Bytes of a regular (or preallocated) file extent item.
+const REGULAR_ITEM: usize = 53;
+/// Result buffer of one search.
+const BUF_SIZE: usize = 64 << 10;
+
+/// `struct btrfs_ioctl_search_key`.
+#[repr(C)]
+#[derive(Debug, Default, Clone, Copy)]
+struct SearchKey {
+    tree_id: u64,
+    min_objectid: u64,
+    max_objectid: u64,
+    min_offset: u64,
+    max_offset: u64,
+    min_transid: u64,
+    max_transid: u64,
+    min_type: u32,
+    max_type: u32,
+    nr_items: u32,
+    unused: u32,
+    unused1: u64,
+    unused2: u64,
+    unused3: u64,
+    unused4: u64,
+}
+
+/// `struct btrfs_ioctl_search_args_v2` without its trailing buffer.
+#[repr(C)]
+#[derive(Debug, Default, Clone, Copy)]
+struct SearchArgsV2 {
+    key: SearchKey,
+    buf_size: u64,
+}
+
+nix::ioctl_readwrite!(tree_search_v2, 0x94, 17, SearchArgsV2);
+
+/// One file extent of a file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Extent {
+    /// Offset in the file.
+    pub file_offset: u64,
+    /// Where the extent is on disk (0 for a hole or an inline extent).
+    pub disk_bytenr: u64,
+    /// Bytes it takes on disk: the (compressed) extent, or an inline extent's data.
+    pub disk_bytes: u64,
+}
+
+fn le_u64(b: &[u8], at: usize) -> Option<u64> {
+    Some(u64::from_le_bytes(b.get(at..at + 8)?.try_into().ok()?))
+}
+
+fn le_u32(b: &[u8], at: usize) -> Option<u32> {
+    Some(u32::from_le_bytes(b.get(at..at + 4)?.try_into().ok()?))
+}
+
+/// The file extents of the first `count` items in a search result buffer (a 32-byte
+/// `btrfs_ioctl_search_header` before each item's data), and the key offset of the last item.
+/// Items of other types are skipped; a truncated buffer ends the list.
+pub fn parse_items(buf: &[u8], count: u32) -> (Vec<Extent>, Option<u64>) {
+    let mut out = Vec::new();
+    let mut last = None;
+    let mut at = 0usize;
+    for _ in 0..count {
+        let (Some(offset), Some(kind), Some(len)) = (
+            le_u64(buf, at + 16),
+            le_u32(buf, at + 24),
+            le_u32(buf, at + 28),
+        ) else {
+            break;
+        };
+        let data_at = at + 32;
+        let Some(item) = buf.get(data_at..data_at + len as usize) else {
+            break;
+        };
+        at = data_at + len as usize;
+        last = Some(offset);
+        if kind != EXTENT_DATA_KEY || item.len() < INLINE_HEADER {
+            continue;
+        }
+        if item[20] == INLINE {
+            out.push(Extent {
+                file_offset: offset,
+                disk_bytenr: 0,
+                disk_bytes: (item.len() - INLINE_HEADER) as u64,
+            });
+        } else if item.len() >= REGULAR_ITEM {
+            let bytenr = le_u64(item, 21).unwrap_or(0);
+            out.push(Extent {
+                file_offset: offset,
+                disk_bytenr: bytenr,
+                disk_bytes: if bytenr == 0 {
+                    0
+                } else {
+                    le_u64(item, 29).unwrap_or(0)
+                },
+            });
+        }
+    }
+    (out, last)
+}
+
+/// Bytes on disk of the extents that start inside `ranges` (sorted, disjoint), each extent
+/// counted once.
+pub fn disk_bytes_within(extents: &[Extent], ranges: &[Range<u64>]) -> u64 {
+    let mut seen = std::collections::HashSet::new();
+    extents
+        .iter()
+        .filter(|e| {
+            let i = ranges.partition_point(|r| r.end <= e.file_offset);
+            ranges.get(i).is_some_and(|r| r.contains(&e.file_offset))
+        })
+        .filter(|e| e.disk_bytenr == 0 || seen.insert(e.disk_bytenr))
+        .map(|e| e.disk_bytes)
+        .sum()
+}
+
+/// One `BTRFS_IOC_TREE_SEARCH_V2`: the number of items found and the result buffer.
+#[allow(unsafe_code)]
+fn search(file: &File, key: SearchKey) -> std::io::Result<(u32, Vec<u8>)> {
+    let head_len = std::mem::size_of::<SearchArgsV2>();
+    let mut buf = vec![0u64; (head_len + BUF_SIZE).div_ceil(8)];
+    let head = buf.as_mut_ptr().cast::<SearchArgsV2>();
+    // SAFETY: `buf` is 8-byte aligned and holds the arguments followed by `BUF_SIZE` bytes,
+    // as `buf_size` tells the kernel, which writes no further; the descriptor is open for the
+    // call; the bytes read back lie inside `buf`.
+    unsafe {
+        head.write(SearchArgsV2 {
+            key,
+            buf_size: BUF_SIZE as u64,
+        });
+        tree_search_v2(file.as_raw_fd(), head)?;
+        let count = (*head).key.nr_items;
+        let items = std::slice::from_raw_parts(buf.as_ptr().cast::<u8>().add(head_len), BUF_SIZE);
+        Ok((count, items.to_vec()))
+    }
+}
+
+/// The file extents of `file` (on btrfs, its data written back).
+pub fn extents(file: &File) -> std::io::Result<Vec<Extent>> {
+    let ino = file.metadata()?.ino();
+    let mut all = Vec::new();
+    let mut min_offset = 0u64;
+    loop {
+        let key = SearchKey {
+            tree_id: 0,
+            min_objectid: ino,
+            max_objectid: ino,
+            min_offset,
+            max_offset: u64::MAX,
+            min_transid: 0,
+            max_transid: u64::MAX,
+            min_type: EXTENT_DATA_KEY,
+            max_type: EXTENT_DATA_KEY,
+            nr_items: u32::MAX,
+            ..Default::default()
+        };
+        let (count, items) = search(file, key)?;
+        if count == 0 {
+            break;
+        }
+        let (found, last) = parse_items(&items, count);
+        all.extend(found);
+        match last {
+            Some(o) if o < u64::MAX => min_offset = o + 1,
+            _ => break,
+        }
+    }
+    Ok(all)
+}
+
+/// Bytes on disk of what was written to `ranges` of the file at `path` (sorted, disjoint):
+/// the extents starting there, compressed or not.
+pub fn stored_bytes(path: &std::path::Path, ranges: &[Range<u64>]) -> std::io::Result<u64> {
+    let file = File::open(path)?;
+    Ok(disk_bytes_within(&extents(&file)?, ranges))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn item(offset: u64, data: &[u8]) -> Vec<u8> {
+        let mut v = Vec::new();
+        v.extend_from_slice(&7u64.to_le_bytes());
+        v.extend_from_slice(&257u64.to_le_bytes());
+        v.extend_from_slice(&offset.to_le_bytes());
+        v.extend_from_slice(&EXTENT_DATA_KEY.to_le_bytes());
+        v.extend_from_slice(&(data.len() as u32).to_le_bytes());
+        v.extend_from_slice(data);
+        v
+    }
+
+    fn regular(bytenr: u64, disk: u64) -> Vec<u8> {
+        let mut v = vec![0u8; REGULAR_ITEM];
+        v[16] = 3; // zstd
+        v[20] = 1;
+        v[21..29].copy_from_slice(&bytenr.to_le_bytes());
+        v[29..37].copy_from_slice(&disk.to_le_bytes());
+        v
+    }
+
+    #[test]
+    fn items_decode_regular_inline_and_holes() {
+        let mut buf = item(0, &regular(1 << 30, 8192));
+        let mut inline = vec![0u8; INLINE_HEADER];
+        inline.extend_from_slice(&[1, 2, 3]);
+        buf.extend(item(4096, &inline));
+        buf.extend(item(8192, &regular(0, 4096)));
+        let (extents, last) = parse_items(&buf, 3);
+        assert_eq!(
+            extents,
+            vec![
+                Extent {
+                    file_offset: 0,
+                    disk_bytenr: 1 << 30,
+                    disk_bytes: 8192
+                },
+                Extent {
+                    file_offset: 4096,
+                    disk_bytenr: 0,
+                    disk_bytes: 3
+                },
+                Extent {
+                    file_offset: 8192,
+                    disk_bytenr: 0,
+                    disk_bytes: 0
+                },
+            ]
+        );
+        assert_eq!(last, Some(8192));
+        // A truncated buffer ends the list without reading past it.
+        let (cut, last) = parse_items(&buf[..40], 3);
+        assert!(cut.is_empty());
+        assert_eq!(last, None);
+    }
+
+    #[test]
+    fn only_extents_starting_in_the_ranges_count_once() {
+        let e = |file_offset, disk_bytenr, disk_bytes| Extent {
+            file_offset,
+            disk_bytenr,
+            disk_bytes,
+        };
+        let extents = [
+            e(0, 100, 10),     // written
+            e(4096, 200, 20),  // shared with an older file
+            e(8192, 300, 30),  // written
+            e(12288, 300, 30), // the same extent again (split item)
+            e(16384, 400, 40), // written, second range
+            e(20480, 500, 50), // shared
+        ];
+        let ranges = [0..4096, 8192..16384, 16384..20480];
+        assert_eq!(disk_bytes_within(&extents, &ranges), 80);
+        assert_eq!(disk_bytes_within(&extents, &[]), 0);
+    }
+}
