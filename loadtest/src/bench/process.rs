@@ -296,16 +296,21 @@ impl Bench {
     ) -> anyhow::Result<Vec<Row>> {
         self.spawn(name, workload)?;
         let deadline = Instant::now() + Duration::from_secs(120);
+        // Ready, and its memory no longer growing (a workload still building its data would
+        // make the series' images differ for that reason).
+        let mut before = None;
         let (rss, procs) = loop {
             let (rss, procs) = self.measure(name)?;
-            if ready(rss, procs) {
+            let steady = before.is_some_and(|b: f64| (rss - b).abs() <= b * 0.005);
+            if ready(rss, procs) && steady {
                 break (rss, procs);
             }
+            before = Some(rss);
             anyhow::ensure!(
                 Instant::now() < deadline,
                 "{label}: workload did not start ({rss:.0} MB, {procs} procs)"
             );
-            std::thread::sleep(Duration::from_millis(100));
+            std::thread::sleep(Duration::from_millis(300));
         };
         let iterations = if rss >= 900.0 {
             args.iterations.min(3)
