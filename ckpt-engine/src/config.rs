@@ -85,7 +85,7 @@ pub struct EngineProcessConfig {
     pub kdat_cache: bool,
     /// Write each process image incrementally: CRIU dumps into `staging_dir` (memory) and only
     /// the 4 KiB memory blocks the sandbox's previous image does not hold are written to the
-    /// store; the rest is shared with it (btrfs reflinks, byte-verified). Default true.
+    /// store; the rest is shared with it (btrfs reflinks, matched by BLAKE3 hash). Default true.
     #[serde(alias = "dedupe_images")]
     pub incremental_images: bool,
     /// Where dumps are staged for `incremental_images` (a tmpfs); a dump goes to the store

@@ -5,10 +5,13 @@
 //! 4 KiB block the previous image holds becomes a reference to that block (no data written)
 //! and only the changed blocks reach the disk.
 //!
-//! Safe by construction: the index (XXH3-128 of each block) only proposes candidates; a block
-//! is shared only after its bytes compared equal to the candidate's, so a hash collision (even
-//! one crafted by a sandbox's own memory) costs a write, never a wrong image. Where sharing is
-//! refused (another filesystem, an older kernel) the bytes are written instead.
+//! Blocks are matched by their BLAKE3 hash (256 bits, collision-resistant: no sandbox can craft
+//! memory whose block passes for another), so sharing reads nothing back from the older files.
+//! Comparing the bytes instead, as this module once did after an XXH3 match, read the whole
+//! previous image at every checkpoint, cache-cold since its blocks were mostly shared, and
+//! decompressed when the images are compressed: 150 ms for 100 MB against 46 ms of hashing.
+//! Where sharing is refused (another filesystem, an older kernel, a file gone) the bytes are
+//! written instead.
 //!
 //! Pure part: [`plan_runs`] turns per-block matches into maximal runs (unit-tested); I/O part:
 //! [`BlockIndex::build`] and [`write_sharing`].
@@ -24,12 +27,15 @@ use std::path::{Path, PathBuf};
 
 /// Block size matched and shared (btrfs sector size).
 pub const BLOCK: u64 = 4096;
-/// Longest run verified and shared in one call.
+/// Longest run shared in one call.
 const MAX_RUN: u64 = 8 << 20;
 /// Bytes of the new file read (and runs planned) at a time.
 const CHUNK: usize = 4 << 20;
 
-/// Where each known block's contents live: `(file index, offset)` by XXH3-128, over files named
+/// A block's key: its BLAKE3 hash.
+type Key = [u8; 32];
+
+/// Where each known block's contents live: `(file index, offset)` by BLAKE3 hash, over files named
 /// relative to one directory (so an index survives the rename that publishes its directory);
 /// and each file's block keys in order, so a match can follow the layout of the file it
 /// matched (many blocks alike, e.g. a large array of one value, otherwise all point at the
@@ -38,12 +44,12 @@ const CHUNK: usize = 4 << 20;
 pub struct BlockIndex {
     dir: PathBuf,
     files: Vec<OsString>,
-    keys: Vec<Vec<u128>>,
-    blocks: HashMap<u128, (u32, u64)>,
+    keys: Vec<Vec<Key>>,
+    blocks: HashMap<Key, (u32, u64)>,
 }
 
-fn block_key(data: &[u8]) -> u128 {
-    xxhash_rust::xxh3::xxh3_128(data)
+fn block_key(data: &[u8]) -> Key {
+    *blake3::hash(data).as_bytes()
 }
 
 impl BlockIndex {
@@ -91,7 +97,7 @@ impl BlockIndex {
     }
 
     /// Records the next block of `file` (blocks are added in order), at `offset`.
-    fn insert(&mut self, key: u128, file: u32, offset: u64) {
+    fn insert(&mut self, key: Key, file: u32, offset: u64) {
         self.keys[file as usize].push(key);
         self.blocks.entry(key).or_insert((file, offset));
     }
@@ -101,7 +107,7 @@ impl BlockIndex {
     /// same name), so matches keep to the layout of the file they match.
     fn find(
         &self,
-        key: u128,
+        key: Key,
         after: Option<(u32, u64)>,
         at: Option<(u32, u64)>,
     ) -> Option<(u32, u64)> {
@@ -262,7 +268,6 @@ pub fn write_sharing(
     let mut written = 0u64;
     let mut ranges = Vec::new();
     let mut buf = vec![0u8; CHUNK];
-    let mut old = Vec::new();
     let mut matches = Vec::new();
     let mut offset = 0u64;
     loop {
@@ -281,18 +286,14 @@ pub fn write_sharing(
                 matches.push((at, found));
             }
         }
-        // Runs are shared once their bytes compared equal; everything between them is
-        // written as one span.
+        // Runs are shared; everything between them is written as one span.
         let mut done = offset;
         for run in plan_runs(&matches, MAX_RUN) {
-            let new = &data[(run.dst - offset) as usize..(run.dst - offset + run.len) as usize];
-            old.resize(new.len(), 0);
-            // An indexed file that cannot be read (removed meanwhile) only costs sharing.
+            // An indexed file that cannot be opened (removed meanwhile) only costs sharing.
             let Ok(prev) = sources.open(run.file) else {
                 continue;
             };
-            let same = prev.read_exact_at(&mut old, run.src).is_ok() && old == new;
-            if same && clone_range(prev, run.src, &out, run.dst, run.len).is_ok() {
+            if clone_range(prev, run.src, &out, run.dst, run.len).is_ok() {
                 let gap = &data[(done - offset) as usize..(run.dst - offset) as usize];
                 out.write_all_at(gap, done)?;
                 written += gap.len() as u64;
@@ -407,14 +408,9 @@ mod tests {
         std::fs::create_dir_all(&new).expect("mkdir");
         // The previous file: blocks 0..40.
         std::fs::write(old.join("pages-1.img"), blocks(40, 0, |i| i as u8)).expect("write");
-        let mut index = BlockIndex::build(&old, &["pages-1.img".into()]).expect("index");
+        let index = BlockIndex::build(&old, &["pages-1.img".into()]).expect("index");
         assert_eq!(index.len(), 40);
-        // A candidate whose bytes differ (what a hash collision would propose) must be
-        // written, not shared.
-        let lying = block_key(&blocks(1, 0, |_| 200));
-        index.blocks.insert(lying, (0, 3 * BLOCK));
-        // The new file: old blocks shifted by two, a changed block, the colliding block and
-        // a partial tail.
+        // The new file: old blocks shifted by two, changed blocks and a partial tail.
         let data = blocks(30, 100, |i| match i {
             0 | 1 => 100,
             7 => 150,

@@ -17,10 +17,16 @@
 //! Staging is skipped, and CRIU writes into the store directly, when the staging filesystem has
 //! less room than the sandbox's resident memory (plus a margin), or cannot be created.
 //!
+//! What is written is stored compressed ([`ImageCompression`], btrfs's per-directory
+//! `compression` property): the kernel compresses at write-back and decompresses when a restore
+//! reads the image, so images stay plain CRIU files. [`disk_bytes`] measures what an image
+//! stored once it is published: the on-disk size of the extents its written ranges landed in
+//! ([`crate::fs::extents`]).
+//!
 //! Invariants: a staging directory is named after the daemon's pid and removed when its dump
 //! ends, on every path; those of a daemon that died are swept when the next one starts
-//! ([`sweep_staging`]). Block sharing is byte-verified, so an image's contents are exactly
-//! CRIU's dump.
+//! ([`sweep_staging`]). A block is shared only with one of equal BLAKE3 hash, so an image's
+//! contents are exactly CRIU's dump.
 
 use std::collections::HashMap;
 use std::ffi::OsString;

@@ -24,7 +24,7 @@
 //! - [`proctree`]: runc started as a process group leader; ending runc, CRIU and everything
 //!   they started when Crab gives up on an operation.
 //! - [`image_store`]: incremental images — CRIU dumps into a staging tmpfs and only the memory
-//!   blocks the previous image does not hold are written to the store.
+//!   blocks the previous image does not hold are written to the store, compressed by btrfs.
 //!
 //! Invariants:
 //! - An image directory is visible under its final name only when CRIU succeeded, the hook
@@ -93,7 +93,7 @@ pub struct ProcessConfig {
     pub kdat_cache: bool,
     /// Write each image incrementally: CRIU dumps into `staging_dir` (a tmpfs) and only the
     /// 4 KiB memory blocks the sandbox's previous image does not hold are written to the store;
-    /// the rest is shared with it (btrfs reflinks, byte-verified). Default true.
+    /// the rest is shared with it (btrfs reflinks, matched by BLAKE3 hash). Default true.
     pub incremental_images: bool,
     /// Where CRIU's dumps are staged when `incremental_images` is on; a dump is written into
     /// the store directly when this filesystem has less room than the sandbox's resident
