@@ -40,7 +40,7 @@ use crate::fs::reflink::{BlockIndex, ShareStats, write_sharing};
 
 /// How btrfs compresses the files of process images (the `btrfs.compression` property of
 /// each image's directory, inherited by the files CRIU and Crab create in it). A process's
-/// memory (heaps, interpreters) typically takes a third to a fifth of its size compressed;
+/// memory (heaps, interpreters) typically takes a third to a quarter of its size compressed;
 /// btrfs compresses at write-back and decompresses when a restore reads the image.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
