@@ -478,9 +478,10 @@ fn checkpoint_bytes(out: &mut String, s: &Summary) {
     let _ = writeln!(
         out,
         "<h2>Checkpoint bytes</h2><p>Bytes of the recovery points of the turn ends (filesystem send size plus \
-         the bytes each process image wrote: crab writes only the memory blocks the previous image lacks, \
-         <code>full-every-turn</code> whole images). <em>Baselines</em>: the turn-0 points of the sandboxes as created with their \
-         task's setup, the same for every method that checkpoints, not counted. The reduction compares bytes per task instance with <code>full-every-turn</code> \
+         what each process image stored: crab writes only the memory blocks the previous image lacks, \
+         compressed, and counts their size on disk; <code>full-every-turn</code> writes whole, uncompressed images). \
+         <em>Baselines</em>: the turn-0 points of the sandboxes as created with their \
+         task's setup, not counted. The reduction compares bytes per task instance with <code>full-every-turn</code> \
          over the suites and densities both ran. Published: up to 87% less. <em>Images on disk</em>: \
          what the sandboxes' process images and manifests take on disk before their removal (blocks shared \
          between images counted once), of their logical size.</p>"
