@@ -94,9 +94,24 @@ pub struct ImageTotals {
 /// The block index of each sandbox's newest image, and totals.
 #[derive(Debug, Default)]
 pub struct ImageStore {
-    /// Sandbox → (its newest image's `images` directory, that directory's block index).
-    latest: Mutex<HashMap<String, (PathBuf, Arc<BlockIndex>)>>,
+    /// Sandbox → its newest image.
+    latest: Mutex<HashMap<String, Kept>>,
     totals: Mutex<ImageTotals>,
+}
+
+/// A directory's identity, `(device, inode)`: a kept index is used only for the very directory
+/// it was built from, never for another one at the same path (a sandbox removed and created
+/// again under its name numbers its points anew), since blocks are shared on its word alone.
+type DirId = (u64, u64);
+
+/// A sandbox's newest image: its `images` directory, that directory's identity, its block
+/// index.
+type Kept = (PathBuf, DirId, Arc<BlockIndex>);
+
+fn dir_id(dir: &Path) -> std::io::Result<DirId> {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::metadata(dir)?;
+    Ok((m.dev(), m.ino()))
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -177,11 +192,7 @@ impl ImageStore {
         let index = match previous {
             None => Arc::new(BlockIndex::new(dest)),
             Some(prev) => {
-                let cached = lock(&self.latest)
-                    .get(sandbox)
-                    .filter(|(dir, _)| dir == prev)
-                    .map(|(_, index)| Arc::clone(index));
-                match cached {
+                match self.kept(sandbox, prev) {
                     Some(index) => index,
                     // An unreadable previous image (removed meanwhile) only costs sharing.
                     None => Arc::new(index_of(prev).unwrap_or_else(|e| {
@@ -219,11 +230,29 @@ impl ImageStore {
         })
     }
 
+    /// The kept index of `sandbox`'s newest image if `prev` is that very directory.
+    fn kept(&self, sandbox: &str, prev: &Path) -> Option<Arc<BlockIndex>> {
+        let id = dir_id(prev).ok()?;
+        lock(&self.latest)
+            .get(sandbox)
+            .filter(|(dir, kept, _)| dir == prev && *kept == id)
+            .map(|(_, _, index)| Arc::clone(index))
+    }
+
     /// Records that `written` was published as `images` (its final `images` directory), where
     /// it takes `disk` bytes: the sandbox's next image is written against it.
     pub fn published(&self, sandbox: &str, images: &Path, written: Written, disk: Option<u64>) {
         let index = Arc::new(written.index.moved_to(images));
-        lock(&self.latest).insert(sandbox.to_string(), (images.to_path_buf(), index));
+        match dir_id(images) {
+            Ok(id) => {
+                let kept = (images.to_path_buf(), id, index);
+                lock(&self.latest).insert(sandbox.to_string(), kept);
+            }
+            // Not kept: the next image indexes this one from disk.
+            Err(_) => {
+                lock(&self.latest).remove(sandbox);
+            }
+        }
         let mut t = lock(&self.totals);
         t.images += 1;
         t.bytes += written.stats.bytes;
@@ -349,6 +378,22 @@ mod tests {
         store.published("s", &second, w, None);
         let t = store.totals();
         assert_eq!((t.images, t.bytes), (2, 2 * (pages.len() as u64 + 4)));
+        assert!(store.kept("s", &second).is_some());
+        assert!(store.kept("s", &first).is_none(), "not the newest");
+        assert!(store.kept("other", &second).is_none());
+
+        // Another directory at the same path (a sandbox removed and created again under its
+        // name) is indexed from disk, never shared on the word of the kept index.
+        let moved = dir.path().join("moved");
+        std::fs::rename(&second, &moved).expect("rename");
+        std::fs::create_dir_all(&second).expect("mkdir");
+        assert!(store.kept("s", &second).is_none(), "another directory");
+        std::fs::remove_dir(&second).expect("rmdir");
+        std::fs::rename(&moved, &second).expect("rename back");
+        assert!(
+            store.kept("s", &second).is_some(),
+            "the same directory, renamed"
+        );
     }
 
     #[test]
