@@ -13,7 +13,7 @@ mod process_support;
 
 use std::time::{Duration, Instant};
 
-use ckpt_engine::fs::ChangeHint;
+use ckpt_engine::fs::{ChangeHint, extents};
 use ckpt_engine::manifest::{CheckpointKind, RecoveryPoint};
 use ckpt_engine::process::image_store::ImageCompression;
 use ckpt_engine::{Engine, EngineConfig};
@@ -139,6 +139,17 @@ fn images_write_only_changed_memory_and_restore_exactly() {
         [&p1, &p2, &p3].map(|p| bytes(p).1).iter().sum::<u64>()
     );
     assert_eq!(totals.disk, [&p1, &p2, &p3].map(disk).iter().sum::<u64>());
+    // Everything the sandbox's points keep, each extent once at its compressed size: the
+    // three images take about what the first one stored, not three times their size.
+    let meta = e.pool().root().join("meta").join(&name);
+    let (logical, on_disk) = extents::tree_usage(&meta).expect("usage");
+    eprintln!("{}: {on_disk} bytes on disk for {logical}", meta.display());
+    assert!(logical > 3 * image1, "{logical}");
+    assert!(
+        on_disk >= totals.disk && on_disk < image1,
+        "{on_disk} on disk; the images stored {}",
+        totals.disk
+    );
 
     // A shared image restores with the same memory, and the next image is written against
     // the restored point's image (not the newest one, whose index is kept).

@@ -189,6 +189,28 @@ pub fn extents(file: &File) -> std::io::Result<Vec<Extent>> {
     Ok(all)
 }
 
+/// What the regular files below `dir` hold and take on disk: `(logical bytes, bytes on disk)`,
+/// each extent counted once however many files (or places in one) share it, at its compressed
+/// size. Symbolic links are not followed.
+pub fn tree_usage(dir: &std::path::Path) -> std::io::Result<(u64, u64)> {
+    let mut seen = std::collections::HashSet::new();
+    let (mut logical, mut on_disk) = (0, 0);
+    for entry in walkdir::WalkDir::new(dir) {
+        let entry = entry.map_err(std::io::Error::other)?;
+        if !entry.file_type().is_file() {
+            continue;
+        }
+        let file = File::open(entry.path())?;
+        logical += file.metadata()?.len();
+        for e in extents(&file)? {
+            if e.disk_bytenr == 0 || seen.insert(e.disk_bytenr) {
+                on_disk += e.disk_bytes;
+            }
+        }
+    }
+    Ok((logical, on_disk))
+}
+
 /// Bytes on disk of what was written to `ranges` of the file at `path` (sorted, disjoint):
 /// the extents starting there, compressed or not.
 pub fn stored_bytes(path: &std::path::Path, ranges: &[Range<u64>]) -> std::io::Result<u64> {

@@ -101,7 +101,7 @@ pub struct RunResult {
     pub crab_peak_rss: u64,
     /// The process images and manifests of the run's sandboxes as stored (each measured right
     /// before the sandbox's removal), when measured: logical bytes and bytes on disk after
-    /// deduplication (`btrfs filesystem du`).
+    /// deduplication and compression (each extent once, at its size on disk).
     #[serde(default)]
     pub meta_stored: Option<StoredBytes>,
     /// Why the run as a whole failed (harness or crab error), if it did.

@@ -530,30 +530,17 @@ fn keep_artifacts(state: &Path, dest: &Path) {
     }
 }
 
-/// Logical and on-disk bytes of the files under `dir` (`btrfs filesystem du -s --raw`: total,
-/// and exclusive plus shared, each shared extent once), `None` when it cannot say.
+/// Logical and on-disk bytes of the files under `dir` (each extent once, at its compressed
+/// size: [`ckpt_engine::fs::extents::tree_usage`]), `None` when it cannot say (not btrfs, not
+/// root).
 async fn disk_usage(dir: &Path) -> Option<StoredBytes> {
-    let out = tokio::process::Command::new("btrfs")
-        .args(["filesystem", "du", "-s", "--raw"])
-        .arg(dir)
-        .output()
-        .await
-        .ok()?;
-    if !out.status.success() {
-        return None;
-    }
-    parse_du(&String::from_utf8_lossy(&out.stdout))
-}
-
-/// The figures of `btrfs filesystem du -s --raw`'s last line (total, exclusive, set shared).
-fn parse_du(text: &str) -> Option<StoredBytes> {
-    let line = text.lines().rev().find(|l| !l.trim().is_empty())?;
-    let mut nums = line.split_whitespace().map(|v| v.parse::<u64>());
-    let (total, exclusive, shared) = (nums.next()?.ok()?, nums.next()?.ok()?, nums.next()?.ok()?);
-    Some(StoredBytes {
-        logical: total,
-        on_disk: exclusive + shared,
-    })
+    let dir = dir.to_path_buf();
+    let (logical, on_disk) =
+        tokio::task::spawn_blocking(move || ckpt_engine::fs::extents::tree_usage(&dir))
+            .await
+            .ok()?
+            .ok()?;
+    Some(StoredBytes { logical, on_disk })
 }
 
 /// `read_bytes` and `write_bytes` of /proc/PID/io.
@@ -789,27 +776,4 @@ struct Collected {
     baseline_bytes: u64,
     exposed_ms: Vec<f64>,
     checkpoint_ms: Vec<(String, f64)>,
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn du_summary_line_is_read() {
-        let out = "     Total   Exclusive  Set shared  Filename\n\
-                   104857600    10485760     5242880  /pool/meta\n";
-        assert_eq!(
-            parse_du(out),
-            Some(StoredBytes {
-                logical: 104_857_600,
-                on_disk: 15_728_640
-            })
-        );
-        assert_eq!(
-            parse_du("     Total   Exclusive  Set shared  Filename\n"),
-            None
-        );
-        assert_eq!(parse_du(""), None);
-    }
 }

@@ -484,7 +484,7 @@ fn checkpoint_bytes(out: &mut String, s: &Summary) {
          task's setup, not counted. The reduction compares bytes per task instance with <code>full-every-turn</code> \
          over the suites and densities both ran. Published: up to 87% less. <em>Images on disk</em>: \
          what the sandboxes' process images and manifests take on disk before their removal (blocks shared \
-         between images counted once), of their logical size.</p>"
+         between images counted once, at their compressed size), of their logical size.</p>"
     );
     let cols = suite_cols(s);
     let mut headers: Vec<&str> = vec!["method"];

@@ -203,7 +203,7 @@ pub fn render(s: &Summary) -> String {
     }
     section(
         &mut out,
-        "Checkpoint bytes per task instance of the turn ends (baselines: the turn-0 points of the sandboxes as created, not counted; images on disk: each sandbox's process images and manifests before its removal, shared blocks once, of their logical size)",
+        "Checkpoint bytes per task instance of the turn ends (baselines: the turn-0 points of the sandboxes as created, not counted; images on disk: each sandbox's process images and manifests before its removal, each extent once, at its compressed size)",
         &t,
     );
 
