@@ -161,21 +161,13 @@ pub struct Written {
 /// (an image CRIU wrote into the store directly), after btrfs compression. `images` is where
 /// its files are now; their data must have been written back (the image is published).
 pub fn disk_bytes(images: &Path, written: Option<&Written>) -> std::io::Result<u64> {
-    let mut total = 0;
-    match written {
-        Some(w) => {
-            for (name, ranges) in &w.ranges {
-                total += extents::stored_bytes(&images.join(name), ranges)?;
-            }
-        }
-        None => {
-            for name in file_names(images)? {
-                let all = std::iter::once(0..u64::MAX).collect::<Vec<_>>();
-                total += extents::stored_bytes(&images.join(name), &all)?;
-            }
-        }
-    }
-    Ok(total)
+    let Some(w) = written else {
+        return Ok(extents::tree_usage(images)?.1);
+    };
+    w.ranges
+        .iter()
+        .map(|(name, ranges)| extents::stored_bytes(&images.join(name), ranges))
+        .sum()
 }
 
 impl ImageStore {
