@@ -1160,12 +1160,19 @@ async fn watch_adopts_a_sandbox_crab_did_not_create() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
     assert!(status.success(), "agent failed\n{}", d.log());
-    let transcript = read(
-        &d.state
-            .path()
-            .join("transcripts")
-            .join(format!("{name}.jsonl")),
-    );
+    // The last exchange is recorded after its reply reached the agent (the transcript writer
+    // batches for a few ms): wait for it.
+    let path = d
+        .state
+        .path()
+        .join("transcripts")
+        .join(format!("{name}.jsonl"));
+    let recorded = Instant::now() + Duration::from_secs(10);
+    let mut transcript = read(&path);
+    while transcript.lines().count() < ADOPTED_TASK.len() + 1 && Instant::now() < recorded {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        transcript = read(&path);
+    }
     assert_eq!(
         transcript.lines().count(),
         ADOPTED_TASK.len() + 1,
