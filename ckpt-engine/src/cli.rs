@@ -628,6 +628,7 @@ mod tests {
                 },
                 bytes_changed: 0,
                 bytes_stored: 0,
+                disk_bytes: None,
             }],
             frozen_us: 0,
             duration_us: 0,

@@ -14,6 +14,11 @@ pub struct EngineConfig {
     /// Size of a newly created loop-file pool, bytes. Sparse, so unused space costs nothing.
     /// Default 16 GiB.
     pub pool_size_bytes: u64,
+    /// How the loop-file pool compresses the sandboxes' files (`none`, `zstd`, `lzo`, `zlib`):
+    /// its `compress` mount option (zstd at level 1), so the changes a filesystem checkpoint
+    /// keeps take what they compress to. A state dir on btrfs keeps its own mount options.
+    /// Default `zstd`.
+    pub pool_compression: crate::fs::compression::Compression,
     /// `runc` binary: a path, or a name looked up in `PATH`. Default `"runc"`.
     pub runc: String,
     /// Parent of each sandbox's cgroup, relative to the cgroup v2 mount: sandbox `NAME` lives in
@@ -95,7 +100,7 @@ pub struct EngineProcessConfig {
     /// How btrfs compresses the stored images (`none`, `zstd`, `lzo`, `zlib`): the pool's
     /// `btrfs.compression` property on each image directory. Restores read them back
     /// decompressed by the kernel. Default `zstd`.
-    pub image_compression: crate::process::image_store::ImageCompression,
+    pub image_compression: crate::fs::compression::Compression,
 }
 
 impl Default for EngineProcessConfig {
@@ -177,6 +182,7 @@ impl Default for EngineConfig {
         EngineConfig {
             state_dir: PathBuf::from("/var/lib/crab/engine"),
             pool_size_bytes: 16 << 30,
+            pool_compression: crate::fs::compression::Compression::Zstd,
             runc: "runc".to_string(),
             cgroup_parent: "crab".to_string(),
             cgroup_root: PathBuf::from("/sys/fs/cgroup/unified"),

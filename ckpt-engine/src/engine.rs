@@ -371,7 +371,7 @@ impl Engine {
         let runc_bin = sys::find_program(&cfg.runc).ok_or_else(|| EngineError::RuncNotFound {
             runc: cfg.runc.clone(),
         })?;
-        let pool = BtrfsPool::open(&cfg.state_dir, cfg.pool_size_bytes)?;
+        let pool = BtrfsPool::open(&cfg.state_dir, cfg.pool_size_bytes, cfg.pool_compression)?;
         let runc = Runc::new(runc_bin, cfg.state_dir.join("runc"));
         let btrfs = cfg.fs_backend == crate::config::FsBackendKind::Btrfs;
         let backend: Arc<dyn FsBackend> = match cfg.fs_backend {
@@ -1548,6 +1548,7 @@ impl Engine {
                     snapshot: out.snapshot,
                     bytes_changed: out.bytes_changed,
                     bytes_stored: out.bytes_stored,
+                    disk_bytes: out.disk_bytes,
                 });
             }
             Ok(())
@@ -1675,7 +1676,7 @@ impl Engine {
                         tree_hash: s.tree_hash,
                         ..t.snapshot.clone()
                     };
-                    seal_locked(&self.meta_dir(name), name, &sealed, s.bytes_changed)?;
+                    seal_locked(&self.meta_dir(name), name, &sealed, s.changed)?;
                 }
             }
         }
@@ -2092,8 +2093,8 @@ impl Engine {
             }
             if let Some(s) = self.backend.settle(&t.snapshot, true)? {
                 t.snapshot.tree_hash = s.tree_hash;
-                if let Some(b) = s.bytes_changed {
-                    t.bytes_changed = b;
+                if let Some(c) = s.changed {
+                    t.record(c);
                 }
             }
         }
@@ -2148,8 +2149,8 @@ fn meta_root_of(pool: &BtrfsPool) -> PathBuf {
 
 /// The sealer recording deferred tree hashes in the manifests under `meta`.
 fn sealer_for(meta: PathBuf) -> crate::fs::Sealer {
-    std::sync::Arc::new(move |snapshot: &crate::fs::FsSnapshotRef, bytes: u64| {
-        if let Err(e) = seal_manifest(&meta, snapshot, Some(bytes)) {
+    std::sync::Arc::new(move |snapshot: &crate::fs::FsSnapshotRef, changed| {
+        if let Err(e) = seal_manifest(&meta, snapshot, Some(changed)) {
             tracing::warn!(snapshot = %snapshot.id, error = %e, "could not record the deferred tree hash");
         }
     })
@@ -2166,13 +2167,13 @@ fn tracer_of(pid: u32) -> Option<u32> {
 }
 
 /// The manifest's reference to a process image dumped by point `id`.
-/// Records `snapshot.tree_hash` (and `bytes_changed`) in the published manifest of the sandbox
+/// Records `snapshot.tree_hash` (and what changed) in the published manifest of the sandbox
 /// owning `snapshot` that references it with an empty hash. Takes the sandbox lock. Returns
 /// whether a manifest was rewritten.
 fn seal_manifest(
     meta_root: &Path,
     snapshot: &crate::fs::FsSnapshotRef,
-    bytes_changed: Option<u64>,
+    changed: Option<crate::fs::Changed>,
 ) -> Result<bool, EngineError> {
     let Some((sandbox, _)) = snapshot.id.split_once('.') else {
         return Ok(false);
@@ -2188,7 +2189,7 @@ fn seal_manifest(
     };
     let _lock = nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockExclusive)
         .map_err(|(_, errno)| io_err("flock", &lock_path)(errno.into()))?;
-    seal_locked(&meta, sandbox, snapshot, bytes_changed)
+    seal_locked(&meta, sandbox, snapshot, changed)
 }
 
 /// [`seal_manifest`] with the sandbox's lock held by the caller.
@@ -2196,7 +2197,7 @@ fn seal_locked(
     meta: &Path,
     sandbox: &str,
     snapshot: &crate::fs::FsSnapshotRef,
-    bytes_changed: Option<u64>,
+    changed: Option<crate::fs::Changed>,
 ) -> Result<bool, EngineError> {
     let dir = meta.join("points");
     let rd = match std::fs::read_dir(&dir) {
@@ -2223,8 +2224,8 @@ fn seal_locked(
             return Ok(false);
         }
         t.snapshot.tree_hash = snapshot.tree_hash.clone();
-        if let Some(b) = bytes_changed {
-            t.bytes_changed = b;
+        if let Some(c) = changed {
+            t.record(c);
         }
         manifest::write_atomic(&path, &manifest::encode(&point))?;
         return Ok(true);

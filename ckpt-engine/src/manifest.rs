@@ -87,6 +87,17 @@ pub struct TreeSnapshot {
     pub bytes_changed: u64,
     /// Bytes newly stored.
     pub bytes_stored: u64,
+    /// What the changed bytes take on disk (compressed), where it was measured.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disk_bytes: Option<u64>,
+}
+
+impl TreeSnapshot {
+    /// Records what the snapshot changed, measured after publication (deferred hashing).
+    pub fn record(&mut self, changed: crate::fs::Changed) {
+        self.bytes_changed = changed.bytes;
+        self.disk_bytes = changed.disk_bytes;
+    }
 }
 
 /// A process image (CRIU dump through `runc checkpoint`) of a sandbox, stored in the engine's
@@ -419,6 +430,7 @@ mod tests {
                 },
                 bytes_changed: 0,
                 bytes_stored: 0,
+                disk_bytes: None,
             }],
             frozen_us: 0,
             duration_us: 0,

@@ -3,7 +3,9 @@
 //! When the state directory is already on btrfs, `<state>/pool` is a plain directory on it.
 //! Otherwise Crab makes a sparse loop file `<state>/btrfs.img` (size from the config), formats
 //! it once and mounts it at `<state>/pool` with `mount -o loop` (autoclear: unmounting detaches
-//! the loop device). Opening is idempotent: an already mounted pool is reused.
+//! the loop device) and the configured compression. Opening is idempotent: an already mounted
+//! pool is reused, its compression set again (`remount`), which applies to what is written from
+//! then on.
 //!
 //! Layout below the pool root:
 //! - `images/<name>`: read-only base image subvolumes;
@@ -14,6 +16,7 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
 use crate::fs::FsError;
+use crate::fs::compression::Compression;
 use crate::sys;
 
 /// Inode number of every btrfs subvolume root directory.
@@ -122,8 +125,13 @@ impl BtrfsPool {
     }
 
     /// Opens (creating and mounting if needed) the pool for `state_dir`. `size_bytes` is the
-    /// size of a new loop file; an existing one is reused at its size.
-    pub fn open(state_dir: &Path, size_bytes: u64) -> Result<Self, FsError> {
+    /// size of a new loop file; an existing one is reused at its size. A loop-file pool is
+    /// mounted with `compression`; a state dir on btrfs keeps its own mount options.
+    pub fn open(
+        state_dir: &Path,
+        size_bytes: u64,
+        compression: Compression,
+    ) -> Result<Self, FsError> {
         std::fs::create_dir_all(state_dir)
             .map_err(|e| FsError::io("create state dir", state_dir, e))?;
         let root = state_dir.join("pool");
@@ -148,14 +156,21 @@ impl BtrfsPool {
                     std::fs::rename(&tmp, &image)
                         .map_err(|e| FsError::io("rename pool image", &image, e))?;
                 }
+                let options = format!("loop,{}", compression.mount_option());
                 sys::run(
                     "mount",
                     &[
                         "-o".as_ref(),
-                        "loop".as_ref(),
+                        options.as_ref(),
                         image.as_os_str(),
                         root.as_os_str(),
                     ],
+                )?;
+            } else {
+                let options = format!("remount,{}", compression.mount_option());
+                sys::run(
+                    "mount",
+                    &["-o".as_ref(), options.as_ref(), root.as_os_str()],
                 )?;
             }
             BtrfsPool {

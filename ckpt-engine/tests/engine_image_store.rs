@@ -13,9 +13,9 @@ mod process_support;
 
 use std::time::{Duration, Instant};
 
+use ckpt_engine::fs::compression::Compression;
 use ckpt_engine::fs::{ChangeHint, extents};
 use ckpt_engine::manifest::{CheckpointKind, RecoveryPoint};
-use ckpt_engine::process::image_store::ImageCompression;
 use ckpt_engine::{Engine, EngineConfig};
 use common::{TestEngine, file, sh, unique};
 use process_support::{GIB, process_prerequisites};
@@ -174,7 +174,7 @@ fn images_are_written_whole_with_the_option_off() {
     }
     let t = TestEngine::open_with(2 * GIB, |c| {
         c.process.incremental_images = false;
-        c.process.image_compression = ImageCompression::None;
+        c.process.image_compression = Compression::None;
     });
     let e = t.engine();
     let name = unique("");

@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use ckpt_engine::Engine;
 use ckpt_engine::fs::btrfs::BtrfsBackend;
+use ckpt_engine::fs::compression::Compression;
 use ckpt_engine::fs::{ChangeHint, tree_hash};
 use ckpt_engine::manifest::{self, CheckpointKind, RecoveryPoint};
 use common::{TestEngine, sh};
@@ -140,5 +141,63 @@ fn deferred_hashes_are_recorded_and_restores_stay_verified() {
     assert_eq!(
         e.backend().tree_hash_of(&e.rootfs_path(&name)).unwrap(),
         s2.fs[0].snapshot.tree_hash
+    );
+}
+
+/// What the second of two filesystem points changed: `(bytes changed, bytes on disk)`, in a
+/// pool mounted with `compression`. Between the points the sandbox appends 15.9 MB of text to
+/// a 6.9 MB log, writes 8 MiB of random bytes and creates a file under a temporary name.
+fn changed_on_disk(compression: Compression) -> (u64, Option<u64>) {
+    let te = TestEngine::open_with(4 * GIB, |c| c.pool_compression = compression);
+    let name = common::unique("-ondisk");
+    let e = te.engine();
+    e.create(&name, None).expect("create");
+    sh(e, &name, "mkdir -p /work && seq 1 1000000 > /work/log");
+    let p1 = e
+        .checkpoint(&name, CheckpointKind::Fs, &ChangeHint::Unknown)
+        .expect("checkpoint 1");
+    sh(
+        e,
+        &name,
+        "seq 1000001 3000000 >> /work/log && \
+         dd if=/dev/urandom of=/work/rand bs=1M count=8 2>/dev/null && \
+         echo x > /work/tmpf && mv /work/tmpf /work/moved",
+    );
+    let p2 = e
+        .checkpoint(&name, CheckpointKind::Fs, &ChangeHint::Unknown)
+        .expect("checkpoint 2");
+    assert_eq!(p2.parent.as_deref(), Some(p1.id.as_str()));
+    let s2 = sealed(e, &name, &p2.id);
+    // The points' listing settles the same figures.
+    let listed = e.settled_points(&name).expect("points");
+    assert_eq!(listed.last().map(|p| &p.fs), Some(&s2.fs));
+    (s2.fs[0].bytes_changed, s2.fs[0].disk_bytes)
+}
+
+#[test]
+fn changed_bytes_are_measured_on_disk_compressed() {
+    if !common::prerequisites("changed_bytes_are_measured_on_disk_compressed") {
+        return;
+    }
+    const TEXT: u64 = 16_000_000; // `seq 1000001 3000000`
+    const RANDOM: u64 = 8 << 20;
+    let (changed, disk) = changed_on_disk(Compression::Zstd);
+    assert!(
+        (TEXT + RANDOM..TEXT + RANDOM + (1 << 20)).contains(&changed),
+        "bytes changed: the appended text and the new files, not the log's first 6.9 MB: {changed}"
+    );
+    let disk = disk.expect("measured");
+    assert!(
+        (RANDOM..RANDOM + TEXT / 4).contains(&disk),
+        "random bytes stay their size, text compresses: {disk} on disk of {changed}"
+    );
+
+    let (plain_changed, plain_disk) = changed_on_disk(Compression::None);
+    let plain_disk = plain_disk.expect("measured");
+    eprintln!("zstd: {disk} on disk of {changed} changed; none: {plain_disk} of {plain_changed}");
+    assert_eq!(plain_changed, changed);
+    assert!(
+        plain_disk >= changed - (64 << 10) && plain_disk <= changed + (64 << 10),
+        "uncompressed, on disk is what changed, to the block: {plain_disk} of {plain_changed}"
     );
 }

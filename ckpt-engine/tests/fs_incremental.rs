@@ -300,7 +300,7 @@ fn btrfs_snapshots_hash_incrementally_and_distrust_bad_caches() {
     common::clean_leftovers();
     let state = std::env::temp_dir().join(common::unique("-state"));
     let guard = PoolGuard {
-        pool: BtrfsPool::open(&state, 1 << 30).expect("pool"),
+        pool: BtrfsPool::open(&state, 1 << 30, Default::default()).expect("pool"),
         state,
     };
     let pool = &guard.pool;
@@ -424,7 +424,7 @@ fn first_snapshots_hash_and_measure_against_the_base_image() {
     common::clean_leftovers();
     let state = std::env::temp_dir().join(common::unique("-state"));
     let guard = PoolGuard {
-        pool: BtrfsPool::open(&state, 1 << 30).expect("pool"),
+        pool: BtrfsPool::open(&state, 1 << 30, Default::default()).expect("pool"),
         state,
     };
     let pool = &guard.pool;

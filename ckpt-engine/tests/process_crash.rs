@@ -84,7 +84,7 @@ fn crash_child_checkpoints_until_killed() {
         return;
     };
     let state = PathBuf::from(state);
-    let pool = BtrfsPool::open(&state, 4 * GIB).expect("pool");
+    let pool = BtrfsPool::open(&state, 4 * GIB, Default::default()).expect("pool");
     let backend = BtrfsBackend::new(&pool, ckpt_engine::config::RestoreVerify::Full);
     let process = ProcessBackend::new(ProcessConfig {
         runc_root: Some(state.join("runc")),

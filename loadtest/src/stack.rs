@@ -117,7 +117,11 @@ pub fn point_bytes<'a>(points: impl IntoIterator<Item = &'a Value>) -> (u64, u64
     for p in points {
         fs += p["fs"]
             .as_array()
-            .map(|t| t.iter().filter_map(|t| t["bytes_changed"].as_u64()).sum())
+            .map(|t| {
+                t.iter()
+                    .filter_map(|t| t["disk_bytes"].as_u64().or(t["bytes_changed"].as_u64()))
+                    .sum()
+            })
             .unwrap_or(0);
         if p["process"]["id"].is_string() && p["process"]["id"] == p["id"] {
             let image = &p["process"];
@@ -286,6 +290,11 @@ impl RunGuard {
         drop(self.on_interrupt.disarm());
         self.on_interrupt = Self::register(&self.engine, self.path());
         Ok(())
+    }
+
+    /// How the run's pool compresses the sandboxes' files (before the pool is first opened).
+    pub fn set_pool_compression(&mut self, c: ckpt_engine::fs::compression::Compression) {
+        self.engine.pool_compression = c;
     }
 
     /// Makes `crab` the run's daemon (stopped first on clean-up; in the marker for a sweep).
@@ -599,9 +608,11 @@ pub async fn start_crab(
     std::fs::write(
         &config,
         format!(
-            "[engine]\nstate_dir = \"{}\"\nnetwork = {}\n\n[engine.retention]\nkeep_last = {}\n",
+            "[engine]\nstate_dir = \"{}\"\nnetwork = {}\npool_compression = {}\n\n\
+             [engine.retention]\nkeep_last = {}\n",
             run.engine.state_dir.display(),
             run.engine.network,
+            serde_json::to_value(run.engine.pool_compression)?,
             run.engine.retention.keep_last
         ) + extra_config,
     )?;

@@ -50,13 +50,14 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::time::Instant;
 
+use super::extents;
 use super::provenance;
 use super::send_stream::{self, SendSummary};
 use super::tree_hash::{Dirty, HashStats, TreeIndex, hash_tree, tree_hash};
 use super::writeback;
 use super::{
-    FsBackend, FsError, FsSnapshotRef, NoProof, Sealer, Settled, SnapshotOutcome, SnapshotRequest,
-    tree_cache, validate_id,
+    Changed, FsBackend, FsError, FsSnapshotRef, NoProof, Sealer, Settled, SnapshotOutcome,
+    SnapshotRequest, tree_cache, validate_id,
 };
 use crate::config::RestoreVerify;
 use crate::pool::{self, BtrfsPool};
@@ -107,8 +108,8 @@ struct Inner {
 #[derive(Debug, Clone)]
 enum Job {
     Running,
-    /// Tree hash and bytes changed, or why they could not be computed.
-    Done(Result<(String, u64), String>),
+    /// Tree hash and what changed, or why they could not be computed.
+    Done(Result<(String, Changed), String>),
 }
 
 /// Where the parent index of a snapshot's incremental hash came from (for logs and tests).
@@ -285,12 +286,12 @@ impl BtrfsBackend {
                 .insert(snapshot.id.clone(), Job::Done(done));
             inner.job_done.notify_all();
             match result {
-                Ok((tree_hash, bytes)) => sealer(
+                Ok((tree_hash, changed)) => sealer(
                     &FsSnapshotRef {
                         tree_hash,
                         ..snapshot
                     },
-                    bytes,
+                    changed,
                 ),
                 Err(e) => {
                     tracing::warn!(snapshot = %snapshot.id, error = %e, "deferred tree hash failed")
@@ -493,10 +494,11 @@ impl Inner {
         Some(t.elapsed())
     }
 
-    /// Tree hash and bytes changed of the fresh read-only snapshot `dest`: with a parent, the
+    /// Tree hash and what changed of the fresh read-only snapshot `dest`: with a parent, the
     /// send stream's change set drives an incremental hash from the parent's index; without
     /// one, a full hash runs while the send stream against `base` (the image the tree was
-    /// cloned from; else the whole tree) is measured.
+    /// cloned from; else the whole tree) is measured. The changed ranges' bytes on disk are
+    /// read from the snapshot's extents.
     fn hash_snapshot(
         &self,
         sandbox: &str,
@@ -504,7 +506,7 @@ impl Inner {
         provisional: &FsSnapshotRef,
         parent: Option<&FsSnapshotRef>,
         base: Option<&Path>,
-    ) -> Result<(String, u64), FsError> {
+    ) -> Result<(String, Changed), FsError> {
         let t = Instant::now();
         let (summary, index, stats, source) = match parent {
             Some(parent) => {
@@ -556,7 +558,20 @@ impl Inner {
             ..provisional.clone()
         };
         self.keep_index(sandbox, &snapshot, Arc::new(index));
-        Ok((hash, summary.data_bytes))
+        let disk_bytes = extents::stored_bytes_below(
+            dest,
+            summary
+                .written
+                .iter()
+                .map(|(p, r)| (p.as_path(), r.as_slice())),
+        );
+        Ok((
+            hash,
+            Changed {
+                bytes: summary.data_bytes,
+                disk_bytes,
+            },
+        ))
     }
 }
 
@@ -617,6 +632,7 @@ impl FsBackend for BtrfsBackend {
                     snapshot: provisional,
                     bytes_changed: 0,
                     bytes_stored: 0,
+                    disk_bytes: None,
                     frozen,
                 });
             }
@@ -624,7 +640,7 @@ impl FsBackend for BtrfsBackend {
         let result =
             self.inner
                 .hash_snapshot(req.sandbox_id, &dest, &provisional, parent, req.base);
-        let (hash, bytes_changed) = match result {
+        let (hash, changed) = match result {
             Ok(v) => v,
             Err(e) => {
                 let _ = pool::delete_subvolume(&dest);
@@ -636,8 +652,9 @@ impl FsBackend for BtrfsBackend {
                 tree_hash: hash,
                 ..provisional
             },
-            bytes_changed,
+            bytes_changed: changed.bytes,
             bytes_stored: 0,
+            disk_bytes: changed.disk_bytes,
             frozen,
         })
     }
@@ -755,15 +772,15 @@ impl FsBackend for BtrfsBackend {
         if !snapshot.tree_hash.is_empty() {
             return Ok(Some(Settled {
                 tree_hash: snapshot.tree_hash.clone(),
-                bytes_changed: None,
+                changed: None,
             }));
         }
         self.inner.path_of(snapshot)?;
         match self.wait_job(&snapshot.id, wait) {
-            Some(Job::Done(Ok((tree_hash, bytes)))) => {
+            Some(Job::Done(Ok((tree_hash, changed)))) => {
                 return Ok(Some(Settled {
                     tree_hash,
-                    bytes_changed: Some(bytes),
+                    changed: Some(changed),
                 }));
             }
             Some(Job::Running) => return Ok(None),
@@ -780,7 +797,7 @@ impl FsBackend for BtrfsBackend {
         let tree_hash = self.verify(snapshot)?;
         Ok(Some(Settled {
             tree_hash,
-            bytes_changed: None,
+            changed: None,
         }))
     }
 

@@ -231,6 +231,7 @@ impl FsBackend for CasBackend {
             snapshot,
             bytes_changed,
             bytes_stored: report.stats.bytes_stored,
+            disk_bytes: Some(report.stats.bytes_stored),
             frozen,
         })
     }

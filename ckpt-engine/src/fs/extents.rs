@@ -2,11 +2,13 @@
 //! written to, with their size on disk (after compression), read from the subvolume's tree
 //! (`BTRFS_IOC_TREE_SEARCH_V2`, as `compsize` does; needs CAP_SYS_ADMIN).
 //!
-//! Used to count what a process image really stored: its written blocks, compressed by btrfs,
-//! without the blocks it shares with the image before it.
+//! Used to count what a checkpoint really stored: a process image's written blocks, and the
+//! file ranges a filesystem snapshot changed since its parent, compressed by btrfs, without
+//! the blocks they share with what came before.
 //!
 //! Pure part: [`parse_items`] decodes the ioctl's result buffer and [`disk_bytes_within`] sums
-//! the extents that start inside a set of ranges (unit-tested); I/O part: [`stored_bytes`].
+//! the extents that start inside a set of ranges (unit-tested); I/O part: [`stored_bytes`],
+//! [`stored_bytes_below`], [`tree_usage`].
 
 use std::fs::File;
 use std::ops::Range;
@@ -216,6 +218,54 @@ pub fn tree_usage(dir: &std::path::Path) -> std::io::Result<(u64, u64)> {
 pub fn stored_bytes(path: &std::path::Path, ranges: &[Range<u64>]) -> std::io::Result<u64> {
     let file = File::open(path)?;
     Ok(disk_bytes_within(&extents(&file)?, ranges))
+}
+
+/// Bytes on disk of what was written to the files below `root` (a read-only snapshot): per
+/// file, its path relative to `root` and its written ranges (sorted, disjoint), as an
+/// incremental `btrfs send` names them. Paths resolve beneath `root` only, following no
+/// symbolic link; a file not found under the name given (a rename's temporary
+/// `o<ino>-<gen>-<n>`) counts its ranges' length, as if stored uncompressed. `None` when extents
+/// cannot be read at all (not btrfs, no CAP_SYS_ADMIN).
+pub fn stored_bytes_below<'a>(
+    root: &std::path::Path,
+    files: impl IntoIterator<Item = (&'a std::path::Path, &'a [Range<u64>])>,
+) -> Option<u64> {
+    let dir = File::open(root).ok()?;
+    let mut total = 0u64;
+    for (path, ranges) in files {
+        let measured = open_beneath(&dir, path).and_then(|f| extents(&f));
+        total += match measured {
+            Ok(found) => disk_bytes_within(&found, ranges),
+            Err(e) if is_unmeasurable(&e) => return None,
+            Err(_) => ranges.iter().map(|r| r.end - r.start).sum(),
+        };
+    }
+    Some(total)
+}
+
+/// Errors that mean no file can be measured here.
+fn is_unmeasurable(e: &std::io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EPERM | libc::EACCES | libc::ENOTTY | libc::EOPNOTSUPP)
+    )
+}
+
+/// Opens `path` for reading, resolved beneath `dir` without following symbolic links.
+#[allow(unsafe_code)]
+fn open_beneath(dir: &File, path: &std::path::Path) -> std::io::Result<File> {
+    use nix::fcntl::{OFlag, OpenHow, ResolveFlag, openat2};
+    use std::os::fd::FromRawFd;
+    let how = OpenHow::new()
+        .flags(OFlag::O_RDONLY | OFlag::O_CLOEXEC | OFlag::O_NOFOLLOW | OFlag::O_NONBLOCK)
+        .resolve(
+            ResolveFlag::RESOLVE_BENEATH
+                | ResolveFlag::RESOLVE_NO_SYMLINKS
+                | ResolveFlag::RESOLVE_NO_XDEV,
+        );
+    let fd = openat2(dir.as_raw_fd(), path, how)?;
+    // SAFETY: `openat2` returned a new descriptor that nothing else owns.
+    Ok(unsafe { File::from_raw_fd(fd) })
 }
 
 #[cfg(test)]

@@ -10,6 +10,7 @@
 //!   computed incrementally from the parent snapshot's per-directory index.
 //! - [`tree_cache`]: the checksummed on-disk form of that index, next to each snapshot.
 //! - [`reflink`]: writing a file as blocks shared with older files plus only what is new.
+//! - [`compression`]: how btrfs compresses the pool's files and the process images.
 //! - [`extents`]: the bytes on disk (after btrfs compression) of what a file's ranges wrote.
 //! - [`send_stream`]: the change set and changed bytes of an incremental `btrfs send` stream.
 //! - `cas` (store helper): the content-addressed backend on the `content-store` crate.
@@ -24,6 +25,7 @@
 
 pub mod btrfs;
 pub mod cas;
+pub mod compression;
 pub mod extents;
 pub mod provenance;
 pub mod reflink;
@@ -133,6 +135,9 @@ pub struct SnapshotOutcome {
     pub bytes_changed: u64,
     /// Bytes newly written to backing storage by this snapshot (0 for btrfs CoW metadata-only).
     pub bytes_stored: u64,
+    /// What the changed bytes take on disk (btrfs: the extents they are in, compressed), when
+    /// the backend measured it.
+    pub disk_bytes: Option<u64>,
     /// How long the tree's writers were frozen.
     pub frozen: Duration,
 }
@@ -229,7 +234,7 @@ pub trait FsBackend: Send + Sync {
         }
         Ok(Some(Settled {
             tree_hash: snapshot.tree_hash.clone(),
-            bytes_changed: None,
+            changed: None,
         }))
     }
 
@@ -278,13 +283,22 @@ impl std::fmt::Display for NoProof {
 pub struct Settled {
     /// Tree hash (hex).
     pub tree_hash: String,
-    /// Bytes changed since the parent, when the backend measured them.
-    pub bytes_changed: Option<u64>,
+    /// What changed since the parent, when the backend measured it.
+    pub changed: Option<Changed>,
 }
 
-/// Records a deferred tree hash (and bytes changed) in the manifest that references the
+/// How much a snapshot changed since its parent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Changed {
+    /// Bytes of file data that differ (what an incremental `btrfs send` would carry).
+    pub bytes: u64,
+    /// What they take on disk (compressed), where it could be measured.
+    pub disk_bytes: Option<u64>,
+}
+
+/// Records a deferred tree hash (and what changed) in the manifest that references the
 /// snapshot; provided by the engine to backends that hash after publication.
-pub type Sealer = std::sync::Arc<dyn Fn(&FsSnapshotRef, u64) + Send + Sync>;
+pub type Sealer = std::sync::Arc<dyn Fn(&FsSnapshotRef, Changed) + Send + Sync>;
 
 /// Errors of filesystem backends.
 #[derive(Debug, thiserror::Error)]

@@ -1,5 +1,6 @@
-//! Reading a `btrfs send --no-data` stream (v1/v2): the bytes a full stream would carry and
-//! the paths the kernel found different between the parent and the new snapshot.
+//! Reading a `btrfs send --no-data` stream (v1/v2): the bytes a full stream would carry, the
+//! file ranges they are at, and the paths the kernel found different between the parent and
+//! the new snapshot.
 //!
 //! btrfs computes an incremental send stream by comparing the metadata trees of two read-only
 //! snapshots, so the paths it names are an authoritative change set between them (unlike an
@@ -9,6 +10,11 @@
 //! commands that change an inode in place mark only its directory for re-listing. Anything not
 //! understood (an unknown command or version, a full stream without parent, a malformed
 //! stream) yields [`Dirty::All`]. Pure, so it is tested without btrfs.
+
+use std::collections::BTreeMap;
+use std::ops::Range;
+use std::os::unix::ffi::OsStrExt;
+use std::path::PathBuf;
 
 use super::tree_hash::{Dirty, DirtyPaths};
 
@@ -34,6 +40,7 @@ mod attr {
     pub const PATH: u16 = 15;
     pub const PATH_TO: u16 = 16;
     pub const PATH_LINK: u16 = 17;
+    pub const FILE_OFFSET: u16 = 18;
     pub const DATA: u16 = 19;
 }
 
@@ -42,6 +49,9 @@ mod attr {
 pub struct SendSummary {
     /// Bytes of file data a full stream would carry (extent lengths plus inline writes).
     pub data_bytes: u64,
+    /// The file ranges whose data changed (`update_extent`): per path, relative to the
+    /// snapshot's root, its ranges sorted and merged.
+    pub written: BTreeMap<PathBuf, Vec<Range<u64>>>,
     /// Paths that may differ from the parent.
     pub dirty: Dirty,
     /// Commands read (diagnostics).
@@ -64,6 +74,7 @@ pub fn parse(stream: &[u8]) -> Result<SendSummary, &'static str> {
     // Dirty sets are only trusted from streams whose every command is understood.
     let mut all = !(1..=2).contains(&version);
     let mut commands = 0usize;
+    let mut written: BTreeMap<PathBuf, Vec<Range<u64>>> = BTreeMap::new();
     while pos < stream.len() {
         if stream.len() - pos < 10 {
             return Err("truncated command header");
@@ -98,6 +109,7 @@ pub fn parse(stream: &[u8]) -> Result<SendSummary, &'static str> {
             }
         };
         let mut a = 0;
+        let (mut path, mut offset, mut size) = (None, None, None);
         while a + 2 <= body.len() {
             let ty = u16::from_le_bytes([body[a], body[a + 1]]);
             let alen = if version >= 2 && ty == attr::DATA {
@@ -119,7 +131,14 @@ pub fn parse(stream: &[u8]) -> Result<SendSummary, &'static str> {
             a += alen;
             match (cmd, ty) {
                 (cmd::UPDATE_EXTENT, attr::SIZE) if alen == 8 => {
-                    total += u64::from_le_bytes(val.try_into().map_err(|_| "bad size")?);
+                    let n = u64::from_le_bytes(val.try_into().map_err(|_| "bad size")?);
+                    total += n;
+                    size = Some(n);
+                }
+                (cmd::UPDATE_EXTENT, attr::FILE_OFFSET) if alen == 8 => {
+                    offset = Some(u64::from_le_bytes(
+                        val.try_into().map_err(|_| "bad offset")?,
+                    ));
                 }
                 (cmd::WRITE | cmd::ENCODED_WRITE, attr::DATA) => total += alen as u64,
                 (cmd::SNAPSHOT | cmd::SUBVOL, _) => {}
@@ -127,6 +146,9 @@ pub fn parse(stream: &[u8]) -> Result<SendSummary, &'static str> {
                 // source path is only read.
                 (cmd::SYMLINK | cmd::CLONE, attr::PATH_LINK) => {}
                 (_, attr::PATH | attr::PATH_TO) | (cmd::LINK, attr::PATH_LINK) => {
+                    if cmd == cmd::UPDATE_EXTENT && ty == attr::PATH {
+                        path = Some(val);
+                    }
                     if structural {
                         paths.structural(val);
                     } else {
@@ -139,12 +161,36 @@ pub fn parse(stream: &[u8]) -> Result<SendSummary, &'static str> {
         if a != body.len() {
             return Err("trailing bytes in command");
         }
+        if let (Some(path), Some(offset), Some(size)) = (path, offset, size) {
+            let path = PathBuf::from(std::ffi::OsStr::from_bytes(path));
+            written
+                .entry(path)
+                .or_default()
+                .push(offset..offset.saturating_add(size));
+        }
+    }
+    for ranges in written.values_mut() {
+        merge(ranges);
     }
     Ok(SendSummary {
         data_bytes: total,
+        written,
         dirty: if all { Dirty::All } else { Dirty::Paths(paths) },
         commands,
     })
+}
+
+/// Sorts `ranges` and merges those that overlap or touch.
+fn merge(ranges: &mut Vec<Range<u64>>) {
+    ranges.sort_by_key(|r| r.start);
+    let mut out: Vec<Range<u64>> = Vec::with_capacity(ranges.len());
+    for r in ranges.drain(..) {
+        match out.last_mut() {
+            Some(last) if r.start <= last.end => last.end = last.end.max(r.end),
+            _ => out.push(r),
+        }
+    }
+    *ranges = out;
 }
 
 #[cfg(test)]
@@ -190,6 +236,41 @@ mod tests {
         assert_eq!(sum.commands, 4);
         assert!(parse(&s[..s.len() - 3]).is_err());
         assert!(parse(b"garbage").is_err());
+    }
+
+    #[test]
+    fn written_ranges_are_kept_per_file_and_merged() {
+        let extent = |path: &[u8], offset: u64, size: u64| {
+            cmd(
+                22,
+                &[
+                    (15, path.to_vec()),
+                    (18, offset.to_le_bytes().to_vec()),
+                    (4, size.to_le_bytes().to_vec()),
+                ],
+            )
+        };
+        let s = stream(&[
+            cmd(2, &[(15, b"snap".to_vec())]),
+            extent(b"d/f", 8192, 4096),
+            extent(b"d/f", 0, 4096),
+            extent(b"d/f", 4096, 4096),
+            extent(b"d/f", 65536, 100),
+            extent(b"g", 2 << 20, 1 << 20),
+            extent(b"g", 0, 1 << 20),
+            // An update_extent without an offset names no range.
+            cmd(22, &[(15, b"h".to_vec()), (4, 7u64.to_le_bytes().to_vec())]),
+        ]);
+        let sum = parse(&s).unwrap();
+        assert_eq!(sum.data_bytes, 3 * 4096 + 100 + (2 << 20) + 7);
+        let written: Vec<_> = sum.written.into_iter().collect();
+        assert_eq!(
+            written,
+            vec![
+                (PathBuf::from("d/f"), vec![0..12288, 65536..65636]),
+                (PathBuf::from("g"), vec![0..1 << 20, 2 << 20..3 << 20]),
+            ]
+        );
     }
 
     #[test]

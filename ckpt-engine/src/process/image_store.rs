@@ -17,11 +17,11 @@
 //! Staging is skipped, and CRIU writes into the store directly, when the staging filesystem has
 //! less room than the sandbox's resident memory (plus a margin), or cannot be created.
 //!
-//! What is written is stored compressed ([`ImageCompression`], btrfs's per-directory
-//! `compression` property): the kernel compresses at write-back and decompresses when a restore
-//! reads the image, so images stay plain CRIU files. [`disk_bytes`] measures what an image
-//! stored once it is published: the on-disk size of the extents its written ranges landed in
-//! ([`crate::fs::extents`]).
+//! What is written is stored compressed ([`Compression`](crate::fs::compression::Compression),
+//! btrfs's per-directory `compression` property): the kernel compresses at write-back and
+//! decompresses when a restore reads the image, so images stay plain CRIU files.
+//! [`disk_bytes`] measures what an image stored once it is published: the on-disk size of the
+//! extents its written ranges landed in ([`crate::fs::extents`]).
 //!
 //! Invariants: a staging directory is named after the daemon's pid and removed when its dump
 //! ends, on every path; those of a daemon that died are swept when the next one starts
@@ -37,43 +37,6 @@ use serde::Serialize;
 
 use crate::fs::extents;
 use crate::fs::reflink::{BlockIndex, ShareStats, write_sharing};
-
-/// How btrfs compresses the files of process images (the `btrfs.compression` property of
-/// each image's directory, inherited by the files CRIU and Crab create in it). A process's
-/// memory (heaps, interpreters) typically takes a third to a quarter of its size compressed;
-/// btrfs compresses at write-back and decompresses when a restore reads the image.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum ImageCompression {
-    /// Stored as CRIU wrote them.
-    None,
-    /// zstd (btrfs's default level); the default.
-    #[default]
-    Zstd,
-    /// lzo: faster, compresses less.
-    Lzo,
-    /// zlib: slower, compresses about as well as zstd.
-    Zlib,
-}
-
-impl ImageCompression {
-    /// Sets the property on `dir` (a new, empty image directory). Where it cannot be set (not
-    /// btrfs) the image is stored uncompressed; that is logged, not an error.
-    pub fn apply(self, dir: &Path) {
-        let value: &[u8] = match self {
-            ImageCompression::None => return,
-            ImageCompression::Zstd => b"zstd",
-            ImageCompression::Lzo => b"lzo",
-            ImageCompression::Zlib => b"zlib",
-        };
-        if let Err(e) = xattr::set(dir, "btrfs.compression", value) {
-            tracing::debug!(
-                dir = %dir.display(), error = %e,
-                "images stored uncompressed (no btrfs compression property)"
-            );
-        }
-    }
-}
 
 /// Room kept free in the staging filesystem beyond the sandbox's resident memory.
 const STAGING_MARGIN: u64 = 64 << 20;

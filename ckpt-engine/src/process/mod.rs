@@ -100,7 +100,7 @@ pub struct ProcessConfig {
     /// memory plus 64 MiB. Default `/dev/shm/crab-staging`.
     pub staging_dir: PathBuf,
     /// How btrfs compresses the stored images. Default zstd.
-    pub image_compression: image_store::ImageCompression,
+    pub image_compression: crate::fs::compression::Compression,
 }
 
 impl Default for ProcessConfig {
@@ -114,7 +114,7 @@ impl Default for ProcessConfig {
             kdat_cache: true,
             incremental_images: true,
             staging_dir: PathBuf::from("/dev/shm/crab-staging"),
-            image_compression: image_store::ImageCompression::Zstd,
+            image_compression: crate::fs::compression::Compression::Zstd,
         }
     }
 }

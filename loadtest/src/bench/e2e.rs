@@ -866,7 +866,9 @@ mod tests {
         let points = vec![
             json!({"id": "cp-000001", "fs": [{"bytes_changed": 100}],
                    "process": {"id": "cp-000001", "image_bytes": 1000}}),
-            json!({"id": "cp-000002", "fs": [{"bytes_changed": 10}, {"bytes_changed": 5}],
+            // A tree's change counts what it takes on disk where that was measured.
+            json!({"id": "cp-000002",
+                   "fs": [{"bytes_changed": 10}, {"bytes_changed": 50, "disk_bytes": 5}],
                    "process": {"id": "cp-000001", "image_bytes": 1000}}),
             json!({"id": "cp-000003", "fs": [], "process": null}),
             // An incremental image counts the bytes it wrote.

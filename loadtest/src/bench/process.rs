@@ -19,9 +19,9 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
+use ckpt_engine::fs::compression::Compression;
 use ckpt_engine::fs::{ChangeHint, FsError, NoQuiesce, SnapshotOutcome, SnapshotRequest};
 use ckpt_engine::process::fork::{ForkOverrides, derive_fork_config};
-use ckpt_engine::process::image_store::ImageCompression;
 use ckpt_engine::process::{
     CheckpointRequest, ProcessBackend, ProcessCheckpoint, ProcessConfig, RestoreRequest,
 };
@@ -426,12 +426,12 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     };
     let process = ProcessBackend::new(config.clone())?;
     let uncompressed = ProcessBackend::new(ProcessConfig {
-        image_compression: ImageCompression::None,
+        image_compression: Compression::None,
         ..config.clone()
     })?;
     let whole = ProcessBackend::new(ProcessConfig {
         incremental_images: false,
-        image_compression: ImageCompression::None,
+        image_compression: Compression::None,
         ..config
     })?;
     // In the pool, as the engine keeps them: blocks are shared within one btrfs filesystem.

@@ -77,6 +77,18 @@ impl Method {
         self != Method::FullEveryTurn
     }
 
+    /// How crab's storage compresses in its runs, the pool's files and the process images:
+    /// zstd, the default, except for `full-every-turn`, the baseline without crab's storage
+    /// work, which stores as written.
+    pub fn compression(self) -> ckpt_engine::fs::compression::Compression {
+        use ckpt_engine::fs::compression::Compression;
+        if self.compact_images() {
+            Compression::Zstd
+        } else {
+            Compression::None
+        }
+    }
+
     /// Whether crashes are injected in its runs.
     pub fn injects_crashes(self) -> bool {
         !matches!(self, Method::Off | Method::CrabFaultFree)

@@ -115,14 +115,15 @@ impl Placement {
 /// checkpoint hanging on a sandbox killed under it fails instead of stalling the agent; the
 /// inside agent's own directory (its phase, log and config: bookkeeping, like a real agent's
 /// session logs) does not make a turn worth a checkpoint; whole, uncompressed or incremental,
-/// compressed process images as the method has them.
+/// compressed process images as the method has them (the pool's compression is set on the
+/// run, [`Method::compression`]).
 fn crab_config(method: Method) -> String {
-    let compact = method.compact_images();
     format!(
-        "\n[engine.process]\noperation_timeout_secs = 60\nincremental_images = {compact}\n\
-         image_compression = \"{}\"\n\n\
+        "\n[engine.process]\noperation_timeout_secs = 60\nincremental_images = {}\n\
+         image_compression = {}\n\n\
          [coordinator]\ngate_timeout_ms = 60000\nignore_paths = [\"/opt/crab-agent\"]\n",
-        if compact { "zstd" } else { "none" }
+        method.compact_images(),
+        serde_json::to_value(method.compression()).unwrap_or_default(),
     )
 }
 
@@ -368,6 +369,7 @@ impl Cell<'_> {
         let count = n.max(self.tasks.len());
         // Agents inside sandboxes reach crab over the sandboxes' network.
         run.set_network((0..count).any(|j| self.args.placement.inside(j)))?;
+        run.set_pool_compression(method.compression());
         // The evaluation image in the run's pool (unpacked from the machine's cache).
         let engine_cfg = workload::image_config(run.engine());
         tokio::task::block_in_place(|| -> anyhow::Result<()> {
