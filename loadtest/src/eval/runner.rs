@@ -63,6 +63,11 @@ pub struct RunArgs {
     /// Skip the `crab-fault-free` run (crab's overhead without crashes).
     #[arg(long)]
     pub no_overhead: bool,
+    /// How crab's storage compresses (the pool's files and the process images) in every
+    /// method's runs. Default: zstd, except `full-every-turn`, the baseline stored as written;
+    /// `--compression zstd` compares against a baseline compressed too.
+    #[arg(long)]
+    pub compression: Option<ckpt_engine::fs::compression::Compression>,
     /// At most this many tasks of each suite (default: all).
     #[arg(long)]
     pub tasks: Option<usize>,
@@ -117,13 +122,13 @@ impl Placement {
 /// session logs) does not make a turn worth a checkpoint; whole, uncompressed or incremental,
 /// compressed process images as the method has them (the pool's compression is set on the
 /// run, [`Method::compression`]).
-fn crab_config(method: Method) -> String {
+fn crab_config(method: Method, compression: ckpt_engine::fs::compression::Compression) -> String {
     format!(
         "\n[engine.process]\noperation_timeout_secs = 60\nincremental_images = {}\n\
          image_compression = {}\n\n\
          [coordinator]\ngate_timeout_ms = 60000\nignore_paths = [\"/opt/crab-agent\"]\n",
         method.compact_images(),
-        serde_json::to_value(method.compression()).unwrap_or_default(),
+        serde_json::to_value(compression).unwrap_or_default(),
     )
 }
 
@@ -369,7 +374,8 @@ impl Cell<'_> {
         let count = n.max(self.tasks.len());
         // Agents inside sandboxes reach crab over the sandboxes' network.
         run.set_network((0..count).any(|j| self.args.placement.inside(j)))?;
-        run.set_pool_compression(method.compression());
+        let compression = self.args.compression.unwrap_or(method.compression());
+        run.set_pool_compression(compression);
         // The evaluation image in the run's pool (unpacked from the machine's cache).
         let engine_cfg = workload::image_config(run.engine());
         tokio::task::block_in_place(|| -> anyhow::Result<()> {
@@ -405,7 +411,7 @@ impl Cell<'_> {
             run,
             &llm.base_url(),
             method.policy(),
-            &crab_config(method),
+            &crab_config(method, compression),
         )
         .await?;
         let crab_pid = run.crab_pid().unwrap_or(0);
