@@ -167,11 +167,15 @@ impl BtrfsPool {
                     ],
                 )?;
             } else {
+                // Compression only changes how later writes are stored: a pool that keeps its
+                // earlier option still works.
                 let options = format!("remount,{}", compression.mount_option());
-                sys::run(
+                if let Err(e) = sys::run(
                     "mount",
                     &["-o".as_ref(), options.as_ref(), root.as_os_str()],
-                )?;
+                ) {
+                    tracing::warn!(pool = %root.display(), error = %e, "could not set the pool's compression");
+                }
             }
             BtrfsPool {
                 root,
