@@ -422,6 +422,12 @@ impl Engine {
         self.process.as_ref().ok().map(ProcessBackend::image_totals)
     }
 
+    /// What the filesystem checkpoints changed so far; `None` when the backend does not
+    /// measure it.
+    pub fn fs_change_totals(&self) -> Option<crate::fs::ChangeTotals> {
+        self.backend.change_totals()
+    }
+
     /// What write-behind of the pool has done so far; `None` when it is off or unavailable.
     pub fn writeback_stats(&self) -> Option<crate::fs::writeback::WritebackStats> {
         self.writeback.as_ref().map(|w| w.stats())
@@ -2166,7 +2172,6 @@ fn tracer_of(pid: u32) -> Option<u32> {
         .filter(|t| *t != 0)
 }
 
-/// The manifest's reference to a process image dumped by point `id`.
 /// Records `snapshot.tree_hash` (and what changed) in the published manifest of the sandbox
 /// owning `snapshot` that references it with an empty hash. Takes the sandbox lock. Returns
 /// whether a manifest was rewritten.
@@ -2233,6 +2238,7 @@ fn seal_locked(
     Ok(false)
 }
 
+/// The manifest's reference to a process image dumped by point `id`.
 fn image_ref(id: &str, info: &ProcessImageInfo) -> ProcessImageRef {
     ProcessImageRef {
         id: id.to_string(),

@@ -228,6 +228,25 @@ impl prometheus_client::collector::Collector for EngineCollector {
                 ),
             ]);
         }
+        if let Some(fs) = engine.fs_change_totals() {
+            counters.extend([
+                (
+                    "crab_fs_snapshots",
+                    "Filesystem snapshots whose change since their parent was measured",
+                    ConstCounter::new(fs.snapshots as f64),
+                ),
+                (
+                    "crab_fs_changed_bytes",
+                    "Bytes of file data those snapshots changed",
+                    ConstCounter::new(fs.bytes as f64),
+                ),
+                (
+                    "crab_fs_changed_disk_bytes",
+                    "What the changed bytes take on disk, after btrfs compression",
+                    ConstCounter::new(fs.disk as f64),
+                ),
+            ]);
+        }
         if let Some(images) = engine.image_totals() {
             counters.extend([
                 (

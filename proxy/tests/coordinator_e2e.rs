@@ -648,6 +648,9 @@ async fn restore_by_turn_replays_rollback_and_fork_branches() {
         "crab_process_image_bytes_total",
         "crab_process_image_written_bytes_total",
         "crab_process_image_disk_bytes_total",
+        "crab_fs_snapshots_total",
+        "crab_fs_changed_bytes_total",
+        "crab_fs_changed_disk_bytes_total",
     ] {
         assert!(text.contains(name), "{name} missing from /metrics");
     }
@@ -663,6 +666,16 @@ async fn restore_by_turn_replays_rollback_and_fork_branches() {
     assert!(
         disk > 0.0 && disk <= written + 4096.0 * 64.0,
         "process images: {disk} bytes on disk for {written} written"
+    );
+    let (fs_changed, fs_disk) = (
+        metric(&d, "crab_fs_changed_bytes_total").await,
+        metric(&d, "crab_fs_changed_disk_bytes_total").await,
+    );
+    assert!(
+        metric(&d, "crab_fs_snapshots_total").await >= 1.0
+            && fs_disk > 0.0
+            && fs_disk <= fs_changed + 4096.0 * 256.0,
+        "filesystem snapshots: {fs_disk} bytes on disk for {fs_changed} changed"
     );
     let upstream_before = llm.requests().len();
     let url = format!("http://{}/sandbox/{name}/v1/chat/completions", d.proxy);

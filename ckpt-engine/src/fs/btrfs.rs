@@ -56,8 +56,8 @@ use super::send_stream::{self, SendSummary};
 use super::tree_hash::{Dirty, HashStats, TreeIndex, hash_tree, tree_hash};
 use super::writeback;
 use super::{
-    Changed, FsBackend, FsError, FsSnapshotRef, NoProof, Sealer, Settled, SnapshotOutcome,
-    SnapshotRequest, tree_cache, validate_id,
+    ChangeTotals, Changed, FsBackend, FsError, FsSnapshotRef, NoProof, Sealer, Settled,
+    SnapshotOutcome, SnapshotRequest, tree_cache, validate_id,
 };
 use crate::config::RestoreVerify;
 use crate::pool::{self, BtrfsPool};
@@ -102,6 +102,8 @@ struct Inner {
     job_thread_ended: Condvar,
     /// The pool's data space counters (found on first use).
     data_space: OnceLock<Option<writeback::DataSpace>>,
+    /// What the snapshots hashed so far changed.
+    totals: Mutex<ChangeTotals>,
 }
 
 /// A deferred hashing job.
@@ -146,6 +148,7 @@ impl BtrfsBackend {
                 job_thread_ended: Condvar::new(),
                 job_done: Condvar::new(),
                 data_space: OnceLock::new(),
+                totals: Mutex::default(),
             }),
             restore_verify,
             sealer: None,
@@ -565,13 +568,15 @@ impl Inner {
                 .iter()
                 .map(|(p, r)| (p.as_path(), r.as_slice())),
         );
-        Ok((
-            hash,
-            Changed {
-                bytes: summary.data_bytes,
-                disk_bytes,
-            },
-        ))
+        let changed = Changed {
+            bytes: summary.data_bytes,
+            disk_bytes,
+        };
+        self.totals
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .add(changed);
+        Ok((hash, changed))
     }
 }
 
@@ -691,6 +696,10 @@ impl FsBackend for BtrfsBackend {
 
     fn discard(&self, staged: &Path) -> Result<(), FsError> {
         pool::delete_subvolume(staged)
+    }
+
+    fn change_totals(&self) -> Option<ChangeTotals> {
+        Some(*self.inner.totals.lock().unwrap_or_else(|p| p.into_inner()))
     }
 
     fn wait_background(&self) {

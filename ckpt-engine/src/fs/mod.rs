@@ -188,6 +188,12 @@ pub trait FsBackend: Send + Sync {
     /// updates) has ended, so nothing holds the pool open. The default has none.
     fn wait_background(&self) {}
 
+    /// What this backend's snapshots changed so far, when it measures it. The default does
+    /// not.
+    fn change_totals(&self) -> Option<ChangeTotals> {
+        None
+    }
+
     /// Deletes what a restore of `target` interrupted by a crash left next to it (staged or
     /// replaced trees). The default leaves nothing behind.
     fn clean_restore_leftovers(&self, target: &Path) -> Result<(), FsError> {
@@ -294,6 +300,26 @@ pub struct Changed {
     pub bytes: u64,
     /// What they take on disk (compressed), where it could be measured.
     pub disk_bytes: Option<u64>,
+}
+
+/// What a backend's snapshots changed, summed over its lifetime.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct ChangeTotals {
+    /// Snapshots whose change was measured.
+    pub snapshots: u64,
+    /// Bytes of file data they changed since their parents.
+    pub bytes: u64,
+    /// What those bytes take on disk (compressed), summed where it could be measured.
+    pub disk: u64,
+}
+
+impl ChangeTotals {
+    /// Adds one snapshot's change.
+    pub fn add(&mut self, c: Changed) {
+        self.snapshots += 1;
+        self.bytes += c.bytes;
+        self.disk += c.disk_bytes.unwrap_or(0);
+    }
 }
 
 /// Records a deferred tree hash (and what changed) in the manifest that references the
