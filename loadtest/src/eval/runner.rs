@@ -119,9 +119,8 @@ impl Placement {
 /// crab's settings for evaluation runs: bounded engine operations and gate waits, so a
 /// checkpoint hanging on a sandbox killed under it fails instead of stalling the agent; the
 /// inside agent's own directory (its phase, log and config: bookkeeping, like a real agent's
-/// session logs) does not make a turn worth a checkpoint; whole, uncompressed or incremental,
-/// compressed process images as the method has them (the pool's compression is set on the
-/// run, [`Method::compression`]).
+/// session logs) does not make a turn worth a checkpoint; whole or incremental process images
+/// as the method has them, stored with `compression` (the pool's is set on the run).
 fn crab_config(method: Method, compression: ckpt_engine::fs::compression::Compression) -> String {
     format!(
         "\n[engine.process]\noperation_timeout_secs = 60\nincremental_images = {}\n\
