@@ -7,7 +7,7 @@
 //! the blocks they share with what came before.
 //!
 //! Pure part: [`parse_items`] decodes the ioctl's result buffer and [`disk_bytes_within`] sums
-//! the extents that start inside a set of ranges (unit-tested); I/O part: [`stored_bytes`],
+//! the extents that start inside a set of ranges (unit-tested); I/O part:
 //! [`stored_bytes_below`], [`tree_usage`].
 
 use std::fs::File;
@@ -213,16 +213,9 @@ pub fn tree_usage(dir: &std::path::Path) -> std::io::Result<(u64, u64)> {
     Ok((logical, on_disk))
 }
 
-/// Bytes on disk of what was written to `ranges` of the file at `path` (sorted, disjoint):
-/// the extents starting there, compressed or not.
-pub fn stored_bytes(path: &std::path::Path, ranges: &[Range<u64>]) -> std::io::Result<u64> {
-    let file = File::open(path)?;
-    Ok(disk_bytes_within(&extents(&file)?, ranges))
-}
-
-/// Bytes on disk of what was written to the files below `root` (a read-only snapshot): per
-/// file, its path relative to `root` and its written ranges (sorted, disjoint), as an
-/// incremental `btrfs send` names them. Paths resolve beneath `root` only, following no
+/// Bytes on disk of what was written to the files below `root` (a read-only snapshot, a
+/// published process image): per file, its path relative to `root` and its written ranges
+/// (sorted, disjoint), the extents starting there counted once each. Paths resolve beneath `root` only, following no
 /// symbolic link; a file not found under the name given (a rename's temporary
 /// `o<ino>-<gen>-<n>`) counts its ranges' length, as if stored uncompressed. `None` when extents
 /// cannot be read at all (not btrfs, no CAP_SYS_ADMIN).

@@ -382,9 +382,7 @@ impl ProcessBackend {
         let own = info.written_bytes.unwrap_or(info.image_bytes);
         publish(&partial, req.dest, sync_whole_fs(pending, own))?;
         let images = req.dest.join(IMAGES);
-        info.disk_bytes = image_store::disk_bytes(&images, written.as_ref())
-            .inspect_err(|e| tracing::debug!(error = %e, "bytes on disk of the image unknown"))
-            .ok();
+        info.disk_bytes = image_store::disk_bytes(&images, written.as_ref());
         tracing::debug!(
             container = id,
             publish_us = micros(t.elapsed()),

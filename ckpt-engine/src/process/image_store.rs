@@ -123,14 +123,17 @@ pub struct Written {
 /// Bytes on disk of what an image stored: its written ranges (`written`), or all its files
 /// (an image CRIU wrote into the store directly), after btrfs compression. `images` is where
 /// its files are now; their data must have been written back (the image is published).
-pub fn disk_bytes(images: &Path, written: Option<&Written>) -> std::io::Result<u64> {
+/// `None` where it cannot be measured (not btrfs, no CAP_SYS_ADMIN).
+pub fn disk_bytes(images: &Path, written: Option<&Written>) -> Option<u64> {
     let Some(w) = written else {
-        return Ok(extents::tree_usage(images)?.1);
+        return extents::tree_usage(images).ok().map(|(_, on_disk)| on_disk);
     };
-    w.ranges
-        .iter()
-        .map(|(name, ranges)| extents::stored_bytes(&images.join(name), ranges))
-        .sum()
+    extents::stored_bytes_below(
+        images,
+        w.ranges
+            .iter()
+            .map(|(name, ranges)| (Path::new(name), ranges.as_slice())),
+    )
 }
 
 impl ImageStore {

@@ -477,9 +477,9 @@ fn time(out: &mut String, s: &Summary) {
 fn checkpoint_bytes(out: &mut String, s: &Summary) {
     let _ = writeln!(
         out,
-        "<h2>Checkpoint bytes</h2><p>Bytes of the recovery points of the turn ends (filesystem send size plus \
+        "<h2>Checkpoint bytes</h2><p>Bytes of the recovery points of the turn ends (what each filesystem change takes on disk plus \
          what each process image stored: crab writes only the memory blocks the previous image lacks, \
-         compressed, and counts their size on disk; <code>full-every-turn</code> writes whole, uncompressed images). \
+         compressed, and both count their size on disk; <code>full-every-turn</code> stores whole images and its files as written). \
          <em>Baselines</em>: the turn-0 points of the sandboxes as created with their \
          task's setup, not counted. The reduction compares bytes per task instance with <code>full-every-turn</code> \
          over the suites and densities both ran. Published: up to 87% less. <em>Images on disk</em>: \
