@@ -187,8 +187,10 @@ fn incremental_hash_equals_full_rehash_for_every_mutation() {
         );
         if m.reported.is_empty() {
             assert_eq!(full, before, "no change, same hash");
-            // Only the root and the directories holding hard links (docs, shared) are listed.
-            assert_eq!(stats.dirs_listed, 3, "nothing changed: {stats:?}");
+            // Only the root is listed; the directories holding hard links (docs, shared) are
+            // rechecked (their linked entries stat'ed again), nothing else is looked at.
+            assert_eq!(stats.dirs_listed, 1, "nothing changed: {stats:?}");
+            assert_eq!(stats.dirs_rechecked, 2, "nothing changed: {stats:?}");
             assert_eq!(stats.files_read, 0);
         } else {
             assert_ne!(full, before, "{}: the hash must change", m.what);
@@ -234,6 +236,58 @@ fn unreported_changes_are_the_only_way_to_fool_the_incremental_hash() {
         right.tree_hash, full,
         "ctime check catches the unreported new entry"
     );
+}
+
+/// A directory with hard-linked files below is rechecked, not re-listed: an unreported write
+/// to a file with one link there goes unseen (its entry is reused), a write through a link
+/// is seen even when no path at all is reported, and so is a link count dropping.
+#[test]
+fn rechecked_directories_look_again_only_at_linked_entries() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    populate(root);
+    let (index, _) = hash_tree(root, None, &Dirty::All).unwrap();
+    let nothing = || Dirty::Paths(DirtyPaths::new());
+
+    write(root, "docs/readme.md", b"# other readme");
+    let full = tree_hash(root).unwrap();
+    let (wrong, stats) = hash_tree(root, Some(&index), &nothing()).unwrap();
+    assert_ne!(wrong.tree_hash, full, "the unlinked entry was reused");
+    assert_eq!(
+        (stats.dirs_listed, stats.dirs_rechecked),
+        (1, 2),
+        "{stats:?}"
+    );
+    let (index, _) = hash_tree(root, Some(&index), &dirty_of(&["m:docs/readme.md"])).unwrap();
+    assert_eq!(index.tree_hash, full);
+
+    {
+        use std::io::Write;
+        let mut f = std::fs::OpenOptions::new()
+            .append(true)
+            .open(root.join("shared/a"))
+            .unwrap();
+        f.write_all(b" through shared/a").unwrap();
+    }
+    let full = tree_hash(root).unwrap();
+    let (next, stats) = hash_tree(root, Some(&index), &nothing()).unwrap();
+    assert_eq!(
+        next.tree_hash, full,
+        "a write through a link is seen unreported"
+    );
+    assert_eq!(
+        stats.files_read, 2,
+        "both names of the inode, nothing else: {stats:?}"
+    );
+
+    std::fs::remove_file(root.join("shared/a")).unwrap();
+    let full = tree_hash(root).unwrap();
+    let (next, _) = hash_tree(root, Some(&next), &dirty_of(&["s:shared/a"])).unwrap();
+    assert_eq!(
+        next.tree_hash, full,
+        "docs/a-link lost its second link: it leaves the link table"
+    );
+    assert!(!next.root.links, "no linked file is left");
 }
 
 /// A loop-mounted btrfs pool in a private state dir, unmounted and removed on drop.

@@ -608,11 +608,11 @@ pub async fn start_crab(
     std::fs::write(
         &config,
         format!(
-            "[engine]\nstate_dir = \"{}\"\nnetwork = {}\npool_compression = {}\n\n\
+            "[engine]\nstate_dir = \"{}\"\nnetwork = {}\npool_compression = \"{}\"\n\n\
              [engine.retention]\nkeep_last = {}\n",
             run.engine.state_dir.display(),
             run.engine.network,
-            serde_json::to_value(run.engine.pool_compression)?,
+            run.engine.pool_compression.name(),
             run.engine.retention.keep_last
         ) + extra_config,
     )?;

@@ -547,6 +547,7 @@ impl Inner {
             index = ?source,
             dirs_listed = stats.dirs_listed,
             dirs_reused = stats.dirs_reused,
+            dirs_rechecked = stats.dirs_rechecked,
             files_read = stats.files_read,
             bytes_read = stats.bytes_read,
             "btrfs snapshot hashed"

@@ -24,14 +24,14 @@ pub enum Compression {
 }
 
 impl Compression {
-    /// The value of the `btrfs.compression` property (`none` also overrides a compressing
-    /// mount option).
-    fn property(self) -> &'static [u8] {
+    /// Its name, as in the config file; also the value of the `btrfs.compression` property
+    /// (`none` also overrides a compressing mount option).
+    pub fn name(self) -> &'static str {
         match self {
-            Compression::None => b"none",
-            Compression::Zstd => b"zstd",
-            Compression::Lzo => b"lzo",
-            Compression::Zlib => b"zlib",
+            Compression::None => "none",
+            Compression::Zstd => "zstd",
+            Compression::Lzo => "lzo",
+            Compression::Zlib => "zlib",
         }
     }
 
@@ -50,7 +50,7 @@ impl Compression {
     /// created in it inherit. Where it cannot be set (not btrfs) they are stored as the
     /// filesystem stores them; that is logged, not an error.
     pub fn apply(self, dir: &Path) {
-        if let Err(e) = xattr::set(dir, "btrfs.compression", self.property()) {
+        if let Err(e) = xattr::set(dir, "btrfs.compression", self.name().as_bytes()) {
             tracing::debug!(
                 dir = %dir.display(), error = %e,
                 "no btrfs compression property: stored as the filesystem stores files"

@@ -5,12 +5,14 @@
 //! Format (integers little-endian): `MAGIC (8) | len u32 | snapshot id | len u32 | tree hash
 //! (hex) | root node | blake3(all previous bytes) (32)`, a node being `ino u64 | ctime s i64 |
 //! ctime ns i64 | links u8 | hash (32) | count u64 | entries`, an entry `len u32 | name | entry
-//! hash (32) | tag u8 (0 other, 1 file, 2 directory) | file: ino, size, mtime s, ns, ctime s, ns
-//! (6 × 8) and content hash (32) | directory: its node`.
+//! hash (32) | tag u8 (0 other, 1 file, 2 directory; plus 16 for a non-directory with several
+//! links) | file: ino, size, mtime s, ns, ctime s, ns (6 × 8) and content hash (32) | directory:
+//! its node`.
 //!
 //! A cache is an optimisation, never a source of truth: [`decode`] rejects (and the caller then
 //! rehashes everything) a file with a bad magic, length, checksum, nesting depth, a directory
-//! hash that does not match its entries, another snapshot's id, or a tree hash different from the
+//! hash that does not match its entries, a links flag that does not match them, another
+//! snapshot's id, or a tree hash different from the
 //! one the manifest records for that snapshot. Pure, so it is tested without a filesystem.
 
 use std::sync::Arc;
@@ -18,7 +20,11 @@ use std::sync::Arc;
 use super::tree_hash::{DirNode, EntryKind, EntryNode, FileIdentity, TreeIndex, dir_hash};
 
 /// File magic.
-pub const MAGIC: &[u8; 8] = b"CRABTIX\x02";
+pub const MAGIC: &[u8; 8] = b"CRABTIX\x03";
+/// Tag bit of an entry with several links.
+const LINKED: u8 = 16;
+/// Tag of a regular file with several links.
+const LINKED_FILE: u8 = 1 + LINKED;
 /// Deepest directory nesting accepted.
 const MAX_DEPTH: usize = 4096;
 
@@ -101,10 +107,11 @@ fn put_node(out: &mut Vec<u8>, n: &DirNode) {
     for e in &n.entries {
         put_bytes(out, &e.name);
         out.extend_from_slice(&e.hash);
+        let linked = if e.linked { LINKED } else { 0 };
         match &e.kind {
-            EntryKind::Other => out.push(0),
+            EntryKind::Other => out.push(linked),
             EntryKind::File(id, content) => {
-                out.push(1);
+                out.push(1 | linked);
                 for v in [id.ino, id.size] {
                     out.extend_from_slice(&v.to_le_bytes());
                 }
@@ -185,9 +192,11 @@ impl<'a> Reader<'a> {
                 return Err(CacheError::Malformed("entries out of order"));
             }
             let ehash = self.h32()?;
-            let kind = match self.take(1)?[0] {
-                0 => EntryKind::Other,
-                1 => {
+            let tag = self.take(1)?[0];
+            let linked = tag & LINKED != 0;
+            let kind = match tag {
+                0 | LINKED => EntryKind::Other,
+                1 | LINKED_FILE => {
                     let id = FileIdentity {
                         ino: self.u64()?,
                         size: self.u64()?,
@@ -203,11 +212,21 @@ impl<'a> Reader<'a> {
                 name,
                 hash: ehash,
                 kind,
+                linked,
             });
         }
         if dir_hash(&entries) != hash {
             return Err(CacheError::Malformed(
                 "directory hash does not match its entries",
+            ));
+        }
+        let below = entries.iter().any(|e| match &e.kind {
+            EntryKind::Dir(d) => d.links,
+            _ => e.linked,
+        });
+        if below != links {
+            return Err(CacheError::Malformed(
+                "links flag does not match the entries",
             ));
         }
         Ok(Arc::new(DirNode {
@@ -232,7 +251,31 @@ mod tests {
         std::fs::write(root.join("a/b/f"), b"x").unwrap();
         std::fs::write(root.join("g"), b"y").unwrap();
         std::os::unix::fs::symlink("t", root.join("l")).unwrap();
+        std::fs::hard_link(root.join("g"), root.join("a/h")).unwrap();
         hash_tree(root, None, &Dirty::All).unwrap().0
+    }
+
+    #[test]
+    fn links_flags_round_trip_and_must_agree() {
+        let index = sample();
+        assert!(index.root.links);
+        let g = index.root.entries.iter().find(|e| e.name == b"g").unwrap();
+        assert!(g.linked);
+        let bytes = encode("s.cp-1", &index);
+        assert_eq!(decode(&bytes, "s.cp-1", &index.tree_hash).unwrap(), index);
+        // A node claiming no linked entries below while one is: rejected, even sealed.
+        let mut root = (*index.root).clone();
+        root.links = false;
+        let forged = TreeIndex {
+            root: Arc::new(root),
+            tree_hash: index.tree_hash.clone(),
+        };
+        assert_eq!(
+            decode(&encode("s.cp-1", &forged), "s.cp-1", &index.tree_hash),
+            Err(CacheError::Malformed(
+                "links flag does not match the entries"
+            ))
+        );
     }
 
     #[test]

@@ -34,8 +34,16 @@
 //!   was created, removed or renamed makes everything below it dirty);
 //! - the node's inode number and ctime equal the directory's current ones (a second, independent
 //!   check: any entry added, removed or renamed in a directory moves its ctime);
-//! - no non-directory with several links lies below it (such subtrees are always re-listed, so
-//!   the link table is always complete and a write through another link is never missed).
+//! - no non-directory with several links lies below it.
+//!
+//! A directory that passes the first two checks but has such files below is *rechecked*
+//! instead of re-listed: its listing is the previous one (its ctime proves it), entries that
+//! had several links are stat'ed again (a write through a link elsewhere in the tree may be
+//! reported under that other path only, and an unlink elsewhere changes their link count), as
+//! are subdirectories with such files below, recursively; every other entry is reused as it
+//! is. The link table stays complete: an entry that gains a link is named by the send
+//! stream's `link` command (its directory is re-listed), an entry that had several links is
+//! always looked at again.
 //!
 //! In re-listed directories a file's content hash is reused when its inode, size, mtime and
 //! ctime all equal a file of the previous index (ctime cannot be set by a writer, so a rewritten
@@ -96,6 +104,8 @@ pub struct EntryNode {
     pub hash: [u8; 32],
     /// Per-type data kept for reuse.
     pub kind: EntryKind,
+    /// A non-directory with more than one link when it was hashed.
+    pub linked: bool,
 }
 
 /// Per-type data of an [`EntryNode`].
@@ -274,6 +284,9 @@ pub struct HashStats {
     pub dirs_listed: usize,
     /// Directories reused from the previous index without reading them.
     pub dirs_reused: usize,
+    /// Directories rechecked: only their entries with several links (and the directories
+    /// holding such entries) looked at again, the listing reused.
+    pub dirs_rechecked: usize,
     /// Files whose contents were read.
     pub files_read: usize,
     /// Bytes of file contents read.
@@ -474,8 +487,24 @@ impl Walk<'_> {
                             name,
                             hash,
                             kind: EntryKind::Dir(Arc::clone(node)),
+                            linked: false,
                         }),
                         false,
+                    )));
+                }
+                if reuse_children && !relist && same {
+                    // Unchanged listing with linked files below: look at those only.
+                    let xattrs = xattr_bytes(&path)?;
+                    let dir = self.recheck(rel, &meta, node)?;
+                    let links = dir.links;
+                    return Ok(Some((
+                        DraftEntry::Dir {
+                            name,
+                            meta: Box::new(meta),
+                            xattrs,
+                            dir,
+                        },
+                        links,
                     )));
                 }
             }
@@ -510,6 +539,7 @@ impl Walk<'_> {
                         name,
                         hash,
                         kind: EntryKind::File(id, content),
+                        linked,
                     })
                 }
                 None => {
@@ -542,9 +572,51 @@ impl Walk<'_> {
                 name,
                 hash,
                 kind: EntryKind::Other,
+                linked,
             }),
             linked,
         )))
+    }
+
+    /// Drafts directory `rel`, whose listing is `prev`'s (same inode and ctime, nothing dirty
+    /// at or below it): entries that had several links and subdirectories with such entries
+    /// below are drafted again, every other entry is `prev`'s.
+    fn recheck(
+        &mut self,
+        rel: &mut Vec<u8>,
+        meta: &std::fs::Metadata,
+        prev: &DirNode,
+    ) -> Result<DraftDir, FsError> {
+        self.stats.dirs_rechecked += 1;
+        let mut entries = Vec::with_capacity(prev.entries.len());
+        let mut links = false;
+        for e in &prev.entries {
+            let look = match &e.kind {
+                EntryKind::Dir(node) => node.links,
+                _ => e.linked,
+            };
+            if !look {
+                entries.push(DraftEntry::Done(e.clone()));
+                continue;
+            }
+            let base = rel.len();
+            if !rel.is_empty() {
+                rel.push(b'/');
+            }
+            rel.extend_from_slice(&e.name);
+            let result = self.entry(rel, e.name.clone(), Some(prev), true);
+            rel.truncate(base);
+            if let Some((entry, entry_links)) = result? {
+                links |= entry_links;
+                entries.push(entry);
+            }
+        }
+        Ok(DraftDir {
+            ino: meta.ino(),
+            ctime: (meta.ctime(), meta.ctime_nsec()),
+            links,
+            entries,
+        })
     }
 
     fn lookup_identity(&mut self, id: &FileIdentity) -> Option<[u8; 32]> {
@@ -575,6 +647,7 @@ fn finish(draft: DraftDir, contents: &[[u8; 32]]) -> Arc<DirNode> {
                     name,
                     hash,
                     kind: EntryKind::Dir(node),
+                    linked: false,
                 }
             }
             DraftEntry::File {
@@ -589,6 +662,7 @@ fn finish(draft: DraftDir, contents: &[[u8; 32]]) -> Arc<DirNode> {
                     name,
                     hash,
                     kind: EntryKind::File(FileIdentity::of(&meta), content),
+                    linked: meta.nlink() > 1,
                 }
             }
         })
@@ -747,8 +821,14 @@ fn hash_files(files: &[(PathBuf, u64)]) -> Result<Vec<[u8; 32]>, FsError> {
         .unwrap_or(1)
         .clamp(1, 4);
     let total: u64 = files.iter().map(|f| f.1).sum();
+    // Read buffers no larger than the largest file (at least a page): a checkpoint usually
+    // hashes a few small files, and a fresh 1 MiB buffer costs page faults and zeroing.
+    let largest = files.iter().map(|f| f.1).max().unwrap_or(0);
+    let buf_len = (largest.min(BUF as u64) as usize)
+        .next_multiple_of(4096)
+        .max(4096);
     if threads == 1 || (files.len() < 64 && total < SPLIT_THRESHOLD) {
-        let mut buf = vec![0u8; BUF];
+        let mut buf = vec![0u8; buf_len];
         return files.iter().map(|(p, _)| hash_file(p, &mut buf)).collect();
     }
     let next = AtomicUsize::new(0);
@@ -757,7 +837,7 @@ fn hash_files(files: &[(PathBuf, u64)]) -> Result<Vec<[u8; 32]>, FsError> {
         let workers: Vec<_> = (0..threads)
             .map(|_| {
                 s.spawn(|| {
-                    let mut buf = vec![0u8; BUF];
+                    let mut buf = vec![0u8; buf_len];
                     let mut out = Vec::new();
                     loop {
                         let i = next.fetch_add(1, Ordering::Relaxed);

@@ -40,6 +40,9 @@ pub struct Machine {
     /// `criu --version` first line.
     #[serde(default)]
     pub criu: String,
+    /// Host tables every process checkpoint walks (`crab doctor` advises on their sizes).
+    #[serde(default)]
+    pub host_tables: ckpt_engine::doctor::HostTables,
 }
 
 /// The evaluation's parameters.
@@ -59,6 +62,10 @@ pub struct EvalConfig {
     /// Tasks per suite actually run (a subset when `--tasks` limits it).
     #[serde(default)]
     pub tasks_per_suite: BTreeMap<String, usize>,
+    /// `--compression`: one storage compression for every method; absent, each method's own
+    /// (zstd, the baseline `full-every-turn` stored as written).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub compression: Option<ckpt_engine::fs::compression::Compression>,
 }
 
 /// One (suite, method, sandboxes) cell.

@@ -124,10 +124,10 @@ impl Placement {
 fn crab_config(method: Method, compression: ckpt_engine::fs::compression::Compression) -> String {
     format!(
         "\n[engine.process]\noperation_timeout_secs = 60\nincremental_images = {}\n\
-         image_compression = {}\n\n\
+         image_compression = \"{}\"\n\n\
          [coordinator]\ngate_timeout_ms = 60000\nignore_paths = [\"/opt/crab-agent\"]\n",
         method.compact_images(),
-        serde_json::to_value(compression).unwrap_or_default(),
+        compression.name(),
     )
 }
 
@@ -213,6 +213,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
                 .iter()
                 .map(|(s, t)| (s.to_string(), t.len()))
                 .collect(),
+            compression: args.compression,
         },
         runs: Vec::new(),
     };
@@ -290,6 +291,7 @@ fn machine() -> Machine {
             .to_owned(),
         memory_gib: mem_kib / (1024.0 * 1024.0),
         criu,
+        host_tables: ckpt_engine::doctor::HostTables::read(),
     }
 }
 

@@ -220,7 +220,7 @@ pub fn run(cli: Cli) -> i32 {
             } else {
                 print!("{}", ckpt_engine::doctor::render_human(&checks));
             }
-            i32::from(!checks.iter().all(|c| c.ok))
+            i32::from(!ckpt_engine::doctor::all_met(&checks))
         }
         Command::Inspect(args) => {
             init_tracing(&cli.log, false);

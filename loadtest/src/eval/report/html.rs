@@ -190,6 +190,17 @@ fn header(out: &mut String, report: &Report, s: &Summary) {
             m.criu.clone()
         },
     );
+    let tables = &m.host_tables;
+    let setting = |v: Option<u64>| v.map_or(NONE.to_owned(), |v| v.to_string());
+    kv(
+        &mut tb,
+        "host tables",
+        format!(
+            "nf_conntrack_buckets {}, tcp_child_ehash_entries {}",
+            setting(tables.conntrack_buckets),
+            setting(tables.tcp_child_ehash_entries)
+        ),
+    );
     kv(&mut tb, "suites", c.suites.join(", "));
     if !c.tasks_per_suite.is_empty() {
         let per: Vec<String> = c
@@ -216,6 +227,14 @@ fn header(out: &mut String, report: &Report, s: &Summary) {
         format!("{} at time scale {}", c.think, finite(c.time_scale)),
     );
     kv(&mut tb, "seed", c.seed.to_string());
+    kv(
+        &mut tb,
+        "storage compression",
+        c.compression.map_or_else(
+            || "each method's own (zstd; full-every-turn as written)".to_owned(),
+            |z| z.name().to_owned(),
+        ),
+    );
     out.push_str(&tb.finish());
     if !s.run_errors.is_empty() {
         let _ = writeln!(out, "<h2>Runs that failed</h2>");

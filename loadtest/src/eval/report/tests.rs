@@ -72,6 +72,10 @@ fn report(runs: Vec<RunResult>) -> Report {
             kernel: "6.18.0".to_owned(),
             memory_gib: 7.6,
             criu: "Version: 4.1.1".to_owned(),
+            host_tables: ckpt_engine::doctor::HostTables {
+                conntrack_buckets: Some(262_144),
+                tcp_child_ehash_entries: Some(0),
+            },
         },
         config: EvalConfig {
             suites: vec!["shell".to_owned(), "repair".to_owned()],
@@ -82,6 +86,7 @@ fn report(runs: Vec<RunResult>) -> Report {
             time_scale: 0.1,
             seed: 7,
             tasks_per_suite: BTreeMap::new(),
+            compression: Some(ckpt_engine::fs::compression::Compression::None),
         },
         runs,
     }
@@ -418,6 +423,8 @@ fn html_escapes_report_strings_and_has_tables_and_plots() {
         html.matches("<svg").count()
     );
     assert!(!html.contains("<?xml"));
+    assert!(html.contains("nf_conntrack_buckets 262144, tcp_child_ehash_entries 0"));
+    assert!(html.contains("<td>storage compression</td><td>none</td>"), "config table");
     assert_sections_outside_details(&html);
     assert!(!html.contains("Plot failed"));
     assert!(
