@@ -403,6 +403,7 @@ impl Walk<'_> {
         prev: Option<&DirNode>,
     ) -> Result<DraftDir, FsError> {
         self.stats.dirs_listed += 1;
+        tracing::trace!(dir = %String::from_utf8_lossy(rel), "listed");
         // What the previous tree had at this path, trusted for reuse only outside dirty subtrees.
         let (prev, reuse_children) = match self.dirty {
             Dirty::All => (prev, false),

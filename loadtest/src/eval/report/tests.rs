@@ -424,7 +424,10 @@ fn html_escapes_report_strings_and_has_tables_and_plots() {
     );
     assert!(!html.contains("<?xml"));
     assert!(html.contains("nf_conntrack_buckets 262144, tcp_child_ehash_entries 0"));
-    assert!(html.contains("<td>storage compression</td><td>none</td>"), "config table");
+    assert!(
+        html.contains("<td>storage compression</td><td>none</td>"),
+        "config table"
+    );
     assert_sections_outside_details(&html);
     assert!(!html.contains("Plot failed"));
     assert!(
