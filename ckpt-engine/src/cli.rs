@@ -296,6 +296,22 @@ fn restores(p: &crate::manifest::RecoveryPoint) -> String {
     }
 }
 
+/// What a point's own artifacts take on disk (its trees' changes and its own process image, as
+/// btrfs stored them, compressed); `-` where nothing was measured (not btrfs, a tree hash not
+/// settled yet, an image carried forward from an earlier point).
+fn on_disk(p: &crate::manifest::RecoveryPoint) -> String {
+    let own_image = p.process.as_ref().filter(|i| i.id == p.id);
+    let parts: Vec<Option<u64>> =
+        p.fs.iter()
+            .map(|t| t.disk_bytes)
+            .chain(own_image.map(|i| i.disk_bytes))
+            .collect();
+    if parts.iter().all(Option::is_none) {
+        return "-".to_string();
+    }
+    mib(parts.into_iter().flatten().sum())
+}
+
 /// Renders a response (human text, or the response as JSON).
 pub fn render(response: &EngineResponse, json: bool) -> Rendered {
     let exit_code = match response {
@@ -385,18 +401,19 @@ pub fn render(response: &EngineResponse, json: bool) -> Rendered {
         EngineResponse::Points(list) => {
             let _ = writeln!(
                 out,
-                "{:<11} {:<9} {:<28} {:>12} {:>10}  PARENT",
-                "ID", "REQUESTED", "RESTORES", "CHANGED", "TOOK"
+                "{:<11} {:<9} {:<28} {:>12} {:>12} {:>10}  PARENT",
+                "ID", "REQUESTED", "RESTORES", "CHANGED", "ON DISK", "TOOK"
             );
             for p in list {
                 let changed: u64 = p.fs.iter().map(|t| t.bytes_changed).sum();
                 let _ = writeln!(
                     out,
-                    "{:<11} {:<9} {:<28} {:>12} {:>10}  {}",
+                    "{:<11} {:<9} {:<28} {:>12} {:>12} {:>10}  {}",
                     p.id,
                     p.requested.to_string(),
                     restores(p),
                     mib(changed),
+                    on_disk(p),
                     ms(p.duration_us),
                     p.parent.as_deref().unwrap_or("-")
                 );
@@ -655,17 +672,32 @@ mod tests {
             "{}",
             degraded.stderr
         );
+        let mut measured = point(1, Some("cp-000001"));
+        measured.fs[0].disk_bytes = Some(1 << 20);
+        if let Some(img) = measured.process.as_mut() {
+            img.disk_bytes = Some(1 << 19);
+        }
+        let mut carried = point(3, Some("cp-000001"));
+        carried.fs[0].disk_bytes = Some(3 << 20);
         let list = render(
-            &EngineResponse::Points(vec![
-                point(1, Some("cp-000001")),
-                point(2, None),
-                point(3, Some("cp-000001")),
-            ]),
+            &EngineResponse::Points(vec![measured, point(2, None), carried]),
             false,
         );
         let lines: Vec<&str> = list.stdout.lines().collect();
+        assert!(lines[0].contains("ON DISK"), "{}", lines[0]);
         assert!(lines[1].contains(" fs+processes "), "{}", lines[1]);
+        assert!(
+            lines[1].contains("1.5 MiB"),
+            "tree and own image: {}",
+            lines[1]
+        );
         assert!(lines[2].contains(" fs "), "{}", lines[2]);
+        assert!(lines[2].contains(" - "), "nothing measured: {}", lines[2]);
         assert!(lines[3].contains("fs+processes(cp-000001)"), "{}", lines[3]);
+        assert!(
+            lines[3].contains("3.0 MiB"),
+            "the image is cp-000001's: {}",
+            lines[3]
+        );
     }
 }
