@@ -353,6 +353,17 @@ struct DraftDir {
     entries: Vec<DraftEntry>,
 }
 
+impl DraftDir {
+    fn of(meta: &std::fs::Metadata, links: bool, entries: Vec<DraftEntry>) -> Self {
+        DraftDir {
+            ino: meta.ino(),
+            ctime: (meta.ctime(), meta.ctime_nsec()),
+            links,
+            entries,
+        }
+    }
+}
+
 enum DraftEntry {
     /// Complete (reused node, or an entry whose hash needs no file contents).
     Done(EntryNode),
@@ -426,24 +437,30 @@ impl Walk<'_> {
         let mut entries = Vec::with_capacity(names.len());
         let mut links = false;
         for name in names {
-            let base = rel.len();
-            if !rel.is_empty() {
-                rel.push(b'/');
-            }
-            rel.extend_from_slice(&name);
-            let result = self.entry(rel, name, prev, reuse_children);
-            rel.truncate(base);
-            if let Some((entry, entry_links)) = result? {
+            if let Some((entry, entry_links)) = self.child(rel, name, prev, reuse_children)? {
                 links |= entry_links;
                 entries.push(entry);
             }
         }
-        Ok(DraftDir {
-            ino: meta.ino(),
-            ctime: (meta.ctime(), meta.ctime_nsec()),
-            links,
-            entries,
-        })
+        Ok(DraftDir::of(meta, links, entries))
+    }
+
+    /// Drafts entry `name` of directory `rel` (see [`Walk::entry`]); `rel` is left as it was.
+    fn child(
+        &mut self,
+        rel: &mut Vec<u8>,
+        name: Vec<u8>,
+        prev_dir: Option<&DirNode>,
+        reuse_children: bool,
+    ) -> Result<Option<(DraftEntry, bool)>, FsError> {
+        let base = rel.len();
+        if !rel.is_empty() {
+            rel.push(b'/');
+        }
+        rel.extend_from_slice(&name);
+        let result = self.entry(rel, name, prev_dir, reuse_children);
+        rel.truncate(base);
+        result
     }
 
     /// Drafts entry `rel` (named `name`); `None` for entries on other filesystems.
@@ -600,24 +617,12 @@ impl Walk<'_> {
                 entries.push(DraftEntry::Done(e.clone()));
                 continue;
             }
-            let base = rel.len();
-            if !rel.is_empty() {
-                rel.push(b'/');
-            }
-            rel.extend_from_slice(&e.name);
-            let result = self.entry(rel, e.name.clone(), Some(prev), true);
-            rel.truncate(base);
-            if let Some((entry, entry_links)) = result? {
+            if let Some((entry, entry_links)) = self.child(rel, e.name.clone(), Some(prev), true)? {
                 links |= entry_links;
                 entries.push(entry);
             }
         }
-        Ok(DraftDir {
-            ino: meta.ino(),
-            ctime: (meta.ctime(), meta.ctime_nsec()),
-            links,
-            entries,
-        })
+        Ok(DraftDir::of(meta, links, entries))
     }
 
     fn lookup_identity(&mut self, id: &FileIdentity) -> Option<[u8; 32]> {
