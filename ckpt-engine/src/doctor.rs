@@ -107,7 +107,8 @@ impl HostTables {
                     format!("new network namespaces get a TCP table of {n} entries")
                 } else {
                     "sandbox network namespaces share the host's TCP table: every listing of \
-                     a sandbox's sockets at a checkpoint walks all of it (4.5 ms per walk on a 24 GiB VM)"
+                     a sandbox's sockets at a checkpoint walks all of it (4.5 ms per walk on \
+                     a 24 GiB VM)"
                         .to_string()
                 },
                 "sysctl -w net.ipv4.tcp_child_ehash_entries=1024 (namespaces created afterwards \

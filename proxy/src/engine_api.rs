@@ -193,7 +193,8 @@ mod tests {
 }
 
 /// The engine's own counters, read at each scrape (`crab_writeback_*`: what write-behind of the
-/// pool has done; `crab_process_image*`: what writing process images incrementally has done).
+/// pool has done; `crab_fs_*`: what filesystem snapshots changed and took on disk;
+/// `crab_process_image*`: what writing process images incrementally has done).
 /// Nothing is reported before the engine is opened.
 #[derive(Debug)]
 pub struct EngineCollector(pub Arc<EngineHost>);

@@ -215,10 +215,10 @@ pub fn tree_usage(dir: &std::path::Path) -> std::io::Result<(u64, u64)> {
 
 /// Bytes on disk of what was written to the files below `root` (a read-only snapshot, a
 /// published process image): per file, its path relative to `root` and its written ranges
-/// (sorted, disjoint), the extents starting there counted once each. Paths resolve beneath `root` only, following no
-/// symbolic link; a file not found under the name given (a rename's temporary
-/// `o<ino>-<gen>-<n>`) counts its ranges' length, as if stored uncompressed. `None` when extents
-/// cannot be read at all (not btrfs, no CAP_SYS_ADMIN).
+/// (sorted, disjoint), the extents starting there counted once each. Paths resolve beneath
+/// `root` only, following no symbolic link; a file not found under the name given (a rename's
+/// temporary `o<ino>-<gen>-<n>`) counts its ranges' length, as if stored uncompressed. `None`
+/// when extents cannot be read at all (not btrfs, no CAP_SYS_ADMIN).
 pub fn stored_bytes_below<'a>(
     root: &std::path::Path,
     files: impl IntoIterator<Item = (&'a std::path::Path, &'a [Range<u64>])>,

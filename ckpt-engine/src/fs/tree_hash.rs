@@ -492,42 +492,33 @@ impl Walk<'_> {
                 Dirty::All => true,
                 Dirty::Paths(d) => d.relist.contains(rel.as_slice()) || d.in_subtree(rel),
             };
-            if let Some(node) = prev_node {
-                let same =
-                    node.ino == meta.ino() && node.ctime == (meta.ctime(), meta.ctime_nsec());
-                if reuse_children && !relist && same && !node.links {
-                    // Unchanged subtree: only the entry's own record is recomputed.
-                    self.stats.dirs_reused += 1;
-                    let xattrs = xattr_bytes(&path)?;
-                    let hash = entry_hash_with(&name, &meta, &Payload::Dir(&node.hash), &xattrs);
-                    return Ok(Some((
-                        DraftEntry::Done(EntryNode {
-                            name,
-                            hash,
-                            kind: EntryKind::Dir(Arc::clone(node)),
-                            linked: false,
-                        }),
-                        false,
-                    )));
-                }
-                if reuse_children && !relist && same {
-                    // Unchanged listing with linked files below: look at those only.
-                    let xattrs = xattr_bytes(&path)?;
-                    let dir = self.recheck(rel, &meta, node)?;
-                    let links = dir.links;
-                    return Ok(Some((
-                        DraftEntry::Dir {
-                            name,
-                            meta: Box::new(meta),
-                            xattrs,
-                            dir,
-                        },
-                        links,
-                    )));
-                }
-            }
+            // The previous node, when its listing is proven unchanged.
+            let unchanged = prev_node.filter(|node| {
+                reuse_children
+                    && !relist
+                    && node.ino == meta.ino()
+                    && node.ctime == (meta.ctime(), meta.ctime_nsec())
+            });
             let xattrs = xattr_bytes(&path)?;
-            let dir = self.dir(rel, &meta, prev_node.map(|n| &**n))?;
+            if let Some(node) = unchanged.filter(|n| !n.links) {
+                // Unchanged subtree: only the entry's own record is recomputed.
+                self.stats.dirs_reused += 1;
+                let hash = entry_hash_with(&name, &meta, &Payload::Dir(&node.hash), &xattrs);
+                return Ok(Some((
+                    DraftEntry::Done(EntryNode {
+                        name,
+                        hash,
+                        kind: EntryKind::Dir(Arc::clone(node)),
+                        linked: false,
+                    }),
+                    false,
+                )));
+            }
+            let dir = match unchanged {
+                // Unchanged listing with linked files below: look at those only.
+                Some(node) => self.recheck(rel, &meta, node)?,
+                None => self.dir(rel, &meta, prev_node.map(|n| &**n))?,
+            };
             let links = dir.links;
             return Ok(Some((
                 DraftEntry::Dir {
