@@ -398,3 +398,74 @@ fn tcp_listener_dump_is_refused_with_criu_reason() {
         }
     }
 }
+
+/// Proves that the sandbox's tmpfs mounts come back as they were with Crab's CRIU build, which
+/// archives a tmpfs without gzip and an empty one without tar at all
+/// (`loadtest/scripts/criu-4.1.1-tmpfs-no-gzip.patch`): a file and a mode in `/dev/shm` and a
+/// directory in `/dev` survive a kill and restore, runc's empty read-only masks stay empty and
+/// read-only, and an emptied `/dev/shm` comes back with its mount's default mode.
+#[test]
+fn tmpfs_contents_survive_restore() {
+    if !process_prerequisites("tmpfs_contents_survive_restore") {
+        return;
+    }
+    let lab = Lab::open(4 * GIB);
+    let name = unique("");
+    lab.engine().create(&name, None).expect("create");
+    lab.sh(
+        &name,
+        "echo shm-state > /dev/shm/state && chmod 0640 /dev/shm/state && mkdir /dev/extra",
+    );
+    lab.spawn(&name, "exec sleep 1000");
+    let cp = lab
+        .full_checkpoint(&name)
+        .unwrap_or_else(|f| panic!("checkpoint: {}", f.error));
+    // The masks (/proc/acpi, /sys/firmware) are pristine: empty archives, no gzip anywhere.
+    let archives: Vec<Vec<u8>> = std::fs::read_dir(cp.dir.join("images"))
+        .expect("image dir")
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().starts_with("tmpfs-dev-"))
+        .map(|e| std::fs::read(e.path()).expect("read tmpfs image"))
+        .collect();
+    assert!(
+        archives.iter().any(|a| a.len() == 1024 && a.iter().all(|b| *b == 0)),
+        "pristine tmpfs mounts are empty archives (Crab's CRIU build; run bootstrap.sh): \
+         sizes {:?}",
+        archives.iter().map(Vec::len).collect::<Vec<_>>()
+    );
+    assert!(
+        archives.iter().all(|a| !a.starts_with(&[0x1f, 0x8b])),
+        "no tmpfs archive is gzip'ed"
+    );
+    lab.sh(&name, "rm /dev/shm/state && rmdir /dev/extra");
+    lab.kill_sandbox(&name);
+    lab.restore_in_place(&name, &cp);
+    let (code, out) = lab.sh_in(
+        &name,
+        "cat /dev/shm/state; stat -c %a /dev/shm/state; test -d /dev/extra && echo extra; \
+         ls -A /proc/acpi /sys/firmware | grep -v : | grep -c . ; \
+         touch /proc/acpi/x 2>/dev/null || echo read-only; echo ok > /dev/null && echo null",
+    );
+    assert_eq!(code, 0, "{out}");
+    assert_eq!(
+        out.split_whitespace().collect::<Vec<_>>(),
+        ["shm-state", "640", "extra", "0", "read-only", "null"],
+        "restored tmpfs contents: {out}"
+    );
+
+    // Emptied, /dev/shm is pristine too: restored from its mount options alone.
+    lab.sh(&name, "rm /dev/shm/state");
+    let cp = lab
+        .full_checkpoint(&name)
+        .unwrap_or_else(|f| panic!("checkpoint: {}", f.error));
+    lab.sh(&name, "echo later > /dev/shm/later");
+    lab.kill_sandbox(&name);
+    lab.restore_in_place(&name, &cp);
+    let (code, out) = lab.sh_in(&name, "ls -A /dev/shm | grep -c . ; stat -c %a /dev/shm");
+    assert_eq!(
+        (code, out.split_whitespace().collect::<Vec<_>>()),
+        (0, vec!["0", "1777"]),
+        "{out}"
+    );
+    lab.kill_sandbox(&name);
+}
