@@ -12,6 +12,7 @@ use std::process::{Command, Stdio};
 
 use serde::{Deserialize, Serialize};
 
+use crate::process::runc::{StateFile, read_state_file};
 use crate::sys::{self, ToolError};
 
 /// The container's init: the container's own `/dev/null` as stdio, exits on SIGTERM, and as
@@ -147,8 +148,14 @@ impl Runc {
         self.state(id).map(|(status, _)| status)
     }
 
-    /// Container status and init pid (0 when not running), `None` when unknown.
+    /// Container status and init pid (0 when not running), `None` when unknown. Read from
+    /// runc's record when it can be ([`read_state_file`]), else from `runc state`.
     pub fn state(&self, id: &str) -> Option<(String, u32)> {
+        match read_state_file(&self.root, id) {
+            StateFile::Read(s) => return Some((s.status, s.pid)),
+            StateFile::Missing => return None,
+            StateFile::Unknown => {}
+        }
         let mut args = self.base();
         args.extend(["state".into(), id.into()]);
         let out = sys::run(&self.bin, &args).ok()?;
@@ -160,11 +167,7 @@ impl Runc {
 
     /// Pid of the container's init (in the host pid namespace), `None` when not running.
     pub fn pid(&self, id: &str) -> Option<u32> {
-        let mut args = self.base();
-        args.extend(["state".into(), id.into()]);
-        let out = sys::run(&self.bin, &args).ok()?;
-        let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
-        v.get("pid")?.as_u64().map(|p| p as u32).filter(|p| *p > 0)
+        self.state(id).map(|(_, pid)| pid).filter(|p| *p > 0)
     }
 
     /// Stops and removes the container (`runc delete --force` kills what is left). Unknown

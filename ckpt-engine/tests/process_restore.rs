@@ -315,12 +315,19 @@ fn undumpable_sandbox_gives_typed_reason_and_keeps_running() {
         .unwrap();
     assert!(status.success());
     // `runc exec -d` returns while its outer `sh` (itself outside the init's tree) may still be
-    // handing the double-forked child over: wait until only the adopted child is left.
+    // handing the double-forked child over, and the child may not have replaced the host's
+    // `/dev/null` it inherited as stdio yet (CRIU refuses that file too): wait until only the
+    // adopted child is left, holding the host file.
     let mut attempts = 0;
+    let settling = |e: &ProcessError| {
+        matches!(e, ProcessError::OutsideTree { .. })
+            || e.criu_failure()
+                .is_some_and(|r| !r.message.contains("host-file"))
+    };
     let failure = loop {
         match lab.full_checkpoint(&name) {
             Ok(_) => panic!("dump of a sandbox holding a host file must fail"),
-            Err(f) if matches!(f.error, ProcessError::OutsideTree { .. }) && attempts < 50 => {
+            Err(f) if settling(&f.error) && attempts < 50 => {
                 attempts += 1;
                 std::thread::sleep(std::time::Duration::from_millis(100));
             }
@@ -416,7 +423,6 @@ fn tmpfs_contents_survive_restore() {
         &name,
         "echo shm-state > /dev/shm/state && chmod 0640 /dev/shm/state && mkdir /dev/extra",
     );
-    lab.spawn(&name, "exec sleep 1000");
     let cp = lab
         .full_checkpoint(&name)
         .unwrap_or_else(|f| panic!("checkpoint: {}", f.error));
@@ -428,7 +434,9 @@ fn tmpfs_contents_survive_restore() {
         .map(|e| std::fs::read(e.path()).expect("read tmpfs image"))
         .collect();
     assert!(
-        archives.iter().any(|a| a.len() == 1024 && a.iter().all(|b| *b == 0)),
+        archives
+            .iter()
+            .any(|a| a.len() == 1024 && a.iter().all(|b| *b == 0)),
         "pristine tmpfs mounts are empty archives (Crab's CRIU build; run bootstrap.sh): \
          sizes {:?}",
         archives.iter().map(Vec::len).collect::<Vec<_>>()

@@ -19,8 +19,9 @@ use std::time::{Duration, Instant};
 use ckpt_engine::Engine;
 use ckpt_engine::fs::ChangeHint;
 use ckpt_engine::manifest::CheckpointKind;
+use ckpt_engine::process::runc::{StateFile, read_state_file};
 use common::{TestEngine, sh, unique};
-use process_support::{GIB, process_prerequisites};
+use process_support::{GIB, Lab, process_prerequisites};
 
 fn alive(pid: u32) -> bool {
     // A zombie is dead for this purpose.
@@ -195,4 +196,57 @@ fn foreign_processes_in_the_cgroup_are_named_as_another_containers() {
         .expect("checkpoint");
     assert_eq!(p.captured, CheckpointKind::Full, "note {:?}", p.note);
     assert_eq!(p.process.expect("image").processes, 2);
+}
+
+/// Crab reads a container's state from runc's `state.json` instead of running `runc state`
+/// (a Go process per checkpoint): on a real container the two agree while it runs, while it
+/// is paused, after its init is killed, and once runc has deleted it.
+#[test]
+fn container_state_read_from_runc_records_matches_runc_state() {
+    if !process_prerequisites("container_state_read_from_runc_records_matches_runc_state") {
+        return;
+    }
+    let lab = Lab::open(GIB);
+    let name = unique("");
+    lab.engine().create(&name, None).expect("create");
+    let runc = lab.process.runc();
+    let cli = |id: &str| -> Option<(String, u32)> {
+        let out = runc
+            .command()
+            .args(["state", id])
+            .output()
+            .expect("runc state");
+        out.status.success().then(|| {
+            let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("state json");
+            (
+                v["status"].as_str().unwrap().to_string(),
+                v["pid"].as_u64().unwrap() as u32,
+            )
+        })
+    };
+    let read = |id: &str| match read_state_file(runc.root_dir(), id) {
+        StateFile::Read(s) => Some((s.status, s.pid)),
+        StateFile::Missing => None,
+        StateFile::Unknown => panic!("runc's record of {id} not understood"),
+    };
+    let running = read(&name);
+    assert_eq!(running.as_ref().map(|s| s.0.as_str()), Some("running"));
+    assert_eq!(running, cli(&name));
+    assert!(running.as_ref().unwrap().1 > 0);
+    runc.run(&["pause", &name]).expect("pause");
+    assert_eq!(read(&name).unwrap().0, "paused");
+    assert_eq!(read(&name), cli(&name));
+    runc.run(&["resume", &name]).expect("resume");
+    assert_eq!(read(&name), running);
+    runc.kill_all(&name, "KILL").expect("kill");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while read(&name).is_some_and(|s| s.0 != "stopped") && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(read(&name), Some(("stopped".to_string(), 0)));
+    assert_eq!(read(&name), cli(&name));
+    runc.delete_force(&name).expect("delete");
+    assert_eq!(read(&name), None);
+    assert_eq!(cli(&name), None);
+    assert_eq!(lab.engine().runc().state(&name), None);
 }
