@@ -372,6 +372,8 @@ http {{
 pub struct ProcStats {
     /// utime + stime (+ cutime + cstime), seconds.
     pub cpu_seconds: f64,
+    /// The kernel's part of it: stime (+ cstime), seconds.
+    pub sys_seconds: f64,
     /// VmHWM summed over the process and its children, bytes.
     pub peak_rss_bytes: u64,
 }
@@ -397,6 +399,7 @@ pub fn proc_stats(pid: u32, children: bool) -> ProcStats {
     for p in pids {
         if let Some(f) = stat_fields(p) {
             s.cpu_seconds += (f.utime + f.stime + f.cutime + f.cstime) as f64 / tick;
+            s.sys_seconds += (f.stime + f.cstime) as f64 / tick;
         }
         s.peak_rss_bytes += vm_hwm(p).unwrap_or(0);
     }

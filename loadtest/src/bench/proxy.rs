@@ -359,6 +359,8 @@ async fn drive(
 struct Cell {
     batch: Batch,
     cpu_seconds: f64,
+    /// The kernel's part of `cpu_seconds`.
+    sys_seconds: f64,
 }
 
 struct Bench {
@@ -383,6 +385,7 @@ impl Bench {
             .map(|_| Cell {
                 batch: Batch::new(),
                 cpu_seconds: 0.0,
+                sys_seconds: 0.0,
             })
             .collect();
         let rounds = rounds.max(1);
@@ -416,6 +419,7 @@ impl Bench {
                 let b = drive(&client, &t.base, spec, concurrency, per_round, gap).await;
                 let after = t.stats();
                 cells[i].cpu_seconds += after.cpu_seconds - before.cpu_seconds;
+                cells[i].sys_seconds += after.sys_seconds - before.sys_seconds;
                 cells[i].batch.merge(b);
                 self.progress.inc(1);
             }
@@ -503,6 +507,8 @@ struct ThroughputRow {
     /// Relative to direct's rate.
     relative_to_direct: f64,
     proxy_cpu_seconds: f64,
+    /// The kernel's part of `proxy_cpu_seconds` (system calls, TCP).
+    proxy_sys_seconds: f64,
     proxy_cpu_us_per_request: Option<f64>,
 }
 
@@ -860,6 +866,7 @@ async fn run_async(args: Args) -> anyhow::Result<()> {
                         0.0
                     },
                     proxy_cpu_seconds: cell.cpu_seconds,
+                    proxy_sys_seconds: cell.sys_seconds,
                     proxy_cpu_us_per_request: per_request_cpu(kind_path, cell),
                 });
             }
@@ -1116,12 +1123,17 @@ fn print_report(r: &Report) {
     }
     println!("\nThroughput");
     println!(
-        "{:<9} {:>6} {:<13} {:>9} {:>6} {:>10} {:>8} {:>9} {:>10}",
-        "kind", "conc", "path", "done", "err", "per sec", "vs dir", "cpu s", "cpu µs/rq"
+        "{:<9} {:>6} {:<13} {:>9} {:>6} {:>10} {:>8} {:>9} {:>6} {:>10}",
+        "kind", "conc", "path", "done", "err", "per sec", "vs dir", "cpu s", "sys", "cpu µs/rq"
     );
     for t in &r.throughput {
+        let sys = if t.proxy_cpu_seconds > 0.0 {
+            format!("{:.0}%", t.proxy_sys_seconds * 100.0 / t.proxy_cpu_seconds)
+        } else {
+            "-".into()
+        };
         println!(
-            "{:<9} {:>6} {:<13} {:>9} {:>6} {:>10.0} {:>7.0}% {:>9.2} {:>10}",
+            "{:<9} {:>6} {:<13} {:>9} {:>6} {:>10.0} {:>7.0}% {:>9.2} {:>6} {:>10}",
             t.kind,
             t.concurrency,
             t.path.name(),
@@ -1130,6 +1142,7 @@ fn print_report(r: &Report) {
             t.per_second,
             t.relative_to_direct * 100.0,
             t.proxy_cpu_seconds,
+            sys,
             t.proxy_cpu_us_per_request
                 .map(|v| format!("{v:.0}"))
                 .unwrap_or_else(|| "-".into())
