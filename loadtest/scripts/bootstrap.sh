@@ -27,7 +27,7 @@ APT_PACKAGES=(
     clang-19 llvm-19 libbpf-dev bpftool
     runc btrfs-progs busybox-static debootstrap util-linux e2fsprogs iproute2 iptables
     nginx-light python3 python3-venv sqlite3
-    libbsd-dev libcap-dev libgnutls28-dev libnet1-dev libnftables-dev libnl-3-dev
+    libbsd-dev libcap-dev libnet1-dev libnftables-dev libnl-3-dev
     libprotobuf-c-dev libprotobuf-dev protobuf-c-compiler protobuf-compiler python3-protobuf
     uuid-dev patch
 )
@@ -64,9 +64,13 @@ CRIU_VERSION=4.1.1
 CRIU_SHA256=f80a66cb3726bb2116266d4759ce3bcbfab7abdb6b6d430bf20dd41911717afe
 CRIU_BIN="$CACHE_DIR/criu-$CRIU_VERSION/criu/criu"
 # Crab's patches (e.g. inet sockets on Linux >= 6.16); a build is current when it was made from
-# this tarball with exactly these patches (its build id is stored next to the binary).
+# this tarball with exactly these patches and make flags (its build id is stored next to the binary).
 CRIU_PATCHES=("$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"/criu-"$CRIU_VERSION"-*.patch)
-CRIU_BUILD_ID=$({ echo "$CRIU_SHA256"; cat "${CRIU_PATCHES[@]}"; } | sha256sum | cut -d' ' -f1)
+# Built without GnuTLS (only its TLS page server uses it): every CRIU start then maps 18
+# instead of 25 shared libraries, 3.5 instead of 6 ms of CPU here, paid by each dump and
+# restore (runc starts CRIU twice per operation: a version check, then the work).
+CRIU_MAKE_FLAGS=(NO_GNUTLS=1)
+CRIU_BUILD_ID=$({ echo "$CRIU_SHA256"; echo "${CRIU_MAKE_FLAGS[*]}"; cat "${CRIU_PATCHES[@]}"; } | sha256sum | cut -d' ' -f1)
 criu_current() { criu_ok "$1" && [ "$(cat "$2" 2>/dev/null)" = "$CRIU_BUILD_ID" ]; }
 if [ "${CRAB_SKIP_CRIU:-0}" = 1 ]; then
     log "criu: skipped (CRAB_SKIP_CRIU=1)"
@@ -104,7 +108,7 @@ EOF
         for p in "${CRIU_PATCHES[@]}"; do
             patch -d "$CACHE_DIR/criu-$CRIU_VERSION" -p1 --quiet <"$p" || die "criu patch does not apply: $p"
         done
-        make -C "$CACHE_DIR/criu-$CRIU_VERSION" -j"$(nproc)" criu >"$CACHE_DIR/criu-build.log" 2>&1 \
+        make -C "$CACHE_DIR/criu-$CRIU_VERSION" -j"$(nproc)" "${CRIU_MAKE_FLAGS[@]}" criu >"$CACHE_DIR/criu-build.log" 2>&1 \
             || { tail -30 "$CACHE_DIR/criu-build.log" >&2; die "criu build failed (log: $CACHE_DIR/criu-build.log)"; }
         echo "$CRIU_BUILD_ID" >"$CACHE_DIR/criu-$CRIU_VERSION/.crab-build"
     fi
