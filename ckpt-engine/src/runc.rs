@@ -74,7 +74,8 @@ impl Runc {
             bundle.as_os_str().to_owned(),
             id.into(),
         ]);
-        sys::run(&self.bin, &args).map(|_| ())
+        // The container's network namespace gets socket tables of its own.
+        crate::network::from_sandbox_parent(|| sys::run(&self.bin, &args)).map(|_| ())
     }
 
     /// Runs `argv` in the container and waits, capturing output; with `detach` starts it in the

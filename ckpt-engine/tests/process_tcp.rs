@@ -365,3 +365,48 @@ fn other_refusals_still_degrade_to_fs_only_with_criu_reason() {
     );
     assert_eq!(counter(e, &name), 2, "the sandbox kept running");
 }
+
+/// Buckets of the TCP established hash of the sandbox's network namespace, as the kernel
+/// reports it there (negative: it shares the host's).
+fn tcp_table(e: &ckpt_engine::Engine, name: &str) -> i64 {
+    let out = sh(e, name, "cat /proc/sys/net/ipv4/tcp_ehash_entries");
+    out.trim().parse().unwrap_or_else(|_| panic!("{out:?}"))
+}
+
+/// Proves that a sandbox's network namespace has a TCP table of its own (so listing its
+/// sockets at a checkpoint does not walk the host's), both as created and as CRIU restores
+/// it, without any change to the host's `tcp_child_ehash_entries`; the restored sandbox still
+/// reaches the host.
+#[test]
+fn sandbox_namespaces_get_socket_tables_of_their_own() {
+    let test = "sandbox_namespaces_get_socket_tables_of_their_own";
+    if !process_prerequisites(test) {
+        return;
+    }
+    let host_setting = || std::fs::read_to_string("/proc/sys/net/ipv4/tcp_child_ehash_entries");
+    let before = host_setting().expect("kernel >= 6.1");
+    let lab = Lab::open(4 * GIB);
+    let e = lab.engine();
+    let name = unique("");
+    e.create(&name, None).expect("create sandbox");
+    let own = i64::from(ckpt_engine::network::SANDBOX_SOCKET_TABLE);
+    assert_eq!(tcp_table(e, &name), own, "as created");
+    let point = e
+        .checkpoint(&name, CheckpointKind::Full, &ChangeHint::Unknown)
+        .expect("full checkpoint");
+    assert_eq!(point.captured, CheckpointKind::Full);
+    lab.kill_sandbox(&name);
+    let r = e.restore(&name, Some(&point.id)).expect("restore");
+    assert_eq!(r.process_image.as_deref(), Some(point.id.as_str()));
+    assert_eq!(tcp_table(e, &name), own, "as restored");
+    assert_reaches_host(
+        e,
+        &name,
+        "after restoring a sandbox with a table of its own",
+    );
+    assert_eq!(
+        host_setting().unwrap(),
+        before,
+        "the host's setting is untouched"
+    );
+}

@@ -721,7 +721,8 @@ impl ProcessBackend {
             .env("CRIU_CONFIG_FILE", &criu_conf);
         let stdio = attach_pipe_stdio(&mut cmd, req.stdio_log)?;
         // Not watched: runc's children include the restored tasks (see `RuncOperation::spawn`).
-        let mut op = RuncOperation::spawn(&mut cmd, None)
+        // CRIU makes the restored network namespace: it gets socket tables of its own.
+        let mut op = crate::network::from_sandbox_parent(|| RuncOperation::spawn(&mut cmd, None))
             .map_err(|e| ProcessError::io("spawn runc restore", &self.runc.binary, e))?;
         drop(cmd);
         let deadline = started + Duration::from_secs(self.config.operation_timeout_secs);

@@ -239,8 +239,8 @@ impl Runc {
             .arg(bundle)
             .arg(id);
         let stdin = attach_pipe_stdio(&mut cmd, log)?;
-        let out = cmd
-            .output()
+        // The container's network namespace gets socket tables of its own.
+        let out = crate::network::from_sandbox_parent(|| cmd.output())
             .map_err(|e| ProcessError::io("spawn runc run", &self.binary, e))?;
         if !out.status.success() {
             // runc's stderr is the container's: it went to the log.
