@@ -23,8 +23,8 @@
 //! Invariants: only published recovery points are visible; every id read from disk is validated
 //! before it becomes a path; a restore is verified against the snapshot's tree hash (by clone
 //! provenance or by hashing the restored tree) before the sandbox runs again.
-// `unsafe` only for two btrfs/VFS ioctls, in `fs::provenance` and `fs::reflink` (`// SAFETY:` on
-// each block).
+// `unsafe` only for btrfs/VFS ioctls, in `fs::provenance`, `fs::reflink`, `fs::extents` and
+// `fs::subvolume` (`// SAFETY:` on each block).
 #![deny(unsafe_code)]
 
 pub mod api;

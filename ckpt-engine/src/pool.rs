@@ -15,8 +15,8 @@
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
-use crate::fs::FsError;
 use crate::fs::compression::Compression;
+use crate::fs::{FsError, subvolume};
 use crate::sys;
 
 /// Inode number of every btrfs subvolume root directory.
@@ -44,38 +44,15 @@ pub fn is_subvolume(path: &Path) -> bool {
         && is_btrfs(path)
 }
 
-fn btrfs(args: &[&OsArg]) -> Result<sys::ToolOutput, FsError> {
-    sys::run("btrfs", args).map_err(|e| {
-        if e.is_no_space() {
-            FsError::NoSpace {
-                op: "btrfs",
-                path: PathBuf::from(e.args.clone()),
-            }
-        } else {
-            e.into()
-        }
-    })
-}
-
-type OsArg = std::ffi::OsStr;
-
 /// Creates an empty writable subvolume at `path`.
 pub fn create_subvolume(path: &Path) -> Result<(), FsError> {
-    btrfs(&["subvolume".as_ref(), "create".as_ref(), path.as_os_str()])?;
-    Ok(())
+    subvolume::create(path).map_err(|e| FsError::io("create subvolume", path, e))
 }
 
 /// Snapshots subvolume `src` to `dst` (read-only when `readonly`). btrfs commits the
 /// transaction that creates a snapshot, so it is durable when this returns.
 pub fn snapshot_subvolume(src: &Path, dst: &Path, readonly: bool) -> Result<(), FsError> {
-    let mut args: Vec<&OsArg> = vec!["subvolume".as_ref(), "snapshot".as_ref()];
-    if readonly {
-        args.push("-r".as_ref());
-    }
-    args.push(src.as_os_str());
-    args.push(dst.as_os_str());
-    btrfs(&args)?;
-    Ok(())
+    subvolume::snapshot(src, dst, readonly).map_err(|e| FsError::io("snapshot subvolume", dst, e))
 }
 
 /// Deletes the subvolume at `path` (and nested subvolumes are not expected). Missing is fine.
@@ -87,34 +64,18 @@ pub fn delete_subvolume(path: &Path) -> Result<(), FsError> {
         // A plain directory (e.g. a crashed create before the subvolume existed).
         return std::fs::remove_dir_all(path).map_err(|e| FsError::io("remove dir", path, e));
     }
-    // A read-only snapshot can be deleted directly; no need to flip the property.
-    btrfs(&["subvolume".as_ref(), "delete".as_ref(), path.as_os_str()])?;
-    Ok(())
+    // A read-only snapshot can be deleted directly; no need to flip the flag.
+    subvolume::delete(path).map_err(|e| FsError::io("delete subvolume", path, e))
 }
 
 /// True when the subvolume at `path` is read-only.
 pub fn is_readonly(path: &Path) -> Result<bool, FsError> {
-    let out = btrfs(&[
-        "property".as_ref(),
-        "get".as_ref(),
-        "-ts".as_ref(),
-        path.as_os_str(),
-        "ro".as_ref(),
-    ])?;
-    Ok(out.stdout_str().trim() == "ro=true")
+    subvolume::is_readonly(path).map_err(|e| FsError::io("read subvolume flags", path, e))
 }
 
 /// Makes the subvolume at `path` read-only.
 pub fn set_readonly(path: &Path) -> Result<(), FsError> {
-    btrfs(&[
-        "property".as_ref(),
-        "set".as_ref(),
-        "-ts".as_ref(),
-        path.as_os_str(),
-        "ro".as_ref(),
-        "true".as_ref(),
-    ])?;
-    Ok(())
+    subvolume::set_readonly(path).map_err(|e| FsError::io("make subvolume read-only", path, e))
 }
 
 impl BtrfsPool {

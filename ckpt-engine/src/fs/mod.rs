@@ -30,6 +30,7 @@ pub mod extents;
 pub mod provenance;
 pub mod reflink;
 pub mod send_stream;
+pub mod subvolume;
 pub mod tree_cache;
 pub mod tree_hash;
 pub mod writeback;
