@@ -11,7 +11,8 @@
 //!   snapshots and real `btrfs send` change sets through `BtrfsBackend`; the recorded hash of
 //!   every snapshot equals a full rehash and `verify`; the index is taken from memory, then from
 //!   the cache file after a restart, and a corrupted or missing cache file means a full rehash
-//!   with the same result.
+//!   with the same result. Crab's send stream (the ioctl) equals `btrfs send --no-data`'s,
+//!   whole and incremental.
 
 mod common;
 
@@ -20,8 +21,22 @@ use std::path::{Path, PathBuf};
 
 use ckpt_engine::fs::btrfs::{BtrfsBackend, IndexSource};
 use ckpt_engine::fs::tree_hash::{Dirty, DirtyPaths, hash_tree, tree_hash};
-use ckpt_engine::fs::{ChangeHint, FsBackend, FsSnapshotRef, NoQuiesce, SnapshotRequest};
+use ckpt_engine::fs::{
+    ChangeHint, FsBackend, FsSnapshotRef, NoQuiesce, SnapshotRequest, subvolume,
+};
 use ckpt_engine::pool::{self, BtrfsPool};
+
+/// `btrfs send -q --no-data [-p parent] snapshot`'s stream.
+fn btrfs_send(snapshot: &Path, parent: Option<&Path>) -> Vec<u8> {
+    let mut cmd = std::process::Command::new("btrfs");
+    cmd.args(["send", "-q", "--no-data"]);
+    if let Some(p) = parent {
+        cmd.arg("-p").arg(p);
+    }
+    let out = cmd.arg(snapshot).output().expect("btrfs send");
+    assert!(out.status.success(), "{out:?}");
+    out.stdout
+}
 
 fn write(root: &Path, rel: &str, data: &[u8]) {
     let p = root.join(rel);
@@ -365,6 +380,12 @@ fn btrfs_snapshots_hash_incrementally_and_distrust_bad_caches() {
 
     let backend = BtrfsBackend::new(pool, ckpt_engine::config::RestoreVerify::Cached);
     let mut parent = snap(&backend, &source, "cp-0", None);
+    let first = snapshot_path(pool, &parent);
+    assert_eq!(
+        subvolume::send_no_data(&first, None).unwrap(),
+        btrfs_send(&first, None),
+        "whole send stream"
+    );
     assert_eq!(
         parent.tree_hash,
         tree_hash(&snapshot_path(pool, &parent)).unwrap()
@@ -390,6 +411,14 @@ fn btrfs_snapshots_hash_incrementally_and_distrust_bad_caches() {
             assert_eq!(s.tree_hash, parent.tree_hash);
             assert_eq!(stats.files_read, 0);
         }
+        // Crab's send (the ioctl) writes what `btrfs send --no-data` writes, byte for byte.
+        let (from, to) = (snapshot_path(pool, &parent), snapshot_path(pool, &s));
+        assert_eq!(
+            subvolume::send_no_data(&to, Some(&from)).unwrap(),
+            btrfs_send(&to, Some(&from)),
+            "{}: send stream",
+            m.what
+        );
         parent = s;
     }
 

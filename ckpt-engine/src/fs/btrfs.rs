@@ -53,6 +53,7 @@ use std::time::Instant;
 use super::extents;
 use super::provenance;
 use super::send_stream::{self, SendSummary};
+use super::subvolume;
 use super::tree_hash::{Dirty, HashStats, TreeIndex, hash_tree, tree_hash};
 use super::writeback;
 use super::{
@@ -61,7 +62,6 @@ use super::{
 };
 use crate::config::RestoreVerify;
 use crate::pool::{self, BtrfsPool};
-use crate::sys;
 
 /// Backend name recorded in manifests.
 pub const NAME: &str = "btrfs";
@@ -441,9 +441,8 @@ impl Inner {
         }
     }
 
-    /// Runs `btrfs send --no-data` of `snapshot` (incremental from `parent`) and parses it.
     /// The (data-less) send stream of `snapshot` against `parent`, else against `base` (the
-    /// read-only tree it was cloned from), else whole.
+    /// read-only tree it was cloned from), else whole, parsed.
     fn send_summary(
         &self,
         snapshot: &FsSnapshotRef,
@@ -451,18 +450,14 @@ impl Inner {
         base: Option<&Path>,
     ) -> Result<SendSummary, FsError> {
         let path = self.path_of(snapshot)?;
-        let mut args: Vec<std::ffi::OsString> =
-            vec!["send".into(), "-q".into(), "--no-data".into()];
-        if let Some(parent) = parent {
-            args.push("-p".into());
-            args.push(self.path_of(parent)?.into_os_string());
-        } else if let Some(base) = base {
-            args.push("-p".into());
-            args.push(base.as_os_str().to_owned());
-        }
-        args.push(path.into_os_string());
-        let out = sys::run("btrfs", &args)?;
-        send_stream::parse(&out.stdout).map_err(|reason| FsError::Corrupt {
+        let parent = match (parent, base) {
+            (Some(parent), _) => Some(self.path_of(parent)?),
+            (None, Some(base)) => Some(base.to_path_buf()),
+            (None, None) => None,
+        };
+        let stream = subvolume::send_no_data(&path, parent.as_deref())
+            .map_err(|e| FsError::io("btrfs send", &path, e))?;
+        send_stream::parse(&stream).map_err(|reason| FsError::Corrupt {
             id: snapshot.id.clone(),
             reason: format!("unparsable btrfs send stream: {reason}"),
         })
