@@ -139,9 +139,9 @@ fn make_parent() -> std::io::Result<OwnedFd> {
 }
 
 /// Runs `f` on a thread that joined the sandbox parent namespace, so that processes `f` starts
-/// create their network namespaces from it; runs `f` here when there is no parent namespace or
-/// it cannot be joined. Only for commands that make a sandbox's namespace and use no network
-/// themselves (`runc run`, `runc restore`).
+/// create their network namespaces from it. Without a parent namespace `f` runs here; if it
+/// cannot be joined, `f` runs in the host's namespace all the same (logged). Only for commands
+/// that make a sandbox's namespace and use no network themselves (`runc run`, `runc restore`).
 pub fn from_sandbox_parent<T: Send>(f: impl FnOnce() -> T + Send) -> T {
     let Some(parent) = sandbox_parent() else {
         return f();
