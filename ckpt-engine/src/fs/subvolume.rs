@@ -4,7 +4,7 @@
 //! process per operation (about 2 ms of CPU each on a 2-vCPU VM), and a filesystem checkpoint
 //! takes a snapshot and reads a send stream every time.
 //!
-//! Pure part: [`vol_args`] and [`vol_args_v2`] build the argument structures from a name
+//! Pure part: `vol_args` and `vol_args_v2` build the argument structures from a name
 //! (refused when it is empty, `.`/`..`, holds a `/` or a NUL, or is too long), unit-tested.
 //! The ioctls open the parent directory of the target and pass its last component, as the
 //! `btrfs` tool does.
@@ -23,14 +23,14 @@ const SUBVOL_RDONLY: u64 = 1 << 1;
 
 /// `struct btrfs_ioctl_vol_args`.
 #[repr(C)]
-pub struct VolArgs {
+struct VolArgs {
     fd: i64,
     name: [u8; VOL_NAME_LEN],
 }
 
 /// `struct btrfs_ioctl_vol_args_v2` (the name member of its last union).
 #[repr(C)]
-pub struct VolArgsV2 {
+struct VolArgsV2 {
     fd: i64,
     transid: u64,
     flags: u64,
@@ -88,7 +88,7 @@ fn name_bytes(name: &[u8], room: usize) -> Result<&[u8], &'static str> {
 }
 
 /// The arguments of `SUBVOL_CREATE`/`SNAP_DESTROY` for `name`. Pure.
-pub fn vol_args(name: &[u8]) -> Result<Box<VolArgs>, &'static str> {
+fn vol_args(name: &[u8]) -> Result<Box<VolArgs>, &'static str> {
     let name = name_bytes(name, VOL_NAME_LEN)?;
     let mut args = Box::new(VolArgs {
         fd: 0,
@@ -100,11 +100,7 @@ pub fn vol_args(name: &[u8]) -> Result<Box<VolArgs>, &'static str> {
 
 /// The arguments of `SNAP_CREATE_V2` for a snapshot of the subvolume open as `source` named
 /// `name`, read-only when `readonly`. Pure.
-pub fn vol_args_v2(
-    source: i64,
-    name: &[u8],
-    readonly: bool,
-) -> Result<Box<VolArgsV2>, &'static str> {
+fn vol_args_v2(source: i64, name: &[u8], readonly: bool) -> Result<Box<VolArgsV2>, &'static str> {
     let name = name_bytes(name, VOL_NAME_LEN_V2)?;
     let mut args = Box::new(VolArgsV2 {
         fd: source,
@@ -136,15 +132,23 @@ fn parent_and_name(path: &Path) -> std::io::Result<(File, &[u8])> {
     Ok((File::open(parent)?, name.as_bytes()))
 }
 
-/// Creates an empty subvolume at `path`.
+/// The `btrfs_ioctl_vol_args` ioctls that name a subvolume in its parent directory.
+type NamedIoctl = unsafe fn(libc::c_int, *const VolArgs) -> nix::Result<libc::c_int>;
+
+/// Runs `ioctl` on the parent directory of `path` with its last component.
 #[allow(unsafe_code)]
-pub fn create(path: &Path) -> std::io::Result<()> {
+fn by_name(path: &Path, ioctl: NamedIoctl) -> std::io::Result<()> {
     let (dir, name) = parent_and_name(path)?;
     let args = vol_args(name).map_err(|why| invalid(path, why))?;
     // SAFETY: `args` is a valid, fully initialised `btrfs_ioctl_vol_args` that outlives the
     // call; the kernel only reads it; `dir` is open for the call.
-    unsafe { subvol_create(dir.as_raw_fd(), &*args) }?;
+    unsafe { ioctl(dir.as_raw_fd(), &*args) }?;
     Ok(())
+}
+
+/// Creates an empty subvolume at `path`.
+pub fn create(path: &Path) -> std::io::Result<()> {
+    by_name(path, subvol_create)
 }
 
 /// Snapshots subvolume `src` to `dst` (read-only when `readonly`). The kernel commits the
@@ -155,19 +159,14 @@ pub fn snapshot(src: &Path, dst: &Path, readonly: bool) -> std::io::Result<()> {
     let (dir, name) = parent_and_name(dst)?;
     let args = vol_args_v2(i64::from(source.as_raw_fd()), name, readonly)
         .map_err(|why| invalid(dst, why))?;
-    // SAFETY: as in `create`, for a `btrfs_ioctl_vol_args_v2`; `source` is open for the call.
+    // SAFETY: as in `by_name`, for a `btrfs_ioctl_vol_args_v2`; `source` is open for the call.
     unsafe { snap_create_v2(dir.as_raw_fd(), &*args) }?;
     Ok(())
 }
 
 /// Deletes the subvolume at `path` (read-only or not), as `btrfs subvolume delete` does.
-#[allow(unsafe_code)]
 pub fn delete(path: &Path) -> std::io::Result<()> {
-    let (dir, name) = parent_and_name(path)?;
-    let args = vol_args(name).map_err(|why| invalid(path, why))?;
-    // SAFETY: as in `create`.
-    unsafe { snap_destroy(dir.as_raw_fd(), &*args) }?;
-    Ok(())
+    by_name(path, snap_destroy)
 }
 
 /// Whether the subvolume at `path` is read-only.
