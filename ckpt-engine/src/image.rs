@@ -4,6 +4,7 @@
 //! snapshot to `<name>` (atomic: a crashed build leaves only `.building`, which the next build
 //! deletes). `busybox` comes from the host's busybox-static (a second); any other name is a
 //! Debian `debootstrap --variant=minbase` image with the configured package list (1.5–2 min).
+//! A new image is indexed for tree hashing right away ([`crate::fs::image_index`]).
 //!
 //! [`build_image_cached`] keeps a tarball of each debootstrapped root in a cache directory, keyed
 //! by suite, mirror and packages, so a machine (e.g. CI, for tests that need python3 inside a
@@ -187,6 +188,10 @@ fn build_with(
     pool::delete_subvolume(&dest)?;
     pool::snapshot_subvolume(&building, &dest, true)?;
     pool::delete_subvolume(&building)?;
+    // Index it now, so that no sandbox's first checkpoint waits for it.
+    if let Err(e) = crate::fs::image_index::load_or_hash(&pool.tree_caches_dir(), &dest) {
+        tracing::warn!(image = %dest.display(), error = %e, "could not index the image");
+    }
     Ok(dest)
 }
 

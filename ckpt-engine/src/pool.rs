@@ -170,6 +170,11 @@ impl BtrfsPool {
         self.root.join("sandboxes")
     }
 
+    /// Directory of the tree-hash indexes of snapshots and images ([`crate::fs::tree_cache`]).
+    pub fn tree_caches_dir(&self) -> PathBuf {
+        self.root.join("treecache")
+    }
+
     /// Directory of checkpoint snapshots.
     pub fn snapshots_dir(&self) -> PathBuf {
         self.root.join("snapshots")

@@ -571,6 +571,119 @@ fn first_snapshots_hash_and_measure_against_the_base_image() {
     assert!(whole.bytes_changed > 100_000, "{}", whole.bytes_changed);
 }
 
+/// An image's index is computed when the image is built and kept on disk, pinned to the image's
+/// subvolume (UUID, last change): a fresh backend (a restarted daemon) hashes a sandbox's first
+/// snapshot from it without hashing the image, and the result equals a full rehash. A cache
+/// file that is corrupt is replaced; an image changed after its creation is never indexed (its
+/// old cache is refused), and its sandboxes' first snapshots are hashed in full, correctly.
+#[test]
+fn image_indexes_are_kept_on_disk_and_pinned_to_the_image() {
+    use ckpt_engine::fs::image_index::{self, Origin};
+    if !common::prerequisites("image_indexes_are_kept_on_disk_and_pinned_to_the_image") {
+        return;
+    }
+    common::clean_leftovers();
+    let state = std::env::temp_dir().join(common::unique("-state"));
+    let guard = PoolGuard {
+        pool: BtrfsPool::open(&state, 1 << 30, Default::default()).expect("pool"),
+        state,
+    };
+    let pool = &guard.pool;
+    std::fs::create_dir_all(pool.sandboxes_dir()).unwrap();
+    let image = pool.images_dir().join("busybox");
+    let _images = ImagesGuard(vec![image.clone()]);
+    let cfg = ckpt_engine::EngineConfig::default();
+    ckpt_engine::image::build_image(pool, &cfg, "busybox", true).expect("build busybox image");
+    let caches = pool.tree_caches_dir();
+    let cache = image_index::cache_path(&caches, &image).unwrap();
+    assert!(cache.is_file(), "the build indexed the image");
+    let full = tree_hash(&image).unwrap();
+    let loaded = || image_index::load_or_hash(&caches, &image).unwrap();
+    let (_, index, origin) = loaded().expect("an intact image has an index");
+    assert_eq!(
+        (origin, index.tree_hash.as_str()),
+        (Origin::Disk, full.as_str())
+    );
+
+    let first_snapshot = |name: &str| {
+        let source = pool.sandboxes_dir().join(name);
+        pool::snapshot_subvolume(&image, &source, false).unwrap();
+        write(&source, "etc/motd", b"hello from the task");
+        // A fresh backend, as after a daemon restart.
+        let backend = BtrfsBackend::new(pool, ckpt_engine::config::RestoreVerify::Cached);
+        let out = backend
+            .snapshot(&SnapshotRequest {
+                base: Some(&image),
+                sandbox_id: name,
+                checkpoint_id: "cp-1",
+                source: &source,
+                parent: None,
+                changes: &ChangeHint::Unknown,
+                quiesce: &NoQuiesce,
+            })
+            .expect("snapshot");
+        let snapshot = pool.snapshots_dir().join(name).join(&out.snapshot.id);
+        let hash = tree_hash(&snapshot).unwrap();
+        assert_eq!(
+            out.snapshot.tree_hash, hash,
+            "{name}: index-based = full rehash"
+        );
+        let (kind, stats) = backend.last_hash(name).unwrap();
+        for id in backend.list(name).unwrap() {
+            let snap = FsSnapshotRef {
+                backend: "btrfs".into(),
+                id,
+                tree_hash: String::new(),
+            };
+            backend.delete(&snap).unwrap();
+        }
+        pool::delete_subvolume(&source).unwrap();
+        (kind, stats)
+    };
+    let (kind, stats) = first_snapshot("imgidx-a");
+    assert_eq!(kind, IndexSource::Image);
+    assert!(stats.files_read <= 1, "the image was not hashed: {stats:?}");
+
+    // A corrupt cache file is not used; the image is hashed again and the file rewritten.
+    let mut bytes = std::fs::read(&cache).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 1;
+    std::fs::write(&cache, &bytes).unwrap();
+    let (_, index, origin) = loaded().unwrap();
+    assert_eq!(
+        (origin, index.tree_hash.as_str()),
+        (Origin::Hashed, full.as_str())
+    );
+    assert_eq!(loaded().unwrap().2, Origin::Disk);
+
+    // Changed after its creation (read-only flag cleared, a file rewritten in place, the flag
+    // set again): not indexed, its stored index refused, first snapshots hashed in full.
+    let stale = std::fs::read(&cache).unwrap();
+    let set_ro = |ro: &str| {
+        let out = std::process::Command::new("btrfs")
+            .args(["property", "set", "-ts"])
+            .arg(&image)
+            .args(["ro", ro])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    set_ro("false");
+    std::fs::write(image.join("etc/hostname"), b"tamp\n").unwrap();
+    set_ro("true");
+    pool::snapshot_subvolume(&image, &pool.sandboxes_dir().join("sync"), true).unwrap();
+    pool::delete_subvolume(&pool.sandboxes_dir().join("sync")).unwrap();
+    assert!(loaded().is_none(), "a modified image has no index");
+    assert_eq!(std::fs::read(&cache).unwrap(), stale);
+    let (kind, _) = first_snapshot("imgidx-b");
+    assert_eq!(kind, IndexSource::None);
+    assert_ne!(tree_hash(&image).unwrap(), full);
+}
+
 /// Deletes the image subvolumes of a test (before the pool guard unmounts).
 struct ImagesGuard(Vec<PathBuf>);
 

@@ -51,6 +51,7 @@ use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::time::Instant;
 
 use super::extents;
+use super::image_index::{self, ImageStamp};
 use super::provenance;
 use super::send_stream::{self, SendSummary};
 use super::subvolume;
@@ -75,9 +76,6 @@ pub struct BtrfsBackend {
     sealer: Option<Sealer>,
 }
 
-/// The identity of a base image subvolume an index was computed on: device, ctime (s, ns).
-type ImageStamp = (u64, i64, i64);
-
 /// State shared with background hashing jobs.
 struct Inner {
     snapshots: PathBuf,
@@ -88,9 +86,9 @@ struct Inner {
     /// How the newest snapshot of each sandbox was hashed.
     last: Mutex<HashMap<String, (IndexSource, HashStats)>>,
     /// Indexes of the read-only base images first snapshots were cloned from, by path, with
-    /// the identity of the subvolume they were computed on (device, ctime): an image is
-    /// immutable, so its index serves every sandbox made from it; a rebuilt image at the same
-    /// path is a new subvolume and is hashed again.
+    /// the identity of the subvolume they hold for ([`image_index`]): an image is immutable,
+    /// so its index serves every sandbox made from it; a rebuilt image at the same path is a
+    /// new subvolume and gets its own.
     image_indexes: Mutex<HashMap<PathBuf, (ImageStamp, Arc<TreeIndex>)>>,
     /// Deferred hashing jobs by snapshot id.
     jobs: Mutex<HashMap<String, Job>>,
@@ -139,7 +137,7 @@ impl BtrfsBackend {
         BtrfsBackend {
             inner: Arc::new(Inner {
                 snapshots: pool.snapshots_dir(),
-                caches_dir: pool.root().join("treecache"),
+                caches_dir: pool.tree_caches_dir(),
                 indexes: Mutex::new(HashMap::new()),
                 last: Mutex::new(HashMap::new()),
                 image_indexes: Mutex::new(HashMap::new()),
@@ -387,32 +385,25 @@ impl Inner {
         }
     }
 
-    /// The index of the read-only image at `base` (hashed on first use, then kept); `None`
-    /// when it cannot be read (the caller then hashes in full).
+    /// The index of the read-only image at `base`: kept in memory, else from its cache file,
+    /// else hashed (see [`image_index`]); `None` when the image has none (the caller then
+    /// hashes in full).
     fn image_index(&self, base: &Path) -> Option<Arc<TreeIndex>> {
-        use std::os::unix::fs::MetadataExt as _;
-        let meta = std::fs::symlink_metadata(base).ok()?;
-        let identity = (meta.dev(), meta.ctime(), meta.ctime_nsec());
+        let stamp = ImageStamp::of(base)?;
         let mut images = self.image_indexes.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some((id, index)) = images.get(base) {
-            if *id == identity {
+        if let Some((held, index)) = images.get(base) {
+            if *held == stamp {
                 return Some(Arc::clone(index));
             }
         }
-        // Under the lock: concurrent first snapshots of one image hash it once.
-        let t = Instant::now();
-        match hash_tree(base, None, &Dirty::All) {
-            Ok((index, stats)) => {
-                tracing::debug!(
-                    image = %base.display(),
-                    hash_us = t.elapsed().as_micros() as u64,
-                    files_read = stats.files_read,
-                    "base image indexed"
-                );
-                let index = Arc::new(index);
-                images.insert(base.to_path_buf(), (identity, Arc::clone(&index)));
+        // Under the lock: concurrent first snapshots of one image load or hash it once.
+        match image_index::load_or_hash(&self.caches_dir, base) {
+            Ok(Some((stamp, index, origin))) => {
+                tracing::debug!(image = %base.display(), ?origin, "base image index");
+                images.insert(base.to_path_buf(), (stamp, Arc::clone(&index)));
                 Some(index)
             }
+            Ok(None) => None,
             Err(e) => {
                 tracing::warn!(image = %base.display(), error = %e, "cannot index the base image: full hash");
                 None

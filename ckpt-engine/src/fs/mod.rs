@@ -27,6 +27,7 @@ pub mod btrfs;
 pub mod cas;
 pub mod compression;
 pub mod extents;
+pub mod image_index;
 pub mod provenance;
 pub mod reflink;
 pub mod send_stream;

@@ -145,7 +145,6 @@ pub fn check_clone(snapshot: &SubvolInfo, restored: &SubvolInfo) -> Result<(), &
 }
 
 /// Proves `restored` an unmodified clone of `snapshot`, reading both subvolumes' metadata.
-/// Proves `restored` an unmodified clone of `snapshot`, reading both subvolumes' metadata.
 pub fn prove_clone(snapshot: &Path, restored: &Path) -> Result<(), String> {
     let s = subvol_info(snapshot).map_err(|e| format!("{}: {e}", snapshot.display()))?;
     let r = subvol_info(restored).map_err(|e| format!("{}: {e}", restored.display()))?;

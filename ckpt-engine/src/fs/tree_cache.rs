@@ -13,7 +13,9 @@
 //! rehashes everything) a file with a bad magic, length, checksum, nesting depth, a directory
 //! hash that does not match its entries, a links flag that does not match them, another
 //! snapshot's id, or a tree hash different from the
-//! one the manifest records for that snapshot. Pure, so it is tested without a filesystem.
+//! one the manifest records for that snapshot (a base image's cache, [`decode_pinned`], has no
+//! manifest: its id names the image subvolume's UUID and last change instead). Pure, so it is
+//! tested without a filesystem.
 
 use std::sync::Arc;
 
@@ -57,6 +59,21 @@ pub fn encode(snapshot_id: &str, index: &TreeIndex) -> Vec<u8> {
 /// Decodes a cache, accepting it only as the cache of `snapshot_id` whose recorded tree hash is
 /// `tree_hash`.
 pub fn decode(bytes: &[u8], snapshot_id: &str, tree_hash: &str) -> Result<TreeIndex, CacheError> {
+    decode_checked(bytes, snapshot_id, Some(tree_hash))
+}
+
+/// Decodes a cache whose id alone pins the tree it describes (a base image's: its subvolume's
+/// UUID and last-change transaction, see [`super::image_index`]), taking the tree hash the file
+/// records.
+pub fn decode_pinned(bytes: &[u8], id: &str) -> Result<TreeIndex, CacheError> {
+    decode_checked(bytes, id, None)
+}
+
+fn decode_checked(
+    bytes: &[u8],
+    snapshot_id: &str,
+    tree_hash: Option<&str>,
+) -> Result<TreeIndex, CacheError> {
     if bytes.len() < MAGIC.len() + 32 || &bytes[..MAGIC.len()] != MAGIC {
         return Err(CacheError::Malformed("bad magic or too short"));
     }
@@ -76,19 +93,25 @@ pub fn decode(bytes: &[u8], snapshot_id: &str, tree_hash: &str) -> Result<TreeIn
         });
     }
     let hash = r.bytes()?;
-    if hash != tree_hash.as_bytes() {
-        return Err(CacheError::Mismatch {
-            expected: format!("tree hash {tree_hash}"),
-            found: format!("tree hash {}", String::from_utf8_lossy(hash)),
-        });
-    }
+    let hash = match tree_hash {
+        Some(expected) if hash != expected.as_bytes() => {
+            return Err(CacheError::Mismatch {
+                expected: format!("tree hash {expected}"),
+                found: format!("tree hash {}", String::from_utf8_lossy(hash)),
+            });
+        }
+        _ => std::str::from_utf8(hash)
+            .ok()
+            .filter(|h| h.len() == 64 && h.bytes().all(|b| b.is_ascii_hexdigit()))
+            .ok_or(CacheError::Malformed("tree hash is not 64 hex digits"))?,
+    };
     let root = r.node(0)?;
     if r.pos != body.len() {
         return Err(CacheError::Malformed("trailing bytes"));
     }
     Ok(TreeIndex {
         root,
-        tree_hash: tree_hash.to_string(),
+        tree_hash: hash.to_string(),
     })
 }
 
@@ -291,6 +314,26 @@ mod tests {
             decode(&bytes, "s.cp-1", "00"),
             Err(CacheError::Mismatch { .. })
         ));
+    }
+
+    #[test]
+    fn a_pinned_cache_takes_its_recorded_hash_but_only_under_its_id() {
+        let index = sample();
+        let bytes = encode("image:x:1", &index);
+        assert_eq!(decode_pinned(&bytes, "image:x:1").unwrap(), index);
+        assert!(matches!(
+            decode_pinned(&bytes, "image:x:2"),
+            Err(CacheError::Mismatch { .. })
+        ));
+        // A recorded hash that is not a tree hash is refused, however well sealed.
+        let odd = TreeIndex {
+            tree_hash: "../../etc".into(),
+            ..index
+        };
+        assert_eq!(
+            decode_pinned(&encode("image:x:1", &odd), "image:x:1"),
+            Err(CacheError::Malformed("tree hash is not 64 hex digits"))
+        );
     }
 
     #[test]
