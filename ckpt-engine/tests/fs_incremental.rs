@@ -684,6 +684,76 @@ fn image_indexes_are_kept_on_disk_and_pinned_to_the_image() {
     assert_ne!(tree_hash(&image).unwrap(), full);
 }
 
+/// The pool is mounted `noatime`: reading files and listing directories in a sandbox cloned
+/// from its image (whose access times are older than their modification times, so `relatime`
+/// would update them) leaves its next snapshot identical to the image, and hashing it lists no
+/// directory.
+#[test]
+fn reads_in_a_sandbox_do_not_dirty_its_snapshot() {
+    if !common::prerequisites("reads_in_a_sandbox_do_not_dirty_its_snapshot") {
+        return;
+    }
+    common::clean_leftovers();
+    let state = std::env::temp_dir().join(common::unique("-state"));
+    let guard = PoolGuard {
+        pool: BtrfsPool::open(&state, 1 << 30, Default::default()).expect("pool"),
+        state,
+    };
+    let pool = &guard.pool;
+    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    let root = pool.root().to_str().unwrap();
+    let line = mountinfo
+        .lines()
+        .find(|l| l.split(' ').nth(4) == Some(root))
+        .expect("the pool is mounted");
+    assert!(
+        line.split(' ')
+            .nth(5)
+            .unwrap()
+            .split(',')
+            .any(|o| o == "noatime"),
+        "{line}"
+    );
+    std::fs::create_dir_all(pool.images_dir()).unwrap();
+    std::fs::create_dir_all(pool.sandboxes_dir()).unwrap();
+    let building = pool.images_dir().join("atime.building");
+    pool::create_subvolume(&building).unwrap();
+    populate(&building);
+    let old = std::process::Command::new("touch")
+        .args(["-a", "-d", "2020-01-01"])
+        .arg(building.join("src/m1"))
+        .arg(building.join("src/m1/f2.rs"))
+        .status()
+        .unwrap();
+    assert!(old.success());
+    let image = pool.images_dir().join("atime");
+    pool::snapshot_subvolume(&building, &image, true).unwrap();
+    let _images = ImagesGuard(vec![building.clone(), image.clone()]);
+    let source = pool.sandboxes_dir().join("fsinc");
+    pool::snapshot_subvolume(&image, &source, false).unwrap();
+    std::fs::read_dir(source.join("src/m1")).unwrap().count();
+    std::fs::read(source.join("src/m1/f2.rs")).unwrap();
+
+    let backend = BtrfsBackend::new(pool, ckpt_engine::config::RestoreVerify::Cached);
+    let out = backend
+        .snapshot(&SnapshotRequest {
+            base: Some(&image),
+            sandbox_id: "fsinc",
+            checkpoint_id: "cp-read",
+            source: &source,
+            parent: None,
+            changes: &ChangeHint::Unknown,
+            quiesce: &NoQuiesce,
+        })
+        .expect("snapshot");
+    assert_eq!(out.snapshot.tree_hash, tree_hash(&image).unwrap());
+    let (kind, stats) = backend.last_hash("fsinc").unwrap();
+    assert_eq!(kind, IndexSource::Image);
+    // Only the root directory is listed, as for every first snapshot; with `relatime`, `src/m1`
+    // and its parent are listed too.
+    assert_eq!((stats.dirs_listed, stats.files_read), (1, 0), "{stats:?}");
+}
+
 /// Deletes the image subvolumes of a test (before the pool guard unmounts).
 struct ImagesGuard(Vec<PathBuf>);
 
