@@ -139,8 +139,18 @@ pub fn point_bytes<'a>(points: impl IntoIterator<Item = &'a Value>) -> (u64, u64
 #[derive(Debug, Clone, PartialEq)]
 pub struct Reply {
     pub id: u64,
-    /// Exposed delay, µs (None: the reply was not gated).
+    /// Time held at the gate, µs (None: the reply was not gated).
     pub gate_wait_us: Option<u64>,
+    /// The part of it after the reply's first bytes had arrived, µs.
+    pub exposed_us: Option<u64>,
+}
+
+impl Reply {
+    /// Exposed delay, µs: what the agent waited beyond the model (None: not gated). A
+    /// transcript from before crab recorded it counts the whole hold.
+    pub fn exposed(&self) -> Option<u64> {
+        self.exposed_us.or(self.gate_wait_us)
+    }
 }
 
 /// Reads the transcript lines (torn or foreign lines skipped), ordered by exchange id.
@@ -152,6 +162,7 @@ pub fn parse_transcript(text: &str) -> Vec<Reply> {
             Some(Reply {
                 id: v["id"].as_u64()?,
                 gate_wait_us: v["timings"]["gate_wait_us"].as_u64(),
+                exposed_us: v["timings"]["exposed_us"].as_u64(),
             })
         })
         .collect();

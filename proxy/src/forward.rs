@@ -349,8 +349,8 @@ struct TapState {
     status: u16,
     response_headers: Option<HeaderMap>,
     response_head_at: Instant,
-    /// Time held at the response gate, if the reply was gated.
-    gate_wait: Option<Duration>,
+    /// How long the reply was held at the response gate, if it was gated.
+    gate: Option<GateWait>,
     first_byte_at: Option<Instant>,
     first_content_at: Option<Instant>,
     bytes: u64,
@@ -635,7 +635,8 @@ fn record(shared: &Shared, t: Tracked) {
                 first_byte_us: st.first_byte_at.map(rel),
                 first_content_us: st.first_content_at.map(rel),
                 end_us: Some(rel(at)),
-                gate_wait_us: st.gate_wait.map(|d| d.as_micros() as u64),
+                gate_wait_us: st.gate.map(|g| g.held.as_micros() as u64),
+                exposed_us: st.gate.map(|g| g.exposed.as_micros() as u64),
             },
             end: Some(end_label(final_end)),
             analysis: summary,
@@ -1046,9 +1047,9 @@ async fn handle_inner(
                 head_in,
                 idle,
             }));
-            let waited = shared.coordinator.hold(&barrier).await.waited;
+            let gate = held.0.as_mut().expect("held until released").wait().await;
             let h = held.0.take().expect("a held reply is released once");
-            h.into_response(waited)
+            h.into_response(gate)
         }
     };
     let added = sent
@@ -1073,7 +1074,7 @@ fn tapped(
     api: ApiKind,
     capture: bool,
     head_in: Instant,
-    gate_wait: Option<Duration>,
+    gate: Option<GateWait>,
     idle: Duration,
 ) -> Response<ProxyBody> {
     let config = &shared.config;
@@ -1106,7 +1107,7 @@ fn tapped(
             status,
             response_headers,
             response_head_at: head_in,
-            gate_wait,
+            gate,
             first_byte_at: None,
             first_content_at: None,
             bytes: 0,
@@ -1132,10 +1133,54 @@ struct Held {
     idle: Duration,
 }
 
+/// How long a reply was held at the response gate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct GateWait {
+    /// From the reply's head to its release.
+    held: Duration,
+    /// The part of `held` after the reply's first body bytes had arrived: the delay the agent
+    /// sees. Before them it would have waited for the model anyway (an upstream may send its
+    /// head at once and its first token seconds later).
+    exposed: Duration,
+}
+
+/// Waits for `hold` (the gate) while watching `body` for its first bytes; see [`GateWait`].
+async fn gate_wait<B: Body + Unpin>(
+    hold: impl std::future::Future<Output = Duration>,
+    body: &mut Gather<B>,
+) -> GateWait {
+    let mut hold = std::pin::pin!(hold);
+    let mut first: Option<tokio::time::Instant> = None;
+    let held = loop {
+        tokio::select! {
+            biased;
+            held = &mut hold => break held,
+            () = Pin::new(&mut *body).first(), if first.is_none() => {
+                first = Some(tokio::time::Instant::now());
+            }
+        }
+    };
+    GateWait {
+        held,
+        exposed: first.map_or(Duration::ZERO, |f| f.elapsed().min(held)),
+    }
+}
+
 impl Held {
-    /// The reply as released after waiting `waited` at the gate, and when its head counts as
-    /// in.
-    fn into_response(self, waited: Duration) -> (Response<ProxyBody>, Instant) {
+    /// Waits at the gate (see [`GateWait`]).
+    async fn wait(&mut self) -> GateWait {
+        let Held {
+            shared,
+            barrier,
+            resp,
+            ..
+        } = self;
+        let hold = async { shared.coordinator.hold(barrier).await.waited };
+        gate_wait(hold, resp.body_mut()).await
+    }
+
+    /// The reply as released after `gate`, and when its head counts as in.
+    fn into_response(self, gate: GateWait) -> (Response<ProxyBody>, Instant) {
         let Held {
             shared,
             ctx,
@@ -1147,7 +1192,7 @@ impl Held {
             idle,
             ..
         } = self;
-        let head_in = head_in + waited;
+        let head_in = head_in + gate.held;
         let r = tapped(
             &shared,
             ctx,
@@ -1156,7 +1201,7 @@ impl Held {
             api,
             capture,
             head_in,
-            Some(waited),
+            Some(gate),
             idle,
         );
         (r, head_in)
@@ -1181,12 +1226,13 @@ impl Drop for HeldReply {
             return;
         };
         rt.spawn(async move {
-            let waited = h.shared.coordinator.hold(&h.barrier).await.waited;
+            let mut h = h;
+            let gate = h.wait().await;
             debug!(
                 id = h.ctx.id,
                 "the client left while its reply was held: recording it"
             );
-            let (r, _) = h.into_response(waited);
+            let (r, _) = h.into_response(gate);
             let mut body = r.into_body();
             while let Some(frame) = body.frame().await {
                 if frame.is_err() {
@@ -1386,6 +1432,72 @@ mod tests {
     use super::*;
     use crate::config::Config;
 
+    /// A body whose one data frame arrives after `after` (tokio time).
+    struct Late {
+        sleep: Pin<Box<tokio::time::Sleep>>,
+        sent: bool,
+    }
+
+    impl Late {
+        fn after(ms: u64) -> Gather<Late> {
+            Gather::new(Late {
+                sleep: Box::pin(tokio::time::sleep(Duration::from_millis(ms))),
+                sent: false,
+            })
+        }
+    }
+
+    impl Body for Late {
+        type Data = Bytes;
+        type Error = std::convert::Infallible;
+        fn poll_frame(
+            mut self: Pin<&mut Self>,
+            cx: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, Self::Error>>> {
+            if self.sent {
+                return std::task::Poll::Ready(None);
+            }
+            std::task::ready!(self.sleep.as_mut().poll(cx));
+            self.sent = true;
+            std::task::Poll::Ready(Some(Ok(http_body::Frame::data(Bytes::from_static(b"x")))))
+        }
+    }
+
+    async fn held_for(ms: u64) -> Duration {
+        tokio::time::sleep(Duration::from_millis(ms)).await;
+        Duration::from_millis(ms)
+    }
+
+    /// The exposed part of a gate wait starts when the reply's first bytes arrive: a model
+    /// still thinking hides the gate; bytes that came first are held back (and handed on).
+    #[tokio::test(start_paused = true)]
+    async fn only_the_wait_after_the_first_bytes_is_exposed() {
+        let ms = Duration::from_millis;
+        // First token at 300 ms, gate open at 100 ms: nothing exposed.
+        let mut body = Late::after(300);
+        let g = gate_wait(held_for(100), &mut body).await;
+        assert_eq!((g.held, g.exposed), (ms(100), ms(0)));
+        // First token at 40 ms, gate open at 100 ms: 60 ms exposed.
+        let mut body = Late::after(40);
+        let g = gate_wait(held_for(100), &mut body).await;
+        assert_eq!((g.held, g.exposed), (ms(100), ms(60)));
+        // Bytes already in (filled with the head): the whole wait is exposed.
+        let mut body = Late::after(0);
+        Pin::new(&mut body).fill().await;
+        let g = gate_wait(held_for(100), &mut body).await;
+        assert_eq!((g.held, g.exposed), (ms(100), ms(100)));
+        // What was taken while held is handed on, once.
+        let frames = http_body_util::BodyExt::collect(body)
+            .await
+            .unwrap()
+            .to_bytes();
+        assert_eq!(&frames[..], b"x");
+        // An open gate waits for nothing.
+        let mut body = Late::after(300);
+        let g = gate_wait(async { Duration::ZERO }, &mut body).await;
+        assert_eq!((g.held, g.exposed), (ms(0), ms(0)));
+    }
+
     fn shared() -> (Arc<Shared>, tempfile::TempDir) {
         let dir = tempfile::tempdir().unwrap();
         let config = Config::for_upstream("http://127.0.0.1:1", dir.path()).unwrap();
@@ -1472,7 +1584,7 @@ mod tests {
                 status: 200,
                 response_headers: None,
                 response_head_at: now,
-                gate_wait: None,
+                gate: None,
                 first_byte_at: Some(now),
                 first_content_at: Some(now),
                 bytes: 10,

@@ -132,6 +132,12 @@ impl<B: Body> Gather<B> {
     pub async fn fill(mut self: Pin<&mut Self>) {
         std::future::poll_fn(|cx| self.as_mut().poll_gather(cx, false)).await
     }
+
+    /// Waits until the inner body has a frame (or ended), taking it and whatever came with it
+    /// to be handed on with the first poll; ready at once when frames are held already.
+    pub async fn first(mut self: Pin<&mut Self>) {
+        std::future::poll_fn(|cx| self.as_mut().poll_gather(cx, true)).await
+    }
 }
 
 impl<B: Body<Data = Bytes>> Gather<B> {

@@ -528,7 +528,7 @@ async fn run_inner(
             .zip(waited_for(&r.replies, &r.journal))
             .enumerate()
         {
-            let Some(us) = reply.gate_wait_us else {
+            let Some(us) = reply.exposed() else {
                 continue;
             };
             let ms = us as f64 / 1000.0;
@@ -888,17 +888,27 @@ mod tests {
         let replies = parse_transcript(
             "{\"id\":7,\"timings\":{\"gate_wait_us\":5}}\n\
              {\"id\":3,\"timings\":{}}\n\
+             {\"id\":9,\"timings\":{\"gate_wait_us\":5,\"exposed_us\":2}}\n\
              torn {",
         );
-        assert_eq!(replies.iter().map(|r| r.id).collect::<Vec<_>>(), vec![3, 7]);
-        assert_eq!(replies[1].gate_wait_us, Some(5));
+        assert_eq!(
+            replies.iter().map(|r| r.id).collect::<Vec<_>>(),
+            vec![3, 7, 9]
+        );
+        // Older transcripts: the whole hold; newer: the part after the first bytes.
+        assert_eq!(
+            replies.iter().map(|r| r.exposed()).collect::<Vec<_>>(),
+            vec![None, Some(5), Some(2)]
+        );
         let journal = parse_journal(
             "{\"turn\":1,\"plan\":\"fs\",\"outcome\":\"durable\",\"duration_us\":9}\n\
+             {\"turn\":2,\"plan\":\"skip\",\"outcome\":\"skipped\",\"duration_us\":1}\n\
              {\"turn\":0,\"plan\":\"full\",\"outcome\":\"durable\",\"duration_us\":8}\n",
         );
         let w = waited_for(&replies, &journal);
         assert_eq!(w[0].map(|e| e.plan.as_str()), Some("full"));
         assert_eq!(w[1].map(|e| e.plan.as_str()), Some("fs"));
+        assert_eq!(w[2].map(|e| e.plan.as_str()), Some("skip"));
         assert!(
             waited_for(&replies, &journal[..1])
                 .iter()

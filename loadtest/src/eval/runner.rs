@@ -708,7 +708,7 @@ impl WorkerCtx {
         };
         let exposed = replies
             .iter()
-            .filter_map(|r| r.gate_wait_us)
+            .filter_map(|r| r.exposed())
             .map(|us| us as f64 / 1000.0)
             .collect();
         let journal = std::fs::read_to_string(

@@ -151,10 +151,14 @@ pub struct Timings {
     pub first_byte_us: Option<u64>,
     pub first_content_us: Option<u64>,
     pub end_us: Option<u64>,
-    /// Time the reply was held at the response gate for the previous turn's checkpoint
-    /// (the exposed checkpoint delay), when it was gated.
+    /// Time the reply was held at the response gate for the previous turn's checkpoint, when
+    /// it was gated (from the upstream's response head to the release).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub gate_wait_us: Option<u64>,
+    /// The part of `gate_wait_us` after the reply's first body bytes had arrived: the exposed
+    /// checkpoint delay, what the agent waited beyond the model.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exposed_us: Option<u64>,
 }
 
 /// A body as written: a JSON body (format 2, requests) as that JSON, verbatim; other UTF-8
@@ -350,7 +354,7 @@ fn encode_record(
     json_body
 }
 
-/// [`Timings`] as `serde_json` writes it (`gate_wait_us` only when set).
+/// [`Timings`] as `serde_json` writes it (`gate_wait_us` and `exposed_us` only when set).
 fn write_timings(line: &mut Vec<u8>, t: &Timings) {
     use crate::jsonw::opt_uint;
     line.extend_from_slice(b"{\"upstream_sent_us\":");
@@ -366,6 +370,10 @@ fn write_timings(line: &mut Vec<u8>, t: &Timings) {
     if let Some(g) = t.gate_wait_us {
         line.extend_from_slice(b",\"gate_wait_us\":");
         crate::jsonw::uint(line, g);
+    }
+    if let Some(e) = t.exposed_us {
+        line.extend_from_slice(b",\"exposed_us\":");
+        crate::jsonw::uint(line, e);
     }
     line.push(b'}');
 }
@@ -1442,6 +1450,7 @@ mod tests {
         );
         full.timings.first_byte_us = Some(12);
         full.timings.gate_wait_us = Some(3);
+        full.timings.exposed_us = Some(2);
         full.request_headers
             .insert("x-bin", http::HeaderValue::from_bytes(b"a\xffb").unwrap());
         let mut rich = exchange(8, b"{}");
