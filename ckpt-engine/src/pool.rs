@@ -27,6 +27,9 @@ use crate::fs::compression::Compression;
 use crate::fs::{FsError, subvolume};
 use crate::sys;
 
+/// Options a loop-file pool is mounted with besides its compression (see the module docs).
+const MOUNT_OPTIONS: &str = "noatime";
+
 /// Inode number of every btrfs subvolume root directory.
 const BTRFS_SUBVOLUME_ROOT_INO: u64 = 256;
 
@@ -125,7 +128,7 @@ impl BtrfsPool {
                     std::fs::rename(&tmp, &image)
                         .map_err(|e| FsError::io("rename pool image", &image, e))?;
                 }
-                let options = format!("loop,noatime,{}", compression.mount_option());
+                let options = format!("loop,{MOUNT_OPTIONS},{}", compression.mount_option());
                 sys::run(
                     "mount",
                     &[
@@ -138,7 +141,7 @@ impl BtrfsPool {
             } else {
                 // Compression only changes how later writes are stored, and access times only
                 // what a checkpoint rehashes: a pool that keeps its earlier options still works.
-                let options = format!("remount,noatime,{}", compression.mount_option());
+                let options = format!("remount,{MOUNT_OPTIONS},{}", compression.mount_option());
                 if let Err(e) = sys::run(
                     "mount",
                     &["-o".as_ref(), options.as_ref(), root.as_os_str()],

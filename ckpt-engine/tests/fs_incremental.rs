@@ -311,6 +311,17 @@ struct PoolGuard {
     state: PathBuf,
 }
 
+impl PoolGuard {
+    /// A fresh pool in a new private state dir.
+    fn open() -> PoolGuard {
+        let state = std::env::temp_dir().join(common::unique("-state"));
+        PoolGuard {
+            pool: BtrfsPool::open(&state, 1 << 30, Default::default()).expect("pool"),
+            state,
+        }
+    }
+}
+
 impl Drop for PoolGuard {
     fn drop(&mut self) {
         let snaps = self.pool.snapshots_dir();
@@ -367,11 +378,7 @@ fn btrfs_snapshots_hash_incrementally_and_distrust_bad_caches() {
         return;
     }
     common::clean_leftovers();
-    let state = std::env::temp_dir().join(common::unique("-state"));
-    let guard = PoolGuard {
-        pool: BtrfsPool::open(&state, 1 << 30, Default::default()).expect("pool"),
-        state,
-    };
+    let guard = PoolGuard::open();
     let pool = &guard.pool;
     let source = pool.sandboxes_dir().join("fsinc");
     std::fs::create_dir_all(pool.sandboxes_dir()).unwrap();
@@ -505,11 +512,7 @@ fn first_snapshots_hash_and_measure_against_the_base_image() {
         return;
     }
     common::clean_leftovers();
-    let state = std::env::temp_dir().join(common::unique("-state"));
-    let guard = PoolGuard {
-        pool: BtrfsPool::open(&state, 1 << 30, Default::default()).expect("pool"),
-        state,
-    };
+    let guard = PoolGuard::open();
     let pool = &guard.pool;
     std::fs::create_dir_all(pool.images_dir()).unwrap();
     std::fs::create_dir_all(pool.sandboxes_dir()).unwrap();
@@ -583,11 +586,7 @@ fn image_indexes_are_kept_on_disk_and_pinned_to_the_image() {
         return;
     }
     common::clean_leftovers();
-    let state = std::env::temp_dir().join(common::unique("-state"));
-    let guard = PoolGuard {
-        pool: BtrfsPool::open(&state, 1 << 30, Default::default()).expect("pool"),
-        state,
-    };
+    let guard = PoolGuard::open();
     let pool = &guard.pool;
     std::fs::create_dir_all(pool.sandboxes_dir()).unwrap();
     let image = pool.images_dir().join("busybox");
@@ -694,11 +693,7 @@ fn reads_in_a_sandbox_do_not_dirty_its_snapshot() {
         return;
     }
     common::clean_leftovers();
-    let state = std::env::temp_dir().join(common::unique("-state"));
-    let guard = PoolGuard {
-        pool: BtrfsPool::open(&state, 1 << 30, Default::default()).expect("pool"),
-        state,
-    };
+    let guard = PoolGuard::open();
     let pool = &guard.pool;
     let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
     let root = pool.root().to_str().unwrap();

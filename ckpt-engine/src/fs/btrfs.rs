@@ -411,23 +411,18 @@ impl Inner {
         }
     }
 
-    /// Remembers `index` as `snapshot`'s and writes its cache file (write to a temporary name,
-    /// rename; no fsync: a cache lost in a crash only costs a full rehash).
+    /// Remembers `index` as `snapshot`'s and writes its cache file
+    /// ([`tree_cache::write_file`]).
     fn keep_index(&self, sandbox: &str, snapshot: &FsSnapshotRef, index: Arc<TreeIndex>) {
         let bytes = tree_cache::encode(&snapshot.id, &index);
         self.indexes
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .insert(sandbox.to_string(), (snapshot.id.clone(), index));
-        let write = || -> Result<(), FsError> {
-            let path = self.cache_path(snapshot)?;
-            let dir = self.caches_dir.join(sandbox);
-            std::fs::create_dir_all(&dir).map_err(|e| FsError::io("create cache dir", &dir, e))?;
-            let tmp = path.with_extension("tmp");
-            std::fs::write(&tmp, &bytes).map_err(|e| FsError::io("write tree cache", &tmp, e))?;
-            std::fs::rename(&tmp, &path).map_err(|e| FsError::io("publish tree cache", &path, e))
-        };
-        if let Err(e) = write() {
+        let written = self
+            .cache_path(snapshot)
+            .and_then(|path| tree_cache::write_file(&path, &bytes));
+        if let Err(e) = written {
             tracing::warn!(snapshot = %snapshot.id, error = %e, "could not write tree cache");
         }
     }

@@ -67,9 +67,11 @@ pub fn cache_id(name: &str, stamp: &ImageStamp) -> String {
 /// Path of the cache file of image `base` under `caches_dir` (`<pool>/treecache`). Sandbox ids
 /// never start with a dot, so `.images` is no sandbox's directory.
 pub fn cache_path(caches_dir: &Path, base: &Path) -> Result<PathBuf, FsError> {
-    let name = image_name(base)?;
-    Ok(caches_dir.join(".images").join(name))
+    Ok(caches_dir.join(IMAGES).join(image_name(base)?))
 }
+
+/// The directory of image caches under the caches directory.
+const IMAGES: &str = ".images";
 
 fn image_name(base: &Path) -> Result<&str, FsError> {
     let name = base
@@ -93,8 +95,9 @@ pub fn load_or_hash(
     let Some(stamp) = ImageStamp::of(base) else {
         return Ok(None);
     };
-    let id = cache_id(image_name(base)?, &stamp);
-    let path = cache_path(caches_dir, base)?;
+    let name = image_name(base)?;
+    let id = cache_id(name, &stamp);
+    let path = caches_dir.join(IMAGES).join(name);
     match std::fs::read(&path) {
         Ok(bytes) => match tree_cache::decode_pinned(&bytes, &id) {
             Ok(index) => return Ok(Some((stamp, Arc::new(index), Origin::Disk))),
@@ -118,30 +121,11 @@ pub fn load_or_hash(
         files_read = stats.files_read,
         "base image indexed"
     );
-    store(&path, &tree_cache::encode(&id, &index));
-    Ok(Some((stamp, Arc::new(index), Origin::Hashed)))
-}
-
-/// Writes a cache file under a temporary name (a dot name: no image's), then renames it; no
-/// fsync (a lost cache costs one hash). A failure is logged: the index still serves in memory.
-fn store(path: &Path, bytes: &[u8]) {
-    let (Some(dir), Some(name)) = (path.parent(), path.file_name()) else {
-        return;
-    };
-    let tmp = dir.join(format!(
-        ".{}.{}.tmp",
-        name.to_string_lossy(),
-        std::process::id()
-    ));
-    let write = || -> Result<(), FsError> {
-        std::fs::create_dir_all(dir).map_err(|e| FsError::io("create cache dir", dir, e))?;
-        std::fs::write(&tmp, bytes).map_err(|e| FsError::io("write image index", &tmp, e))?;
-        std::fs::rename(&tmp, path).map_err(|e| FsError::io("publish image index", path, e))
-    };
-    if let Err(e) = write() {
-        let _ = std::fs::remove_file(&tmp);
-        tracing::warn!(path = %path.display(), error = %e, "could not store the image index");
+    if let Err(e) = tree_cache::write_file(&path, &tree_cache::encode(&id, &index)) {
+        // The index still serves from memory.
+        tracing::warn!(error = %e, "could not store the image index");
     }
+    Ok(Some((stamp, Arc::new(index), Origin::Hashed)))
 }
 
 #[cfg(test)]

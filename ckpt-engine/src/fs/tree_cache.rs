@@ -15,8 +15,9 @@
 //! snapshot's id, or a tree hash different from the
 //! one the manifest records for that snapshot (a base image's cache, [`decode_pinned`], has no
 //! manifest: its id names the image subvolume's UUID and last change instead). Pure, so it is
-//! tested without a filesystem.
+//! tested without a filesystem, apart from [`write_file`].
 
+use std::path::Path;
 use std::sync::Arc;
 
 use super::tree_hash::{DirNode, EntryKind, EntryNode, FileIdentity, TreeIndex, dir_hash};
@@ -113,6 +114,35 @@ fn decode_checked(
         root,
         tree_hash: hash.to_string(),
     })
+}
+
+/// Writes a cache file: its directory created, the bytes written under a temporary dot name
+/// (no snapshot's or image's), then renamed over `path`. No fsync: a cache lost in a crash only
+/// costs a rehash.
+pub fn write_file(path: &Path, bytes: &[u8]) -> Result<(), super::FsError> {
+    use super::FsError;
+    let (Some(dir), Some(name)) = (path.parent(), path.file_name()) else {
+        return Err(FsError::io(
+            "write tree cache",
+            path,
+            std::io::Error::from(std::io::ErrorKind::InvalidInput),
+        ));
+    };
+    std::fs::create_dir_all(dir).map_err(|e| FsError::io("create cache dir", dir, e))?;
+    let tmp = dir.join(format!(
+        ".{}.{}.tmp",
+        name.to_string_lossy(),
+        std::process::id()
+    ));
+    let written = std::fs::write(&tmp, bytes)
+        .map_err(|e| FsError::io("write tree cache", &tmp, e))
+        .and_then(|()| {
+            std::fs::rename(&tmp, path).map_err(|e| FsError::io("publish tree cache", path, e))
+        });
+    if written.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    written
 }
 
 fn put_bytes(out: &mut Vec<u8>, b: &[u8]) {
