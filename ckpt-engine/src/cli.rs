@@ -286,10 +286,12 @@ fn ms(us: u64) -> String {
     format!("{:.1} ms", us as f64 / 1000.0)
 }
 
-/// What a point restores: `fs`, `fs+processes` (own image) or `fs+processes(cp-N)` (an
-/// earlier point's image carried forward).
+/// What a point restores: `fs`, `fs+processes` (own image), `fs+processes(cp-N)` (an
+/// earlier point's image carried forward) or `fs+init` (only the container's init, started
+/// afresh).
 fn restores(p: &crate::manifest::RecoveryPoint) -> String {
     match &p.process {
+        None if p.init_only => "fs+init".to_string(),
         None => "fs".to_string(),
         Some(img) if img.id == p.id => "fs+processes".to_string(),
         Some(img) => format!("fs+processes({})", img.id),
@@ -625,6 +627,7 @@ mod tests {
                 .then(|| "no process image: criu refused".to_string()),
             parent: None,
             created_unix_ms: 0,
+            init_only: false,
             process: image.map(|id| ProcessImageRef {
                 id: id.into(),
                 criu_version: "4.1.1".into(),
@@ -672,6 +675,10 @@ mod tests {
             "{}",
             degraded.stderr
         );
+        let mut init = point(4, None);
+        (init.init_only, init.captured, init.note) = (true, CheckpointKind::Full, None);
+        let init = render(&EngineResponse::Point(init), false);
+        assert!(init.stdout.contains("restores fs+init,"), "{}", init.stdout);
         let mut measured = point(1, Some("cp-000001"));
         measured.fs[0].disk_bytes = Some(1 << 20);
         if let Some(img) = measured.process.as_mut() {

@@ -33,7 +33,7 @@ use crate::manifest::{
 };
 use crate::pool::{self, BtrfsPool};
 use crate::process::{
-    CheckpointRequest, ProcessBackend, ProcessError, ProcessImageInfo, RestoreRequest,
+    CheckpointRequest, ProcessBackend, ProcessError, ProcessImageInfo, RestoreRequest, init_only,
 };
 use crate::runc::{ExecOutput, Runc};
 use crate::sys::{self, ToolError};
@@ -1287,9 +1287,11 @@ impl Engine {
 
     /// Takes a checkpoint of `name` and publishes it as a recovery point. `kind` `full` dumps
     /// the container's processes live with CRIU and snapshots the filesystem while CRIU holds
-    /// them stopped; when CRIU refuses the sandbox (or is unavailable, or the sandbox is a
-    /// directory sandbox) the point is filesystem-only and its `note` says why. Every point
-    /// without its own process image carries the parent's forward (the note says so).
+    /// them stopped — or, when the container's only process is its init, snapshots it frozen
+    /// and marks the point `init_only` (no dump); when CRIU refuses the sandbox (or is
+    /// unavailable, or the sandbox is a directory sandbox) the point is filesystem-only and its
+    /// `note` says why. Every point without its own process image carries the parent's image
+    /// or init-only state forward (the note says so).
     /// Concurrent calls for one sandbox are serialised.
     pub fn checkpoint(
         &self,
@@ -1313,9 +1315,13 @@ impl Engine {
             None => None,
         }
         .or_else(|| published.pop());
-        // The live tree descends from `parent`: its process image (own or carried) is the
-        // newest valid one of this lineage.
+        // The live tree descends from `parent`: its process image (own or carried), or its
+        // init-only state, is the newest valid one of this lineage.
         let carried = parent.as_ref().and_then(|p| p.process.clone());
+        let carried_init = parent
+            .as_ref()
+            .filter(|p| p.init_only)
+            .map(|p| p.id.clone());
         let mut point = RecoveryPoint {
             id: id.clone(),
             sandbox: name.to_string(),
@@ -1327,6 +1333,7 @@ impl Engine {
             parent: parent.as_ref().map(|p| p.id.clone()),
             created_unix_ms: now_ms(),
             process: None,
+            init_only: false,
             fs: Vec::new(),
             frozen_us: 0,
             duration_us: 0,
@@ -1344,20 +1351,30 @@ impl Engine {
                 self.full_checkpoint(&rec, &id, parent.as_ref(), changes, &mut point)
             }
         };
-        if point.process.is_none() {
-            if let Some(img) = carried {
+        if point.process.is_none() && !point.init_only {
+            let carry = if let Some(img) = carried {
                 let carry = format!(
                     "process image of {} carried forward (filesystem of this point, processes of {})",
                     img.id, img.id
                 );
+                point.process = Some(img);
+                Some(carry)
+            } else if let Some(from) = carried_init {
+                point.init_only = true;
+                Some(format!(
+                    "processes as at {from}: only the container's init, started afresh on restore"
+                ))
+            } else {
+                None
+            };
+            if let Some(carry) = carry {
                 point.note = Some(match point.note.take() {
                     Some(n) => format!("{n}; {carry}"),
                     None => carry,
                 });
-                point.process = Some(img);
             }
         }
-        point.captured = if point.process.is_some() {
+        point.captured = if point.process.is_some() || point.init_only {
             CheckpointKind::Full
         } else {
             CheckpointKind::Fs
@@ -1442,6 +1459,9 @@ impl Engine {
             }
             (_, Ok(b)) => b,
         };
+        if self.init_only_checkpoint(rec, id, parent, changes, point)? {
+            return Ok(());
+        }
         let images = self.images_dir(&rec.name);
         std::fs::create_dir_all(&images).map_err(io_err("create images dir", &images))?;
         let dest = images.join(id);
@@ -1500,6 +1520,49 @@ impl Engine {
                 fs_only(point, why)
             }
         }
+    }
+
+    /// A full checkpoint of a container whose only processes are its init
+    /// ([`crate::process::init_only`]): the trees are snapshotted with its cgroup frozen and
+    /// the point marked `init_only`, no CRIU dump. `false` (nothing done) when it holds any
+    /// other state, or when the check cannot be made (then CRIU decides).
+    fn init_only_checkpoint(
+        &self,
+        rec: &SandboxRecord,
+        id: &str,
+        parent: Option<&RecoveryPoint>,
+        changes: &ChangeHint,
+        point: &mut RecoveryPoint,
+    ) -> Result<bool, EngineError> {
+        let cg = self.cgroup_of(rec);
+        let argv = ["/bin/sh", "-c", runc::INIT_SCRIPT];
+        // A cheap look first: most sandboxes worth a full checkpoint fail it, unfrozen.
+        if let Err(why) = init_only::probe(&cg.subtree_pids(), &argv) {
+            tracing::trace!(sandbox = %rec.name, why, "processes beyond the init");
+            return Ok(false);
+        }
+        if cg.is_frozen() || cg.freeze().is_err() {
+            return Ok(false);
+        }
+        let frozen = Instant::now();
+        // Frozen, nothing forks or exits: the answer holds until the thaw.
+        let result = match init_only::probe(&cg.subtree_pids(), &argv) {
+            Ok(_) => self
+                .snapshot_trees(rec, id, parent, changes, point, true)
+                .map(|()| true),
+            Err(why) => {
+                tracing::debug!(sandbox = %rec.name, why, "processes beyond the init once frozen");
+                Ok(false)
+            }
+        };
+        let thawed = cg.thaw();
+        let done = result?;
+        thawed?;
+        if done {
+            point.init_only = true;
+            point.frozen_us = us(frozen.elapsed());
+        }
+        Ok(done)
     }
 
     fn snapshot_trees(

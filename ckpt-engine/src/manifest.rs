@@ -146,7 +146,8 @@ pub struct RecoveryPoint {
     /// Kind requested by the caller.
     pub requested: CheckpointKind,
     /// What the point can restore: `full` when it has a process image (its own, or the newest
-    /// earlier one carried forward), else `fs`.
+    /// earlier one carried forward) or holds only the container's init (`init_only`), else
+    /// `fs`.
     pub captured: CheckpointKind,
     /// Why `captured` differs from `requested`, if it does.
     pub note: Option<String>,
@@ -154,8 +155,14 @@ pub struct RecoveryPoint {
     pub parent: Option<String>,
     /// Wall-clock creation time, milliseconds since the Unix epoch.
     pub created_unix_ms: u64,
-    /// Process image (issue 5): `None` = filesystem-only point.
+    /// Process image (issue 5): `None` = no processes to restore but (with `init_only`) the
+    /// container's init.
     pub process: Option<ProcessImageRef>,
+    /// The sandbox's only processes were its container's init (the engine's own, which holds
+    /// no state): the point needs no process image, and restoring it starts the init afresh,
+    /// which is the same state. Carried forward like an image by later filesystem-only points.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub init_only: bool,
     /// Filesystem snapshots, one per tree.
     pub fs: Vec<TreeSnapshot>,
     /// How long the sandbox was frozen, microseconds.
@@ -288,8 +295,11 @@ impl RecoveryPoint {
                 }
             }
         }
-        if self.captured == CheckpointKind::Full && self.process.is_none() {
+        if self.captured == CheckpointKind::Full && self.process.is_none() && !self.init_only {
             return Err("captured full without a process image".to_string());
+        }
+        if self.init_only && self.process.is_some() {
+            return Err("init-only with a process image".to_string());
         }
         for t in &self.fs {
             if t.tree != "rootfs"
@@ -421,6 +431,7 @@ mod tests {
             parent: None,
             created_unix_ms: 1,
             process: None,
+            init_only: false,
             fs: vec![TreeSnapshot {
                 tree: "rootfs".into(),
                 snapshot: FsSnapshotRef {
@@ -501,6 +512,15 @@ mod tests {
             full.process = Some(image(bad));
             assert!(decode(path, &encode(&full)).is_err(), "{bad}");
         }
+        // Only the container's init: full without an image, but never both.
+        full.process = None;
+        full.init_only = true;
+        assert_eq!(decode(path, &encode(&full)).unwrap(), full);
+        full.process = Some(image("cp-000007"));
+        assert!(decode(path, &encode(&full)).is_err(), "init-only with an image");
+        // Points written before the field existed read as not init-only.
+        assert!(!p.init_only);
+        assert!(!String::from_utf8_lossy(&encode(&p)).contains("init_only"));
     }
 
     #[test]

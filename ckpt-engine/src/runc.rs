@@ -175,6 +175,19 @@ impl Runc {
     /// containers are fine.
     pub fn delete(&self, id: &str) -> Result<(), ToolError> {
         let Some((_, pid)) = self.state(id) else {
+            // No state runc can read, but its directory: a `runc run` or `restore` killed
+            // before it recorded the container. `run` would refuse the id ("already exists")
+            // while it is there, and there is nothing for `delete` to stop.
+            let dir = self.root.join(id);
+            if !id.is_empty()
+                && !id.contains('/')
+                && !id.starts_with('.')
+                && dir.is_dir()
+                && !dir.join("state.json").exists()
+            {
+                tracing::warn!(container = id, "runc directory without a state: removed");
+                let _ = std::fs::remove_dir_all(&dir);
+            }
             return Ok(());
         };
         let mut args = self.base();

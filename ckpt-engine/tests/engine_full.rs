@@ -175,6 +175,7 @@ fn gc_keeps_process_images_of_live_points_only() {
     let e = t.engine();
     let name = unique("");
     e.create(&name, None).expect("create sandbox");
+    common::keep_busy(e, &name);
     let images = e.pool().root().join("meta").join(&name).join("images");
     let cp = |kind| {
         e.checkpoint(&name, kind, &ChangeHint::Unknown)
@@ -197,4 +198,114 @@ fn gc_keeps_process_images_of_live_points_only() {
     let r = e.restore(&name, None).expect("restore");
     assert_eq!(r.process_image.as_deref(), Some(p3.id.as_str()));
     assert_eq!(e.info(&name).unwrap().status, "running");
+}
+
+/// Proves that a full checkpoint of a container whose only process is its init dumps nothing:
+/// the point is `init_only` (no image, restored by starting the init afresh), later fs points
+/// carry that state forward, and anything the init would not bring back — another process,
+/// a file in `/dev/shm`, a System V IPC object — sends the point to CRIU. An init-only point
+/// after a dumped one does not carry the old image: restoring it must not bring back a
+/// process that had exited.
+#[test]
+fn full_checkpoint_of_an_idle_container_needs_no_dump() {
+    if !process_prerequisites("full_checkpoint_of_an_idle_container_needs_no_dump") {
+        return;
+    }
+    let t = TestEngine::open(2 * GIB);
+    let e = t.engine();
+    let name = unique("");
+    e.create(&name, None).expect("create sandbox");
+    let images = e.pool().root().join("meta").join(&name).join("images");
+    let cp = |kind| {
+        e.checkpoint(&name, kind, &ChangeHint::Unknown)
+            .expect("checkpoint")
+    };
+    let init_only = |p: &ckpt_engine::manifest::RecoveryPoint| {
+        p.init_only && p.process.is_none() && p.captured == CheckpointKind::Full
+    };
+
+    sh(e, &name, "echo one > /data");
+    let p1 = cp(CheckpointKind::Full);
+    assert!(init_only(&p1), "{p1:?}");
+    assert!(!images.join(&p1.id).exists(), "no image dumped");
+    let p2 = cp(CheckpointKind::Fs);
+    assert!(init_only(&p2), "carried: {p2:?}");
+    assert!(p2.note.as_deref().unwrap_or("").contains(&p1.id), "{:?}", p2.note);
+
+    // A background process: dumped by CRIU.
+    sh(e, &name, "mkfifo /req && echo two > /data");
+    e.exec(
+        &name,
+        &[
+            "/bin/sh".into(),
+            "-c".into(),
+            format!("echo $$ > /server.pid; {COUNTER_SERVER}"),
+        ],
+        true,
+    )
+    .expect("start counter server");
+    assert_eq!(counter(e, &name), 1);
+    let p3 = cp(CheckpointKind::Full);
+    assert_eq!(p3.process.as_ref().map(|i| i.id.as_str()), Some(p3.id.as_str()));
+    assert!(!p3.init_only);
+
+    // The server exits: only the init is left, and the point says so instead of carrying
+    // p3's image.
+    sh(
+        e,
+        &name,
+        "p=$(cat /server.pid); kill $p; echo three > /data; i=0; \
+         while [ -d /proc/$p ] && ! grep -q '^State:.*Z' /proc/$p/status; do \
+         i=$((i+1)); [ $i -gt 200 ] && exit 1; usleep 10000; done",
+    );
+    let p4 = cp(CheckpointKind::Full);
+    assert!(init_only(&p4), "{p4:?}");
+
+    // State the init would not bring back.
+    sh(e, &name, "echo x > /dev/shm/leftover");
+    let p5 = cp(CheckpointKind::Full);
+    assert!(p5.process.is_some() && !p5.init_only, "/dev/shm: {p5:?}");
+    sh(e, &name, "rm /dev/shm/leftover");
+    let pid = std::fs::read_to_string(
+        common::cgroup_root()
+            .join("crab-test")
+            .join(&name)
+            .join("cgroup.procs"),
+    )
+    .unwrap()
+    .lines()
+    .next()
+    .unwrap()
+    .trim()
+    .to_string();
+    let ipc = |args: &[&str]| {
+        let out = std::process::Command::new("nsenter")
+            .arg(format!("--ipc=/proc/{pid}/ns/ipc"))
+            .args(args)
+            .output()
+            .expect("nsenter");
+        assert!(out.status.success(), "{args:?}: {out:?}");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let shm = ipc(&["ipcmk", "-M", "4096"]);
+    let shm_id = shm.split_whitespace().last().expect("shm id").to_string();
+    let p6 = cp(CheckpointKind::Full);
+    assert!(p6.process.is_some() && !p6.init_only, "SysV shm: {p6:?}");
+    ipc(&["ipcrm", "-m", &shm_id]);
+    let p7 = cp(CheckpointKind::Full);
+    assert!(init_only(&p7), "{p7:?}");
+
+    // Restoring an init-only point starts the init afresh on its files: no server.
+    sh(e, &name, "echo four > /data");
+    let r = e.restore(&name, Some(&p4.id)).expect("restore p4");
+    assert_eq!(r.process_image, None);
+    assert_eq!(file(e, &name, "/data").as_deref(), Some("three"));
+    assert_eq!(e.info(&name).unwrap().status, "running");
+    let ps = sh(e, &name, "ps -o args");
+    assert!(!ps.contains("/req"), "the exited server stays gone: {ps}");
+    assert_reaches_host(e, &name, "after restoring an init-only point");
+    // p3 still restores the server with its count.
+    e.restore(&name, Some(&p3.id)).expect("restore p3");
+    assert_eq!(file(e, &name, "/data").as_deref(), Some("two"));
+    assert_eq!(counter(e, &name), 2);
 }

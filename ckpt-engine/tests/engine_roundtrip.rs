@@ -97,8 +97,8 @@ fn checkpoint_mutate_restore_verify_byte_for_byte() {
     let p2 = e.settle_point(p2).expect("settle 2");
     assert_eq!(p2.parent.as_deref(), Some("cp-000001"));
     assert!(
-        p2.process.is_some() || p2.note.is_some(),
-        "a full point has a process image or says why not"
+        p2.process.is_some() || p2.init_only || p2.note.is_some(),
+        "a full point has a process image, holds only the init, or says why not"
     );
     assert!(
         p2.fs[0].bytes_changed >= 100 << 20,
@@ -322,7 +322,9 @@ fn cli_commands_drive_the_engine() {
     let r = run(&["checkpoint", &name, "--kind", "full"]);
     assert_eq!(r.exit_code, 0, "{}", r.stderr);
     assert!(
-        r.stdout.contains("restores fs+processes") || r.stderr.contains("filesystem only"),
+        r.stdout.contains("restores fs+processes")
+            || r.stdout.contains("restores fs+init")
+            || r.stderr.contains("filesystem only"),
         "the point says what it restores: {} {}",
         r.stdout,
         r.stderr
@@ -332,9 +334,10 @@ fn cli_commands_drive_the_engine() {
     assert_eq!(v["kind"], "points");
     assert_eq!(v["data"][0]["id"], "cp-000001");
     let has_image = !v["data"][0]["process"].is_null();
+    let init_only = v["data"][0]["init_only"] == true;
     assert_eq!(
         v["data"][0]["captured"],
-        if has_image { "full" } else { "fs" }
+        if has_image || init_only { "full" } else { "fs" }
     );
     run(&["sandbox", "exec", &name, "--", "rm", "/f"]);
     let r = run(&["restore", &name, "--to", "cp-000001"]);

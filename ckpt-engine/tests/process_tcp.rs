@@ -391,6 +391,7 @@ fn sandbox_namespaces_get_socket_tables_of_their_own() {
     e.create(&name, None).expect("create sandbox");
     let own = i64::from(ckpt_engine::network::SANDBOX_SOCKET_TABLE);
     assert_eq!(tcp_table(e, &name), own, "as created");
+    common::keep_busy(e, &name);
     let point = e
         .checkpoint(&name, CheckpointKind::Full, &ChangeHint::Unknown)
         .expect("full checkpoint");

@@ -12,6 +12,8 @@
 //! - [`checkpoint`]: [`ProcessBackend`] — dump ([`ProcessBackend::checkpoint`]) and restore.
 //! - [`freeze`]: freezing the sandbox's cgroup before CRIU (saves CRIU's 100 ms polling).
 //! - [`hook`]: CRIU action scripts wired to this process through two FIFOs.
+//! - [`init_only`]: whether a container's only process state is its init's (a full point then
+//!   needs no CRIU dump: the init starts afresh on restore).
 //! - [`kdat`]: CRIU's kernel-feature cache where `/run` is not a tmpfs (saves 40 ms a run).
 //! - [`runc`]: the `runc` command line (state, run, kill, delete) with captured errors.
 //! - [`stats`]: decoding CRIU's `stats-dump` / `stats-restore` (hand-rolled protobuf varints).
@@ -49,6 +51,7 @@ pub mod fork;
 pub mod freeze;
 pub mod hook;
 pub mod image_store;
+pub mod init_only;
 pub mod kdat;
 pub mod proctree;
 pub mod reaper;

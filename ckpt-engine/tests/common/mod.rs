@@ -265,3 +265,16 @@ pub fn assert_reaches_host(e: &ckpt_engine::Engine, name: &str, when: &str) {
         "{when}"
     );
 }
+
+/// Starts a detached process that only sleeps and waits until it runs, so that full
+/// checkpoints of the sandbox dump it with CRIU: a container whose only process is its init
+/// needs no dump (its full points are `init_only`).
+pub fn keep_busy(e: &Engine, name: &str) {
+    e.exec(name, &["sleep".into(), "1000000".into()], true)
+        .expect("start a sleeper");
+    sh(
+        e,
+        name,
+        "i=0; until ps -o args | grep -q '^sleep 1000000'; do i=$((i+1)); [ $i -gt 500 ] && exit 1; usleep 10000; done",
+    );
+}

@@ -1032,8 +1032,13 @@ impl Coordinator {
         sender.on_wait(move || s.promote(ticket));
         match handle.wait().await {
             // A full checkpoint that did not dump its own process image (CRIU refused or the
-            // dump was interrupted) is not the sandbox's state after this turn.
-            Ok(point) if kind_full && point.process.as_ref().is_none_or(|p| p.id != point.id) => {
+            // dump was interrupted) is not the sandbox's state after this turn — unless the
+            // sandbox held no process but its init, which needs no image.
+            Ok(point)
+                if kind_full
+                    && !point.init_only
+                    && point.process.as_ref().is_none_or(|p| p.id != point.id) =>
+            {
                 Outcome::Degraded {
                     reason: point
                         .note
