@@ -15,7 +15,9 @@
 //! - A bounded number of workers.
 //! - A global token bucket of bytes per second; a job starts when the bucket holds its
 //!   estimate (capped at the burst). Priority jobs may borrow (drive the bucket negative) so a
-//!   waiting reply is not held back by the budget; later normal jobs then repay the debt.
+//!   waiting reply is not held back by the budget; later normal jobs then repay the debt. A
+//!   job that reports what it wrote gets the rest of its estimate back when it ends (estimates
+//!   are made before anyone knows, e.g. whether a full checkpoint needs a CRIU dump at all).
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::time::Duration;
@@ -141,6 +143,8 @@ struct RunningJob {
     sandbox: String,
     tickets: Vec<TicketId>,
     started_at: Duration,
+    /// Bytes taken from the bucket when it started.
+    charged: u64,
 }
 
 #[derive(Debug, Default)]
@@ -442,6 +446,11 @@ impl<P: Coalesce> SchedulerCore<P> {
                 }
                 self.tokens = self.tokens.saturating_sub(est.min(i64::MAX as u64) as i64);
             }
+            let charged = if self.config.io_bytes_per_sec > 0 {
+                est
+            } else {
+                0
+            };
             let (job, q) = self.queued.remove(&sandbox).expect("picked from the queue");
             let l = self.lane_mut(lane);
             l.ring.retain(|s| *s != sandbox);
@@ -464,6 +473,7 @@ impl<P: Coalesce> SchedulerCore<P> {
                     sandbox: sandbox.clone(),
                     tickets: q.tickets,
                     started_at: now,
+                    charged,
                 },
             );
             started.push(Started {
@@ -488,8 +498,15 @@ impl<P: Coalesce> SchedulerCore<P> {
     }
 
     /// Records the end of a running job; returns the tickets to notify. `ok` is whether it
-    /// succeeded.
-    pub fn complete(&mut self, now: Duration, job: JobId, ok: bool) -> Completed {
+    /// succeeded; `written`, when known, the bytes it wrote: the rest of what it was charged
+    /// goes back to the I/O bucket (up to the burst).
+    pub fn complete(
+        &mut self,
+        now: Duration,
+        job: JobId,
+        ok: bool,
+        written: Option<u64>,
+    ) -> Completed {
         let Some(r) = self.running.remove(&job) else {
             return Completed {
                 job,
@@ -497,6 +514,18 @@ impl<P: Coalesce> SchedulerCore<P> {
             };
         };
         self.running_sandboxes.remove(&r.sandbox);
+        if let Some(written) = written {
+            let refund = r.charged.saturating_sub(written);
+            if refund > 0 {
+                self.refill(now);
+                let cap = self.config.io_burst_bytes.min(i64::MAX as u64) as i64;
+                self.tokens = self
+                    .tokens
+                    .saturating_add(refund.min(i64::MAX as u64) as i64)
+                    .min(cap);
+                self.metrics.bytes_refunded += refund;
+            }
+        }
         if ok {
             self.metrics.succeeded += 1;
         } else {
@@ -592,7 +621,7 @@ mod tests {
         let d = c.dispatch(T0);
         assert_eq!(names(&d), ["c"]);
         c.promote(T0, b.ticket);
-        c.complete(T0, d.started[0].job, true);
+        c.complete(T0, d.started[0].job, true, None);
         assert_eq!(names(&c.dispatch(T0)), ["b"]);
         assert_eq!(c.metrics().promoted, 1);
     }
@@ -612,11 +641,11 @@ mod tests {
             c.dispatch(T0).started.is_empty(),
             "a is running: its next job waits"
         );
-        let done = c.complete(T0, first.job, true);
+        let done = c.complete(T0, first.job, true, None);
         assert_eq!(done.tickets, vec![first.ticket]);
         let d = c.dispatch(T0);
         assert_eq!(d.started[0].payload, Job(vec!["2", "3"]));
-        let done = c.complete(T0, d.started[0].job, true);
+        let done = c.complete(T0, d.started[0].job, true, None);
         assert_eq!(done.tickets, vec![t2.ticket, t3.ticket]);
         assert_eq!(c.metrics().coalesced, 1);
     }
@@ -631,7 +660,7 @@ mod tests {
         assert_eq!(c.cancel(b.ticket), Cancelled::JobDropped(b.job));
         assert_eq!(c.cancel(a.ticket), Cancelled::Detached);
         assert_eq!(c.cancel(a.ticket), Cancelled::Unknown);
-        assert!(c.complete(T0, a.job, true).tickets.is_empty());
+        assert!(c.complete(T0, a.job, true, None).tickets.is_empty());
         assert!(c.dispatch(T0).started.is_empty());
     }
 
@@ -656,7 +685,7 @@ mod tests {
             let s = &d.started[0];
             *bytes.entry(s.sandbox.clone()).or_default() += s.estimated_bytes;
             let (job, sandbox, est) = (s.job, s.sandbox.clone(), s.estimated_bytes);
-            c.complete(T0, job, true);
+            c.complete(T0, job, true, None);
             c.submit(T0, &sandbox, est, false, Job(vec![]));
         }
         let (s, b) = (bytes["small"] as f64, bytes["big"] as f64);
@@ -696,6 +725,36 @@ mod tests {
         assert_eq!(c.dispatch(Duration::from_millis(2001)).started.len(), 1);
     }
 
+    /// A job that wrote less than its estimate gives the rest back when it ends: the next job
+    /// starts at once instead of a second later; what it did write stays spent, and nothing
+    /// is refunded when the job does not say.
+    #[test]
+    fn jobs_that_wrote_less_refund_the_bucket() {
+        let mb = 1u64 << 20;
+        let mut c = SchedulerCore::new(
+            SchedulerConfig {
+                workers: 8,
+                io_bytes_per_sec: 4 * mb,
+                io_burst_bytes: 4 * mb,
+                ..Default::default()
+            },
+            T0,
+        );
+        for s in ["a", "b", "c"] {
+            c.submit(T0, s, 4 * mb, false, Job(vec![]));
+        }
+        let a = c.dispatch(T0).started.remove(0);
+        assert!(c.dispatch(T0).started.is_empty(), "bucket empty");
+        c.complete(T0, a.job, true, Some(mb));
+        assert_eq!(c.metrics().bytes_refunded, 3 * mb);
+        // 3 MB back: not enough for a 4 MB job yet; 0.25 s of refill makes up the written MB.
+        assert!(c.dispatch(T0).started.is_empty());
+        let b = c.dispatch(Duration::from_millis(251)).started.remove(0);
+        c.complete(Duration::from_millis(251), b.job, true, None);
+        assert_eq!(c.metrics().bytes_refunded, 3 * mb, "unknown: no refund");
+        assert!(c.dispatch(Duration::from_millis(260)).started.is_empty());
+    }
+
     /// Never more jobs running than workers.
     #[test]
     fn worker_bound() {
@@ -706,7 +765,7 @@ mod tests {
         let d = c.dispatch(T0);
         assert_eq!(d.started.len(), 3);
         assert!(c.dispatch(T0).started.is_empty());
-        c.complete(T0, d.started[0].job, true);
+        c.complete(T0, d.started[0].job, true, None);
         assert_eq!(c.dispatch(T0).started.len(), 1);
         assert_eq!(c.metrics().queued_normal, 6);
     }

@@ -83,6 +83,17 @@ impl CheckpointExecutor for EngineExecutor {
             })?
             .map_err(EngineJobError::from)
     }
+
+    /// What the checkpoint itself wrote: its own process image and the bytes its trees stored
+    /// (a btrfs snapshot stores none; a carried image was written by an earlier point).
+    fn written_bytes(point: &RecoveryPoint) -> Option<u64> {
+        let image = point
+            .process
+            .as_ref()
+            .filter(|i| i.id == point.id)
+            .map_or(0, |i| i.written_bytes.unwrap_or(i.image_bytes));
+        Some(image + point.fs.iter().map(|t| t.bytes_stored).sum::<u64>())
+    }
 }
 
 #[cfg(test)]

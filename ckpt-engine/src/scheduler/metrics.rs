@@ -95,6 +95,8 @@ pub struct SchedulerMetrics {
     pub failed: u64,
     /// Estimated bytes of started jobs (counter).
     pub bytes_started: u64,
+    /// Estimated bytes returned to the I/O bucket by jobs that wrote less (counter).
+    pub bytes_refunded: u64,
     /// Time from a waiter's submission to its job's start.
     pub queueing_delay: Histogram,
     /// Time from the moment a reply started waiting on a job to the job's end: the delay the

@@ -51,6 +51,12 @@ pub trait CheckpointExecutor: Send + Sync + 'static {
         sandbox: &str,
         job: Self::Job,
     ) -> impl Future<Output = Result<Self::Output, Self::Error>> + Send;
+
+    /// The bytes a finished job wrote, when known: the scheduler gives the rest of the job's
+    /// estimate back to the I/O budget.
+    fn written_bytes(_output: &Self::Output) -> Option<u64> {
+        None
+    }
 }
 
 /// Why a handle did not get a result.
@@ -300,7 +306,8 @@ async fn run_job<E: CheckpointExecutor>(shared: Arc<Shared<E>>, job: self::core:
     {
         let mut st = shared.lock();
         let now = shared.now();
-        let done = st.core.complete(now, job.job, result.is_ok());
+        let written = result.as_ref().ok().and_then(E::written_bytes);
+        let done = st.core.complete(now, job.job, result.is_ok(), written);
         for t in done.tickets {
             if let Some(tx) = st.waiters.remove(&t) {
                 let _ = tx.send(result.clone());
