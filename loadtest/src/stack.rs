@@ -141,7 +141,7 @@ pub struct Reply {
     pub id: u64,
     /// Time held at the gate, µs (None: the reply was not gated).
     pub gate_wait_us: Option<u64>,
-    /// The part of it after the reply's first bytes had arrived, µs.
+    /// The part of it after the upstream had sent the whole reply, µs.
     pub exposed_us: Option<u64>,
 }
 

@@ -37,7 +37,7 @@ use crate::config::Config;
 use crate::coordinator::Coordinator;
 use crate::coordinator::replay::{Lookup, ReplayKey};
 use crate::error::{ErrorShape, ProxyError};
-use crate::gather::Gather;
+use crate::gather::{Gather, MAX_GATED_BYTES};
 use crate::metrics::{ApiSlot, ErrorLabels, Metrics, RequestLabels, SandboxLabels};
 use crate::sandbox::{self, SANDBOX_HEADER, SandboxId};
 use crate::summaries::Summaries;
@@ -1138,31 +1138,32 @@ struct Held {
 struct GateWait {
     /// From the reply's head to its release.
     held: Duration,
-    /// The part of `held` after the reply's first body bytes had arrived: the delay the agent
-    /// sees. Before them it would have waited for the model anyway (an upstream may send its
-    /// head at once and its first token seconds later).
+    /// The part of `held` after the upstream had sent the whole reply (or as much as the hold
+    /// takes, [`MAX_GATED_BYTES`]): the delay the agent sees. Before that it would have waited
+    /// for the model anyway — an upstream streams its reply over the model's whole answer, and
+    /// may send its head and first events (`response.created`, `message_start`) at once.
     exposed: Duration,
 }
 
-/// Waits for `hold` (the gate) while watching `body` for its first bytes; see [`GateWait`].
-async fn gate_wait<B: Body + Unpin>(
+/// Waits for `hold` (the gate) while taking `body`'s frames; see [`GateWait`].
+async fn gate_wait<B: Body<Data = Bytes> + Unpin>(
     hold: impl std::future::Future<Output = Duration>,
     body: &mut Gather<B>,
 ) -> GateWait {
     let mut hold = std::pin::pin!(hold);
-    let mut first: Option<tokio::time::Instant> = None;
+    let mut complete: Option<tokio::time::Instant> = None;
     let held = loop {
         tokio::select! {
             biased;
             held = &mut hold => break held,
-            () = Pin::new(&mut *body).first(), if first.is_none() => {
-                first = Some(tokio::time::Instant::now());
+            _ = Pin::new(&mut *body).take_all(MAX_GATED_BYTES), if complete.is_none() => {
+                complete = Some(tokio::time::Instant::now());
             }
         }
     };
     GateWait {
         held,
-        exposed: first.map_or(Duration::ZERO, |f| f.elapsed().min(held)),
+        exposed: complete.map_or(Duration::ZERO, |f| f.elapsed().min(held)),
     }
 }
 
@@ -1432,34 +1433,47 @@ mod tests {
     use super::*;
     use crate::config::Config;
 
-    /// A body whose one data frame arrives after `after` (tokio time).
-    struct Late {
-        sleep: Pin<Box<tokio::time::Sleep>>,
-        sent: bool,
+    /// A reply streamed over time (tokio time): data frames `x` and `y` at the given
+    /// milliseconds after creation, then its end.
+    struct Streamed {
+        at: Vec<(u64, &'static [u8])>,
+        end_ms: u64,
+        start: tokio::time::Instant,
+        sleep: Option<Pin<Box<tokio::time::Sleep>>>,
     }
 
-    impl Late {
-        fn after(ms: u64) -> Gather<Late> {
-            Gather::new(Late {
-                sleep: Box::pin(tokio::time::sleep(Duration::from_millis(ms))),
-                sent: false,
+    impl Streamed {
+        fn new(at: &[(u64, &'static [u8])], end_ms: u64) -> Gather<Streamed> {
+            Gather::new(Streamed {
+                at: at.iter().rev().copied().collect(),
+                end_ms,
+                start: tokio::time::Instant::now(),
+                sleep: None,
             })
         }
     }
 
-    impl Body for Late {
+    impl Body for Streamed {
         type Data = Bytes;
         type Error = std::convert::Infallible;
         fn poll_frame(
             mut self: Pin<&mut Self>,
             cx: &mut std::task::Context<'_>,
         ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, Self::Error>>> {
-            if self.sent {
-                return std::task::Poll::Ready(None);
+            let due = self.at.last().map_or(self.end_ms, |(ms, _)| *ms);
+            let deadline = self.start + Duration::from_millis(due);
+            if tokio::time::Instant::now() < deadline {
+                let sleep = self
+                    .sleep
+                    .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+                sleep.as_mut().reset(deadline);
+                std::task::ready!(sleep.as_mut().poll(cx));
             }
-            std::task::ready!(self.sleep.as_mut().poll(cx));
-            self.sent = true;
-            std::task::Poll::Ready(Some(Ok(http_body::Frame::data(Bytes::from_static(b"x")))))
+            std::task::Poll::Ready(
+                self.at
+                    .pop()
+                    .map(|(_, b)| Ok(http_body::Frame::data(Bytes::from_static(b)))),
+            )
         }
     }
 
@@ -1468,34 +1482,40 @@ mod tests {
         Duration::from_millis(ms)
     }
 
-    /// The exposed part of a gate wait starts when the reply's first bytes arrive: a model
-    /// still thinking hides the gate; bytes that came first are held back (and handed on).
+    async fn collect(body: Gather<Streamed>) -> Bytes {
+        http_body_util::BodyExt::collect(body)
+            .await
+            .unwrap()
+            .to_bytes()
+    }
+
+    /// The exposed part of a gate wait starts when the upstream has sent the whole reply: a
+    /// model still streaming its answer hides the gate, even after its first events. What
+    /// was taken while held is handed on first, once, in order.
     #[tokio::test(start_paused = true)]
-    async fn only_the_wait_after_the_first_bytes_is_exposed() {
+    async fn only_the_wait_after_the_whole_reply_is_exposed() {
         let ms = Duration::from_millis;
-        // First token at 300 ms, gate open at 100 ms: nothing exposed.
-        let mut body = Late::after(300);
+        // First event at once, last at 300 ms, gate open at 100 ms: nothing exposed.
+        let mut body = Streamed::new(&[(0, b"x"), (300, b"y")], 300);
         let g = gate_wait(held_for(100), &mut body).await;
         assert_eq!((g.held, g.exposed), (ms(100), ms(0)));
-        // First token at 40 ms, gate open at 100 ms: 60 ms exposed.
-        let mut body = Late::after(40);
+        assert_eq!(&collect(body).await[..], b"xy");
+        // Events at 10 and 30 ms, complete at 40 ms, gate open at 100 ms: 60 ms exposed.
+        let mut body = Streamed::new(&[(10, b"x"), (30, b"y")], 40);
         let g = gate_wait(held_for(100), &mut body).await;
         assert_eq!((g.held, g.exposed), (ms(100), ms(60)));
-        // Bytes already in (filled with the head): the whole wait is exposed.
-        let mut body = Late::after(0);
+        assert_eq!(&collect(body).await[..], b"xy");
+        // Complete with the head (taken before the gate): the whole wait is exposed.
+        let mut body = Streamed::new(&[(0, b"x")], 0);
         Pin::new(&mut body).fill().await;
         let g = gate_wait(held_for(100), &mut body).await;
         assert_eq!((g.held, g.exposed), (ms(100), ms(100)));
-        // What was taken while held is handed on, once.
-        let frames = http_body_util::BodyExt::collect(body)
-            .await
-            .unwrap()
-            .to_bytes();
-        assert_eq!(&frames[..], b"x");
-        // An open gate waits for nothing.
-        let mut body = Late::after(300);
+        assert_eq!(&collect(body).await[..], b"x");
+        // An open gate waits for nothing and takes nothing.
+        let mut body = Streamed::new(&[(300, b"x")], 300);
         let g = gate_wait(async { Duration::ZERO }, &mut body).await;
         assert_eq!((g.held, g.exposed), (ms(0), ms(0)));
+        assert_eq!(&collect(body).await[..], b"x");
     }
 
     fn shared() -> (Arc<Shared>, tempfile::TempDir) {

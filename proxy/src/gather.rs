@@ -32,6 +32,9 @@ use http_body::{Body, Frame, SizeHint};
 pub const MAX_HELD_FRAMES: usize = 32;
 /// Data bytes held at most before they are handed on.
 pub const MAX_HELD_BYTES: usize = 64 * 1024;
+/// Data bytes a reply held at the response gate takes from the upstream at most (beyond them
+/// the upstream waits for the release).
+pub const MAX_GATED_BYTES: usize = 1 << 20;
 /// Polls in a row that must find the inner body pending before held frames are handed on.
 /// Two, because a writer may poll again within the same run of its task (hyper's connection
 /// re-checks a pending body once after a flush), before the producer had its turn; the second
@@ -133,10 +136,33 @@ impl<B: Body> Gather<B> {
         std::future::poll_fn(|cx| self.as_mut().poll_gather(cx, false)).await
     }
 
-    /// Waits until the inner body has a frame (or ended), taking it and whatever came with it
-    /// to be handed on with the first poll; ready at once when frames are held already.
-    pub async fn first(mut self: Pin<&mut Self>) {
-        std::future::poll_fn(|cx| self.as_mut().poll_gather(cx, true)).await
+    /// Takes every frame the inner body has or sends until it ends (`true`; also when it
+    /// failed) or `limit` data bytes are held (`false`), to be handed on first, in order. For
+    /// a reply held at the response gate: the upstream is not slowed by the hold, and the
+    /// hold sees when the reply was complete.
+    pub async fn take_all(mut self: Pin<&mut Self>, limit: usize) -> bool {
+        std::future::poll_fn(|cx| self.as_mut().poll_take_all(cx, limit)).await
+    }
+
+    fn poll_take_all(self: Pin<&mut Self>, cx: &mut Context<'_>, limit: usize) -> Poll<bool> {
+        let mut this = self.project();
+        loop {
+            if this.end.is_some() || *this.held_bytes >= limit {
+                *this.releasing = true;
+                return Poll::Ready(this.end.is_some());
+            }
+            match this.inner.as_mut().poll_frame(cx) {
+                Poll::Ready(Some(Ok(f))) => {
+                    if let Some(d) = f.data_ref() {
+                        *this.held_bytes += d.remaining();
+                    }
+                    this.held.push_back(f);
+                }
+                Poll::Ready(Some(Err(e))) => *this.end = Some(Some(e)),
+                Poll::Ready(None) => *this.end = Some(None),
+                Poll::Pending => return Poll::Pending,
+            }
+        }
     }
 }
 
@@ -419,6 +445,37 @@ mod tests {
         assert_eq!(two.held.len(), 2);
         let all = two.collect().await.unwrap().to_bytes();
         assert_eq!(&all[..], b"abc");
+    }
+
+    #[tokio::test]
+    async fn take_all_holds_the_reply_to_its_end_or_the_limit() {
+        use Step::*;
+        // To the end, across pending polls: everything held, handed on first, in order.
+        let mut whole = Gather::new(Script {
+            steps: vec![Data("a"), Pending, Data("b"), Trailers].into(),
+        });
+        assert!(Pin::new(&mut whole).take_all(1 << 20).await, "ended");
+        assert_eq!(whole.held.len(), 3);
+        let all = whole.collect().await.unwrap();
+        assert!(all.trailers().is_some());
+        assert_eq!(&all.to_bytes()[..], b"ab");
+        // The limit: taking stops once it is held; the rest follows after.
+        let mut big = Gather::new(Script {
+            steps: vec![Data("ab"), Data("cd"), Data("ef")].into(),
+        });
+        assert!(!Pin::new(&mut big).take_all(3).await, "limit");
+        assert_eq!(big.held_bytes, 4);
+        assert_eq!(&big.collect().await.unwrap().to_bytes()[..], b"abcdef");
+        // An error ends the taking and comes after the frames before it.
+        let mut cut = Gather::new(Script {
+            steps: vec![Data("a"), Fail].into(),
+        });
+        assert!(Pin::new(&mut cut).take_all(1 << 20).await);
+        let mut cut = Box::pin(cut);
+        let first = std::future::poll_fn(|cx| cut.as_mut().poll_frame(cx)).await;
+        assert_eq!(first.unwrap().unwrap().into_data().unwrap(), "a");
+        let err = std::future::poll_fn(|cx| cut.as_mut().poll_frame(cx)).await;
+        assert_eq!(err.unwrap().unwrap_err(), "cut");
     }
 
     #[tokio::test]

@@ -895,7 +895,7 @@ mod tests {
             replies.iter().map(|r| r.id).collect::<Vec<_>>(),
             vec![3, 7, 9]
         );
-        // Older transcripts: the whole hold; newer: the part after the first bytes.
+        // Older transcripts: the whole hold; newer: the part after the whole reply was in.
         assert_eq!(
             replies.iter().map(|r| r.exposed()).collect::<Vec<_>>(),
             vec![None, Some(5), Some(2)]

@@ -155,7 +155,7 @@ pub struct Timings {
     /// it was gated (from the upstream's response head to the release).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub gate_wait_us: Option<u64>,
-    /// The part of `gate_wait_us` after the reply's first body bytes had arrived: the exposed
+    /// The part of `gate_wait_us` after the upstream had sent the whole reply: the exposed
     /// checkpoint delay, what the agent waited beyond the model.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub exposed_us: Option<u64>,
