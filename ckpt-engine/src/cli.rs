@@ -287,14 +287,15 @@ fn ms(us: u64) -> String {
 }
 
 /// What a point restores: `fs`, `fs+processes` (own image), `fs+processes(cp-N)` (an
-/// earlier point's image carried forward) or `fs+init` (only the container's init, started
-/// afresh).
+/// earlier point's image carried forward), `fs+init` (only the container's init, started
+/// afresh) or `fs+init(cp-N)` (as found by an earlier point).
 fn restores(p: &crate::manifest::RecoveryPoint) -> String {
-    match &p.process {
-        None if p.init_only => "fs+init".to_string(),
-        None => "fs".to_string(),
-        Some(img) if img.id == p.id => "fs+processes".to_string(),
-        Some(img) => format!("fs+processes({})", img.id),
+    match (&p.process, &p.init_only) {
+        (None, Some(from)) if *from == p.id => "fs+init".to_string(),
+        (None, Some(from)) => format!("fs+init({from})"),
+        (None, None) => "fs".to_string(),
+        (Some(img), _) if img.id == p.id => "fs+processes".to_string(),
+        (Some(img), _) => format!("fs+processes({})", img.id),
     }
 }
 
@@ -627,7 +628,7 @@ mod tests {
                 .then(|| "no process image: criu refused".to_string()),
             parent: None,
             created_unix_ms: 0,
-            init_only: false,
+            init_only: None,
             process: image.map(|id| ProcessImageRef {
                 id: id.into(),
                 criu_version: "4.1.1".into(),
@@ -676,7 +677,8 @@ mod tests {
             degraded.stderr
         );
         let mut init = point(4, None);
-        (init.init_only, init.captured, init.note) = (true, CheckpointKind::Full, None);
+        (init.init_only, init.captured, init.note) =
+            (Some(init.id.clone()), CheckpointKind::Full, None);
         let init = render(&EngineResponse::Point(init), false);
         assert!(init.stdout.contains("restores fs+init,"), "{}", init.stdout);
         let mut measured = point(1, Some("cp-000001"));

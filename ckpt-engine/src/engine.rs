@@ -1318,10 +1318,7 @@ impl Engine {
         // The live tree descends from `parent`: its process image (own or carried), or its
         // init-only state, is the newest valid one of this lineage.
         let carried = parent.as_ref().and_then(|p| p.process.clone());
-        let carried_init = parent
-            .as_ref()
-            .filter(|p| p.init_only)
-            .map(|p| p.id.clone());
+        let carried_init = parent.as_ref().and_then(|p| p.init_only.clone());
         let mut point = RecoveryPoint {
             id: id.clone(),
             sandbox: name.to_string(),
@@ -1333,7 +1330,7 @@ impl Engine {
             parent: parent.as_ref().map(|p| p.id.clone()),
             created_unix_ms: now_ms(),
             process: None,
-            init_only: false,
+            init_only: None,
             fs: Vec::new(),
             frozen_us: 0,
             duration_us: 0,
@@ -1351,7 +1348,7 @@ impl Engine {
                 self.full_checkpoint(&rec, &id, parent.as_ref(), changes, &mut point)
             }
         };
-        if point.process.is_none() && !point.init_only {
+        if point.process.is_none() && point.init_only.is_none() {
             let carry = if let Some(img) = carried {
                 let carry = format!(
                     "process image of {} carried forward (filesystem of this point, processes of {})",
@@ -1360,10 +1357,11 @@ impl Engine {
                 point.process = Some(img);
                 Some(carry)
             } else if let Some(from) = carried_init {
-                point.init_only = true;
-                Some(format!(
+                let carry = format!(
                     "processes as at {from}: only the container's init, started afresh on restore"
-                ))
+                );
+                point.init_only = Some(from);
+                Some(carry)
             } else {
                 None
             };
@@ -1374,7 +1372,7 @@ impl Engine {
                 });
             }
         }
-        point.captured = if point.process.is_some() || point.init_only {
+        point.captured = if point.process.is_some() || point.init_only.is_some() {
             CheckpointKind::Full
         } else {
             CheckpointKind::Fs
@@ -1559,7 +1557,7 @@ impl Engine {
         let done = result?;
         thawed?;
         if done {
-            point.init_only = true;
+            point.init_only = Some(id.to_string());
             point.frozen_us = us(frozen.elapsed());
         }
         Ok(done)

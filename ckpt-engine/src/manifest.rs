@@ -146,7 +146,7 @@ pub struct RecoveryPoint {
     /// Kind requested by the caller.
     pub requested: CheckpointKind,
     /// What the point can restore: `full` when it has a process image (its own, or the newest
-    /// earlier one carried forward) or holds only the container's init (`init_only`), else
+    /// earlier one carried forward) or found only the container's init (`init_only`), else
     /// `fs`.
     pub captured: CheckpointKind,
     /// Why `captured` differs from `requested`, if it does.
@@ -158,11 +158,12 @@ pub struct RecoveryPoint {
     /// Process image (issue 5): `None` = no processes to restore but (with `init_only`) the
     /// container's init.
     pub process: Option<ProcessImageRef>,
-    /// The sandbox's only processes were its container's init (the engine's own, which holds
-    /// no state): the point needs no process image, and restoring it starts the init afresh,
-    /// which is the same state. Carried forward like an image by later filesystem-only points.
-    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
-    pub init_only: bool,
+    /// Set when the sandbox's only processes were its container's init (the engine's own, which
+    /// holds no state): the id of the point whose full checkpoint found that — this one, or an
+    /// earlier one carried forward by filesystem-only points, like a process image. Such a
+    /// point needs no image: restoring it starts the init afresh, which is the same state.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub init_only: Option<String>,
     /// Filesystem snapshots, one per tree.
     pub fs: Vec<TreeSnapshot>,
     /// How long the sandbox was frozen, microseconds.
@@ -295,11 +296,20 @@ impl RecoveryPoint {
                 }
             }
         }
-        if self.captured == CheckpointKind::Full && self.process.is_none() && !self.init_only {
-            return Err("captured full without a process image".to_string());
+        if let Some(from) = &self.init_only {
+            match parse_point_id(from) {
+                Some(seq) if seq <= self.seq => {}
+                _ => return Err(format!("init-only point {from:?} is not an earlier point")),
+            }
+            if self.process.is_some() {
+                return Err("init-only with a process image".to_string());
+            }
         }
-        if self.init_only && self.process.is_some() {
-            return Err("init-only with a process image".to_string());
+        if self.captured == CheckpointKind::Full
+            && self.process.is_none()
+            && self.init_only.is_none()
+        {
+            return Err("captured full without a process image".to_string());
         }
         for t in &self.fs {
             if t.tree != "rootfs"
@@ -431,7 +441,7 @@ mod tests {
             parent: None,
             created_unix_ms: 1,
             process: None,
-            init_only: false,
+            init_only: None,
             fs: vec![TreeSnapshot {
                 tree: "rootfs".into(),
                 snapshot: FsSnapshotRef {
@@ -514,12 +524,22 @@ mod tests {
         }
         // Only the container's init: full without an image, but never both.
         full.process = None;
-        full.init_only = true;
+        full.init_only = Some("cp-000007".into());
         assert_eq!(decode(path, &encode(&full)).unwrap(), full);
+        full.init_only = Some("cp-000002".into());
+        assert_eq!(decode(path, &encode(&full)).unwrap(), full, "carried");
+        for bad in ["cp-000008", "../x"] {
+            full.init_only = Some(bad.into());
+            assert!(decode(path, &encode(&full)).is_err(), "{bad}");
+        }
+        full.init_only = Some("cp-000007".into());
         full.process = Some(image("cp-000007"));
-        assert!(decode(path, &encode(&full)).is_err(), "init-only with an image");
+        assert!(
+            decode(path, &encode(&full)).is_err(),
+            "init-only with an image"
+        );
         // Points written before the field existed read as not init-only.
-        assert!(!p.init_only);
+        assert!(p.init_only.is_none());
         assert!(!String::from_utf8_lossy(&encode(&p)).contains("init_only"));
     }
 

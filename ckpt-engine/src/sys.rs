@@ -157,3 +157,96 @@ pub fn find_program(name: &str) -> Option<std::path::PathBuf> {
         .map(|d| d.join(name))
         .find(|c| c.is_file())
 }
+
+/// The calling thread at a lower CPU priority until dropped. Linux keeps nice values per
+/// thread (`setpriority(PRIO_PROCESS, 0, …)` changes only the caller), and threads and
+/// processes started by it inherit the value. Dropping restores the previous value; a thread
+/// that could not have it restored (no `CAP_SYS_NICE`) is never lowered in the first place.
+#[derive(Debug)]
+pub struct ThreadNice {
+    previous: Option<i32>,
+}
+
+impl ThreadNice {
+    /// Lowers the calling thread to `nice` (0 or a value not below its own: nothing changes).
+    pub fn set(nice: u8) -> ThreadNice {
+        let current = thread_nice();
+        let target = i32::from(nice.min(19));
+        let can_restore = nix::unistd::geteuid().is_root();
+        let previous = match current {
+            Some(c) if nice > 0 && target > c && can_restore => {
+                set_thread_nice(target).ok().map(|()| c)
+            }
+            _ => None,
+        };
+        ThreadNice { previous }
+    }
+}
+
+impl Drop for ThreadNice {
+    fn drop(&mut self) {
+        if let Some(p) = self.previous
+            && let Err(e) = set_thread_nice(p)
+        {
+            tracing::warn!(error = %e, "could not restore a thread's priority");
+        }
+    }
+}
+
+/// The calling thread's nice value.
+#[allow(unsafe_code)]
+pub fn thread_nice() -> Option<i32> {
+    // getpriority may return -1 as a value: errno tells an error apart.
+    // SAFETY: plain libc calls on the calling thread; errno is thread-local.
+    unsafe {
+        *libc::__errno_location() = 0;
+        let n = libc::getpriority(libc::PRIO_PROCESS, 0);
+        (n != -1 || *libc::__errno_location() == 0).then_some(n)
+    }
+}
+
+#[allow(unsafe_code)]
+fn set_thread_nice(nice: i32) -> std::io::Result<()> {
+    // SAFETY: a plain libc call on the calling thread.
+    if unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, nice) } == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+#[cfg(test)]
+mod nice_tests {
+    use super::*;
+
+    /// The thread runs lowered while the guard lives, a child started meanwhile inherits it,
+    /// and the value is restored after; other threads are untouched.
+    #[test]
+    fn a_thread_is_lowered_while_the_guard_lives() {
+        std::thread::spawn(|| {
+            let before = thread_nice().unwrap();
+            {
+                let _g = ThreadNice::set(12);
+                if nix::unistd::geteuid().is_root() || before >= 12 {
+                    assert_eq!(thread_nice(), Some(before.max(12)));
+                    let out = Command::new("sh")
+                        .args(["-c", "cut -d' ' -f19 /proc/self/stat"])
+                        .output()
+                        .unwrap();
+                    let child: i32 = String::from_utf8_lossy(&out.stdout).trim().parse().unwrap();
+                    assert_eq!(child, before.max(12), "a child inherits it");
+                } else {
+                    eprintln!("not root: the thread is left at its priority");
+                    assert_eq!(thread_nice(), Some(before));
+                }
+                let other = std::thread::spawn(thread_nice).join().unwrap();
+                assert_eq!(other, thread_nice(), "a thread started here inherits it");
+            }
+            assert_eq!(thread_nice(), Some(before), "restored");
+            let _zero = ThreadNice::set(0);
+            assert_eq!(thread_nice(), Some(before), "0 changes nothing");
+        })
+        .join()
+        .unwrap();
+    }
+}

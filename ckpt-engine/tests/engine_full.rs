@@ -220,8 +220,11 @@ fn full_checkpoint_of_an_idle_container_needs_no_dump() {
         e.checkpoint(&name, kind, &ChangeHint::Unknown)
             .expect("checkpoint")
     };
+    // Found by this point's own check.
     let init_only = |p: &ckpt_engine::manifest::RecoveryPoint| {
-        p.init_only && p.process.is_none() && p.captured == CheckpointKind::Full
+        p.init_only.as_deref() == Some(p.id.as_str())
+            && p.process.is_none()
+            && p.captured == CheckpointKind::Full
     };
 
     sh(e, &name, "echo one > /data");
@@ -229,8 +232,17 @@ fn full_checkpoint_of_an_idle_container_needs_no_dump() {
     assert!(init_only(&p1), "{p1:?}");
     assert!(!images.join(&p1.id).exists(), "no image dumped");
     let p2 = cp(CheckpointKind::Fs);
-    assert!(init_only(&p2), "carried: {p2:?}");
-    assert!(p2.note.as_deref().unwrap_or("").contains(&p1.id), "{:?}", p2.note);
+    assert_eq!(
+        p2.init_only.as_deref(),
+        Some(p1.id.as_str()),
+        "carried: {p2:?}"
+    );
+    assert!(p2.process.is_none() && p2.captured == CheckpointKind::Full);
+    assert!(
+        p2.note.as_deref().unwrap_or("").contains(&p1.id),
+        "{:?}",
+        p2.note
+    );
 
     // A background process: dumped by CRIU.
     sh(e, &name, "mkfifo /req && echo two > /data");
@@ -246,8 +258,11 @@ fn full_checkpoint_of_an_idle_container_needs_no_dump() {
     .expect("start counter server");
     assert_eq!(counter(e, &name), 1);
     let p3 = cp(CheckpointKind::Full);
-    assert_eq!(p3.process.as_ref().map(|i| i.id.as_str()), Some(p3.id.as_str()));
-    assert!(!p3.init_only);
+    assert_eq!(
+        p3.process.as_ref().map(|i| i.id.as_str()),
+        Some(p3.id.as_str())
+    );
+    assert!(p3.init_only.is_none());
 
     // The server exits: only the init is left, and the point says so instead of carrying
     // p3's image.
@@ -264,7 +279,10 @@ fn full_checkpoint_of_an_idle_container_needs_no_dump() {
     // State the init would not bring back.
     sh(e, &name, "echo x > /dev/shm/leftover");
     let p5 = cp(CheckpointKind::Full);
-    assert!(p5.process.is_some() && !p5.init_only, "/dev/shm: {p5:?}");
+    assert!(
+        p5.process.is_some() && p5.init_only.is_none(),
+        "/dev/shm: {p5:?}"
+    );
     sh(e, &name, "rm /dev/shm/leftover");
     let pid = std::fs::read_to_string(
         common::cgroup_root()
@@ -290,7 +308,10 @@ fn full_checkpoint_of_an_idle_container_needs_no_dump() {
     let shm = ipc(&["ipcmk", "-M", "4096"]);
     let shm_id = shm.split_whitespace().last().expect("shm id").to_string();
     let p6 = cp(CheckpointKind::Full);
-    assert!(p6.process.is_some() && !p6.init_only, "SysV shm: {p6:?}");
+    assert!(
+        p6.process.is_some() && p6.init_only.is_none(),
+        "SysV shm: {p6:?}"
+    );
     ipc(&["ipcrm", "-m", &shm_id]);
     let p7 = cp(CheckpointKind::Full);
     assert!(init_only(&p7), "{p7:?}");

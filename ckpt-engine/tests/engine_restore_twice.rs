@@ -88,10 +88,16 @@ fn restoring_in_place_twice_leaves_a_running_execable_sandbox() {
 
     // Only the init: no image, the init starts afresh on restore.
     let p1 = full(e, &name);
-    assert!(p1.init_only && p1.process.is_none(), "{p1:?}");
+    assert!(
+        p1.init_only.as_deref() == Some(p1.id.as_str()) && p1.process.is_none(),
+        "{p1:?}"
+    );
     sh(e, &name, "mkdir /d1");
     let p2 = fs(e, &name);
-    assert!(p2.init_only && p2.process.is_none(), "carried: {p2:?}");
+    assert!(
+        p2.init_only.as_deref() == Some(p1.id.as_str()) && p2.process.is_none(),
+        "carried: {p2:?}"
+    );
     e.exec(
         &name,
         &["/bin/sh".into(), "-c".into(), SERVICE.into()],
@@ -123,7 +129,10 @@ fn restoring_in_place_twice_leaves_a_running_execable_sandbox() {
     let r = e.restore(&name, Some(&p2.id)).expect("restore to p2");
     assert_eq!(r.process_image, None);
     assert_running(e, &name, "after the second restore");
-    assert!(!service_runs(e, &name), "p2's processes are p1's: the init alone");
+    assert!(
+        !service_runs(e, &name),
+        "p2's processes are p1's: the init alone"
+    );
     assert!(sh(e, &name, "test -d /d1 && test ! -e /work && echo yes").contains("yes"));
 
     let r = e.restore(&name, Some(&p3.id)).expect("restore to p3 again");

@@ -97,7 +97,7 @@ fn checkpoint_mutate_restore_verify_byte_for_byte() {
     let p2 = e.settle_point(p2).expect("settle 2");
     assert_eq!(p2.parent.as_deref(), Some("cp-000001"));
     assert!(
-        p2.process.is_some() || p2.init_only || p2.note.is_some(),
+        p2.process.is_some() || p2.init_only.is_some() || p2.note.is_some(),
         "a full point has a process image, holds only the init, or says why not"
     );
     assert!(
@@ -334,7 +334,7 @@ fn cli_commands_drive_the_engine() {
     assert_eq!(v["kind"], "points");
     assert_eq!(v["data"][0]["id"], "cp-000001");
     let has_image = !v["data"][0]["process"].is_null();
-    let init_only = v["data"][0]["init_only"] == true;
+    let init_only = v["data"][0]["init_only"].is_string();
     assert_eq!(
         v["data"][0]["captured"],
         if has_image || init_only { "full" } else { "fs" }

@@ -57,7 +57,11 @@ pub fn classify(procs: &[Proc], init_argv: &[&str]) -> Result<u32, String> {
     }
     for p in procs {
         if p.pid != init.pid && (p.ppid != init.pid || p.argv != SLEEP_ARGV) {
-            return Err(format!("pid {} ({}) is not the init's", p.pid, p.argv.join(" ")));
+            return Err(format!(
+                "pid {} ({}) is not the init's",
+                p.pid,
+                p.argv.join(" ")
+            ));
         }
     }
     Ok(init.pid)
@@ -163,7 +167,11 @@ fn sysv_ipc_objects(pid: u32) -> std::io::Result<usize> {
                 std::fs::File::open(Path::new("/proc/sysvipc").join(table))?
                     .read_to_string(&mut text)?;
                 // A header line, then one line per object.
-                n += text.lines().skip(1).filter(|l| !l.trim().is_empty()).count();
+                n += text
+                    .lines()
+                    .skip(1)
+                    .filter(|l| !l.trim().is_empty())
+                    .count();
             }
             Ok(n)
         })

@@ -75,13 +75,17 @@ impl CheckpointExecutor for EngineExecutor {
     ) -> Result<RecoveryPoint, EngineJobError> {
         let engine = self.engine.clone();
         let name = sandbox.to_owned();
-        tokio::task::spawn_blocking(move || engine.checkpoint(&name, job.kind, &job.changes))
-            .await
-            .map_err(|e| EngineJobError::Task {
-                sandbox: sandbox.to_owned(),
-                reason: e.to_string(),
-            })?
-            .map_err(EngineJobError::from)
+        tokio::task::spawn_blocking(move || {
+            // Threads and processes started from here inherit it (runc, CRIU, the hash).
+            let _nice = crate::sys::ThreadNice::set(engine.config().checkpoint_nice);
+            engine.checkpoint(&name, job.kind, &job.changes)
+        })
+        .await
+        .map_err(|e| EngineJobError::Task {
+            sandbox: sandbox.to_owned(),
+            reason: e.to_string(),
+        })?
+        .map_err(EngineJobError::from)
     }
 
     /// What the checkpoint itself wrote: its own process image and the bytes its trees stored

@@ -1031,12 +1031,12 @@ impl Coordinator {
         let s = scheduler.clone();
         sender.on_wait(move || s.promote(ticket));
         match handle.wait().await {
-            // A full checkpoint that did not dump its own process image (CRIU refused or the
-            // dump was interrupted) is not the sandbox's state after this turn — unless the
-            // sandbox held no process but its init, which needs no image.
+            // A full checkpoint that did not capture the processes itself — dump its own image
+            // (CRIU refused or the dump was interrupted) or find only the container's init —
+            // is not the sandbox's state after this turn.
             Ok(point)
                 if kind_full
-                    && !point.init_only
+                    && point.init_only.as_deref() != Some(point.id.as_str())
                     && point.process.as_ref().is_none_or(|p| p.id != point.id) =>
             {
                 Outcome::Degraded {
