@@ -64,12 +64,6 @@ pub struct EngineConfig {
     /// or after its hash was computed, is refused at restore (its transaction ids show it).
     /// Default true; false computes the hash before the point is published.
     pub deferred_tree_hash: bool,
-    /// The nice value (0–19) scheduled checkpoints run at: the engine's thread and what it
-    /// starts (runc and CRIU, the deferred tree hash). The sandboxes' own processes keep
-    /// theirs, so on a busy host a checkpoint takes the CPU the sandboxes leave and their tools
-    /// are not slowed by it; it has the think time of the model to finish. Default 10; 0 runs
-    /// checkpoints at crab's own priority.
-    pub checkpoint_nice: u8,
     /// Process checkpoints (CRIU through `runc checkpoint`): the `[engine.process]` table.
     pub process: EngineProcessConfig,
     /// Write-behind of the btrfs pool while sandboxes run, so a checkpoint only flushes what
@@ -206,7 +200,6 @@ impl Default for EngineConfig {
             retention: RetentionConfig::default(),
             restore_verify: RestoreVerify::default(),
             deferred_tree_hash: true,
-            checkpoint_nice: 10,
             process: EngineProcessConfig::default(),
             writeback: Default::default(),
         }

@@ -75,11 +75,7 @@ impl CheckpointExecutor for EngineExecutor {
     ) -> Result<RecoveryPoint, EngineJobError> {
         let engine = self.engine.clone();
         let name = sandbox.to_owned();
-        tokio::task::spawn_blocking(move || {
-            // Threads and processes started from here inherit it (runc, CRIU, the hash).
-            let _nice = crate::sys::ThreadNice::set(engine.config().checkpoint_nice);
-            engine.checkpoint(&name, job.kind, &job.changes)
-        })
+        tokio::task::spawn_blocking(move || engine.checkpoint(&name, job.kind, &job.changes))
         .await
         .map_err(|e| EngineJobError::Task {
             sandbox: sandbox.to_owned(),
