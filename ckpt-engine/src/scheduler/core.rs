@@ -726,8 +726,8 @@ mod tests {
     }
 
     /// A job that wrote less than its estimate gives the rest back when it ends: the next job
-    /// starts at once instead of a second later; what it did write stays spent, and nothing
-    /// is refunded when the job does not say.
+    /// starts 0.25 s later instead of a second (what it did write stays spent), and nothing is
+    /// refunded when the job does not say.
     #[test]
     fn jobs_that_wrote_less_refund_the_bucket() {
         let mb = 1u64 << 20;

@@ -76,12 +76,12 @@ impl CheckpointExecutor for EngineExecutor {
         let engine = self.engine.clone();
         let name = sandbox.to_owned();
         tokio::task::spawn_blocking(move || engine.checkpoint(&name, job.kind, &job.changes))
-        .await
-        .map_err(|e| EngineJobError::Task {
-            sandbox: sandbox.to_owned(),
-            reason: e.to_string(),
-        })?
-        .map_err(EngineJobError::from)
+            .await
+            .map_err(|e| EngineJobError::Task {
+                sandbox: sandbox.to_owned(),
+                reason: e.to_string(),
+            })?
+            .map_err(EngineJobError::from)
     }
 
     /// What the checkpoint itself wrote: its own process image and the bytes its trees stored
