@@ -176,8 +176,9 @@ impl Runc {
     pub fn delete(&self, id: &str) -> Result<(), ToolError> {
         let Some((_, pid)) = self.state(id) else {
             // No state runc can read, but its directory: a `runc run` or `restore` killed
-            // before it recorded the container. `run` would refuse the id ("already exists")
-            // while it is there, and there is nothing for `delete` to stop.
+            // before it recorded the container, which may leave the copy of its own binary
+            // bind-mounted there (`runc.XXXXXX`). `run` would refuse the id ("already
+            // exists") while the directory is there, and there is nothing for `delete` to stop.
             let dir = self.root.join(id);
             if !id.is_empty()
                 && !id.contains('/')
@@ -186,6 +187,10 @@ impl Runc {
                 && !dir.join("state.json").exists()
             {
                 tracing::warn!(container = id, "runc directory without a state: removed");
+                for e in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+                    // Not a mount point: EINVAL, nothing done.
+                    let _ = nix::mount::umount2(&e.path(), nix::mount::MntFlags::MNT_DETACH);
+                }
                 let _ = std::fs::remove_dir_all(&dir);
             }
             return Ok(());

@@ -301,3 +301,49 @@ fn cas_backend_checkpoints_containers_and_plain_directories() {
     assert!(!dirs[0].join("g").exists());
     e.remove(&dirname).unwrap();
 }
+
+/// Proves that a runc directory left by a `runc run` killed early — no `state.json`, runc's
+/// copy of its own binary still bind-mounted in it (seen after a `kill -9` above) — does not
+/// block the sandbox: a restore stops the container (`Runc::delete` unmounts and removes the
+/// directory) and starts it again instead of failing with "container with given ID already
+/// exists".
+#[test]
+fn a_runc_directory_left_by_a_killed_run_is_cleared() {
+    if !prerequisites("a_runc_directory_left_by_a_killed_run_is_cleared") {
+        return;
+    }
+    let t = TestEngine::open(GIB);
+    let e = t.engine();
+    let name = unique("");
+    e.create(&name, None).unwrap();
+    sh(e, &name, "echo kept > /state");
+    let p = e
+        .checkpoint(&name, CheckpointKind::Fs, &ChangeHint::Unknown)
+        .unwrap();
+    // The container as a killed `runc run` leaves it: processes gone, runc's state file gone,
+    // the binary copy mounted.
+    std::fs::write(e.cgroup(&name).path().join("cgroup.kill"), "1").unwrap();
+    let dir = e.runc().root().join(&name);
+    std::fs::remove_file(dir.join("state.json")).unwrap();
+    let copy = dir.join("runc.leftover");
+    std::fs::write(&copy, b"").unwrap();
+    nix::mount::mount(
+        Some(e.runc().bin()),
+        &copy,
+        None::<&str>,
+        nix::mount::MsFlags::MS_BIND,
+        None::<&str>,
+    )
+    .unwrap();
+    let r = e.restore(&name, Some(&p.id));
+    let mounted = std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap()
+        .contains(copy.to_str().unwrap());
+    if mounted {
+        let _ = nix::mount::umount2(&copy, nix::mount::MntFlags::MNT_DETACH);
+    }
+    r.expect("restore over the leftover");
+    assert!(!mounted, "the binary copy is unmounted");
+    assert_eq!(sh(e, &name, "cat /state").trim(), "kept");
+    assert_eq!(e.info(&name).unwrap().status, "running");
+}
