@@ -87,19 +87,6 @@ impl Cgroup {
             .collect()
     }
 
-    /// Pids in the cgroup and every cgroup below it.
-    pub fn subtree_pids(&self) -> Vec<u32> {
-        let mut out = self.pids();
-        if let Ok(rd) = std::fs::read_dir(&self.path) {
-            for e in rd.flatten() {
-                if e.file_type().is_ok_and(|t| t.is_dir()) {
-                    out.extend(Cgroup::new(e.path()).subtree_pids());
-                }
-            }
-        }
-        out
-    }
-
     /// The v1 freezer twin of this cgroup on a hybrid host (`<root>/unified/X` →
     /// `<root>/freezer/X`), if it exists.
     fn v1_freezer(&self) -> Option<PathBuf> {

@@ -1533,9 +1533,11 @@ impl Engine {
         point: &mut RecoveryPoint,
     ) -> Result<bool, EngineError> {
         let cg = self.cgroup_of(rec);
+        let pids = || crate::process::tree::cgroup_pids_in(cg.path());
         let argv = ["/bin/sh", "-c", runc::INIT_SCRIPT];
-        // A cheap look first: most sandboxes worth a full checkpoint fail it, unfrozen.
-        if let Err(why) = init_only::probe(&cg.subtree_pids(), &argv) {
+        // A cheap look at the processes first: most sandboxes worth a full checkpoint fail
+        // it, unfrozen.
+        if let Err(why) = init_only::processes(&pids(), &argv) {
             tracing::trace!(sandbox = %rec.name, why, "processes beyond the init");
             return Ok(false);
         }
@@ -1544,7 +1546,7 @@ impl Engine {
         }
         let frozen = Instant::now();
         // Frozen, nothing forks or exits: the answer holds until the thaw.
-        let result = match init_only::probe(&cg.subtree_pids(), &argv) {
+        let result = match init_only::probe(&pids(), &argv) {
             Ok(_) => self
                 .snapshot_trees(rec, id, parent, changes, point, true)
                 .map(|()| true),

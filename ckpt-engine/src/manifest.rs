@@ -284,23 +284,20 @@ impl RecoveryPoint {
         if let Some(parent) = &self.parent {
             validate_id(parent).map_err(|e| e.to_string())?;
         }
-        if let Some(p) = &self.process {
-            validate_id(&p.id).map_err(|e| e.to_string())?;
-            match parse_point_id(&p.id) {
-                Some(seq) if seq <= self.seq => {}
-                _ => {
-                    return Err(format!(
-                        "process image id {:?} is not an earlier point",
-                        p.id
-                    ));
-                }
+        // Ids of this point or an earlier one (a process image or init-only state carried
+        // forward).
+        let earlier = |what: &str, id: &str| -> Result<(), String> {
+            validate_id(id).map_err(|e| e.to_string())?;
+            match parse_point_id(id) {
+                Some(seq) if seq <= self.seq => Ok(()),
+                _ => Err(format!("{what} {id:?} is not an earlier point")),
             }
+        };
+        if let Some(p) = &self.process {
+            earlier("process image id", &p.id)?;
         }
         if let Some(from) = &self.init_only {
-            match parse_point_id(from) {
-                Some(seq) if seq <= self.seq => {}
-                _ => return Err(format!("init-only point {from:?} is not an earlier point")),
-            }
+            earlier("init-only point", from)?;
             if self.process.is_some() {
                 return Err("init-only with a process image".to_string());
             }

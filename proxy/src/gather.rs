@@ -82,10 +82,7 @@ impl<B: Body> Gather<B> {
         match this.inner.as_mut().poll_frame(cx) {
             Poll::Ready(Some(Ok(f))) => {
                 *this.quiet = 0;
-                if let Some(d) = f.data_ref() {
-                    *this.held_bytes += d.remaining();
-                }
-                this.held.push_back(f);
+                hold(this.held, this.held_bytes, f);
                 // The last frame (e.g. of a body of known length) or enough held: nothing to
                 // wait for.
                 if this.inner.is_end_stream()
@@ -152,18 +149,21 @@ impl<B: Body> Gather<B> {
                 return Poll::Ready(this.end.is_some());
             }
             match this.inner.as_mut().poll_frame(cx) {
-                Poll::Ready(Some(Ok(f))) => {
-                    if let Some(d) = f.data_ref() {
-                        *this.held_bytes += d.remaining();
-                    }
-                    this.held.push_back(f);
-                }
+                Poll::Ready(Some(Ok(f))) => hold(this.held, this.held_bytes, f),
                 Poll::Ready(Some(Err(e))) => *this.end = Some(Some(e)),
                 Poll::Ready(None) => *this.end = Some(None),
                 Poll::Pending => return Poll::Pending,
             }
         }
     }
+}
+
+/// Appends `f` to the held frames, counting its data bytes.
+fn hold<D: Buf>(held: &mut VecDeque<Frame<D>>, held_bytes: &mut usize, f: Frame<D>) {
+    if let Some(d) = f.data_ref() {
+        *held_bytes += d.remaining();
+    }
+    held.push_back(f);
 }
 
 impl<B: Body<Data = Bytes>> Gather<B> {

@@ -17,8 +17,8 @@
 //! - its IPC namespace holds no System V shared memory, message queue or semaphore set (they
 //!   outlive processes and CRIU dumps them).
 //!
-//! [`classify`] and [`dev_leftover`] are pure; [`probe`] reads `/proc` and the container's
-//! `/dev`.
+//! [`classify`] and [`dev_leftover`] are pure; [`processes`] reads `/proc`, [`probe`] also
+//! the container's `/dev` and IPC namespace.
 
 use std::collections::BTreeSet;
 use std::io::Read;
@@ -88,12 +88,18 @@ pub fn dev_leftover<'a>(entries: impl IntoIterator<Item = (&'a str, DevEntry)>) 
 }
 
 /// Reads the container's processes (`pids`, every pid of its cgroup subtree; zombies are
-/// ignored) and its in-memory state; `Ok(init pid)` when nothing but the init holds state, else why not. Meant to run
-/// with the cgroup frozen, so that the answer holds until it is thawed.
-pub fn probe(pids: &[u32], init_argv: &[&str]) -> Result<u32, String> {
+/// ignored): `Ok(init pid)` when they are only the init's ([`classify`]), else why not.
+pub fn processes(pids: &[u32], init_argv: &[&str]) -> Result<u32, String> {
     // A process that exited (a zombie its parent has not reaped yet) holds no state.
     let procs: Vec<Proc> = pids.iter().filter_map(|&pid| read_proc(pid)).collect();
-    let init = classify(&procs, init_argv)?;
+    classify(&procs, init_argv)
+}
+
+/// [`processes`], then the container's in-memory state: `Ok(init pid)` when nothing but the
+/// init holds state, else why not. Meant to run with the cgroup frozen, so that the answer
+/// holds until it is thawed.
+pub fn probe(pids: &[u32], init_argv: &[&str]) -> Result<u32, String> {
+    let init = processes(pids, init_argv)?;
     let dev = Path::new("/proc").join(init.to_string()).join("root/dev");
     let entries = list(&dev)?;
     if let Some(left) = dev_leftover(entries.iter().map(|(n, k)| (n.as_str(), *k))) {

@@ -692,11 +692,8 @@ mod tests {
         assert!(s / b > 0.7 && s / b < 1.4, "small {s} big {b}");
     }
 
-    /// The token bucket paces starts: 4 MB/s with a 4 MB burst, 4 MB jobs start 1 s apart;
-    /// priority jobs borrow.
-    #[test]
-    fn token_bucket_paces_and_priority_borrows() {
-        let mb = 1u64 << 20;
+    /// 4 MB/s with a 4 MB burst, 8 workers; sandboxes a, b, c each submit a 4 MB job.
+    fn paced_with_three_jobs(mb: u64) -> SchedulerCore<Job> {
         let mut c = SchedulerCore::new(
             SchedulerConfig {
                 workers: 8,
@@ -709,6 +706,15 @@ mod tests {
         for s in ["a", "b", "c"] {
             c.submit(T0, s, 4 * mb, false, Job(vec![]));
         }
+        c
+    }
+
+    /// The token bucket paces starts: 4 MB/s with a 4 MB burst, 4 MB jobs start 1 s apart;
+    /// priority jobs borrow.
+    #[test]
+    fn token_bucket_paces_and_priority_borrows() {
+        let mb = 1u64 << 20;
+        let mut c = paced_with_three_jobs(mb);
         let d = c.dispatch(T0);
         assert_eq!(d.started.len(), 1);
         let wake = d.wake_at.expect("paced");
@@ -731,18 +737,7 @@ mod tests {
     #[test]
     fn jobs_that_wrote_less_refund_the_bucket() {
         let mb = 1u64 << 20;
-        let mut c = SchedulerCore::new(
-            SchedulerConfig {
-                workers: 8,
-                io_bytes_per_sec: 4 * mb,
-                io_burst_bytes: 4 * mb,
-                ..Default::default()
-            },
-            T0,
-        );
-        for s in ["a", "b", "c"] {
-            c.submit(T0, s, 4 * mb, false, Job(vec![]));
-        }
+        let mut c = paced_with_three_jobs(mb);
         let a = c.dispatch(T0).started.remove(0);
         assert!(c.dispatch(T0).started.is_empty(), "bucket empty");
         c.complete(T0, a.job, true, Some(mb));
