@@ -1545,11 +1545,23 @@ impl Engine {
             return Ok(false);
         }
         let frozen = Instant::now();
-        // Frozen, nothing forks or exits: the answer holds until the thaw.
+        // Frozen, nothing forks or runs; but a kill (the container crashing) still goes
+        // through, so the processes are looked at again once the trees are snapshotted: a
+        // container that was being killed meanwhile is left to CRIU, which fails on it.
         let result = match init_only::probe(&pids(), &argv) {
             Ok(_) => self
                 .snapshot_trees(rec, id, parent, changes, point, true)
-                .map(|()| true),
+                .map(|()| match init_only::processes(&pids(), &argv) {
+                    Ok(_) => true,
+                    Err(why) => {
+                        tracing::debug!(sandbox = %rec.name, why, "the container changed under the snapshot");
+                        for t in point.fs.drain(..) {
+                            let _ = self.backend.delete(&t.snapshot);
+                        }
+                        point.frozen_us = 0;
+                        false
+                    }
+                }),
             Err(why) => {
                 tracing::debug!(sandbox = %rec.name, why, "processes beyond the init once frozen");
                 Ok(false)

@@ -330,3 +330,55 @@ fn full_checkpoint_of_an_idle_container_needs_no_dump() {
     assert_eq!(file(e, &name, "/data").as_deref(), Some("two"));
     assert_eq!(counter(e, &name), 2);
 }
+
+/// A container killed (crashed) while its full checkpoint runs never yields an init-only
+/// point: a service was running, so the point either holds the service (CRIU dumped it before
+/// the kill), or holds no process state (degraded to the filesystem), or fails. Passing the
+/// half-killed container (its service gone, its init not yet) for an idle one would lose the
+/// service on restore. The kill lands at a different instant of the checkpoint each round.
+#[test]
+fn a_container_killed_under_a_full_checkpoint_never_passes_for_init_only() {
+    if !process_prerequisites(
+        "a_container_killed_under_a_full_checkpoint_never_passes_for_init_only",
+    ) {
+        return;
+    }
+    let t = TestEngine::open(2 * GIB);
+    let e = t.engine();
+    let mut outcomes = Vec::new();
+    // From before the check of the processes to after the dump.
+    let delays_us = [
+        0u64, 100, 300, 1_000, 3_000, 10_000, 30_000, 100_000, 300_000, 1_000_000,
+    ];
+    for (round, delay) in delays_us.into_iter().enumerate() {
+        let name = unique(&format!("kill{round}"));
+        e.create(&name, None).expect("create sandbox");
+        common::keep_busy(e, &name);
+        let kill = common::cgroup_root()
+            .join("crab-test")
+            .join(&name)
+            .join("cgroup.kill");
+        let killer = std::thread::spawn(move || {
+            std::thread::sleep(std::time::Duration::from_micros(delay));
+            std::fs::write(&kill, "1").expect("cgroup.kill");
+        });
+        let result = e.checkpoint(&name, CheckpointKind::Full, &ChangeHint::Unknown);
+        killer.join().unwrap();
+        match &result {
+            Ok(p) => {
+                assert!(
+                    p.init_only.is_none(),
+                    "round {round}: a killed service passed for an idle container: {p:?}"
+                );
+                outcomes.push(if p.process.is_some() {
+                    "dumped"
+                } else {
+                    "fs only"
+                });
+            }
+            Err(_) => outcomes.push("failed"),
+        }
+        e.remove(&name).expect("remove sandbox");
+    }
+    eprintln!("outcomes by kill delay (µs {delays_us:?}): {outcomes:?}");
+}

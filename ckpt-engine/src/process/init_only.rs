@@ -11,6 +11,10 @@
 //! The check is conservative; anything it cannot prove stateless sends the point to CRIU:
 //! - the cgroup (its whole subtree) holds exactly one process whose parent is outside it, with
 //!   the init's exact argv, and otherwise only children of it running `sleep 3600`;
+//! - no process of it is on its way out: none is exiting or has a SIGKILL pending, and no
+//!   process exited under a parent inside the container (only a `runc exec` command that
+//!   ended, left for its runc parent to reap, is ignored). A container being killed (a crash)
+//!   passes through such states, and what is left of it is not the sandbox's state;
 //! - the container's own in-memory mounts hold nothing a fresh start would lack: `/dev/shm` and
 //!   `/dev/mqueue` are empty, and `/dev` holds only devices, symlinks and the directories runc
 //!   mounts there;
@@ -33,6 +37,19 @@ pub struct Proc {
     pub ppid: u32,
     /// Its argv (`/proc/<pid>/cmdline`).
     pub argv: Vec<String>,
+    /// Where it is in its life.
+    pub life: Life,
+}
+
+/// Whether a process runs, is on its way out, or has exited.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Life {
+    /// Running or sleeping.
+    Live,
+    /// Exiting (`PF_EXITING`) or with a SIGKILL pending: killed, not gone yet.
+    Dying,
+    /// Exited, not reaped yet (a zombie).
+    Exited,
 }
 
 /// The argv of the init's sleeping child.
@@ -42,10 +59,23 @@ const SLEEP_ARGV: [&str; 2] = ["sleep", "3600"];
 const DEV_DIRS: [&str; 3] = ["pts", "shm", "mqueue"];
 
 /// `Ok(init pid)` when `procs` (every process of the container) are its init, with exactly
-/// `init_argv`, and sleeping children of it; else why not. Pure.
+/// `init_argv`, and sleeping children of it, none on its way out; else why not. Pure.
 pub fn classify(procs: &[Proc], init_argv: &[&str]) -> Result<u32, String> {
+    let all: BTreeSet<u32> = procs.iter().map(|p| p.pid).collect();
+    for p in procs {
+        match p.life {
+            Life::Live => {}
+            Life::Dying => return Err(format!("pid {} is being killed or exiting", p.pid)),
+            Life::Exited if all.contains(&p.ppid) => {
+                return Err(format!("pid {} exited and is not reaped yet", p.pid));
+            }
+            // A `runc exec` command that ended: its runc parent reaps it.
+            Life::Exited => {}
+        }
+    }
+    let procs: Vec<&Proc> = procs.iter().filter(|p| p.life == Life::Live).collect();
     let pids: BTreeSet<u32> = procs.iter().map(|p| p.pid).collect();
-    let roots: Vec<&Proc> = procs.iter().filter(|p| !pids.contains(&p.ppid)).collect();
+    let roots: Vec<&&Proc> = procs.iter().filter(|p| !pids.contains(&p.ppid)).collect();
     let [init] = roots.as_slice() else {
         return Err(format!(
             "{} processes with a parent outside the container",
@@ -55,7 +85,7 @@ pub fn classify(procs: &[Proc], init_argv: &[&str]) -> Result<u32, String> {
     if init.argv != init_argv {
         return Err(format!("pid {} is not the engine's init", init.pid));
     }
-    for p in procs {
+    for p in &procs {
         if p.pid != init.pid && (p.ppid != init.pid || p.argv != SLEEP_ARGV) {
             return Err(format!(
                 "pid {} ({}) is not the init's",
@@ -87,10 +117,10 @@ pub fn dev_leftover<'a>(entries: impl IntoIterator<Item = (&'a str, DevEntry)>) 
     })
 }
 
-/// Reads the container's processes (`pids`, every pid of its cgroup subtree; zombies are
-/// ignored): `Ok(init pid)` when they are only the init's ([`classify`]), else why not.
+/// Reads the container's processes (`pids`, every pid of its cgroup subtree):
+/// `Ok(init pid)` when they are only the init's ([`classify`]), else why not.
 pub fn processes(pids: &[u32], init_argv: &[&str]) -> Result<u32, String> {
-    // A process that exited (a zombie its parent has not reaped yet) holds no state.
+    // A pid gone between the listing and the read was reaped: nothing of it is left.
     let procs: Vec<Proc> = pids.iter().filter_map(|&pid| read_proc(pid)).collect();
     classify(&procs, init_argv)
 }
@@ -121,9 +151,16 @@ fn read_proc(pid: u32) -> Option<Proc> {
     let dir = Path::new("/proc").join(pid.to_string());
     let stat = std::fs::read_to_string(dir.join("stat")).ok()?;
     let st = super::proctree::parse_stat(&stat)?;
-    if !st.alive() {
-        return None;
-    }
+    let life = if !st.alive() {
+        Life::Exited
+    } else if st.exiting()
+        // Unreadable: as good as gone.
+        || std::fs::read_to_string(dir.join("status")).map_or(true, |s| kill_pending(&s))
+    {
+        Life::Dying
+    } else {
+        Life::Live
+    };
     let cmdline = std::fs::read(dir.join("cmdline")).ok()?;
     let argv = cmdline
         .split(|b| *b == 0)
@@ -134,8 +171,24 @@ fn read_proc(pid: u32) -> Option<Proc> {
         pid,
         ppid: st.ppid,
         argv,
+        life,
     })
 }
+
+/// True when the text of `/proc/<pid>/status` shows a SIGKILL pending (for the thread or its
+/// group): the process was killed and has not run into its exit yet. Pure.
+pub fn kill_pending(status: &str) -> bool {
+    status
+        .lines()
+        .filter_map(|l| {
+            l.strip_prefix("SigPnd:")
+                .or_else(|| l.strip_prefix("ShdPnd:"))
+        })
+        .any(|mask| u64::from_str_radix(mask.trim(), 16).map_or(true, |m| m & SIGKILL_BIT != 0))
+}
+
+/// SIGKILL (9) in a `/proc/<pid>/status` signal mask.
+const SIGKILL_BIT: u64 = 1 << (9 - 1);
 
 fn list(dir: &Path) -> Result<Vec<(String, DevEntry)>, String> {
     let rd = std::fs::read_dir(dir).map_err(|e| format!("cannot list {}: {e}", dir.display()))?;
@@ -197,7 +250,63 @@ mod tests {
             pid,
             ppid,
             argv: argv.iter().map(|s| s.to_string()).collect(),
+            life: Life::Live,
         }
+    }
+
+    fn with(life: Life, p: Proc) -> Proc {
+        Proc { life, ..p }
+    }
+
+    #[test]
+    fn a_container_on_its_way_out_is_not_init_only() {
+        // cgroup.kill under way: the service is a zombie of the init, the init still runs.
+        let killed_service = [
+            p(10, 1, &INIT),
+            with(Life::Exited, p(12, 10, &[])),
+            p(11, 10, &SLEEP_ARGV),
+        ];
+        assert!(classify(&killed_service, &INIT).is_err());
+        // The init killed, not exited yet (a pid namespace's init waits for its tasks).
+        assert!(classify(&[with(Life::Dying, p(10, 1, &INIT))], &INIT).is_err());
+        assert!(
+            classify(
+                &[p(10, 1, &INIT), with(Life::Dying, p(11, 10, &SLEEP_ARGV))],
+                &INIT
+            )
+            .is_err()
+        );
+        // A `runc exec` command that ended, its runc parent (outside) yet to reap it.
+        assert_eq!(
+            classify(&[p(10, 1, &INIT), with(Life::Exited, p(20, 5, &[]))], &INIT),
+            Ok(10)
+        );
+    }
+
+    #[test]
+    fn a_pending_sigkill_is_read_from_either_mask() {
+        let status = |sig: &str, shd: &str| {
+            format!(
+                "Name:\tsh\nState:\tS (sleeping)\nSigQ:\t0/1\nSigPnd:\t{sig}\nShdPnd:\t{shd}\nSigBlk:\t0000000000000100\n"
+            )
+        };
+        assert!(!kill_pending(&status(
+            "0000000000000000",
+            "0000000000000000"
+        )));
+        assert!(kill_pending(&status(
+            "0000000000000100",
+            "0000000000000000"
+        )));
+        assert!(kill_pending(&status(
+            "0000000000000000",
+            "0000000000004100"
+        )));
+        // SIGTERM (15) pending is no kill.
+        assert!(!kill_pending(&status(
+            "0000000000004000",
+            "0000000000000000"
+        )));
     }
 
     #[test]
