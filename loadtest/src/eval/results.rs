@@ -59,6 +59,9 @@ pub struct EvalConfig {
     pub think: String,
     pub time_scale: f64,
     pub seed: u64,
+    /// Runs of each (suite, density) cell (`--repeat`; 0 in reports from before it = 1).
+    #[serde(default)]
+    pub repeat: usize,
     /// Tasks per suite actually run (a subset when `--tasks` limits it).
     #[serde(default)]
     pub tasks_per_suite: BTreeMap<String, usize>,
@@ -79,6 +82,10 @@ pub struct RunResult {
     /// `full-every-turn`).
     pub policy: String,
     pub sandboxes: usize,
+    /// Repetition of its cell (0-based, `--repeat`); an overhead pair is the `off` and
+    /// `crab-fault-free` runs of one repetition.
+    #[serde(default)]
+    pub repeat: usize,
     /// Crashes injected per task instance.
     pub crashes_per_task: usize,
     /// First agent start to last agent end, seconds.

@@ -61,8 +61,16 @@ pub struct RunArgs {
     )]
     pub method: Vec<Method>,
     /// Skip the `crab-fault-free` run (crab's overhead without crashes).
-    #[arg(long)]
+    #[arg(long, conflicts_with = "overhead_only")]
     pub no_overhead: bool,
+    /// Only `off` and `crab-fault-free` (the overhead), no recovery method.
+    #[arg(long)]
+    pub overhead_only: bool,
+    /// Runs of each suite and density, with the same seed: the overhead is reported per
+    /// (`off`, `crab-fault-free`) pair with its spread, since one pair on a busy machine
+    /// varies by a few percent. Odd repetitions run `crab-fault-free` before `off`.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=20))]
+    pub repeat: u32,
     /// How crab's storage compresses (the pool's files and the process images) in every
     /// method's runs. Default: zstd, except `full-every-turn`, the baseline stored as written;
     /// `--compression zstd` compares against a baseline compressed too.
@@ -166,7 +174,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
     methods.extend(
         Method::RECOVERY
             .into_iter()
-            .filter(|m| args.method.contains(m)),
+            .filter(|m| !args.overhead_only && args.method.contains(m)),
     );
     let out = args
         .out
@@ -184,7 +192,8 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
                 .map(|n| (*n).max(t.len()) * (methods.len() + 1))
                 .sum::<usize>()
         })
-        .sum();
+        .sum::<usize>()
+        * args.repeat as usize;
     let progress = ProgressBar::new(instances_total as u64);
     progress.set_style(
         ProgressStyle::with_template(
@@ -209,6 +218,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
             think: args.think.clone(),
             time_scale: args.time_scale,
             seed: args.seed,
+            repeat: args.repeat as usize,
             tasks_per_suite: suites
                 .iter()
                 .map(|(s, t)| (s.to_string(), t.len()))
@@ -233,15 +243,20 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
                 progress: &progress,
                 out: &out,
             };
-            let (reference, states) = rt.block_on(cell.run(Method::Off, None));
-            report.runs.push(reference);
-            for &m in &methods {
-                let (r, _) = rt.block_on(cell.run(m, Some(&states)));
-                report.runs.push(r);
+            // The first `off` run's final states are every later run's references.
+            let mut refs: Option<References> = None;
+            for rep in 0..args.repeat as usize {
+                for m in super::method::run_order(rep, &methods) {
+                    let (r, states) = rt.block_on(cell.run(m, rep, refs.as_ref()));
+                    if m == Method::Off && refs.is_none() {
+                        refs = Some(states);
+                    }
+                    report.runs.push(r);
+                }
+                report.elapsed_s = started.elapsed().as_secs_f64();
+                // Partial results survive an interrupted evaluation.
+                super::report::write(&out, &report)?;
             }
-            report.elapsed_s = started.elapsed().as_secs_f64();
-            // Partial results survive an interrupted evaluation.
-            super::report::write(&out, &report)?;
         }
     }
     progress.finish_and_clear();
@@ -313,16 +328,30 @@ type References = BTreeMap<String, FinalState>;
 
 impl Cell<'_> {
     /// One run of `method`; its result and the final state of each task (first instance).
-    async fn run(&self, method: Method, refs: Option<&References>) -> (RunResult, References) {
+    async fn run(
+        &self,
+        method: Method,
+        rep: usize,
+        refs: Option<&References>,
+    ) -> (RunResult, References) {
         let n = self.sandboxes;
-        let label = format!("eval-{}-{}{n}", self.suite, method.tag());
-        self.progress
-            .set_message(format!("{} · {} · {n} sandboxes", self.suite, method));
+        let label = match rep {
+            0 => format!("eval-{}-{}{n}", self.suite, method.tag()),
+            r => format!("eval-{}-{}{n}-r{r}", self.suite, method.tag()),
+        };
+        let repetition = match self.args.repeat {
+            1 => String::new(),
+            r => format!(" · repetition {}/{r}", rep + 1),
+        };
+        self.progress.set_message(format!(
+            "{} · {} · {n} sandboxes{repetition}",
+            self.suite, method
+        ));
         if self.progress.is_hidden() {
             // No terminal for the bar (CI, a log file): one line per run instead.
             let calls: usize = self.tasks.iter().map(Task::commands).sum();
             eprintln!(
-                "▶ {} · {} · {n} sandboxes: {} tasks, {calls} tool calls per pass",
+                "▶ {} · {} · {n} sandboxes{repetition}: {} tasks, {calls} tool calls per pass",
                 self.suite,
                 method,
                 self.tasks.len()
@@ -333,6 +362,7 @@ impl Cell<'_> {
             method: method.name().to_owned(),
             policy: method.policy().to_owned(),
             sandboxes: n,
+            repeat: rep,
             crashes_per_task: if method.injects_crashes() {
                 self.args.crashes
             } else {

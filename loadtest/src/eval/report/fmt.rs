@@ -14,6 +14,17 @@ pub fn opt(v: Option<f64>, f: impl Fn(f64) -> String) -> String {
 }
 
 /// `12.3%`.
+/// The overheads of repeated pairs, `+1.2 -0.4 +2.0` (%), or [`NONE`].
+pub fn pairs(v: &[f64]) -> String {
+    if v.is_empty() {
+        return NONE.to_owned();
+    }
+    v.iter()
+        .map(|p| format!("{p:+.1}"))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
 pub fn pct(v: Option<f64>) -> String {
     opt(v, |v| format!("{v:.1}%"))
 }

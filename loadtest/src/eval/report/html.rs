@@ -474,6 +474,7 @@ fn time(out: &mut String, s: &Summary) {
         "crab mean s",
         "overhead",
         "wall overhead",
+        "pairs (overhead of each repetition)",
     ]);
     for r in &s.overhead {
         tb.row(
@@ -483,9 +484,10 @@ fn time(out: &mut String, s: &Summary) {
                 n(r.sandboxes.to_string()),
                 n(format!("{:.2}", r.off_mean_s)),
                 n(format!("{:.2}", r.crab_mean_s)),
-                n(format!("{:+.2}%", r.overhead_pct)),
+                n(r.describe()),
                 n(r.wall_overhead_pct
                     .map_or_else(|| NONE.to_owned(), |p| format!("{p:+.2}%"))),
+                t(&super::fmt::pairs(&r.pairs_pct)),
             ],
         );
     }

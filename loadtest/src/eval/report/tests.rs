@@ -85,6 +85,7 @@ fn report(runs: Vec<RunResult>) -> Report {
             think: "lognormal(2s,0.5)".to_owned(),
             time_scale: 0.1,
             seed: 7,
+            repeat: 1,
             tasks_per_suite: BTreeMap::new(),
             compression: Some(ckpt_engine::fs::compression::Compression::None),
         },
@@ -731,4 +732,49 @@ fn assert_sections_outside_details(html: &str) {
         }
     }
     assert_eq!(depth, 0, "unclosed <details>");
+}
+
+#[test]
+fn repeated_cells_report_each_pair_and_a_confidence_interval() {
+    let rep = |method: &str, k: usize, time_s: f64| RunResult {
+        repeat: k,
+        ..run("adversarial", method, 32, vec![task("a", time_s, true, 0)])
+    };
+    // Pairs: +2%, 0%, +1% (think and tool times scale along; only the ratio matters).
+    let r = report(vec![
+        rep("off", 0, 100.0),
+        rep("crab-fault-free", 0, 102.0),
+        rep("crab-fault-free", 1, 110.0),
+        rep("off", 1, 110.0),
+        rep("off", 2, 100.0),
+        rep("crab-fault-free", 2, 101.0),
+    ]);
+    let s = summary::summarize(&r);
+    let o = &s.overhead[0];
+    assert_eq!(o.pairs_pct.len(), 3);
+    for (got, want) in o.pairs_pct.iter().zip([2.0, 0.0, 1.0]) {
+        assert_close(*got, want);
+    }
+    // Pooled: (102 + 110 + 101) / (100 + 110 + 100) - 1.
+    assert_close(o.overhead_pct, (313.0 / 310.0 - 1.0) * 100.0);
+    // Mean 1, sample sd 1, n 3: t(0.975, 2) = 4.303 → 4.303 / sqrt(3).
+    assert_close(o.ci95_pct.unwrap(), 4.303 / 3f64.sqrt());
+    assert!(o.describe().contains("(3 pairs)"), "{}", o.describe());
+    let overhead = s
+        .targets
+        .iter()
+        .find(|t| t.name == "end-to-end overhead")
+        .unwrap();
+    assert!(overhead.measured.contains("±2.48"), "{}", overhead.measured);
+    assert!(summary_table(&r).contains("+2.0 +0.0 +1.0"));
+    assert!(render_html(&r).contains("+2.0 +0.0 +1.0"));
+
+    // A cell run once has no pairs, no interval.
+    let once = summary::summarize(&report(vec![
+        rep("off", 0, 100.0),
+        rep("crab-fault-free", 0, 102.0),
+    ]));
+    assert!(once.overhead[0].pairs_pct.is_empty());
+    assert_eq!(once.overhead[0].ci95_pct, None);
+    assert_eq!(once.overhead[0].describe(), "+2.00%");
 }

@@ -6,7 +6,7 @@
 
 use std::fmt::Write as _;
 
-use super::fmt::{NONE, TextTable, bytes, ms, opt_bytes, pct, secs, times, utc};
+use super::fmt::{NONE, TextTable, bytes, ms, opt_bytes, pairs, pct, secs, times, utc};
 use super::summary::{CRAB, Status, Summary};
 
 /// Failures listed one by one in the terminal (the HTML lists all).
@@ -149,6 +149,7 @@ pub fn render(s: &Summary) -> String {
         ">crab s",
         ">overhead",
         ">wall overhead",
+        "pairs",
     ]);
     for r in &s.overhead {
         t.row(vec![
@@ -156,9 +157,10 @@ pub fn render(s: &Summary) -> String {
             r.sandboxes.to_string(),
             format!("{:.2}", r.off_mean_s),
             format!("{:.2}", r.crab_mean_s),
-            format!("{:+.2}%", r.overhead_pct),
+            r.describe(),
             r.wall_overhead_pct
                 .map_or_else(|| NONE.to_owned(), |p| format!("{p:+.2}%")),
+            pairs(&r.pairs_pct),
         ]);
     }
     section(
