@@ -995,7 +995,9 @@ impl Engine {
         const ATTEMPTS: usize = 20;
         let mut attempt = 1;
         loop {
+            let t = Instant::now();
             let result = self.runc.exec(name, argv, detach, &[], None);
+            tracing::debug!(sandbox = %name, attempt, ms = t.elapsed().as_millis() as u64, "runc exec returned");
             let paused = match &result {
                 Ok(out) => out.exit_code == 255 && runc::refused_as_paused(&out.stderr),
                 Err(e) => runc::refused_as_paused(&e.stderr),

@@ -597,8 +597,26 @@ pub fn path_env() -> String {
     )
 }
 
-/// Starts `crab serve` with the run's config (plus `extra_config`, TOML appended after the
-/// `[engine]` tables) and waits for `GET /healthz`.
+/// `overlay` merged into `base` (both TOML): tables merge key by key, any other value of
+/// `overlay` replaces `base`'s.
+pub fn merge_toml(base: &str, overlay: &str) -> anyhow::Result<String> {
+    fn merge(base: &mut toml::Table, overlay: toml::Table) {
+        for (k, v) in overlay {
+            match (base.get_mut(&k), v) {
+                (Some(toml::Value::Table(b)), toml::Value::Table(o)) => merge(b, o),
+                (_, v) => {
+                    base.insert(k, v);
+                }
+            }
+        }
+    }
+    let mut table: toml::Table = base.parse().context("crab config")?;
+    merge(&mut table, overlay.parse().context("crab config overlay")?);
+    Ok(toml::to_string(&table)?)
+}
+
+/// Starts `crab serve` with the run's config (`extra_config` merged into it, [`merge_toml`])
+/// and waits for `GET /healthz`.
 pub async fn start_crab(
     binary: &Path,
     run: &mut RunGuard,
@@ -618,14 +636,17 @@ pub async fn start_crab(
     let config = run.path().join("crab.toml");
     std::fs::write(
         &config,
-        format!(
-            "[engine]\nstate_dir = \"{}\"\nnetwork = {}\npool_compression = \"{}\"\n\n\
-             [engine.retention]\nkeep_last = {}\n",
-            run.engine.state_dir.display(),
-            run.engine.network,
-            run.engine.pool_compression.name(),
-            run.engine.retention.keep_last
-        ) + extra_config,
+        merge_toml(
+            &format!(
+                "[engine]\nstate_dir = \"{}\"\nnetwork = {}\npool_compression = \"{}\"\n\n\
+                 [engine.retention]\nkeep_last = {}\n",
+                run.engine.state_dir.display(),
+                run.engine.network,
+                run.engine.pool_compression.name(),
+                run.engine.retention.keep_last
+            ),
+            extra_config,
+        )?,
     )?;
     let log = run.path().join("crab.log");
     let logf = std::fs::File::create(&log)?;
@@ -677,6 +698,29 @@ pub async fn start_crab(
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn an_overlay_merges_into_the_run_config() {
+        let base = "[engine]\nstate_dir = \"/x\"\n[engine.retention]\nkeep_last = 3\n\n[coordinator]\ngate_timeout_ms = 60000\n";
+        let merged: toml::Table = super::merge_toml(
+            base,
+            "[coordinator]\nworkers = 2\n[engine.retention]\nkeep_last = 5\n",
+        )
+        .unwrap()
+        .parse()
+        .unwrap();
+        assert_eq!(merged["coordinator"]["workers"].as_integer(), Some(2));
+        assert_eq!(
+            merged["coordinator"]["gate_timeout_ms"].as_integer(),
+            Some(60000)
+        );
+        assert_eq!(
+            merged["engine"]["retention"]["keep_last"].as_integer(),
+            Some(5)
+        );
+        assert_eq!(merged["engine"]["state_dir"].as_str(), Some("/x"));
+        assert!(super::merge_toml(base, "[coordinator\n").is_err());
+    }
+
     use super::*;
 
     fn marker(dir: &Path, owner: (u32, u64), helpers: Vec<(u32, u64)>, state_dir: Option<PathBuf>) {

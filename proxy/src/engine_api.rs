@@ -111,7 +111,25 @@ impl EngineHost {
         let coordinator = self.coordinator.get().and_then(std::sync::Weak::upgrade);
         let watched_request = coordinator.as_ref().map(|_| request.clone());
         // Engine operations block (runc, btrfs, file I/O): keep them off the async workers.
-        match tokio::task::spawn_blocking(move || dispatch(&engine, request)).await {
+        let queued = std::time::Instant::now();
+        let op = tracing::enabled!(tracing::Level::DEBUG)
+            .then(|| serde_json::to_value(&request).ok())
+            .flatten()
+            .and_then(|v| v["op"].as_str().map(str::to_owned))
+            .unwrap_or_default();
+        match tokio::task::spawn_blocking(move || {
+            let waited = queued.elapsed();
+            let r = dispatch(&engine, request);
+            tracing::debug!(
+                op = %op,
+                queued_us = waited.as_micros() as u64,
+                ms = queued.elapsed().as_millis() as u64,
+                "engine request served"
+            );
+            r
+        })
+        .await
+        {
             Ok(Ok(response)) => {
                 if let (Some(c), Some(r)) = (coordinator, watched_request) {
                     c.after_engine(&r, &response).await;

@@ -62,6 +62,9 @@ pub struct EvalConfig {
     /// Runs of each (suite, density) cell (`--repeat`; 0 in reports from before it = 1).
     #[serde(default)]
     pub repeat: usize,
+    /// `--crab-config`: the TOML merged into every run's crab config, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub crab_config: Option<String>,
     /// Tasks per suite actually run (a subset when `--tasks` limits it).
     #[serde(default)]
     pub tasks_per_suite: BTreeMap<String, usize>,

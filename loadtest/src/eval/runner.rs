@@ -66,6 +66,10 @@ pub struct RunArgs {
     /// Only `off` and `crab-fault-free` (the overhead), no recovery method.
     #[arg(long)]
     pub overhead_only: bool,
+    /// TOML merged into every run's crab config (e.g. `[coordinator]` `workers = 2`), to
+    /// evaluate settings; recorded in the report.
+    #[arg(long, value_name = "FILE")]
+    pub crab_config: Option<PathBuf>,
     /// Runs of each suite and density, with the same seed: the overhead is reported per
     /// (`off`, `crab-fault-free`) pair with its spread, since one pair on a busy machine
     /// varies by a few percent. Odd repetitions run `crab-fault-free` before `off`.
@@ -166,6 +170,17 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
     if suites.is_empty() {
         bail!("no task selected (--suite, --only)");
     }
+    let overlay = match &args.crab_config {
+        Some(f) => {
+            let text = std::fs::read_to_string(f)
+                .with_context(|| format!("--crab-config {}", f.display()))?;
+            // A typo fails here, not in every run's crab.
+            crate::stack::merge_toml("", &text)
+                .with_context(|| format!("--crab-config {}", f.display()))?;
+            text
+        }
+        None => String::new(),
+    };
     let mut methods: Vec<Method> = Vec::new();
     if !args.no_overhead {
         methods.push(Method::CrabFaultFree);
@@ -219,6 +234,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
             time_scale: args.time_scale,
             seed: args.seed,
             repeat: args.repeat as usize,
+            crab_config: (!overlay.is_empty()).then(|| overlay.clone()),
             tasks_per_suite: suites
                 .iter()
                 .map(|(s, t)| (s.to_string(), t.len()))
@@ -242,6 +258,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
                 sandboxes: n,
                 progress: &progress,
                 out: &out,
+                overlay: &overlay,
             };
             // The first `off` run's final states are every later run's references.
             let mut refs: Option<References> = None;
@@ -321,6 +338,8 @@ struct Cell<'a> {
     sandboxes: usize,
     progress: &'a ProgressBar,
     out: &'a Path,
+    /// `--crab-config`: TOML merged into each run's crab config.
+    overlay: &'a str,
 }
 
 /// The fault-free final state of each task (from the `off` run).
@@ -442,7 +461,7 @@ impl Cell<'_> {
             run,
             &llm.base_url(),
             method.policy(),
-            &crab_config(method, compression),
+            &crate::stack::merge_toml(&crab_config(method, compression), self.overlay)?,
         )
         .await?;
         let crab_pid = run.crab_pid().unwrap_or(0);

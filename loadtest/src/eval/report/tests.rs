@@ -86,6 +86,7 @@ fn report(runs: Vec<RunResult>) -> Report {
             time_scale: 0.1,
             seed: 7,
             repeat: 1,
+            crab_config: None,
             tasks_per_suite: BTreeMap::new(),
             compression: Some(ckpt_engine::fs::compression::Compression::None),
         },
