@@ -1513,10 +1513,7 @@ impl Engine {
                     ));
                     return Ok(());
                 }
-                for t in point.fs.drain(..) {
-                    let _ = self.backend.delete(&t.snapshot);
-                }
-                point.frozen_us = 0;
+                self.discard_snapshots(point);
                 fs_only(point, why)
             }
         }
@@ -1557,10 +1554,7 @@ impl Engine {
                     Ok(_) => true,
                     Err(why) => {
                         tracing::debug!(sandbox = %rec.name, why, "the container changed under the snapshot");
-                        for t in point.fs.drain(..) {
-                            let _ = self.backend.delete(&t.snapshot);
-                        }
-                        point.frozen_us = 0;
+                        self.discard_snapshots(point);
                         false
                     }
                 }),
@@ -1577,6 +1571,14 @@ impl Engine {
             point.frozen_us = us(frozen.elapsed());
         }
         Ok(done)
+    }
+
+    /// Deletes the snapshots `point` took (an attempt given up), so it can be taken again.
+    fn discard_snapshots(&self, point: &mut RecoveryPoint) {
+        for t in point.fs.drain(..) {
+            let _ = self.backend.delete(&t.snapshot);
+        }
+        point.frozen_us = 0;
     }
 
     fn snapshot_trees(

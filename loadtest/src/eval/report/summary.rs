@@ -654,22 +654,7 @@ fn overhead_row(
     let overhead_pct = (ratio(crab_mean_s, off_mean_s)? - 1.0) * 100.0;
     let off_wall: f64 = off.iter().map(|r| finite_or_zero(r.wall_s)).sum();
     let crab_wall: f64 = crab.iter().map(|r| finite_or_zero(r.wall_s)).sum();
-    let repeats: BTreeSet<usize> = off.iter().chain(crab).map(|r| r.repeat).collect();
-    let pairs_pct: Vec<f64> = if repeats.len() > 1 {
-        repeats
-            .iter()
-            .filter_map(|&k| {
-                let of = |runs: &[&RunResult]| -> Option<f64> {
-                    let rep: Vec<&RunResult> =
-                        runs.iter().copied().filter(|r| r.repeat == k).collect();
-                    mean(task_times(&rep).iter().map(|t| t.time_s))
-                };
-                Some((ratio(of(crab)?, of(off)?)? - 1.0) * 100.0)
-            })
-            .collect()
-    } else {
-        Vec::new()
-    };
+    let pairs_pct = pair_overheads(off, crab);
     Some(OverheadRow {
         suite: suite.cloned(),
         sandboxes: n,
@@ -680,6 +665,22 @@ fn overhead_row(
         ci95_pct: ci95_half_width(&pairs_pct),
         pairs_pct,
     })
+}
+
+/// The overhead (%) of each repetition's pair of runs; empty when the cell ran once.
+fn pair_overheads(off: &[&RunResult], crab: &[&RunResult]) -> Vec<f64> {
+    let repeats: BTreeSet<usize> = off.iter().chain(crab).map(|r| r.repeat).collect();
+    if repeats.len() < 2 {
+        return Vec::new();
+    }
+    let mean_of = |runs: &[&RunResult], k: usize| {
+        let rep: Vec<&RunResult> = runs.iter().copied().filter(|r| r.repeat == k).collect();
+        mean(task_times(&rep).iter().map(|t| t.time_s))
+    };
+    repeats
+        .into_iter()
+        .filter_map(|k| Some((ratio(mean_of(crab, k)?, mean_of(off, k)?)? - 1.0) * 100.0))
+        .collect()
 }
 
 /// Half-width of the 95% confidence interval of the mean of `xs` (Student's t, two-sided);
