@@ -110,10 +110,7 @@ fn decode_checked(
     if r.pos != body.len() {
         return Err(CacheError::Malformed("trailing bytes"));
     }
-    Ok(TreeIndex {
-        root,
-        tree_hash: hash.to_string(),
-    })
+    Ok(TreeIndex::new(root, hash.to_string()))
 }
 
 /// Writes a cache file: its directory created, the bytes written under a temporary dot name
@@ -319,10 +316,7 @@ mod tests {
         // A node claiming no linked entries below while one is: rejected, even sealed.
         let mut root = (*index.root).clone();
         root.links = false;
-        let forged = TreeIndex {
-            root: Arc::new(root),
-            tree_hash: index.tree_hash.clone(),
-        };
+        let forged = TreeIndex::new(Arc::new(root), index.tree_hash.clone());
         assert_eq!(
             decode(&encode("s.cp-1", &forged), "s.cp-1", &index.tree_hash),
             Err(CacheError::Malformed(

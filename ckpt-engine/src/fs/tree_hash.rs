@@ -141,9 +141,32 @@ pub struct TreeIndex {
     pub root: Arc<DirNode>,
     /// The tree hash (hex) this index produced.
     pub tree_hash: String,
+    /// No regular file of the tree has a greater inode number (a bound, not always the
+    /// maximum): a file above it is new, and no identity of this index can match it.
+    pub max_file_ino: u64,
 }
 
 impl TreeIndex {
+    /// The index of the tree below `root` whose hash is `tree_hash`.
+    pub fn new(root: Arc<DirNode>, tree_hash: String) -> Self {
+        fn walk(n: &DirNode, max: &mut u64) {
+            for e in &n.entries {
+                match &e.kind {
+                    EntryKind::Dir(d) => walk(d, max),
+                    EntryKind::File(id, _) => *max = (*max).max(id.ino),
+                    EntryKind::Other => {}
+                }
+            }
+        }
+        let mut max_file_ino = 0;
+        walk(&root, &mut max_file_ino);
+        TreeIndex {
+            root,
+            tree_hash,
+            max_file_ino,
+        }
+    }
+
     /// Number of directories and files indexed.
     pub fn counts(&self) -> (usize, usize) {
         fn walk(n: &DirNode, acc: &mut (usize, usize)) {
@@ -323,6 +346,7 @@ pub fn hash_tree(
         dirty,
         previous,
         identities: None,
+        max_file_ino: previous.map_or(0, |p| p.max_file_ino),
         pending: Vec::new(),
         links: BTreeMap::new(),
         stats: HashStats::default(),
@@ -341,6 +365,7 @@ pub fn hash_tree(
     let index = TreeIndex {
         root: root_node,
         tree_hash: top.finalize().to_hex().to_string(),
+        max_file_ino: walk.max_file_ino,
     };
     Ok((index, walk.stats))
 }
@@ -390,6 +415,9 @@ struct Walk<'a> {
     previous: Option<&'a TreeIndex>,
     /// Identity → content hash over the whole previous tree, built on the first miss.
     identities: Option<HashMap<FileIdentity, [u8; 32]>>,
+    /// The new index's [`TreeIndex::max_file_ino`]: the previous one's (its entries are
+    /// reused) or any file looked at, whichever is greater.
+    max_file_ino: u64,
     /// Files to read: path and size.
     pending: Vec<(PathBuf, u64)>,
     /// Inode → paths of non-directories with more than one link.
@@ -537,8 +565,12 @@ impl Walk<'_> {
         if ft.is_file() {
             let xattrs = xattr_bytes(&path)?;
             let id = FileIdentity::of(&meta);
+            self.max_file_ino = self.max_file_ino.max(id.ino);
             let known = match prev_entry.map(|e| &e.kind) {
                 Some(EntryKind::File(pid, h)) if *pid == id => Some(*h),
+                // The same inode changed under its name: the previous tree held that inode
+                // with `pid` only (one inode, one identity), so nothing there can match.
+                Some(EntryKind::File(pid, _)) if pid.ino == id.ino => None,
                 _ => self.lookup_identity(&id),
             };
             let draft = match known {
@@ -616,8 +648,14 @@ impl Walk<'_> {
         Ok(DraftDir::of(meta, links, entries))
     }
 
+    /// The content hash of a file of the previous tree with identity `id`. The map over the
+    /// whole previous tree is built on the first lookup that could hit (a file created since
+    /// has a higher inode number than any there: btrfs numbers inodes upwards).
     fn lookup_identity(&mut self, id: &FileIdentity) -> Option<[u8; 32]> {
         let previous = self.previous?;
+        if id.ino > previous.max_file_ino {
+            return None;
+        }
         self.identities
             .get_or_insert_with(|| previous.identities())
             .get(id)
@@ -965,6 +1003,7 @@ fn hash_file_split(path: &Path, buf: &mut [u8]) -> Result<[u8; 32], FsError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::io::Write;
     use std::os::unix::fs::symlink;
 
     #[test]
@@ -1003,6 +1042,40 @@ mod tests {
         )
         .unwrap();
         assert_ne!(index2.tree_hash, tree_hash(root).unwrap(), "mode counts");
+    }
+
+    #[test]
+    fn files_are_found_by_identity_where_they_can_be() {
+        use std::os::unix::fs::MetadataExt;
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        let ino = |p: &str| std::fs::metadata(root.join(p)).unwrap().ino();
+        std::fs::create_dir_all(root.join("a/sub")).unwrap();
+        std::fs::write(root.join("a/sub/moved"), b"moved").unwrap();
+        std::fs::write(root.join("a/grown"), b"grown").unwrap();
+        let (i0, _) = hash_tree(root, None, &Dirty::All).unwrap();
+        assert_eq!(i0.max_file_ino, ino("a/sub/moved").max(ino("a/grown")));
+
+        // The files of a renamed directory keep their identities (the rename changed the
+        // directory's ctime, not theirs): their content hashes come from the previous tree.
+        std::fs::rename(root.join("a/sub"), root.join("b")).unwrap();
+        let (i1, s1) = hash_tree(root, Some(&i0), &Dirty::All).unwrap();
+        assert_eq!(s1.files_read, 0);
+
+        // Changed in place and created: both read, the new inode within the bound.
+        std::fs::OpenOptions::new()
+            .append(true)
+            .open(root.join("a/grown"))
+            .unwrap()
+            .write_all(b"!")
+            .unwrap();
+        std::fs::write(root.join("b/new"), b"new").unwrap();
+        let (i2, s2) = hash_tree(root, Some(&i1), &Dirty::All).unwrap();
+        assert_eq!(s2.files_read, 2);
+        assert_eq!(i2.tree_hash, tree_hash(root).unwrap());
+        assert!(i2.max_file_ino >= ino("b/new"));
+        let exact = TreeIndex::new(Arc::clone(&i2.root), i2.tree_hash.clone());
+        assert_eq!(i2, exact);
     }
 
     #[test]
