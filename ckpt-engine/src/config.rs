@@ -64,6 +64,9 @@ pub struct EngineConfig {
     /// or after its hash was computed, is refused at restore (its transaction ids show it).
     /// Default true; false computes the hash before the point is published.
     pub deferred_tree_hash: bool,
+    /// When a deferred tree hash starts: the `[engine.deferred_hash]` table (an idle CPU, a
+    /// caller waiting for it, or `max_delay_ms`).
+    pub deferred_hash: crate::fs::idle_gate::IdleGateConfig,
     /// Process checkpoints (CRIU through `runc checkpoint`): the `[engine.process]` table.
     pub process: EngineProcessConfig,
     /// Write-behind of the btrfs pool while sandboxes run, so a checkpoint only flushes what
@@ -200,6 +203,7 @@ impl Default for EngineConfig {
             retention: RetentionConfig::default(),
             restore_verify: RestoreVerify::default(),
             deferred_tree_hash: true,
+            deferred_hash: Default::default(),
             process: EngineProcessConfig::default(),
             writeback: Default::default(),
         }

@@ -378,7 +378,7 @@ impl Engine {
             crate::config::FsBackendKind::Btrfs => {
                 let b = BtrfsBackend::new(&pool, cfg.restore_verify);
                 Arc::new(if cfg.deferred_tree_hash {
-                    b.with_deferred_hash(sealer_for(meta_root_of(&pool)))
+                    b.with_deferred_hash(sealer_for(meta_root_of(&pool)), cfg.deferred_hash.clone())
                 } else {
                     b
                 })

@@ -11,15 +11,27 @@ use std::time::{Duration, Instant};
 use ckpt_engine::Engine;
 use ckpt_engine::fs::btrfs::BtrfsBackend;
 use ckpt_engine::fs::compression::Compression;
+use ckpt_engine::fs::idle_gate::IdleGateConfig;
 use ckpt_engine::fs::{ChangeHint, tree_hash};
 use ckpt_engine::manifest::{self, CheckpointKind, RecoveryPoint};
 use common::{TestEngine, sh};
 
 const GIB: u64 = 1 << 30;
 
+/// Jobs start within a second even on a busy host (the gate is tested on its own below).
 fn deferred(engine: Engine) -> Engine {
+    deferred_with(
+        engine,
+        IdleGateConfig {
+            max_delay_ms: 1000,
+            ..IdleGateConfig::default()
+        },
+    )
+}
+
+fn deferred_with(engine: Engine, gate: IdleGateConfig) -> Engine {
     let backend = BtrfsBackend::new(engine.pool(), ckpt_engine::config::RestoreVerify::Cached)
-        .with_deferred_hash(engine.manifest_sealer());
+        .with_deferred_hash(engine.manifest_sealer(), gate);
     engine.with_backend(Arc::new(backend))
 }
 
@@ -199,5 +211,82 @@ fn changed_bytes_are_measured_on_disk_compressed() {
     assert!(
         plain_disk >= changed - (64 << 10) && plain_disk <= changed + (64 << 10),
         "uncompressed, on disk is what changed, to the block: {plain_disk} of {plain_changed}"
+    );
+}
+
+/// A deferred hash waits for an idle CPU (here: never), and starts at once when a caller needs
+/// it: the manifest stays without its hash until then; `settle_point` and a restore get it,
+/// equal to a full rehash of the snapshot; the engine's teardown runs what is left.
+#[test]
+fn a_deferred_hash_waits_for_an_idle_cpu_unless_it_is_needed() {
+    if !common::prerequisites("a_deferred_hash_waits_for_an_idle_cpu_unless_it_is_needed") {
+        return;
+    }
+    let mut te = TestEngine::open(GIB);
+    let never_idle = IdleGateConfig {
+        max_delay_ms: 600_000,
+        min_idle_cpu_percent: 1_000_000,
+        poll_ms: 10,
+    };
+    te.engine = Some(deferred_with(te.engine.take().expect("engine"), never_idle));
+    let name = common::unique("-gate");
+    let e = te.engine();
+    e.create(&name, None).expect("create");
+    sh(e, &name, "mkdir -p /work && echo one > /work/a");
+    let p1 = e
+        .checkpoint(&name, CheckpointKind::Fs, &ChangeHint::Unknown)
+        .expect("checkpoint 1");
+    sh(e, &name, "echo two > /work/a && echo new > /work/b");
+    let p2 = e
+        .checkpoint(&name, CheckpointKind::Fs, &ChangeHint::Unknown)
+        .expect("checkpoint 2");
+    std::thread::sleep(Duration::from_millis(500));
+    for p in [&p1, &p2] {
+        let held = e.point(&name, Some(&p.id)).expect("point");
+        assert!(
+            held.fs[0].snapshot.tree_hash.is_empty(),
+            "{}: not hashed while no CPU is idle",
+            p.id
+        );
+    }
+
+    // Needing the second urges both (the first is its parent's index).
+    let t = Instant::now();
+    let s2 = e.settle_point(p2.clone()).expect("settle");
+    assert!(t.elapsed() < Duration::from_secs(20), "urged, not delayed");
+    assert_eq!(
+        s2.fs[0].snapshot.tree_hash,
+        tree_hash::tree_hash(&snapshot_path(e, &name, &s2)).unwrap()
+    );
+    let s1 = sealed(e, &name, &p1.id);
+    assert_eq!(
+        s1.fs[0].snapshot.tree_hash,
+        tree_hash::tree_hash(&snapshot_path(e, &name, &s1)).unwrap()
+    );
+
+    // A restore waits for the hash of its point and verifies against it.
+    sh(e, &name, "echo three > /work/a");
+    let p3 = e
+        .checkpoint(&name, CheckpointKind::Fs, &ChangeHint::Unknown)
+        .expect("checkpoint 3");
+    sh(e, &name, "echo four > /work/a");
+    let r = e.restore(&name, Some(&p3.id)).expect("restore");
+    assert_eq!(
+        r.trees[0].1,
+        sealed(e, &name, &p3.id).fs[0].snapshot.tree_hash
+    );
+    assert_eq!(sh(e, &name, "cat /work/a"), "three\n");
+
+    // An engine dropped with a job waiting runs it (and the next open records what is left).
+    sh(e, &name, "echo five > /work/a");
+    let p4 = e
+        .checkpoint(&name, CheckpointKind::Fs, &ChangeHint::Unknown)
+        .expect("checkpoint 4");
+    te.reopen();
+    let e = te.engine();
+    let s4 = sealed(e, &name, &p4.id);
+    assert_eq!(
+        s4.fs[0].snapshot.tree_hash,
+        tree_hash::tree_hash(&snapshot_path(e, &name, &s4)).unwrap()
     );
 }

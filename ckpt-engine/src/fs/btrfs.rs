@@ -29,7 +29,9 @@
 //! soon as the read-only snapshot exists (durable: creating a snapshot commits a btrfs
 //! transaction, and the manifest is fsynced) with an empty tree hash; a background job per
 //! snapshot (in snapshot order, each reusing its parent's index) computes the same hash and the
-//! engine's sealer records it in the manifest. The invariants hold because the hash is, in both
+//! engine's sealer records it in the manifest. A job first waits at the [`IdleGate`] for a CPU
+//! the sandboxes leave idle, one job at a time, unless a caller needs its result (which urges it
+//! and the sandbox's earlier jobs) or it has waited `max_delay_ms`. The invariants hold because the hash is, in both
 //! modes, computed from the same immutable read-only snapshot: [`FsBackend::settle`] gives
 //! restores, forks and `verify` the job's result (waiting for it), or, when none is held (the
 //! engine stopped before the job finished, or another process asks), hashes the read-only
@@ -51,6 +53,7 @@ use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::time::Instant;
 
 use super::extents;
+use super::idle_gate::{IdleGate, IdleGateConfig};
 use super::image_index::{self, ImageStamp};
 use super::provenance;
 use super::send_stream::{self, SendSummary};
@@ -98,6 +101,8 @@ struct Inner {
     job_threads: Mutex<usize>,
     /// Signalled whenever a job thread ends.
     job_thread_ended: Condvar,
+    /// When a deferred job may start (deferred hashing only).
+    gate: OnceLock<IdleGate>,
     /// The pool's data space counters (found on first use).
     data_space: OnceLock<Option<writeback::DataSpace>>,
     /// What the snapshots hashed so far changed.
@@ -144,6 +149,7 @@ impl BtrfsBackend {
                 jobs: Mutex::new(HashMap::new()),
                 job_threads: Mutex::new(0),
                 job_thread_ended: Condvar::new(),
+                gate: OnceLock::new(),
                 job_done: Condvar::new(),
                 data_space: OnceLock::new(),
                 totals: Mutex::default(),
@@ -158,8 +164,11 @@ impl BtrfsBackend {
     /// (in snapshot order per sandbox) and hands them to `sealer`, which records them in the
     /// manifest. Until then [`FsBackend::settle`] waits for the job (or, without one, hashes
     /// the read-only snapshot), so restores are always verified against the snapshot's hash.
-    pub fn with_deferred_hash(mut self, sealer: Sealer) -> Self {
+    /// A job waits at an [`IdleGate`] with `gate` before it starts: for an idle CPU, for a
+    /// caller that needs it, or until it has waited long enough.
+    pub fn with_deferred_hash(mut self, sealer: Sealer, gate: IdleGateConfig) -> Self {
         self.sealer = Some(sealer);
+        let _ = self.inner.gate.set(IdleGate::new(gate));
         self
     }
 
@@ -185,6 +194,9 @@ impl BtrfsBackend {
         loop {
             match jobs.get(id) {
                 Some(Job::Running) if wait => {
+                    if let Some(gate) = self.inner.gate.get() {
+                        gate.urge(id);
+                    }
                     jobs = self
                         .inner
                         .job_done
@@ -193,6 +205,15 @@ impl BtrfsBackend {
                 }
                 other => return other.cloned(),
             }
+        }
+    }
+}
+
+impl Drop for BtrfsBackend {
+    /// Jobs still waiting at the gate start now: nothing would urge them any more.
+    fn drop(&mut self) {
+        if let Some(gate) = self.inner.gate.get() {
+            gate.drain();
         }
     }
 }
@@ -254,6 +275,7 @@ impl BtrfsBackend {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .insert(id.clone(), Job::Running);
+        let ticket = inner.gate.get().map(|g| g.enqueue(&sandbox, &id));
         let job = move || {
             // In snapshot order: the parent's job first (its index is this one's base, its
             // hash binds that index).
@@ -268,6 +290,12 @@ impl BtrfsBackend {
                     }
                 }
                 p
+            });
+            // Off the sandboxes' CPU time when it can be (see `IdleGate`).
+            let admitted = ticket.as_ref().zip(inner.gate.get()).map(|(t, gate)| {
+                let t0 = Instant::now();
+                let how = gate.enter(t);
+                tracing::debug!(snapshot = %snapshot.id, ?how, waited_ms = t0.elapsed().as_millis() as u64, "deferred tree hash starts");
             });
             // A panicking hash must not leave waiters blocked on a job that never ends.
             let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
@@ -286,6 +314,9 @@ impl BtrfsBackend {
                 .unwrap_or_else(|e| e.into_inner())
                 .insert(snapshot.id.clone(), Job::Done(done));
             inner.job_done.notify_all();
+            if let Some(gate) = inner.gate.get() {
+                gate.done(&snapshot.id, admitted.is_some());
+            }
             match result {
                 Ok((tree_hash, changed)) => sealer(
                     &FsSnapshotRef {
@@ -313,6 +344,9 @@ impl BtrfsBackend {
             Err(e) => {
                 tracing::warn!(error = %e, "no thread for deferred hashing: hashing now");
                 self.inner.thread_ended();
+                if let Some(gate) = self.inner.gate.get() {
+                    gate.done(&id, false);
+                }
                 self.inner
                     .jobs
                     .lock()
@@ -685,6 +719,9 @@ impl FsBackend for BtrfsBackend {
     }
 
     fn wait_background(&self) {
+        if let Some(gate) = self.inner.gate.get() {
+            gate.drain();
+        }
         let mut n = self
             .inner
             .job_threads

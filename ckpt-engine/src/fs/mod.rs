@@ -9,6 +9,7 @@
 //! - [`tree_hash`]: the canonical Merkle hash of a directory tree recorded in btrfs manifests,
 //!   computed incrementally from the parent snapshot's per-directory index.
 //! - [`tree_cache`]: the checksummed on-disk form of that index, next to each snapshot.
+//! - [`idle_gate`]: when a deferred tree hash starts (an idle CPU, a caller waiting, or a deadline).
 //! - [`reflink`]: writing a file as blocks shared with older files plus only what is new.
 //! - [`compression`]: how btrfs compresses the pool's files and the process images.
 //! - [`extents`]: the bytes on disk (after btrfs compression) of what a file's ranges wrote.
@@ -27,6 +28,7 @@ pub mod btrfs;
 pub mod cas;
 pub mod compression;
 pub mod extents;
+pub mod idle_gate;
 pub mod image_index;
 pub mod provenance;
 pub mod reflink;
