@@ -10,12 +10,14 @@
 //!   the same sandbox, which needs it first), or the gate *drains* (the engine stops);
 //! - it starts when it has waited `max_delay_ms`;
 //! - otherwise it starts when no other deferred job runs and the host's CPUs were idle for at
-//!   least `min_idle_cpu_percent` of one CPU over the last `poll_ms` (from `/proc/stat`).
+//!   least `min_idle_cpu_percent` of one CPU over the last `poll_ms` (from `/proc/stat`). Only
+//!   the first job in line looks at the CPU; the others sleep until it starts or their own
+//!   deadline comes.
 //!
 //! Jobs still run at normal priority once started (a job at idle priority holding btrfs
 //! locks would stall the sandboxes that need them). The decision is the pure [`admit`].
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::sync::{Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -135,6 +137,9 @@ struct State {
     urged_upto: HashMap<String, u64>,
     /// Job sequence numbers of snapshot ids queued or running, to urge by snapshot id.
     seq_of: HashMap<String, (String, u64)>,
+    /// Sequence numbers of the jobs waiting in [`IdleGate::enter`]: only the first looks at
+    /// the CPU (the others sleep until it starts, or until their own deadline).
+    waiting: BTreeSet<u64>,
     running: usize,
     draining: bool,
     /// The CPU times at the start of the current window.
@@ -161,6 +166,7 @@ impl IdleGate {
                 next_seq: 0,
                 urged_upto: HashMap::new(),
                 seq_of: HashMap::new(),
+                waiting: BTreeSet::new(),
                 running: 0,
                 draining: false,
                 window: None,
@@ -209,31 +215,43 @@ impl IdleGate {
     /// Blocks until the job may start; it counts as running until [`IdleGate::done`].
     pub fn enter(&self, ticket: &Ticket) -> Admission {
         let poll = Duration::from_millis(self.cfg.poll_ms.max(10));
+        let max_delay = Duration::from_millis(self.cfg.max_delay_ms);
         let mut s = self.lock();
+        s.waiting.insert(ticket.seq);
         loop {
             let urged = s.draining
                 || s.urged_upto
                     .get(&ticket.key)
                     .is_some_and(|&upto| upto >= ticket.seq);
-            self.sample(&mut s, poll);
-            if let Some(a) = admit(
-                &self.cfg,
-                urged,
-                ticket.queued.elapsed(),
-                s.running > 0,
-                s.last_idle,
-            ) {
+            let head = s.waiting.first() == Some(&ticket.seq);
+            if head {
+                self.sample(&mut s, poll);
+            }
+            let waited = ticket.queued.elapsed();
+            let idle = if head { s.last_idle } else { None };
+            if let Some(a) = admit(&self.cfg, urged, waited, s.running > 0, idle) {
                 s.running += 1;
+                s.waiting.remove(&ticket.seq);
                 if a == Admission::Idle {
                     // The window's idle CPU is this job's now.
                     s.last_idle = None;
                     s.window = None;
                 }
+                drop(s);
+                // The next in line looks at the CPU now.
+                self.changed.notify_all();
                 return a;
             }
+            let sleep = if head {
+                poll
+            } else {
+                max_delay
+                    .saturating_sub(waited)
+                    .max(Duration::from_millis(1))
+            };
             s = self
                 .changed
-                .wait_timeout(s, poll)
+                .wait_timeout(s, sleep)
                 .unwrap_or_else(|p| p.into_inner())
                 .0;
         }
@@ -327,6 +345,25 @@ mod tests {
         assert_eq!(CpuTimes::parse("intr 1 2 3\n"), None);
         assert_eq!(CpuTimes::parse("cpu 1 2 x 4 5\n"), None);
         assert_eq!(CpuTimes::parse("cpu 1 2 3\n"), None);
+    }
+
+    #[test]
+    fn every_waiting_job_starts_by_its_deadline() {
+        let gate = IdleGate::new(IdleGateConfig {
+            max_delay_ms: 200,
+            min_idle_cpu_percent: 1_000_000,
+            poll_ms: 10,
+        });
+        let a = gate.enqueue("a", "a.1");
+        let b = gate.enqueue("b", "b.1");
+        let t = Instant::now();
+        std::thread::scope(|s| {
+            let ja = s.spawn(|| gate.enter(&a));
+            let jb = s.spawn(|| gate.enter(&b));
+            assert_eq!(ja.join().unwrap(), Admission::Overdue);
+            assert_eq!(jb.join().unwrap(), Admission::Overdue);
+        });
+        assert!(t.elapsed() >= Duration::from_millis(200));
     }
 
     #[test]
