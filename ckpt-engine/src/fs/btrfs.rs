@@ -31,11 +31,11 @@
 //! snapshot (in snapshot order, each reusing its parent's index) computes the same hash and the
 //! engine's sealer records it in the manifest. A job first waits at the [`IdleGate`] for a CPU
 //! the sandboxes leave idle, one job at a time, unless a caller needs its result (which urges it
-//! and the sandbox's earlier jobs) or it has waited `max_delay_ms`. The invariants hold because the hash is, in both
-//! modes, computed from the same immutable read-only snapshot: [`FsBackend::settle`] gives
-//! restores, forks and `verify` the job's result (waiting for it), or, when none is held (the
-//! engine stopped before the job finished, or another process asks), hashes the read-only
-//! snapshot now; on open the engine records such hashes. A restore is therefore always verified
+//! and the sandbox's earlier jobs) or it has waited `max_delay_ms`. The invariants hold because
+//! the hash is, in both modes, computed from the same immutable read-only snapshot:
+//! [`FsBackend::settle`] gives restores, forks and `verify` the job's result (waiting for it),
+//! or, when none is held (the engine stopped before the job finished, or another process
+//! asks), hashes the read-only snapshot now; on open the engine records such hashes. A restore is therefore always verified
 //! against the snapshot's hash. A snapshot changed after its creation (by someone clearing its
 //! read-only flag) may have been hashed changed; such a snapshot is refused at restore and by
 //! `verify`, from its transaction ids ([`provenance::snapshot_state`]), whenever the change
@@ -270,12 +270,13 @@ impl BtrfsBackend {
         let base = base.map(Path::to_path_buf);
         let (snapshot, parent) = (provisional.clone(), parent.cloned());
         let id = snapshot.id.clone();
+        // Queued before anyone can see the job running (and urge it).
+        let ticket = inner.gate.get().map(|g| g.enqueue(&sandbox, &id));
         inner
             .jobs
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .insert(id.clone(), Job::Running);
-        let ticket = inner.gate.get().map(|g| g.enqueue(&sandbox, &id));
         let job = move || {
             // In snapshot order: the parent's job first (its index is this one's base, its
             // hash binds that index).
@@ -295,7 +296,8 @@ impl BtrfsBackend {
             let admitted = ticket.as_ref().zip(inner.gate.get()).map(|(t, gate)| {
                 let t0 = Instant::now();
                 let how = gate.enter(t);
-                tracing::debug!(snapshot = %snapshot.id, ?how, waited_ms = t0.elapsed().as_millis() as u64, "deferred tree hash starts");
+                let waited_ms = t0.elapsed().as_millis() as u64;
+                tracing::debug!(snapshot = %snapshot.id, ?how, waited_ms, "deferred tree hash starts");
             });
             // A panicking hash must not leave waiters blocked on a job that never ends.
             let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
