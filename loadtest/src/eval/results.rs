@@ -116,6 +116,10 @@ pub struct RunResult {
     pub crab_write_bytes: u64,
     /// crab's peak RSS, bytes.
     pub crab_peak_rss: u64,
+    /// How long the run's sandboxes waited for the CPU, I/O and memory (pressure stall
+    /// information of their cgroup, `some`: at least one of them waiting), seconds.
+    #[serde(default)]
+    pub sandbox_stall: crate::eval::pressure::Stall,
     /// The process images and manifests of the run's sandboxes as stored (each measured right
     /// before the sandbox's removal), when measured: logical bytes and bytes on disk after
     /// deduplication and compression (each extent once, at its size on disk).

@@ -467,6 +467,8 @@ impl Cell<'_> {
         let crab_pid = run.crab_pid().unwrap_or(0);
         let state_dir = run.path().to_path_buf();
         let next = Arc::new(AtomicUsize::new(0));
+        let group = run.engine().cgroup_root.join(&run.engine().cgroup_parent);
+        let pressure_before = crate::eval::pressure::Totals::read(&group);
         let start = Instant::now();
         let mut workers = tokio::task::JoinSet::new();
         for _ in 0..n {
@@ -506,6 +508,7 @@ impl Cell<'_> {
             .map(|(_, _, t)| t.duration_since(start).as_secs_f64())
             .fold(0.0, f64::max);
         finished.sort_by_key(|(j, _, _)| *j);
+        result.sandbox_stall = crate::eval::pressure::Totals::read(&group).since(&pressure_before);
         let stats = proc_stats(crab_pid, false);
         let (read, write) = proc_io(crab_pid);
         result.crab_cpu_s = stats.cpu_seconds;

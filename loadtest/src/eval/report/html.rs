@@ -736,7 +736,9 @@ fn resources(out: &mut String, s: &Summary) {
     let _ = writeln!(
         out,
         "<h2>crab CPU and I/O</h2><p>Per method and density, summed over the suites' runs (peak \
-         RSS: the highest). CPU counts user and system time of crab and its children.</p>"
+         RSS: the highest). CPU counts user and system time of crab and its children. The \
+         sandboxes' wait is the pressure stall time of their cgroup (PSI <code>some</code>: at \
+         least one of their tasks runnable but waiting for a CPU, or blocked on I/O).</p>"
     );
     let mut tb = Table::new(&[
         "method",
@@ -747,6 +749,7 @@ fn resources(out: &mut String, s: &Summary) {
         "read",
         "written",
         "peak RSS",
+        "sandboxes waited for CPU / I/O, s",
     ]);
     for r in &s.resource_totals {
         tb.row(
@@ -760,6 +763,7 @@ fn resources(out: &mut String, s: &Summary) {
                 n(bytes(r.read_bytes as f64)),
                 n(bytes(r.write_bytes as f64)),
                 n(bytes(r.peak_rss as f64)),
+                n(super::summary::stall_cell(r.cpu_stall_s, r.io_stall_s)),
             ],
         );
     }
@@ -776,6 +780,7 @@ fn resources(out: &mut String, s: &Summary) {
         "read",
         "written",
         "peak RSS",
+        "sandboxes waited for CPU / I/O, s",
     ]);
     for r in &s.resources {
         tb.row(
@@ -791,6 +796,7 @@ fn resources(out: &mut String, s: &Summary) {
                 n(bytes(r.read_bytes as f64)),
                 n(bytes(r.write_bytes as f64)),
                 n(bytes(r.peak_rss as f64)),
+                n(super::summary::stall_cell(r.cpu_stall_s, r.io_stall_s)),
             ],
         );
     }

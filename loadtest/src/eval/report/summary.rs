@@ -247,6 +247,9 @@ pub struct ResourceRow {
     pub read_bytes: u64,
     pub write_bytes: u64,
     pub peak_rss: u64,
+    /// How long the sandboxes waited for the CPU and for I/O (see [`RunResult::sandbox_stall`]).
+    pub cpu_stall_s: Option<f64>,
+    pub io_stall_s: Option<f64>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize)]
@@ -260,6 +263,15 @@ pub struct ResourceTotal {
     pub read_bytes: u64,
     pub write_bytes: u64,
     pub peak_rss: u64,
+    /// Summed over the runs, when measured in all of them.
+    pub cpu_stall_s: Option<f64>,
+    pub io_stall_s: Option<f64>,
+}
+
+/// `cpu/io` seconds the sandboxes waited, `–` when not measured.
+pub fn stall_cell(cpu: Option<f64>, io: Option<f64>) -> String {
+    let s = |v: Option<f64>| v.map_or_else(|| "–".to_owned(), |v| format!("{v:.1}"));
+    format!("{}/{}", s(cpu), s(io))
 }
 
 #[derive(Debug, Clone, Default, Serialize)]
@@ -870,6 +882,8 @@ fn resource_row(r: &RunResult) -> ResourceRow {
         read_bytes: r.crab_read_bytes,
         write_bytes: r.crab_write_bytes,
         peak_rss: r.crab_peak_rss,
+        cpu_stall_s: r.sandbox_stall.cpu_s.filter(|v| v.is_finite()),
+        io_stall_s: r.sandbox_stall.io_s.filter(|v| v.is_finite()),
     }
 }
 
@@ -900,6 +914,8 @@ fn resource_totals(
                 read_bytes: rows.iter().map(|r| r.read_bytes).sum(),
                 write_bytes: rows.iter().map(|r| r.write_bytes).sum(),
                 peak_rss: rows.iter().map(|r| r.peak_rss).max().unwrap_or(0),
+                cpu_stall_s: rows.iter().map(|r| r.cpu_stall_s).sum(),
+                io_stall_s: rows.iter().map(|r| r.io_stall_s).sum(),
             });
         }
     }

@@ -57,6 +57,11 @@ fn run(suite: &str, method: &str, sandboxes: usize, tasks: Vec<TaskResult>) -> R
         crab_read_bytes: 1 << 20,
         crab_write_bytes: 8 << 20,
         crab_peak_rss: 30 << 20,
+        sandbox_stall: crate::eval::pressure::Stall {
+            cpu_s: Some(2.0),
+            io_s: Some(0.5),
+            memory_s: Some(0.0),
+        },
         ..RunResult::default()
     }
 }
@@ -254,6 +259,12 @@ fn summarizes_correctness_time_bytes_mix_and_latency() {
         .unwrap();
     assert_eq!((res.runs, res.turns, res.read_bytes), (1, 10, 1 << 20));
     assert_close(res.cpu_ms_per_turn.unwrap(), 150.0);
+    assert_eq!((res.cpu_stall_s, res.io_stall_s), (Some(2.0), Some(0.5)));
+    assert_eq!(
+        super::summary::stall_cell(res.cpu_stall_s, None),
+        "2.0/–",
+        "a resource not measured in every run"
+    );
 
     assert_eq!(s.failures.len(), 1);
     assert_eq!(

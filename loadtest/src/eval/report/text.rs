@@ -264,6 +264,7 @@ pub fn render(s: &Summary) -> String {
         ">read",
         ">written",
         ">peak rss",
+        ">sandboxes waited cpu/io s",
     ]);
     for r in &s.resource_totals {
         t.row(vec![
@@ -275,11 +276,13 @@ pub fn render(s: &Summary) -> String {
             bytes(r.read_bytes as f64),
             bytes(r.write_bytes as f64),
             bytes(r.peak_rss as f64),
+            super::summary::stall_cell(r.cpu_stall_s, r.io_stall_s),
         ]);
     }
     section(
         &mut out,
-        "crab CPU and I/O (runs of all suites summed; peak RSS: the highest)",
+        "crab CPU and I/O (runs of all suites summed; peak RSS: the highest; the sandboxes' \
+         wait: their cgroup's pressure stall time, at least one of them waiting)",
         &t,
     );
 
