@@ -698,10 +698,12 @@ pub async fn start_crab(
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+
     #[test]
     fn an_overlay_merges_into_the_run_config() {
         let base = "[engine]\nstate_dir = \"/x\"\n[engine.retention]\nkeep_last = 3\n\n[coordinator]\ngate_timeout_ms = 60000\n";
-        let merged: toml::Table = super::merge_toml(
+        let merged: toml::Table = merge_toml(
             base,
             "[coordinator]\nworkers = 2\n[engine.retention]\nkeep_last = 5\n",
         )
@@ -718,10 +720,8 @@ mod tests {
             Some(5)
         );
         assert_eq!(merged["engine"]["state_dir"].as_str(), Some("/x"));
-        assert!(super::merge_toml(base, "[coordinator\n").is_err());
+        assert!(merge_toml(base, "[coordinator\n").is_err());
     }
-
-    use super::*;
 
     fn marker(dir: &Path, owner: (u32, u64), helpers: Vec<(u32, u64)>, state_dir: Option<PathBuf>) {
         std::fs::create_dir_all(dir).unwrap();

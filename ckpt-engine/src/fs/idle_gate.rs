@@ -82,11 +82,13 @@ pub fn admit(
     }
 }
 
-/// Idle and total CPU time of the host so far (`/proc/stat`'s first line, in ticks).
+/// Idle and total CPU time of the host so far (`/proc/stat`'s first line, in ticks), and the
+/// number of CPUs that line sums over (its `cpuN` lines).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct CpuTimes {
     pub idle: u64,
     pub total: u64,
+    pub cpus: u64,
 }
 
 impl CpuTimes {
@@ -105,9 +107,17 @@ impl CpuTimes {
         if v.len() < 5 {
             return None;
         }
+        let cpus = stat
+            .lines()
+            .filter(|l| {
+                l.strip_prefix("cpu")
+                    .is_some_and(|r| r.starts_with(|c: char| c.is_ascii_digit()))
+            })
+            .count() as u64;
         Some(CpuTimes {
             idle: v[3] + v[4],
             total: v.iter().sum(),
+            cpus: cpus.max(1),
         })
     }
 
@@ -115,11 +125,11 @@ impl CpuTimes {
         CpuTimes::parse(&std::fs::read_to_string("/proc/stat").ok()?)
     }
 
-    /// Idle time between `earlier` and `self` in percent of one CPU, on `cpus` CPUs.
-    pub fn idle_cpu_percent(&self, earlier: &CpuTimes, cpus: u64) -> Option<u64> {
+    /// Idle time between `earlier` and `self` in percent of one CPU.
+    pub fn idle_cpu_percent(&self, earlier: &CpuTimes) -> Option<u64> {
         let total = self.total.checked_sub(earlier.total)?;
         let idle = self.idle.checked_sub(earlier.idle)?;
-        (total > 0).then(|| idle.min(total) * 100 * cpus / total)
+        (total > 0).then(|| idle.min(total) * 100 * self.cpus / total)
     }
 }
 
@@ -151,17 +161,14 @@ struct State {
 /// The gate (one per engine): see the module docs.
 pub struct IdleGate {
     cfg: IdleGateConfig,
-    cpus: u64,
     state: Mutex<State>,
     changed: Condvar,
 }
 
 impl IdleGate {
     pub fn new(cfg: IdleGateConfig) -> Self {
-        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get() as u64);
         IdleGate {
             cfg,
-            cpus,
             state: Mutex::new(State {
                 next_seq: 0,
                 urged_upto: HashMap::new(),
@@ -279,7 +286,7 @@ impl IdleGate {
             Some((start, _)) if now.duration_since(start) < poll => {}
             Some((_, earlier)) => {
                 if let Some(t) = CpuTimes::read() {
-                    s.last_idle = t.idle_cpu_percent(&earlier, self.cpus);
+                    s.last_idle = t.idle_cpu_percent(&earlier);
                     s.window = Some((now, t));
                 }
             }
@@ -325,35 +332,38 @@ mod tests {
 
     #[test]
     fn cpu_times_count_idle_and_iowait_against_all() {
-        let a = CpuTimes::parse("cpu  100 0 50 800 50 0 0 0 0 0\ncpu0 1 2 3\n").unwrap();
+        let two = "cpu0 1 2 3\ncpu1 4 5 6\nintr 7\n";
+        let a = CpuTimes::parse(&format!("cpu  100 0 50 800 50 0 0 0 0 0\n{two}")).unwrap();
         assert_eq!(
             a,
             CpuTimes {
                 idle: 850,
-                total: 1000
+                total: 1000,
+                cpus: 2
             }
         );
-        let b = CpuTimes::parse("cpu  150 0 150 850 50 0 0 0 0 0\n").unwrap();
+        let b = CpuTimes::parse(&format!("cpu  150 0 150 850 50 0 0 0 0 0\n{two}")).unwrap();
         // 200 ticks on 2 CPUs, 50 idle: a quarter of the host, half of one CPU.
-        assert_eq!(b.idle_cpu_percent(&a, 2), Some(50));
-        assert_eq!(a.idle_cpu_percent(&b, 2), None, "time runs forwards");
-        assert_eq!(
-            a.idle_cpu_percent(&a, 2),
-            None,
-            "an empty window says nothing"
-        );
+        assert_eq!(b.idle_cpu_percent(&a), Some(50));
+        assert_eq!(a.idle_cpu_percent(&b), None, "time runs forwards");
+        assert_eq!(a.idle_cpu_percent(&a), None, "an empty window says nothing");
         assert_eq!(CpuTimes::parse("intr 1 2 3\n"), None);
         assert_eq!(CpuTimes::parse("cpu 1 2 x 4 5\n"), None);
         assert_eq!(CpuTimes::parse("cpu 1 2 3\n"), None);
     }
 
-    #[test]
-    fn every_waiting_job_starts_by_its_deadline() {
-        let gate = IdleGate::new(IdleGateConfig {
-            max_delay_ms: 200,
+    /// A gate no host is ever idle enough for.
+    fn never_idle(max_delay_ms: u64) -> IdleGate {
+        IdleGate::new(IdleGateConfig {
+            max_delay_ms,
             min_idle_cpu_percent: 1_000_000,
             poll_ms: 10,
-        });
+        })
+    }
+
+    #[test]
+    fn every_waiting_job_starts_by_its_deadline() {
+        let gate = never_idle(200);
         let a = gate.enqueue("a", "a.1");
         let b = gate.enqueue("b", "b.1");
         let t = Instant::now();
@@ -368,11 +378,7 @@ mod tests {
 
     #[test]
     fn urging_a_job_urges_the_earlier_ones_of_its_sandbox_only() {
-        let gate = IdleGate::new(IdleGateConfig {
-            max_delay_ms: 60_000,
-            min_idle_cpu_percent: 100_000,
-            poll_ms: 10,
-        });
+        let gate = never_idle(60_000);
         let a1 = gate.enqueue("a", "a.1");
         let a2 = gate.enqueue("a", "a.2");
         let b1 = gate.enqueue("b", "b.1");
