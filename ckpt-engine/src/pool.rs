@@ -193,10 +193,131 @@ impl BtrfsPool {
 
     /// Unmounts a loop-file pool (the loop device detaches with it). The image file stays, so
     /// the next open finds every subvolume again. A pool on a btrfs state dir has nothing to do.
+    ///
+    /// A pool still busy is tried again for a few seconds (a process killed with its sandbox
+    /// may not have let go of it yet); if it stays busy, the error names the processes that
+    /// hold it.
     pub fn unmount(&self) -> Result<(), FsError> {
-        if self.image.is_some() && is_btrfs(&self.root) {
-            sys::run("umount", &[self.root.as_os_str()])?;
+        if self.image.is_none() {
+            return Ok(());
         }
-        Ok(())
+        let deadline = std::time::Instant::now() + UNMOUNT_BUSY_WAIT;
+        loop {
+            if !is_btrfs(&self.root) {
+                return Ok(());
+            }
+            match sys::run("umount", &[self.root.as_os_str()]) {
+                Ok(_) => return Ok(()),
+                Err(e) if e.stderr.contains("busy") && std::time::Instant::now() < deadline => {
+                    std::thread::sleep(std::time::Duration::from_millis(100));
+                }
+                Err(mut e) => {
+                    if e.stderr.contains("busy") {
+                        let holders = holders_of(&self.root);
+                        e.stderr = format!("{} (held by: {})", e.stderr, describe(&holders));
+                    }
+                    return Err(e.into());
+                }
+            }
+        }
+    }
+}
+
+/// How long [`BtrfsPool::unmount`] tries again while the pool is busy.
+const UNMOUNT_BUSY_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// A process holding files under a path: its pid, name, and what it holds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Holder {
+    pub pid: u32,
+    pub comm: String,
+    /// `cwd`, `root` or `fd/N`, with the path it points to.
+    pub what: Vec<String>,
+}
+
+/// The processes (of this host's `/proc`) whose working directory, root or open files lie
+/// under `root`.
+pub fn holders_of(root: &Path) -> Vec<Holder> {
+    let Ok(procs) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    for entry in procs.flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|s| s.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let dir = entry.path();
+        let mut links = vec!["cwd".to_string(), "root".to_string()];
+        if let Ok(fds) = std::fs::read_dir(dir.join("fd")) {
+            links.extend(
+                fds.flatten()
+                    .map(|f| format!("fd/{}", f.file_name().to_string_lossy())),
+            );
+        }
+        let what: Vec<String> = links
+            .into_iter()
+            .filter_map(|l| {
+                let target = std::fs::read_link(dir.join(&l)).ok()?;
+                target
+                    .starts_with(root)
+                    .then(|| format!("{l} -> {}", target.display()))
+            })
+            .collect();
+        if !what.is_empty() {
+            let comm = std::fs::read_to_string(dir.join("comm")).unwrap_or_default();
+            out.push(Holder {
+                pid,
+                comm: comm.trim().to_string(),
+                what,
+            });
+        }
+    }
+    out
+}
+
+fn describe(holders: &[Holder]) -> String {
+    if holders.is_empty() {
+        return "no process of this mount namespace".to_string();
+    }
+    holders
+        .iter()
+        .map(|h| format!("{} ({}): {}", h.pid, h.comm, h.what.join(", ")))
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn holders_are_the_processes_with_files_under_the_path() {
+        let dir = tempfile::tempdir().unwrap();
+        let inside = dir.path().join("held");
+        assert!(
+            !holders_of(dir.path())
+                .iter()
+                .any(|h| h.pid == std::process::id()),
+            "nothing is open yet"
+        );
+        let _f = std::fs::File::create(&inside).unwrap();
+        let me: Vec<Holder> = holders_of(dir.path())
+            .into_iter()
+            .filter(|h| h.pid == std::process::id())
+            .collect();
+        assert_eq!(me.len(), 1, "{me:?}");
+        assert!(
+            me[0]
+                .what
+                .iter()
+                .any(|w| w.starts_with("fd/") && w.ends_with("/held")),
+            "{me:?}"
+        );
+        assert!(describe(&me).contains("/held"));
+        assert_eq!(describe(&[]), "no process of this mount namespace");
     }
 }

@@ -339,8 +339,9 @@ fn other_refusals_still_degrade_to_fs_only_with_criu_reason() {
         .status()
         .unwrap();
     assert!(status.success());
-    // Until `runc exec -d`'s outer shell (outside the init's tree) is gone, the refusal is
-    // about that shell; wait for CRIU's own reason.
+    // Until `runc exec -d`'s outer shell is gone, the refusal may be about that shell (outside
+    // the init's tree, or holding the host's `/dev/null` it inherited); wait for the refusal
+    // of the leaked file.
     let deadline = Instant::now() + Duration::from_secs(10);
     let point = loop {
         let p = e
@@ -348,7 +349,7 @@ fn other_refusals_still_degrade_to_fs_only_with_criu_reason() {
             .expect("a refused full checkpoint still publishes");
         if p.note
             .as_deref()
-            .is_some_and(|n| n.contains("criu refused"))
+            .is_some_and(|n| n.contains("criu refused") && n.contains("leaked-host-file"))
             || Instant::now() > deadline
         {
             break p;
