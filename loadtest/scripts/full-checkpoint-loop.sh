@@ -3,8 +3,9 @@
 # `crab serve` on loopback with a private state dir, `crab sandbox create`, 3 warm-up
 # checkpoints, then N timed `crab checkpoint --kind KIND` (default full; `fs` for filesystem
 # checkpoints). CPU is the whole machine's busy time from /proc/stat, so run it on an otherwise
-# idle machine, alternating the builds compared.
-# Usage (root): full-checkpoint-loop.sh [CRAB_BIN] [CRIU_BIN] [N] [KIND]
+# idle machine, alternating the builds compared. With WITH_PROCESS=1 a shell loop runs in the
+# sandbox (a sandbox with only its init gets full points without a CRIU dump).
+# Usage (root): [WITH_PROCESS=1] full-checkpoint-loop.sh [CRAB_BIN] [CRIU_BIN] [N] [KIND]
 set -euo pipefail
 CRAB=${1:-target/release/crab}
 CRIU=${2:-/usr/local/sbin/criu}
@@ -28,6 +29,9 @@ cleanup() {
 trap cleanup EXIT
 for _ in $(seq 100); do "$CRAB" sandboxes >/dev/null 2>&1 && break; sleep 0.1; done
 "$CRAB" sandbox create ckloop >/dev/null
+if [ "${WITH_PROCESS:-0}" = 1 ]; then
+    "$CRAB" sandbox exec --detach ckloop -- sh -c 'while :; do sleep 5; done' >/dev/null
+fi
 for _ in 1 2 3; do "$CRAB" checkpoint ckloop --kind "$KIND" >/dev/null; done
 busy() { awk '/^cpu /{print $2+$3+$4+$7+$8}' /proc/stat; }
 b0=$(busy)
