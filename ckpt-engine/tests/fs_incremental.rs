@@ -13,6 +13,9 @@
 //!   the cache file after a restart, and a corrupted or missing cache file means a full rehash
 //!   with the same result. Crab's send stream (the ioctl) equals `btrfs send --no-data`'s,
 //!   whole and incremental.
+//! - `large_files_are_read_only_where_their_extents_changed` (root, btrfs): a large file
+//!   changed in place is read only in the blocks whose extents changed, with the same hash as a
+//!   full rehash.
 
 mod common;
 
@@ -681,6 +684,157 @@ fn image_indexes_are_kept_on_disk_and_pinned_to_the_image() {
     let (kind, _) = first_snapshot("imgidx-b");
     assert_eq!(kind, IndexSource::None);
     assert_ne!(tree_hash(&image).unwrap(), full);
+}
+
+/// A large file changed in place is read only in the blocks whose extents changed since the
+/// parent snapshot (the rest keep their BLAKE3 chaining values from the parent's index), and
+/// the recorded hash still equals a full rehash: appends, an overwrite in the middle, a
+/// truncation, a punched hole, a change of mode only, a rewrite of every byte; a new engine
+/// instance (index from disk, without chaining values) reads the file whole once.
+#[test]
+fn large_files_are_read_only_where_their_extents_changed() {
+    use std::io::Write;
+    use std::os::unix::fs::FileExt;
+    if !common::prerequisites("large_files_are_read_only_where_their_extents_changed") {
+        return;
+    }
+    common::clean_leftovers();
+    let guard = PoolGuard::open();
+    let pool = &guard.pool;
+    let source = pool.sandboxes_dir().join("fsinc");
+    std::fs::create_dir_all(pool.sandboxes_dir()).unwrap();
+    pool::create_subvolume(&source).unwrap();
+    populate(&source);
+    const MIB: u64 = 1 << 20;
+    let big = source.join("data/big.log");
+    std::fs::create_dir_all(big.parent().unwrap()).unwrap();
+    // Bytes that do not compress, so that every block is its own extent data.
+    let mut state = 0x9e37_79b9_7f4a_7c15u64;
+    let mut noise = |n: u64| -> Vec<u8> {
+        (0..n)
+            .map(|_| {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                state as u8
+            })
+            .collect()
+    };
+    std::fs::write(&big, noise(6 * MIB + 300_000)).unwrap();
+
+    let backend = BtrfsBackend::new(pool, ckpt_engine::config::RestoreVerify::Cached);
+    let mut parent = snap(&backend, &source, "cp-0", None);
+    let size = |p: &Path| std::fs::metadata(p).unwrap().len();
+    type Change = Box<dyn Fn(&Path)>;
+    // (what, the change, most bytes the hash may read)
+    let steps: Vec<(&str, Change, u64)> = vec![
+        (
+            "append",
+            Box::new(|p: &Path| {
+                let mut f = std::fs::OpenOptions::new().append(true).open(p).unwrap();
+                f.write_all(&[7u8; 100_000]).unwrap();
+            }),
+            // The old partial block and the new tail.
+            MIB,
+        ),
+        (
+            "overwrite in the middle",
+            Box::new(|p: &Path| {
+                let f = std::fs::OpenOptions::new().write(true).open(p).unwrap();
+                f.write_all_at(b"patched", 2 * MIB + 512 * 1024).unwrap();
+            }),
+            2 * MIB,
+        ),
+        (
+            "truncate",
+            Box::new(|p: &Path| {
+                std::fs::OpenOptions::new()
+                    .write(true)
+                    .open(p)
+                    .unwrap()
+                    .set_len(5 * MIB + 1)
+                    .unwrap();
+            }),
+            MIB,
+        ),
+        (
+            "punch a hole",
+            Box::new(|p: &Path| {
+                use std::os::fd::AsRawFd;
+                let f = std::fs::OpenOptions::new().write(true).open(p).unwrap();
+                let mode = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
+                // SAFETY: a plain syscall on an open descriptor.
+                let rc = unsafe { libc::fallocate(f.as_raw_fd(), mode, MIB as i64, MIB as i64) };
+                assert_eq!(rc, 0, "{}", std::io::Error::last_os_error());
+            }),
+            2 * MIB,
+        ),
+        (
+            "mode only",
+            Box::new(|p: &Path| {
+                std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o600)).unwrap();
+            }),
+            MIB,
+        ),
+        (
+            "every byte rewritten in place",
+            Box::new(|p: &Path| {
+                let data = std::fs::read(p).unwrap();
+                let f = std::fs::OpenOptions::new().write(true).open(p).unwrap();
+                f.write_all_at(&data, 0).unwrap();
+            }),
+            u64::MAX,
+        ),
+    ];
+    for (i, (what, change, most)) in steps.iter().enumerate() {
+        change(&big);
+        let s = snap(&backend, &source, &format!("cp-{}", i + 1), Some(&parent));
+        assert_eq!(
+            s.tree_hash,
+            tree_hash(&snapshot_path(pool, &s)).unwrap(),
+            "{what}: recorded hash differs from a full rehash"
+        );
+        let (kind, stats) = backend.last_hash("fsinc").unwrap();
+        assert_eq!(kind, IndexSource::Memory, "{what}");
+        eprintln!("{what}: {stats:?}");
+        assert_eq!(stats.files_read, 1, "{what}");
+        assert!(
+            stats.bytes_read <= *most,
+            "{what}: read {} bytes",
+            stats.bytes_read
+        );
+        if *most == u64::MAX {
+            assert_eq!(
+                stats.bytes_read,
+                size(&big),
+                "{what}: new extents everywhere"
+            );
+        }
+        parent = s;
+    }
+
+    // A new instance: the parent's index comes from disk, without chaining values.
+    std::fs::OpenOptions::new()
+        .append(true)
+        .open(&big)
+        .unwrap()
+        .write_all(b"after restart")
+        .unwrap();
+    let backend = BtrfsBackend::new(pool, ckpt_engine::config::RestoreVerify::Cached);
+    let s = snap(&backend, &source, "cp-disk", Some(&parent));
+    assert_eq!(backend.last_hash("fsinc").unwrap().0, IndexSource::Disk);
+    assert_eq!(s.tree_hash, tree_hash(&snapshot_path(pool, &s)).unwrap());
+    assert_eq!(backend.last_hash("fsinc").unwrap().1.bytes_read, size(&big));
+    // From then on the blocks are known again.
+    std::fs::OpenOptions::new()
+        .append(true)
+        .open(&big)
+        .unwrap()
+        .write_all(b"and again")
+        .unwrap();
+    let s2 = snap(&backend, &source, "cp-disk-2", Some(&s));
+    assert_eq!(s2.tree_hash, tree_hash(&snapshot_path(pool, &s2)).unwrap());
+    assert!(backend.last_hash("fsinc").unwrap().1.bytes_read <= MIB);
 }
 
 /// The pool is mounted `noatime`: reading files and listing directories in a sandbox cloned

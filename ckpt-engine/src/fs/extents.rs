@@ -19,6 +19,8 @@ use std::os::unix::fs::MetadataExt;
 const EXTENT_DATA_KEY: u32 = 108;
 /// `BTRFS_FILE_EXTENT_INLINE`: the data is inside the item.
 const INLINE: u8 = 0;
+/// `BTRFS_FILE_EXTENT_REG`: a regular extent (`_PREALLOC`, 2, reads as zeros until written).
+const REGULAR: u8 = 1;
 /// Bytes of a file extent item before an inline extent's data.
 const INLINE_HEADER: usize = 21;
 /// Bytes of a regular (or preallocated) file extent item.
@@ -80,6 +82,56 @@ fn le_u32(b: &[u8], at: usize) -> Option<u32> {
 /// `btrfs_ioctl_search_header` before each item's data), and the key offset of the last item.
 /// Items of other types are skipped; a truncated buffer ends the list.
 pub fn parse_items(buf: &[u8], count: u32) -> (Vec<Extent>, Option<u64>) {
+    let (items, last) = raw_items(buf, count);
+    (items.iter().filter_map(extent_of).collect(), last)
+}
+
+/// What an extent item says about where its data is.
+fn extent_of((offset, item): &ExtentItem) -> Option<Extent> {
+    if item[20] == INLINE {
+        Some(Extent {
+            file_offset: *offset,
+            disk_bytenr: 0,
+            disk_bytes: (item.len() - INLINE_HEADER) as u64,
+        })
+    } else if item.len() >= REGULAR_ITEM {
+        let bytenr = le_u64(item, 21).unwrap_or(0);
+        Some(Extent {
+            file_offset: *offset,
+            disk_bytenr: bytenr,
+            disk_bytes: if bytenr == 0 {
+                0
+            } else {
+                le_u64(item, 29).unwrap_or(0)
+            },
+        })
+    } else {
+        None
+    }
+}
+
+/// Bytes on disk of the extents that start inside `ranges` (sorted, disjoint), each extent
+/// counted once.
+pub fn disk_bytes_within(extents: &[Extent], ranges: &[Range<u64>]) -> u64 {
+    let mut seen = std::collections::HashSet::new();
+    extents
+        .iter()
+        .filter(|e| {
+            let i = ranges.partition_point(|r| r.end <= e.file_offset);
+            ranges.get(i).is_some_and(|r| r.contains(&e.file_offset))
+        })
+        .filter(|e| e.disk_bytenr == 0 || seen.insert(e.disk_bytenr))
+        .map(|e| e.disk_bytes)
+        .sum()
+}
+
+/// A file extent item as stored: the file offset it starts at (its key) and its bytes (for an
+/// inline extent, with its data).
+pub type ExtentItem = (u64, Vec<u8>);
+
+/// The raw file extent items of the first `count` items in a search result buffer (see
+/// [`parse_items`]) and the key offset of the last item.
+pub fn raw_items(buf: &[u8], count: u32) -> (Vec<ExtentItem>, Option<u64>) {
     let mut out = Vec::new();
     let mut last = None;
     let mut at = 0usize;
@@ -97,44 +149,191 @@ pub fn parse_items(buf: &[u8], count: u32) -> (Vec<Extent>, Option<u64>) {
         };
         at = data_at + len as usize;
         last = Some(offset);
-        if kind != EXTENT_DATA_KEY || item.len() < INLINE_HEADER {
-            continue;
-        }
-        if item[20] == INLINE {
-            out.push(Extent {
-                file_offset: offset,
-                disk_bytenr: 0,
-                disk_bytes: (item.len() - INLINE_HEADER) as u64,
-            });
-        } else if item.len() >= REGULAR_ITEM {
-            let bytenr = le_u64(item, 21).unwrap_or(0);
-            out.push(Extent {
-                file_offset: offset,
-                disk_bytenr: bytenr,
-                disk_bytes: if bytenr == 0 {
-                    0
-                } else {
-                    le_u64(item, 29).unwrap_or(0)
-                },
-            });
+        if kind == EXTENT_DATA_KEY && item.len() >= INLINE_HEADER {
+            out.push((offset, item.to_vec()));
         }
     }
     (out, last)
 }
 
-/// Bytes on disk of the extents that start inside `ranges` (sorted, disjoint), each extent
-/// counted once.
-pub fn disk_bytes_within(extents: &[Extent], ranges: &[Range<u64>]) -> u64 {
-    let mut seen = std::collections::HashSet::new();
-    extents
-        .iter()
-        .filter(|e| {
-            let i = ranges.partition_point(|r| r.end <= e.file_offset);
-            ranges.get(i).is_some_and(|r| r.contains(&e.file_offset))
+/// The file bytes an extent item covers: `[offset, offset + len)`, `len` its `num_bytes` (a
+/// regular or preallocated extent) or its `ram_bytes` (inline).
+fn covered(item: &ExtentItem) -> Range<u64> {
+    let (offset, bytes) = item;
+    let len = if bytes[20] == INLINE {
+        le_u64(bytes, 8)
+    } else {
+        le_u64(bytes, 45)
+    };
+    *offset..offset.saturating_add(len.unwrap_or(u64::MAX))
+}
+
+/// Where a run of a file's bytes comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Source {
+    /// A hole, or a preallocated extent: zeros.
+    Zeros { len: u64 },
+    /// `len` bytes of the extent `extent` (its disk address, size on disk, compression,
+    /// encryption and other encoding) from byte `at` of its data.
+    Extent {
+        extent: (u64, u64, u8, u8, u16),
+        at: u64,
+        len: u64,
+    },
+    /// Bytes of an inline extent (its item's bytes) from byte `at`.
+    Inline { item: Vec<u8>, at: u64, len: u64 },
+}
+
+impl Source {
+    fn len(&self) -> u64 {
+        match self {
+            Source::Zeros { len } | Source::Extent { len, .. } | Source::Inline { len, .. } => *len,
+        }
+    }
+
+    /// `next` appended to `self` when they are one run (zeros after zeros, or the next bytes
+    /// of the same extent).
+    fn join(&mut self, next: &Source) -> bool {
+        match (self, next) {
+            (Source::Zeros { len }, Source::Zeros { len: more }) => {
+                *len += more;
+                true
+            }
+            (
+                Source::Extent { extent, at, len },
+                Source::Extent {
+                    extent: e2,
+                    at: a2,
+                    len: more,
+                },
+            ) if extent == e2 && *at + *len == *a2 => {
+                *len += more;
+                true
+            }
+            _ => false,
+        }
+    }
+}
+
+/// Where the bytes of `range` come from, by the file's extent items (in file order, not
+/// overlapping): runs of zeros (gaps between items are holes), of extent data, of inline
+/// data; adjacent runs of one source merged, so that an item split in two reads the same as
+/// before.
+fn sources(items: &[ExtentItem], range: &Range<u64>) -> Vec<Source> {
+    let mut out: Vec<Source> = Vec::new();
+    let mut push = |s: Source| {
+        if s.len() == 0 {
+            return;
+        }
+        if let Some(last) = out.last_mut()
+            && last.join(&s)
+        {
+            return;
+        }
+        out.push(s);
+    };
+    let mut at = range.start;
+    let first = items.partition_point(|i| covered(i).end <= range.start);
+    for item in &items[first..] {
+        if item.0 >= range.end {
+            break;
+        }
+        let cov = covered(item);
+        if cov.start > at {
+            push(Source::Zeros {
+                len: cov.start - at,
+            });
+            at = cov.start;
+        }
+        let len = cov.end.min(range.end) - at;
+        let into = at - cov.start;
+        let b = &item.1;
+        let source = if b[20] == INLINE {
+            Source::Inline {
+                item: b.clone(),
+                at: into,
+                len,
+            }
+        } else {
+            let bytenr = le_u64(b, 21).unwrap_or(0);
+            if b[20] == REGULAR && bytenr != 0 {
+                Source::Extent {
+                    extent: (
+                        bytenr,
+                        le_u64(b, 29).unwrap_or(0),
+                        b[16],
+                        b[17],
+                        u16::from_le_bytes([b[18], b[19]]),
+                    ),
+                    at: le_u64(b, 37).unwrap_or(0) + into,
+                    len,
+                }
+            } else {
+                Source::Zeros { len }
+            }
+        };
+        push(source);
+        at += len;
+    }
+    if at < range.end {
+        push(Source::Zeros {
+            len: range.end - at,
+        });
+    }
+    out
+}
+
+/// Which of the first `count` blocks of `block` bytes hold the same data in two versions of
+/// one file, told by their extent items alone (`old` and `new`, each in file order): a block
+/// is the same when its bytes come from the same places in both — the same bytes of the same
+/// extents on disk, holes where the other has holes. Extents are never written in place
+/// while a read-only snapshot shares them, so the same place reads the same bytes. The caller
+/// keeps blocks beyond either version's size out of `count`.
+pub fn unchanged_blocks(
+    old: &[ExtentItem],
+    new: &[ExtentItem],
+    block: u64,
+    count: usize,
+) -> Vec<bool> {
+    (0..count as u64)
+        .map(|b| {
+            let r = b * block..(b + 1) * block;
+            sources(old, &r) == sources(new, &r)
         })
-        .filter(|e| e.disk_bytenr == 0 || seen.insert(e.disk_bytenr))
-        .map(|e| e.disk_bytes)
-        .sum()
+        .collect()
+}
+
+/// The extent items of inode `ino` in the subvolume `dir` is on (any open file or directory
+/// of it; needs CAP_SYS_ADMIN), in file order.
+pub fn extent_items(dir: &File, ino: u64) -> std::io::Result<Vec<ExtentItem>> {
+    let mut all = Vec::new();
+    let mut min_offset = 0u64;
+    loop {
+        let key = SearchKey {
+            tree_id: 0,
+            min_objectid: ino,
+            max_objectid: ino,
+            min_offset,
+            max_offset: u64::MAX,
+            min_transid: 0,
+            max_transid: u64::MAX,
+            min_type: EXTENT_DATA_KEY,
+            max_type: EXTENT_DATA_KEY,
+            nr_items: u32::MAX,
+            ..Default::default()
+        };
+        let (count, items) = search(dir, key)?;
+        if count == 0 {
+            break;
+        }
+        let (found, last) = raw_items(&items, count);
+        all.extend(found);
+        match last {
+            Some(o) if o < u64::MAX => min_offset = o + 1,
+            _ => break,
+        }
+    }
+    Ok(all)
 }
 
 /// One `BTRFS_IOC_TREE_SEARCH_V2`: the number of items found and the result buffer.
@@ -161,34 +360,10 @@ fn search(file: &File, key: SearchKey) -> std::io::Result<(u32, Vec<u8>)> {
 /// The file extents of `file` (on btrfs, its data written back).
 pub fn extents(file: &File) -> std::io::Result<Vec<Extent>> {
     let ino = file.metadata()?.ino();
-    let mut all = Vec::new();
-    let mut min_offset = 0u64;
-    loop {
-        let key = SearchKey {
-            tree_id: 0,
-            min_objectid: ino,
-            max_objectid: ino,
-            min_offset,
-            max_offset: u64::MAX,
-            min_transid: 0,
-            max_transid: u64::MAX,
-            min_type: EXTENT_DATA_KEY,
-            max_type: EXTENT_DATA_KEY,
-            nr_items: u32::MAX,
-            ..Default::default()
-        };
-        let (count, items) = search(file, key)?;
-        if count == 0 {
-            break;
-        }
-        let (found, last) = parse_items(&items, count);
-        all.extend(found);
-        match last {
-            Some(o) if o < u64::MAX => min_offset = o + 1,
-            _ => break,
-        }
-    }
-    Ok(all)
+    Ok(extent_items(file, ino)?
+        .iter()
+        .filter_map(extent_of)
+        .collect())
 }
 
 /// What the regular files below `dir` hold and take on disk: `(logical bytes, bytes on disk)`,
@@ -283,6 +458,58 @@ mod tests {
         v[21..29].copy_from_slice(&bytenr.to_le_bytes());
         v[29..37].copy_from_slice(&disk.to_le_bytes());
         v
+    }
+
+    /// A regular extent item: `len` bytes of extent `bytenr` from byte `at` of its data.
+    fn reference(bytenr: u64, at: u64, len: u64) -> Vec<u8> {
+        let mut v = regular(bytenr, 128 << 10);
+        v[37..45].copy_from_slice(&at.to_le_bytes());
+        v[45..53].copy_from_slice(&len.to_le_bytes());
+        v
+    }
+
+    #[test]
+    fn blocks_are_the_same_where_their_bytes_come_from_the_same_places() {
+        const B: u64 = 4096;
+        let x = 1 << 30;
+        let y = 2 << 30;
+        // One extent for three blocks.
+        let old = vec![(0, reference(x, 0, 3 * B))];
+        // Split in two items at a point inside block 1: the same bytes.
+        let split = vec![
+            (0, reference(x, 0, B + 100)),
+            (B + 100, reference(x, B + 100, 2 * B - 100)),
+        ];
+        assert_eq!(unchanged_blocks(&old, &split, B, 3), [true, true, true]);
+        // Block 1 rewritten (a new extent for part of it).
+        let rewritten = vec![
+            (0, reference(x, 0, B + 10)),
+            (B + 10, reference(y, 0, 20)),
+            (B + 30, reference(x, B + 30, 2 * B - 30)),
+        ];
+        assert_eq!(
+            unchanged_blocks(&old, &rewritten, B, 3),
+            [true, false, true]
+        );
+        // The same extent, read from elsewhere in it (a clone within the file).
+        let shifted = vec![(0, reference(x, 0, B)), (B, reference(x, 2 * B, 2 * B))];
+        assert_eq!(unchanged_blocks(&old, &shifted, B, 3), [true, false, false]);
+        // Holes: a missing item and an explicit hole item read the same; data does not.
+        let gap = vec![(0, reference(x, 0, B)), (2 * B, reference(x, 2 * B, B))];
+        let hole = vec![
+            (0, reference(x, 0, B)),
+            (B, reference(0, 0, B)),
+            (2 * B, reference(x, 2 * B, B)),
+        ];
+        assert_eq!(unchanged_blocks(&gap, &hole, B, 3), [true, true, true]);
+        assert_eq!(unchanged_blocks(&old, &hole, B, 3), [true, false, true]);
+        // Another compression of the same place is another extent.
+        let mut other = reference(x, 0, 3 * B);
+        other[16] = 0;
+        assert_eq!(
+            unchanged_blocks(&old, &[(0, other)], B, 3),
+            [false, false, false]
+        );
     }
 
     #[test]

@@ -47,9 +47,18 @@
 //!
 //! In re-listed directories a file's content hash is reused when its inode, size, mtime and
 //! ctime all equal a file of the previous index (ctime cannot be set by a writer, so a rewritten
-//! file always misses); other files are read, large ones split across threads (the result is
-//! the standard BLAKE3 of the file, computed as two subtrees merged through
-//! [`blake3::hazmat`]).
+//! file always misses); other files are read.
+//!
+//! Files of [`BLOCKED_MIN`] bytes or more are hashed block by block: the BLAKE3 chaining value
+//! of each complete 1 MiB [`BLOCK`] (a complete subtree of BLAKE3's tree), the partial block at
+//! the end, and the root merged from them through [`blake3::hazmat`] — the standard BLAKE3 of
+//! the file. The index keeps the blocks' chaining values in memory ([`TreeIndex::blocks`]).
+//! When such a file changed in place (same inode under the same name) and the previous tree
+//! is a read-only btrfs snapshot of the same subvolume ([`hash_tree_with`]), a block is read
+//! again only if its bytes do not come from the same places on disk in both snapshots, as
+//! the two snapshots' file extent items tell ([`super::extents::unchanged_blocks`]): an
+//! append reads the last blocks, an overwrite the blocks it touched. Extents shared with a
+//! read-only snapshot are never written in place, so the same place holds the same bytes.
 //!
 //! The dirty set must cover every difference between the two trees; the btrfs backend derives
 //! it from the kernel's own comparison of two read-only snapshots (an incremental
@@ -66,10 +75,15 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use super::FsError;
 
-/// Files at least this large are hashed as two BLAKE3 subtrees on two threads.
+/// Reading at least this much of one file, or of many small ones, takes two threads or more.
 const SPLIT_THRESHOLD: u64 = 8 << 20;
 /// Read buffer per hashing thread.
 const BUF: usize = 1 << 20;
+/// Files at least this large keep the BLAKE3 chaining values of their [`BLOCK`]s in the
+/// index, so that a later version of the file rereads only the blocks that changed.
+pub const BLOCKED_MIN: u64 = 4 << 20;
+/// The block of [`BLOCKED_MIN`] files: 1 MiB, a complete BLAKE3 subtree of 1,024 chunks.
+pub const BLOCK: u64 = 1 << 20;
 
 /// What proves a regular file unchanged between two trees of one snapshot lineage.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -146,7 +160,25 @@ pub struct TreeIndex {
     /// No regular file of the tree has a greater inode number (a bound, not always the
     /// maximum): a file above it is new, and no identity of this index can match it.
     pub max_file_ino: u64,
+    /// The block chaining values of large files, by inode (kept in memory only; an index read
+    /// back from disk has none, and its large files are read whole once).
+    pub blocks: Arc<HashMap<u64, FileBlocks>>,
 }
+
+/// The BLAKE3 chaining values of a large file's complete [`BLOCK`]s, for the version of the
+/// file with `identity`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FileBlocks {
+    /// The version of the file they were computed for.
+    pub identity: FileIdentity,
+    /// One per complete block, in file order.
+    pub cvs: Arc<Vec<[u8; 32]>>,
+}
+
+/// Where the previous tree lives on a btrfs filesystem, for [`hash_tree_with`]: its root
+/// directory (a read-only snapshot, whose inode numbers the new tree shares).
+#[derive(Debug, Clone, Copy)]
+pub struct PreviousRoot<'a>(pub &'a Path);
 
 impl PartialEq for TreeIndex {
     fn eq(&self, other: &Self) -> bool {
@@ -174,6 +206,7 @@ impl TreeIndex {
             root,
             tree_hash,
             max_file_ino,
+            blocks: Arc::default(),
         }
     }
 
@@ -338,6 +371,20 @@ pub fn hash_tree(
     previous: Option<&TreeIndex>,
     dirty: &Dirty,
 ) -> Result<(TreeIndex, HashStats), FsError> {
+    hash_tree_with(root, previous, dirty, None)
+}
+
+/// [`hash_tree`], where `previous` describes the btrfs snapshot at `previous_root` and `root`
+/// is a later snapshot of the same subvolume: a large file changed in place is read only in
+/// the blocks whose extent items differ between the two (see
+/// [`super::extents::unchanged_blocks`]); the others keep the chaining values
+/// `previous.blocks` has for the file's previous version.
+pub fn hash_tree_with(
+    root: &Path,
+    previous: Option<&TreeIndex>,
+    dirty: &Dirty,
+    previous_root: Option<PreviousRoot<'_>>,
+) -> Result<(TreeIndex, HashStats), FsError> {
     let root_meta =
         std::fs::symlink_metadata(root).map_err(|e| FsError::io("stat tree root", root, e))?;
     if !root_meta.is_dir() {
@@ -357,16 +404,21 @@ pub fn hash_tree(
         previous,
         identities: None,
         max_file_ino: previous.map_or(0, |p| p.max_file_ino),
+        extent_roots: previous_root
+            .filter(|_| previous.is_some_and(|p| !p.blocks.is_empty()))
+            .and_then(|p| Some((File::open(p.0).ok()?, File::open(root).ok()?))),
         pending: Vec::new(),
         links: BTreeMap::new(),
         stats: HashStats::default(),
     };
     let prev_root = previous.map(|p| &p.root);
     let draft = walk.dir(&mut Vec::new(), &root_meta, prev_root.map(|r| &**r))?;
-    let contents = hash_files(&walk.pending)?;
+    let hashed = hash_files(&walk.pending)?;
     walk.stats.files_read = walk.pending.len();
-    walk.stats.bytes_read = walk.pending.iter().map(|p| p.1).sum();
+    walk.stats.bytes_read = hashed.iter().map(|h| h.read).sum();
+    let contents: Vec<[u8; 32]> = hashed.iter().map(|h| h.hash).collect();
     let root_node = finish(draft, &contents);
+    let blocks = carry_blocks(previous, &walk.pending, hashed);
     let root_entry = entry_hash(b"", &root_meta, &Payload::Dir(&root_node.hash), root)?;
     let mut top = blake3::Hasher::new();
     top.update(b"crab-tree-v2");
@@ -376,8 +428,47 @@ pub fn hash_tree(
         root: root_node,
         tree_hash: top.finalize().to_hex().to_string(),
         max_file_ino: walk.max_file_ino,
+        blocks: Arc::new(blocks),
     };
     Ok((index, walk.stats))
+}
+
+/// Block chaining values kept at most for this many files; beyond, only those of the files
+/// just read are kept.
+const BLOCKED_FILES_MAX: usize = 4096;
+
+/// The new index's block chaining values: the previous index's (entries of files that
+/// changed since are never used: a use checks the identity) with those of the large files
+/// just read.
+fn carry_blocks(
+    previous: Option<&TreeIndex>,
+    pending: &[Pending],
+    hashed: Vec<Hashed>,
+) -> HashMap<u64, FileBlocks> {
+    let mut blocks: HashMap<u64, FileBlocks> =
+        previous.map(|p| (*p.blocks).clone()).unwrap_or_default();
+    let mut fresh = HashSet::new();
+    for (p, h) in pending.iter().zip(hashed) {
+        match h.cvs {
+            Some(cvs) => {
+                fresh.insert(p.identity.ino);
+                blocks.insert(
+                    p.identity.ino,
+                    FileBlocks {
+                        identity: p.identity,
+                        cvs,
+                    },
+                );
+            }
+            None => {
+                blocks.remove(&p.identity.ino);
+            }
+        }
+    }
+    if blocks.len() > BLOCKED_FILES_MAX {
+        blocks.retain(|ino, _| fresh.contains(ino));
+    }
+    blocks
 }
 
 /// A directory node before file contents are hashed.
@@ -428,8 +519,10 @@ struct Walk<'a> {
     /// The new index's [`TreeIndex::max_file_ino`]: the previous one's (its entries are
     /// reused) or any file looked at, whichever is greater.
     max_file_ino: u64,
-    /// Files to read: path and size.
-    pending: Vec<(PathBuf, u64)>,
+    /// The previous tree's root and this tree's, open, when large files may be read in part.
+    extent_roots: Option<(File, File)>,
+    /// Files to read.
+    pending: Vec<Pending>,
     /// Inode → paths of non-directories with more than one link.
     links: BTreeMap<u64, Vec<Vec<u8>>>,
     stats: HashStats,
@@ -576,11 +669,15 @@ impl Walk<'_> {
             let xattrs = xattr_bytes(&path)?;
             let id = FileIdentity::of(&meta);
             self.max_file_ino = self.max_file_ino.max(id.ino);
-            let known = match prev_entry.map(|e| &e.kind) {
-                Some(EntryKind::File(pid, h)) if *pid == id => Some(*h),
+            let prev_file = match prev_entry.map(|e| &e.kind) {
+                Some(EntryKind::File(pid, h)) => Some((*pid, *h)),
+                _ => None,
+            };
+            let known = match prev_file {
+                Some((pid, h)) if pid == id => Some(h),
                 // The same inode changed under its name: the previous tree held that inode
                 // with `pid` only (one inode, one identity), so nothing there can match.
-                Some(EntryKind::File(pid, _)) if pid.ino == id.ino => None,
+                Some((pid, _)) if pid.ino == id.ino => None,
                 _ => self.lookup_identity(&id),
             };
             let draft = match known {
@@ -594,7 +691,15 @@ impl Walk<'_> {
                     })
                 }
                 None => {
-                    self.pending.push((path, meta.size()));
+                    let known = match prev_file {
+                        Some((pid, _)) if pid.ino == id.ino => self.known_blocks(&pid, &id),
+                        _ => Vec::new(),
+                    };
+                    self.pending.push(Pending {
+                        path,
+                        identity: id,
+                        known,
+                    });
                     DraftEntry::File {
                         name,
                         meta: Box::new(meta),
@@ -656,6 +761,37 @@ impl Walk<'_> {
             }
         }
         Ok(DraftDir::of(meta, links, entries))
+    }
+
+    /// For a large file changed in place from version `old` to `new`: per complete block of
+    /// both versions, the previous chaining value where the block's extent items are the same
+    /// in both trees (`None` where the block must be read). Empty when nothing is known.
+    fn known_blocks(&self, old: &FileIdentity, new: &FileIdentity) -> Vec<Option<[u8; 32]>> {
+        let (Some(previous), Some((then, now))) = (self.previous, &self.extent_roots) else {
+            return Vec::new();
+        };
+
+        if new.size < BLOCKED_MIN {
+            return Vec::new();
+        }
+        let Some(blocks) = previous.blocks.get(&new.ino).filter(|b| b.identity == *old) else {
+            return Vec::new();
+        };
+        let count = ((old.size.min(new.size) / BLOCK) as usize).min(blocks.cvs.len());
+        if count == 0 {
+            return Vec::new();
+        }
+        let (Ok(a), Ok(b)) = (
+            super::extents::extent_items(then, new.ino),
+            super::extents::extent_items(now, new.ino),
+        ) else {
+            return Vec::new();
+        };
+        super::extents::unchanged_blocks(&a, &b, BLOCK, count)
+            .into_iter()
+            .zip(blocks.cvs.iter())
+            .map(|(same, cv)| same.then_some(*cv))
+            .collect()
     }
 
     /// The content hash of a file of the previous tree with identity `id`. The map over the
@@ -855,9 +991,37 @@ fn xattr_bytes(path: &Path) -> Result<Vec<u8>, FsError> {
     Ok(out)
 }
 
-/// Content hashes of `files` (path, size), in order: small files spread over the available
-/// cores, large ones split in two BLAKE3 subtrees hashed on two threads.
-fn hash_files(files: &[(PathBuf, u64)]) -> Result<Vec<[u8; 32]>, FsError> {
+/// A file whose contents are to be read.
+struct Pending {
+    path: PathBuf,
+    /// Its identity as listed (`size` is what is read).
+    identity: FileIdentity,
+    /// Per complete [`BLOCK`], the previous version's chaining value where the block is known
+    /// unchanged (large files changed in place only; empty when nothing is known).
+    known: Vec<Option<[u8; 32]>>,
+}
+
+impl Pending {
+    /// Bytes that will be read.
+    fn to_read(&self) -> u64 {
+        let reused = self.known.iter().filter(|k| k.is_some()).count() as u64;
+        self.identity.size - reused * BLOCK
+    }
+}
+
+/// What reading a file gave.
+struct Hashed {
+    /// The BLAKE3 of its contents.
+    hash: [u8; 32],
+    /// Bytes read.
+    read: u64,
+    /// The chaining values of its complete blocks ([`BLOCKED_MIN`] files).
+    cvs: Option<Arc<Vec<[u8; 32]>>>,
+}
+
+/// Content hashes of `files`, in order: small files spread over the available cores, large
+/// ones block by block (the blocks to read spread over two threads when there are many).
+fn hash_files(files: &[Pending]) -> Result<Vec<Hashed>, FsError> {
     if files.is_empty() {
         return Ok(Vec::new());
     }
@@ -865,20 +1029,20 @@ fn hash_files(files: &[(PathBuf, u64)]) -> Result<Vec<[u8; 32]>, FsError> {
         .map(|n| n.get())
         .unwrap_or(1)
         .clamp(1, 4);
-    let total: u64 = files.iter().map(|f| f.1).sum();
+    let total: u64 = files.iter().map(Pending::to_read).sum();
     // Read buffers no larger than the largest file (at least a page): a checkpoint usually
     // hashes a few small files, and a fresh 1 MiB buffer costs page faults and zeroing.
-    let largest = files.iter().map(|f| f.1).max().unwrap_or(0);
+    let largest = files.iter().map(|f| f.identity.size).max().unwrap_or(0);
     let buf_len = (largest.min(BUF as u64) as usize)
         .next_multiple_of(4096)
         .max(4096);
     if threads == 1 || (files.len() < 64 && total < SPLIT_THRESHOLD) {
         let mut buf = vec![0u8; buf_len];
-        return files.iter().map(|(p, _)| hash_file(p, &mut buf)).collect();
+        return files.iter().map(|f| hash_one(f, &mut buf)).collect();
     }
     let next = AtomicUsize::new(0);
-    type Hashed = Result<Vec<(usize, [u8; 32])>, FsError>;
-    let results: Vec<Hashed> = std::thread::scope(|s| {
+    type Done = Result<Vec<(usize, Hashed)>, FsError>;
+    let results: Vec<Done> = std::thread::scope(|s| {
         let workers: Vec<_> = (0..threads)
             .map(|_| {
                 s.spawn(|| {
@@ -886,15 +1050,10 @@ fn hash_files(files: &[(PathBuf, u64)]) -> Result<Vec<[u8; 32]>, FsError> {
                     let mut out = Vec::new();
                     loop {
                         let i = next.fetch_add(1, Ordering::Relaxed);
-                        let Some((path, size)) = files.get(i) else {
+                        let Some(f) = files.get(i) else {
                             return Ok(out);
                         };
-                        let h = if *size >= SPLIT_THRESHOLD {
-                            hash_file_split(path, &mut buf)?
-                        } else {
-                            hash_file(path, &mut buf)?
-                        };
-                        out.push((i, h));
+                        out.push((i, hash_one(f, &mut buf)?));
                     }
                 })
             })
@@ -904,13 +1063,27 @@ fn hash_files(files: &[(PathBuf, u64)]) -> Result<Vec<[u8; 32]>, FsError> {
             .map(|w| w.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
             .collect()
     });
-    let mut hashes = vec![[0u8; 32]; files.len()];
+    let mut hashed: Vec<Option<Hashed>> = (0..files.len()).map(|_| None).collect();
     for r in results {
         for (i, h) in r? {
-            hashes[i] = h;
+            hashed[i] = Some(h);
         }
     }
-    Ok(hashes)
+    Ok(hashed
+        .into_iter()
+        .map(|h| h.expect("every file is hashed"))
+        .collect())
+}
+
+fn hash_one(f: &Pending, buf: &mut [u8]) -> Result<Hashed, FsError> {
+    if f.identity.size >= BLOCKED_MIN {
+        return hash_blocked(&f.path, f.identity.size, &f.known, buf);
+    }
+    Ok(Hashed {
+        hash: hash_file(&f.path, buf)?,
+        read: f.identity.size,
+        cvs: None,
+    })
 }
 
 fn open(path: &Path) -> Result<File, FsError> {
@@ -960,54 +1133,108 @@ fn hash_file(path: &Path, buf: &mut [u8]) -> Result<[u8; 32], FsError> {
     Ok(*h.finalize().as_bytes())
 }
 
-/// The standard BLAKE3 of a large file, as its two root subtrees hashed on two threads.
-fn hash_file_split(path: &Path, buf: &mut [u8]) -> Result<[u8; 32], FsError> {
-    use blake3::hazmat::{HasherExt, Mode, left_subtree_len, merge_subtrees_root};
+/// The standard BLAKE3 of a file of `size` bytes (more than one [`BLOCK`]) and the chaining
+/// values of its complete blocks: those `known` has are taken as they are, the others and
+/// the partial last block are read (on two threads when there are many), and the root is
+/// merged from them along BLAKE3's tree (every subtree larger than a block starts and ends on
+/// block boundaries, or at the end of the file).
+fn hash_blocked(
+    path: &Path,
+    size: u64,
+    known: &[Option<[u8; 32]>],
+    buf: &mut [u8],
+) -> Result<Hashed, FsError> {
+    use blake3::hazmat::HasherExt;
     let file = open(path)?;
-    let len = file
-        .metadata()
-        .map_err(|e| FsError::io("stat for hashing", path, e))?
-        .len();
-    if len <= blake3::CHUNK_LEN as u64 * 2 {
-        return hash_file(path, buf);
-    }
-    let left_len = left_subtree_len(len);
-    let (left, right) = std::thread::scope(|s| {
-        let right = s.spawn(|| {
-            let mut rbuf = vec![0u8; BUF];
-            let mut h = blake3::Hasher::new();
-            h.set_input_offset(left_len);
-            feed(
-                &file,
-                path,
-                &mut h,
-                left_len,
-                Some(len - left_len),
-                &mut rbuf,
-            )?;
-            // A file that grew since the stat would be hashed wrongly: detect it.
-            let mut probe = [0u8; 1];
-            if file
-                .read_at(&mut probe, len)
-                .map_err(|e| FsError::io("read for hashing", path, e))?
-                != 0
-            {
-                return Err(FsError::io(
-                    "read for hashing",
-                    path,
-                    std::io::Error::other("file grew while hashing"),
-                ));
-            }
-            Ok(h.finalize_non_root())
-        });
+    let complete = (size / BLOCK) as usize;
+    let todo: Vec<usize> = (0..complete)
+        .filter(|&b| known.get(b).copied().flatten().is_none())
+        .collect();
+    // The chaining value of the subtree of `len` bytes at `offset` (a block, or the tail).
+    let subtree = |offset: u64, len: u64, buf: &mut [u8]| -> Result<[u8; 32], FsError> {
         let mut h = blake3::Hasher::new();
-        let left = feed(&file, path, &mut h, 0, Some(left_len), buf).map(|_| h.finalize_non_root());
-        let right = right
-            .join()
-            .unwrap_or_else(|p| std::panic::resume_unwind(p));
-        (left, right)
-    });
-    Ok(*merge_subtrees_root(&left?, &right?, Mode::Hash).as_bytes())
+        h.set_input_offset(offset);
+        feed(&file, path, &mut h, offset, Some(len), buf)?;
+        Ok(h.finalize_non_root())
+    };
+    let read_blocks =
+        |blocks: &[usize], buf: &mut [u8]| -> Result<Vec<(usize, [u8; 32])>, FsError> {
+            blocks
+                .iter()
+                .map(|&b| Ok((b, subtree(b as u64 * BLOCK, BLOCK, buf)?)))
+                .collect()
+        };
+    let read: Vec<(usize, [u8; 32])> = if todo.len() as u64 * BLOCK >= SPLIT_THRESHOLD {
+        let (first, second) = todo.split_at(todo.len() / 2);
+        std::thread::scope(|s| {
+            let other = s.spawn(|| read_blocks(second, &mut vec![0u8; BUF]));
+            let mut mine = read_blocks(first, buf)?;
+            mine.extend(
+                other
+                    .join()
+                    .unwrap_or_else(|p| std::panic::resume_unwind(p))?,
+            );
+            Ok::<_, FsError>(mine)
+        })?
+    } else {
+        read_blocks(&todo, buf)?
+    };
+    let mut cvs: Vec<[u8; 32]> = (0..complete)
+        .map(|b| known.get(b).copied().flatten().unwrap_or_default())
+        .collect();
+    for (b, cv) in read {
+        cvs[b] = cv;
+    }
+    let tail_len = size - complete as u64 * BLOCK;
+    let tail = match tail_len {
+        0 => None,
+        len => Some(subtree(complete as u64 * BLOCK, len, buf)?),
+    };
+    // A file that grew since it was listed would be hashed wrongly: detect it.
+    if file
+        .read_at(&mut [0u8; 1], size)
+        .map_err(|e| FsError::io("read for hashing", path, e))?
+        != 0
+    {
+        return Err(FsError::io(
+            "read for hashing",
+            path,
+            std::io::Error::other("file grew while hashing"),
+        ));
+    }
+    Ok(Hashed {
+        hash: root_from_blocks(&cvs, tail.as_ref(), size),
+        read: todo.len() as u64 * BLOCK + tail_len,
+        cvs: Some(Arc::new(cvs)),
+    })
+}
+
+/// The BLAKE3 hash of `len` bytes (more than one [`BLOCK`]) from the chaining values of their
+/// complete blocks and of the partial block at the end, if any.
+fn root_from_blocks(cvs: &[[u8; 32]], tail: Option<&[u8; 32]>, len: u64) -> [u8; 32] {
+    use blake3::hazmat::{Mode, left_subtree_len, merge_subtrees_non_root, merge_subtrees_root};
+    fn subtree(cvs: &[[u8; 32]], tail: Option<&[u8; 32]>, start: u64, len: u64) -> [u8; 32] {
+        if len < BLOCK {
+            return *tail.expect("a subtree shorter than a block is the tail");
+        }
+        if len == BLOCK {
+            return cvs[(start / BLOCK) as usize];
+        }
+        let left = left_subtree_len(len);
+        merge_subtrees_non_root(
+            &subtree(cvs, tail, start, left),
+            &subtree(cvs, tail, start + left, len - left),
+            Mode::Hash,
+        )
+    }
+    assert!(len > BLOCK, "one block or less is hashed whole");
+    let left = left_subtree_len(len);
+    *merge_subtrees_root(
+        &subtree(cvs, tail, 0, left),
+        &subtree(cvs, tail, left, len - left),
+        Mode::Hash,
+    )
+    .as_bytes()
 }
 
 #[cfg(test)]
@@ -1088,30 +1315,74 @@ mod tests {
         assert_eq!(i2.max_file_ino, exact.max_file_ino);
     }
 
+    fn pending(path: &Path, known: Vec<Option<[u8; 32]>>) -> Pending {
+        Pending {
+            path: path.to_path_buf(),
+            identity: FileIdentity::of(&std::fs::metadata(path).unwrap()),
+            known,
+        }
+    }
+
+    /// Large files hashed block by block give the standard BLAKE3, whichever blocks are taken
+    /// from known chaining values, on one thread or two.
     #[test]
-    fn split_hash_is_the_standard_blake3() {
+    fn block_hash_is_the_standard_blake3() {
         let dir = tempfile::tempdir().unwrap();
         for len in [
-            2049u64,
-            SPLIT_THRESHOLD - 1,
-            SPLIT_THRESHOLD,
-            SPLIT_THRESHOLD + 12345,
+            BLOCK + 1,
+            2 * BLOCK,
+            3 * BLOCK + 1023,
+            BLOCKED_MIN,
+            BLOCKED_MIN + 12345,
+            SPLIT_THRESHOLD + 1,
             3 * SPLIT_THRESHOLD + 1,
         ] {
             let data: Vec<u8> = (0..len).map(|i| (i * 7 % 251) as u8).collect();
             let p = dir.path().join(format!("f{len}"));
             std::fs::write(&p, &data).unwrap();
+            let want = *blake3::hash(&data).as_bytes();
             let mut buf = vec![0u8; BUF];
-            assert_eq!(
-                hash_file_split(&p, &mut buf).unwrap(),
-                *blake3::hash(&data).as_bytes(),
-                "len {len}"
-            );
-            let files = vec![(p.clone(), len), (p, len)];
-            let hs = hash_files(&files).unwrap();
-            assert_eq!(hs[0], *blake3::hash(&data).as_bytes());
-            assert_eq!(hs[1], hs[0]);
+            let whole = hash_blocked(&p, len, &[], &mut buf).unwrap();
+            assert_eq!(whole.hash, want, "len {len}");
+            assert_eq!(whole.read, len);
+            let cvs = whole.cvs.unwrap();
+            assert_eq!(cvs.len() as u64, len / BLOCK);
+            // Every block known: only the tail is read.
+            let all: Vec<_> = cvs.iter().map(|c| Some(*c)).collect();
+            let again = hash_blocked(&p, len, &all, &mut buf).unwrap();
+            assert_eq!((again.hash, again.read), (want, len % BLOCK), "len {len}");
+            // Every other block known.
+            let some: Vec<_> = cvs
+                .iter()
+                .enumerate()
+                .map(|(i, c)| (i % 2 == 0).then_some(*c))
+                .collect();
+            let mixed = hash_blocked(&p, len, &some, &mut buf).unwrap();
+            assert_eq!(mixed.hash, want, "len {len}");
+            assert_eq!(*mixed.cvs.unwrap(), *cvs);
+            // Through `hash_files`, with a small file next to it.
+            let small = dir.path().join("small");
+            std::fs::write(&small, b"small").unwrap();
+            let hs = hash_files(&[pending(&p, Vec::new()), pending(&small, Vec::new())]).unwrap();
+            assert_eq!(hs[0].hash, want);
+            assert_eq!(hs[0].cvs.is_some(), len >= BLOCKED_MIN);
+            assert_eq!(hs[1].hash, *blake3::hash(b"small").as_bytes());
         }
+    }
+
+    /// A wrong known chaining value changes the hash: the known values are really used.
+    #[test]
+    fn known_blocks_are_what_the_hash_is_made_of() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("f");
+        let data: Vec<u8> = (0..BLOCKED_MIN + 5).map(|i| (i % 13) as u8).collect();
+        std::fs::write(&p, &data).unwrap();
+        let mut buf = vec![0u8; BUF];
+        let mut known = vec![None; 4];
+        known[2] = Some([7u8; 32]);
+        let h = hash_blocked(&p, data.len() as u64, &known, &mut buf).unwrap();
+        assert_ne!(h.hash, *blake3::hash(&data).as_bytes());
+        assert_eq!(h.read, data.len() as u64 - BLOCK);
     }
 
     #[test]
