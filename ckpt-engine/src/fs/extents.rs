@@ -245,8 +245,8 @@ fn sources(items: &[ExtentItem], range: &Range<u64>) -> Vec<Source> {
             });
             at = cov.start;
         }
-        let len = cov.end.min(range.end) - at;
-        let into = at - cov.start;
+        let len = cov.end.min(range.end).saturating_sub(at);
+        let into = at.saturating_sub(cov.start);
         let b = &item.1;
         let source = if b[20] == INLINE {
             Source::Inline {

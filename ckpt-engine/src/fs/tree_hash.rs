@@ -770,7 +770,6 @@ impl Walk<'_> {
         let (Some(previous), Some((then, now))) = (self.previous, &self.extent_roots) else {
             return Vec::new();
         };
-
         if new.size < BLOCKED_MIN {
             return Vec::new();
         }
