@@ -17,7 +17,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use ckpt_engine::fs::send_stream;
-use ckpt_engine::fs::tree_hash::{Dirty, PreviousRoot, TreeIndex, hash_tree, hash_tree_with};
+use ckpt_engine::fs::tree_hash::{Dirty, TreeIndex, hash_tree, hash_tree_with};
 use ckpt_engine::pool;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -93,7 +93,7 @@ fn run(
         let dirty = send_stream::parse(&out.stdout)?.dirty;
         let blocked = |index: &TreeIndex| {
             let t = Instant::now();
-            let r = hash_tree_with(&snap, Some(index), &dirty, Some(PreviousRoot(&prev)));
+            let r = hash_tree_with(&snap, Some(index), &dirty, Some(&prev));
             (r, t.elapsed().as_micros())
         };
         let whole = |index: &TreeIndex| {

@@ -238,44 +238,33 @@ pub struct Holder {
 /// The processes (of this host's `/proc`) whose working directory, root or open files lie
 /// under `root`.
 pub fn holders_of(root: &Path) -> Vec<Holder> {
-    let Ok(procs) = std::fs::read_dir("/proc") else {
-        return Vec::new();
-    };
-    let mut out = Vec::new();
-    for entry in procs.flatten() {
-        let Some(pid) = entry
-            .file_name()
-            .to_str()
-            .and_then(|s| s.parse::<u32>().ok())
-        else {
-            continue;
-        };
-        let dir = entry.path();
-        let mut links = vec!["cwd".to_string(), "root".to_string()];
-        if let Ok(fds) = std::fs::read_dir(dir.join("fd")) {
-            links.extend(
-                fds.flatten()
-                    .map(|f| format!("fd/{}", f.file_name().to_string_lossy())),
-            );
-        }
-        let what: Vec<String> = links
-            .into_iter()
-            .filter_map(|l| {
-                let target = std::fs::read_link(dir.join(&l)).ok()?;
-                target
-                    .starts_with(root)
-                    .then(|| format!("{l} -> {}", target.display()))
-            })
-            .collect();
-        if !what.is_empty() {
-            let comm = std::fs::read_to_string(dir.join("comm")).unwrap_or_default();
-            out.push(Holder {
+    let proc = Path::new("/proc");
+    let mut out: Vec<Holder> = crate::process::proctree::process_table(proc)
+        .into_iter()
+        .filter_map(|(pid, stat)| {
+            let dir = proc.join(pid.to_string());
+            let fds = std::fs::read_dir(dir.join("fd"))
+                .into_iter()
+                .flatten()
+                .flatten();
+            let what: Vec<String> = ["cwd".to_string(), "root".to_string()]
+                .into_iter()
+                .chain(fds.map(|f| format!("fd/{}", f.file_name().to_string_lossy())))
+                .filter_map(|l| {
+                    let target = std::fs::read_link(dir.join(&l)).ok()?;
+                    target
+                        .starts_with(root)
+                        .then(|| format!("{l} -> {}", target.display()))
+                })
+                .collect();
+            (!what.is_empty()).then_some(Holder {
                 pid,
-                comm: comm.trim().to_string(),
+                comm: stat.comm,
                 what,
-            });
-        }
-    }
+            })
+        })
+        .collect();
+    out.sort_by_key(|h| h.pid);
     out
 }
 

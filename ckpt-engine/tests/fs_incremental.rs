@@ -315,6 +315,18 @@ struct PoolGuard {
 }
 
 impl PoolGuard {
+    /// A fresh pool (leftovers of killed runs removed first) with the populated writable
+    /// subvolume `sandboxes/fsinc`, which is returned.
+    fn with_source() -> (PoolGuard, PathBuf) {
+        common::clean_leftovers();
+        let guard = PoolGuard::open();
+        let source = guard.pool.sandboxes_dir().join("fsinc");
+        std::fs::create_dir_all(guard.pool.sandboxes_dir()).unwrap();
+        pool::create_subvolume(&source).unwrap();
+        populate(&source);
+        (guard, source)
+    }
+
     /// A fresh pool in a new private state dir.
     fn open() -> PoolGuard {
         let state = std::env::temp_dir().join(common::unique("-state"));
@@ -380,13 +392,8 @@ fn btrfs_snapshots_hash_incrementally_and_distrust_bad_caches() {
     if !common::prerequisites("btrfs_snapshots_hash_incrementally_and_distrust_bad_caches") {
         return;
     }
-    common::clean_leftovers();
-    let guard = PoolGuard::open();
+    let (guard, source) = PoolGuard::with_source();
     let pool = &guard.pool;
-    let source = pool.sandboxes_dir().join("fsinc");
-    std::fs::create_dir_all(pool.sandboxes_dir()).unwrap();
-    pool::create_subvolume(&source).unwrap();
-    populate(&source);
 
     let backend = BtrfsBackend::new(pool, ckpt_engine::config::RestoreVerify::Cached);
     let mut parent = snap(&backend, &source, "cp-0", None);
@@ -698,13 +705,8 @@ fn large_files_are_read_only_where_their_extents_changed() {
     if !common::prerequisites("large_files_are_read_only_where_their_extents_changed") {
         return;
     }
-    common::clean_leftovers();
-    let guard = PoolGuard::open();
+    let (guard, source) = PoolGuard::with_source();
     let pool = &guard.pool;
-    let source = pool.sandboxes_dir().join("fsinc");
-    std::fs::create_dir_all(pool.sandboxes_dir()).unwrap();
-    pool::create_subvolume(&source).unwrap();
-    populate(&source);
     const MIB: u64 = 1 << 20;
     let big = source.join("data/big.log");
     std::fs::create_dir_all(big.parent().unwrap()).unwrap();

@@ -58,9 +58,7 @@ use super::image_index::{self, ImageStamp};
 use super::provenance;
 use super::send_stream::{self, SendSummary};
 use super::subvolume;
-use super::tree_hash::{
-    Dirty, HashStats, PreviousRoot, TreeIndex, hash_tree, hash_tree_with, tree_hash,
-};
+use super::tree_hash::{Dirty, HashStats, TreeIndex, hash_tree, hash_tree_with, tree_hash};
 use super::writeback;
 use super::{
     ChangeTotals, Changed, FsBackend, FsError, FsSnapshotRef, NoProof, Sealer, Settled,
@@ -538,12 +536,8 @@ impl Inner {
                 let (prev, source) = self.parent_index(sandbox, parent);
                 // Large files changed in place are read only where their extents changed.
                 let parent_path = self.path_of(parent)?;
-                let (index, stats) = hash_tree_with(
-                    dest,
-                    prev.as_deref(),
-                    &summary.dirty,
-                    Some(PreviousRoot(&parent_path)),
-                )?;
+                let (index, stats) =
+                    hash_tree_with(dest, prev.as_deref(), &summary.dirty, Some(&parent_path))?;
                 tracing::debug!(
                     snapshot = %provisional.id,
                     send_us = t_send.as_micros() as u64,

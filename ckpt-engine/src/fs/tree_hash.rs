@@ -175,11 +175,6 @@ pub struct FileBlocks {
     pub cvs: Arc<Vec<[u8; 32]>>,
 }
 
-/// Where the previous tree lives on a btrfs filesystem, for [`hash_tree_with`]: its root
-/// directory (a read-only snapshot, whose inode numbers the new tree shares).
-#[derive(Debug, Clone, Copy)]
-pub struct PreviousRoot<'a>(pub &'a Path);
-
 impl PartialEq for TreeIndex {
     fn eq(&self, other: &Self) -> bool {
         self.root == other.root && self.tree_hash == other.tree_hash
@@ -374,8 +369,9 @@ pub fn hash_tree(
     hash_tree_with(root, previous, dirty, None)
 }
 
-/// [`hash_tree`], where `previous` describes the btrfs snapshot at `previous_root` and `root`
-/// is a later snapshot of the same subvolume: a large file changed in place is read only in
+/// [`hash_tree`], where `previous` describes the read-only btrfs snapshot at `previous_root`
+/// and `root` is a later snapshot of the same subvolume (the same inode numbers): a large file
+/// changed in place is read only in
 /// the blocks whose extent items differ between the two (see
 /// [`super::extents::unchanged_blocks`]); the others keep the chaining values
 /// `previous.blocks` has for the file's previous version.
@@ -383,7 +379,7 @@ pub fn hash_tree_with(
     root: &Path,
     previous: Option<&TreeIndex>,
     dirty: &Dirty,
-    previous_root: Option<PreviousRoot<'_>>,
+    previous_root: Option<&Path>,
 ) -> Result<(TreeIndex, HashStats), FsError> {
     let root_meta =
         std::fs::symlink_metadata(root).map_err(|e| FsError::io("stat tree root", root, e))?;
@@ -406,7 +402,7 @@ pub fn hash_tree_with(
         max_file_ino: previous.map_or(0, |p| p.max_file_ino),
         extent_roots: previous_root
             .filter(|_| previous.is_some_and(|p| !p.blocks.is_empty()))
-            .and_then(|p| Some((File::open(p.0).ok()?, File::open(root).ok()?))),
+            .and_then(|p| Some((File::open(p).ok()?, File::open(root).ok()?))),
         pending: Vec::new(),
         links: BTreeMap::new(),
         stats: HashStats::default(),
