@@ -25,7 +25,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use serde::{Deserialize, Serialize};
 
 use crate::cgroup::Cgroup;
-use crate::config::EngineConfig;
+use crate::config::{EngineConfig, ExecMethod};
 use crate::fs::btrfs::BtrfsBackend;
 use crate::fs::{ChangeHint, FsBackend, FsError, NoQuiesce, Quiesce, SnapshotRequest};
 use crate::manifest::{
@@ -95,6 +95,9 @@ pub enum EngineError {
         what: &'static str,
         kind: &'static str,
     },
+    /// A command could not be started in a container sandbox.
+    #[error("exec: {0}")]
+    Enter(#[from] crate::enter::EnterError),
     /// `runc` is not installed.
     #[error("runc not found ({runc}); install it (apt install runc) or set engine.runc")]
     RuncNotFound { runc: String },
@@ -996,21 +999,32 @@ impl Engine {
         let mut attempt = 1;
         loop {
             let t = Instant::now();
-            let result = self.runc.exec(name, argv, detach, &[], None);
-            tracing::debug!(sandbox = %name, attempt, ms = t.elapsed().as_millis() as u64, "runc exec returned");
-            let paused = match &result {
-                Ok(out) => out.exit_code == 255 && runc::refused_as_paused(&out.stderr),
-                Err(e) => runc::refused_as_paused(&e.stderr),
+            let (result, paused) = match self.cfg.exec {
+                ExecMethod::Native => {
+                    match crate::enter::exec(self.runc.root(), name, argv, &[], None) {
+                        Err(e @ crate::enter::EnterError::Paused) => (Err(e.into()), true),
+                        r => (r.map_err(EngineError::from), false),
+                    }
+                }
+                ExecMethod::Runc => {
+                    let r = self.runc.exec(name, argv, detach, &[], None);
+                    let paused = match &r {
+                        Ok(out) => out.exit_code == 255 && runc::refused_as_paused(&out.stderr),
+                        Err(e) => runc::refused_as_paused(&e.stderr),
+                    };
+                    (r.map_err(EngineError::from), paused)
+                }
             };
+            tracing::debug!(sandbox = %name, attempt, ms = t.elapsed().as_millis() as u64, "exec returned");
             if !paused || attempt == ATTEMPTS {
-                return Ok(result?);
+                return result;
             }
             attempt += 1;
             let lock = self.lock(name)?;
             let status = self.runc.status(name);
             drop(lock);
             if status.as_deref() == Some("paused") {
-                return Ok(result?);
+                return result;
             }
             tracing::debug!(sandbox = %name, attempt, "exec retried after a checkpoint's frozen window");
         }

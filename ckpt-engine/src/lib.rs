@@ -33,6 +33,7 @@ pub mod cli;
 pub mod config;
 pub mod doctor;
 pub mod engine;
+pub mod enter;
 pub mod fs;
 pub mod image;
 pub mod manifest;

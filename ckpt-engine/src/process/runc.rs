@@ -55,19 +55,53 @@ pub enum StateFile {
 /// else stopped when the init is gone, a zombie, or another process with its pid (start time
 /// differs); created while runc's `exec.fifo` exists; else running.
 pub fn read_state_file(root: &Path, id: &str) -> StateFile {
+    match load_record(root, id) {
+        Ok((state, _)) => StateFile::Read(state),
+        Err(not_read) => not_read,
+    }
+}
+
+/// What running a command in a container needs from runc's record: the container's state,
+/// its init's start time (to pin the pid) and the cgroup directories runc puts an exec'd
+/// process in.
+#[derive(Debug, Clone)]
+pub struct ExecRecord {
+    /// The state, as [`read_state_file`] reads it.
+    pub state: ContainerState,
+    /// Start time of the init (`/proc/PID/stat` field 22).
+    pub init_start: u64,
+    /// Every cgroup directory of the container (each v1 hierarchy's and the v2 one), sorted,
+    /// without repeats (co-mounted controllers share one).
+    pub cgroups: Vec<PathBuf>,
+}
+
+/// The record of container `id` for an exec, `None` when runc's record cannot be read.
+pub fn read_exec_record(root: &Path, id: &str) -> Option<ExecRecord> {
+    let (state, record) = load_record(root, id).ok()?;
+    let mut cgroups: Vec<PathBuf> = record.cgroup_paths.values().map(PathBuf::from).collect();
+    cgroups.sort();
+    cgroups.dedup();
+    Some(ExecRecord {
+        state,
+        init_start: record.init_process_start,
+        cgroups,
+    })
+}
+
+fn load_record(root: &Path, id: &str) -> Result<(ContainerState, StateRecord), StateFile> {
     if id.is_empty() || id.starts_with('.') || id.contains('/') {
-        return StateFile::Unknown;
+        return Err(StateFile::Unknown);
     }
     let dir = root.join(id);
     let text = match std::fs::read(dir.join("state.json")) {
         Ok(t) => t,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound && !dir.exists() => {
-            return StateFile::Missing;
+            return Err(StateFile::Missing);
         }
-        Err(_) => return StateFile::Unknown,
+        Err(_) => return Err(StateFile::Unknown),
     };
     let Ok(record) = serde_json::from_slice::<StateRecord>(&text) else {
-        return StateFile::Unknown;
+        return Err(StateFile::Unknown);
     };
     let frozen = record.freezer_state().map(|(path, v2)| {
         let file = if v2 { "cgroup.freeze" } else { "freezer.state" };
@@ -75,11 +109,12 @@ pub fn read_state_file(root: &Path, id: &str) -> StateFile {
     });
     let frozen = match frozen {
         Some(Some(text)) => Some(text.trim().to_string()),
-        Some(None) => return StateFile::Unknown,
+        Some(None) => return Err(StateFile::Unknown),
         None => None,
     };
     let alive = super::proctree::still_alive(record.init_process_pid, record.init_process_start);
-    StateFile::Read(record.status(id, frozen.as_deref(), alive, dir.join("exec.fifo").exists()))
+    let state = record.status(id, frozen.as_deref(), alive, dir.join("exec.fifo").exists());
+    Ok((state, record))
 }
 
 /// The fields of runc's `state.json` the status needs.
