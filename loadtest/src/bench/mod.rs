@@ -5,6 +5,7 @@
 
 pub mod e2e;
 pub mod engine;
+pub mod exec;
 pub mod inspector;
 pub mod process;
 pub mod proxy;
@@ -19,6 +20,8 @@ pub enum BenchCommand {
     Inspector(inspector::Args),
     /// The checkpoint engine.
     Engine(engine::Args),
+    /// Entering a sandbox for a command: the engine's own entry against `runc exec`.
+    Exec(exec::Args),
     /// CRIU process checkpoints: latency, image size, restore and fork.
     Process(process::Args),
     /// End to end: a scripted agent task through crab with checkpoints off, selective and
@@ -32,6 +35,7 @@ pub fn run(command: BenchCommand) -> anyhow::Result<()> {
         BenchCommand::Proxy(args) => proxy::run(args),
         BenchCommand::Inspector(args) => inspector::run(args),
         BenchCommand::Engine(args) => engine::run(args),
+        BenchCommand::Exec(args) => exec::run(args),
         BenchCommand::Process(args) => process::run(args),
         BenchCommand::E2e(args) => e2e::run(args),
     }
