@@ -23,8 +23,8 @@ pub struct EngineConfig {
     pub runc: String,
     /// How a command enters a container sandbox (`crab sandbox exec`, the exec API):
     /// `native` joins the container's namespaces and cgroups and applies the process spec of
-    /// its `config.json` from a fork of the daemon (about 4 ms of CPU, see [`crate::enter`]);
-    /// `runc` runs `runc exec` (about 29 ms). Default `native`.
+    /// its `config.json` itself (about 1.6 ms of CPU per command, see [`crate::enter`]);
+    /// `runc` runs `runc exec` (about 28 ms). Default `native`.
     pub exec: ExecMethod,
     /// Parent of each sandbox's cgroup, relative to the cgroup v2 mount: sandbox `NAME` lives in
     /// `<cgroup_root>/<cgroup_parent>/NAME`. Default `"crab"`.

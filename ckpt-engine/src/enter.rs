@@ -1,30 +1,40 @@
 //! Running a command in a running container the way `runc exec` does, without runc.
 //!
 //! `runc exec` is a Go program that starts itself a second time (`runc init`) to enter the
-//! container: about 29 ms of CPU per command on this project's machines, against about 4 ms
-//! for `nsenter`. An agent outside its sandbox runs every tool call through Crab's exec, on
+//! container: about 28 ms of CPU per command on this project's machines, against about
+//! 1.6 ms for this entry (`loadtest bench exec`). An agent outside its sandbox runs every tool call through Crab's exec, on
 //! a host whose CPUs its co-located sandboxes share, so the entry itself is kept cheap:
 //!
-//! 1. Before the fork, everything the child needs is prepared: from runc's record the init's
-//!    pid (pinned by a pidfd, its start time checked), whether the container is paused, and
-//!    the cgroup directories runc puts an exec'd process in (their `cgroup.procs` opened); from
-//!    the bundle's `config.json` the process runc would start — environment, working
-//!    directory, user and groups, capabilities, rlimits, `noNewPrivileges` — as plain numbers
-//!    and C strings. The forked child of the (multi-threaded) daemon only makes system calls.
-//! 2. The child joins the init's namespaces that differ from its own (one `setns` on the
-//!    pidfd), then forks: a pid namespace takes effect for children. It waits for that
-//!    process, as `runc exec` waits for its command, and exits with its status (128 + the
-//!    signal when it was killed). It stays in Crab's cgroup, and keeps no descriptor.
-//! 3. The grandchild, in the container's pid namespace, starts a session of its own, joins
-//!    the container's cgroups, drops the bounding set, sets groups, gid and uid, the capability sets, rlimits and
-//!    `no_new_privs`, changes to the working directory and execs the command with the
-//!    container's environment (the program is looked up in the container's `PATH`).
+//! 1. The calling thread prepares everything first: from runc's record the init's pid
+//!    (pinned by a pidfd, its start time checked), whether the container is paused, and the
+//!    cgroup directories runc puts an exec'd process in (their `cgroup.procs` opened); from the
+//!    bundle's `config.json` the process runc would start — environment, working directory,
+//!    user and groups, capability sets, rlimits, `noNewPrivileges` — as numbers and C strings,
+//!    and the program's candidate paths along the container's `PATH`.
+//! 2. It starts a *waiter* as `posix_spawn` starts a child: sharing the daemon's address
+//!    space instead of copying it (`CLONE_VM | CLONE_VFORK`: the thread is suspended until
+//!    the waiter exits, every signal blocked). A `fork` of the daemon would copy the page tables of its whole
+//!    resident memory, about 18 ms of CPU at 200 MB, and make its later writes copy pages
+//!    for as long as the command runs. The waiter joins the init's namespaces that differ
+//!    from the daemon's with one `setns` on the pidfd, then starts the command the same way
+//!    (a pid namespace takes effect for children), as a child of the daemon
+//!    (`CLONE_PARENT`), and exits once the command has exec'd.
+//! 3. The command, in the container's pid namespace, starts a session of its own, joins the
+//!    container's cgroups, takes its stdio pipes, drops the bounding set, sets groups, gid and
+//!    uid, the capability sets, rlimits and `no_new_privs`, changes to the working directory,
+//!    resets every signal to its default and execs the program with the container's
+//!    environment. Only system calls run in the new processes (no allocation, no lock; the
+//!    credential calls raw, since libc's wrappers would change every thread of the daemon).
+//! 4. The calling thread reads the command's output and waits for it like any child.
 //!
 //! The result is the process `runc exec` starts: the same namespaces, cgroups, credentials,
-//! capability sets, limits and environment (`tests/enter.rs` compares the two field by
-//! field), and like `runc exec` it is refused while the container is paused
-//! ([`EnterError::Paused`]). The pure parts — the process spec, capability and rlimit names,
-//! which namespaces to join — are unit-tested here.
+//! capability sets, limits, session and environment (`tests/engine_exec.rs` compares the two
+//! field by field; only ignored signals differ: runc passes on its caller's), and like `runc
+//! exec` it is refused while the container is paused ([`EnterError::Paused`]). A container
+//! with a user or time namespace of its own is refused (joining either needs a process with
+//! an address space of its own): use `exec = "runc"` there. The pure parts — the process
+//! spec, capability and rlimit names, the environment, the program's lookup, which namespaces
+//! to join — are unit-tested here.
 
 use std::ffi::{CString, OsStr};
 use std::fs::File;
@@ -32,9 +42,7 @@ use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::MetadataExt;
-use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 use std::str::FromStr;
 
 use serde::Deserialize;
@@ -286,8 +294,26 @@ fn ns_inode(pid: &str, kind: &str) -> Option<u64> {
         .map(|m| m.ino())
 }
 
-/// Everything the forked processes use, prepared before the fork.
-struct Prepared {
+/// Steps of the entry that can fail in the new processes (recorded for the error).
+const STEPS: [&str; 12] = [
+    "",
+    "setns",
+    "clone",
+    "setsid",
+    "join cgroup",
+    "stdio",
+    "drop bounding capability",
+    "set user and groups",
+    "capset",
+    "setrlimit",
+    "no_new_privs",
+    "chdir",
+];
+
+/// Everything the new processes use, prepared by the calling thread, which stays suspended
+/// while they run in its address space (`CLONE_VM | CLONE_VFORK`); they only read it, and
+/// write their results into the atomics.
+struct Plan {
     pidfd: OwnedFd,
     ns_flags: libc::c_int,
     cgroup_procs: Vec<File>,
@@ -299,12 +325,86 @@ struct Prepared {
     rlimits: Vec<(i32, u64, u64)>,
     no_new_privileges: bool,
     cwd: CString,
+    /// The program's candidate paths, in the container's `PATH` order (one when it has a `/`).
+    programs: Vec<CString>,
+    argv: CStrings,
+    envp: CStrings,
+    /// The command's ends of its stdin, stdout and stderr pipes.
+    stdio: [RawFd; 3],
+    /// Stacks of the waiter and the command until it execs.
+    stacks: [Vec<u8>; 2],
+    /// Results: the first step that failed (index into [`STEPS`]), its errno, the command's
+    /// pid.
+    failed: std::sync::atomic::AtomicUsize,
+    errno: std::sync::atomic::AtomicI32,
+    command_pid: std::sync::atomic::AtomicI32,
+}
+
+/// C strings and the null-terminated pointer array `execve` takes.
+struct CStrings {
+    _owned: Vec<CString>,
+    ptrs: Vec<*const libc::c_char>,
+}
+
+impl CStrings {
+    fn new(items: impl IntoIterator<Item = String>) -> Result<CStrings, EnterError> {
+        let owned = items
+            .into_iter()
+            .map(|s| {
+                CString::new(s).map_err(|e| {
+                    EnterError::Spec(format!("argument or variable holds a NUL byte: {e}"))
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let mut ptrs: Vec<_> = owned.iter().map(|c| c.as_ptr()).collect();
+        ptrs.push(std::ptr::null());
+        Ok(CStrings {
+            _owned: owned,
+            ptrs,
+        })
+    }
+}
+
+/// The environment `runc exec` gives: the spec's, then `--env` (a later value wins).
+fn environment(spec_env: &[String], extra: &[(String, String)]) -> Vec<String> {
+    let mut out: Vec<String> = Vec::new();
+    let mut set = |kv: String| {
+        let key = kv
+            .split_once('=')
+            .map_or(kv.as_str(), |(k, _)| k)
+            .to_string();
+        out.retain(|e| e.split_once('=').map_or(e.as_str(), |(k, _)| k) != key);
+        out.push(kv);
+    };
+    for kv in spec_env {
+        set(kv.clone());
+    }
+    for (k, v) in extra {
+        set(format!("{k}={v}"));
+    }
+    out
+}
+
+/// Where `execvp` would look for `program` given the container's environment. Pure.
+fn program_candidates(program: &str, env: &[String]) -> Vec<String> {
+    if program.contains('/') {
+        return vec![program.to_string()];
+    }
+    let path = env
+        .iter()
+        .find_map(|e| e.strip_prefix("PATH="))
+        .unwrap_or("/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin");
+    path.split(':')
+        .map(|dir| {
+            let dir = if dir.is_empty() { "." } else { dir };
+            format!("{}/{program}", dir.trim_end_matches('/'))
+        })
+        .collect()
 }
 
 /// Runs `argv` in container `id` of the runc state root `runc_root` and waits for it, capturing
 /// its output; `env` is added to (or overrides) the spec's environment and `cwd` replaces its
 /// working directory, as `runc exec --env/--cwd` do.
-#[allow(unsafe_code)]
 pub fn exec(
     runc_root: &Path,
     id: &str,
@@ -331,58 +431,84 @@ pub fn exec(
     }
     let config = record.state.bundle.join("config.json");
     let spec = ProcessSpec::from_config(&std::fs::read(&config).map_err(io_err("read", &config))?)?;
-    let prepared = prepare(&record, &spec, cwd)?;
-
-    let mut cmd = Command::new(program);
-    cmd.args(&argv[1..])
-        .env_clear()
-        .envs(spec.env.iter().filter_map(|kv| kv.split_once('=')))
-        .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
-        // A pipe, closed at once, as runc gives: a process the command leaves running holds
-        // no host file (CRIU could not dump the sandbox with the host's /dev/null in it).
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    let raw = RawPrepared::of(&prepared);
-    // SAFETY: the closure runs in the forked child of a multi-threaded process; it only makes
-    // system calls on data prepared before the fork (no allocation, no lock).
-    unsafe {
-        cmd.pre_exec(move || raw.enter());
-    }
-    let out = cmd.output();
-    drop(prepared);
-    let out = match out {
-        Ok(out) => out,
-        // As a shell reports it (runc exec: status 255 and its own message).
-        Err(e)
-            if matches!(
-                e.kind(),
-                io::ErrorKind::NotFound | io::ErrorKind::PermissionDenied
-            ) =>
-        {
-            let code = if e.kind() == io::ErrorKind::NotFound {
-                127
-            } else {
-                126
-            };
+    let env = environment(&spec.env, env);
+    let pipes = [pipe()?, pipe()?, pipe()?];
+    // The command's ends: stdin's read end, stdout's and stderr's write ends.
+    let child_ends = [
+        pipes[0].0.as_raw_fd(),
+        pipes[1].1.as_raw_fd(),
+        pipes[2].1.as_raw_fd(),
+    ];
+    let plan = prepare(&record, &spec, cwd, program, argv, &env, child_ends)?;
+    let started = start(&plan);
+    let [
+        (stdin_r, stdin_w),
+        (stdout_r, stdout_w),
+        (stderr_r, stderr_w),
+    ] = pipes;
+    // Only the command keeps its ends; stdin is at EOF at once, as with runc's pipe.
+    drop((stdin_r, stdin_w, stdout_w, stderr_w));
+    let command = started?;
+    let (stdout, stderr) = std::thread::scope(|s| {
+        let err = s.spawn(|| read_all(stderr_r));
+        let out = read_all(stdout_r);
+        (out, err.join().unwrap_or_default())
+    });
+    let status = wait(command);
+    let failed = plan.failed.load(std::sync::atomic::Ordering::SeqCst);
+    let errno = plan.errno.load(std::sync::atomic::Ordering::SeqCst);
+    drop(plan);
+    let exit_code = status.map_err(io_err("waitpid", format!("/proc/{command}")))?;
+    if failed == STEPS.len() {
+        // The program could not be executed: as a shell reports it (runc exec: status 255
+        // and its own message).
+        let e = io::Error::from_raw_os_error(errno);
+        let code = if errno == libc::EACCES { 126 } else { 127 };
+        if matches!(errno, libc::ENOENT | libc::ENOTDIR | libc::EACCES) {
             return Ok(ExecOutput {
                 exit_code: code,
                 stdout: String::new(),
                 stderr: format!("crab: {program}: {e}\n"),
             });
         }
-        Err(e) => return Err(io_err("start", program.as_str())(e)),
-    };
-    let exit_code = match (out.status.code(), out.status.signal()) {
-        (Some(c), _) => c,
-        (None, Some(s)) => 128 + s,
-        _ => -1,
-    };
+        return Err(io_err("execve", program.as_str())(e));
+    }
+    if failed != 0 {
+        return Err(io_err(STEPS[failed], format!("container {id}"))(
+            io::Error::from_raw_os_error(errno),
+        ));
+    }
     Ok(ExecOutput {
         exit_code,
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        stdout: String::from_utf8_lossy(&stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&stderr).into_owned(),
     })
+}
+
+fn pipe() -> Result<(OwnedFd, OwnedFd), EnterError> {
+    nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
+        .map_err(|e| io_err("pipe", "/")(io::Error::from(e)))
+}
+
+fn read_all(fd: OwnedFd) -> Vec<u8> {
+    use std::io::Read;
+    let mut buf = Vec::new();
+    let _ = File::from(fd).read_to_end(&mut buf);
+    buf
+}
+
+/// Waits for the command; its exit code, 128 + the signal that ended it.
+fn wait(pid: libc::pid_t) -> io::Result<i32> {
+    use nix::sys::wait::{WaitStatus, waitpid};
+    loop {
+        match waitpid(nix::unistd::Pid::from_raw(pid), None) {
+            Ok(WaitStatus::Exited(_, code)) => return Ok(code),
+            Ok(WaitStatus::Signaled(_, sig, _)) => return Ok(128 + sig as i32),
+            Ok(_) => continue,
+            Err(nix::errno::Errno::EINTR) => continue,
+            Err(e) => return Err(e.into()),
+        }
+    }
 }
 
 #[allow(unsafe_code)]
@@ -390,7 +516,11 @@ fn prepare(
     record: &crate::process::runc::ExecRecord,
     spec: &ProcessSpec,
     cwd: Option<&str>,
-) -> Result<Prepared, EnterError> {
+    program: &str,
+    argv: &[String],
+    env: &[String],
+    stdio: [RawFd; 3],
+) -> Result<Plan, EnterError> {
     let pid = record.state.pid;
     // SAFETY: pidfd_open takes a pid and flags and returns a new descriptor (close-on-exec).
     let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
@@ -415,6 +545,12 @@ fn prepare(
             "the container shares every namespace with crab".into(),
         ));
     }
+    if ns_flags & libc::CLONE_NEWTIME != 0 {
+        // Joining one needs a process of its own address space (`timens_install`).
+        return Err(EnterError::Spec(
+            "the container has a time namespace of its own".into(),
+        ));
+    }
     let cgroup_procs = record
         .cgroups
         .iter()
@@ -432,7 +568,11 @@ fn prepare(
         .unwrap_or(40)
         .min(63);
     let cwd = cwd.unwrap_or(&spec.cwd);
-    Ok(Prepared {
+    let c = |s: &str| {
+        CString::new(OsStr::new(s).as_bytes())
+            .map_err(|_| EnterError::Spec(format!("{s:?} holds a NUL byte")))
+    };
+    Ok(Plan {
         pidfd,
         ns_flags,
         cgroup_procs,
@@ -443,27 +583,26 @@ fn prepare(
         last_cap,
         rlimits: spec.rlimits.clone(),
         no_new_privileges: spec.no_new_privileges,
-        cwd: CString::new(OsStr::new(cwd).as_bytes())
-            .map_err(|_| EnterError::Spec(format!("cwd {cwd:?} holds a NUL byte")))?,
+        cwd: c(cwd)?,
+        programs: program_candidates(program, env)
+            .iter()
+            .map(|p| c(p))
+            .collect::<Result<_, _>>()?,
+        argv: CStrings::new(argv.iter().cloned())?,
+        envp: CStrings::new(env.iter().cloned())?,
+        stdio,
+        stacks: [Vec::with_capacity(STACK), Vec::with_capacity(STACK)],
+        failed: Default::default(),
+        errno: Default::default(),
+        command_pid: Default::default(),
     })
 }
 
-/// [`Prepared`] as raw values the `pre_exec` closure can own (`Send + Sync`, no destructor
-/// runs in the child); the [`Prepared`] itself outlives the spawn.
-#[derive(Clone)]
-struct RawPrepared {
-    pidfd: RawFd,
-    ns_flags: libc::c_int,
-    cgroup_procs: Vec<RawFd>,
-    groups: Vec<libc::gid_t>,
-    uid: libc::uid_t,
-    gid: libc::gid_t,
-    caps: CapSets,
-    last_cap: u32,
-    rlimits: Vec<(i32, u64, u64)>,
-    no_new_privileges: bool,
-    cwd: CString,
-}
+/// Stack of each new process until the command execs.
+const STACK: usize = 256 << 10;
+
+/// `close_range` flag: mark close-on-exec instead of closing.
+const CLOSE_RANGE_CLOEXEC: libc::c_uint = 1 << 2;
 
 /// `capset`'s header and data (`_LINUX_CAPABILITY_VERSION_3`: two 32-bit words per set).
 #[repr(C)]
@@ -482,151 +621,259 @@ struct CapData {
 
 const CAP_V3: u32 = 0x2008_0522;
 
-/// `close_range` flag: mark close-on-exec instead of closing.
-const CLOSE_RANGE_CLOEXEC: libc::c_uint = 1 << 2;
+/// The kernel's `struct sigaction` (x86_64; not libc's, whose mask is 128 bytes): all zero
+/// is `SIG_DFL`, no flags, empty mask.
+#[repr(C)]
+#[derive(Default)]
+struct KernelSigaction {
+    handler: usize,
+    flags: u64,
+    restorer: usize,
+    mask: u64,
+}
 
-fn check(rc: libc::c_long) -> io::Result<()> {
-    if rc < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(())
+fn stack_top(stack: &Vec<u8>) -> *mut libc::c_void {
+    // The stack grows down from its 16-byte aligned end (the capacity: never initialised).
+    let end = stack.as_ptr() as usize + stack.capacity();
+    (end & !15) as *mut libc::c_void
+}
+
+/// Starts the waiter, which starts the command; returns the command's pid once it has
+/// exec'd (or failed: see the plan's results). All signals stay blocked in this thread
+/// meanwhile, so that no handler of the daemon runs in the new processes.
+#[allow(unsafe_code)]
+fn start(plan: &Plan) -> Result<libc::pid_t, EnterError> {
+    use std::sync::atomic::Ordering::SeqCst;
+    // SAFETY: sigset operations on local values; clone with a stack the plan owns, whose
+    // callback only reads the plan and writes its atomics while this thread is suspended
+    // (CLONE_VFORK), and exits; waitpid on the pid clone returned.
+    unsafe {
+        let mut all: libc::sigset_t = std::mem::zeroed();
+        let mut old: libc::sigset_t = std::mem::zeroed();
+        libc::sigfillset(&mut all);
+        libc::pthread_sigmask(libc::SIG_SETMASK, &all, &mut old);
+        let waiter = libc::clone(
+            waiter_main,
+            stack_top(&plan.stacks[0]),
+            libc::CLONE_VM | libc::CLONE_VFORK | libc::SIGCHLD,
+            plan as *const Plan as *mut libc::c_void,
+        );
+        let clone_err = io::Error::last_os_error();
+        libc::pthread_sigmask(libc::SIG_SETMASK, &old, std::ptr::null_mut());
+        if waiter < 0 {
+            return Err(io_err("clone", "/")(clone_err));
+        }
+        let mut status = 0;
+        while libc::waitpid(waiter, &mut status, 0) < 0 {
+            if *libc::__errno_location() != libc::EINTR {
+                break;
+            }
+        }
+    }
+    let command = plan.command_pid.load(SeqCst);
+    if command <= 0 {
+        let failed = plan.failed.load(SeqCst).max(2);
+        return Err(io_err(STEPS[failed], "/")(io::Error::from_raw_os_error(
+            plan.errno.load(SeqCst),
+        )));
+    }
+    Ok(command)
+}
+
+impl Plan {
+    fn fail(&self, step: usize) -> libc::c_int {
+        use std::sync::atomic::Ordering::SeqCst;
+        // SAFETY: errno of the calling task.
+        #[allow(unsafe_code)]
+        let errno = unsafe { *libc::__errno_location() };
+        self.errno.store(errno, SeqCst);
+        self.failed.store(step, SeqCst);
+        127
     }
 }
 
-impl RawPrepared {
-    fn of(p: &Prepared) -> RawPrepared {
-        RawPrepared {
-            pidfd: p.pidfd.as_raw_fd(),
-            ns_flags: p.ns_flags,
-            cgroup_procs: p.cgroup_procs.iter().map(AsRawFd::as_raw_fd).collect(),
-            groups: p.groups.clone(),
-            uid: p.uid,
-            gid: p.gid,
-            caps: p.caps,
-            last_cap: p.last_cap,
-            rlimits: p.rlimits.clone(),
-            no_new_privileges: p.no_new_privileges,
-            cwd: p.cwd.clone(),
+/// The waiter: joins the container's namespaces and starts the command in its pid namespace
+/// as a child of the daemon (`CLONE_PARENT`, so the daemon waits for it as for any child).
+#[allow(unsafe_code)]
+extern "C" fn waiter_main(arg: *mut libc::c_void) -> libc::c_int {
+    // SAFETY: `arg` is the plan `start` passed, alive and unchanged while this runs.
+    let plan = unsafe { &*(arg as *const Plan) };
+    // SAFETY: plain system calls; the command's clone as in `start`.
+    unsafe {
+        if libc::setns(plan.pidfd.as_raw_fd(), plan.ns_flags) < 0 {
+            return plan.fail(1);
         }
-    }
-
-    /// Runs in the forked child: enter, fork, wait (child) or set up (grandchild, which
-    /// returns to exec the command). System calls only.
-    #[allow(unsafe_code)]
-    fn enter(&self) -> io::Result<()> {
-        // SAFETY: plain system calls on prepared values and stack data.
-        unsafe {
-            check(libc::setns(self.pidfd, self.ns_flags) as libc::c_long)?;
-            let child = libc::fork();
-            if child < 0 {
-                return Err(io::Error::last_os_error());
-            }
-            if child > 0 {
-                // The waiter: keep nothing open (the command's pipes reach EOF when it ends,
-                // the spawn's error pipe when it execs) and pass its status on.
-                libc::syscall(libc::SYS_close_range, 0u32, u32::MAX, 0u32);
-                let mut status = 0;
-                loop {
-                    let r = libc::waitpid(child, &mut status, 0);
-                    if r == child {
-                        break;
-                    }
-                    if r < 0 && *libc::__errno_location() != libc::EINTR {
-                        libc::_exit(255);
-                    }
-                }
-                let code = if libc::WIFEXITED(status) {
-                    libc::WEXITSTATUS(status)
-                } else {
-                    128 + libc::WTERMSIG(status)
-                };
-                libc::_exit(code);
-            }
-            self.setup()
+        let pid = libc::clone(
+            command_main,
+            stack_top(&plan.stacks[1]),
+            libc::CLONE_VM | libc::CLONE_VFORK | libc::CLONE_PARENT | libc::SIGCHLD,
+            arg,
+        );
+        if pid < 0 {
+            return plan.fail(2);
         }
+        plan.command_pid
+            .store(pid, std::sync::atomic::Ordering::SeqCst);
     }
+    0
+}
 
-    /// The command's own set-up, in the container's pid namespace: cgroups, credentials,
-    /// limits, working directory. Order as runc's: the bounding set first (needs
-    /// CAP_SETPCAP), keep capabilities across the uid change, then the capability sets.
-    #[allow(unsafe_code)]
-    fn setup(&self) -> io::Result<()> {
-        // SAFETY: plain system calls on prepared values and stack data.
-        unsafe {
-            // runc's init makes every command a session leader in the container: a session
-            // whose leader lives outside its pid namespace cannot be dumped by CRIU.
-            check(libc::setsid() as libc::c_long)?;
-            for &fd in &self.cgroup_procs {
-                check(libc::write(fd, b"0".as_ptr().cast(), 1) as libc::c_long)?;
-                libc::close(fd);
+/// The command, in the container's pid namespace: session, cgroups, stdio, credentials,
+/// limits, working directory, default signal handling, then `execve` along the container's
+/// `PATH`. Order as runc's: the bounding set first (needs CAP_SETPCAP), capabilities kept
+/// across the uid change, then the capability sets. Raw system calls for credentials: libc's
+/// wrappers would try to change the daemon's threads too (this process shares its memory).
+#[allow(unsafe_code)]
+extern "C" fn command_main(arg: *mut libc::c_void) -> libc::c_int {
+    // SAFETY: as in `waiter_main`.
+    let plan = unsafe { &*(arg as *const Plan) };
+    let sys = |rc: libc::c_long| rc >= 0;
+    // SAFETY: plain system calls on the plan's values and stack data.
+    unsafe {
+        // runc's init makes every command a session leader in the container: a session whose
+        // leader lives outside its pid namespace cannot be dumped by CRIU.
+        if libc::setsid() < 0 {
+            return plan.fail(3);
+        }
+        for f in &plan.cgroup_procs {
+            if !sys(libc::write(f.as_raw_fd(), b"0".as_ptr().cast(), 1) as libc::c_long) {
+                return plan.fail(4);
             }
-            libc::close(self.pidfd);
-            // Nothing of the daemon's reaches the command (as runc, which closes every
-            // descriptor but stdio): the rest close at exec. The spawn's error pipe stays
-            // usable until then.
-            check(libc::syscall(
-                libc::SYS_close_range,
-                3u32,
-                u32::MAX,
-                CLOSE_RANGE_CLOEXEC,
-            ))?;
-            for cap in 0..=self.last_cap {
-                if self.caps.bounding & (1u64 << cap) == 0 {
-                    check(
-                        libc::prctl(libc::PR_CAPBSET_DROP, cap as libc::c_ulong, 0, 0, 0)
-                            as libc::c_long,
-                    )?;
-                }
+        }
+        for (i, &fd) in plan.stdio.iter().enumerate() {
+            if libc::dup2(fd, i as RawFd) < 0 {
+                return plan.fail(5);
             }
-            check(libc::prctl(libc::PR_SET_KEEPCAPS, 1 as libc::c_ulong, 0, 0, 0) as libc::c_long)?;
-            check(libc::setgroups(self.groups.len(), self.groups.as_ptr()) as libc::c_long)?;
-            check(libc::setresgid(self.gid, self.gid, self.gid) as libc::c_long)?;
-            check(libc::setresuid(self.uid, self.uid, self.uid) as libc::c_long)?;
-            check(libc::prctl(libc::PR_SET_KEEPCAPS, 0 as libc::c_ulong, 0, 0, 0) as libc::c_long)?;
-            let mut header = CapHeader {
-                version: CAP_V3,
-                pid: 0,
+        }
+        // Nothing of the daemon's reaches the command (as runc, which closes every descriptor
+        // but stdio).
+        if !sys(libc::syscall(
+            libc::SYS_close_range,
+            3u32,
+            u32::MAX,
+            CLOSE_RANGE_CLOEXEC,
+        )) {
+            return plan.fail(5);
+        }
+        for cap in 0..=plan.last_cap {
+            if plan.caps.bounding & (1u64 << cap) == 0
+                && libc::prctl(libc::PR_CAPBSET_DROP, cap as libc::c_ulong, 0, 0, 0) < 0
+            {
+                return plan.fail(6);
+            }
+        }
+        let ids_ok = libc::prctl(libc::PR_SET_KEEPCAPS, 1 as libc::c_ulong, 0, 0, 0) >= 0
+            && sys(libc::syscall(
+                libc::SYS_setgroups,
+                plan.groups.len(),
+                plan.groups.as_ptr(),
+            ))
+            && sys(libc::syscall(
+                libc::SYS_setresgid,
+                plan.gid,
+                plan.gid,
+                plan.gid,
+            ))
+            && sys(libc::syscall(
+                libc::SYS_setresuid,
+                plan.uid,
+                plan.uid,
+                plan.uid,
+            ))
+            && libc::prctl(libc::PR_SET_KEEPCAPS, 0 as libc::c_ulong, 0, 0, 0) >= 0;
+        if !ids_ok {
+            return plan.fail(7);
+        }
+        let mut header = CapHeader {
+            version: CAP_V3,
+            pid: 0,
+        };
+        let word = |m: u64, i: u32| (m >> (32 * i)) as u32;
+        let data = [0u32, 1].map(|i| CapData {
+            effective: word(plan.caps.effective, i),
+            permitted: word(plan.caps.permitted, i),
+            inheritable: word(plan.caps.inheritable, i),
+        });
+        if !sys(libc::syscall(
+            libc::SYS_capset,
+            &mut header as *mut CapHeader,
+            data.as_ptr(),
+        )) {
+            return plan.fail(8);
+        }
+        // As runc: an ambient capability the inheritable and permitted sets lack cannot be
+        // raised, and is left out.
+        for cap in 0..=plan.last_cap {
+            if plan.caps.ambient & (1u64 << cap) != 0 {
+                libc::prctl(
+                    libc::PR_CAP_AMBIENT,
+                    libc::PR_CAP_AMBIENT_RAISE as libc::c_ulong,
+                    cap as libc::c_ulong,
+                    0,
+                    0,
+                );
+            }
+        }
+        for &(resource, soft, hard) in &plan.rlimits {
+            let lim = libc::rlimit {
+                rlim_cur: soft,
+                rlim_max: hard,
             };
-            let word = |m: u64, i: u32| (m >> (32 * i)) as u32;
-            let data = [0u32, 1].map(|i| CapData {
-                effective: word(self.caps.effective, i),
-                permitted: word(self.caps.permitted, i),
-                inheritable: word(self.caps.inheritable, i),
-            });
-            check(libc::syscall(
-                libc::SYS_capset,
-                &mut header as *mut CapHeader,
-                data.as_ptr(),
-            ))?;
-            // As runc: an ambient capability the inheritable and permitted sets lack cannot be
-            // raised, and is left out.
-            for cap in 0..=self.last_cap {
-                if self.caps.ambient & (1u64 << cap) != 0 {
-                    libc::prctl(
-                        libc::PR_CAP_AMBIENT,
-                        libc::PR_CAP_AMBIENT_RAISE as libc::c_ulong,
-                        cap as libc::c_ulong,
-                        0,
-                        0,
-                    );
+            if libc::setrlimit(resource as _, &lim) < 0 {
+                return plan.fail(9);
+            }
+        }
+        if plan.no_new_privileges
+            && libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1 as libc::c_ulong, 0, 0, 0) < 0
+        {
+            return plan.fail(10);
+        }
+        if libc::chdir(plan.cwd.as_ptr()) < 0 {
+            return plan.fail(11);
+        }
+        // Default handling of every signal, none blocked (the daemon's handlers are not the
+        // command's; its ignored signals neither).
+        let dfl = KernelSigaction::default();
+        for sig in 1..=64 {
+            if sig != libc::SIGKILL && sig != libc::SIGSTOP {
+                libc::syscall(
+                    libc::SYS_rt_sigaction,
+                    sig,
+                    &dfl as *const KernelSigaction,
+                    std::ptr::null_mut::<KernelSigaction>(),
+                    8usize,
+                );
+            }
+        }
+        let empty = 0u64;
+        libc::syscall(
+            libc::SYS_rt_sigprocmask,
+            libc::SIG_SETMASK,
+            &empty as *const u64,
+            std::ptr::null_mut::<u64>(),
+            8usize,
+        );
+        // execvp's search: the first candidate that exists and may be run; EACCES is kept
+        // unless a later one exists.
+        let mut err = libc::ENOENT;
+        for prog in &plan.programs {
+            libc::execve(
+                prog.as_ptr(),
+                plan.argv.ptrs.as_ptr(),
+                plan.envp.ptrs.as_ptr(),
+            );
+            let e = *libc::__errno_location();
+            match e {
+                libc::ENOENT | libc::ENOTDIR => {}
+                libc::EACCES => err = e,
+                _ => {
+                    err = e;
+                    break;
                 }
             }
-            for &(resource, soft, hard) in &self.rlimits {
-                let lim = libc::rlimit {
-                    rlim_cur: soft,
-                    rlim_max: hard,
-                };
-                check(libc::setrlimit(resource as _, &lim) as libc::c_long)?;
-            }
-            if self.no_new_privileges {
-                check(
-                    libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1 as libc::c_ulong, 0, 0, 0)
-                        as libc::c_long,
-                )?;
-            }
-            check(libc::chdir(self.cwd.as_ptr()) as libc::c_long)?;
         }
-        Ok(())
+        *libc::__errno_location() = err;
+        plan.fail(STEPS.len())
     }
 }
 
@@ -710,6 +957,33 @@ mod tests {
             let err = ProcessSpec::from_config(cfg.as_bytes()).unwrap_err();
             assert!(err.to_string().contains(what), "{what}: {err}");
         }
+    }
+
+    #[test]
+    fn the_environment_is_the_specs_with_later_values_winning() {
+        let spec = ["PATH=/bin".to_string(), "HOME=/root".into(), "A=1".into()];
+        let extra = [
+            ("A".to_string(), "2".to_string()),
+            ("B".into(), "x=y".into()),
+        ];
+        assert_eq!(
+            environment(&spec, &extra),
+            ["PATH=/bin", "HOME=/root", "A=2", "B=x=y"]
+        );
+        assert_eq!(environment(&spec, &[]), spec);
+    }
+
+    #[test]
+    fn programs_are_looked_up_along_the_containers_path() {
+        let env = ["HOME=/".to_string(), "PATH=/usr/bin:/bin/::/opt".into()];
+        assert_eq!(
+            program_candidates("ls", &env),
+            ["/usr/bin/ls", "/bin/ls", "./ls", "/opt/ls"]
+        );
+        assert_eq!(program_candidates("./run.sh", &env), ["./run.sh"]);
+        assert_eq!(program_candidates("/bin/sh", &env), ["/bin/sh"]);
+        // No PATH: the default of the container spec.
+        assert_eq!(program_candidates("sh", &[]).len(), 6);
     }
 
     #[test]

@@ -29,6 +29,10 @@ pub struct Args {
     /// Threads running commands at once (each in the same sandbox).
     #[arg(long, default_value_t = 1)]
     pub threads: usize,
+    /// Memory this process holds (touched) while it runs the commands, MiB: the daemon's
+    /// resident memory (about 200 MiB at 32 sandboxes), which a `fork` would copy.
+    #[arg(long, default_value_t = 0)]
+    pub resident_mb: usize,
     /// Also write the JSON report here.
     #[arg(long)]
     pub out: Option<PathBuf>,
@@ -109,6 +113,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         root.clone(),
     );
     let argv = ["/bin/sh".to_string(), "-c".into(), args.script.clone()];
+    let resident: Vec<u8> = (0..args.resident_mb << 20).map(|i| i as u8).collect();
     let measured = (|| -> anyhow::Result<_> {
         engine.create(&name, None)?;
         // Warm-up: the page cache, runc's binary, the sandbox's shell.
@@ -139,6 +144,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     })();
     let teardown = engine.teardown();
     let _ = std::fs::remove_dir_all(&state_dir);
+    drop(resident);
     let (walls, cpu, elapsed) = measured?;
     teardown?;
 
@@ -156,10 +162,11 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         });
     }
     println!(
-        "{} commands per method ({:?} in `sh -c`), {} thread(s), {:.1} s",
+        "{} commands per method ({:?} in `sh -c`), {} thread(s), {} MiB resident, {:.1} s",
         rows[0].commands,
         args.script,
         args.threads.max(1),
+        args.resident_mb,
         elapsed.as_secs_f64()
     );
     println!(
@@ -183,6 +190,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         "bench": "exec",
         "script": args.script,
         "threads": args.threads.max(1),
+        "resident_mb": args.resident_mb,
         "results": rows,
     }))?;
     if let Some(out) = args.out {
