@@ -39,7 +39,7 @@
 use std::ffi::{CString, OsStr};
 use std::fs::File;
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
@@ -332,7 +332,7 @@ struct Plan {
     /// The command's ends of its stdin, stdout and stderr pipes.
     stdio: [RawFd; 3],
     /// Stacks of the waiter and the command until it execs.
-    stacks: [Vec<u8>; 2],
+    stacks: [Stack; 2],
     /// Results: the first step that failed (index into [`STEPS`]), its errno, the command's
     /// pid.
     failed: std::sync::atomic::AtomicUsize,
@@ -449,11 +449,7 @@ pub fn exec(
     // Only the command keeps its ends; stdin is at EOF at once, as with runc's pipe.
     drop((stdin_r, stdin_w, stdout_w, stderr_w));
     let command = started?;
-    let (stdout, stderr) = std::thread::scope(|s| {
-        let err = s.spawn(|| read_all(stderr_r));
-        let out = read_all(stdout_r);
-        (out, err.join().unwrap_or_default())
-    });
+    let (stdout, stderr) = read_both(stdout_r, stderr_r);
     let status = wait(command);
     let failed = plan.failed.load(std::sync::atomic::Ordering::SeqCst);
     let errno = plan.errno.load(std::sync::atomic::Ordering::SeqCst);
@@ -490,11 +486,46 @@ fn pipe() -> Result<(OwnedFd, OwnedFd), EnterError> {
         .map_err(|e| io_err("pipe", "/")(io::Error::from(e)))
 }
 
-fn read_all(fd: OwnedFd) -> Vec<u8> {
-    use std::io::Read;
-    let mut buf = Vec::new();
-    let _ = File::from(fd).read_to_end(&mut buf);
-    buf
+/// Reads both pipes to their ends in this thread (as `std::process::Command::output`).
+fn read_both(out: OwnedFd, err: OwnedFd) -> (Vec<u8>, Vec<u8>) {
+    use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+    let mut bufs = (Vec::new(), Vec::new());
+    let mut open = [Some(out), Some(err)];
+    let mut chunk = [0u8; 16 << 10];
+    while open.iter().any(Option::is_some) {
+        let mut fds: Vec<PollFd> = open
+            .iter()
+            .flatten()
+            .map(|fd| PollFd::new(fd.as_fd(), PollFlags::POLLIN))
+            .collect();
+        match poll(&mut fds, PollTimeout::NONE) {
+            Ok(_) => {}
+            Err(nix::errno::Errno::EINTR) => continue,
+            Err(_) => break,
+        }
+        let ready: Vec<bool> = fds
+            .iter()
+            .map(|f| f.revents().is_some_and(|r| !r.is_empty()))
+            .collect();
+        drop(fds);
+        let mut ready = ready.into_iter();
+        for (i, slot) in open.iter_mut().enumerate() {
+            let Some(fd) = slot else { continue };
+            if !ready.next().unwrap_or(false) {
+                continue;
+            }
+            match nix::unistd::read(fd.as_raw_fd(), &mut chunk) {
+                Ok(0) => *slot = None,
+                Ok(n) => {
+                    let buf = if i == 0 { &mut bufs.0 } else { &mut bufs.1 };
+                    buf.extend_from_slice(&chunk[..n]);
+                }
+                Err(nix::errno::Errno::EINTR | nix::errno::Errno::EAGAIN) => {}
+                Err(_) => *slot = None,
+            }
+        }
+    }
+    bufs
 }
 
 /// Waits for the command; its exit code, 128 + the signal that ended it.
@@ -591,15 +622,65 @@ fn prepare(
         argv: CStrings::new(argv.iter().cloned())?,
         envp: CStrings::new(env.iter().cloned())?,
         stdio,
-        stacks: [Vec::with_capacity(STACK), Vec::with_capacity(STACK)],
+        stacks: [Stack::new()?, Stack::new()?],
         failed: Default::default(),
         errno: Default::default(),
         command_pid: Default::default(),
     })
 }
 
-/// Stack of each new process until the command execs.
-const STACK: usize = 256 << 10;
+/// Stack of each new process until the command execs: its own mapping with a guard page
+/// below it (an overflow faults in that process instead of writing into the daemon's
+/// memory), unmapped when the plan is dropped.
+struct Stack {
+    base: *mut libc::c_void,
+    len: usize,
+}
+
+/// Usable size of a [`Stack`].
+const STACK: usize = 128 << 10;
+const PAGE: usize = 4096;
+
+impl Stack {
+    #[allow(unsafe_code)]
+    fn new() -> Result<Stack, EnterError> {
+        let len = STACK + PAGE;
+        // SAFETY: a fresh anonymous mapping; the guard page's protection changed on it alone.
+        unsafe {
+            let base = libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_STACK,
+                -1,
+                0,
+            );
+            if base == libc::MAP_FAILED {
+                return Err(io_err("mmap", "stack")(io::Error::last_os_error()));
+            }
+            let stack = Stack { base, len };
+            if libc::mprotect(base, PAGE, libc::PROT_NONE) < 0 {
+                return Err(io_err("mprotect", "stack")(io::Error::last_os_error()));
+            }
+            Ok(stack)
+        }
+    }
+
+    /// Where the stack starts (it grows down; 16-byte aligned).
+    fn top(&self) -> *mut libc::c_void {
+        (self.base as usize + self.len) as *mut libc::c_void
+    }
+}
+
+impl Drop for Stack {
+    #[allow(unsafe_code)]
+    fn drop(&mut self) {
+        // SAFETY: the mapping made in `new`, used by no process any more.
+        unsafe {
+            libc::munmap(self.base, self.len);
+        }
+    }
+}
 
 /// `close_range` flag: mark close-on-exec instead of closing.
 const CLOSE_RANGE_CLOEXEC: libc::c_uint = 1 << 2;
@@ -632,12 +713,6 @@ struct KernelSigaction {
     mask: u64,
 }
 
-fn stack_top(stack: &Vec<u8>) -> *mut libc::c_void {
-    // The stack grows down from its 16-byte aligned end (the capacity: never initialised).
-    let end = stack.as_ptr() as usize + stack.capacity();
-    (end & !15) as *mut libc::c_void
-}
-
 /// Starts the waiter, which starts the command; returns the command's pid once it has
 /// exec'd (or failed: see the plan's results). All signals stay blocked in this thread
 /// meanwhile, so that no handler of the daemon runs in the new processes.
@@ -654,7 +729,7 @@ fn start(plan: &Plan) -> Result<libc::pid_t, EnterError> {
         libc::pthread_sigmask(libc::SIG_SETMASK, &all, &mut old);
         let waiter = libc::clone(
             waiter_main,
-            stack_top(&plan.stacks[0]),
+            plan.stacks[0].top(),
             libc::CLONE_VM | libc::CLONE_VFORK | libc::SIGCHLD,
             plan as *const Plan as *mut libc::c_void,
         );
@@ -705,7 +780,7 @@ extern "C" fn waiter_main(arg: *mut libc::c_void) -> libc::c_int {
         }
         let pid = libc::clone(
             command_main,
-            stack_top(&plan.stacks[1]),
+            plan.stacks[1].top(),
             libc::CLONE_VM | libc::CLONE_VFORK | libc::CLONE_PARENT | libc::SIGCHLD,
             arg,
         );
