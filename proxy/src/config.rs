@@ -116,8 +116,8 @@ pub struct FileConfig {
     /// Transcript settings.
     #[serde(default)]
     pub transcript: TranscriptConfig,
-    /// The checkpoint engine (sandboxes, checkpoints). Every key has a default; an absent table
-    /// means the defaults with `state_dir = <state_dir>/engine`. The engine starts on the first
+    /// The checkpoint engine (sandboxes, checkpoints). Every key has a default; its
+    /// `state_dir` defaults to `<state_dir>/engine`, with or without the table. The engine starts on the first
     /// engine request to the admin API, so a proxy-only daemon needs no root.
     pub engine: Option<ckpt_engine::config::EngineConfig>,
     /// The coordinator: checkpoint policy at turn ends, the response gate, replay.
@@ -220,10 +220,20 @@ impl FileConfig {
 
     /// Parses TOML text (`path` only names it in errors).
     pub fn parse(text: &str, path: &Path) -> Result<Self, ConfigError> {
-        toml::from_str(text).map_err(|source| ConfigError::Parse {
+        let err = |source| ConfigError::Parse {
             path: path.to_owned(),
             source: Box::new(source),
-        })
+        };
+        let mut file: FileConfig = toml::from_str(text).map_err(err)?;
+        // An `[engine]` table that does not set `state_dir` keeps the engine under the daemon's
+        // state dir, as no table does: the empty path stands for "not set" until
+        // [`Config::from_parts`] knows that dir (`--state-dir` may give it).
+        let raw: toml::Table = toml::from_str(text).map_err(err)?;
+        let engine_dir_set = raw.get("engine").and_then(|e| e.get("state_dir")).is_some();
+        if let Some(engine) = file.engine.as_mut().filter(|_| !engine_dir_set) {
+            engine.state_dir = PathBuf::new();
+        }
+        Ok(file)
     }
 }
 
@@ -549,12 +559,13 @@ impl Config {
                 requirement: "at least 1",
             });
         }
-        let engine = file
-            .engine
-            .unwrap_or_else(|| ckpt_engine::config::EngineConfig {
+        let engine = match file.engine {
+            Some(e) if !e.state_dir.as_os_str().is_empty() => e,
+            e => ckpt_engine::config::EngineConfig {
                 state_dir: state_dir.join("engine"),
-                ..Default::default()
-            });
+                ..e.unwrap_or_default()
+            },
+        };
         let mut coordinator = file.coordinator;
         if let Some(p) = over.policy {
             coordinator.policy = p;
@@ -640,6 +651,31 @@ mod tests {
             upstream: Some(upstream.into()),
             ..Overrides::default()
         }
+    }
+
+    #[test]
+    fn the_engine_lives_under_the_daemons_state_dir_unless_its_table_says() {
+        let with_dir = |text: &str| {
+            let file = FileConfig::parse(text, Path::new("x.toml")).unwrap();
+            let o = Overrides {
+                state_dir: Some("/srv/crab".into()),
+                ..over("http://127.0.0.1:1")
+            };
+            Config::from_parts(file, o).unwrap().engine
+        };
+        for text in ["", "[engine]\n", "[engine]\nexec = \"runc\"\n"] {
+            assert_eq!(
+                with_dir(text).state_dir,
+                Path::new("/srv/crab/engine"),
+                "{text:?}"
+            );
+        }
+        assert_eq!(
+            with_dir("[engine]\nexec = \"runc\"\n").exec,
+            ckpt_engine::config::ExecMethod::Runc
+        );
+        let e = with_dir("[engine]\nstate_dir = \"/data/engine\"\n");
+        assert_eq!(e.state_dir, Path::new("/data/engine"));
     }
 
     #[test]
