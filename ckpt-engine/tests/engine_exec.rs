@@ -6,6 +6,8 @@
 
 mod common;
 
+use std::path::PathBuf;
+
 use ckpt_engine::enter::{self, EnterError};
 use ckpt_engine::runc::Runc;
 use common::{TestEngine, prerequisites, sh, unique};
@@ -26,17 +28,28 @@ hostname
 read -r pid comm state ppid pgrp sid tty tpgid flags f10 f11 f12 f13 f14 f15 f16 f17 prio nice rest < /proc/$$/stat
 echo "session leader $((sid == pid)), group leader $((pgrp == pid)), parent $ppid, tty $tty, priority $prio, nice $nice""#;
 
-#[test]
-fn native_exec_starts_the_process_runc_exec_starts() {
-    if !prerequisites("native_exec_starts_the_process_runc_exec_starts") {
-        return;
+/// A running sandbox on an engine of its own, the engine's runc state root and that runc;
+/// `None` (the test skipped) without the prerequisites.
+fn sandbox(test: &str) -> Option<(TestEngine, String, PathBuf, Runc)> {
+    if !prerequisites(test) {
+        return None;
     }
     let t = TestEngine::open(GIB);
-    let e = t.engine();
     let name = unique("");
-    e.create(&name, None).expect("create sandbox");
+    t.engine().create(&name, None).expect("create sandbox");
     let runc_root = t.state_dir.join("runc");
-    let runc = Runc::new(e.config().runc.clone().into(), runc_root.clone());
+    let runc = Runc::new(t.engine().config().runc.clone().into(), runc_root.clone());
+    Some((t, name, runc_root, runc))
+}
+
+#[test]
+fn native_exec_starts_the_process_runc_exec_starts() {
+    let Some((t, name, runc_root, runc)) =
+        sandbox("native_exec_starts_the_process_runc_exec_starts")
+    else {
+        return;
+    };
+    let e = t.engine();
     let argv = ["/bin/sh".to_string(), "-c".into(), PROBE.into()];
 
     let by_runc = runc
@@ -104,13 +117,10 @@ fn native_exec_starts_the_process_runc_exec_starts() {
 
 #[test]
 fn exit_codes_output_and_background_processes() {
-    if !prerequisites("exit_codes_output_and_background_processes") {
+    let Some((t, name, ..)) = sandbox("exit_codes_output_and_background_processes") else {
         return;
-    }
-    let t = TestEngine::open(GIB);
+    };
     let e = t.engine();
-    let name = unique("");
-    e.create(&name, None).expect("create sandbox");
     let run = |script: &str| {
         e.exec(
             &name,
@@ -156,25 +166,18 @@ fn exit_codes_output_and_background_processes() {
 
 #[test]
 fn a_paused_container_is_refused_and_nothing_starts() {
-    if !prerequisites("a_paused_container_is_refused_and_nothing_starts") {
+    let Some((t, name, runc_root, runc)) =
+        sandbox("a_paused_container_is_refused_and_nothing_starts")
+    else {
         return;
-    }
-    let t = TestEngine::open(GIB);
+    };
     let e = t.engine();
-    let name = unique("");
-    e.create(&name, None).expect("create sandbox");
-    let runc_root = t.state_dir.join("runc");
-    let runc = Runc::new(e.config().runc.clone().into(), runc_root.clone());
-    let status = std::process::Command::new(runc.bin())
-        .args([
-            "--root".as_ref(),
-            runc_root.as_os_str(),
-            "pause".as_ref(),
-            name.as_ref(),
-        ])
-        .status()
-        .unwrap();
-    assert!(status.success());
+    let runc_verb = |verb: &str| {
+        let root = runc_root.to_str().expect("utf-8 state dir");
+        ckpt_engine::sys::run(runc.bin(), &["--root", root, verb, name.as_str()])
+            .unwrap_or_else(|e| panic!("runc {verb}: {e}"));
+    };
+    runc_verb("pause");
     let err = enter::exec(
         &runc_root,
         &name,
@@ -184,19 +187,21 @@ fn a_paused_container_is_refused_and_nothing_starts() {
     )
     .unwrap_err();
     assert!(matches!(err, EnterError::Paused), "{err}");
-    let status = std::process::Command::new(runc.bin())
-        .args([
-            "--root".as_ref(),
-            runc_root.as_os_str(),
-            "resume".as_ref(),
-            name.as_ref(),
-        ])
-        .status()
-        .unwrap();
-    assert!(status.success());
+    runc_verb("resume");
     assert_eq!(sh(e, &name, "ls /paused 2>/dev/null; echo end"), "end\n");
 
     let err =
         enter::exec(&runc_root, "no-such-container", &["true".into()], &[], None).unwrap_err();
     assert!(matches!(err, EnterError::NotRunning { .. }), "{err}");
+
+    // A step that fails in the new process is named (here the working directory).
+    let err = enter::exec(
+        &runc_root,
+        &name,
+        &["true".into()],
+        &[],
+        Some("/no/such/dir"),
+    )
+    .unwrap_err();
+    assert!(err.to_string().starts_with("chdir container"), "{err}");
 }

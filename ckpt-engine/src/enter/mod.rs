@@ -87,21 +87,63 @@ fn ns_inode(pid: &str, kind: &str) -> Option<u64> {
         .map(|m| m.ino())
 }
 
-/// Steps of the entry that can fail in the new processes (recorded for the error).
-const STEPS: [&str; 12] = [
-    "",
-    "setns",
-    "clone",
-    "setsid",
-    "join cgroup",
-    "stdio",
-    "drop bounding capability",
-    "set user and groups",
-    "capset",
-    "setrlimit",
-    "no_new_privs",
-    "chdir",
-];
+/// Steps of the entry that can fail in the new processes (recorded for the error; 0 in the
+/// plan is none).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(usize)]
+enum Step {
+    Setns = 1,
+    Clone,
+    Setsid,
+    JoinCgroup,
+    Stdio,
+    DropBounding,
+    SetIds,
+    Capset,
+    Setrlimit,
+    NoNewPrivs,
+    Chdir,
+    Execve,
+}
+
+impl Step {
+    const ALL: [Step; 12] = [
+        Step::Setns,
+        Step::Clone,
+        Step::Setsid,
+        Step::JoinCgroup,
+        Step::Stdio,
+        Step::DropBounding,
+        Step::SetIds,
+        Step::Capset,
+        Step::Setrlimit,
+        Step::NoNewPrivs,
+        Step::Chdir,
+        Step::Execve,
+    ];
+
+    /// The step recorded in a plan (`None` for 0: nothing failed).
+    fn of(recorded: usize) -> Option<Step> {
+        Step::ALL.iter().copied().find(|s| *s as usize == recorded)
+    }
+
+    fn what(self) -> &'static str {
+        match self {
+            Step::Setns => "setns",
+            Step::Clone => "clone",
+            Step::Setsid => "setsid",
+            Step::JoinCgroup => "join cgroup",
+            Step::Stdio => "stdio",
+            Step::DropBounding => "drop bounding capability",
+            Step::SetIds => "set user and groups",
+            Step::Capset => "capset",
+            Step::Setrlimit => "setrlimit",
+            Step::NoNewPrivs => "no_new_privs",
+            Step::Chdir => "chdir",
+            Step::Execve => "execve",
+        }
+    }
+}
 
 /// Everything the new processes use, prepared by the calling thread, which stays suspended
 /// while they run in its address space (`CLONE_VM | CLONE_VFORK`); they only read it, and
@@ -126,7 +168,7 @@ struct Plan {
     stdio: [RawFd; 3],
     /// Stacks of the waiter and the command until it execs.
     stacks: [Stack; 2],
-    /// Results: the first step that failed (index into [`STEPS`]), its errno, the command's
+    /// Results: the step that failed ([`Step`] as a number, 0 for none), its errno, the command's
     /// pid.
     failed: std::sync::atomic::AtomicUsize,
     errno: std::sync::atomic::AtomicI32,
@@ -211,7 +253,8 @@ pub fn exec(
     let errno = plan.errno.load(std::sync::atomic::Ordering::SeqCst);
     drop(plan);
     let exit_code = status.map_err(io_err("waitpid", format!("/proc/{command}")))?;
-    if failed == STEPS.len() {
+    let failed = Step::of(failed);
+    if failed == Some(Step::Execve) {
         // The program could not be executed: as a shell reports it (runc exec: status 255
         // and its own message).
         let e = io::Error::from_raw_os_error(errno);
@@ -225,8 +268,8 @@ pub fn exec(
         }
         return Err(io_err("execve", program.as_str())(e));
     }
-    if failed != 0 {
-        return Err(io_err(STEPS[failed], format!("container {id}"))(
+    if let Some(step) = failed {
+        return Err(io_err(step.what(), format!("container {id}"))(
             io::Error::from_raw_os_error(errno),
         ));
     }
@@ -503,8 +546,8 @@ fn start(plan: &Plan) -> Result<libc::pid_t, EnterError> {
     }
     let command = plan.command_pid.load(SeqCst);
     if command <= 0 {
-        let failed = plan.failed.load(SeqCst).max(2);
-        return Err(io_err(STEPS[failed], "/")(io::Error::from_raw_os_error(
+        let failed = Step::of(plan.failed.load(SeqCst)).unwrap_or(Step::Clone);
+        return Err(io_err(failed.what(), "/")(io::Error::from_raw_os_error(
             plan.errno.load(SeqCst),
         )));
     }
@@ -512,13 +555,13 @@ fn start(plan: &Plan) -> Result<libc::pid_t, EnterError> {
 }
 
 impl Plan {
-    fn fail(&self, step: usize) -> libc::c_int {
+    fn fail(&self, step: Step) -> libc::c_int {
         use std::sync::atomic::Ordering::SeqCst;
         // SAFETY: errno of the calling task.
         #[allow(unsafe_code)]
         let errno = unsafe { *libc::__errno_location() };
         self.errno.store(errno, SeqCst);
-        self.failed.store(step, SeqCst);
+        self.failed.store(step as usize, SeqCst);
         127
     }
 }
@@ -532,7 +575,7 @@ extern "C" fn waiter_main(arg: *mut libc::c_void) -> libc::c_int {
     // SAFETY: plain system calls; the command's clone as in `start`.
     unsafe {
         if libc::setns(plan.pidfd.as_raw_fd(), plan.ns_flags) < 0 {
-            return plan.fail(1);
+            return plan.fail(Step::Setns);
         }
         let pid = libc::clone(
             command_main,
@@ -541,7 +584,7 @@ extern "C" fn waiter_main(arg: *mut libc::c_void) -> libc::c_int {
             arg,
         );
         if pid < 0 {
-            return plan.fail(2);
+            return plan.fail(Step::Clone);
         }
         plan.command_pid
             .store(pid, std::sync::atomic::Ordering::SeqCst);
@@ -564,16 +607,16 @@ extern "C" fn command_main(arg: *mut libc::c_void) -> libc::c_int {
         // runc's init makes every command a session leader in the container: a session whose
         // leader lives outside its pid namespace cannot be dumped by CRIU.
         if libc::setsid() < 0 {
-            return plan.fail(3);
+            return plan.fail(Step::Setsid);
         }
         for f in &plan.cgroup_procs {
             if !sys(libc::write(f.as_raw_fd(), b"0".as_ptr().cast(), 1) as libc::c_long) {
-                return plan.fail(4);
+                return plan.fail(Step::JoinCgroup);
             }
         }
         for (i, &fd) in plan.stdio.iter().enumerate() {
             if libc::dup2(fd, i as RawFd) < 0 {
-                return plan.fail(5);
+                return plan.fail(Step::Stdio);
             }
         }
         // Nothing of the daemon's reaches the command (as runc, which closes every descriptor
@@ -584,13 +627,13 @@ extern "C" fn command_main(arg: *mut libc::c_void) -> libc::c_int {
             u32::MAX,
             CLOSE_RANGE_CLOEXEC,
         )) {
-            return plan.fail(5);
+            return plan.fail(Step::Stdio);
         }
         for cap in 0..=plan.last_cap {
             if plan.caps.bounding & (1u64 << cap) == 0
                 && libc::prctl(libc::PR_CAPBSET_DROP, cap as libc::c_ulong, 0, 0, 0) < 0
             {
-                return plan.fail(6);
+                return plan.fail(Step::DropBounding);
             }
         }
         let ids_ok = libc::prctl(libc::PR_SET_KEEPCAPS, 1 as libc::c_ulong, 0, 0, 0) >= 0
@@ -613,7 +656,7 @@ extern "C" fn command_main(arg: *mut libc::c_void) -> libc::c_int {
             ))
             && libc::prctl(libc::PR_SET_KEEPCAPS, 0 as libc::c_ulong, 0, 0, 0) >= 0;
         if !ids_ok {
-            return plan.fail(7);
+            return plan.fail(Step::SetIds);
         }
         let mut header = CapHeader {
             version: CAP_V3,
@@ -630,7 +673,7 @@ extern "C" fn command_main(arg: *mut libc::c_void) -> libc::c_int {
             &mut header as *mut CapHeader,
             data.as_ptr(),
         )) {
-            return plan.fail(8);
+            return plan.fail(Step::Capset);
         }
         // As runc: an ambient capability the inheritable and permitted sets lack cannot be
         // raised, and is left out.
@@ -651,16 +694,16 @@ extern "C" fn command_main(arg: *mut libc::c_void) -> libc::c_int {
                 rlim_max: hard,
             };
             if libc::setrlimit(resource as _, &lim) < 0 {
-                return plan.fail(9);
+                return plan.fail(Step::Setrlimit);
             }
         }
         if plan.no_new_privileges
             && libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1 as libc::c_ulong, 0, 0, 0) < 0
         {
-            return plan.fail(10);
+            return plan.fail(Step::NoNewPrivs);
         }
         if libc::chdir(plan.cwd.as_ptr()) < 0 {
-            return plan.fail(11);
+            return plan.fail(Step::Chdir);
         }
         // Default handling of every signal, none blocked (the daemon's handlers are not the
         // command's; its ignored signals neither).
@@ -704,6 +747,6 @@ extern "C" fn command_main(arg: *mut libc::c_void) -> libc::c_int {
             }
         }
         *libc::__errno_location() = err;
-        plan.fail(STEPS.len())
+        plan.fail(Step::Execve)
     }
 }

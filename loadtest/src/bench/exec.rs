@@ -17,6 +17,8 @@ use ckpt_engine::{Engine, EngineConfig};
 use nix::sys::resource::{UsageWho, getrusage};
 use serde::Serialize;
 
+use crate::stack::percentile;
+
 /// Arguments of `loadtest bench exec`.
 #[derive(clap::Args, Debug)]
 pub struct Args {
@@ -55,13 +57,6 @@ fn cpu_s(who: UsageWho) -> f64 {
             t(u.user_time()) + t(u.system_time())
         })
         .unwrap_or(0.0)
-}
-
-fn percentile(sorted: &[f64], p: f64) -> f64 {
-    if sorted.is_empty() {
-        return f64::NAN;
-    }
-    sorted[(((sorted.len() - 1) as f64) * p).round() as usize]
 }
 
 /// One thread's `n` commands by `method` (0 native, 1 runc exec): their wall times, ms.
@@ -150,14 +145,13 @@ pub fn run(args: Args) -> anyhow::Result<()> {
 
     let mut rows = Vec::new();
     for (m, method) in ["native", "runc exec"].into_iter().enumerate() {
-        let mut w = walls[m].clone();
-        w.sort_by(f64::total_cmp);
+        let w = &walls[m];
         rows.push(Row {
             method,
             commands: w.len(),
-            wall_p50_ms: percentile(&w, 0.5),
-            wall_p95_ms: percentile(&w, 0.95),
-            wall_p99_ms: percentile(&w, 0.99),
+            wall_p50_ms: percentile(w, 0.5),
+            wall_p95_ms: percentile(w, 0.95),
+            wall_p99_ms: percentile(w, 0.99),
             cpu_ms_per_command: cpu[m] * 1e3 / w.len().max(1) as f64,
         });
     }
