@@ -1,5 +1,5 @@
-//! A dump Crab gives up on leaves nothing behind: when CRIU hangs (here: stopped by the test in
-//! the post-dump window, so it never finishes) the dump times out, runc, CRIU and their helpers
+//! A dump Crab gives up on leaves nothing behind: when CRIU hangs (here: stopped by the test
+//! while it holds the sandbox's tasks, so it never finishes) the dump times out, runc, CRIU and their helpers
 //! are all gone, the sandbox runs again (neither frozen nor held by CRIU), and its next
 //! checkpoint and restore work. A sandbox killed under its dumps ends them at once, with no CRIU
 //! left either. Run as root:
@@ -8,6 +8,7 @@
 mod common;
 mod process_support;
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use ckpt_engine::process::ProcessError;
@@ -42,6 +43,80 @@ fn dumping_criu(init: u32) -> Option<u32> {
         })
 }
 
+/// Watches for the CRIU dumping the tree rooted at host pid `init` to hold that tree (the init
+/// in ptrace's tracing stop: CRIU has seized it and is dumping it), then stops that CRIU
+/// (SIGSTOP), calls `then` with its pid and returns it. `None` when `done` is set first (the
+/// dump ended without being caught).
+fn stop_criu_holding(init: u32, done: &AtomicBool, then: impl FnOnce(u32)) -> Option<u32> {
+    let traced = || {
+        std::fs::read_to_string(format!("/proc/{init}/stat"))
+            .ok()
+            .and_then(|s| {
+                s.rsplit_once(')')
+                    .map(|(_, r)| r.trim_start().starts_with('t'))
+            })
+            .unwrap_or(false)
+    };
+    while !done.load(Ordering::SeqCst) {
+        if let Some(criu) = dumping_criu(init).filter(|_| traced()) {
+            kill(Pid::from_raw(criu as i32), Signal::SIGSTOP).unwrap();
+            then(criu);
+            return Some(criu);
+        }
+        std::thread::sleep(Duration::from_micros(500));
+    }
+    None
+}
+
+/// A full checkpoint through `backend` during which the CRIU dumping the sandbox is stopped
+/// while it holds the tree, and `then` runs ([`stop_criu_holding`]); a dump that ended before
+/// it was caught is discarded and tried again (up to five times). Returns the checkpoint's
+/// result, how long it took and the stopped CRIU's pid.
+fn dump_with_criu_stopped(
+    lab: &Lab,
+    backend: &ckpt_engine::process::ProcessBackend,
+    name: &str,
+    then: impl Fn(u32) + Sync,
+) -> (
+    Result<
+        ckpt_engine::process::ProcessCheckpoint<ckpt_engine::fs::SnapshotOutcome>,
+        ckpt_engine::process::CheckpointFailure<ckpt_engine::fs::SnapshotOutcome>,
+    >,
+    Duration,
+    u32,
+) {
+    let init = lab
+        .process
+        .runc()
+        .state(name)
+        .ok()
+        .flatten()
+        .map(|s| s.pid)
+        .expect("sandbox init");
+    for attempt in 0..5 {
+        let done = AtomicBool::new(false);
+        let t = Instant::now();
+        let (result, criu) = std::thread::scope(|s| {
+            let watcher = s.spawn(|| stop_criu_holding(init, &done, &then));
+            let result = lab.full_checkpoint_with(backend, name, |_| {});
+            done.store(true, Ordering::SeqCst);
+            (result, watcher.join().unwrap())
+        });
+        let took = t.elapsed();
+        match criu {
+            Some(criu) => return (result, took, criu),
+            None => {
+                eprintln!("attempt {attempt}: the dump ended before its CRIU was caught");
+                if let Ok(cp) = result {
+                    let _ = lab.engine().backend().delete(&cp.frozen.snapshot);
+                    let _ = std::fs::remove_dir_all(&cp.dir);
+                }
+            }
+        }
+    }
+    panic!("no dump's CRIU was caught holding the tree in five attempts");
+}
+
 /// A lab with one sandbox running the counter server (first answer checked), or `None` when
 /// the prerequisites are missing (the test is then skipped, as `process_prerequisites` says).
 fn counter_sandbox(test: &str) -> Option<(Lab, String)> {
@@ -69,9 +144,8 @@ fn leftovers_after(needle: &str, timeout: Duration) -> Vec<String> {
     }
 }
 
-/// The crafted hang: CRIU is stopped (SIGSTOP) once it has dumped everything and runs Crab's
-/// post-dump hook; it would hold the sandbox forever. The dump times out after
-/// `operation_timeout_secs`, and then nothing of it survives and the sandbox serves again.
+/// The crafted hang: CRIU is stopped (SIGSTOP) while it holds the sandbox's tasks; it would
+/// hold the sandbox forever. The dump times out after `operation_timeout_secs`, and then nothing of it survives and the sandbox serves again.
 #[test]
 fn a_hung_criu_is_ended_and_the_sandbox_runs_on() {
     let Some((lab, name)) = counter_sandbox("a_hung_criu_is_ended_and_the_sandbox_runs_on") else {
@@ -80,15 +154,7 @@ fn a_hung_criu_is_ended_and_the_sandbox_runs_on() {
 
     let timeout_secs = 3;
     let impatient = lab.backend_with(|c| c.operation_timeout_secs = timeout_secs);
-    let mut stopped: Option<u32> = None;
-    let t = Instant::now();
-    let result = lab.full_checkpoint_with(&impatient, &name, |ctx| {
-        let criu = dumping_criu(ctx.init_pid).expect("the CRIU dumping the sandbox");
-        kill(Pid::from_raw(criu as i32), Signal::SIGSTOP).unwrap();
-        stopped = Some(criu);
-    });
-    let took = t.elapsed();
-    let criu = stopped.expect("the post-dump hook ran");
+    let (result, took, criu) = dump_with_criu_stopped(&lab, &impatient, &name, |_| {});
     match result {
         Ok(_) => panic!("a dump whose CRIU never finishes cannot succeed"),
         Err(f) => {
@@ -239,7 +305,7 @@ fn sandbox_killed_under_a_dump_leaves_no_criu() {
 }
 
 /// The deadlock seen in the end-to-end tests: the sandbox's init is killed while CRIU holds
-/// the stopped tree (here: from the post-dump hook). The init then waits, in its exit, for the
+/// the stopped tree (here: while CRIU holds it). The init then waits, in its exit, for the
 /// other tasks of its pid namespace to be reaped; they are CRIU's tracees, and CRIU waits for
 /// the init. The dump must end at once (not at the operation timeout), with no CRIU left.
 #[test]
@@ -254,17 +320,21 @@ fn init_killed_while_criu_holds_the_tree_ends_the_dump_at_once() {
         .unwrap_or_else(|f| panic!("checkpoint: {}", f.error));
     let timeout_secs = 60;
     let patient = lab.backend_with(|c| c.operation_timeout_secs = timeout_secs);
-    let t = Instant::now();
-    let result = lab.full_checkpoint_with(&patient, &name, |ctx| {
-        // CRIU stuck (stopped) and the sandbox killed: only the sandbox's death can tell the
-        // dump it is over.
-        let criu = dumping_criu(ctx.init_pid).expect("the CRIU dumping the sandbox");
-        kill(Pid::from_raw(criu as i32), Signal::SIGSTOP).unwrap();
-        kill(Pid::from_raw(ctx.init_pid as i32), Signal::SIGKILL).unwrap();
+    let init = lab
+        .process
+        .runc()
+        .state(&name)
+        .ok()
+        .flatten()
+        .map(|s| s.pid)
+        .expect("sandbox init");
+    // CRIU stuck (stopped) and the sandbox killed: only the sandbox's death can tell the dump
+    // it is over.
+    let (result, took, _) = dump_with_criu_stopped(&lab, &patient, &name, |_| {
+        kill(Pid::from_raw(init as i32), Signal::SIGKILL).unwrap();
     });
-    let took = t.elapsed();
     eprintln!(
-        "dump with its init killed in the post-dump window ended after {took:?}: {:?}",
+        "dump with its init killed while CRIU held the tree ended after {took:?}: {:?}",
         result
             .as_ref()
             .map(|cp| cp.dir.display().to_string())

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use ckpt_engine::process::{CriuFailureKind, ProcessBackend, ProcessError};
 use common::{COUNTER_SERVER, counter_query, unique};
-use process_support::{GIB, Lab, process_prerequisites};
+use process_support::{GIB, Lab, in_rootfs, process_prerequisites, processes_mentioning};
 
 fn get_counter(lab: &Lab, id: &str) -> u64 {
     let (code, out) = lab.sh_in(id, &counter_query());
@@ -506,4 +506,94 @@ fn empty_conntrack_is_not_dumped_and_the_netns_restores() {
     let (code, out) = lab.sh_in(&name, "cat /proc/net/dev | grep -c lo:");
     assert_eq!((code, out.trim()), (0, "1"), "{out}");
     lab.kill_sandbox(&name);
+}
+
+/// The filesystem snapshot of a full checkpoint sees every task stopped, both ways the frozen
+/// work runs: in a cgroup Crab froze itself it runs after runc and CRIU are gone (CRIU
+/// leaves the cgroup frozen, as it found it) with no action script started; in a container
+/// paused by someone else CRIU's post-dump script hands it over while CRIU holds the tasks,
+/// and the container is left paused. A busy writer's counter does not move in the window, the
+/// snapshot holds the value read there, and the writer moves on afterwards.
+#[test]
+fn the_snapshot_sees_a_stopped_tree_whoever_froze_it() {
+    if !process_prerequisites("the_snapshot_sees_a_stopped_tree_whoever_froze_it") {
+        return;
+    }
+    let lab = Lab::open(4 * GIB);
+    let name = unique("");
+    let e = lab.engine();
+    e.create(&name, None).expect("create sandbox");
+    lab.spawn(
+        &name,
+        "i=0; while :; do i=$((i+1)); echo $i > /tick.new; mv /tick.new /tick; done",
+    );
+    let tick = in_rootfs(e, &name, "tick");
+    let read = || -> u64 {
+        std::fs::read_to_string(&tick)
+            .unwrap_or_default()
+            .trim()
+            .parse()
+            .unwrap_or(0)
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while read() < 3 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the writer never wrote"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let runc = lab.process.runc();
+    for paused in [false, true] {
+        if paused {
+            runc.run(&["pause", &name]).expect("runc pause");
+        }
+        let mut seen = None;
+        let mut helpers = Vec::new();
+        let cp = lab
+            .full_checkpoint_with(&lab.process, &name, |_| {
+                let first = read();
+                std::thread::sleep(Duration::from_millis(150));
+                seen = Some((first, read()));
+                helpers = processes_mentioning(&lab.images.display().to_string());
+            })
+            .unwrap_or_else(|f| panic!("checkpoint (paused {paused}): {}", f.error));
+        let (first, second) = seen.expect("frozen work ran");
+        assert_eq!(
+            first, second,
+            "the writer ran in the window (paused {paused})"
+        );
+        let snapshot = e
+            .pool()
+            .snapshots_dir()
+            .join(&name)
+            .join(&cp.frozen.snapshot.id)
+            .join("tick");
+        let in_snapshot: u64 = std::fs::read_to_string(&snapshot)
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        assert_eq!(in_snapshot, first, "paused {paused}");
+        if paused {
+            // runc and CRIU (running the script) are there; the container stays paused.
+            assert!(!helpers.is_empty(), "no dump process in the window");
+            assert_eq!(e.runc().status(&name).as_deref(), Some("paused"));
+            runc.run(&["resume", &name]).expect("runc resume");
+        } else {
+            assert!(
+                helpers.is_empty(),
+                "runc, CRIU or a script still ran: {helpers:?}"
+            );
+        }
+        let before = read();
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while read() <= before {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the writer stayed stopped (paused {paused})"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
 }

@@ -428,12 +428,6 @@ impl ProcessBackend {
             .chain(CRIU_DUMP_OPTIONS)
             .copied()
             .collect();
-        let (mut rv, criu_conf) = Rendezvous::create(
-            &hook_dir,
-            "post-dump",
-            Duration::from_secs(self.config.hook_timeout_secs),
-            &options,
-        )?;
         let out_path = work.join("runc.out");
         let out = std::fs::File::create(&out_path)
             .map_err(|e| ProcessError::io("create", &out_path, e))?;
@@ -456,6 +450,19 @@ impl ProcessBackend {
                 )
             })
             .and_then(|f| f.freeze(Duration::from_secs(2)));
+        // A cgroup Crab froze stays frozen after CRIU (it restores the state it found), so
+        // the frozen work runs once runc has exited and CRIU starts no action script (a shell,
+        // `timeout`, a watchdog and its `sleep`s per dump). Otherwise it runs in CRIU's
+        // post-dump window, handed over by the script.
+        let (mut rv, criu_conf) = match &prefrozen {
+            Some(_) => Rendezvous::options_only(&hook_dir, &options)?,
+            None => Rendezvous::create(
+                &hook_dir,
+                "post-dump",
+                Duration::from_secs(self.config.hook_timeout_secs),
+                &options,
+            )?,
+        };
         let init_start = start_time(init_pid);
         let mut cmd = self.runc.command();
         cmd.arg("checkpoint")
@@ -487,9 +494,7 @@ impl ProcessBackend {
             _ => None,
         };
         let mut hook = Some(while_frozen);
-        let mut processes = Vec::new();
-        let mut closed_tcp = Vec::new();
-        let mut hook_us = 0;
+        let mut done: Option<FrozenWork> = None;
         let mut hook_error: Option<Box<dyn std::error::Error + Send + Sync>> = None;
         let status = loop {
             let event = match next_event(
@@ -515,60 +520,36 @@ impl ProcessBackend {
                         rv.answer(false)?;
                         continue;
                     };
-                    let t = Instant::now();
-                    processes = read_tree(Path::new("/proc"), init_pid);
-                    // CRIU dumps the tree under the sandbox's init; anything else in its cgroup
-                    // (a `runc exec -d` process is re-parented outside the tree) would be lost
-                    // silently: refuse instead.
-                    // `init_pid` is CRIU's root task, i.e. the pid runc's state names; the
-                    // cgroup's processes of another pid namespace belong to another container.
-                    let (own, foreign) =
-                        split_outsiders(&outside_tree(Path::new("/proc"), init_pid));
-                    let refusal = if !own.is_empty() {
-                        Some(ProcessError::OutsideTree {
-                            container: id.to_string(),
-                            processes: own.join(", "),
-                        })
-                    } else if !foreign.is_empty() {
-                        Some(ProcessError::ForeignProcesses {
-                            container: id.to_string(),
-                            processes: foreign.join(", "),
-                        })
-                    } else {
-                        None
+                    let ok = match frozen_work(id, init_pid, f, frozen) {
+                        Ok(w) => {
+                            done = Some(w);
+                            true
+                        }
+                        Err(e) => {
+                            hook_error = Some(e);
+                            false
+                        }
                     };
-                    if let Some(refusal) = refusal {
-                        hook_error = Some(Box::new(refusal));
-                        rv.answer(false)?;
-                        continue;
-                    }
-                    let host_pids: Vec<u32> =
-                        read_tree_with_host_pids(Path::new("/proc"), init_pid)
-                            .into_iter()
-                            .map(|(pid, _)| pid)
-                            .collect();
-                    closed_tcp = connected_tcp(Path::new("/proc"), &host_pids)
-                        .iter()
-                        .map(|c| c.describe())
-                        .collect();
-                    let ctx = FrozenContext {
-                        container_id: id.to_string(),
-                        init_pid,
-                        processes: processes.clone(),
-                    };
-                    let result = f(&ctx);
-                    hook_us = micros(t.elapsed());
-                    let ok = result.is_ok();
-                    match result {
-                        Ok(v) => *frozen = Some(v),
-                        Err(e) => hook_error = Some(e.into()),
-                    }
                     rv.answer(ok)?;
                 }
                 HookEvent::Fired { .. } => rv.answer(true)?,
                 HookEvent::Exited(status) => break status,
             }
         };
+        if let (Some(guard), Some(f), true) = (&prefrozen, hook.take(), status.success()) {
+            if guard.hold(Duration::from_secs(2)) {
+                match frozen_work(id, init_pid, f, frozen) {
+                    Ok(w) => done = Some(w),
+                    Err(e) => hook_error = Some(e),
+                }
+            } else {
+                hook_error = Some(Box::new(ProcessError::ContainerState {
+                    container: id.to_string(),
+                    status: "thawed during the dump".to_string(),
+                    expected: "frozen",
+                }));
+            }
+        }
         drop(prefrozen);
         let dump_wall_us = micros(started.elapsed());
         let _ = std::fs::remove_dir_all(&hook_dir);
@@ -627,6 +608,11 @@ impl ProcessBackend {
             reason: e.to_string(),
         })?;
         let image_bytes = dir_bytes(&images);
+        let FrozenWork {
+            processes,
+            closed_tcp,
+            hook_us,
+        } = done.unwrap_or_default();
         let info = ProcessImageInfo {
             format_version: IMAGE_FORMAT_VERSION,
             container_id: id.to_string(),
@@ -877,6 +863,67 @@ impl ProcessBackend {
 
 /// How often a waiting operation records runc's children and checks that the sandbox lives.
 const SANDBOX_CHECK: Duration = Duration::from_millis(50);
+
+/// What the frozen work of a dump found, for the image's `process.json`.
+#[derive(Default)]
+struct FrozenWork {
+    processes: Vec<ProcessEntry>,
+    closed_tcp: Vec<String>,
+    hook_us: u64,
+}
+
+/// The work done while every task of the tree rooted at host pid `init_pid` is stopped and
+/// the image complete: the tree recorded, processes of the cgroup outside the tree refused
+/// (CRIU dumps the tree under the sandbox's init; anything else in its cgroup — a `runc exec
+/// -d` process is re-parented outside the tree — would be lost silently), connected TCP
+/// sockets noted, and `f` (the filesystem snapshot), whose value lands in `frozen`.
+fn frozen_work<T, E, F>(
+    id: &str,
+    init_pid: u32,
+    f: F,
+    frozen: &mut Option<T>,
+) -> Result<FrozenWork, Box<dyn std::error::Error + Send + Sync>>
+where
+    F: FnOnce(&FrozenContext) -> Result<T, E>,
+    E: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let t = Instant::now();
+    let processes = read_tree(Path::new("/proc"), init_pid);
+    // `init_pid` is CRIU's root task, i.e. the pid runc's state names; the cgroup's processes
+    // of another pid namespace belong to another container.
+    let (own, foreign) = split_outsiders(&outside_tree(Path::new("/proc"), init_pid));
+    if !own.is_empty() {
+        return Err(Box::new(ProcessError::OutsideTree {
+            container: id.to_string(),
+            processes: own.join(", "),
+        }));
+    }
+    if !foreign.is_empty() {
+        return Err(Box::new(ProcessError::ForeignProcesses {
+            container: id.to_string(),
+            processes: foreign.join(", "),
+        }));
+    }
+    let host_pids: Vec<u32> = read_tree_with_host_pids(Path::new("/proc"), init_pid)
+        .into_iter()
+        .map(|(pid, _)| pid)
+        .collect();
+    let closed_tcp = connected_tcp(Path::new("/proc"), &host_pids)
+        .iter()
+        .map(|c| c.describe())
+        .collect();
+    let ctx = FrozenContext {
+        container_id: id.to_string(),
+        init_pid,
+        processes: processes.clone(),
+    };
+    *frozen = Some(f(&ctx).map_err(Into::into)?);
+    Ok(FrozenWork {
+        processes,
+        closed_tcp,
+        hook_us: micros(t.elapsed()),
+    })
+}
 
 /// Waits for the next event of runc operation `op`: a hook firing or runc's exit. Fails at
 /// `deadline` ([`ProcessError::Timeout`] naming `what`) or as soon as `gone` returns an error

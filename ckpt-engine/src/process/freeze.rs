@@ -87,6 +87,23 @@ pub struct FrozenGuard {
     freezer: Freezer,
 }
 
+impl FrozenGuard {
+    /// Freezes the cgroup again if needed and waits (1 ms polls) until it is frozen; false
+    /// when it is not by `timeout`. CRIU, finding the cgroup frozen, thaws it while its tasks
+    /// are held by ptrace and freezes it again before it lets them go; this confirms that they
+    /// are held by the freezer alone once CRIU is gone.
+    pub fn hold(&self, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        while !self.freezer.is_frozen() {
+            if Instant::now() > deadline || self.freezer.write(true).is_err() {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        true
+    }
+}
+
 impl Drop for FrozenGuard {
     fn drop(&mut self) {
         let _ = self.freezer.write(false);

@@ -87,9 +87,9 @@ pub fn render_script(
     )
 }
 
-/// Renders the CRIU config file: the action script, then `options`, one per line.
-pub fn render_config(script: &Path, options: &[&str]) -> String {
-    let mut conf = format!("action-script {}\n", script.display());
+/// Renders the CRIU config file: the action script if any, then `options`, one per line.
+pub fn render_config(script: Option<&Path>, options: &[&str]) -> String {
+    let mut conf = script.map_or_else(String::new, |s| format!("action-script {}\n", s.display()));
     for o in options {
         conf.push_str(o);
         conf.push('\n');
@@ -120,6 +120,20 @@ impl Rendezvous {
         timeout: Duration,
         options: &[&str],
     ) -> Result<(Self, PathBuf), ProcessError> {
+        Self::build(dir, Some((action, timeout)), options)
+    }
+
+    /// A rendezvous whose config file carries `options` only: CRIU runs no script (no shell is
+    /// started at any of its action points) and [`Rendezvous::wait`] reports runc's exit alone.
+    pub fn options_only(dir: &Path, options: &[&str]) -> Result<(Self, PathBuf), ProcessError> {
+        Self::build(dir, None, options)
+    }
+
+    fn build(
+        dir: &Path,
+        hook: Option<(&str, Duration)>,
+        options: &[&str],
+    ) -> Result<(Self, PathBuf), ProcessError> {
         std::fs::create_dir_all(dir).map_err(|e| ProcessError::io("create hook dir", dir, e))?;
         let request = dir.join("request.fifo");
         let answer = dir.join("answer.fifo");
@@ -142,12 +156,15 @@ impl Rendezvous {
         let answer_file = open(&answer, false)?;
         let script = dir.join("action-script.sh");
         let config = dir.join("criu.conf");
-        write_file(
-            &script,
-            render_script(action, &request, &answer, timeout, std::process::id()).as_bytes(),
-            0o700,
-        )?;
-        write_file(&config, render_config(&script, options).as_bytes(), 0o600)?;
+        if let Some((action, timeout)) = hook {
+            write_file(
+                &script,
+                render_script(action, &request, &answer, timeout, std::process::id()).as_bytes(),
+                0o700,
+            )?;
+        }
+        let conf = render_config(hook.map(|_| script.as_path()), options);
+        write_file(&config, conf.as_bytes(), 0o600)?;
         Ok((
             Rendezvous {
                 dir: dir.to_path_buf(),
@@ -277,6 +294,27 @@ mod tests {
             .unwrap();
         assert!(!status.success());
         assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
+    }
+
+    /// Without a hook the config names no script and `wait` reports only the child's exit.
+    #[test]
+    fn options_only_config_starts_no_script() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut rv, config) =
+            Rendezvous::options_only(dir.path(), &["tcp-close", "network-lock skip"]).unwrap();
+        let conf = std::fs::read_to_string(&config).unwrap();
+        assert_eq!(conf, "tcp-close\nnetwork-lock skip\n");
+        assert!(!dir.path().join("action-script.sh").exists());
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        match rv
+            .wait(&mut child, deadline)
+            .unwrap()
+            .expect("exit in time")
+        {
+            HookEvent::Exited(s) => assert!(s.success()),
+            e => panic!("unexpected {e:?}"),
+        }
     }
 
     #[test]

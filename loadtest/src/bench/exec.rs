@@ -14,7 +14,6 @@ use std::time::Instant;
 use anyhow::Context;
 use ckpt_engine::runc::Runc;
 use ckpt_engine::{Engine, EngineConfig};
-use nix::sys::resource::{UsageWho, getrusage};
 use serde::Serialize;
 
 use crate::stack::percentile;
@@ -50,15 +49,6 @@ struct Row {
     cpu_ms_per_command: f64,
 }
 
-fn cpu_s(who: UsageWho) -> f64 {
-    getrusage(who)
-        .map(|u| {
-            let t = |v: nix::sys::time::TimeVal| v.tv_sec() as f64 + v.tv_usec() as f64 / 1e6;
-            t(u.user_time()) + t(u.system_time())
-        })
-        .unwrap_or(0.0)
-}
-
 /// One thread's `n` commands by `method` (0 native, 1 runc exec): their wall times, ms.
 fn commands(
     root: &std::path::Path,
@@ -80,11 +70,6 @@ fn commands(
         anyhow::ensure!(exit == 0, "the command exited with {exit}");
     }
     Ok(walls)
-}
-
-/// This process's CPU time and its reaped descendants', seconds.
-fn process_cpu_s() -> f64 {
-    cpu_s(UsageWho::RUSAGE_SELF) + cpu_s(UsageWho::RUSAGE_CHILDREN)
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
@@ -122,7 +107,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         let mut cpu = [0.0f64; 2];
         let wall0 = Instant::now();
         for m in [0, 1, 1, 0] {
-            let c0 = process_cpu_s();
+            let c0 = super::process_cpu_s();
             let got = std::thread::scope(|s| {
                 let handles: Vec<_> = (0..threads)
                     .map(|_| s.spawn(|| commands(&root, &runc, &name, &argv, m, per_round)))
@@ -132,7 +117,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                     .map(|h| h.join().expect("bench thread panicked"))
                     .collect::<anyhow::Result<Vec<_>>>()
             })?;
-            cpu[m] += process_cpu_s() - c0;
+            cpu[m] += super::process_cpu_s() - c0;
             walls[m].extend(got.into_iter().flatten());
         }
         Ok((walls, cpu, wall0.elapsed()))

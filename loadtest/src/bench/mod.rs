@@ -40,3 +40,18 @@ pub fn run(command: BenchCommand) -> anyhow::Result<()> {
         BenchCommand::E2e(args) => e2e::run(args),
     }
 }
+
+/// This process's CPU time (every thread) and its reaped descendants' (runc, CRIU and what
+/// they start, once waited for), seconds.
+pub(crate) fn process_cpu_s() -> f64 {
+    use nix::sys::resource::{UsageWho, getrusage};
+    let cpu = |who| {
+        getrusage(who)
+            .map(|u| {
+                let t = |v: nix::sys::time::TimeVal| v.tv_sec() as f64 + v.tv_usec() as f64 / 1e6;
+                t(u.user_time()) + t(u.system_time())
+            })
+            .unwrap_or(0.0)
+    };
+    cpu(UsageWho::RUSAGE_SELF) + cpu(UsageWho::RUSAGE_CHILDREN)
+}

@@ -9,7 +9,8 @@
 //! "none"`), incremental images (each written against the previous one) stored uncompressed,
 //! and incremental images stored zstd-compressed (the default): full checkpoints (CRIU dump with
 //! `--leave-running` + the btrfs snapshot taken while the tasks are stopped, image published)
-//! — wall latency p50/p95, CRIU's frozen time, image size, bytes written and what they take on
+//! — wall latency p50/p95, CPU per checkpoint (this process and its reaped children), CRIU's
+//! frozen time, image size, bytes written and what they take on
 //! disk (the first image of a series, written whole, and the last); in-place restores
 //! of the last image after killing the sandbox (filesystem put back and verified, then `runc
 //! restore` with the pre-resume tree check); and, for the first scenario, forks into new
@@ -71,6 +72,9 @@ struct Row {
     checkpoints: usize,
     checkpoint_p50_ms: f64,
     checkpoint_p95_ms: f64,
+    /// CPU per checkpoint, mean: this process's (every thread) and its reaped children's
+    /// (runc, CRIU and what they start), ms.
+    checkpoint_cpu_ms: f64,
     criu_frozen_p50_ms: f64,
     fs_snapshot_in_freeze_p50_ms: f64,
     image_mb: f64,
@@ -335,6 +339,7 @@ impl Bench {
             let (mut image_mb, mut written_mb, mut disk_mb) = (0.0, 0.0, 0.0);
             let mut first_disk_mb = None;
             let mut last: Option<ProcessCheckpoint<SnapshotOutcome>> = None;
+            let cpu0 = super::process_cpu_s();
             for _ in 0..iterations.max(1) {
                 let t = Instant::now();
                 let cp = self.checkpoint(process, name, last.as_ref().map(|c| c.dir.as_path()))?;
@@ -349,6 +354,7 @@ impl Bench {
                     self.discard(&prev);
                 }
             }
+            let checkpoint_cpu_ms = (super::process_cpu_s() - cpu0) * 1e3 / lat.len() as f64;
             let cp = last.context("no checkpoint")?;
             let tag = format!("{label}-{mode}");
             self.keep_log(args, &cp.dir.join("work").join("dump.log"), &tag, "dump");
@@ -369,6 +375,7 @@ impl Bench {
                 checkpoints: lat.len(),
                 checkpoint_p50_ms: percentile(&lat, 0.5),
                 checkpoint_p95_ms: percentile(&lat, 0.95),
+                checkpoint_cpu_ms,
                 criu_frozen_p50_ms: percentile(&frozen, 0.5),
                 fs_snapshot_in_freeze_p50_ms: percentile(&hook, 0.5),
                 image_mb,
@@ -487,13 +494,14 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         Ok(())
     })();
     println!(
-        "{:<12} {:<11} {:>8} {:>6} {:>9} {:>9} {:>10} {:>9} {:>9} {:>10} {:>9} {:>9} {:>10} {:>10}  forks (ms/copy)",
+        "{:<12} {:<11} {:>8} {:>6} {:>9} {:>9} {:>9} {:>10} {:>9} {:>9} {:>10} {:>9} {:>9} {:>10} {:>10}  forks (ms/copy)",
         "scenario",
         "images",
         "rss MB",
         "procs",
         "ckpt p50",
         "ckpt p95",
+        "ckpt CPU",
         "frozen p50",
         "fs in frz",
         "image MB",
@@ -505,13 +513,14 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     );
     for r in &rows {
         println!(
-            "{:<12} {:<11} {:>8.1} {:>6} {:>9.1} {:>9.1} {:>10.1} {:>9.1} {:>9.1} {:>10.2} {:>9.2} {:>9.3} {:>10.1} {:>10.1}  {:?}",
+            "{:<12} {:<11} {:>8.1} {:>6} {:>9.1} {:>9.1} {:>9.1} {:>10.1} {:>9.1} {:>9.1} {:>10.2} {:>9.2} {:>9.3} {:>10.1} {:>10.1}  {:?}",
             r.scenario,
             r.images,
             r.rss_mb,
             r.processes,
             r.checkpoint_p50_ms,
             r.checkpoint_p95_ms,
+            r.checkpoint_cpu_ms,
             r.criu_frozen_p50_ms,
             r.fs_snapshot_in_freeze_p50_ms,
             r.image_mb,
