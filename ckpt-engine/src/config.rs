@@ -88,8 +88,9 @@ pub struct EngineProcessConfig {
     /// `/usr/local/sbin/criu`, else `criu` in `PATH`. Without CRIU, `full` checkpoints publish
     /// filesystem-only points whose note says so.
     pub criu: Option<String>,
-    /// How long CRIU waits for the filesystem snapshot taken in its post-dump window, seconds.
-    /// Default 30.
+    /// How long CRIU waits for the filesystem snapshot taken in its post-dump window (dumps of a
+    /// container frozen by someone else, whose snapshot is handed over by CRIU's action
+    /// script), seconds. Default 30.
     pub hook_timeout_secs: u64,
     /// Upper bound of one `runc checkpoint` / `runc restore`, seconds. Default 600.
     pub operation_timeout_secs: u64,

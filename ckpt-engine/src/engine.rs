@@ -1444,8 +1444,8 @@ impl Engine {
         self.meta_dir(name).join("images")
     }
 
-    /// A full checkpoint into `point`: CRIU dump with the filesystem snapshot in its post-dump
-    /// window; degrades to a filesystem-only snapshot (with the reason in `note`) when CRIU
+    /// A full checkpoint into `point`: CRIU dump with the filesystem snapshot taken while the
+    /// dumped tasks are still stopped; degrades to a filesystem-only snapshot (with the reason in `note`) when CRIU
     /// refuses the sandbox or cannot be used. Other failures are errors.
     fn full_checkpoint(
         &self,
@@ -1613,8 +1613,8 @@ impl Engine {
         };
         let cg = self.cgroup_of(rec);
         // One tree: freeze only around its snapshot. Several: freeze around all of them so the
-        // trees belong to one instant. `already_stopped`: CRIU holds every task (post-dump):
-        // freezing and thawing here would resume them under CRIU.
+        // trees belong to one instant. `already_stopped`: the dump holds every task (the cgroup
+        // frozen for it, or CRIU in its post-dump window): a thaw here would resume them.
         let multi = !already_stopped && trees.len() > 1 && cg.exists();
         if multi {
             cg.freeze()?;

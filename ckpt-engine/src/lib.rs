@@ -24,7 +24,7 @@
 //! before it becomes a path; a restore is verified against the snapshot's tree hash (by clone
 //! provenance or by hashing the restored tree) before the sandbox runs again.
 // `unsafe` only for btrfs/VFS ioctls, in `fs::provenance`, `fs::reflink`, `fs::extents` and
-// `fs::subvolume` (`// SAFETY:` on each block).
+// `fs::subvolume`, and for entering containers (`enter`) (`// SAFETY:` on each block).
 #![deny(unsafe_code)]
 
 pub mod api;

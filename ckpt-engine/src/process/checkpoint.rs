@@ -303,9 +303,11 @@ impl ProcessBackend {
         &self.criu_version
     }
 
-    /// Dumps the container live and runs `while_frozen` in CRIU's post-dump window (every task
-    /// stopped, image complete) — the place for the filesystem snapshot. Publishes the image at
-    /// `req.dest` only if CRIU and the hook both succeeded.
+    /// Dumps the container live and runs `while_frozen` while every task is still stopped and
+    /// the image complete — the place for the filesystem snapshot: after CRIU, in the cgroup
+    /// Crab froze for the dump, or (a container frozen by someone else) in CRIU's post-dump
+    /// window through the action script. Publishes the image at `req.dest` only if CRIU and
+    /// the hook both succeeded.
     pub fn checkpoint<T, E, F>(
         &self,
         req: &CheckpointRequest<'_>,

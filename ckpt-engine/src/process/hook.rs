@@ -1,5 +1,10 @@
 //! Running Crab code at CRIU's action points (post-dump, pre-resume) while the tasks are stopped.
 //!
+//! Dumps of a sandbox whose cgroup Crab froze itself need no script (CRIU leaves that cgroup
+//! frozen, and the work runs after it): their config file carries CRIU's options only
+//! ([`Rendezvous::options_only`]). Restores, and dumps of a container someone else froze, use
+//! the script.
+//!
 //! runc 1.1.5 talks to CRIU over RPC and has no flag for an action script, but CRIU reads the
 //! configuration file named by `CRIU_CONFIG_FILE` in RPC mode too, and runs the scripts listed
 //! there in addition to runc's RPC notifications. Per operation Crab writes a config file with

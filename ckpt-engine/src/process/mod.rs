@@ -2,8 +2,9 @@
 //! filesystem snapshot taken while the tasks are stopped.
 //!
 //! Responsibility: dump a running sandbox's process tree live (`--leave-running`), run the
-//! caller's filesystem snapshot inside CRIU's post-dump window so the process image and the
-//! filesystem belong to the same instant, record CRIU's statistics and the dumped tree, publish
+//! caller's filesystem snapshot while the dumped tasks are still stopped (after CRIU in the
+//! cgroup Crab froze, else in CRIU's post-dump window) so the process image and the filesystem
+//! belong to the same instant, record CRIU's statistics and the dumped tree, publish
 //! the image directory atomically; restore an image into the same sandbox or into a new one
 //! (fork), verify in CRIU's pre-resume window that the restored tree is the dumped one, and reap
 //! what was restored.
@@ -11,7 +12,8 @@
 //! Module map:
 //! - [`checkpoint`]: [`ProcessBackend`] — dump ([`ProcessBackend::checkpoint`]) and restore.
 //! - [`freeze`]: freezing the sandbox's cgroup before CRIU (saves CRIU's 100 ms polling).
-//! - [`hook`]: CRIU action scripts wired to this process through two FIFOs.
+//! - [`hook`]: CRIU action scripts wired to this process through two FIFOs (restores, and
+//!   dumps of a container frozen by someone else), and CRIU's config file.
 //! - [`init_only`]: whether a container's only process state is its init's (a full point then
 //!   needs no CRIU dump: the init starts afresh on restore).
 //! - [`kdat`]: CRIU's kernel-feature cache where `/run` is not a tmpfs (saves 40 ms a run).

@@ -4,8 +4,8 @@
 //! connection is dumped without its TCP state and restored as a shut-down socket, so after a
 //! restore the process reads EOF (writes fail with `EPIPE`) and must reconnect — which is what
 //! an HTTP client with keep-alive does anyway. The peer saw the connection end when the original
-//! process died. To say so in the recovery point, the post-dump hook lists these sockets while
-//! the tasks are stopped: every TCP socket held by a process of the tree (by inode, from
+//! process died. To say so in the recovery point, the dump's frozen work lists these sockets
+//! while the tasks are stopped: every TCP socket held by a process of the tree (by inode, from
 //! `/proc/<pid>/fd`) whose state in its network namespace's `/proc/<pid>/net/tcp{,6}` is one
 //! CRIU treats as a connection.
 //!

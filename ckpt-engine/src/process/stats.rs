@@ -20,7 +20,9 @@ const MAX_STATS_LEN: usize = 4096;
 pub struct CriuDumpStats {
     /// Time to stop (freeze/seize) every task.
     pub freezing_time_us: u64,
-    /// Time the tasks were stopped; includes the post-dump hook (the FS snapshot).
+    /// Time CRIU held the tasks; includes the FS snapshot only when it ran in CRIU's post-dump
+    /// window (a container frozen by someone else); otherwise the snapshot follows, the
+    /// cgroup still frozen.
     pub frozen_time_us: u64,
     /// Time spent collecting memory.
     pub memdump_time_us: u64,

@@ -1,6 +1,6 @@
 //! The process tree of a sandbox as CRIU saw it, and the check that a restore brought it back.
 //!
-//! At dump time the tree is read in CRIU's post-dump hook (tasks stopped, so it is exactly the
+//! At dump time the tree is read while the dumped tasks are still stopped (so it is exactly the
 //! dumped tree); at restore time in the pre-resume hook (tasks restored, not yet running). CRIU
 //! restores the pids inside the sandbox's pid namespace, so the comparison uses namespace pids
 //! and command names, not host pids.
