@@ -45,9 +45,9 @@ fn dumping_criu(init: u32) -> Option<u32> {
 
 /// Watches for the CRIU dumping the tree rooted at host pid `init` to hold that tree (the init
 /// in ptrace's tracing stop: CRIU has seized it and is dumping it), then stops that CRIU
-/// (SIGSTOP), calls `then` with its pid and returns it. `None` when `done` is set first (the
+/// (SIGSTOP), calls `then` and returns CRIU's pid. `None` when `done` is set first (the
 /// dump ended without being caught).
-fn stop_criu_holding(init: u32, done: &AtomicBool, then: impl FnOnce(u32)) -> Option<u32> {
+fn stop_criu_holding(init: u32, done: &AtomicBool, then: impl FnOnce()) -> Option<u32> {
     let traced = || {
         std::fs::read_to_string(format!("/proc/{init}/stat"))
             .ok()
@@ -60,7 +60,7 @@ fn stop_criu_holding(init: u32, done: &AtomicBool, then: impl FnOnce(u32)) -> Op
     while !done.load(Ordering::SeqCst) {
         if let Some(criu) = dumping_criu(init).filter(|_| traced()) {
             kill(Pid::from_raw(criu as i32), Signal::SIGSTOP).unwrap();
-            then(criu);
+            then();
             return Some(criu);
         }
         std::thread::sleep(Duration::from_micros(500));
@@ -76,7 +76,7 @@ fn dump_with_criu_stopped(
     lab: &Lab,
     backend: &ckpt_engine::process::ProcessBackend,
     name: &str,
-    then: impl Fn(u32) + Sync,
+    then: impl Fn() + Sync,
 ) -> (
     Result<
         ckpt_engine::process::ProcessCheckpoint<ckpt_engine::fs::SnapshotOutcome>,
@@ -85,14 +85,7 @@ fn dump_with_criu_stopped(
     Duration,
     u32,
 ) {
-    let init = lab
-        .process
-        .runc()
-        .state(name)
-        .ok()
-        .flatten()
-        .map(|s| s.pid)
-        .expect("sandbox init");
+    let init = lab.init_pid(name);
     for attempt in 0..5 {
         let done = AtomicBool::new(false);
         let t = Instant::now();
@@ -145,7 +138,8 @@ fn leftovers_after(needle: &str, timeout: Duration) -> Vec<String> {
 }
 
 /// The crafted hang: CRIU is stopped (SIGSTOP) while it holds the sandbox's tasks; it would
-/// hold the sandbox forever. The dump times out after `operation_timeout_secs`, and then nothing of it survives and the sandbox serves again.
+/// hold the sandbox forever. The dump times out after `operation_timeout_secs`, and then
+/// nothing of it survives and the sandbox serves again.
 #[test]
 fn a_hung_criu_is_ended_and_the_sandbox_runs_on() {
     let Some((lab, name)) = counter_sandbox("a_hung_criu_is_ended_and_the_sandbox_runs_on") else {
@@ -154,7 +148,7 @@ fn a_hung_criu_is_ended_and_the_sandbox_runs_on() {
 
     let timeout_secs = 3;
     let impatient = lab.backend_with(|c| c.operation_timeout_secs = timeout_secs);
-    let (result, took, criu) = dump_with_criu_stopped(&lab, &impatient, &name, |_| {});
+    let (result, took, criu) = dump_with_criu_stopped(&lab, &impatient, &name, || {});
     match result {
         Ok(_) => panic!("a dump whose CRIU never finishes cannot succeed"),
         Err(f) => {
@@ -260,14 +254,7 @@ fn sandbox_killed_under_a_dump_leaves_no_criu() {
         let delay = Duration::from_micros(good.info.dump_wall_us * (seed % 100) / 100);
         let how = Kill::ALL[round % Kill::ALL.len()];
         let cgroup = lab.engine().info(&name).expect("sandbox info").cgroup;
-        let init = lab
-            .process
-            .runc()
-            .state(&name)
-            .ok()
-            .flatten()
-            .map(|s| s.pid)
-            .expect("sandbox init");
+        let init = lab.init_pid(&name);
         let t = Instant::now();
         let outcome = std::thread::scope(|s| {
             let dump = s.spawn(|| lab.full_checkpoint(&name).map_err(|f| f.error.to_string()));
@@ -305,7 +292,7 @@ fn sandbox_killed_under_a_dump_leaves_no_criu() {
 }
 
 /// The deadlock seen in the end-to-end tests: the sandbox's init is killed while CRIU holds
-/// the stopped tree (here: while CRIU holds it). The init then waits, in its exit, for the
+/// the stopped tree (here: CRIU stopped while it holds it). The init then waits, in its exit, for the
 /// other tasks of its pid namespace to be reaped; they are CRIU's tracees, and CRIU waits for
 /// the init. The dump must end at once (not at the operation timeout), with no CRIU left.
 #[test]
@@ -320,17 +307,10 @@ fn init_killed_while_criu_holds_the_tree_ends_the_dump_at_once() {
         .unwrap_or_else(|f| panic!("checkpoint: {}", f.error));
     let timeout_secs = 60;
     let patient = lab.backend_with(|c| c.operation_timeout_secs = timeout_secs);
-    let init = lab
-        .process
-        .runc()
-        .state(&name)
-        .ok()
-        .flatten()
-        .map(|s| s.pid)
-        .expect("sandbox init");
+    let init = lab.init_pid(&name);
     // CRIU stuck (stopped) and the sandbox killed: only the sandbox's death can tell the dump
     // it is over.
-    let (result, took, _) = dump_with_criu_stopped(&lab, &patient, &name, |_| {
+    let (result, took, _) = dump_with_criu_stopped(&lab, &patient, &name, || {
         kill(Pid::from_raw(init as i32), Signal::SIGKILL).unwrap();
     });
     eprintln!(

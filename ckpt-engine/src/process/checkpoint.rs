@@ -538,7 +538,10 @@ impl ProcessBackend {
                 HookEvent::Exited(status) => break status,
             }
         };
-        if let (Some(guard), Some(f), true) = (&prefrozen, hook.take(), status.success()) {
+        if status.success()
+            && let Some(guard) = &prefrozen
+            && let Some(f) = hook.take()
+        {
             if guard.hold(Duration::from_secs(2)) {
                 match frozen_work(id, init_pid, f, frozen) {
                     Ok(w) => done = Some(w),

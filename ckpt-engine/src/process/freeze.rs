@@ -66,18 +66,30 @@ impl Freezer {
     /// on drop. `None` when the cgroup was already frozen (someone else owns that state) or
     /// could not be frozen in time (thawed again; CRIU then freezes on its own).
     pub fn freeze(self, timeout: Duration) -> Option<FrozenGuard> {
-        if self.is_frozen() || self.write(true).is_err() {
+        if self.is_frozen() {
             return None;
+        }
+        if !self.settle(timeout) {
+            let _ = self.write(false);
+            return None;
+        }
+        Some(FrozenGuard { freezer: self })
+    }
+
+    /// Asks for the frozen state and waits (1 ms polls) until the cgroup is in it; false when
+    /// it could not be asked for or is not frozen by `timeout`.
+    fn settle(&self, timeout: Duration) -> bool {
+        if self.write(true).is_err() {
+            return false;
         }
         let deadline = Instant::now() + timeout;
         while !self.is_frozen() {
             if Instant::now() > deadline {
-                let _ = self.write(false);
-                return None;
+                return false;
             }
             std::thread::sleep(Duration::from_millis(1));
         }
-        Some(FrozenGuard { freezer: self })
+        true
     }
 }
 
@@ -93,14 +105,7 @@ impl FrozenGuard {
     /// are held by ptrace and freezes it again before it lets them go; this confirms that they
     /// are held by the freezer alone once CRIU is gone.
     pub fn hold(&self, timeout: Duration) -> bool {
-        let deadline = Instant::now() + timeout;
-        while !self.freezer.is_frozen() {
-            if Instant::now() > deadline || self.freezer.write(true).is_err() {
-                return false;
-            }
-            std::thread::sleep(Duration::from_millis(1));
-        }
-        true
+        self.freezer.settle(timeout)
     }
 }
 

@@ -181,6 +181,17 @@ impl Lab {
         ProcessBackend::new(config).expect("process backend")
     }
 
+    /// Host pid of the sandbox's init, from runc's state.
+    pub fn init_pid(&self, name: &str) -> u32 {
+        self.process
+            .runc()
+            .state(name)
+            .ok()
+            .flatten()
+            .map(|s| s.pid)
+            .expect("sandbox init")
+    }
+
     /// Kills the sandbox's container (all its processes) and removes it from runc.
     pub fn kill_sandbox(&self, id: &str) {
         let _ = self.process.runc().kill_all(id, "KILL");
