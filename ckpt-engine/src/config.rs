@@ -77,6 +77,9 @@ pub struct EngineConfig {
     /// Write-behind of the btrfs pool while sandboxes run, so a checkpoint only flushes what
     /// was written since the last pass: the `[engine.writeback]` table.
     pub writeback: crate::fs::writeback::WritebackConfig,
+    /// The CPU weight of scheduled checkpoints, low while no reply waits for them: the
+    /// `[engine.checkpoint_cpu]` table.
+    pub checkpoint_cpu: crate::scheduler::cpu_class::CpuClassConfig,
 }
 
 /// Process-checkpoint settings of the engine. runc and its state root are the engine's own
@@ -224,6 +227,7 @@ impl Default for EngineConfig {
             deferred_hash: Default::default(),
             process: EngineProcessConfig::default(),
             writeback: Default::default(),
+            checkpoint_cpu: Default::default(),
         }
     }
 }
@@ -248,6 +252,10 @@ mod tests {
         let c: EngineConfig = toml_like(r#"{"writeback": {"threshold_bytes": 0}}"#);
         assert_eq!(c.writeback.threshold_bytes, 0);
         assert_eq!(c.writeback.interval_ms, 5);
+        let c: EngineConfig = toml_like(r#"{"checkpoint_cpu": {"background_shares": 64}}"#);
+        assert_eq!(c.checkpoint_cpu.background_shares, 64);
+        assert_eq!(c.checkpoint_cpu.urgent_shares, 4096);
+        assert!(c.checkpoint_cpu.enabled);
     }
 
     fn toml_like(s: &str) -> EngineConfig {

@@ -309,6 +309,8 @@ pub struct Engine {
     process: Result<ProcessBackend, String>,
     /// Write-behind of the pool (btrfs backend; `None` when off or unavailable).
     writeback: Option<crate::fs::writeback::Writeback>,
+    /// The CPU group of scheduled checkpoints (`None` when off or unavailable).
+    cpu_class: Option<crate::scheduler::cpu_class::CpuClass>,
 }
 
 /// Describes each named sandbox with `info`, leaving out those gone meanwhile (`SandboxNotFound`);
@@ -401,6 +403,8 @@ impl Engine {
         let writeback = (btrfs && (pool.image().is_some() || cfg.writeback.on_shared_btrfs))
             .then(|| crate::fs::writeback::Writeback::start(pool.root(), &cfg.writeback))
             .flatten();
+        let cpu_class =
+            crate::scheduler::cpu_class::CpuClass::open(&cfg.cgroup_parent, &cfg.checkpoint_cpu);
         let engine = Engine {
             cfg,
             pool,
@@ -408,6 +412,7 @@ impl Engine {
             backend,
             process,
             writeback,
+            cpu_class,
         };
         let meta = engine.meta_root();
         std::fs::create_dir_all(&meta).map_err(io_err("create meta dir", &meta))?;
@@ -429,6 +434,11 @@ impl Engine {
     /// measure it.
     pub fn fs_change_totals(&self) -> Option<crate::fs::ChangeTotals> {
         self.backend.change_totals()
+    }
+
+    /// The CPU group scheduled checkpoints run in; `None` when off or unavailable.
+    pub fn cpu_class(&self) -> Option<&crate::scheduler::cpu_class::CpuClass> {
+        self.cpu_class.as_ref()
     }
 
     /// What write-behind of the pool has done so far; `None` when it is off or unavailable.
@@ -1803,6 +1813,8 @@ impl Engine {
     /// process restore) leaves the sandbox stopped. The error says why.
     pub fn restore(&self, name: &str, to: Option<&str>) -> Result<RestoreReport, EngineError> {
         let start = Instant::now();
+        // An agent waits: a checkpoint of the sandbox holding its lock finishes at full weight.
+        let _urgent = self.cpu_class.as_ref().map(|c| c.urgent());
         self.record(name)?;
         let _lock = self.lock(name)?;
         let mut rec = self.record(name)?;

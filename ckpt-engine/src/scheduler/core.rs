@@ -328,6 +328,11 @@ impl<P: Coalesce> SchedulerCore<P> {
         true
     }
 
+    /// Whether a reply waits on any job not resolved yet (submitted waiting or promoted).
+    pub fn replies_waiting(&self) -> bool {
+        self.tickets.values().any(|t| t.waiting_since.is_some())
+    }
+
     /// Detaches a waiter (see [`Cancelled`]).
     pub fn cancel(&mut self, ticket: TicketId) -> Cancelled {
         let Some(t) = self.tickets.remove(&ticket) else {

@@ -75,13 +75,23 @@ impl CheckpointExecutor for EngineExecutor {
     ) -> Result<RecoveryPoint, EngineJobError> {
         let engine = self.engine.clone();
         let name = sandbox.to_owned();
-        tokio::task::spawn_blocking(move || engine.checkpoint(&name, job.kind, &job.changes))
-            .await
-            .map_err(|e| EngineJobError::Task {
-                sandbox: sandbox.to_owned(),
-                reason: e.to_string(),
-            })?
-            .map_err(EngineJobError::from)
+        tokio::task::spawn_blocking(move || {
+            // runc, CRIU and the threads the checkpoint starts join the thread's CPU group.
+            let _class = engine.cpu_class().map(|c| c.enter());
+            engine.checkpoint(&name, job.kind, &job.changes)
+        })
+        .await
+        .map_err(|e| EngineJobError::Task {
+            sandbox: sandbox.to_owned(),
+            reason: e.to_string(),
+        })?
+        .map_err(EngineJobError::from)
+    }
+
+    fn urgency(&self, replies_waiting: bool) {
+        if let Some(class) = self.engine.cpu_class() {
+            class.set_replies_waiting(replies_waiting);
+        }
     }
 
     /// What the checkpoint itself wrote: its own process image and the bytes its trees stored

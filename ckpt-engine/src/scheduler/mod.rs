@@ -11,6 +11,8 @@
 //! - [`core`]: the pure, deterministic state machine (no clock, no I/O; time is passed in).
 //! - [`metrics`]: counters, gauges and histograms as a plain snapshot struct.
 //! - [`engine_executor`]: the production executor ([`crate::Engine::checkpoint`] per job).
+//! - [`cpu_class`]: the CPU group scheduled checkpoints run in, at a weight that is low while
+//!   no reply waits for them and high while one does ([`CheckpointExecutor::urgency`]).
 //! - this file: the small tokio layer that feeds the core the time, runs started jobs through
 //!   a [`CheckpointExecutor`] and resolves handles.
 //!
@@ -18,6 +20,7 @@
 //! every handle resolves exactly once (result, failure, cancellation or shutdown).
 
 pub mod core;
+pub mod cpu_class;
 pub mod engine_executor;
 pub mod metrics;
 
@@ -57,6 +60,10 @@ pub trait CheckpointExecutor: Send + Sync + 'static {
     fn written_bytes(_output: &Self::Output) -> Option<u64> {
         None
     }
+
+    /// Whether any reply now waits for a checkpoint (submitted waiting, or promoted, and not
+    /// resolved yet). Called, under the scheduler's lock, each time that changes.
+    fn urgency(&self, _replies_waiting: bool) {}
 }
 
 /// Why a handle did not get a result.
@@ -94,6 +101,8 @@ struct State<E: CheckpointExecutor> {
     core: SchedulerCore<E::Job>,
     waiters: HashMap<TicketId, oneshot::Sender<JobResult<E>>>,
     shutdown: bool,
+    /// What the executor was last told by [`CheckpointExecutor::urgency`].
+    urgent: bool,
 }
 
 struct Shared<E: CheckpointExecutor> {
@@ -112,6 +121,16 @@ impl<E: CheckpointExecutor> Shared<E> {
 
     fn now(&self) -> Duration {
         Instant::now().saturating_duration_since(self.origin)
+    }
+
+    /// Tells the executor when whether replies wait changed (under the lock, so calls keep
+    /// the order of the changes).
+    fn follow_urgency(&self, st: &mut State<E>) {
+        let urgent = st.core.replies_waiting();
+        if urgent != st.urgent {
+            st.urgent = urgent;
+            self.executor.urgency(urgent);
+        }
     }
 }
 
@@ -190,6 +209,7 @@ impl<E: CheckpointExecutor> Scheduler<E> {
                 core: SchedulerCore::new(config, Duration::ZERO),
                 waiters: HashMap::new(),
                 shutdown: false,
+                urgent: false,
             }),
             wake: Notify::new(),
             origin,
@@ -218,6 +238,7 @@ impl<E: CheckpointExecutor> Scheduler<E> {
             } else {
                 st.waiters.insert(submitted.ticket, tx);
             }
+            self.shared.follow_urgency(&mut st);
             submitted
         };
         self.shared.wake.notify_one();
@@ -231,7 +252,10 @@ impl<E: CheckpointExecutor> Scheduler<E> {
     /// A reply now waits on `ticket` (see [`JobHandle::promote`]).
     pub fn promote(&self, ticket: TicketId) {
         let now = self.shared.now();
-        self.shared.lock().core.promote(now, ticket);
+        let mut st = self.shared.lock();
+        st.core.promote(now, ticket);
+        self.shared.follow_urgency(&mut st);
+        drop(st);
         self.shared.wake.notify_one();
     }
 
@@ -242,6 +266,7 @@ impl<E: CheckpointExecutor> Scheduler<E> {
         if let Some(tx) = st.waiters.remove(&ticket) {
             let _ = tx.send(Err(JobError::Cancelled));
         }
+        self.shared.follow_urgency(&mut st);
         outcome
     }
 
@@ -261,6 +286,7 @@ impl<E: CheckpointExecutor> Scheduler<E> {
                 let _ = tx.send(Err(JobError::Shutdown));
             }
         }
+        self.shared.follow_urgency(&mut st);
         drop(st);
         self.shared.wake.notify_one();
     }
@@ -313,6 +339,7 @@ async fn run_job<E: CheckpointExecutor>(shared: Arc<Shared<E>>, job: self::core:
                 let _ = tx.send(result.clone());
             }
         }
+        shared.follow_urgency(&mut st);
     }
     shared.wake.notify_one();
 }

@@ -50,6 +50,8 @@ struct Recorder {
     peak: AtomicUsize,
     active: Mutex<HashSet<String>>,
     overlaps: AtomicUsize,
+    /// Every [`CheckpointExecutor::urgency`] call, in order.
+    urgency: Mutex<Vec<bool>>,
 }
 
 impl Recorder {
@@ -61,6 +63,7 @@ impl Recorder {
             peak: AtomicUsize::new(0),
             active: Mutex::new(HashSet::new()),
             overlaps: AtomicUsize::new(0),
+            urgency: Mutex::new(Vec::new()),
         })
     }
 
@@ -98,6 +101,10 @@ impl CheckpointExecutor for Recorder {
         } else {
             Ok(job.labels)
         }
+    }
+
+    fn urgency(&self, replies_waiting: bool) {
+        self.urgency.lock().unwrap().push(replies_waiting);
     }
 }
 
@@ -155,6 +162,37 @@ async fn priority_promotion() {
 
 /// Three sandboxes submitting back to back share one worker round robin: no sandbox runs
 /// twice while another one waits.
+/// The executor hears when replies start and stop waiting, once per change: a promotion or a
+/// waiting submission turns it on, the last waited-on job's end (or its waiter's cancel)
+/// off; jobs nobody waits for never do.
+#[tokio::test(start_paused = true)]
+async fn urgency_follows_the_replies_waiting() {
+    let rec = Recorder::new();
+    let s = Scheduler::start(rec.clone(), unpaced(1));
+    let urgency = || rec.urgency.lock().unwrap().clone();
+    let a = s.submit(req("a", 1, false, job("a", 1000)));
+    let b = s.submit(req("b", 1, false, job("b", 1000)));
+    settle().await;
+    assert_eq!(urgency(), Vec::<bool>::new());
+    b.promote();
+    a.promote();
+    assert_eq!(urgency(), vec![true]);
+    a.wait().await.unwrap();
+    // b still waited on: no change.
+    assert_eq!(urgency(), vec![true]);
+    b.wait().await.unwrap();
+    assert_eq!(urgency(), vec![true, false]);
+    let c = s.submit(req("c", 1, true, job("c", 1000)));
+    assert_eq!(urgency(), vec![true, false, true]);
+    c.cancel();
+    assert_eq!(urgency(), vec![true, false, true, false]);
+    s.submit(req("d", 1, false, job("d", 100)))
+        .wait()
+        .await
+        .unwrap();
+    assert_eq!(urgency(), vec![true, false, true, false]);
+}
+
 #[tokio::test(start_paused = true)]
 async fn fairness_round_robin() {
     let rec = Recorder::new();
