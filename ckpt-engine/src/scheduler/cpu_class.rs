@@ -165,29 +165,28 @@ impl CpuClass {
     pub fn enter(&self) -> ClassGuard {
         let tid = nix::unistd::gettid().as_raw();
         let own = std::fs::read_to_string("/proc/thread-self/cgroup").unwrap_or_default();
-        let Some(home) = cpu_v1_path(&own) else {
-            return ClassGuard { home: None, tid };
-        };
+        let home = cpu_v1_path(&own)
+            .map(|h| self.mount.join(h.trim_start_matches('/')).join("tasks"))
+            .filter(|_| match self.move_in(tid) {
+                Ok(()) => true,
+                Err(e) => {
+                    tracing::warn!(group = %self.dir.display(), error = %e, "cannot move a checkpoint thread into its CPU group");
+                    false
+                }
+            });
+        ClassGuard { home, tid }
+    }
+
+    /// Writes `tid` into the group, creating the group again if it was removed meanwhile
+    /// (another engine of this process shut down).
+    fn move_in(&self, tid: i32) -> std::io::Result<()> {
         let tasks = self.dir.join("tasks");
-        let mut moved = std::fs::write(&tasks, tid.to_string());
-        if moved
-            .as_ref()
-            .is_err_and(|e| e.kind() == std::io::ErrorKind::NotFound)
-        {
-            // Removed meanwhile (another engine of this process shut down): again.
-            moved = self
-                .create()
-                .and_then(|()| std::fs::write(&tasks, tid.to_string()));
-        }
-        match moved {
-            Ok(()) => ClassGuard {
-                home: Some(self.mount.join(home.trim_start_matches('/')).join("tasks")),
-                tid,
-            },
-            Err(e) => {
-                tracing::warn!(group = %self.dir.display(), error = %e, "cannot move a checkpoint thread into its CPU group");
-                ClassGuard { home: None, tid }
+        match std::fs::write(&tasks, tid.to_string()) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                self.create()?;
+                std::fs::write(&tasks, tid.to_string())
             }
+            moved => moved,
         }
     }
 }
